@@ -1,0 +1,34 @@
+"""dagbuild: LLM decode steps as explicit CUDA/HIP graphs, declared as a validated DAG.
+
+spec (YAML or :class:`Graph`) → :func:`plan` (bound, validated, reduced DAG) → :func:`build`
+(an :class:`~dagbuild.executable.Executable` on the GPU) → :class:`~dagbuild.pool.GraphPool`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .dsl import Graph
+from .errors import BuildError, CompileError, DagbuildError, DriverError, Issue, SpecError
+from .load import load_spec, parse_spec
+from .plan import Plan, plan
+from .spec import GraphSpec
+
+if TYPE_CHECKING:
+    from .executable import Executable
+
+__version__ = "0.1.0"
+
+
+def build(spec: GraphSpec | Plan | str, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Executable:
+    """Plan (if needed) and build an executable graph on the GPU. See :class:`Executable`."""
+    from .executable import Executable
+
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    p = spec if isinstance(spec, Plan) else plan(spec, overrides)
+    return Executable(p, **kwargs)
+
+
+__all__ = ["Graph", "GraphSpec", "Plan", "plan", "build", "load_spec", "parse_spec", "Issue",
+           "DagbuildError", "SpecError", "CompileError", "DriverError", "BuildError", "__version__"]

@@ -1,0 +1,94 @@
+"""The Python side of the spec format: build the same GraphSpec fluently, with loops or ``repeat``.
+
+    g = Graph("saxpy_chain", dims={"n": 1024})
+    g.kernel("saxpy", source="../kernels/basic.cu", entry="saxpy",
+             params=["f32 a", "const f32* x", "f32* y", "i32 n"])
+    g.buffer("x", "f32", ["n"]).buffer("y", "f32", ["n"])
+    g.memset("zero", dst="y", value=0)
+    for s in range(4):
+        g.launch(f"step.{s}", "saxpy", grid=["ceil_div(n, 256)"], block=[256],
+                 args={"a": 0.5, "x": "x", "y": "y", "n": "n"})
+    spec = g.spec()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .load import from_dict
+from .spec import GraphSpec
+
+Expr = int | float | str
+
+
+class Graph:
+    """Collects declarations in order; :meth:`spec` validates them into a GraphSpec."""
+
+    def __init__(self, name: str, dims: dict[str, int] | None = None, *, deps: str = "infer",
+                 types: dict[str, str] | None = None, base_dir: Path | str | None = None):
+        self._data: dict[str, Any] = {"dagbuild": 1, "name": name, "dims": dict(dims or {}),
+                                      "types": dict(types or {}), "deps": deps,
+                                      "kernels": {}, "buffers": {}, "nodes": []}
+        self._stack: list[list] = [self._data["nodes"]]
+        self._base_dir = base_dir
+
+    def dim(self, name: str, value: int) -> Graph:
+        self._data["dims"][name] = value
+        return self
+
+    def kernel(self, name: str, *, entry: str, params: Sequence[str], source: str | None = None,
+               code: str | None = None, options: Sequence[str] = ()) -> Graph:
+        decl: dict[str, Any] = {"entry": entry, "params": list(params)}
+        if source is not None:
+            decl["source"] = source
+        if code is not None:
+            decl["code"] = code
+        if options:
+            decl["options"] = list(options)
+        self._data["kernels"][name] = decl
+        return self
+
+    def buffer(self, name: str, dtype: str, shape: Sequence[Expr], memory: str = "device") -> Graph:
+        self._data["buffers"][name] = {"dtype": dtype, "shape": list(shape), "memory": memory}
+        return self
+
+    def _node(self, node: dict, after: Sequence[str]) -> Graph:
+        if after:
+            node["after"] = list(after)
+        self._stack[-1].append(node)
+        return self
+
+    def launch(self, id: str, kernel: str, *, grid: Sequence[Expr], block: Sequence[Expr],
+               args: dict[str, Expr], shared: Expr = 0, after: Sequence[str] = ()) -> Graph:
+        node = {"id": id, "kernel": kernel, "grid": list(grid), "block": list(block), "args": dict(args)}
+        if shared != 0:
+            node["shared"] = shared
+        return self._node(node, after)
+
+    def memcpy(self, id: str, *, dst: str, src: str, after: Sequence[str] = ()) -> Graph:
+        return self._node({"id": id, "memcpy": {"dst": dst, "src": src}}, after)
+
+    def memset(self, id: str, *, dst: str, value: int | float = 0, after: Sequence[str] = ()) -> Graph:
+        return self._node({"id": id, "memset": {"dst": dst, "value": value}}, after)
+
+    def empty(self, id: str, *, after: Sequence[str] = ()) -> Graph:
+        return self._node({"id": id, "empty": {}}, after)
+
+    @contextlib.contextmanager
+    def repeat(self, var: str, count: Expr) -> Iterator[str]:
+        """``with g.repeat("l", "layers") as l:`` — nodes added inside expand like YAML's ``repeat``;
+        ``l`` is ``"{l}"``, ready for f-strings in ids."""
+        block: list = []
+        self._stack[-1].append({"repeat": {"var": var, "count": count}, "nodes": block})
+        self._stack.append(block)
+        try:
+            yield "{" + var + "}"
+        finally:
+            self._stack.pop()
+
+    def spec(self) -> GraphSpec:
+        """The validated GraphSpec (schema issues raise SpecError, like YAML does)."""
+        return from_dict(self._data, base_dir=self._base_dir)

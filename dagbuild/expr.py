@@ -1,0 +1,138 @@
+"""The small, safe expression language of specs: dims, shapes, grids, scalar args, view indices.
+
+Integers and floats, names, ``+ - * // % ( )``, unary minus, ``ceil_div``, ``min`` and ``max``.
+Parsed with :mod:`ast` and walked by hand against a whitelist; nothing is ever ``eval``-ed.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+from collections.abc import Mapping
+
+Number = int | float
+Expr = int | float | str
+
+FUNCTIONS = ("ceil_div", "min", "max")
+
+
+class ExprError(ValueError):
+    """An expression failed to parse or evaluate; the message says why."""
+
+
+def _ceil_div(a: Number, b: Number) -> Number:
+    if b == 0:
+        raise ExprError("division by zero in ceil_div")
+    if isinstance(a, int) and isinstance(b, int):
+        return -((-a) // b)
+    return math.ceil(a / b)
+
+
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b,
+}
+_FUNCS = {"ceil_div": _ceil_div, "min": min, "max": max}
+
+
+@functools.lru_cache(maxsize=8192)
+def parse(text: str) -> ast.expr:
+    """Parse and whitelist-check ``text``; raises ExprError naming what is not allowed."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ExprError(f"syntax error in {text!r}: {e.msg}") from None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Expression | ast.Load | ast.Name | ast.operator | ast.unaryop):
+            if isinstance(node, ast.operator) and type(node) not in _BINOPS:
+                raise ExprError(f"operator {type(node).__name__} is not allowed in {text!r} "
+                                "(use + - * // %)")
+            if isinstance(node, ast.unaryop) and not isinstance(node, ast.USub | ast.UAdd):
+                raise ExprError(f"operator {type(node).__name__} is not allowed in {text!r}")
+            continue
+        if isinstance(node, ast.BinOp | ast.UnaryOp):
+            continue
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+                raise ExprError(f"only numbers are allowed as constants in {text!r}")
+            continue
+        if isinstance(node, ast.Call):
+            if (not isinstance(node.func, ast.Name) or node.func.id not in _FUNCS or node.keywords):
+                raise ExprError(f"only {', '.join(FUNCTIONS)} may be called in {text!r}")
+            want = 2 if node.func.id == "ceil_div" else None
+            if (want and len(node.args) != want) or len(node.args) < 1:
+                raise ExprError(f"{node.func.id} takes {want or 'at least 1'} arguments in {text!r}")
+            continue
+        raise ExprError(f"{type(node).__name__} is not allowed in {text!r}")
+    return tree.body
+
+
+def names(value: Expr) -> set[str]:
+    """Free names an expression refers to (function names excluded)."""
+    if not isinstance(value, str):
+        return set()
+    tree = parse(value)
+    funcs = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in funcs}
+
+
+def evaluate(value: Expr, env: Mapping[str, Number]) -> Number:
+    """Evaluate a number or expression text against ``env``."""
+    if isinstance(value, bool):
+        raise ExprError(f"{value!r} is not a number")
+    if isinstance(value, int | float):
+        return value
+    return _eval(parse(value), env, value)
+
+
+def evaluate_int(value: Expr, env: Mapping[str, Number]) -> int:
+    """Evaluate where an integer is needed (sizes, grids, indices)."""
+    out = evaluate(value, env)
+    if isinstance(out, float):
+        if not out.is_integer():
+            raise ExprError(f"{value!r} evaluates to {out}, but an integer is needed")
+        return int(out)
+    return out
+
+
+def _eval(node: ast.expr, env: Mapping[str, Number], text: str) -> Number:
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        try:
+            return env[node.id]
+        except KeyError:
+            raise ExprError(f"unknown name {node.id!r} in {text!r}") from None
+    if isinstance(node, ast.UnaryOp):
+        v = _eval(node.operand, env, text)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp):
+        a, b = _eval(node.left, env, text), _eval(node.right, env, text)
+        if isinstance(node.op, ast.FloorDiv | ast.Mod) and b == 0:
+            raise ExprError(f"division by zero in {text!r}")
+        return _BINOPS[type(node.op)](a, b)
+    if isinstance(node, ast.Call):
+        args = [_eval(a, env, text) for a in node.args]
+        return _FUNCS[node.func.id](*args)  # type: ignore[union-attr]
+    raise ExprError(f"cannot evaluate {text!r}")  # parse() whitelisted everything else
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside parentheses: ``"min(a, b), c"`` → ``["min(a, b)", "c"]``."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
