@@ -41,10 +41,28 @@ def _load(path: str):
     return load_spec(path)
 
 
+def overrides_of(args) -> dict[str, Any]:
+    """``--config FILE`` (a YAML mapping of dims/types) then ``--set NAME=VALUE`` on top."""
+    out: dict[str, Any] = {}
+    for path in getattr(args, "config", None) or []:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise UsageError(f"cannot read --config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {path} must be a mapping of dim/type names to values")
+        out.update(data)
+    return out | _overrides(getattr(args, "set", None))
+
+
 def _plan(args):
     from .plan import plan
 
-    return plan(_load(args.spec), _overrides(args.set))
+    return plan(_load(args.spec), overrides_of(args))
 
 
 def _print_issues(err: SpecError, spec_path: str) -> None:
@@ -86,7 +104,10 @@ def cmd_dot(args) -> int:
     else:
         data = render(text, args.format)
     if args.output:
-        Path(args.output).write_bytes(data)
+        try:
+            Path(args.output).write_bytes(data)
+        except OSError as e:
+            raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
         print(f"wrote {args.output} ({len(p.nodes)} nodes, {len(p.edges)} edges)", file=sys.stderr)
     elif args.format == "dot":
         sys.stdout.write(text)
@@ -247,6 +268,8 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("spec", help="a YAML spec file")
         p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a dim or type")
+        p.add_argument("--config", action="append", metavar="FILE",
+                       help="a YAML mapping of dim/type overrides (applied before --set)")
         return p
 
     p = spec_cmd("validate", "validate a spec; exit 0 valid, 1 invalid, 2 usage")

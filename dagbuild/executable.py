@@ -91,7 +91,7 @@ class ModuleCache:
             self.checked.add((key, k.entry, k.params))
         fkey = (key, k.entry)
         if fkey not in self.functions:
-            self.functions[fkey] = kernels.function_handle(self.modules[key], k.entry)
+            self.functions[fkey] = kernels.function_handle(self.modules[key], k.entry, kernel=kernel_name)
         return self.functions[fkey]
 
     def clear(self) -> None:
@@ -110,7 +110,8 @@ class Executable:
 
     def __init__(self, plan: Plan, *, backend: Any = None, device: int = 0,
                  bound: Mapping[str, Any] | None = None, modules: ModuleCache | None = None,
-                 stream: Any = None, check_signatures: bool = True, upload: bool = True):
+                 stream: Any = None, check_signatures: bool = True, upload: bool = True,
+                 template: Executable | None = None):
         self.plan = plan
         self.graph = None
         self.exec = None
@@ -120,6 +121,7 @@ class Executable:
         self._state: dict[str, PlanNode] = {n.id: n for n in plan.nodes}
         self._funcs: dict[str, int] = {}
         self._closed = False
+        self._own_graph = template is None
         try:
             import cupy
 
@@ -136,7 +138,10 @@ class Executable:
             arch = f"sm_{''.join(map(str, self.limits['compute_capability']))}" if check_signatures else None
             self._compile(arch)
             self._allocate(bound or {})
-            self._build()
+            if template is None:
+                self._build()
+            else:
+                self._derive(template)
             if upload:
                 self.backend.upload(self.exec, self.stream.ptr)
         except BaseException:
@@ -240,6 +245,33 @@ class Executable:
             self.exec = be.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
+        self._built = dict(self._state)  # the params the graph's nodes were created with
+
+    def _derive(self, template: Executable) -> None:
+        """Instantiate ``template``'s graph again and set only the parameters that differ (a pool's
+        buckets share one topology; their grids, scalar args and buffer addresses differ)."""
+        if [n.id for n in template.plan.nodes] != [n.id for n in self.plan.nodes] or \
+                template.plan.edges != self.plan.edges:
+            raise BuildError(f"graph {self.plan.name!r}: a derived executable needs the template's exact "
+                             "topology (same node ids and edges)")
+        self.graph, self.nodes = template.graph, dict(template.nodes)
+        try:
+            self.exec = self.backend.instantiate(self.graph)
+        except DriverError as e:
+            raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
+        base = template._built
+        for n in self.plan.nodes:
+            if self._params(n) != template._params(base[n.id]):
+                self._push(n)
+
+    def _params(self, n: PlanNode) -> tuple:
+        if n.kind == "kernel":
+            return self._kernel_params(n)
+        if n.kind == "memcpy":
+            return self._memcpy_params(n)
+        if n.kind == "memset":
+            return self._memset_params(n)
+        return ()
 
     # ---- node parameters: the same helpers build and update -----------------------------------------
     def _ptr(self, view: View) -> int:
@@ -426,7 +458,7 @@ class Executable:
         finally:
             if be is not None and self.exec is not None:
                 be.exec_destroy(self.exec)
-            if be is not None and self.graph is not None:
+            if be is not None and self.graph is not None and self._own_graph:
                 be.graph_destroy(self.graph)
             self.exec = self.graph = None
             self.nodes.clear()

@@ -36,7 +36,7 @@ _BINOPS = {
     ast.FloorDiv: lambda a, b: a // b,
     ast.Mod: lambda a, b: a % b,
 }
-_FUNCS = {"ceil_div": _ceil_div, "min": min, "max": max}
+_FUNCS = {"ceil_div": _ceil_div, "min": lambda *a: min(a), "max": lambda *a: max(a)}  # min(x) is x
 
 
 @functools.lru_cache(maxsize=8192)
@@ -46,6 +46,8 @@ def parse(text: str) -> ast.expr:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
         raise ExprError(f"syntax error in {text!r}: {e.msg}") from None
+    except (RecursionError, MemoryError):  # CPython's parser gives up on very deep nesting
+        raise ExprError(f"expression too deeply nested: {text[:40]!r}...") from None
     for node in ast.walk(tree):
         if isinstance(node, ast.Expression | ast.Load | ast.Name | ast.operator | ast.unaryop):
             if isinstance(node, ast.operator) and type(node) not in _BINOPS:
@@ -86,7 +88,13 @@ def evaluate(value: Expr, env: Mapping[str, Number]) -> Number:
         raise ExprError(f"{value!r} is not a number")
     if isinstance(value, int | float):
         return value
-    return _eval(parse(value), env, value)
+    tree = parse(value)
+    try:
+        return _eval(tree, env, value)
+    except RecursionError:
+        raise ExprError(f"expression too deeply nested: {value[:40]!r}...") from None
+    except OverflowError as e:  # an int too large for a float, or ceil_div of an infinity
+        raise ExprError(f"overflow in {value!r}: {e}") from None
 
 
 def evaluate_int(value: Expr, env: Mapping[str, Number]) -> int:

@@ -15,18 +15,22 @@ _UNION_TAGS = {"int", "float", "str", "bool", "dict", "list"}
 _NODE_TAGS = {"kernel", "memcpy", "memset", "empty", "repeat"}
 
 
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None,
+              active: frozenset = frozenset()) -> dict[tuple, int]:
     """Map each key path of a composed YAML document to its 1-based line."""
     out = {} if out is None else out
     out.setdefault(path, node.start_mark.line + 1)
+    if id(node) in active:  # a recursive alias (`&a [*a]`): schema validation reports it
+        return out
+    active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             sub = (*path, key.value)
             out[sub] = key.start_mark.line + 1
-            _line_map(value, sub, out)
+            _line_map(value, sub, out, active)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_map(item, (*path, i), out)
+            _line_map(item, (*path, i), out, active)
     return out
 
 

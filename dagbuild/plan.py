@@ -181,9 +181,16 @@ class _Issues:
 
     def __init__(self, spec: GraphSpec):
         self.spec, self.items = spec, []
+        self.once: set[tuple] = set()  # keys of issues a repeat would otherwise report per iteration
+        self.bad_types: set[str] = set()  # `types:` entries already reported as invalid
 
     def add(self, code: str, message: str, *, nodes: tuple = (), buffer: str | None = None,
-            path: tuple = (), field: str | None = None) -> None:
+            path: tuple = (), field: str | None = None, once: tuple | None = None) -> None:
+        """``once``: a key; a second issue with the same key is dropped (repeat iterations, nested repeats)."""
+        if once is not None:
+            if once in self.once:
+                return
+            self.once.add(once)
         self.items.append(Issue(code, message, tuple(nodes), buffer, self.spec.line_of(path), field))
 
 
@@ -256,6 +263,7 @@ def _resolve_overrides(spec: GraphSpec, overrides: Mapping[str, Any], issues: _I
                        field=name)
     for name, t in types.items():
         if t not in ELEMENT_TYPES:
+            issues.bad_types.add(name)
             issues.add("schema", f"type {name!r} = {t!r} is not one of {', '.join(ELEMENT_TYPES)}",
                        path=("types", name), field=f"types.{name}")
     return dims, types
@@ -282,8 +290,10 @@ def _bind_kernels(spec: GraphSpec, types: dict[str, str], issues: _Issues) -> di
             try:
                 params.append(parse_param(text, types))
             except ValueError as e:
-                issues.add("schema", f"kernel {name!r}: {e}", path=("kernels", name, "params", i),
-                           field=f"kernels.{name}.params[{i}]")
+                m = _PARAM.match(text)
+                if not (m and m.group(2) in issues.bad_types):  # else reported once, at `types:`
+                    issues.add("schema", f"kernel {name!r}: {e}", path=("kernels", name, "params", i),
+                               field=f"kernels.{name}.params[{i}]")
                 ok = False
         names = [p.name for p in params]
         for dup in {n for n in names if names.count(n) > 1}:
@@ -308,6 +318,8 @@ def _bind_buffers(spec: GraphSpec, dims: dict[str, int], types: dict[str, str], 
         path = ("buffers", name)
         dtype = types.get(decl.dtype, decl.dtype)
         if dtype not in ELEMENT_TYPES:
+            if decl.dtype in issues.bad_types:  # reported once, at `types:`
+                continue
             issues.add("schema", f"buffer {name!r}: unknown dtype {decl.dtype!r} "
                        f"(one of {', '.join(ELEMENT_TYPES)}, or a name in `types:`)",
                        buffer=name, path=(*path, "dtype"), field=f"buffers.{name}.dtype")
@@ -468,7 +480,11 @@ def _bind_kernel_node(node: KernelNode, pn: PlanNode, kernels, buffers, spec, en
                     raise NodeError("out_of_bounds", f"arg {p.name!r} = {v} does not fit in {p.dtype}",
                                      field=("args", p.name))
             else:
-                v = float(v)
+                try:
+                    v = float(v)
+                except OverflowError:
+                    raise NodeError("out_of_bounds", f"arg {p.name!r} = {v} does not fit in {p.dtype}",
+                                    field=("args", p.name)) from None
             args.append(KernelArg(p, value=v))
     pn.args, pn.reads, pn.writes = tuple(args), tuple(reads), tuple(writes)
 
@@ -510,6 +526,17 @@ def _bind_memset(node: MemsetNode, pn: PlanNode, buffers, spec, env) -> None:
     pn.writes = (dst,)
 
 
+def _uses_var(node_id: str, var: str) -> bool:
+    """Whether a ``{expr}`` template of ``node_id`` refers to ``var`` (unparsable ones count: bind reports them)."""
+    for m in _TEMPLATE.finditer(node_id):
+        try:
+            if var in expr.names(m.group(1)):
+                return True
+        except expr.ExprError:
+            return True
+    return False
+
+
 def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues) -> Iterator[tuple]:
     """Yield (spec node, spec path, env, repeat frames), expanding repeat blocks in order."""
     for i, node in enumerate(nodes):
@@ -521,21 +548,23 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues) 
             except expr.ExprError as err:
                 code = "unknown_reference" if "unknown name" in str(err) else "expression"
                 issues.add(code, f"repeat {var!r}: count: {err}", path=(*path, "repeat", "count"),
-                           field="repeat.count")
+                           field="repeat.count", once=("count", path))
                 continue
             if count <= 0:
                 issues.add("out_of_bounds", f"repeat {var!r}: count = {node.repeat.count!r} = {count}, "
-                           "must be ≥ 1", path=(*path, "repeat", "count"), field="repeat.count")
+                           "must be ≥ 1", path=(*path, "repeat", "count"), field="repeat.count",
+                           once=("count", path))
                 continue
             if var in env:
                 issues.add("schema", f"repeat var {var!r} shadows a dim or an outer repeat var",
-                           path=(*path, "repeat", "var"), field="repeat.var")
+                           path=(*path, "repeat", "var"), field="repeat.var", once=("var", path))
                 continue
-            for child in node.nodes:
-                if not isinstance(child, RepeatBlock) and "{" not in child.id:
+            for j, child in enumerate(node.nodes):
+                if not isinstance(child, RepeatBlock) and not _uses_var(child.id, var):
                     issues.add("duplicate_id", f"node id {child.id!r} inside repeat {var!r} must use "
                                f"{{{var}}} so that each copy has its own id", nodes=(child.id,),
-                               path=(*path, "nodes"), field="id")
+                               path=(*path, "nodes", j, "id"), field="id",
+                               once=("duplicate_id", (*path, "nodes", j)))
             for value in range(count):
                 frame = RepeatFrame(path, var, value, count)
                 yield from _expand(node.nodes, (*path, "nodes"), {**env, var: value}, (*frames, frame),
@@ -556,12 +585,15 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None) -> tuple[P
         try:
             node_id = _template(node.id, env)
         except expr.ExprError as err:
-            issues.add("expression", f"node id {node.id!r}: {err}", nodes=(node.id,), path=(*path, "id"))
+            code = "unknown_reference" if "unknown name" in str(err) else "expression"
+            issues.add(code, f"node id {node.id!r}: {err}", nodes=(node.id,), path=(*path, "id"),
+                       field="id", once=("id", path))  # once per spec node, not per repeat iteration
             continue
         if node_id in seen:
-            if seen[node_id] != path or not frames:
-                issues.add("duplicate_id", f"node id {node_id!r} is used more than once", nodes=(node_id,),
-                           path=(*path, "id"), field="id")
+            # a repeat's copies of one spec node collide: report it once per spec node (and not at all
+            # when _expand already said that the id must use the repeat var)
+            issues.add("duplicate_id", f"node id {node_id!r} is used more than once", nodes=(node_id,),
+                       path=(*path, "id"), field="id", once=("duplicate_id", path))
             continue
         seen[node_id] = path
         kind = next(k for k in ("kernel", "memcpy", "memset", "empty") if hasattr(node, k))
@@ -569,8 +601,9 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None) -> tuple[P
         try:
             pn.after = tuple(_template(a, env) for a in node.after)
         except expr.ExprError as err:
-            issues.add("expression", f"node {node_id!r}: after: {err}", nodes=(node_id,),
-                       path=(*path, "after"), field="after")
+            code = "unknown_reference" if "unknown name" in str(err) else "expression"
+            issues.add(code, f"node {node_id!r}: after: {err}", nodes=(node_id,),
+                       path=(*path, "after"), field="after", once=("after", path))
         try:
             if isinstance(node, KernelNode):
                 _bind_kernel_node(node, pn, kernels, buffers, spec, env)

@@ -94,7 +94,8 @@ class MemsetNode(_NodeBase):
 
 
 class EmptyNode(_NodeBase):
-    empty: dict[str, Any] = Field(default_factory=dict)
+    # required, with no default: ``to_dict`` (exclude_defaults) must keep the key that marks the node's kind
+    empty: dict[str, Any]
 
     @model_validator(mode="after")
     def _really_empty(self) -> EmptyNode:
@@ -168,6 +169,14 @@ class GraphSpec(_Model):
                 if not _NAME.match(key):
                     raise ValueError(f"{section} name {key!r} is not an identifier")
         return self
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when every field is: the YAML line map and base directory are bookkeeping, not content."""
+        if not isinstance(other, GraphSpec):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, like any non-frozen model)
 
     @property
     def base_dir(self) -> Path | None:

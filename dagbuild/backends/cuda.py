@@ -1,0 +1,461 @@
+"""The CUDA driver backend: the only module that calls ``cuda.bindings``.
+
+It builds CUDA graphs explicitly, node by node, and updates instantiated graphs in place. Its vocabulary
+is primitives only: pointers, function handles and streams are ints; grids and blocks are 3-tuples;
+kernel arguments are ``(kind, value)`` pairs with kind in :data:`ARG_KINDS`. Graphs, executable graphs and
+nodes are the driver's own handle objects (``CUgraph``, ``CUgraphExec``, ``CUgraphNode``); nodes hash
+and compare by value, and :meth:`CudaBackend.node_id` gives their integer address.
+
+Building and updating read alike::
+
+    node = be.add_kernel(graph, deps, func, grid, block, shared, args)
+    be.set_kernel(exec_, node, func, grid, block, shared, new_args)
+
+Every driver call goes through :meth:`CudaBackend._check`, which raises :class:`DriverError` naming the
+call and the status (e.g. ``CUDA_ERROR_INVALID_VALUE (invalid argument)``).
+
+Ownership: the backend owns nothing but the handles it returns; callers destroy graphs
+(:meth:`~CudaBackend.graph_destroy`) and executable graphs (:meth:`~CudaBackend.exec_destroy`) they created.
+Device memory belongs to CuPy. The CUDA context is CuPy's primary context of ``device``, retained by the
+runtime, so :meth:`~CudaBackend.close` has nothing to free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from dagbuild.errors import BuildError, DagbuildError, DriverError
+
+__all__ = ["ARG_KINDS", "CudaBackend", "PackedArgs", "load_driver", "pack_args"]
+
+INSTALL_HINT = "pip install 'dagbuild[cuda13]'"
+
+#: ctypes storage type of each kernel-argument kind.
+ARG_KINDS: dict[str, type] = {
+    "ptr": ctypes.c_uint64,
+    "i32": ctypes.c_int32,
+    "u32": ctypes.c_uint32,
+    "i64": ctypes.c_int64,
+    "u64": ctypes.c_uint64,
+    "f32": ctypes.c_float,
+    "f64": ctypes.c_double,
+}
+
+_INT_RANGE: dict[str, tuple[int, int]] = {
+    "ptr": (0, 2**64),
+    "u64": (0, 2**64),
+    "i64": (-(2**63), 2**63),
+    "u32": (0, 2**32),
+    "i32": (-(2**31), 2**31),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel-argument packing (pure ctypes, no driver)
+# ----------------------------------------------------------------------------------------------------
+
+
+class PackedArgs:
+    """Kernel arguments in ctypes storage plus the ``void*`` array that points at each one.
+
+    ``address`` is what ``kernelParams`` takes (0 when there are no arguments). The driver copies the
+    values during the add/set call, so this object need only outlive that call.
+    """
+
+    __slots__ = ("storage", "argv")
+
+    def __init__(self, storage: list[Any]):
+        self.storage = storage
+        self.argv = (ctypes.c_void_p * len(storage))(*[ctypes.addressof(s) for s in storage])
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.argv) if self.storage else 0
+
+    def __len__(self) -> int:
+        return len(self.storage)
+
+
+def pack_args(args: Sequence[tuple[str, int | float]]) -> PackedArgs:
+    """Pack ``(kind, value)`` kernel arguments; ints are range-checked for their kind."""
+    storage: list[Any] = []
+    for i, arg in enumerate(args):
+        try:
+            kind, value = arg
+        except (TypeError, ValueError):
+            raise BuildError(f"kernel argument #{i} must be a (kind, value) pair, got {arg!r}", code="args") from None
+        ctype = ARG_KINDS.get(kind)
+        if ctype is None:
+            raise BuildError(
+                f"kernel argument #{i} has unknown kind {kind!r}; expected one of {', '.join(ARG_KINDS)}",
+                code="args",
+            )
+        if kind in _INT_RANGE:
+            try:
+                v = value.__index__()  # ints, numpy ints; not floats
+            except (AttributeError, TypeError):
+                raise BuildError(
+                    f"kernel argument #{i} ({kind}) must be an integer, got {value!r}", code="args"
+                ) from None
+            lo, hi = _INT_RANGE[kind]
+            if not lo <= v < hi:
+                raise BuildError(f"kernel argument #{i} ({kind}) = {v} is out of range [{lo}, {hi})", code="args")
+            storage.append(ctype(v))
+        else:
+            try:
+                storage.append(ctype(float(value)))
+            except (TypeError, ValueError):
+                raise BuildError(
+                    f"kernel argument #{i} ({kind}) must be a number, got {value!r}", code="args"
+                ) from None
+    return PackedArgs(storage)
+
+
+def _dim3(name: str, dims: Sequence[int]) -> tuple[int, int, int]:
+    d = tuple(int(v) for v in dims)
+    if not 1 <= len(d) <= 3 or any(v < 1 for v in d):
+        raise BuildError(f"{name} must be 1 to 3 positive ints, got {tuple(dims)!r}", code="launch")
+    return (d + (1, 1))[:3]  # type: ignore[return-value]
+
+
+def load_driver() -> Any:
+    """The driver-API module: ``cuda.bindings.driver`` (cuda-bindings ≥ 12.6), else ``cuda.cuda``
+    (older cuda-python, and the HIP interop layer that mirrors it)."""
+    try:
+        from cuda.bindings import driver
+
+        return driver
+    except ImportError:
+        pass
+    try:
+        from cuda import cuda as driver  # type: ignore[no-redef]
+
+        return driver
+    except ImportError as e:
+        raise DagbuildError(f"cuda-bindings is not importable ({e}); install it with: {INSTALL_HINT}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------------------
+
+
+class CudaBackend:
+    """Explicit CUDA graph construction and update through the driver API (see the module docstring)."""
+
+    name = "cuda"
+    #: whether the backend can build conditional (IF/WHILE) nodes
+    conditional_nodes = True
+
+    def __init__(self, device: int = 0):
+        try:
+            import cupy
+        except Exception as e:
+            raise DagbuildError(f"CuPy is not importable ({type(e).__name__}: {e}); install: {INSTALL_HINT}") from e
+        self._drv = load_driver()
+        self.device = int(device)
+        cupy.cuda.Device(self.device).use()
+        cupy.cuda.Device(self.device).synchronize()  # makes sure the primary context exists and is current
+        self._check("cuInit", self._drv.cuInit(0))
+        self._ctx = self._check("cuCtxGetCurrent", self._drv.cuCtxGetCurrent())
+        if int(self._ctx) == 0:
+            raise DriverError("cuCtxGetCurrent", "no current CUDA context after CuPy selected the device")
+        self._dev = self._check("cuCtxGetDevice", self._drv.cuCtxGetDevice())
+
+    # -- errors ---------------------------------------------------------------------------------------
+
+    def _status(self, err: Any) -> str:
+        name = getattr(err, "name", None) or f"CUresult {int(err)}"
+        try:
+            e2, text = self._drv.cuGetErrorString(err)
+            if int(e2) == 0 and text:
+                return f"{name} ({text.decode() if isinstance(text, bytes) else text})"
+        except Exception:
+            pass
+        return name
+
+    def _check(self, call: str, result: Any) -> Any:
+        """Unpack a driver call's ``(err, *outs)``: raise DriverError(call, status) unless err is success;
+        return None, the one output, or a tuple of outputs."""
+        if not isinstance(result, tuple):
+            result = (result,)
+        err, outs = result[0], result[1:]
+        if int(err) != 0:
+            raise DriverError(call, self._status(err))
+        if not outs:
+            return None
+        return outs[0] if len(outs) == 1 else outs
+
+    # -- handles --------------------------------------------------------------------------------------
+
+    def _node(self, node: Any) -> Any:
+        return node if isinstance(node, self._drv.CUgraphNode) else self._drv.CUgraphNode(init_value=int(node))
+
+    def _deps(self, deps: Sequence[Any]) -> list[Any]:
+        seen: set[int] = set()
+        out = []
+        for d in deps:
+            n = self._node(d)
+            if int(n) not in seen:  # the driver refuses duplicate dependencies
+                seen.add(int(n))
+                out.append(n)
+        return out
+
+    def _stream(self, stream: int) -> Any:
+        return self._drv.CUstream(init_value=int(stream))
+
+    @staticmethod
+    def node_id(node: Any) -> int:
+        """A node's integer address (stable for the node's lifetime; use it as a dict key)."""
+        return int(node)
+
+    # -- device ---------------------------------------------------------------------------------------
+
+    def _attr(self, name: str) -> int:
+        attr = getattr(self._drv.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}")
+        return int(self._check("cuDeviceGetAttribute", self._drv.cuDeviceGetAttribute(attr, self._dev)))
+
+    def limits(self) -> dict:
+        """Launch limits and identity of the device."""
+        raw = self._check("cuDeviceGetName", self._drv.cuDeviceGetName(256, self._dev))
+        name = raw.split(b"\0", 1)[0].decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        return {
+            "name": name,
+            "compute_capability": (
+                self._attr("COMPUTE_CAPABILITY_MAJOR"),
+                self._attr("COMPUTE_CAPABILITY_MINOR"),
+            ),
+            "max_threads_per_block": self._attr("MAX_THREADS_PER_BLOCK"),
+            "max_block_dim": tuple(self._attr(f"MAX_BLOCK_DIM_{a}") for a in "XYZ"),
+            "max_grid_dim": tuple(self._attr(f"MAX_GRID_DIM_{a}") for a in "XYZ"),
+            "max_shared_per_block": self._attr("MAX_SHARED_MEMORY_PER_BLOCK"),
+            "max_shared_per_block_optin": self._attr("MAX_SHARED_MEMORY_PER_BLOCK_OPTIN"),
+            "multiprocessor_count": self._attr("MULTIPROCESSOR_COUNT"),
+            "warp_size": self._attr("WARP_SIZE"),
+        }
+
+    def set_max_dynamic_shared(self, func: int, nbytes: int) -> None:
+        """Let ``func`` launch with up to ``nbytes`` of dynamic shared memory (needed above 48 KiB)."""
+        attr = self._drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        self._check(
+            "cuFuncSetAttribute",
+            self._drv.cuFuncSetAttribute(self._drv.CUfunction(init_value=int(func)), attr, int(nbytes)),
+        )
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) device memory in bytes."""
+        free, total = self._check("cuMemGetInfo", self._drv.cuMemGetInfo())
+        return int(free), int(total)
+
+    def synchronize(self, stream: int) -> None:
+        self._check("cuStreamSynchronize", self._drv.cuStreamSynchronize(self._stream(stream)))
+
+    # -- struct builders (shared by add_* and set_*) ---------------------------------------------------
+
+    def _kernel_params(
+        self,
+        func: int,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        shared: int,
+        argv_address: int,
+    ) -> Any:
+        """The kernel-node params struct. The one place where HIP differs (see backends/hip.py)."""
+        p = self._drv.CUDA_KERNEL_NODE_PARAMS()
+        p.func = self._drv.CUfunction(init_value=int(func))
+        p.gridDimX, p.gridDimY, p.gridDimZ = grid
+        p.blockDimX, p.blockDimY, p.blockDimZ = block
+        p.sharedMemBytes = int(shared)
+        p.kernelParams = int(argv_address)
+        p.extra = 0
+        return p
+
+    def _kernel_node(self, func, grid, block, shared, args) -> tuple[Any, PackedArgs]:
+        packed = pack_args(args)
+        if int(shared) < 0:
+            raise BuildError(f"shared memory bytes must be >= 0, got {shared}", code="launch")
+        p = self._kernel_params(int(func), _dim3("grid", grid), _dim3("block", block), int(shared), packed.address)
+        return p, packed  # the caller keeps `packed` alive through the driver call
+
+    def _memcpy_params(self, dst: int, src: int, nbytes: int) -> Any:
+        nbytes = int(nbytes)
+        if nbytes <= 0:
+            raise BuildError(f"memcpy of {nbytes} bytes: the driver needs > 0 (use an empty node)", code="memcpy")
+        unified = self._drv.CUmemorytype.CU_MEMORYTYPE_UNIFIED  # direction inferred from the addresses (UVA)
+        c = self._drv.CUDA_MEMCPY3D()
+        c.srcMemoryType = unified
+        c.srcDevice = int(src)
+        c.srcPitch = nbytes
+        c.srcHeight = 1
+        c.dstMemoryType = unified
+        c.dstDevice = int(dst)
+        c.dstPitch = nbytes
+        c.dstHeight = 1
+        c.WidthInBytes = nbytes
+        c.Height = 1
+        c.Depth = 1
+        return c
+
+    def _memset_params(self, dst: int, value: int, element_size: int, count: int) -> Any:
+        element_size, count, value = int(element_size), int(count), int(value)
+        if element_size not in (1, 2, 4):
+            raise BuildError(f"memset element size must be 1, 2 or 4 bytes, got {element_size}", code="memset")
+        if count <= 0:
+            raise BuildError(f"memset of {count} elements: the driver needs > 0", code="memset")
+        if not 0 <= value < 2 ** (8 * element_size):
+            raise BuildError(
+                f"memset value {value:#x} does not fit {element_size} byte(s); give the unsigned bit pattern",
+                code="memset",
+            )
+        m = self._drv.CUDA_MEMSET_NODE_PARAMS()
+        m.dst = int(dst)
+        m.value = value
+        m.elementSize = element_size
+        m.width = count
+        m.height = 1
+        m.pitch = count * element_size  # unused for height 1
+        return m
+
+    # -- graph building -------------------------------------------------------------------------------
+
+    def graph_create(self) -> Any:
+        return self._check("cuGraphCreate", self._drv.cuGraphCreate(0))
+
+    def graph_destroy(self, graph: Any) -> None:
+        self._check("cuGraphDestroy", self._drv.cuGraphDestroy(graph))
+
+    def add_kernel(self, graph, deps, func, grid, block, shared, args) -> Any:
+        p, packed = self._kernel_node(func, grid, block, shared, args)
+        d = self._deps(deps)
+        node = self._check("cuGraphAddKernelNode", self._drv.cuGraphAddKernelNode(graph, d, len(d), p))
+        del packed  # the driver has copied the argument values
+        return node
+
+    def add_memcpy(self, graph, deps, dst: int, src: int, nbytes: int) -> Any:
+        c = self._memcpy_params(dst, src, nbytes)
+        d = self._deps(deps)
+        return self._check("cuGraphAddMemcpyNode", self._drv.cuGraphAddMemcpyNode(graph, d, len(d), c, self._ctx))
+
+    def add_memset(self, graph, deps, dst: int, value: int, element_size: int, count: int) -> Any:
+        m = self._memset_params(dst, value, element_size, count)
+        d = self._deps(deps)
+        return self._check("cuGraphAddMemsetNode", self._drv.cuGraphAddMemsetNode(graph, d, len(d), m, self._ctx))
+
+    def add_empty(self, graph, deps) -> Any:
+        d = self._deps(deps)
+        return self._check("cuGraphAddEmptyNode", self._drv.cuGraphAddEmptyNode(graph, d, len(d)))
+
+    # -- executable graphs ----------------------------------------------------------------------------
+
+    def instantiate(self, graph: Any) -> Any:
+        """Instantiate ``graph`` (flags 0). On failure the DriverError's detail gives the driver's
+        CUgraphInstantiateResult and the failing node's type and address, and ``err.err_node`` holds
+        that node (None when the driver named none)."""
+        drv = self._drv
+        if not hasattr(drv, "cuGraphInstantiateWithParams"):
+            return self._check("cuGraphInstantiate", drv.cuGraphInstantiate(graph, 0))
+        params = drv.CUDA_GRAPH_INSTANTIATE_PARAMS()
+        params.flags = 0
+        result = drv.cuGraphInstantiateWithParams(graph, params)
+        if int(result[0]) == 0:
+            return result[1]
+        detail = []
+        res = params.result_out
+        detail.append(f"instantiate result {getattr(res, 'name', res)}")
+        err_node = params.hErrNode_out
+        if err_node is not None and int(err_node) != 0:
+            try:
+                kind = self.node_type(err_node)
+            except DagbuildError:
+                kind = "?"
+            detail.append(f"failing node: {kind} node {int(err_node):#x}")
+        else:
+            err_node = None
+        e = DriverError("cuGraphInstantiateWithParams", self._status(result[0]), detail="; ".join(detail))
+        e.err_node = err_node  # type: ignore[attr-defined]
+        raise e
+
+    def exec_destroy(self, exec_: Any) -> None:
+        self._check("cuGraphExecDestroy", self._drv.cuGraphExecDestroy(exec_))
+
+    def upload(self, exec_: Any, stream: int) -> None:
+        self._check("cuGraphUpload", self._drv.cuGraphUpload(exec_, self._stream(stream)))
+
+    def launch(self, exec_: Any, stream: int) -> None:
+        self._check("cuGraphLaunch", self._drv.cuGraphLaunch(exec_, self._stream(stream)))
+
+    # -- in-place updates of an executable graph --------------------------------------------------------
+
+    def set_kernel(self, exec_, node, func, grid, block, shared, args) -> None:
+        p, packed = self._kernel_node(func, grid, block, shared, args)
+        self._check(
+            "cuGraphExecKernelNodeSetParams",
+            self._drv.cuGraphExecKernelNodeSetParams(exec_, self._node(node), p),
+        )
+        del packed
+
+    def set_memcpy(self, exec_, node, dst: int, src: int, nbytes: int) -> None:
+        c = self._memcpy_params(dst, src, nbytes)
+        self._check(
+            "cuGraphExecMemcpyNodeSetParams",
+            self._drv.cuGraphExecMemcpyNodeSetParams(exec_, self._node(node), c, self._ctx),
+        )
+
+    def set_memset(self, exec_, node, dst: int, value: int, element_size: int, count: int) -> None:
+        m = self._memset_params(dst, value, element_size, count)
+        self._check(
+            "cuGraphExecMemsetNodeSetParams",
+            self._drv.cuGraphExecMemsetNodeSetParams(exec_, self._node(node), m, self._ctx),
+        )
+
+    # -- introspection --------------------------------------------------------------------------------
+
+    def debug_dot(self, graph: Any, flags: int | None = None) -> str:
+        """The driver's DOT description of ``graph`` (verbose unless ``flags`` says otherwise)."""
+        if flags is None:
+            flags = int(self._drv.CUgraphDebugDot_flags.CU_GRAPH_DEBUG_DOT_FLAGS_VERBOSE)
+        fd, path = tempfile.mkstemp(prefix="dagbuild-", suffix=".dot")
+        os.close(fd)
+        try:
+            self._check("cuGraphDebugDotPrint", self._drv.cuGraphDebugDotPrint(graph, path.encode(), int(flags)))
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def graph_nodes(self, graph: Any) -> list:
+        """All nodes of ``graph`` (driver order)."""
+        _nodes, count = self._check("cuGraphGetNodes", self._drv.cuGraphGetNodes(graph, 0))
+        if int(count) == 0:
+            return []
+        nodes, count = self._check("cuGraphGetNodes", self._drv.cuGraphGetNodes(graph, int(count)))
+        return list(nodes)[: int(count)]
+
+    def node_type(self, node: Any) -> str:
+        """``kernel``, ``memcpy``, ``memset``, ``empty``, ``host``, ``graph``, ``conditional``, ...: the
+        CUgraphNodeType name without its ``CU_GRAPH_NODE_TYPE_`` prefix, lower-cased."""
+        t = self._check("cuGraphNodeGetType", self._drv.cuGraphNodeGetType(self._node(node)))
+        name = getattr(t, "name", None)
+        return name.removeprefix("CU_GRAPH_NODE_TYPE_").lower() if name else str(int(t))
+
+    def node_deps(self, graph: Any, node: Any) -> list:
+        """The nodes ``node`` depends on. ``graph`` is unused by CUDA (kept for symmetry)."""
+        n = self._node(node)
+        # CUDA 13: cuGraphNodeGetDependencies(hNode, numDependencies) -> (err, deps, edgeData, num);
+        # CUDA 12: -> (err, deps, num). The count is the last output either way.
+        first = self._check("cuGraphNodeGetDependencies", self._drv.cuGraphNodeGetDependencies(n, 0))
+        count = int(first[-1])
+        if count == 0:
+            return []
+        outs = self._check("cuGraphNodeGetDependencies", self._drv.cuGraphNodeGetDependencies(n, count))
+        return list(outs[0])[: int(outs[-1])]
+
+    def close(self) -> None:
+        """Nothing to free: callers destroy the graphs and executables they made; the context is CuPy's."""

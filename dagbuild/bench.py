@@ -1,0 +1,157 @@
+"""Time one plan three ways on one stream: eager CuPy launches, CuPy stream capture, dagbuild's graph.
+
+All three run the same kernels over the same buffers in the same topological order; only how the work
+reaches the GPU differs. Latency is per step, host-observed: launch, then wait for the step to finish.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .executable import Executable
+from .plan import Plan
+
+_SCALAR = {"i32": np.int32, "u32": np.uint32, "i64": np.int64, "u64": np.uint64, "f32": np.float32,
+           "f64": np.float64}
+_FILL_DTYPE = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def eager_steps(exe: Executable) -> list[Callable[[Any], None]]:
+    """One Python callable per node, in the executable's topological order, each a CuPy launch."""
+    import cupy
+
+    steps: list[Callable[[Any], None]] = []
+    for n in exe._topological():
+        n = exe._state[n.id]
+        if n.kind == "kernel":
+            k = exe.plan.kernels[n.kernel]
+            fn = exe.modules.modules[(k.source, k.options)].get_function(k.entry)
+            args = tuple(np.uint64(exe._ptr(a.view)) if a.view is not None else _SCALAR[a.param.dtype](a.value)
+                         for a in n.args)
+            steps.append(lambda s, fn=fn, n=n, args=args: fn(n.grid, n.block, args, shared_mem=n.shared, stream=s))
+        elif n.kind == "memcpy":
+            dst, src, count = exe._memcpy_params(n)
+            steps.append(lambda s, d=dst, r=src, c=count: cupy.cuda.runtime.memcpyAsync(d, r, c, 4, s.ptr))
+        elif n.kind == "memset":
+            ptr, bits, esize, count = exe._memset_params(n)
+            mem = cupy.cuda.UnownedMemory(ptr, count * esize, exe)
+            view = cupy.ndarray((count,), _FILL_DTYPE[esize], cupy.cuda.MemoryPointer(mem, 0))
+
+            def fill(s, view=view, bits=bits):
+                with s:
+                    view.fill(bits)
+
+            steps.append(fill)
+    return steps
+
+
+def _time(launch: Callable[[], None], stream: Any, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        launch()
+    stream.synchronize()
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        launch()
+        stream.synchronize()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def _stats(us: list[float]) -> dict[str, float]:
+    s = sorted(us)
+    return {"median_us": statistics.median(s), "p99_us": s[min(len(s) - 1, int(0.99 * len(s)))],
+            "mean_us": statistics.fmean(s)}
+
+
+def bench(plan: Plan, steps: int = 500, warmup: int = 20, exe: Executable | None = None) -> dict[str, Any]:
+    """Eager vs captured vs explicit on one stream, in one run. Returns medians, p99s and speedups."""
+    import cupy
+
+    own = exe is None
+    t0 = time.perf_counter()
+    exe = exe or Executable(plan)
+    build_ms = (time.perf_counter() - t0) * 1e3
+    try:
+        stream = exe.stream
+        eager = eager_steps(exe)
+
+        def run_eager():
+            for f in eager:
+                f(stream)
+
+        run_eager()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            run_eager()
+        finally:
+            captured = stream.end_capture()
+        captured.upload(stream)
+        modes = {
+            "eager": run_eager,
+            "captured": lambda: captured.launch(stream),
+            "explicit": lambda: exe.launch(stream),
+        }
+        times = {name: _time(f, stream, steps, warmup) for name, f in modes.items()}
+        # a second pass, interleaved order, guards against drift (clocks, caches) favouring one mode
+        for name in ("explicit", "captured", "eager"):
+            times[name] += _time(modes[name], stream, steps, warmup)
+        # device time: back-to-back explicit launches between two events
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        for _ in range(steps):
+            exe.launch(stream)
+        end.record(stream)
+        end.synchronize()
+        device_us = cupy.cuda.get_elapsed_time(start, end) * 1e3 / steps
+    finally:
+        if own:
+            exe.close()
+    stats = {name: _stats(t) for name, t in times.items()}
+    n = len(plan.nodes)
+    return {
+        "spec": plan.name, "nodes": n, "critical_path": plan.summary.get("critical_path"),
+        "max_width": plan.summary.get("max_width"), "steps": 2 * steps, "build_ms": build_ms,
+        **{name: s for name, s in stats.items()},
+        "speedup_vs_eager": stats["eager"]["median_us"] / stats["explicit"]["median_us"],
+        "speedup_vs_captured": stats["captured"]["median_us"] / stats["explicit"]["median_us"],
+        "p99_speedup_vs_captured": stats["captured"]["p99_us"] / stats["explicit"]["p99_us"],
+        "explicit_device_us_per_step": device_us,
+        "explicit_device_us_per_node": device_us / max(n, 1),
+        "device": _device_name(),
+    }
+
+
+def _device_name() -> str:
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    lines = [f"{r['spec']}: {r['nodes']} nodes (critical path {r['critical_path']}, width {r['max_width']}) "
+             f"on {r['device']}, {r['steps']} steps per mode, one stream", "",
+             f"{'mode':<10} {'median µs':>10} {'p99 µs':>10}"]
+    for name in ("eager", "captured", "explicit"):
+        lines.append(f"{name:<10} {r[name]['median_us']:>10.1f} {r[name]['p99_us']:>10.1f}")
+    lines += ["", f"explicit vs eager: {r['speedup_vs_eager']:.2f}× faster (median)",
+              f"explicit vs captured: {r['speedup_vs_captured']:.2f}× faster (median), "
+              f"{r['p99_speedup_vs_captured']:.2f}× (p99)",
+              f"explicit device time: {r['explicit_device_us_per_step']:.1f} µs per step, "
+              f"{r['explicit_device_us_per_node']:.2f} µs per node"]
+    return "\n".join(lines)
+
+
+def run_steps(plan: Plan, steps: int = 100) -> dict[str, float]:
+    """Build, launch ``steps`` times, report build time and per-launch latency."""
+    t0 = time.perf_counter()
+    with Executable(plan) as exe:
+        build_ms = (time.perf_counter() - t0) * 1e3
+        times = _time(lambda: exe.launch(), exe.stream, steps, 3)
+    return {"build_ms": build_ms, **_stats(times)}

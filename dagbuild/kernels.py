@@ -1,0 +1,351 @@
+"""Compile kernels and check their declared params against the PTX ``.entry``.
+
+Two compile paths:
+
+* :func:`compile_ptx` runs NVRTC through ``cuda.bindings.nvrtc`` and returns PTX. It needs no GPU, so
+  ``dagbuild validate``/``compile`` and the CPU tests use it to check a spec's kernel declarations.
+* :func:`load_module` compiles with CuPy (``cupy.RawModule``) for the device that is current and loads
+  the module; :func:`function_handle` then gives the integer ``CUfunction`` that graph kernel nodes take.
+
+:func:`ptx_entry_params` and :func:`check_signature` are pure text processing of PTX.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dagbuild.errors import BuildError, CompileError, DagbuildError, DriverError, Issue, SpecError
+
+__all__ = [
+    "KINDS",
+    "NVRTC_INSTALL_HINT",
+    "check_signature",
+    "compile_ptx",
+    "cuda_include_dir",
+    "function_handle",
+    "load_module",
+    "nvrtc_version",
+    "ptx_entries",
+    "ptx_entry_params",
+]
+
+NVRTC_INSTALL_HINT = "pip install 'dagbuild[nvrtc]'"
+CUDA_INSTALL_HINT = "pip install 'dagbuild[cuda13]'"
+
+#: The scalar kinds a spec may declare, and the PTX ``.param`` types each one matches.
+KINDS: dict[str, frozenset[str]] = {
+    "ptr": frozenset({".u64", ".s64", ".b64"}),
+    "i64": frozenset({".u64", ".s64", ".b64"}),
+    "u64": frozenset({".u64", ".s64", ".b64"}),
+    "i32": frozenset({".u32", ".s32", ".b32"}),
+    "u32": frozenset({".u32", ".s32", ".b32"}),
+    "f32": frozenset({".f32"}),
+    "f64": frozenset({".f64"}),
+}
+
+_HEADERS = ("cuda_fp16.h", "cuda_bf16.h")
+
+
+# ----------------------------------------------------------------------------------------------------
+# NVRTC (no GPU needed)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _nvrtc() -> Any:
+    """The ``cuda.bindings.nvrtc`` module, with its shared library loaded, or a DagbuildError."""
+    try:
+        from cuda.bindings import nvrtc
+    except Exception as e:  # ImportError, or a broken install
+        raise DagbuildError(
+            f"NVRTC is not available: cuda-bindings is not importable ({type(e).__name__}: {e}); "
+            f"install it with: {NVRTC_INSTALL_HINT}"
+        ) from e
+    try:
+        err, _major, _minor = nvrtc.nvrtcVersion()  # loads libnvrtc
+    except Exception as e:  # the library itself is missing (cuda-pathfinder raises its own error)
+        raise DagbuildError(
+            f"NVRTC library not found ({type(e).__name__}: {e}); install it with: {NVRTC_INSTALL_HINT}"
+        ) from e
+    if int(err) != 0:
+        raise DagbuildError(f"nvrtcVersion failed ({err!r}); install NVRTC with: {NVRTC_INSTALL_HINT}")
+    return nvrtc
+
+
+def nvrtc_version() -> tuple[int, int]:
+    """(major, minor) of the NVRTC library that :func:`compile_ptx` uses."""
+    _err, major, minor = _nvrtc().nvrtcVersion()
+    return int(major), int(minor)
+
+
+def _candidate_include_dirs() -> list[Path]:
+    dirs: list[Path] = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        for base in spec.submodule_search_locations:
+            # CUDA 13 wheels install under nvidia/cu13, CUDA 12 ones under nvidia/cuda_runtime
+            for sub in ("cu13", "cu12", "cuda_runtime"):
+                dirs.append(Path(base) / sub / "include")
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]) / "include")
+    dirs.append(Path("/usr/local/cuda/include"))
+    return dirs
+
+
+@functools.cache
+def cuda_include_dir() -> str | None:
+    """The first directory holding ``cuda_fp16.h`` and ``cuda_bf16.h``: the ``nvidia-cuda-runtime``
+    wheel first, then ``$CUDA_PATH``/``$CUDA_HOME``, then ``/usr/local/cuda``; None if none has them."""
+    for d in _candidate_include_dirs():
+        if all((d / h).is_file() for h in _HEADERS):
+            return str(d)
+    return None
+
+
+_ARCH_RE = re.compile(r"^(?:sm_|compute_)?(\d{2,3}[af]?)$")
+
+
+def _arch_option(arch: str) -> str:
+    m = _ARCH_RE.match(arch.strip())
+    if not m:
+        raise DagbuildError(f"bad GPU architecture {arch!r}: expected e.g. 'sm_90', 'sm_90a' or 'compute_80'")
+    return f"-arch=compute_{m.group(1)}"
+
+
+def _text(buf: bytes) -> str:
+    return buf.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def compile_ptx(source: str, kernel: str, arch: str = "sm_90", options: Sequence[str] = ()) -> str:
+    """Compile CUDA C++ ``source`` to PTX with NVRTC (no GPU needed) and return the PTX text.
+
+    ``kernel`` names the spec's kernel in messages; the program is named ``<kernel>.cu`` so that the
+    log's lines read ``<kernel>.cu(LINE): error: ...``. Options: ``--std=c++17``, ``-arch=compute_XX``
+    from ``arch``, ``-I`` to the CUDA headers (``cuda_fp16.h``/``cuda_bf16.h``) when found, then
+    ``options``. Raises CompileError(kernel, log) with NVRTC's full log on failure.
+    """
+    nvrtc = _nvrtc()
+    opts = ["--std=c++17", _arch_option(arch)]
+    inc = cuda_include_dir()
+    if inc is not None:
+        opts.append(f"-I{inc}")
+    opts.extend(options)
+    bopts = [o.encode() for o in opts]
+
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), f"{kernel}.cu".encode(), 0, [], [])
+    if int(err) != 0:
+        raise CompileError(kernel, f"nvrtcCreateProgram failed: {_nvrtc_error(nvrtc, err)}")
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(bopts), bopts)
+        log = _program_log(nvrtc, prog)
+        if int(err) != 0:
+            head = f"{_nvrtc_error(nvrtc, err)} (options: {' '.join(opts)})"
+            raise CompileError(kernel, f"{log.rstrip()}\n{head}" if log.strip() else head)
+        err, size = nvrtc.nvrtcGetPTXSize(prog)
+        if int(err) != 0:
+            raise CompileError(kernel, f"nvrtcGetPTXSize failed: {_nvrtc_error(nvrtc, err)}")
+        buf = b" " * size
+        (err,) = nvrtc.nvrtcGetPTX(prog, buf)
+        if int(err) != 0:
+            raise CompileError(kernel, f"nvrtcGetPTX failed: {_nvrtc_error(nvrtc, err)}")
+        return _text(buf)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _program_log(nvrtc: Any, prog: Any) -> str:
+    err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    if int(err) != 0 or size <= 1:
+        return ""
+    buf = b" " * size
+    (err,) = nvrtc.nvrtcGetProgramLog(prog, buf)
+    return _text(buf) if int(err) == 0 else ""
+
+
+def _nvrtc_error(nvrtc: Any, err: Any) -> str:
+    try:
+        _e, msg = nvrtc.nvrtcGetErrorString(err)
+        return msg.decode() if isinstance(msg, bytes) else str(msg)
+    except Exception:
+        return repr(err)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PTX signatures (pure text)
+# ----------------------------------------------------------------------------------------------------
+
+# `.visible .entry name(` ... `)`; an entry with no params is `.entry name()`.
+_ENTRY_RE = re.compile(r"\.entry\s+([A-Za-z_$%][\w$]*)\s*\(([^)]*)\)")
+_COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+
+
+def ptx_entries(ptx: str) -> dict[str, list[str]]:
+    """Every ``.entry`` of ``ptx``, in order, with its param types (see :func:`ptx_entry_params`)."""
+    text = _COMMENT_RE.sub("", ptx)
+    return {m.group(1): _parse_params(m.group(2)) for m in _ENTRY_RE.finditer(text)}
+
+
+def _parse_params(body: str) -> list[str]:
+    """Types of a PTX param list. Scalars give their type (``.u64``); ``.ptr`` annotations
+    (``.param .u64 .ptr .global .align 1 x``) are dropped; aggregates passed by value
+    (``.param .align 4 .b8 x[8]``) give ``.b8[8]``."""
+    types: list[str] = []
+    for decl in body.split(","):
+        toks = decl.split()
+        if not toks:
+            continue
+        ty: str | None = None
+        i = 0
+        while i < len(toks):
+            t = toks[i]
+            if t == ".param":
+                pass
+            elif t == ".align":
+                i += 1  # skip N
+            elif t == ".ptr":
+                # `.ptr [.space] [.align N]` qualifies the pointer; the type came before it
+                while i + 1 < len(toks) and toks[i + 1] in (".global", ".shared", ".const", ".local"):
+                    i += 1
+            elif t.startswith(".") and ty is None:
+                ty = t
+            i += 1
+        name = toks[-1]
+        m = re.search(r"\[(\d*)\]$", name)
+        if ty is None:
+            ty = ".b8"
+        types.append(f"{ty}[{m.group(1)}]" if m else ty)
+    return types
+
+
+def ptx_entry_params(ptx: str, entry: str) -> list[str]:
+    """The PTX ``.param`` types of ``.entry entry(...)``, e.g. ``['.u64', '.u32', '.f32']``.
+
+    A struct passed by value shows as ``'.b8[N]'``. Raises SpecError (code ``signature``) naming the
+    entry and listing the entries that are there when ``entry`` is not in the PTX.
+    """
+    entries = ptx_entries(ptx)
+    if entry not in entries:
+        raise SpecError(Issue(code="signature", message=_missing_entry_message(entry, entries)))
+    return entries[entry]
+
+
+def _missing_entry_message(entry: str, entries: dict[str, list[str]], kernel: str | None = None) -> str:
+    where = f"kernel {kernel!r}: " if kernel else ""
+    there = ", ".join(repr(e) for e in entries) or "none"
+    hint = ""
+    if any(e.startswith("_Z") and entry in e for e in entries):
+        hint = ' (its name looks C++-mangled: declare the kernel extern "C")'
+    return f"{where}entry {entry!r} is not in the PTX{hint}; entries there: {there}"
+
+
+def _ptx_type_ok(kind: str, ptx_type: str) -> bool:
+    return ptx_type in KINDS.get(kind, frozenset())
+
+
+def check_signature(kernel: str, entry: str, params: Sequence[tuple[str, str]], ptx: str) -> list[Issue]:
+    """Compare a kernel's declared params, ``(name, kind)`` pairs with kind in :data:`KINDS`, against
+    the PTX ``.entry entry``: count and type class (ptr/64-bit ints ↔ ``.u64/.s64/.b64``, 32-bit ints
+    ↔ ``.u32/.s32/.b32``, ``f32`` ↔ ``.f32``, ``f64`` ↔ ``.f64``). Returns one Issue (code
+    ``signature``, ``field`` = the param's name) per problem; empty when they agree."""
+    entries = ptx_entries(ptx)
+    if entry not in entries:
+        return [Issue(code="signature", message=_missing_entry_message(entry, entries, kernel))]
+    ptypes = entries[entry]
+    where = f"kernel {kernel!r} (entry {entry!r})"
+    issues: list[Issue] = []
+
+    if len(params) != len(ptypes):
+        n, m = len(params), len(ptypes)
+        if n > m:
+            pname, pkind = params[m]
+            first = f"first declared param without a PTX counterpart: {pname!r} ({pkind}, #{m})"
+            fld: str | None = pname
+        else:
+            first = f"first PTX param not declared: #{n} ({ptypes[n]})"
+            fld = None
+        issues.append(
+            Issue(
+                code="signature",
+                message=f"{where}: {n} param(s) declared but the PTX entry takes {m}; {first}",
+                field=fld,
+            )
+        )
+
+    for i, ((pname, kind), ptype) in enumerate(zip(params, ptypes, strict=False)):
+        if kind not in KINDS:
+            issues.append(
+                Issue(
+                    code="signature",
+                    message=f"{where}: param {pname!r} (#{i}) has unknown kind {kind!r}; "
+                    f"expected one of {', '.join(KINDS)} (PTX type {ptype})",
+                    field=pname,
+                )
+            )
+        elif ptype.endswith("]"):
+            issues.append(
+                Issue(
+                    code="signature",
+                    message=f"{where}: param {pname!r} (#{i}) is declared {kind} but the PTX param is "
+                    f"an aggregate passed by value ({ptype}), which dagbuild does not support; "
+                    f"pass a pointer or scalars instead",
+                    field=pname,
+                )
+            )
+        elif not _ptx_type_ok(kind, ptype):
+            expect = "/".join(sorted(KINDS[kind]))
+            issues.append(
+                Issue(
+                    code="signature",
+                    message=f"{where}: param {pname!r} (#{i}) is declared {kind} (PTX {expect}) "
+                    f"but the PTX param is {ptype}",
+                    field=pname,
+                )
+            )
+    return issues
+
+
+# ----------------------------------------------------------------------------------------------------
+# CuPy (GPU)
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_module(source: str, kernel: str, options: Sequence[str] = ()) -> Any:
+    """Compile ``source`` with CuPy for the current device and load it; returns the ``cupy.RawModule``.
+
+    Compiles with ``--std=c++17`` plus ``options`` and forces compilation now, so a bad kernel fails
+    here with CompileError(kernel, log) rather than at first use.
+    """
+    try:
+        import cupy
+    except Exception as e:
+        raise DagbuildError(
+            f"CuPy is not importable ({type(e).__name__}: {e}); install it with: {CUDA_INSTALL_HINT}"
+        ) from e
+    from cupy.cuda.compiler import CompileException
+
+    module = cupy.RawModule(code=source, options=("--std=c++17", *options))
+    try:
+        module.compile()
+    except CompileException as e:
+        raise CompileError(kernel, e.get_message() if hasattr(e, "get_message") else str(e)) from e
+    except cupy.cuda.driver.CUDADriverError as e:  # e.g. cuModuleLoadData refusing the image
+        raise DriverError("cuModuleLoadData", str(e), kernel=kernel) from e
+    return module
+
+
+def function_handle(module: Any, entry: str, kernel: str | None = None) -> int:
+    """The driver ``CUfunction`` of ``entry`` in a module from :func:`load_module`, as an int."""
+    try:
+        fn = module.get_function(entry)
+        return int(fn.kernel.ptr)
+    except Exception as e:
+        if type(e).__name__ == "CUDADriverError" and "NOT_FOUND" in str(e):
+            who = f"kernel {kernel!r}: " if kernel else ""
+            raise BuildError(f"{who}entry {entry!r} not found in the compiled module ({e})", code="signature") from e
+        raise

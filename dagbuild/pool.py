@@ -1,0 +1,231 @@
+"""A pool of executables, one per bucket of some dims (e.g. batch), over one shared memory arena.
+
+Padding rule: ``pool.get(batch=n)`` returns the executable of the smallest bucket ≥ n. Rows n..bucket-1
+are computed like any other row and their results ignored. Buffers whose shape depends on a bucketed
+dim (activations, staging) are allocated once at the largest bucket and each bucket views a prefix, so a
+buffer's *leading* bucketed axis keeps every row at the same address in every bucket. State that must
+survive bucket switches (weights, KV caches) must not depend on a bucketed dim: size it with a fixed dim
+(the Llama spec's ``cache_batch``). Kernels must make padded rows harmless (the Llama kernels skip rows
+whose position is negative), so padding never corrupts a real sequence's state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import BuildError, SpecError
+from .executable import NP_DTYPE, Executable, ModuleCache
+from .plan import Plan, bind
+from .plan import plan as make_plan
+from .spec import GraphSpec
+
+
+class GraphPool:
+    """Executables per bucket, built eagerly (all at once) or lazily (on first use).
+
+    ``method`` picks how buckets after the first are built: ``"derive"`` instantiates the largest
+    bucket's graph again and sets only the parameters that differ; ``"fresh"`` adds every node anew.
+    """
+
+    def __init__(self, spec: GraphSpec, buckets: Mapping[str, list[int]], *, eager: bool = True,
+                 overrides: Mapping[str, Any] | None = None, method: str = "derive", device: int = 0,
+                 backend: Any = None):
+        if not buckets:
+            raise BuildError("GraphPool needs at least one bucketed dim, e.g. buckets={'batch': [1, 2, 4]}")
+        for dim, values in buckets.items():
+            if dim not in spec.dims:
+                raise SpecError([_issue(f"bucketed dim {dim!r} is not a dim of spec {spec.name!r} "
+                                        f"(dims: {', '.join(spec.dims)})")])
+            if not values or any(int(v) < 1 for v in values):
+                raise BuildError(f"buckets for {dim!r} must be integers ≥ 1, got {list(values)}")
+        if method not in ("derive", "fresh"):
+            raise BuildError(f"method must be 'derive' or 'fresh', not {method!r}")
+        self.spec, self.method = spec, method
+        self.buckets = {d: sorted({int(v) for v in vs}) for d, vs in buckets.items()}
+        self.overrides = dict(overrides or {})
+        self.executables: dict[tuple[int, ...], Executable] = {}
+        self.build_ms: dict[tuple[int, ...], float] = {}
+        self._plans: dict[tuple[int, ...], Plan] = {}
+        self._closed = False
+        self.arena: dict[str, Any] = {}
+        try:
+            import cupy
+
+            if backend is None:
+                from .backends import get_backend
+
+                backend = get_backend("auto", device)
+            self.backend = backend
+            self.modules = ModuleCache()
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+            top = tuple(vs[-1] for vs in self.buckets.values())
+            self.largest = top
+            self._template_plan = self._plan_for(top)
+            self._allocate_arena(self._template_plan)
+            self._template: Executable | None = None
+            if eager:
+                for key in itertools.product(*self.buckets.values()):
+                    self._build(key)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- planning ----------------------------------------------------------------------------------
+    def _plan_for(self, key: tuple[int, ...]) -> Plan:
+        """Bind the spec at one bucket; reuse the largest bucket's DAG when the data flow is the same."""
+        if key in self._plans:
+            return self._plans[key]
+        dims = {**self.overrides, **dict(zip(self.buckets, key, strict=True))}
+        tpl = getattr(self, "_template_plan", None)
+        if tpl is None:
+            p = make_plan(self.spec, dims)
+        else:
+            from .dag import full_graph
+
+            p, issues = bind(self.spec, dims)
+            if issues:
+                raise SpecError(issues)
+            if [n.id for n in p.nodes] == [n.id for n in tpl.nodes] and \
+                    set(full_graph(p).edges) == set(self._template_full_edges):
+                p.edges, p.summary = tpl.edges, {**tpl.summary, "dims": dict(p.dims)}
+            else:
+                p = make_plan(self.spec, dims)
+        if tpl is None:
+            from .dag import full_graph
+
+            self._template_full_edges = list(full_graph(p).edges)
+        self._plans[key] = p
+        return p
+
+    def _allocate_arena(self, p: Plan) -> None:
+        import cupy
+        import cupyx
+
+        for name, b in p.buffers.items():
+            dt = NP_DTYPE[b.dtype]
+            if b.memory == "pinned":
+                self.arena[name] = cupyx.zeros_pinned(b.shape, dtype=dt)
+            else:
+                self.arena[name] = cupy.zeros(b.shape, dtype=dt)
+
+    def activations(self) -> list[str]:
+        """Buffers whose size follows a bucketed dim (viewed as prefixes by smaller buckets)."""
+        bucketed = set(self.buckets)
+        return [n for n, b in self._template_plan.buffers.items() if b.dims_used & bucketed]
+
+    @property
+    def arena_bytes(self) -> int:
+        return sum(b.nbytes for b in self._template_plan.buffers.values() if b.memory == "device")
+
+    # ---- building ----------------------------------------------------------------------------------
+    def _build(self, key: tuple[int, ...]) -> Executable:
+        t0 = time.perf_counter()
+        if self._template is None:
+            tkey = self.largest
+            self._template = Executable(self._plan_for(tkey), backend=self.backend, bound=self.arena,
+                                        modules=self.modules, stream=self.stream, upload=False)
+            self.executables[tkey] = self._template
+            self.build_ms[tkey] = (time.perf_counter() - t0) * 1e3
+            if key == tkey:
+                return self._template
+            t0 = time.perf_counter()
+        p = self._plan_for(key)
+        same = p.edges == self._template.plan.edges and \
+            [n.id for n in p.nodes] == [n.id for n in self._template.plan.nodes]
+        template = self._template if self.method == "derive" and same else None
+        exe = Executable(p, backend=self.backend, bound=self.arena, modules=self.modules, stream=self.stream,
+                         upload=False, template=template)
+        self.executables[key] = exe
+        self.build_ms[key] = (time.perf_counter() - t0) * 1e3
+        return exe
+
+    def bucket_for(self, **dims: int) -> tuple[int, ...]:
+        """The smallest bucket ≥ each requested dim (dims not given take their largest bucket)."""
+        unknown = set(dims) - set(self.buckets)
+        if unknown:
+            raise BuildError(f"{sorted(unknown)[0]!r} is not bucketed in this pool (bucketed: "
+                             f"{', '.join(self.buckets)})")
+        key = []
+        for d, values in self.buckets.items():
+            want = dims.get(d, values[-1])
+            fit = [v for v in values if v >= want]
+            if not fit:
+                raise BuildError(f"{d}={want} is above the largest bucket ({values[-1]}); build the pool with "
+                                 f"a larger bucket")
+            if want < 1:
+                raise BuildError(f"{d}={want} must be ≥ 1")
+            key.append(fit[0])
+        return tuple(key)
+
+    def get(self, **dims: int) -> Executable:
+        """The executable for these dims (built now if the pool is lazy and it is the first use)."""
+        if self._closed:
+            raise BuildError("the pool is closed")
+        key = self.bucket_for(**dims)
+        exe = self.executables.get(key)
+        return exe if exe is not None else self._build(key)
+
+    def upload(self) -> None:
+        for exe in self.executables.values():
+            exe.backend.upload(exe.exec, self.stream.ptr)
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        """Free every executable (derived ones first, then the template that owns the graph) and the arena."""
+        if self._closed:
+            return
+        self._closed = True
+        template = getattr(self, "_template", None)
+        for exe in list(self.executables.values()):
+            if exe is not template:
+                exe.close()
+        if template is not None:
+            template.close()
+        self.executables.clear()
+        self.arena.clear()
+        if hasattr(self, "modules"):
+            self.modules.clear()
+
+    def __enter__(self) -> GraphPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _issue(message: str):
+    from .errors import Issue
+
+    return Issue("unknown_reference", message, field="buckets")
+
+
+def pool_cli(spec: GraphSpec, args: Any) -> int:
+    """``dagbuild pool``: build every bucket; print build time per bucket and in total, and memory."""
+    import cupy
+
+    from .cli import gpu_reason, overrides_of
+
+    reason = gpu_reason()
+    if reason is not None:
+        print(f"dagbuild pool needs a GPU: {reason}.")
+        return 2
+    overrides = overrides_of(args)
+    free0, _ = cupy.cuda.runtime.memGetInfo()
+    t0 = time.perf_counter()
+    with GraphPool(spec, args.buckets, eager=not args.lazy, overrides=overrides) as pool:
+        total_ms = (time.perf_counter() - t0) * 1e3
+        cupy.cuda.Device().synchronize()
+        free1, _ = cupy.cuda.runtime.memGetInfo()
+        used = free0 - free1
+        print(f"{spec.name}: {len(pool.executables)} buckets of {', '.join(pool.buckets)} built in "
+              f"{total_ms:.1f} ms ({'lazy' if args.lazy else 'eager'}, method {pool.method})")
+        for key, ms in sorted(pool.build_ms.items()):
+            print(f"  {dict(zip(pool.buckets, key, strict=True))}: {ms:.2f} ms")
+        arena = pool.arena_bytes
+        print(f"arena (device buffers at the largest bucket): {arena / 2**20:.1f} MiB")
+        print(f"device memory in use after building: {used / 2**20:.1f} MiB; beyond the arena: "
+              f"{(used - arena) / 2**20:.1f} MiB")
+    return 0
