@@ -186,6 +186,7 @@ class Executable:
         import cupy
         import cupyx
 
+        allocated = False
         for name in bound:
             if name not in self.plan.buffers:
                 raise BuildError(f"cannot bind {name!r}: the spec has no buffer of that name "
@@ -213,6 +214,9 @@ class Executable:
                 arr = cupy.zeros(b.shape, dtype=dt)
                 self._refs[name] = ArrayRef(arr.data.ptr, arr.nbytes, arr)
                 self.buffers[name] = arr
+                allocated = True
+        if allocated:  # the zero fills ran on CuPy's current stream; the graph runs on its own
+            cupy.cuda.get_current_stream().synchronize()
 
     def _topological(self) -> list[PlanNode]:
         import networkx as nx

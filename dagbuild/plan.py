@@ -230,7 +230,10 @@ def memset_bits(dtype: str, value: int | float) -> tuple[int, int, int]:
         return struct.unpack("<I", struct.pack("<f", float(value)))[0], 4, 1
     if dtype == "f16":
         with np.errstate(over="ignore"):
-            return int(np.array(value, np.float16).view(np.uint16)), 2, 1
+            half = np.array(value, np.float16)
+        if np.isinf(half) and not math.isinf(value):
+            raise OverflowError(f"{value} does not fit in f16 (max 65504)")
+        return int(half.view(np.uint16)), 2, 1
     if dtype == "bf16":
         bits = struct.unpack("<I", struct.pack("<f", float(value)))[0]
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF, 2, 1  # round to nearest even

@@ -122,6 +122,8 @@ class GraphPool:
 
     # ---- building ----------------------------------------------------------------------------------
     def _build(self, key: tuple[int, ...]) -> Executable:
+        if key in self.executables:
+            return self.executables[key]
         t0 = time.perf_counter()
         if self._template is None:
             tkey = self.largest

@@ -348,7 +348,8 @@ def test_memset_8_byte_only_zero(dtype):
 
 @pytest.mark.parametrize("dtype, value, exc", [("i8", 128, OverflowError), ("i8", -129, OverflowError),
                                                ("u8", -1, OverflowError), ("u32", 2**32, OverflowError),
-                                               ("i32", 1.5, TypeError)])
+                                               ("i32", 1.5, TypeError), ("f16", 1e6, OverflowError),
+                                               ("f32", 1e300, OverflowError)])
 def test_memset_bits_rejects(dtype, value, exc):
     with pytest.raises(exc):
         memset_bits(dtype, value)

@@ -1,8 +1,9 @@
 """Build a graph per batch bucket for the TinyLlama-shape decode spec, explicitly (GraphPool) and by
-CuPy stream capture of the same kernels (warm-up launch + capture + instantiate per bucket), in one
-run on one GPU. Prints build time and device memory added beyond the shared arena.
+CuPy stream capture of the same kernels (warm-up launch + capture + instantiate per bucket), on one GPU.
+Each method runs in its own process (driver memory is measured from a clean start); the figures are
+build time and device memory added beyond the shared arena.
 
-    python tools/bench_pool.py [--buckets vllm|1,2,4,...] [--json OUT]
+    python tools/bench_pool.py [--buckets vllm67|vllm51|1,2,4,...] [--json OUT] [--profile]
 """
 
 from __future__ import annotations
@@ -10,17 +11,22 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+METHODS = ("derive", "fresh", "captured")
 
 
-def vllm_sizes() -> list[int]:
-    """1, 2, 4, then 8 to 256 in steps of 8, then 272 to 512 in steps of 16."""
-    return [1, 2, 4, *range(8, 257, 8), *range(272, 513, 16)]
+def sizes_for(name: str) -> list[int]:
+    if name == "vllm67":  # 1, 2, 4, then 8 to 256 step 8, then 272 to 768 step 16: 67 sizes
+        return [1, 2, 4, *range(8, 257, 8), *range(272, 769, 16)]
+    if name == "vllm51":  # the same rule stopping at 512: 51 sizes
+        return [1, 2, 4, *range(8, 257, 8), *range(272, 513, 16)]
+    return sorted({int(x) for x in name.split(",")})
 
 
 def free_bytes() -> int:
@@ -31,77 +37,110 @@ def free_bytes() -> int:
     return cupy.cuda.runtime.memGetInfo()[0]
 
 
-def main() -> int:
+def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
+    """Run one method in this process; device memory is read with memGetInfo around the graph builds."""
     import cupy
 
     from dagbuild import load_spec
     from dagbuild.bench import eager_steps
     from dagbuild.pool import GraphPool
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--buckets", default="vllm")
-    ap.add_argument("--max-seq", type=int, default=64)
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    sizes = vllm_sizes() if args.buckets == "vllm" else sorted({int(x) for x in args.buckets.split(",")})
+    cupy.cuda.set_allocator(None)  # plain cudaMalloc/cudaFree: memGetInfo sees exactly what is held
+    cupy.cuda.set_pinned_memory_allocator(None)
     spec = load_spec(ROOT / "specs" / "llama_decode.yaml")
-    overrides = {"cache_batch": max(sizes), "max_seq": args.max_seq}
-    name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    results = {"buckets": len(sizes), "sizes": sizes, "device": name}
+    overrides = {"cache_batch": max(sizes), "max_seq": max_seq}
+    # warm the compile caches (CuPy's and dagbuild's PTX cache): compiling is not graph building
+    GraphPool(spec, {"batch": [1]}, overrides={**overrides, "cache_batch": 1}).close()
+    f0 = free_bytes()
+    pool = GraphPool(spec, {"batch": sizes}, overrides=overrides, eager=False,
+                     method="fresh" if method == "fresh" else "derive")
+    f1 = free_bytes()
+    out = {"method": method, "arena_mib": (f0 - f1) / 2**20, "arena_buffers_mib": pool.arena_bytes / 2**20}
+    if method in ("derive", "fresh"):
+        prof = None
+        if profile:
+            import cProfile
 
-    # warm the compile caches (CuPy's and dagbuild's PTX cache): compile cost is not graph-building cost
-    warm = GraphPool(spec, {"batch": [1]}, overrides={**overrides, "cache_batch": 1})
-    warm.close()
-    del warm
-
-    for method in ("derive", "fresh"):
-        f0 = free_bytes()
+            prof = cProfile.Profile()
+            prof.enable()
         t0 = time.perf_counter()
-        pool = GraphPool(spec, {"batch": sizes}, overrides=overrides, eager=False, method=method)
-        t_arena = time.perf_counter()
-        f1 = free_bytes()
         for n in sizes:
             pool.get(batch=n)
         t1 = time.perf_counter()
+        if prof is not None:
+            import io
+            import pstats
+
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
+            out["profile"] = buf.getvalue()
         pool.upload()
         f2 = free_bytes()
-        results[f"explicit_{method}"] = {
-            "build_s": t1 - t_arena, "build_plus_arena_s": t1 - t0,
-            "arena_mib": (f0 - f1) / 2**20, "graphs_mib": (f1 - f2) / 2**20,
-            "per_bucket_ms": {str(k[0]): round(v, 3) for k, v in sorted(pool.build_ms.items())},
-        }
-        if method == "derive":
-            # stream capture of the very same kernels over the same arena, one bucket at a time
-            stream = pool.stream
-            graphs = []
-            g0 = free_bytes()
-            t2 = time.perf_counter()
-            for n in sizes:
-                steps = eager_steps(pool.get(batch=n))
-                for f in steps:  # the warm-up launch capture-based engines run first
-                    f(stream)
-                stream.synchronize()
-                stream.begin_capture()
-                for f in steps:
-                    f(stream)
-                g = stream.end_capture()
-                g.upload(stream)
-                graphs.append(g)
+        out.update(build_s=t1 - t0, graphs_mib=(f1 - f2) / 2**20,
+                   per_bucket_ms={str(k[0]): round(v, 3) for k, v in sorted(pool.build_ms.items())})
+    else:
+        # the same kernels over the same arena, captured bucket by bucket; plans are bound first so only
+        # capture (warm-up launch + record + instantiate + upload) is timed
+        exes = [pool.get(batch=n) for n in sizes]
+        steps = [eager_steps(e) for e in exes]
+        f1 = free_bytes()
+        stream, graphs = pool.stream, []
+        t0 = time.perf_counter()
+        for fs in steps:
+            for f in fs:  # the warm-up launch capture-based engines run first
+                f(stream)
             stream.synchronize()
-            t3 = time.perf_counter()
-            g1 = free_bytes()
-            results["captured"] = {"build_s": t3 - t2, "graphs_mib": (g0 - g1) / 2**20}
-            del graphs
-        pool.close()
-        del pool
-    e, c = results["explicit_derive"], results["captured"]
-    fr = results["explicit_fresh"]
-    print(f"{results['device']}: TinyLlama-shape decode graph, {len(sizes)} batch buckets {sizes[0]}..{sizes[-1]}")
-    print(f"{'method':<28} {'build s':>9} {'MiB beyond arena':>17}")
-    print(f"{'explicit (derive+update)':<28} {e['build_s']:>9.3f} {e['graphs_mib']:>17.1f}")
-    print(f"{'explicit (fresh nodes)':<28} {fr['build_s']:>9.3f} {fr['graphs_mib']:>17.1f}")
-    print(f"{'CuPy stream capture':<28} {c['build_s']:>9.3f} {c['graphs_mib']:>17.1f}")
-    print(f"arena: {e['arena_mib']:.0f} MiB; explicit is {c['build_s'] / e['build_s']:.1f}× faster to build")
+            stream.begin_capture()
+            for f in fs:
+                f(stream)
+            g = stream.end_capture()
+            g.upload(stream)
+            graphs.append(g)
+        stream.synchronize()
+        t1 = time.perf_counter()
+        f2 = free_bytes()
+        out.update(build_s=t1 - t0, graphs_mib=(f1 - f2) / 2**20)
+        del graphs
+    pool.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--buckets", default="vllm67")
+    ap.add_argument("--max-seq", type=int, default=64)
+    ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sizes = sizes_for(args.buckets)
+    if args.only:
+        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile)))
+        return 0
+    import cupy
+
+    results = {"buckets": len(sizes), "sizes": sizes,
+               "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
+    for m in METHODS:
+        cmd = [sys.executable, __file__, "--only", m, "--buckets", args.buckets, "--max-seq", str(args.max_seq)]
+        if args.profile and m == "derive":
+            cmd.append("--profile")
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(f"{m} failed:\n{proc.stderr[-3000:]}")
+            return 1
+        results[m] = json.loads(proc.stdout.strip().splitlines()[-1])
+    d, f, c = results["derive"], results["fresh"], results["captured"]
+    print(f"{results['device']}: TinyLlama-shape decode graph ({len(sizes)} batch buckets, {sizes[0]}..{sizes[-1]}), "
+          f"arena {d['arena_mib']:.0f} MiB")
+    print(f"{'method':<34} {'build s':>8} {'MiB beyond arena':>17}")
+    print(f"{'explicit, derived (instantiate+set)':<34} {d['build_s']:>8.3f} {d['graphs_mib']:>17.1f}")
+    print(f"{'explicit, fresh nodes':<34} {f['build_s']:>8.3f} {f['graphs_mib']:>17.1f}")
+    print(f"{'CuPy stream capture (+warm-up)':<34} {c['build_s']:>8.3f} {c['graphs_mib']:>17.1f}")
+    print(f"explicit (derived) builds {c['build_s'] / d['build_s']:.1f}× faster than capture")
+    if "profile" in d:
+        print(d["profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -1,0 +1,1 @@
+"""Llama decode step: NumPy references for the kernels in ``kernels/llama.cu`` (see :mod:`.reference`)."""

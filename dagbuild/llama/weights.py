@@ -1,0 +1,594 @@
+"""Weights for the Llama decode graph: HF checkpoints, HF state dicts, random weights.
+
+Every weight buffer of ``specs/llama_decode.yaml`` is filled from the HF ``LlamaForCausalLM`` tensor of the
+same role (:func:`hf_key_map`). Per-layer tensors go to one slice of a stacked buffer (``wq[l]``). Values are
+converted on the GPU to the buffer's type (``wt``: f32, f16, or bf16 held as raw uint16 bits, rounded to
+nearest even). What can be checked without a GPU is pure: :func:`dims_from_hf_config` (the config against
+the constants the spec bakes in), :func:`plan_state_dict` (which tensor fills which buffer slice; missing,
+unexpected and mis-shaped tensors) and :func:`read_safetensors` (the file format, memory-mapped, bf16 kept
+as its bits so neither torch nor the ``safetensors`` package is needed).
+
+All device work runs on CuPy's current stream and ends with a device-wide synchronize, so the graph, which
+launches on its own non-blocking stream, always sees the finished weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..errors import DagbuildError
+
+__all__ = [
+    "HF_DIM_FIELDS",
+    "LAYERED_BUFFERS",
+    "NORM_BUFFERS",
+    "WEIGHT_BUFFERS",
+    "RawBF16",
+    "WeightsError",
+    "check_config_dims",
+    "convert",
+    "dims_from_hf_config",
+    "hf_config_kwargs",
+    "hf_key_map",
+    "load_checkpoint",
+    "load_state_dict",
+    "plan_state_dict",
+    "random_hf_model",
+    "random_weights",
+    "read_safetensors",
+]
+
+#: Every weight buffer of the decode spec, in a fixed order (random_weights draws them in this order).
+WEIGHT_BUFFERS = ("embed_tokens", "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down",
+                  "final_norm", "lm_head")
+#: Buffers stacked over layers: [layers, ...], one slice per HF layer tensor.
+LAYERED_BUFFERS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+#: RMSNorm weights (random_weights draws them around 1, not around 0).
+NORM_BUFFERS = ("attn_norm", "mlp_norm", "final_norm")
+
+#: dagbuild dim -> the HF config field it comes from.
+HF_DIM_FIELDS = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+                 "head_dim": "head_dim", "ffn": "intermediate_size", "vocab": "vocab_size",
+                 "layers": "num_hidden_layers"}
+
+# What specs/llama_decode.yaml bakes in as literals.
+SPEC_RMS_EPS = 1e-5
+SPEC_ROPE_THETA = 10000.0
+SPEC_HEAD_DIM = 64  # the softmax scale 0.125 = 64 ** -0.5
+HF_DEFAULT_RMS_EPS = 1e-6  # LlamaConfig's default when a config.json omits rms_norm_eps
+
+_LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm",
+    "self_attn.q_proj.weight": "wq",
+    "self_attn.k_proj.weight": "wk",
+    "self_attn.v_proj.weight": "wv",
+    "self_attn.o_proj.weight": "wo",
+    "post_attention_layernorm.weight": "mlp_norm",
+    "mlp.gate_proj.weight": "w_gate",
+    "mlp.up_proj.weight": "w_up",
+    "mlp.down_proj.weight": "w_down",
+}
+_EMBED_KEY = "model.embed_tokens.weight"
+_LM_HEAD_KEY = "lm_head.weight"
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_DTYPES = {"float32": "f32", "float": "f32", "float16": "f16", "half": "f16", "bfloat16": "bf16"}
+
+
+class WeightsError(DagbuildError):
+    """Weights do not fit the graph. ``problems`` lists each one (each names the HF key and the buffer)."""
+
+    def __init__(self, problems: list[str] | str, header: str = ""):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        shown = self.problems[:12]
+        more = len(self.problems) - len(shown)
+        body = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
+        if len(self.problems) == 1 and not header:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{header or 'weights do not fit the graph'}:\n{body}")
+
+
+class RawBF16(NamedTuple):
+    """bfloat16 data carried as its uint16 bit patterns (NumPy has no bfloat16)."""
+
+    bits: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HF config
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _field(config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        v = config.get(name, default)
+    else:
+        try:
+            v = getattr(config, name, default)
+        except Exception:  # a deprecated property that raises
+            v = default
+    return default if v is None else v
+
+
+def _rope_dicts(config: Any) -> list[Mapping]:
+    """The rope parameter dicts of a config: ``rope_scaling`` (transformers 4) and ``rope_parameters``
+    (transformers 5, possibly one dict per layer type)."""
+    out: list[Mapping] = []
+    for name in ("rope_scaling", "rope_parameters"):
+        d = _field(config, name)
+        if d is None or d is False or d == 0:
+            continue
+        if not isinstance(d, Mapping):
+            raise DagbuildError(f"HF config field {name} = {d!r}: expected a dict or null")
+        if d and all(isinstance(v, Mapping) for v in d.values()):
+            out.extend(d.values())
+        else:
+            out.append(d)
+    return out
+
+
+def _wt_from_dtype(config: Any) -> str:
+    for name in ("dtype", "torch_dtype"):  # transformers 5 renamed torch_dtype (reading it warns there)
+        v = _field(config, name)
+        if v is None:
+            continue
+        s = str(v).removeprefix("torch.")
+        if s == "auto":
+            continue
+        if s not in _DTYPES:
+            raise DagbuildError(f"HF config field {name} = {s!r}: the decode graph takes float32, float16 or "
+                                "bfloat16 weights (wt = f32 | f16 | bf16)")
+        return _DTYPES[s]
+    return "f16"
+
+
+def dims_from_hf_config(config: Any) -> dict[str, Any]:
+    """Spec overrides (hidden, heads, kv_heads, head_dim, ffn, vocab, layers, wt) for an HF Llama config
+    (a ``LlamaConfig`` or the dict of a ``config.json``). Raises :class:`DagbuildError` naming the field when
+    the config needs something the spec bakes in differently: rms_norm_eps 1e-5, rope_theta 10000, no rope
+    scaling, head_dim 64, hidden_act silu, no attention/MLP biases."""
+    model_type = _field(config, "model_type")
+    if model_type not in (None, "", "llama"):
+        raise DagbuildError(f"HF config field model_type = {model_type!r}: the decode graph is a Llama "
+                            "(model_type 'llama')")
+    dims: dict[str, Any] = {}
+    for dim, name in (("hidden", "hidden_size"), ("heads", "num_attention_heads"), ("ffn", "intermediate_size"),
+                      ("vocab", "vocab_size"), ("layers", "num_hidden_layers")):
+        v = _field(config, name)
+        if v is None:
+            raise DagbuildError(f"HF config has no {name} (needed for dim {dim!r})")
+        if isinstance(v, bool) or int(v) != v or int(v) < 1:
+            raise DagbuildError(f"HF config field {name} = {v!r}: expected a positive integer")
+        dims[dim] = int(v)
+    dims["kv_heads"] = int(_field(config, "num_key_value_heads", dims["heads"]))
+    if dims["kv_heads"] < 1 or dims["heads"] % dims["kv_heads"]:
+        raise DagbuildError(f"HF config field num_key_value_heads = {dims['kv_heads']} must divide "
+                            f"num_attention_heads = {dims['heads']}")
+    head_dim = _field(config, "head_dim")
+    if head_dim is None:
+        if dims["hidden"] % dims["heads"]:
+            raise DagbuildError(f"HF config has no head_dim and hidden_size = {dims['hidden']} is not a multiple "
+                                f"of num_attention_heads = {dims['heads']}")
+        head_dim = dims["hidden"] // dims["heads"]
+    dims["head_dim"] = int(head_dim)
+    if dims["head_dim"] != SPEC_HEAD_DIM:
+        raise DagbuildError(f"HF config field head_dim = {dims['head_dim']}: the decode spec's softmax scale is "
+                            f"0.125 = {SPEC_HEAD_DIM} ** -0.5, so head_dim must be {SPEC_HEAD_DIM}")
+
+    eps = float(_field(config, "rms_norm_eps", HF_DEFAULT_RMS_EPS))
+    if not math.isclose(eps, SPEC_RMS_EPS, rel_tol=1e-6):
+        raise DagbuildError(f"HF config field rms_norm_eps = {eps:g}: the decode spec bakes in eps = "
+                            f"{SPEC_RMS_EPS:g}")
+    theta = _field(config, "rope_theta")
+    for d in _rope_dicts(config):
+        rope_type = d.get("rope_type", d.get("type")) or "default"
+        if rope_type != "default":
+            raise DagbuildError(f"HF config field rope_scaling: rope_type {rope_type!r} is not supported; the "
+                                "decode spec implements the default (unscaled) rotary embedding")
+        prf = d.get("partial_rotary_factor")
+        if prf is not None and float(prf) != 1.0:
+            raise DagbuildError(f"HF config field rope_scaling: partial_rotary_factor = {prf} is not supported")
+        if d.get("rope_theta") is not None:
+            theta = d["rope_theta"]
+    theta = SPEC_ROPE_THETA if theta is None else float(theta)
+    if not math.isclose(theta, SPEC_ROPE_THETA, rel_tol=1e-9):
+        raise DagbuildError(f"HF config field rope_theta = {theta:g}: the decode spec bakes in theta = "
+                            f"{SPEC_ROPE_THETA:g}")
+    act = _field(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise DagbuildError(f"HF config field hidden_act = {act!r}: the decode spec's MLP is SiLU-gated (silu)")
+    for name in ("attention_bias", "mlp_bias"):
+        if _field(config, name, False):
+            raise DagbuildError(f"HF config field {name} = True: the decode spec's projections have no bias")
+    dims["wt"] = _wt_from_dtype(config)
+    return dims
+
+
+def check_config_dims(config: Any, dims: Mapping[str, int], where: str = "the checkpoint") -> dict[str, Any]:
+    """:func:`dims_from_hf_config`, then every dim compared with a graph's ``dims``; returns the config's dims."""
+    want = dims_from_hf_config(config)
+    for dim, field in HF_DIM_FIELDS.items():
+        if dim not in dims:
+            raise DagbuildError(f"the graph has no dim {dim!r}: not a Llama decode graph")
+        if want[dim] != dims[dim]:
+            raise DagbuildError(f"{where}: config.json has {field} = {want[dim]} (dim {dim!r}), but the graph was "
+                                f"built with {dim} = {dims[dim]}; build it with --set {dim}={want[dim]}")
+    return want
+
+
+def hf_config_kwargs(dims: Mapping[str, Any]) -> dict[str, Any]:
+    """``LlamaConfig(**kwargs)`` for a model the decode graph computes exactly (the inverse of
+    :func:`dims_from_hf_config`). rope_theta is left at LlamaConfig's default (10000), which is also where
+    transformers 5 moved it (``rope_parameters``)."""
+    return {
+        "vocab_size": int(dims["vocab"]), "hidden_size": int(dims["hidden"]),
+        "intermediate_size": int(dims["ffn"]), "num_hidden_layers": int(dims["layers"]),
+        "num_attention_heads": int(dims["heads"]), "num_key_value_heads": int(dims["kv_heads"]),
+        "head_dim": int(dims["head_dim"]), "max_position_embeddings": int(dims.get("max_seq", 2048)),
+        "rms_norm_eps": SPEC_RMS_EPS, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": False,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# State dict planning (pure)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def hf_key_map(layers: int) -> dict[str, tuple[str, int | None]]:
+    """HF ``LlamaForCausalLM`` state-dict key -> (buffer, layer index or None)."""
+    out: dict[str, tuple[str, int | None]] = {_EMBED_KEY: ("embed_tokens", None)}
+    for i in range(layers):
+        for suffix, buf in _LAYER_TENSORS.items():
+            out[f"model.layers.{i}.{suffix}"] = (buf, i)
+    out["model.norm.weight"] = ("final_norm", None)
+    out[_LM_HEAD_KEY] = ("lm_head", None)
+    return out
+
+
+def _ignored(key: str) -> bool:
+    """Buffers HF keeps in some versions' state dicts that carry no weights (rotary tables)."""
+    return ".rotary_emb." in key or key.startswith("rotary_emb.")
+
+
+def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tuple[str, Any]]
+                    ) -> list[tuple[str, str, int | None]]:
+    """Which HF tensor fills which buffer slice: a list of (hf_key, buffer, layer index or None).
+
+    ``plan`` is the decode graph's plan (or anything with ``.dims`` and ``.buffers[name].shape``).
+    ``names_and_shapes``: HF key -> shape (a mapping or (key, shape) pairs). Every weight buffer slice must be
+    filled exactly once: missing tensors, unexpected ones, duplicates and shape mismatches raise
+    :class:`WeightsError`, each problem naming the HF key and the buffer. Rotary ``inv_freq`` buffers are
+    ignored; without ``lm_head.weight`` the LM head is tied to ``model.embed_tokens.weight``.
+    """
+    buffers, dims = plan.buffers, plan.dims
+    absent = [b for b in WEIGHT_BUFFERS if b not in buffers] + (["dim 'layers'"] if "layers" not in dims else [])
+    if absent:
+        raise WeightsError(f"graph {getattr(plan, 'name', '?')!r} is not a Llama decode graph: it has no "
+                           f"{absent[0]!r}")
+    layers = int(dims["layers"])
+    keymap = hf_key_map(layers)
+    items = list(names_and_shapes.items()) if isinstance(names_and_shapes, Mapping) else list(names_and_shapes)
+    problems: list[str] = []
+    seen: dict[str, tuple] = {}
+    for key, shape in items:
+        if key in seen:
+            problems.append(f"{key}: given twice")
+            continue
+        seen[key] = tuple(int(s) for s in shape)
+
+    def expected(buf: str, idx: int | None) -> tuple[int, ...]:
+        shape = tuple(buffers[buf].shape)
+        return shape[1:] if idx is not None else shape
+
+    out: list[tuple[str, str, int | None]] = []
+    for key, shape in seen.items():
+        if _ignored(key):
+            continue
+        if key not in keymap:
+            m = _LAYER_KEY.match(key)
+            if m and int(m.group(1)) >= layers:
+                problems.append(f"{key}: unexpected tensor — layer {m.group(1)} is past the graph's "
+                                f"layers = {layers} (build with --set layers=...)")
+            else:
+                problems.append(f"{key}: unexpected tensor — no buffer of the decode graph takes it")
+            continue
+        buf, idx = keymap[key]
+        want = expected(buf, idx)
+        if shape != want:
+            target = f"{buf}[{idx}]" if idx is not None else buf
+            problems.append(f"{key}: shape {list(shape)} does not fit buffer {target!r} of shape {list(want)}")
+            continue
+        out.append((key, buf, idx))
+    if _LM_HEAD_KEY not in seen and _EMBED_KEY in seen:
+        # tied embeddings: the checkpoint stores the table once
+        if seen[_EMBED_KEY] == expected("lm_head", None):
+            out.append((_EMBED_KEY, "lm_head", None))
+        else:
+            problems.append(f"{_EMBED_KEY}: (tied LM head) shape {list(seen[_EMBED_KEY])} does not fit buffer "
+                            f"'lm_head' of shape {list(expected('lm_head', None))}")
+    missing = [k for k in keymap if k not in seen and not (k == _LM_HEAD_KEY and _EMBED_KEY in seen)]
+    for key in missing:
+        buf, idx = keymap[key]
+        target = f"{buf}[{idx}]" if idx is not None else buf
+        problems.append(f"{key}: missing — nothing fills buffer {target!r}")
+    if problems:
+        raise WeightsError(problems, header=f"{len(problems)} problem(s) loading weights into graph "
+                                            f"{getattr(plan, 'name', '?')!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion (xp = numpy or cupy, so the same code runs on the host in tests and on the device)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _f32_to_bf16(xp: Any, x: Any) -> Any:
+    """float32 -> bfloat16 bits, round to nearest even (as reference.f32_to_bf16); NaN stays a quiet NaN."""
+    bits = x.view(xp.uint32)
+    lsb = (bits >> xp.uint32(16)) & xp.uint32(1)
+    r = ((bits + xp.uint32(0x7FFF) + lsb) >> xp.uint32(16)).astype(xp.uint16)
+    return xp.where(xp.isnan(x), xp.uint16(0x7FC0), r)
+
+
+def _bf16_to_f32(xp: Any, bits: Any) -> Any:
+    return (bits.astype(xp.uint32) << xp.uint32(16)).view(xp.float32)
+
+
+def convert(xp: Any, arr: Any, src: str, dst: str) -> Any:
+    """``arr`` of element kind ``src`` (f64 | f32 | f16 | bf16 bits) as buffer type ``dst`` (f32 | f16 | bf16)."""
+    if dst not in ("f32", "f16", "bf16"):
+        raise DagbuildError(f"weight buffers must be f32, f16 or bf16, not {dst}")
+    if src == "bf16":
+        if dst == "bf16":
+            return arr.view(xp.uint16)
+        wide = _bf16_to_f32(xp, arr.view(xp.uint16))
+        return wide if dst == "f32" else wide.astype(xp.float16)
+    if dst == "f32":
+        return arr.astype(xp.float32, copy=False)
+    if dst == "f16":
+        return arr.astype(xp.float16, copy=False)
+    return _f32_to_bf16(xp, xp.ascontiguousarray(arr.astype(xp.float32, copy=False)))
+
+
+_NP_KINDS = {np.dtype(np.float64): "f64", np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
+
+
+def _is_torch(v: Any) -> bool:
+    return type(v).__module__.startswith("torch") and hasattr(v, "detach")
+
+
+def _to_device(v: Any, key: str, buf: str) -> tuple[Any, str]:
+    """One state-dict value as a CuPy array on the device (raw, unconverted) and its element kind."""
+    import cupy
+
+    if isinstance(v, RawBF16):
+        return cupy.asarray(np.require(v.bits, np.uint16, ["C", "A"])), "bf16"
+    if _is_torch(v):
+        import torch
+
+        t = v.detach()
+        if t.device.type not in ("cpu", "cuda"):
+            raise WeightsError(f"{key}: a tensor on device {t.device} (buffer {buf!r}); pass CPU or CUDA tensors")
+        kinds = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+        kind = kinds.get(t.dtype)
+        if kind is None:
+            raise WeightsError(f"{key}: dtype {t.dtype} cannot fill buffer {buf!r} (float32/16, bfloat16, float64)")
+        if kind == "bf16":
+            t = t.view(torch.int16)
+        if t.device.type == "cuda":
+            if not t.is_contiguous():
+                t = t.contiguous()
+                torch.cuda.current_stream(t.device).synchronize()
+            arr = cupy.asarray(t)  # zero-copy: the CuPy array keeps the tensor alive
+        else:
+            t = t.contiguous()
+            arr = cupy.asarray(t.numpy())
+        return (arr.view(cupy.uint16) if kind == "bf16" else arr), kind
+    if isinstance(v, np.ndarray):
+        if v.dtype.name == "bfloat16":  # ml_dtypes
+            return cupy.asarray(np.require(v, None, ["C", "A"]).view(np.uint16)), "bf16"
+        kind = _NP_KINDS.get(v.dtype)
+        if kind is None:
+            raise WeightsError(f"{key}: NumPy dtype {v.dtype} cannot fill buffer {buf!r} (float64/32/16; bf16 as "
+                               "RawBF16 bits)")
+        return cupy.asarray(np.require(v, None, ["C", "A"])), kind
+    if hasattr(v, "__cuda_array_interface__") or hasattr(v, "__dlpack__"):
+        arr = cupy.asarray(v) if hasattr(v, "__cuda_array_interface__") else cupy.from_dlpack(v)
+        kind = _NP_KINDS.get(np.dtype(arr.dtype))
+        if kind is None:
+            raise WeightsError(f"{key}: dtype {arr.dtype} cannot fill buffer {buf!r}")
+        return arr, kind
+    raise WeightsError(f"{key}: cannot read a {type(v).__name__} into buffer {buf!r} (torch tensor, NumPy/CuPy "
+                       "array, or RawBF16)")
+
+
+def _sync_torch(state: Mapping[str, Any]) -> None:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    if any(_is_torch(v) and v.device.type == "cuda" for v in state.values()):
+        torch.cuda.synchronize()
+
+
+def load_state_dict(exe: Any, state: Mapping[str, Any]) -> list[tuple[str, str, int | None]]:
+    """Fill every weight buffer of ``exe`` from HF state-dict tensors (torch CPU/CUDA tensors, NumPy arrays,
+    CuPy arrays or :class:`RawBF16`), converting to each buffer's type on the GPU. Checks everything with
+    :func:`plan_state_dict` before copying anything. Returns the (hf_key, buffer, index) assignments."""
+    assignments = plan_state_dict(exe.plan, {k: tuple(v.shape) for k, v in state.items()})
+    import cupy
+
+    _sync_torch(state)
+    exe.synchronize()  # the graph may still be reading the buffers
+    keep = []  # device memory owned by torch (or the caller) stays referenced until the copies are done
+    try:
+        for key, buf, idx in assignments:
+            dtype = exe.plan.buffers[buf].dtype
+            dst = exe.buffers[buf] if idx is None else exe.buffers[buf][idx]
+            arr, kind = _to_device(state[key], key, buf)
+            dst[...] = convert(cupy, arr, kind, dtype).reshape(dst.shape)
+            v = state[key]
+            if (v.device.type == "cuda") if _is_torch(v) else not isinstance(v, (np.ndarray, RawBF16)):
+                keep.append(arr)  # memory the caller owns (a CUDA tensor, a device array)
+            del arr  # an upload from the host: CuPy's pool reuses it only on this stream, after the copy
+    finally:
+        cupy.cuda.Device().synchronize()
+    return assignments
+
+
+# ---------------------------------------------------------------------------------------------------------
+# safetensors (the format is an 8-byte header length, a JSON header, then raw little-endian tensor data)
+# ---------------------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+              "I16": "<i2", "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray | RawBF16]:
+    """Every tensor of a ``.safetensors`` file, memory-mapped (nothing is read until it is used); BF16
+    tensors come as :class:`RawBF16`."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 1 << 28):
+                raise WeightsError(f"{path}: not a safetensors file (header length {n} past the file's end)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read as safetensors ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: the safetensors header is not a JSON object")
+    base = 8 + n
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
+    out: dict[str, np.ndarray | RawBF16] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if dt not in _ST_DTYPES:
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {dt}, which dagbuild cannot read")
+        np_dt = np.dtype(_ST_DTYPES[dt])
+        count = math.prod(shape)
+        if end - begin != count * np_dt.itemsize or base + end > size or begin < 0:
+            raise WeightsError(f"{path}: tensor {name!r}: data_offsets {[begin, end]} do not hold {dt} {list(shape)}")
+        arr = np.frombuffer(mm, dtype=np_dt, count=count, offset=base + begin).reshape(shape)
+        out[name] = RawBF16(arr) if dt == "BF16" else arr
+    return out
+
+
+def load_checkpoint(exe: Any, path: str | Path) -> list[tuple[str, str, int | None]]:
+    """Load an HF Llama checkpoint directory (``config.json`` + ``*.safetensors``) into ``exe``.
+
+    config.json is checked against the graph's dims and the spec's constants first; then every tensor of
+    every safetensors file (sharded checkpoints too) goes through :func:`load_state_dict`. ``path`` may also
+    be one ``.safetensors`` file (its folder's config.json is used when there is one).
+    """
+    path = Path(path)
+    if path.is_file():
+        folder, files = path.parent, [path]
+    elif path.is_dir():
+        folder, files = path, sorted(path.glob("*.safetensors"))
+    else:
+        raise WeightsError(f"checkpoint {str(path)!r} does not exist")
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"{cfg_path}: cannot read ({e})") from None
+        check_config_dims(config, exe.plan.dims, where=f"checkpoint {str(folder)!r}")
+    elif path.is_dir():
+        raise WeightsError(f"checkpoint {str(path)!r} has no config.json")
+    if not files:
+        others = sorted(p.name for p in folder.glob("*.bin"))
+        hint = f" (found {', '.join(others[:3])}: convert PyTorch .bin checkpoints to safetensors)" if others else ""
+        raise WeightsError(f"checkpoint {str(path)!r} has no *.safetensors file{hint}")
+    state: dict[str, Any] = {}
+    for f in files:
+        for key, value in read_safetensors(f).items():
+            if key in state:
+                raise WeightsError(f"{key}: in more than one safetensors file (second: {f.name})")
+            state[key] = value
+    return load_state_dict(exe, state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random weights
+# ---------------------------------------------------------------------------------------------------------
+
+
+def random_weights(exe: Any, seed: int, std: float = 0.02) -> None:
+    """Fill every weight buffer on the GPU: normal(0, std) for matrices and tables, 1 + 0.1 normal for the
+    RMSNorm weights, drawn in f32 one layer slice at a time (in WEIGHT_BUFFERS order) and converted to the
+    buffer's type. The same seed and dims give the same weights."""
+    import cupy
+
+    exe.synchronize()
+    rs = cupy.random.RandomState(int(seed))
+    for name in WEIGHT_BUFFERS:
+        b = exe.plan.buffers.get(name)
+        if b is None:
+            raise WeightsError(f"graph {exe.plan.name!r} is not a Llama decode graph: no buffer {name!r}")
+        buf = exe.buffers[name]
+        slices = [buf[i] for i in range(buf.shape[0])] if name in LAYERED_BUFFERS else [buf]
+        for dst in slices:
+            x = rs.standard_normal(dst.shape, dtype=cupy.float32)
+            x = (x * cupy.float32(0.1) + cupy.float32(1.0)) if name in NORM_BUFFERS else x * cupy.float32(std)
+            dst[...] = convert(cupy, x, "f32", b.dtype)
+            del x
+    cupy.cuda.Device().synchronize()
+
+
+def random_hf_model(dims: Mapping[str, Any], *, dtype: str = "f32", seed: int = 0, std: float = 0.02,
+                    norm_std: float = 0.1, attn_implementation: str | None = "eager", device: str = "cuda"):
+    """A random HF ``LlamaForCausalLM`` of the graph's shape (for tests and benchmarks), built directly on
+    ``device`` in ``dtype`` (f32 | f16 | bf16). Weights are drawn here, not by HF's initialiser (whose
+    behaviour changed across versions): normal(0, std) for matrices, 1 + norm_std normal for RMSNorm weights,
+    from ``torch.manual_seed(seed)``. Returned in eval mode."""
+    import torch
+    import transformers
+
+    tdtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    kwargs = hf_config_kwargs(dims)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    config = transformers.LlamaConfig(**kwargs)
+    dims_from_hf_config(config)  # the constants the graph bakes in hold for this config
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(tdtype)  # build in place: no f32 copy, and the rotary inv_freq stays f32
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    if attn_implementation and getattr(model.config, "_attn_implementation", attn_implementation) != \
+            attn_implementation and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+            p.copy_(1.0 + norm_std * x if name.endswith("norm.weight") else std * x)
+    return model.eval()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, then the benchmarks, logs under $OUT. Usage on the lent GPU:
+#   bash tools/device_check.sh [pytest args...]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+STAGES=${STAGES:-"tests bench pool"}
+for stage in $STAGES; do
+  case $stage in
+    tests)
+      timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+    bench)
+      timeout 120 python3 -m dagbuild.cli bench specs/fanout4.yaml --json > "$OUT/bench_fanout4.json"
+      timeout 120 python3 -m dagbuild.cli bench specs/chain.yaml --set steps=128 --json > "$OUT/bench_chain128.json"
+      python3 - "$OUT" <<'PY'
+import json, sys
+from dagbuild.bench import format_bench
+for f in ("bench_fanout4", "bench_chain128"):
+    try:
+        print(format_bench(json.load(open(f"{sys.argv[1]}/{f}.json"))), "\n")
+    except Exception as e:
+        print(f, "failed:", e)
+PY
+      ;;
+    pool)
+      timeout 300 python3 tools/bench_pool.py --profile --json "$OUT/bench_pool.json" 2>&1 | tail -45 ;;
+    decode)
+      timeout 300 python3 tools/bench_decode.py --json "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -60 ;;
+    sanitize)
+      for tool in memcheck racecheck initcheck; do
+        timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 python3 tools/sanitize_decode.py \
+          > "$OUT/sanitize_$tool.log" 2>&1; echo "compute-sanitizer $tool: exit $?"; tail -3 "$OUT/sanitize_$tool.log"
+      done ;;
+  esac
+done
