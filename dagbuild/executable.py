@@ -249,7 +249,7 @@ class Executable:
             self.exec = be.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
-        self._built = dict(self._state)  # the params the graph's nodes were created with
+        self._built_params = {n.id: self._params(n) for n in self.plan.nodes}  # what the graph's nodes hold
 
     def _derive(self, template: Executable) -> None:
         """Instantiate ``template``'s graph again and set only the parameters that differ (a pool's
@@ -263,10 +263,11 @@ class Executable:
             self.exec = self.backend.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
-        base = template._built
+        base = template._built_params
         for n in self.plan.nodes:
-            if self._params(n) != template._params(base[n.id]):
-                self._push(n)
+            params = self._params(n)
+            if params != base[n.id]:
+                self._push(n, params)
 
     def _params(self, n: PlanNode) -> tuple:
         if n.kind == "kernel":
@@ -291,16 +292,17 @@ class Executable:
     def _memset_params(self, n: PlanNode) -> tuple:
         return self._ptr(n.dst), n.value_bits, n.element_size, n.count
 
-    def _push(self, n: PlanNode) -> None:
+    def _push(self, n: PlanNode, params: tuple | None = None) -> None:
         """Write one node's current parameters into the instantiated graph (no re-instantiation)."""
         be, handle = self.backend, self.nodes[n.id]
+        params = self._params(n) if params is None else params
         try:
             if n.kind == "kernel":
-                be.set_kernel(self.exec, handle, *self._kernel_params(n))
+                be.set_kernel(self.exec, handle, *params)
             elif n.kind == "memcpy":
-                be.set_memcpy(self.exec, handle, *self._memcpy_params(n))
+                be.set_memcpy(self.exec, handle, *params)
             elif n.kind == "memset":
-                be.set_memset(self.exec, handle, *self._memset_params(n))
+                be.set_memset(self.exec, handle, *params)
         except DriverError as e:
             raise DriverError(e.call, e.status, node=n.id, kernel=n.kernel) from None
 

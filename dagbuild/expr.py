@@ -88,9 +88,8 @@ def evaluate(value: Expr, env: Mapping[str, Number]) -> Number:
         raise ExprError(f"{value!r} is not a number")
     if isinstance(value, int | float):
         return value
-    tree = parse(value)
     try:
-        return _eval(tree, env, value)
+        return compiled(value)(env)
     except RecursionError:
         raise ExprError(f"expression too deeply nested: {value[:40]!r}...") from None
     except OverflowError as e:  # an int too large for a float, or ceil_div of an infinity
@@ -107,25 +106,43 @@ def evaluate_int(value: Expr, env: Mapping[str, Number]) -> int:
     return out
 
 
-def _eval(node: ast.expr, env: Mapping[str, Number], text: str) -> Number:
+@functools.lru_cache(maxsize=8192)
+def compiled(text: str):
+    """``text`` as a tree of closures (built once per text): evaluation skips the AST walk."""
+    return _closure(parse(text), text)
+
+
+def _closure(node: ast.expr, text: str):
     if isinstance(node, ast.Constant):
-        return node.value
+        value = node.value
+        return lambda env: value
     if isinstance(node, ast.Name):
-        try:
-            return env[node.id]
-        except KeyError:
-            raise ExprError(f"unknown name {node.id!r} in {text!r}") from None
+        name = node.id
+
+        def load(env):
+            try:
+                return env[name]
+            except KeyError:
+                raise ExprError(f"unknown name {name!r} in {text!r}") from None
+
+        return load
     if isinstance(node, ast.UnaryOp):
-        v = _eval(node.operand, env, text)
-        return -v if isinstance(node.op, ast.USub) else v
+        inner = _closure(node.operand, text)
+        return (lambda env: -inner(env)) if isinstance(node.op, ast.USub) else inner
     if isinstance(node, ast.BinOp):
-        a, b = _eval(node.left, env, text), _eval(node.right, env, text)
-        if isinstance(node.op, ast.FloorDiv | ast.Mod) and b == 0:
-            raise ExprError(f"division by zero in {text!r}")
-        return _BINOPS[type(node.op)](a, b)
+        left, right, op = _closure(node.left, text), _closure(node.right, text), _BINOPS[type(node.op)]
+        if isinstance(node.op, ast.FloorDiv | ast.Mod):
+            def divide(env):
+                b = right(env)
+                if b == 0:
+                    raise ExprError(f"division by zero in {text!r}")
+                return op(left(env), b)
+
+            return divide
+        return lambda env: op(left(env), right(env))
     if isinstance(node, ast.Call):
-        args = [_eval(a, env, text) for a in node.args]
-        return _FUNCS[node.func.id](*args)  # type: ignore[union-attr]
+        fn, args = _FUNCS[node.func.id], [_closure(a, text) for a in node.args]  # type: ignore[union-attr]
+        return lambda env: fn(*[a(env) for a in args])
     raise ExprError(f"cannot evaluate {text!r}")  # parse() whitelisted everything else
 
 

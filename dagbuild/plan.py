@@ -6,6 +6,7 @@ reads and writes. It allocates nothing; :mod:`dagbuild.dag` orders it and a back
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -363,21 +364,28 @@ def _expr_error(err: expr.ExprError, what: str, field: tuple = ()) -> NodeError:
     return NodeError(code, f"{what}: {err}", field=field)
 
 
+@functools.lru_cache(maxsize=8192)
+def _parse_view(text: str) -> tuple[str, tuple[str, ...] | None] | None:
+    m = _VIEW.match(text)
+    if not m:
+        return None
+    return m.group(1), None if m.group(2) is None else tuple(expr.split_top_level(m.group(2)))
+
+
 def resolve_view(text: str, buffers: Mapping[str, PlanBuffer], env: Mapping[str, int | float],
                  spec_buffers: Mapping[str, Any] | None = None) -> View:
     """``"w[l]"`` → the byte range of that row of ``w``; raises NodeError naming the culprit."""
-    m = _VIEW.match(text)
-    if not m:
+    parsed = _parse_view(text)
+    if parsed is None:
         raise NodeError("expression", f"cannot parse buffer view {text!r}; write `name` or `name[i, j]`")
-    name, index = m.group(1), m.group(2)
+    name, parts = parsed
     buf = buffers.get(name)
     if buf is None:
         if spec_buffers is not None and name in spec_buffers:
             raise NodeError("skip", "")  # the buffer itself is invalid and already reported
         raise NodeError("unknown_reference", f"unknown buffer {name!r}", buffer=name)
-    if index is None:
+    if parts is None:
         return View(name, 0, buf.nbytes, text.strip())
-    parts = expr.split_top_level(index)
     if len(parts) > len(buf.shape):
         raise NodeError("out_of_bounds", f"view {text!r} has {len(parts)} indices but buffer {name!r} "
                          f"has {len(buf.shape)} axes", buffer=name)

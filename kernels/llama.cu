@@ -126,15 +126,16 @@ DEFINE_RMSNORM(bf16, __nv_bfloat16)
 //   transpose: log2(warpSize) steps, each halving the values per lane, ~1 shuffle per value instead of
 //   log2(warpSize)), then across the block's warps through shared memory in a fixed order. No atomics,
 //   deterministic.
-// * At most 128 registers (2 blocks of 256 per SM); ptxas keeps one 8-byte value of the 8-row chunk's
-//   epilogue in local memory (one store at entry, one load after the k loop, none inside the loops).
+// * At most 128 registers (2 blocks of 256 per SM) and no local memory: chunks are at most 4 rows of x
+//   (an 8-row chunk spilled one value, and any local memory makes the driver reserve per-thread local
+//   memory for every graph that launches the kernel: ~2 MiB per executable on a 132-SM GPU).
 // Requirements: k % 8 == 0; w and x 16-byte aligned (every row then is too); blockDim.x a multiple of
 // warpSize and <= 256; any n >= 1, any batch >= 1; batch * k < 2^33 (32-bit float4 offsets).
 // ------------------------------------------------------------------------------------------------------------
 
 #define GEMV_ROWS 4
 #define GEMV_BLOCK 256
-#define GEMV_MAX_NB 8
+#define GEMV_MAX_NB 4
 #define GEMV_MAX_V (GEMV_ROWS * GEMV_MAX_NB)
 // Two resident blocks per SM (<= 128 registers): measured on H200 the best balance between batch 1 (wants
 // more resident blocks) and batch 8 (wants registers: 3 blocks/SM spilled in the 8-row chunk and was 30%
@@ -352,11 +353,22 @@ DEFINE_GEMV(bf16, __nv_bfloat16)
 // One block per batch row; each thread owns whole pairs (i, i + head_dim/2) of one head: it reads both
 // elements into registers before writing, so the in-place q update has no intra-kernel race. The input k
 // is not modified (it is const): its roped value goes to k_cache only.
-// Matches HF in f32: inv_freq = 1 / theta^(2i/d) (powf), freq = p * inv_freq, cosf/sinf (no fast math),
+// Matches HF in f32: inv_freq = 1 / theta^(2i/d) (powf), freq = p * inv_freq, sin/cos via rope_sincos,
 // out = x*cos + rotate_half(x)*sin with each product and the sum rounded separately (no FMA contraction).
 // Requirements: head_dim even; 0 <= pos[b] < max_seq (a row whose pos is out of range still ropes q but
 // writes nothing to the cache).
 // ------------------------------------------------------------------------------------------------------------
+
+// sin/cos of an f32 angle without local memory: cosf/sinf carry a Payne-Hanek slow path whose 32-byte
+// stack array makes the driver reserve local memory per graph (~8 MiB per executable on a 132-SM GPU).
+// Reduce to [-pi, pi] in double (exact to ~1e-16 * |f|), then the hardware approximation (abs error
+// < 2^-21 on that range): within 4e-7 of HF's cos/sin.
+__device__ __forceinline__ void rope_sincos(float f, float* s, float* c) {
+    const double d = (double)f;
+    const double turns = rint(d * 0.15915494309189535);
+    const float r = (float)fma(-turns, 6.283185307179586, d);
+    __sincosf(r, s, c);
+}
 
 extern "C" __global__ void __launch_bounds__(1024)
     rope_append(float* q, const float* k, const float* v, float* k_cache, float* v_cache, const int* pos,
@@ -370,7 +382,8 @@ extern "C" __global__ void __launch_bounds__(1024)
         const int h = idx / half, i = idx - h * half;
         const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
         const float f = (float)p * inv_freq;
-        const float c = cosf(f), s = sinf(f);
+        float s, c;
+        rope_sincos(f, &s, &c);
         if (h < heads) {
             float* qh = q + ((size_t)b * heads + h) * (size_t)head_dim;
             const float x1 = qh[i], x2 = qh[i + half];
