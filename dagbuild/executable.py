@@ -105,13 +105,14 @@ class Executable:
     ``bound`` maps buffer names to memory the caller owns (CuPy/PyTorch arrays); the rest is allocated
     here (device buffers as CuPy arrays, pinned buffers as NumPy arrays over page-locked memory).
     ``modules`` shares compiled kernels between executables. ``check_signatures`` compiles each kernel's
-    PTX once through NVRTC and checks the declared params against its ``.entry``.
+    PTX once through NVRTC and checks the declared params against its ``.entry``. ``build_graph=False``
+    stops after buffers and kernels (what eager and stream-captured baselines need).
     """
 
     def __init__(self, plan: Plan, *, backend: Any = None, device: int = 0,
                  bound: Mapping[str, Any] | None = None, modules: ModuleCache | None = None,
                  stream: Any = None, check_signatures: bool = True, upload: bool = True,
-                 template: Executable | None = None):
+                 template: Executable | None = None, build_graph: bool = True):
         self.plan = plan
         self.graph = None
         self.exec = None
@@ -138,6 +139,8 @@ class Executable:
             arch = f"sm_{''.join(map(str, self.limits['compute_capability']))}" if check_signatures else None
             self._compile(arch)
             self._allocate(bound or {})
+            if not build_graph:  # buffers and kernels only: for eager or stream-captured baselines
+                return
             if template is None:
                 self._build()
             else:

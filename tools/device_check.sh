@@ -13,7 +13,7 @@ for stage in $STAGES; do
       timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
     hfnote)
       timeout 200 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_llama_hf.py -k "fp16 or fp32" 2>&1 \
-        | grep -iv "^\.\|warn" | tail -15 ;;
+        | grep -i "fp16\|fp32\|passed\|failed" | tail -15 ;;
     bench)
       timeout 120 python3 -m dagbuild.cli bench specs/fanout4.yaml --json > "$OUT/bench_fanout4.json"
       timeout 120 python3 -m dagbuild.cli bench specs/chain.yaml --set steps=128 --json > "$OUT/bench_chain128.json"
@@ -29,6 +29,8 @@ PY
       ;;
     pool)
       timeout 300 python3 tools/bench_pool.py --json "$OUT/bench_pool.json" 2>&1 | tail -12 ;;
+    probe)
+      timeout 240 python3 tools/probe_graph_memory.py 2>&1 | tail -12 ;;
     decode)
       timeout 300 python3 tools/bench_decode.py --json "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -60 ;;
     sanitize)
