@@ -303,7 +303,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     p = spec_cmd("pool", "build a graph per bucket over one arena; print build time and memory")
     p.add_argument("--buckets", action="append", metavar="DIM=1,2,4", required=True)
-    p.add_argument("--lazy", action="store_true")
+    p.add_argument("--lazy", action="store_true", help="build no bucket until it is first used")
+    p.add_argument("--serial", action="store_true",
+                   help="chain each graph's nodes: no concurrency, ~12x less driver memory per graph")
     p.set_defaults(func=cmd_pool)
     return ap
 

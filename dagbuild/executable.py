@@ -106,13 +106,15 @@ class Executable:
     here (device buffers as CuPy arrays, pinned buffers as NumPy arrays over page-locked memory).
     ``modules`` shares compiled kernels between executables. ``check_signatures`` compiles each kernel's
     PTX once through NVRTC and checks the declared params against its ``.entry``. ``build_graph=False``
-    stops after buffers and kernels (what eager and stream-captured baselines need).
+    stops after buffers and kernels (what eager and stream-captured baselines need). ``concurrent=False``
+    chains the nodes in one topological order: the driver then keeps far less memory per executable
+    (independent branches cost it memory), at the price of running independent work one after another.
     """
 
     def __init__(self, plan: Plan, *, backend: Any = None, device: int = 0,
                  bound: Mapping[str, Any] | None = None, modules: ModuleCache | None = None,
                  stream: Any = None, check_signatures: bool = True, upload: bool = True,
-                 template: Executable | None = None, build_graph: bool = True):
+                 template: Executable | None = None, build_graph: bool = True, concurrent: bool = True):
         self.plan = plan
         self.graph = None
         self.exec = None
@@ -123,6 +125,7 @@ class Executable:
         self._funcs: dict[str, int] = {}
         self._closed = False
         self._own_graph = template is None
+        self.concurrent = concurrent
         try:
             import cupy
 
@@ -234,8 +237,12 @@ class Executable:
     def _build(self) -> None:
         be = self.backend
         self.graph = be.graph_create()
-        preds = self.plan.preds()
-        for n in self._topological():
+        order = self._topological()
+        if self.concurrent:
+            preds = self.plan.preds()
+        else:  # one chain in a topological order: no concurrency, and the least driver memory
+            preds = {n.id: [order[i - 1].id] if i else [] for i, n in enumerate(order)}
+        for n in order:
             deps = [self.nodes[p] for p in preds[n.id]]
             try:
                 if n.kind == "kernel":

@@ -96,14 +96,14 @@ class PlanBuffer:
     shape: tuple[int, ...]
     memory: str  # device | pinned
     dims_used: frozenset[str]  # dims its shape refers to (a pool buckets some of them)
+    itemsize: int = field(init=False)
+    nbytes: int = field(init=False)
+    strides: tuple[int, ...] = field(init=False)  # in elements, row-major
 
-    @property
-    def itemsize(self) -> int:
-        return ITEMSIZE[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "itemsize", ITEMSIZE[self.dtype])
+        object.__setattr__(self, "nbytes", math.prod(self.shape) * self.itemsize)
+        object.__setattr__(self, "strides", tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape))))
 
 
 @dataclass(frozen=True)
@@ -389,7 +389,7 @@ def resolve_view(text: str, buffers: Mapping[str, PlanBuffer], env: Mapping[str,
     if len(parts) > len(buf.shape):
         raise NodeError("out_of_bounds", f"view {text!r} has {len(parts)} indices but buffer {name!r} "
                          f"has {len(buf.shape)} axes", buffer=name)
-    strides = [math.prod(buf.shape[i + 1:]) for i in range(len(buf.shape))]
+    strides = buf.strides
     offset = 0
     for axis, part in enumerate(parts):
         try:
@@ -450,8 +450,8 @@ def _bind_kernel_node(node: KernelNode, pn: PlanNode, kernels, buffers, spec, en
     args, reads, writes = [], [], []
     for p in kernel.params:
         value = node.args[p.name]
-        m = _VIEW.match(value) if isinstance(value, str) else None
-        named = m.group(1) if m else None
+        parsed = _parse_view(value) if isinstance(value, str) else None
+        named = parsed[0] if parsed else None
         if p.pointer:
             if named is None or named in env:
                 raise NodeError("arg_mismatch", f"kernel {kernel.name!r}: pointer param `{p}` was given "

@@ -11,9 +11,11 @@ whose position is negative), so padding never corrupts a real sequence's state.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .errors import BuildError, SpecError
@@ -28,11 +30,14 @@ class GraphPool:
 
     ``method`` picks how buckets after the first are built: ``"derive"`` instantiates the largest
     bucket's graph again and sets only the parameters that differ; ``"fresh"`` adds every node anew.
+    ``concurrent=False`` chains each graph's nodes in one order: independent branches then run one
+    after another, and the driver keeps ~12× less memory per executable (measured on an H200 for the
+    TinyLlama-shape decode graph: 0.67 MiB instead of 8.2 MiB; its branches are what cost memory).
     """
 
     def __init__(self, spec: GraphSpec, buckets: Mapping[str, list[int]], *, eager: bool = True,
                  overrides: Mapping[str, Any] | None = None, method: str = "derive", device: int = 0,
-                 backend: Any = None):
+                 backend: Any = None, concurrent: bool = True):
         if not buckets:
             raise BuildError("GraphPool needs at least one bucketed dim, e.g. buckets={'batch': [1, 2, 4]}")
         for dim, values in buckets.items():
@@ -43,7 +48,7 @@ class GraphPool:
                 raise BuildError(f"buckets for {dim!r} must be integers ≥ 1, got {list(values)}")
         if method not in ("derive", "fresh"):
             raise BuildError(f"method must be 'derive' or 'fresh', not {method!r}")
-        self.spec, self.method = spec, method
+        self.spec, self.method, self.concurrent = spec, method, concurrent
         self.buckets = {d: sorted({int(v) for v in vs}) for d, vs in buckets.items()}
         self.overrides = dict(overrides or {})
         self.executables: dict[tuple[int, ...], Executable] = {}
@@ -67,36 +72,32 @@ class GraphPool:
             self._allocate_arena(self._template_plan)
             self._template: Executable | None = None
             if eager:
-                for key in itertools.product(*self.buckets.values()):
-                    self._build(key)
+                with _no_gc():
+                    for key in itertools.product(*self.buckets.values()):
+                        self._build(key)
         except BaseException:
             self.close()
             raise
 
     # ---- planning ----------------------------------------------------------------------------------
     def _plan_for(self, key: tuple[int, ...]) -> Plan:
-        """Bind the spec at one bucket; reuse the largest bucket's DAG when the data flow is the same."""
+        """Bind the spec at one bucket; reuse the largest bucket's reduced DAG when the data flow (every
+        inferred and ``after`` edge) is the same, else analyze this bucket in full."""
         if key in self._plans:
             return self._plans[key]
         dims = {**self.overrides, **dict(zip(self.buckets, key, strict=True))}
         tpl = getattr(self, "_template_plan", None)
         if tpl is None:
             p = make_plan(self.spec, dims)
+            self._template_flow = _data_flow(p)
         else:
-            from .dag import full_graph
-
             p, issues = bind(self.spec, dims)
             if issues:
                 raise SpecError(issues)
-            if [n.id for n in p.nodes] == [n.id for n in tpl.nodes] and \
-                    set(full_graph(p).edges) == set(self._template_full_edges):
+            if [n.id for n in p.nodes] == [n.id for n in tpl.nodes] and _data_flow(p) == self._template_flow:
                 p.edges, p.summary = tpl.edges, {**tpl.summary, "dims": dict(p.dims)}
             else:
                 p = make_plan(self.spec, dims)
-        if tpl is None:
-            from .dag import full_graph
-
-            self._template_full_edges = list(full_graph(p).edges)
         self._plans[key] = p
         return p
 
@@ -128,7 +129,8 @@ class GraphPool:
         if self._template is None:
             tkey = self.largest
             self._template = Executable(self._plan_for(tkey), backend=self.backend, bound=self.arena,
-                                        modules=self.modules, stream=self.stream, upload=False)
+                                        modules=self.modules, stream=self.stream, upload=False,
+                                        concurrent=self.concurrent)
             self.executables[tkey] = self._template
             self.build_ms[tkey] = (time.perf_counter() - t0) * 1e3
             if key == tkey:
@@ -139,7 +141,7 @@ class GraphPool:
             [n.id for n in p.nodes] == [n.id for n in self._template.plan.nodes]
         template = self._template if self.method == "derive" and same else None
         exe = Executable(p, backend=self.backend, bound=self.arena, modules=self.modules, stream=self.stream,
-                         upload=False, template=template)
+                         upload=False, template=template, concurrent=self.concurrent)
         self.executables[key] = exe
         self.build_ms[key] = (time.perf_counter() - t0) * 1e3
         return exe
@@ -168,7 +170,10 @@ class GraphPool:
             raise BuildError("the pool is closed")
         key = self.bucket_for(**dims)
         exe = self.executables.get(key)
-        return exe if exe is not None else self._build(key)
+        if exe is None:
+            with _no_gc():
+                exe = self._build(key)
+        return exe
 
     def upload(self) -> None:
         for exe in self.executables.values():
@@ -198,6 +203,27 @@ class GraphPool:
         self.close()
 
 
+def _data_flow(p: Plan) -> set[tuple[str, str]]:
+    """Every edge before reduction: inferred from data flow (``deps: infer``) and from ``after``."""
+    from .dag import infer_edges
+
+    edges = infer_edges(p.nodes) if p.deps == "infer" else set()
+    return edges | {(a, n.id) for n in p.nodes for a in n.after}
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Building many plans and graphs makes millions of small objects and no cycles; Python's cyclic
+    collector would rescan all of them again and again (a third of the build time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _issue(message: str):
     from .errors import Issue
 
@@ -217,7 +243,8 @@ def pool_cli(spec: GraphSpec, args: Any) -> int:
     overrides = overrides_of(args)
     free0, _ = cupy.cuda.runtime.memGetInfo()
     t0 = time.perf_counter()
-    with GraphPool(spec, args.buckets, eager=not args.lazy, overrides=overrides) as pool:
+    with GraphPool(spec, args.buckets, eager=not args.lazy, overrides=overrides,
+                   concurrent=not args.serial) as pool:
         total_ms = (time.perf_counter() - t0) * 1e3
         cupy.cuda.Device().synchronize()
         free1, _ = cupy.cuda.runtime.memGetInfo()

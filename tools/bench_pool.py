@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-METHODS = ("derive", "fresh", "captured")
+METHODS = ("derive", "fresh", "serial", "captured")
 
 
 def sizes_for(name: str) -> list[int]:
@@ -53,20 +53,22 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
     GraphPool(spec, {"batch": [1]}, overrides={**overrides, "cache_batch": 1}).close()
     f0 = free_bytes()
     pool = GraphPool(spec, {"batch": sizes}, overrides=overrides, eager=False,
-                     method="fresh" if method == "fresh" else "derive")
+                     method="fresh" if method == "fresh" else "derive", concurrent=method != "serial")
     f1 = free_bytes()
     out = {"method": method, "arena_mib": (f0 - f1) / 2**20, "arena_buffers_mib": pool.arena_bytes / 2**20}
-    if method in ("derive", "fresh"):
+    if method != "captured":
         prof = None
         if profile:
             import cProfile
 
             prof = cProfile.Profile()
             prof.enable()
+        gc.disable()  # as GraphPool(eager=True) does while it builds every bucket
         t0 = time.perf_counter()
         for n in sizes:
             pool.get(batch=n)
         t1 = time.perf_counter()
+        gc.enable()
         if prof is not None:
             import io
             import pstats
@@ -82,7 +84,10 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
     else:
         # the same kernels over the same arena, captured bucket by bucket; plans are bound first so only
         # capture (warm-up launch + record + instantiate + upload) is timed
-        exes = [pool.get(batch=n) for n in sizes]
+        from dagbuild.executable import Executable
+
+        exes = [Executable(pool._plan_for((n,)), bound=pool.arena, modules=pool.modules, stream=pool.stream,
+                           build_graph=False) for n in sizes]
         steps = [eager_steps(e) for e in exes]
         f1 = free_bytes()
         stream, graphs = pool.stream, []
@@ -131,12 +136,13 @@ def main() -> int:
             print(f"{m} failed:\n{proc.stderr[-3000:]}")
             return 1
         results[m] = json.loads(proc.stdout.strip().splitlines()[-1])
-    d, f, c = results["derive"], results["fresh"], results["captured"]
+    d, f, c, s = results["derive"], results["fresh"], results["captured"], results["serial"]
     print(f"{results['device']}: TinyLlama-shape decode graph ({len(sizes)} batch buckets, {sizes[0]}..{sizes[-1]}), "
           f"arena {d['arena_mib']:.0f} MiB")
     print(f"{'method':<34} {'build s':>8} {'MiB beyond arena':>17}")
     print(f"{'explicit, derived (instantiate+set)':<34} {d['build_s']:>8.3f} {d['graphs_mib']:>17.1f}")
     print(f"{'explicit, fresh nodes':<34} {f['build_s']:>8.3f} {f['graphs_mib']:>17.1f}")
+    print(f"{'explicit, derived, serialized':<34} {s['build_s']:>8.3f} {s['graphs_mib']:>17.1f}")
     print(f"{'CuPy stream capture (+warm-up)':<34} {c['build_s']:>8.3f} {c['graphs_mib']:>17.1f}")
     print(f"explicit (derived) builds {c['build_s'] / d['build_s']:.1f}× faster than capture")
     if "profile" in d:

@@ -31,6 +31,8 @@ PY
       timeout 300 python3 tools/bench_pool.py --json "$OUT/bench_pool.json" 2>&1 | tail -12 ;;
     probe)
       timeout 240 python3 tools/probe_graph_memory.py 2>&1 | tail -12 ;;
+    cost)
+      timeout 240 python3 tools/probe_build_cost.py 2>&1 | tail -14 ;;
     decode)
       timeout 300 python3 tools/bench_decode.py --json "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -60 ;;
     sanitize)

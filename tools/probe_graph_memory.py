@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 N = 12
 CASES = ["explicit:tiny", "explicit:tinyllama", "captured:tinyllama", "explicit:chain128",
-         "explicit-noupload:tinyllama", "explicit-nocopies:tinyllama"]
+         "explicit-noupload:tinyllama", "explicit-nocopies:tinyllama", "explicit-serial:tinyllama"]
 
 
 def free() -> int:
@@ -55,7 +55,7 @@ def case(name: str) -> dict:
     if how.startswith("explicit"):
         for _ in range(N):
             held.append(Executable(p, bound=base.buffers, modules=base.modules, stream=base.stream,
-                                   upload=how != "explicit-noupload"))
+                                   upload=how != "explicit-noupload", concurrent=how != "explicit-serial"))
     else:
         steps = eager_steps(base)
         s = base.stream
