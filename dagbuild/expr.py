@@ -77,9 +77,14 @@ def names(value: Expr) -> set[str]:
     """Free names an expression refers to (function names excluded)."""
     if not isinstance(value, str):
         return set()
+    return set(_names(value))
+
+
+@functools.lru_cache(maxsize=8192)
+def _names(value: str) -> frozenset[str]:
     tree = parse(value)
     funcs = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in funcs}
+    return frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in funcs)
 
 
 def evaluate(value: Expr, env: Mapping[str, Number]) -> Number:

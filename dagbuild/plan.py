@@ -61,7 +61,7 @@ class Param:
         return f"{'const ' if self.const else ''}{self.dtype}{'*' if self.pointer else ''} {self.name}"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class View:
     """A contiguous byte range of one buffer: a whole buffer or ``name[i, j]``."""
 
@@ -106,7 +106,7 @@ class PlanBuffer:
         object.__setattr__(self, "strides", tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape))))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class KernelArg:
     param: Param
     value: int | float | None = None  # scalars
@@ -500,6 +500,102 @@ def _bind_kernel_node(node: KernelNode, pn: PlanNode, kernels, buffers, spec, en
     pn.args, pn.reads, pn.writes = tuple(args), tuple(reads), tuple(writes)
 
 
+class _Fallback(Exception):
+    """The compiled fast path met something only the validating binder can explain."""
+
+
+@dataclass(slots=True)
+class _KernelProgram:
+    """A kernel node's numbers as compiled closures, made after the node bound once with every check.
+    Later binds (other repeat iterations, other dims) evaluate these and check only the numbers."""
+
+    grid: tuple
+    block: tuple
+    shared: Any
+    args: tuple  # (Param, closure) for scalars; (Param, (buffer, index closures | None, text)) for views
+
+
+def _compile_kernel_node(node: KernelNode, kernel: PlanKernel) -> _KernelProgram:
+    def closure(v):
+        return expr.compiled(v) if isinstance(v, str) else (lambda env, v=v: v)
+
+    args = []
+    for p in kernel.params:
+        value = node.args[p.name]
+        if p.pointer:
+            name, index = _parse_view(value)
+            args.append((p, (name, None if index is None else tuple(closure(i) for i in index), value.strip())))
+        else:
+            args.append((p, closure(value)))
+    return _KernelProgram(tuple(closure(g) for g in node.grid), tuple(closure(b) for b in node.block),
+                          closure(node.shared), tuple(args))
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    raise _Fallback
+
+
+def _run_kernel_program(prog: _KernelProgram, pn: PlanNode, kernel: PlanKernel, buffers, env) -> None:
+    try:
+        grid = [_int(c(env)) for c in prog.grid]
+        block = [_int(c(env)) for c in prog.block]
+        shared = _int(prog.shared(env))
+    except expr.ExprError:
+        raise _Fallback from None
+    grid += [1] * (3 - len(grid))
+    block += [1] * (3 - len(block))
+    if (min(grid) < 1 or min(block) < 1 or shared < 0 or block[0] * block[1] * block[2] > MAX_THREADS_PER_BLOCK
+            or any(g > m for g, m in zip(grid, MAX_GRID, strict=True))
+            or any(b > m for b, m in zip(block, MAX_BLOCK, strict=True))):
+        raise _Fallback
+    args, reads, writes = [], [], []
+    for p, payload in prog.args:
+        if p.pointer:
+            name, index, text = payload
+            buf = buffers.get(name)
+            if buf is None or buf.dtype != p.dtype:
+                raise _Fallback
+            if index is None:
+                view = View(name, 0, buf.nbytes, text)
+            else:
+                offset, shape, strides = 0, buf.shape, buf.strides
+                if len(index) > len(shape):
+                    raise _Fallback
+                for axis, c in enumerate(index):
+                    try:
+                        i = _int(c(env))
+                    except expr.ExprError:
+                        raise _Fallback from None
+                    if not 0 <= i < shape[axis]:
+                        raise _Fallback
+                    offset += i * strides[axis]
+                view = View(name, offset * buf.itemsize, strides[len(index) - 1] * buf.itemsize, text)
+            args.append(KernelArg(p, view=view))
+            (reads if p.const else writes).append(view)
+        else:
+            try:
+                v = payload(env)
+            except (expr.ExprError, OverflowError):
+                raise _Fallback from None
+            rng = INT_RANGE.get(p.dtype)
+            if rng is not None:
+                v = _int(v)
+                if not rng[0] <= v <= rng[1]:
+                    raise _Fallback
+            else:
+                try:
+                    v = float(v)
+                except OverflowError:
+                    raise _Fallback from None
+            args.append(KernelArg(p, value=v))
+    pn.kernel, pn.grid, pn.block, pn.shared = kernel.name, tuple(grid), tuple(block), shared
+    pn.args, pn.reads, pn.writes = tuple(args), tuple(reads), tuple(writes)
+
+
 def _bind_memcpy(node: MemcpyNode, pn: PlanNode, buffers, spec, env) -> None:
     views = {}
     for side in ("src", "dst"):
@@ -584,14 +680,23 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues) 
             yield node, path, env, frames
 
 
-def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None) -> tuple[Plan, list[Issue]]:
-    """Bind a spec; returns the plan of every node that bound, and every issue found."""
+def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
+         programs: dict | None = None) -> tuple[Plan, list[Issue]]:
+    """Bind a spec; returns the plan of every node that bound, and every issue found.
+
+    ``programs`` carries compiled kernel-node programs from one bind to the next (a pool binds one
+    spec once per bucket); the spec must not change in between."""
     issues = _Issues(spec)
     dims, types = _resolve_overrides(spec, overrides or {}, issues)
     kernels = _bind_kernels(spec, types, issues)
     buffers = _bind_buffers(spec, dims, types, issues)
     nodes: list[PlanNode] = []
     seen: dict[str, tuple] = {}
+    if programs is None:
+        programs = {}  # per spec node: compiled after its first checked bind
+    # what a compiled program depends on besides its spec node: the kernel's entry and params
+    kernel_keys = {name: (k.entry, k.params) for name, k in kernels.items()}
+    kernel_keys = {name: programs.setdefault(("kernel", key), key) for name, key in kernel_keys.items()}
     for node, path, env, frames in _expand(spec.nodes, ("nodes",), dict(dims), (), issues):
         try:
             node_id = _template(node.id, env)
@@ -617,7 +722,17 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None) -> tuple[P
                        path=(*path, "after"), field="after", once=("after", path))
         try:
             if isinstance(node, KernelNode):
-                _bind_kernel_node(node, pn, kernels, buffers, spec, env)
+                kernel = kernels.get(node.kernel)
+                key = (id(node), kernel_keys.get(node.kernel))
+                prog = programs.get(key)
+                prog = prog[1] if prog is not None else None
+                try:
+                    if prog is None:
+                        raise _Fallback
+                    _run_kernel_program(prog, pn, kernel, buffers, env)
+                except _Fallback:
+                    _bind_kernel_node(node, pn, kernels, buffers, spec, env)  # checks all, names culprits
+                    programs[key] = (node, _compile_kernel_node(node, kernel))  # node kept: its id stays its
             elif isinstance(node, MemcpyNode):
                 _bind_memcpy(node, pn, buffers, spec, env)
             elif isinstance(node, MemsetNode):

@@ -54,6 +54,7 @@ class GraphPool:
         self.executables: dict[tuple[int, ...], Executable] = {}
         self.build_ms: dict[tuple[int, ...], float] = {}
         self._plans: dict[tuple[int, ...], Plan] = {}
+        self._programs: dict = {}  # compiled kernel-node programs shared by every bucket's bind
         self._closed = False
         self.arena: dict[str, Any] = {}
         try:
@@ -91,7 +92,7 @@ class GraphPool:
             p = make_plan(self.spec, dims)
             self._template_flow = _data_flow(p)
         else:
-            p, issues = bind(self.spec, dims)
+            p, issues = bind(self.spec, dims, self._programs)
             if issues:
                 raise SpecError(issues)
             if [n.id for n in p.nodes] == [n.id for n in tpl.nodes] and _data_flow(p) == self._template_flow:

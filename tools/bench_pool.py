@@ -129,7 +129,7 @@ def main() -> int:
                "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
     for m in METHODS:
         cmd = [sys.executable, __file__, "--only", m, "--buckets", args.buckets, "--max-seq", str(args.max_seq)]
-        if args.profile and m == "derive":
+        if args.profile and m == "serial":
             cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -145,8 +145,9 @@ def main() -> int:
     print(f"{'explicit, derived, serialized':<34} {s['build_s']:>8.3f} {s['graphs_mib']:>17.1f}")
     print(f"{'CuPy stream capture (+warm-up)':<34} {c['build_s']:>8.3f} {c['graphs_mib']:>17.1f}")
     print(f"explicit (derived) builds {c['build_s'] / d['build_s']:.1f}× faster than capture")
-    if "profile" in d:
-        print(d["profile"])
+    for r in (d, s):
+        if "profile" in r:
+            print(r["profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

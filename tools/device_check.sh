@@ -29,6 +29,12 @@ PY
       ;;
     pool)
       timeout 300 python3 tools/bench_pool.py --json "$OUT/bench_pool.json" 2>&1 | tail -12 ;;
+    cli)
+      timeout 200 python3 -m dagbuild.cli run specs/llama_decode.yaml --tokens 48 --no-progress 2>&1 | tail -8
+      timeout 120 python3 -m dagbuild.cli run specs/llama_decode.yaml --config specs/configs/llama_tiny.yaml \
+        --set batch=4 --tokens 16 2>&1 | tail -8
+      timeout 120 python3 -m dagbuild.cli pool specs/llama_decode.yaml --config specs/configs/llama_tiny.yaml \
+        --set cache_batch=8 --buckets batch=1,2,4,8 2>&1 | tail -10 ;;
     probe)
       timeout 240 python3 tools/probe_graph_memory.py 2>&1 | tail -12 ;;
     cost)

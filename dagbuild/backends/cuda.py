@@ -23,7 +23,9 @@ runtime, so :meth:`~CudaBackend.close` has nothing to free.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import struct
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -60,36 +62,69 @@ _INT_RANGE: dict[str, tuple[int, int]] = {
 
 
 class PackedArgs:
-    """Kernel arguments in ctypes storage plus the ``void*`` array that points at each one.
+    """Kernel arguments packed C-style into one buffer, plus the ``void*`` array that points at each.
 
     ``address`` is what ``kernelParams`` takes (0 when there are no arguments). The driver copies the
     values during the add/set call, so this object need only outlive that call.
     """
 
-    __slots__ = ("storage", "argv")
+    __slots__ = ("buffer", "argv", "_kinds", "_offsets")
 
-    def __init__(self, storage: list[Any]):
-        self.storage = storage
-        self.argv = (ctypes.c_void_p * len(storage))(*[ctypes.addressof(s) for s in storage])
+    def __init__(self, buffer: Any, kinds: tuple[str, ...], offsets: tuple[int, ...]):
+        self.buffer, self._kinds, self._offsets = buffer, kinds, offsets
+        base = ctypes.addressof(buffer) if buffer is not None else 0
+        self.argv = (ctypes.c_void_p * len(offsets))(*[base + o for o in offsets])
+
+    @property
+    def storage(self) -> list[Any]:
+        """Each argument as a ctypes object over the packed buffer (for inspection)."""
+        return [ARG_KINDS[k].from_buffer(self.buffer, o) for k, o in zip(self._kinds, self._offsets, strict=True)]
 
     @property
     def address(self) -> int:
-        return ctypes.addressof(self.argv) if self.storage else 0
+        return ctypes.addressof(self.argv) if self._offsets else 0
 
     def __len__(self) -> int:
-        return len(self.storage)
+        return len(self._offsets)
+
+
+_STRUCT_CODE = {"ptr": "Q", "i32": "i", "u32": "I", "i64": "q", "u64": "Q", "f32": "f", "f64": "d"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(kinds: tuple[str, ...]) -> tuple[struct.Struct, tuple[int, ...]]:
+    """A native-aligned struct for these kinds and each argument's byte offset in it."""
+    fmt = "@" + "".join(_STRUCT_CODE[k] for k in kinds)
+    offsets, prefix = [], "@"
+    for k in kinds:
+        code = _STRUCT_CODE[k]
+        offsets.append(struct.calcsize(prefix + "0" + code))  # aligned start of the next field
+        prefix += code
+    return struct.Struct(fmt), tuple(offsets)
 
 
 def pack_args(args: Sequence[tuple[str, int | float]]) -> PackedArgs:
-    """Pack ``(kind, value)`` kernel arguments; ints are range-checked for their kind."""
-    storage: list[Any] = []
-    for i, arg in enumerate(args):
+    """Pack ``(kind, value)`` kernel arguments; ints are range-checked for their kind.
+
+    The common case is one ``struct.pack_into``; anything it refuses goes through the checks below,
+    which name the argument at fault."""
+    try:
+        kinds = tuple(k for k, _ in args)
+        layout, offsets = _layout(kinds)
+        values = [v for _, v in args]
+        if not any(type(v) is float for k, v in zip(kinds, values, strict=True) if k in _INT_RANGE):
+            buf = ctypes.create_string_buffer(max(layout.size, 1)) if kinds else None
+            if buf is not None:
+                layout.pack_into(buf, 0, *values)
+            return PackedArgs(buf, kinds, offsets)
+    except (KeyError, TypeError, ValueError, OverflowError, struct.error):
+        pass
+    for i, arg in enumerate(args):  # explain what the fast path refused
         try:
             kind, value = arg
         except (TypeError, ValueError):
             raise BuildError(f"kernel argument #{i} must be a (kind, value) pair, got {arg!r}", code="args") from None
-        ctype = ARG_KINDS.get(kind)
-        if ctype is None:
+        if kind not in ARG_KINDS:
             raise BuildError(
                 f"kernel argument #{i} has unknown kind {kind!r}; expected one of {', '.join(ARG_KINDS)}",
                 code="args",
@@ -104,15 +139,15 @@ def pack_args(args: Sequence[tuple[str, int | float]]) -> PackedArgs:
             lo, hi = _INT_RANGE[kind]
             if not lo <= v < hi:
                 raise BuildError(f"kernel argument #{i} ({kind}) = {v} is out of range [{lo}, {hi})", code="args")
-            storage.append(ctype(v))
         else:
             try:
-                storage.append(ctype(float(value)))
+                float(value)
             except (TypeError, ValueError):
                 raise BuildError(
                     f"kernel argument #{i} ({kind}) must be a number, got {value!r}", code="args"
                 ) from None
-    return PackedArgs(storage)
+    raise BuildError(f"kernel arguments {list(args)!r} could not be packed (a float too large for f32?)",
+                     code="args")
 
 
 def _dim3(name: str, dims: Sequence[int]) -> tuple[int, int, int]:
