@@ -348,6 +348,130 @@ DEFINE_GEMV(f16, __half)
 DEFINE_GEMV(bf16, __nv_bfloat16)
 
 // ------------------------------------------------------------------------------------------------------------
+// gemvw_<wt> / gemvw_add_<wt>: the same contract as gemv_<wt>.          grid [ceil_div(n, 16)], block [256]
+//
+// Why a second GEMV: at decode sizes (k = 2048..5632) the block-splits-k GEMV above gives each thread only
+// one or two packs per row, so its fixed cost (block reduction through shared memory, two barriers) is
+// paid on very little data. Here each warp owns GEMVW_WR = 2 whole rows and its lanes stride over k: each
+// lane keeps GEMVW_U x 2 = 8 independent 16-byte W loads in flight, sums are reduced with shuffles only
+// (no shared memory, no barrier), and lane 0 writes. A block owns GEMVW_ROWS = 16 rows whatever the warp
+// width (its warps stride over them). Batch rows are taken 4 at a time in registers (for batch <= 4 every
+// W element is read once; larger batches re-read the warp's two rows, 2 x k x sizeof(wt), from L1/L2).
+// Requirements: as gemv_<wt> (k % 8 == 0, w and x 16-byte aligned).
+// ------------------------------------------------------------------------------------------------------------
+
+#define GEMVW_ROWS 16
+#define GEMVW_WR 2
+#define GEMVW_U 4
+
+template <typename T, int NB>
+__device__ __forceinline__ void gemvw_fma(const uint4 (&wv)[GEMVW_WR], const float4* const (&xr)[NB], int p,
+                                          float (&acc)[GEMVW_WR][NB]) {
+    constexpr int VEC = WeightPack<T>::VEC;
+    float wf[GEMVW_WR][VEC];
+#pragma unroll
+    for (int r = 0; r < GEMVW_WR; ++r) WeightPack<T>::unpack(wv[r], wf[r]);
+#pragma unroll
+    for (int bb = 0; bb < NB; ++bb) {
+        float xf[VEC];
+#pragma unroll
+        for (int c = 0; c < VEC / 4; ++c) {
+            const float4 t = __ldg(xr[bb] + p * (VEC / 4) + c);
+            xf[4 * c + 0] = t.x;
+            xf[4 * c + 1] = t.y;
+            xf[4 * c + 2] = t.z;
+            xf[4 * c + 3] = t.w;
+        }
+#pragma unroll
+        for (int r = 0; r < GEMVW_WR; ++r) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[r][bb] = fmaf(wf[r][e], xf[e], acc[r][bb]);
+        }
+    }
+}
+
+// Rows j0, j0+1 (clamped to n-1 for loads; never written past n) for batch rows b0..b0+NB-1.
+template <typename T, int NB, bool ADD>
+__device__ __forceinline__ void gemvw_rows(const T* __restrict__ w, const float* __restrict__ x,
+                                           float* __restrict__ y, int n, int k, int batch, int b0, int j0) {
+    constexpr int VEC = WeightPack<T>::VEC;
+    const int P = k / VEC;
+    const int lane = threadIdx.x % warpSize, ws = warpSize;
+    const uint4* wr[GEMVW_WR];
+#pragma unroll
+    for (int r = 0; r < GEMVW_WR; ++r)
+        wr[r] = reinterpret_cast<const uint4*>(w + (size_t)min(j0 + r, n - 1) * (size_t)k);
+    const float4* xr[NB];
+#pragma unroll
+    for (int bb = 0; bb < NB; ++bb)
+        xr[bb] = reinterpret_cast<const float4*>(x + (size_t)min(b0 + bb, batch - 1) * (size_t)k);
+    float acc[GEMVW_WR][NB];
+#pragma unroll
+    for (int r = 0; r < GEMVW_WR; ++r)
+#pragma unroll
+        for (int bb = 0; bb < NB; ++bb) acc[r][bb] = 0.0f;
+    constexpr int U = NB >= 4 ? GEMVW_U / 2 : GEMVW_U;  // 4 batch rows: 4x the FMAs per load, fewer loads
+    int p = lane;
+    for (; p + (U - 1) * ws < P; p += U * ws) {
+        uint4 wv[U][GEMVW_WR];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < GEMVW_WR; ++r) wv[u][r] = __ldg(wr[r] + p + u * ws);
+#pragma unroll
+        for (int u = 0; u < U; ++u) gemvw_fma<T, NB>(wv[u], xr, p + u * ws, acc);
+    }
+    for (; p < P; p += ws) {
+        uint4 wv[GEMVW_WR];
+#pragma unroll
+        for (int r = 0; r < GEMVW_WR; ++r) wv[r] = __ldg(wr[r] + p);
+        gemvw_fma<T, NB>(wv, xr, p, acc);
+    }
+#pragma unroll
+    for (int r = 0; r < GEMVW_WR; ++r) {
+#pragma unroll
+        for (int bb = 0; bb < NB; ++bb) {
+            const float v = warp_sum(acc[r][bb]);
+            if (lane == 0 && j0 + r < n && b0 + bb < batch) {
+                float* dst = y + (size_t)(b0 + bb) * (size_t)n + (j0 + r);
+                *dst = ADD ? *dst + v : v;
+            }
+        }
+    }
+}
+
+template <typename T, bool ADD>
+__device__ __forceinline__ void gemvw_impl(const T* w, const float* x, float* y, int n, int k, int batch) {
+    const int warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
+    for (int r0 = warp * GEMVW_WR; r0 < GEMVW_ROWS; r0 += nwarps * GEMVW_WR) {
+        const int j0 = blockIdx.x * GEMVW_ROWS + r0;
+        if (j0 >= n) return;  // uniform across the warp
+        for (int b0 = 0; b0 < batch; b0 += 4) {
+            const int nb = min(4, batch - b0);
+            if (nb > 2)
+                gemvw_rows<T, 4, ADD>(w, x, y, n, k, batch, b0, j0);
+            else if (nb == 2)
+                gemvw_rows<T, 2, ADD>(w, x, y, n, k, batch, b0, j0);
+            else
+                gemvw_rows<T, 1, ADD>(w, x, y, n, k, batch, b0, j0);
+        }
+    }
+}
+
+#define DEFINE_GEMVW(SUFFIX, T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                    \
+        gemvw_##SUFFIX(const T* w, const float* x, float* y, int n, int k, int batch) {                     \
+        gemvw_impl<T, false>(w, x, y, n, k, batch);                                                         \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                    \
+        gemvw_add_##SUFFIX(const T* w, const float* x, float* y, int n, int k, int batch) {                 \
+        gemvw_impl<T, true>(w, x, y, n, k, batch);                                                          \
+    }
+DEFINE_GEMVW(f32, float)
+DEFINE_GEMVW(f16, __half)
+DEFINE_GEMVW(bf16, __nv_bfloat16)
+
+// ------------------------------------------------------------------------------------------------------------
 // rope_append: HF Llama rotary embedding (default type) at p = pos[b], in place on q, roped k and v appended
 // to this layer's cache slice [cache_batch, kv_heads, max_seq, head_dim].     grid [batch], block [128]
 // One block per batch row; each thread owns whole pairs (i, i + head_dim/2) of one head: it reads both

@@ -35,6 +35,8 @@ PY
         --set batch=4 --tokens 16 2>&1 | tail -8
       timeout 120 python3 -m dagbuild.cli pool specs/llama_decode.yaml --config specs/configs/llama_tiny.yaml \
         --set cache_batch=8 --buckets batch=1,2,4,8 2>&1 | tail -10 ;;
+    gemv)
+      timeout 200 python3 tools/bench_gemv.py 2>&1 | tail -20 ;;
     probe)
       timeout 240 python3 tools/probe_graph_memory.py 2>&1 | tail -12 ;;
     cost)

@@ -107,10 +107,10 @@ def test_rmsnorm(cp, mod, wt, hidden, batch, eps):
 # gemv, gemv_add
 # ----------------------------------------------------------------------------------------------------------
 
-GEMV_ROWS_PER_BLOCK = 4  # grid = ceil_div(n, 4), block = 256
+GEMV_ROWS_PER_BLOCK = {"gemv": 4, "gemvw": 16}  # grid = ceil_div(n, rows), block = 256
 
 
-def run_gemv(cp, mod, wt, add, n, k, batch, seed_key):
+def run_gemv(cp, mod, wt, add, n, k, batch, seed_key, variant="gemv"):
     rng = rng_for("gemv", wt, add, n, k, batch, seed_key)
     w, w64 = weights(rng, (n, k), wt)
     x = rng.standard_normal((batch, k)).astype(np.float32)
@@ -121,25 +121,27 @@ def run_gemv(cp, mod, wt, add, n, k, batch, seed_key):
     else:
         y = out_buffer(cp, batch * n)
         expect = ref.gemv(w64, x, n, k, batch)
-    name = f"gemv_add_{wt}" if add else f"gemv_{wt}"
-    grid = (-(-n // GEMV_ROWS_PER_BLOCK),)
+    name = f"{variant}_add_{wt}" if add else f"{variant}_{wt}"
+    grid = (-(-n // GEMV_ROWS_PER_BLOCK[variant]),)
     mod.get_function(name)(grid, (256,), (cp.asarray(w), cp.asarray(x), y, i32(n), i32(k), i32(batch)))
     return rel_err(fetch(y, batch * n), expect)
 
 
+@pytest.mark.parametrize("variant", ["gemv", "gemvw"])
 @pytest.mark.parametrize("wt", WTYPES)
 @pytest.mark.parametrize("add", [False, True], ids=["gemv", "gemv_add"])
 @pytest.mark.parametrize("n,k", [(1, 8), (100, 64), (257, 1032), (300, 4104)])
 @pytest.mark.parametrize("batch", [1, 3, 8, 17, 64])
-def test_gemv(cp, mod, wt, add, n, k, batch):
-    assert run_gemv(cp, mod, wt, add, n, k, batch, 0) < TOL[wt]
+def test_gemv(cp, mod, wt, add, n, k, batch, variant):
+    assert run_gemv(cp, mod, wt, add, n, k, batch, 0, variant) < TOL[wt]
 
 
+@pytest.mark.parametrize("variant", ["gemv", "gemvw"])
 @pytest.mark.parametrize("wt", WTYPES)
 @pytest.mark.parametrize("add", [False, True], ids=["gemv", "gemv_add"])
 @pytest.mark.parametrize("n,k,batch", [(100, 256, 512), (4099, 512, 2), (37, 2048, 5), (13, 8, 6)])
-def test_gemv_more_shapes(cp, mod, wt, add, n, k, batch):
-    assert run_gemv(cp, mod, wt, add, n, k, batch, 1) < TOL[wt]
+def test_gemv_more_shapes(cp, mod, wt, add, n, k, batch, variant):
+    assert run_gemv(cp, mod, wt, add, n, k, batch, 1, variant) < TOL[wt]
 
 
 # ----------------------------------------------------------------------------------------------------------
