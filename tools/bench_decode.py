@@ -46,7 +46,7 @@ from dagbuild.llama.decode import llama_plan  # noqa: E402
 from dagbuild.llama.weights import WEIGHT_BUFFERS, load_state_dict, random_hf_model, random_weights  # noqa: E402
 
 DEFAULT_CONFIGS = ("specs/configs/llama_tiny.yaml", "specs/configs/tinyllama.yaml")
-GEMV_KERNELS = ("gemv", "gemv_add")
+GEMV_KERNELS = ("gemv", "gemv_add", "gemvw", "gemvw_add")
 SPIN_SRC = r"""
 extern "C" __global__ void dagbuild_spin(long long cycles) {
     long long t0 = clock64();
