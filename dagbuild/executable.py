@@ -357,8 +357,34 @@ class Executable:
                             dst=self._same_range_view(n, n.dst, dst, env) if dst else n.dst)
         except expr.ExprError as e:
             raise BuildError(f"node {node_id!r}: {e}", node=node_id) from None
+        n = _with_accesses(n)
+        self._check_ordered(n)
         self._push(n)
         self._state[node_id] = n
+
+    def _check_ordered(self, n: PlanNode) -> None:
+        """A moved view must not race: every node touching its new bytes (one side writing) must be
+        ordered with ``n`` by the graph's edges, as validation guaranteed for the old views."""
+        old = self._state[n.id]
+        moved = [(v, w) for v, w in _accesses(n) if (v, w) not in _accesses(old)]
+        if not moved:
+            return
+        import networkx as nx
+
+        if not hasattr(self, "_reach"):
+            g = nx.DiGraph(self.plan.edges)
+            g.add_nodes_from(m.id for m in self.plan.nodes)
+            self._reach = g
+        ordered = nx.ancestors(self._reach, n.id) | nx.descendants(self._reach, n.id) | {n.id}
+        for m in self._state.values():
+            if m.id in ordered:
+                continue
+            for v, w in moved:
+                for mv, mw in _accesses(m):
+                    if (w or mw) and v.overlaps(mv):
+                        raise BuildError(f"node {n.id!r}: {v.text!r} would overlap {mv.text!r} of node {m.id!r} "
+                                         f"with no path between the two nodes (a race); rebuild the graph",
+                                         node=n.id, buffer=v.buffer, code="race")
 
     def _same_range_view(self, n: PlanNode, old: View, text: str, env: dict) -> View:
         from .plan import NodeError
@@ -494,6 +520,23 @@ class Executable:
             self.close()
         except Exception:
             pass
+
+
+def _accesses(n: PlanNode) -> list[tuple[View, bool]]:
+    return [(v, False) for v in n.reads] + [(v, True) for v in n.writes]
+
+
+def _with_accesses(n: PlanNode) -> PlanNode:
+    """``n`` with reads/writes recomputed from its (possibly updated) args, src and dst."""
+    if n.kind == "kernel":
+        reads = tuple(a.view for a in n.args if a.view is not None and a.param.const)
+        writes = tuple(a.view for a in n.args if a.view is not None and not a.param.const)
+        return replace(n, reads=reads, writes=writes)
+    if n.kind == "memcpy":
+        return replace(n, reads=(n.src,), writes=(n.dst,))
+    if n.kind == "memset":
+        return replace(n, writes=(n.dst,))
+    return n
 
 
 def _device_view(ref: ArrayRef, dtype: str, shape: tuple[int, ...]) -> Any:

@@ -236,14 +236,14 @@ def _issue(message: str):
 
 def pool_cli(spec: GraphSpec, args: Any) -> int:
     """``dagbuild pool``: build every bucket; print build time per bucket and in total, and memory."""
-    import cupy
-
     from .cli import gpu_reason, overrides_of
 
     reason = gpu_reason()
     if reason is not None:
         print(f"dagbuild pool needs a GPU: {reason}.")
         return 2
+    import cupy
+
     overrides = overrides_of(args)
     free0, _ = cupy.cuda.runtime.memGetInfo()
     t0 = time.perf_counter()

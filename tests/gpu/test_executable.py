@@ -298,3 +298,16 @@ def test_closed_executable_refuses_work(cp):
 
 def test_root_layout():
     assert (ROOT / "kernels" / "basic.cu").is_file()
+
+
+def test_update_refuses_a_view_that_would_race(cp):
+    """diamond: left writes halves[0], right writes halves[1], with no path between them."""
+    with build(plan(load_spec(SPECS / "diamond.yaml"))) as exe:
+        with pytest.raises(BuildError) as e:
+            exe.update("left", args={"y": "halves[1]"})
+        assert e.value.code == "race" and "'right'" in str(e.value) and "'left'" in str(e.value)
+        exe.update("join", args={"a": "halves[1]"})  # join comes after both: no race, allowed
+        x = np.arange(8192, dtype=np.float32)
+        exe.buffers["x_host"][...] = x
+        exe.launch(sync=True)
+        assert np.allclose(exe.buffers["out_host"], -6.0 * x)  # halves[1] + halves[1] = 2 * (-3 x)

@@ -116,3 +116,19 @@ def test_lazy_pool_errors_and_close_frees_memory():
         pool.get(batch=1)
     gc.collect()
     assert pool_mem.used_bytes() == before
+
+
+def test_decoder_step_rejects_bad_inputs():
+    from dagbuild import DagbuildError
+
+    with Executable(llama_plan({**TINY, "batch": 2})) as exe:
+        dec = LlamaDecoder(exe)
+        with pytest.raises(DagbuildError, match=r"token ids must be in \[0, 1024\)"):
+            dec.step([1024], [0])
+        with pytest.raises(DagbuildError, match="past max_seq = 64"):
+            dec.step([1], [64])
+        with pytest.raises(DagbuildError, match="do not fit this graph's batch of 2"):
+            dec.step([1, 2, 3], [0, 0, 0])
+        with pytest.raises(DagbuildError, match="2 tokens but 1 positions"):
+            dec.step([1, 2], [0])
+        assert dec.step([5], [0]).shape == (1,)  # still usable
