@@ -52,9 +52,8 @@ def _single_reference(prompt: list[int], steps: int) -> list[int]:
 
 @pytest.mark.parametrize("method", ["derive", "fresh"])
 def test_mixed_batches_match_batch_one(method):
-    from dagbuild.llama.weights import random_weights
-
     from dagbuild.backends import get_backend
+    from dagbuild.llama.weights import random_weights
 
     rng = np.random.default_rng(3)
     prompts = [list(map(int, rng.integers(0, TINY["vocab"], size=3))) for _ in range(5)]
