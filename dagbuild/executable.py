@@ -8,7 +8,7 @@ each node's handle and its bound parameters, so one node (``update``) or every u
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,6 +39,11 @@ class ArrayRef:
 
 def _array_ref(name: str, array: Any, dtype: str, need: int, exact: bool) -> ArrayRef:
     """Accept CuPy arrays, PyTorch tensors (``__cuda_array_interface__``) or DLPack producers."""
+    if type(array).__name__ == "ndarray" and type(array).__module__.startswith("cupy"):  # the common case
+        got, want = array.dtype, np.dtype(NP_DTYPE[dtype])
+        if (got == want or got in _ALSO_OK.get(dtype, set())) and array.flags.c_contiguous and (
+                array.nbytes == need if exact else array.nbytes >= need):
+            return ArrayRef(int(array.data.ptr), int(array.nbytes), array, external=True)
     iface = getattr(array, "__cuda_array_interface__", None)
     if iface is None and hasattr(array, "__dlpack__"):
         import cupy
@@ -65,6 +70,38 @@ def _array_ref(name: str, array: Any, dtype: str, need: int, exact: bool) -> Arr
         raise BuildError(f"buffer {name!r} needs {'exactly ' if exact else 'at least '}{need} bytes, "
                          f"but the array bound to it has {nbytes}", buffer=name)
     return ArrayRef(int(iface["data"][0]), nbytes, array, external=True)
+
+
+class BufferMap(MutableMapping):
+    """``exe.buffers``: buffer name → array. Views of memory bound from outside (a pool's arena) are made
+    on first access: a pool bucket whose buffers nobody reads never pays for them."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, Any] = {}
+        self._lazy: dict[str, Any] = {}
+
+    def set_lazy(self, name: str, make: Any) -> None:
+        self._arrays.pop(name, None)
+        self._lazy[name] = make
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._lazy:
+            self._arrays[name] = self._lazy.pop(name)()
+        return self._arrays[name]
+
+    def __setitem__(self, name: str, array: Any) -> None:
+        self._lazy.pop(name, None)
+        self._arrays[name] = array
+
+    def __delitem__(self, name: str) -> None:
+        if self._lazy.pop(name, None) is None:
+            del self._arrays[name]
+
+    def __iter__(self):
+        return iter([*self._arrays, *self._lazy])
+
+    def __len__(self) -> int:
+        return len(self._arrays) + len(self._lazy)
 
 
 class ModuleCache:
@@ -119,7 +156,7 @@ class Executable:
         self.graph = None
         self.exec = None
         self.nodes: dict[str, Any] = {}
-        self.buffers: dict[str, Any] = {}
+        self.buffers = BufferMap()
         self._refs: dict[str, ArrayRef] = {}
         self._state: dict[str, PlanNode] = {n.id: n for n in plan.nodes}
         self._funcs: dict[str, int] = {}
@@ -211,7 +248,7 @@ class Executable:
                     continue
                 ref = _array_ref(name, arr, b.dtype, b.nbytes, exact=False)
                 self._refs[name] = ref
-                self.buffers[name] = _device_view(ref, b.dtype, b.shape)
+                self.buffers.set_lazy(name, lambda ref=ref, b=b: _device_view(ref, b.dtype, b.shape))
             elif b.memory == "pinned":
                 arr = cupyx.zeros_pinned(b.shape, dtype=dt)
                 self._refs[name] = ArrayRef(arr.ctypes.data, arr.nbytes, arr)
@@ -225,14 +262,7 @@ class Executable:
             cupy.cuda.get_current_stream().synchronize()
 
     def _topological(self) -> list[PlanNode]:
-        import networkx as nx
-
-        g = nx.DiGraph()
-        g.add_nodes_from(n.id for n in self.plan.nodes)
-        g.add_edges_from(self.plan.edges)
-        order = {n.id: n.order for n in self.plan.nodes}
-        by_id = self.plan.node_by_id
-        return [by_id[i] for i in nx.lexicographical_topological_sort(g, key=order.__getitem__)]
+        return self.plan.topological()
 
     def _build(self) -> None:
         be = self.backend

@@ -170,6 +170,28 @@ class Plan:
     def node_by_id(self) -> dict[str, PlanNode]:
         return {n.id: n for n in self.nodes}
 
+    def topological(self) -> list[PlanNode]:
+        """Nodes in an order the edges allow, list order breaking ties (Kahn's algorithm on a heap)."""
+        import heapq
+
+        preds_left = {n.id: 0 for n in self.nodes}
+        succs: dict[str, list[str]] = {n.id: [] for n in self.nodes}
+        for u, v in self.edges:
+            succs[u].append(v)
+            preds_left[v] += 1
+        by_id = {n.id: n for n in self.nodes}
+        ready = [(n.order, n.id) for n in self.nodes if preds_left[n.id] == 0]
+        heapq.heapify(ready)
+        out = []
+        while ready:
+            _, nid = heapq.heappop(ready)
+            out.append(by_id[nid])
+            for v in succs[nid]:
+                preds_left[v] -= 1
+                if preds_left[v] == 0:
+                    heapq.heappush(ready, (by_id[v].order, v))
+        return out
+
     def preds(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {n.id: [] for n in self.nodes}
         for u, v in self.edges:

@@ -131,3 +131,18 @@ def test_decoder_step_rejects_bad_inputs():
         with pytest.raises(DagbuildError, match="2 tokens but 1 positions"):
             dec.step([1, 2], [0])
         assert dec.step([5], [0]).shape == (1,)  # still usable
+
+
+def test_cross_product_buckets_with_different_topologies():
+    """Two bucketed dims give every combination; `steps` changes the node count, so those buckets get
+    their own DAG (not the largest bucket's), and each computes its own result."""
+    spec = load_spec(SPECS / "chain.yaml")
+    with GraphPool(spec, {"n": [256, 512], "steps": [2, 5]}) as pool:
+        assert set(pool.executables) == {(256, 2), (256, 5), (512, 2), (512, 5)}
+        assert pool.bucket_for(n=300, steps=3) == (512, 5)
+        for (n, steps), exe in pool.executables.items():
+            assert len(exe.plan.nodes) == steps + 3
+            x = np.linspace(-1, 1, n, dtype=np.float32)
+            exe.buffers["x_host"][...] = x
+            exe.launch(sync=True)
+            assert np.allclose(exe.buffers["y_host"], 0.5 * steps * x), (n, steps)
