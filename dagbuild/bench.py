@@ -50,6 +50,29 @@ def eager_steps(exe: Executable) -> list[Callable[[Any], None]]:
     return steps
 
 
+def launch_modes(exe: Executable) -> dict[str, Callable[[], None]]:
+    """The three ways to run one step on ``exe.stream``: ``eager`` (every node a CuPy launch),
+    ``captured`` (that sequence recorded once by CuPy stream capture, after a warm-up run) and
+    ``explicit`` (dagbuild's graph)."""
+    stream = exe.stream
+    eager = eager_steps(exe)
+
+    def run_eager() -> None:
+        for f in eager:
+            f(stream)
+
+    run_eager()  # the warm-up launch that capture needs
+    stream.synchronize()
+    stream.begin_capture()
+    try:
+        run_eager()
+    finally:
+        captured = stream.end_capture()
+    captured.upload(stream)
+    stream.synchronize()
+    return {"eager": run_eager, "captured": lambda: captured.launch(stream), "explicit": lambda: exe.launch(stream)}
+
+
 def _time(launch: Callable[[], None], stream: Any, steps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         launch()
@@ -79,25 +102,7 @@ def bench(plan: Plan, steps: int = 500, warmup: int = 20, exe: Executable | None
     build_ms = (time.perf_counter() - t0) * 1e3
     try:
         stream = exe.stream
-        eager = eager_steps(exe)
-
-        def run_eager():
-            for f in eager:
-                f(stream)
-
-        run_eager()
-        stream.synchronize()
-        stream.begin_capture()
-        try:
-            run_eager()
-        finally:
-            captured = stream.end_capture()
-        captured.upload(stream)
-        modes = {
-            "eager": run_eager,
-            "captured": lambda: captured.launch(stream),
-            "explicit": lambda: exe.launch(stream),
-        }
+        modes = launch_modes(exe)
         times = {name: _time(f, stream, steps, warmup) for name, f in modes.items()}
         # a second pass, interleaved order, guards against drift (clocks, caches) favouring one mode
         for name in ("explicit", "captured", "eager"):

@@ -32,6 +32,20 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+class CountingBackend:
+    """Wraps a backend and counts instantiations (to show that something did *not* re-instantiate)."""
+
+    def __init__(self, inner):
+        self.inner, self.instantiations = inner, 0
+
+    def instantiate(self, graph):
+        self.instantiations += 1
+        return self.inner.instantiate(graph)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def pytest_collection_modifyitems(config, items):
     reason = None
     for item in items:

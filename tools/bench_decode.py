@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dagbuild.bench import eager_steps  # noqa: E402
+from dagbuild.bench import eager_steps, launch_modes  # noqa: E402
 from dagbuild.executable import Executable  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
 from dagbuild.llama.weights import WEIGHT_BUFFERS, load_state_dict, random_hf_model, random_weights  # noqa: E402
@@ -238,24 +238,10 @@ def hf_graph(torch, model, max_len: int):
 def dagbuild_modes(cp, exe) -> dict[str, tuple[Callable, Callable]]:
     stream = exe.stream
     th, ph, nh = exe.buffers["tokens_host"], exe.buffers["pos_host"], exe.buffers["next_host"]
-    eager = eager_steps(exe)
-
-    def run_eager():
-        for f in eager:
-            f(stream)
-
-    run_eager()
-    stream.synchronize()
-    stream.begin_capture()
-    try:
-        run_eager()
-    finally:
-        captured = stream.end_capture()
-    captured.upload(stream)
-    stream.synchronize()
-    launches = {"(c) dagbuild eager (CuPy launches)": run_eager,
-                "(d) dagbuild stream-captured graph": lambda: captured.launch(stream),
-                "(e) dagbuild explicit graph": lambda: exe.launch(stream)}
+    three = launch_modes(exe)
+    launches = {"(c) dagbuild eager (CuPy launches)": three["eager"],
+                "(d) dagbuild stream-captured graph": three["captured"],
+                "(e) dagbuild explicit graph": three["explicit"]}
 
     def make(launch):
         def step(tok, pos):
@@ -278,7 +264,7 @@ def dagbuild_modes(cp, exe) -> dict[str, tuple[Callable, Callable]]:
         return prefill, step
 
     modes = {name: make(launch) for name, launch in launches.items()}
-    modes["_keep"] = (captured, eager)  # keep the captured graph alive
+    modes["_keep"] = three  # its closures keep the captured graph alive
     return modes
 
 

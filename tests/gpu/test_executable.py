@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import numpy_dag
 import pytest
-from conftest import ROOT, SPECS
+from conftest import ROOT, SPECS, CountingBackend
 
 from dagbuild import BuildError, CompileError, SpecError, build, load_spec, parse_spec, plan
 from dagbuild.llama.decode import llama_plan
@@ -128,20 +128,6 @@ def test_memcpy_and_memset_byte_for_byte(cp):
         assert (exe.buffers["bf16s"].get() == f32_to_bf16(np.float32(3.14159))).all()
         assert (exe.buffers["i8s"].get() == -7).all()
         assert (exe.buffers["u64s"].get() == 0).all()
-
-
-class CountingBackend:
-    """Wraps a backend and counts instantiations."""
-
-    def __init__(self, inner):
-        self.inner, self.instantiations = inner, 0
-
-    def instantiate(self, graph):
-        self.instantiations += 1
-        return self.inner.instantiate(graph)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_update_and_rebind_without_reinstantiation(cp):

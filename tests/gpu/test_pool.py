@@ -8,7 +8,7 @@ import gc
 import numpy as np
 import pytest
 import yaml
-from conftest import SPECS
+from conftest import SPECS, CountingBackend
 
 from dagbuild import BuildError, load_spec
 from dagbuild.executable import Executable
@@ -19,18 +19,6 @@ pytestmark = pytest.mark.gpu
 
 TINY = {**yaml.safe_load((SPECS / "configs" / "llama_tiny.yaml").read_text()), "wt": "f32", "max_seq": 64}
 SEED = 7
-
-
-class CountingBackend:
-    def __init__(self, inner):
-        self.inner, self.instantiations = inner, 0
-
-    def instantiate(self, graph):
-        self.instantiations += 1
-        return self.inner.instantiate(graph)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def _single_reference(prompt: list[int], steps: int) -> list[int]:
