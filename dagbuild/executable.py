@@ -289,7 +289,8 @@ class Executable:
             self.exec = be.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
-        self._built_params = {n.id: self._params(n) for n in self.plan.nodes}  # what the graph's nodes hold
+        self._built_at = (dict(self._state), dict(self._refs))  # what the graph's nodes were made with
+        self._built_cache: dict[str, tuple] | None = None
 
     def _derive(self, template: Executable) -> None:
         """Instantiate ``template``'s graph again and set only the parameters that differ (a pool's
@@ -303,11 +304,23 @@ class Executable:
             self.exec = self.backend.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
-        base = template._built_params
+        base = template._built_params()
         for n in self.plan.nodes:
             params = self._params(n)
             if params != base[n.id]:
                 self._push(n, params)
+
+    def _built_params(self) -> dict[str, tuple]:
+        """Each node's parameters as the graph (not the instantiated exec) holds them; computed on first
+        use, since only a template for derived executables needs them."""
+        if self._built_cache is None:
+            state, refs = self._built_at
+            current, self._refs = self._refs, refs
+            try:
+                self._built_cache = {i: self._params(n) for i, n in state.items()}
+            finally:
+                self._refs = current
+        return self._built_cache
 
     def _params(self, n: PlanNode) -> tuple:
         if n.kind == "kernel":
