@@ -103,6 +103,10 @@ class BufferMap(MutableMapping):
     def __len__(self) -> int:
         return len(self._arrays) + len(self._lazy)
 
+    def clear(self) -> None:
+        self._arrays.clear()
+        self._lazy.clear()
+
 
 class ModuleCache:
     """Compiled modules and function handles, shared by every executable that is given it (a pool)."""
@@ -289,7 +293,8 @@ class Executable:
             self.exec = be.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
-        self._built_at = (dict(self._state), dict(self._refs))  # what the graph's nodes were made with
+        # what the graph's nodes were made with (addresses only: the snapshot must not keep memory alive)
+        self._built_at = (dict(self._state), {k: replace(r, owner=None) for k, r in self._refs.items()})
         self._built_cache: dict[str, tuple] | None = None
 
     def _derive(self, template: Executable) -> None:
@@ -549,6 +554,7 @@ class Executable:
             self.nodes.clear()
             self.buffers.clear()
             self._refs.clear()
+            self._built_at = self._built_cache = None
             if getattr(self, "_own_modules", False):
                 self.modules.clear()
 
