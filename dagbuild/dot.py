@@ -18,7 +18,8 @@ STYLE = {
 
 
 def _q(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A DOT string: quotes and backslashes escaped, newlines as DOT's centred line break."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _bytes(n: int) -> str:
@@ -32,12 +33,12 @@ def _bytes(n: int) -> str:
 def label(node: PlanNode) -> str:
     if node.kind == "kernel":
         dims = lambda d: "×".join(str(x) for x in d if x != 1) or "1"
-        return f"{node.id}\\n{node.kernel}  {dims(node.grid)} × {dims(node.block)}" + (
-            f"\\nshared {_bytes(node.shared)}" if node.shared else "")
+        return f"{node.id}\n{node.kernel}  {dims(node.grid)} × {dims(node.block)}" + (
+            f"\nshared {_bytes(node.shared)}" if node.shared else "")
     if node.kind == "memcpy":
-        return f"{node.id}\\n{node.direction} {_bytes(node.count)}\\n{node.src.text} → {node.dst.text}"
+        return f"{node.id}\n{node.direction} {_bytes(node.count)}\n{node.src.text} → {node.dst.text}"
     if node.kind == "memset":
-        return f"{node.id}\\nmemset {node.dst.text} = {node.value}\\n{_bytes(node.dst.nbytes)}"
+        return f"{node.id}\nmemset {node.dst.text} = {node.value}\n{_bytes(node.dst.nbytes)}"
     return node.id
 
 
@@ -57,8 +58,7 @@ def to_dot(plan: Plan) -> str:
 
     def emit(level: dict, indent: str) -> None:
         for n in level["nodes"]:
-            lines.append(f"{indent}{_q(n.id)} [label={_q(label(n)).replace(chr(92) * 2 + 'n', chr(92) + 'n')}, "
-                         f"{STYLE[n.kind]}];")
+            lines.append(f"{indent}{_q(n.id)} [label={_q(label(n))}, {STYLE[n.kind]}];")
         for block in level["children"].values():
             f = block["frame"]
             lines.append(f"{indent}subgraph cluster_{next(counter)} {{")
