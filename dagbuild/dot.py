@@ -44,7 +44,8 @@ def label(node: PlanNode) -> str:
 
 def to_dot(plan: Plan) -> str:
     """The reduced DAG as DOT; a ``repeat`` is a cluster holding one sub-cluster per iteration."""
-    lines = [f"digraph {_q(plan.name)} {{", '  rankdir=TB; node [fontname="Helvetica", fontsize=10];',
+    lines = [f"digraph {_q(plan.name)} {{", '  rankdir=TB; graph [fontname="Helvetica", fontsize=11];',
+             '  node [fontname="Helvetica", fontsize=10];',
              '  edge [color="#555555"];']
     tree: dict = {"nodes": [], "children": defaultdict(dict)}
     for n in plan.nodes:

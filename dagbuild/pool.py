@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import re
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -58,6 +59,7 @@ class GraphPool:
         self.build_ms: dict[tuple[int, ...], float] = {}
         self._plans: dict[tuple[int, ...], Plan] = {}
         self._programs: dict = {}  # compiled kernel-node programs shared by every bucket's bind
+        self._flow_fixed = _flow_fixed(spec, set(buckets))
         self._closed = False
         self.arena: dict[str, Any] = {}
         try:
@@ -98,7 +100,8 @@ class GraphPool:
             p, issues = bind(self.spec, dims, self._programs)
             if issues:
                 raise SpecError(issues)
-            if [n.id for n in p.nodes] == [n.id for n in tpl.nodes] and _data_flow(p) == self._template_flow:
+            same_ids = [n.id for n in p.nodes] == [n.id for n in tpl.nodes]
+            if same_ids and (self._flow_fixed or _data_flow(p) == self._template_flow):
                 p.edges, p.summary = tpl.edges, {**tpl.summary, "dims": dict(p.dims)}
             else:
                 p = make_plan(self.spec, dims)
@@ -205,6 +208,46 @@ class GraphPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:
+    """True when no view index and no ``after`` template mentions a bucketed dim. Then buckets with the
+    same node ids have the same edges: views address leading-axis blocks of row-major buffers, and two
+    such views overlap exactly when one index tuple is a prefix of the other, whatever the shapes."""
+    from . import expr
+    from .spec import KernelNode, MemcpyNode, MemsetNode, RepeatBlock
+
+    def index_names(text: object) -> set[str]:
+        if not isinstance(text, str) or "[" not in text:
+            return set()
+        inner = text[text.index("[") + 1: text.rindex("]")] if "]" in text else ""
+        try:
+            return set().union(*(expr.names(part) for part in expr.split_top_level(inner)))
+        except expr.ExprError:
+            return set(bucketed)  # let the full analysis decide
+
+    def walk(nodes) -> bool:
+        for n in nodes:
+            if isinstance(n, RepeatBlock):
+                if not walk(n.nodes):
+                    return False
+                continue
+            texts: list = []
+            if isinstance(n, KernelNode):
+                texts = list(n.args.values())
+            elif isinstance(n, MemcpyNode):
+                texts = [n.memcpy.src, n.memcpy.dst]
+            elif isinstance(n, MemsetNode):
+                texts = [n.memset.dst]
+            names = set().union(*(index_names(t) for t in texts)) if texts else set()
+            for a in n.after:
+                for m in re.findall(r"\{([^{}]+)\}", a):
+                    names |= expr.names(m)
+            if names & bucketed:
+                return False
+        return True
+
+    return walk(spec.nodes)
 
 
 def _data_flow(p: Plan) -> set[tuple[str, str]]:

@@ -204,7 +204,7 @@ def test_dot_to_stdout_parses(capsys):
     assert run(["dot", str(SPECS / "diamond.yaml")]) == 0
     (g,) = pydot.graph_from_dot_data(capsys.readouterr().out)
     assert len(g.get_edges()) == 5
-    assert len([n for n in g.get_nodes() if n.get_name() not in ("node", "edge")]) == 5
+    assert len([n for n in g.get_nodes() if n.get_name() not in ("node", "edge", "graph")]) == 5
 
 
 def test_dot_to_file(tmp_path, capsys):

@@ -1,0 +1,46 @@
+"""The pool's shortcut: when may a bucket reuse the largest bucket's DAG without re-inferring edges?"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from conftest import SPECS
+
+from dagbuild import load_spec, parse_spec, plan
+from dagbuild.dag import full_graph
+from dagbuild.pool import _flow_fixed
+
+
+@pytest.mark.parametrize("name, bucketed, fixed", [
+    ("llama_decode", {"batch"}, True),      # only whole activations and k_cache[l]-style views
+    ("chain", {"n"}, True),
+    ("layers", {"layers"}, False),          # act[layers % 2]
+    ("fanout4", {"depth"}, False),          # lanes[b, (depth - 1) % 2]
+    ("fanout4", {"n"}, True),
+])
+def test_flow_fixed_on_shipped_specs(name, bucketed, fixed):
+    assert _flow_fixed(load_spec(SPECS / f"{name}.yaml"), bucketed) is fixed
+
+
+def test_after_templates_count():
+    spec = parse_spec(textwrap.dedent("""
+        dagbuild: 1
+        name: t
+        dims: {k: 2}
+        nodes:
+          - {id: a.0, empty: {}}
+          - {id: a.1, empty: {}}
+          - {id: b, empty: {}, after: ["a.{k - 1}"]}
+    """))
+    assert _flow_fixed(spec, {"k"}) is False and _flow_fixed(spec, {"other"}) is True
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_fixed_flow_really_gives_the_same_edges(batch):
+    """The claim behind the shortcut, checked: same ids and edges at other batch sizes."""
+    spec = load_spec(SPECS / "llama_decode.yaml")
+    big = plan(spec, {"batch": 16, "cache_batch": 16, "layers": 2})
+    small = plan(spec, {"batch": batch, "cache_batch": 16, "layers": 2})
+    assert [n.id for n in small.nodes] == [n.id for n in big.nodes]
+    assert set(full_graph(small).edges) == set(full_graph(big).edges) and small.edges == big.edges
