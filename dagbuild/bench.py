@@ -26,7 +26,7 @@ def eager_steps(exe: Executable) -> list[Callable[[Any], None]]:
     import cupy
 
     steps: list[Callable[[Any], None]] = []
-    for n in exe._topological():
+    for n in exe.plan.topological():
         n = exe._state[n.id]
         if n.kind == "kernel":
             k = exe.plan.kernels[n.kernel]
@@ -50,6 +50,32 @@ def eager_steps(exe: Executable) -> list[Callable[[Any], None]]:
     return steps
 
 
+def capture(stream: Any, steps: list[Callable[[Any], None]]) -> Any:
+    """One CuPy graph recorded by stream capture of ``steps``, uploaded (the caller has warmed up)."""
+    stream.begin_capture()
+    try:
+        for f in steps:
+            f(stream)
+    finally:
+        graph = stream.end_capture()
+    graph.upload(stream)
+    return graph
+
+
+def device_us_per_launch(exe: Executable, reps: int) -> float:
+    """Device µs per step of ``reps`` back-to-back explicit launches (no host round trip between)."""
+    import cupy
+
+    stream = exe.stream
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record(stream)
+    for _ in range(reps):
+        exe.launch(stream)
+    end.record(stream)
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) * 1e3 / reps
+
+
 def launch_modes(exe: Executable) -> dict[str, Callable[[], None]]:
     """The three ways to run one step on ``exe.stream``: ``eager`` (every node a CuPy launch),
     ``captured`` (that sequence recorded once by CuPy stream capture, after a warm-up run) and
@@ -63,12 +89,7 @@ def launch_modes(exe: Executable) -> dict[str, Callable[[], None]]:
 
     run_eager()  # the warm-up launch that capture needs
     stream.synchronize()
-    stream.begin_capture()
-    try:
-        run_eager()
-    finally:
-        captured = stream.end_capture()
-    captured.upload(stream)
+    captured = capture(stream, eager)
     stream.synchronize()
     return {"eager": run_eager, "captured": lambda: captured.launch(stream), "explicit": lambda: exe.launch(stream)}
 
@@ -94,7 +115,6 @@ def _stats(us: list[float]) -> dict[str, float]:
 
 def bench(plan: Plan, steps: int = 500, warmup: int = 20, exe: Executable | None = None) -> dict[str, Any]:
     """Eager vs captured vs explicit on one stream, in one run. Returns medians, p99s and speedups."""
-    import cupy
 
     own = exe is None
     t0 = time.perf_counter()
@@ -107,14 +127,7 @@ def bench(plan: Plan, steps: int = 500, warmup: int = 20, exe: Executable | None
         # a second pass, interleaved order, guards against drift (clocks, caches) favouring one mode
         for name in ("explicit", "captured", "eager"):
             times[name] += _time(modes[name], stream, steps, warmup)
-        # device time: back-to-back explicit launches between two events
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        for _ in range(steps):
-            exe.launch(stream)
-        end.record(stream)
-        end.synchronize()
-        device_us = cupy.cuda.get_elapsed_time(start, end) * 1e3 / steps
+        device_us = device_us_per_launch(exe, steps)
     finally:
         if own:
             exe.close()

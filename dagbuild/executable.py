@@ -265,13 +265,10 @@ class Executable:
         if allocated:  # the zero fills ran on CuPy's current stream; the graph runs on its own
             cupy.cuda.get_current_stream().synchronize()
 
-    def _topological(self) -> list[PlanNode]:
-        return self.plan.topological()
-
     def _build(self) -> None:
         be = self.backend
         self.graph = be.graph_create()
-        order = self._topological()
+        order = self.plan.topological()
         if self.concurrent:
             preds = self.plan.preds()
         else:  # one chain in a topological order: no concurrency, and the least driver memory

@@ -40,7 +40,7 @@ INT_RANGE = {"i32": (-(2**31), 2**31 - 1), "u32": (0, 2**32 - 1),
 
 _PARAM = re.compile(r"^\s*(const\s+)?([A-Za-z_]\w*)\s*(\*)?\s*([A-Za-z_]\w*)\s*$")
 _VIEW = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:\[(.*)\])?\s*$", re.S)
-_TEMPLATE = re.compile(r"\{([^{}]+)\}")
+TEMPLATE = re.compile(r"\{([^{}]+)\}")  # {expr} in ids and `after`
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def _template(text: str, env: Mapping[str, int | float]) -> str:
         v = expr.evaluate(m.group(1), env)
         return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
-    return _TEMPLATE.sub(sub, text)
+    return TEMPLATE.sub(sub, text)
 
 
 def _resolve_overrides(spec: GraphSpec, overrides: Mapping[str, Any], issues: _Issues):
@@ -387,7 +387,8 @@ def _expr_error(err: expr.ExprError, what: str, field: tuple = ()) -> NodeError:
 
 
 @functools.lru_cache(maxsize=8192)
-def _parse_view(text: str) -> tuple[str, tuple[str, ...] | None] | None:
+def parse_view(text: str) -> tuple[str, tuple[str, ...] | None] | None:
+    """``"w[l, 0]"`` → ``("w", ("l", "0"))``; ``"w"`` → ``("w", None)``; None when it is no view."""
     m = _VIEW.match(text)
     if not m:
         return None
@@ -397,7 +398,7 @@ def _parse_view(text: str) -> tuple[str, tuple[str, ...] | None] | None:
 def resolve_view(text: str, buffers: Mapping[str, PlanBuffer], env: Mapping[str, int | float],
                  spec_buffers: Mapping[str, Any] | None = None) -> View:
     """``"w[l]"`` → the byte range of that row of ``w``; raises NodeError naming the culprit."""
-    parsed = _parse_view(text)
+    parsed = parse_view(text)
     if parsed is None:
         raise NodeError("expression", f"cannot parse buffer view {text!r}; write `name` or `name[i, j]`")
     name, parts = parsed
@@ -472,7 +473,7 @@ def _bind_kernel_node(node: KernelNode, pn: PlanNode, kernels, buffers, spec, en
     args, reads, writes = [], [], []
     for p in kernel.params:
         value = node.args[p.name]
-        parsed = _parse_view(value) if isinstance(value, str) else None
+        parsed = parse_view(value) if isinstance(value, str) else None
         named = parsed[0] if parsed else None
         if p.pointer:
             if named is None or named in env:
@@ -545,7 +546,7 @@ def _compile_kernel_node(node: KernelNode, kernel: PlanKernel) -> _KernelProgram
     for p in kernel.params:
         value = node.args[p.name]
         if p.pointer:
-            name, index = _parse_view(value)
+            name, index = parse_view(value)
             args.append((p, (name, None if index is None else tuple(closure(i) for i in index), value.strip())))
         else:
             args.append((p, closure(value)))
@@ -657,7 +658,7 @@ def _bind_memset(node: MemsetNode, pn: PlanNode, buffers, spec, env) -> None:
 
 def _uses_var(node_id: str, var: str) -> bool:
     """Whether a ``{expr}`` template of ``node_id`` refers to ``var`` (unparsable ones count: bind reports them)."""
-    for m in _TEMPLATE.finditer(node_id):
+    for m in TEMPLATE.finditer(node_id):
         try:
             if var in expr.names(m.group(1)):
                 return True

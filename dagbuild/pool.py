@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-import re
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -218,14 +217,15 @@ def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:
     same node ids have the same edges: views address leading-axis blocks of row-major buffers, and two
     such views overlap exactly when one index tuple is a prefix of the other, whatever the shapes."""
     from . import expr
+    from .plan import TEMPLATE, parse_view
     from .spec import KernelNode, MemcpyNode, MemsetNode, RepeatBlock
 
     def index_names(text: object) -> set[str]:
-        if not isinstance(text, str) or "[" not in text:
+        view = parse_view(text) if isinstance(text, str) else None
+        if view is None or view[1] is None:
             return set()
-        inner = text[text.index("[") + 1: text.rindex("]")] if "]" in text else ""
         try:
-            return set().union(*(expr.names(part) for part in expr.split_top_level(inner)))
+            return set().union(*(expr.names(part) for part in view[1]))
         except expr.ExprError:
             return set(bucketed)  # let the full analysis decide
 
@@ -244,7 +244,7 @@ def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:
                 texts = [n.memset.dst]
             names = set().union(*(index_names(t) for t in texts)) if texts else set()
             for a in n.after:
-                for m in re.findall(r"\{([^{}]+)\}", a):
+                for m in TEMPLATE.findall(a):
                     names |= expr.names(m)
             if names & bucketed:
                 return False

@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dagbuild.bench import eager_steps, launch_modes  # noqa: E402
+from dagbuild.bench import device_us_per_launch, eager_steps, launch_modes  # noqa: E402
 from dagbuild.executable import Executable  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
 from dagbuild.llama.weights import WEIGHT_BUFFERS, load_state_dict, random_hf_model, random_weights  # noqa: E402
@@ -270,16 +270,9 @@ def dagbuild_modes(cp, exe) -> dict[str, tuple[Callable, Callable]]:
 
 def graph_device_ms(cp, exe, reps: int = 50) -> float:
     """Device time per step of back-to-back explicit graph launches (no host round trip in between)."""
-    s = exe.stream
     for _ in range(3):
-        exe.launch(s)
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    start.record(s)
-    for _ in range(reps):
-        exe.launch(s)
-    end.record(s)
-    end.synchronize()
-    return cp.cuda.get_elapsed_time(start, end) / reps
+        exe.launch(exe.stream)
+    return device_us_per_launch(exe, reps) / 1e3
 
 
 def kernel_times(cp, exe, copy_gbps: float, min_launches: int = 100) -> list[dict[str, Any]]:
@@ -298,7 +291,7 @@ def kernel_times(cp, exe, copy_gbps: float, min_launches: int = 100) -> list[dic
     l2 = int(cp.cuda.Device().attributes.get("L2CacheSize", 50 << 20))
     flush = cp.empty(max(4 * l2, 256 << 20), dtype=cp.uint8)
 
-    ids = [n.id for n in exe._topological()]
+    ids = [n.id for n in exe.plan.topological()]
     fns = eager_steps(exe)
     groups: dict[str, list[tuple[str, Callable]]] = {}
     for nid, fn in zip(ids, fns, strict=True):

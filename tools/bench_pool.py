@@ -42,7 +42,7 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
     import cupy
 
     from dagbuild import load_spec
-    from dagbuild.bench import eager_steps
+    from dagbuild.bench import capture, eager_steps
     from dagbuild.pool import GraphPool
 
     cupy.cuda.set_allocator(None)  # plain cudaMalloc/cudaFree: memGetInfo sees exactly what is held
@@ -96,12 +96,7 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
             for f in fs:  # the warm-up launch capture-based engines run first
                 f(stream)
             stream.synchronize()
-            stream.begin_capture()
-            for f in fs:
-                f(stream)
-            g = stream.end_capture()
-            g.upload(stream)
-            graphs.append(g)
+            graphs.append(capture(stream, fs))
         stream.synchronize()
         t1 = time.perf_counter()
         f2 = free_bytes()

@@ -31,7 +31,7 @@ def case(name: str) -> dict:
     import yaml
 
     from dagbuild import load_spec, plan
-    from dagbuild.bench import eager_steps
+    from dagbuild.bench import capture, eager_steps
     from dagbuild.executable import Executable
     from dagbuild.llama.decode import llama_plan
 
@@ -62,13 +62,7 @@ def case(name: str) -> dict:
         for f in steps:
             f(s)
         s.synchronize()
-        for _ in range(N):
-            s.begin_capture()
-            for f in steps:
-                f(s)
-            g = s.end_capture()
-            g.upload(s)
-            held.append(g)
+        held = [capture(s, steps) for _ in range(N)]
     f1 = free()
     return {"case": name, "nodes": len(p.nodes), "mib_per_exec": (f0 - f1) / N / 2**20}
 

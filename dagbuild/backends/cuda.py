@@ -192,6 +192,7 @@ class CudaBackend:
         except Exception as e:
             raise DagbuildError(f"CuPy is not importable ({type(e).__name__}: {e}); install: {INSTALL_HINT}") from e
         self._drv = load_driver()
+        self._streams: dict[int, Any] = {}
         self.device = int(device)
         cupy.cuda.Device(self.device).use()
         cupy.cuda.Device(self.device).synchronize()  # makes sure the primary context exists and is current
@@ -241,7 +242,11 @@ class CudaBackend:
         return out
 
     def _stream(self, stream: int) -> Any:
-        return self._drv.CUstream(init_value=int(stream))
+        """The driver's handle object for a stream address, made once per stream (launch is per step)."""
+        handle = self._streams.get(stream)
+        if handle is None:
+            handle = self._streams[stream] = self._drv.CUstream(init_value=int(stream))
+        return handle
 
     @staticmethod
     def node_id(node: Any) -> int:
