@@ -44,3 +44,18 @@ def test_fixed_flow_really_gives_the_same_edges(batch):
     small = plan(spec, {"batch": batch, "cache_batch": 16, "layers": 2})
     assert [n.id for n in small.nodes] == [n.id for n in big.nodes]
     assert set(full_graph(small).edges) == set(full_graph(big).edges) and small.edges == big.edges
+
+
+@pytest.mark.parametrize("buckets, kwargs, error, words", [
+    ({}, {}, "BuildError", "at least one bucketed dim"),
+    ({"width": [1, 2]}, {}, "SpecError", "'width' is not a dim"),
+    ({"batch": [0, 2]}, {}, "BuildError", "integers ≥ 1"),
+    ({"batch": [1, 2]}, {"method": "bogus"}, "BuildError", "method must be"),
+])
+def test_pool_arguments_are_checked_before_any_gpu_work(buckets, kwargs, error, words):
+    import dagbuild
+    from dagbuild.pool import GraphPool
+
+    with pytest.raises(getattr(dagbuild, error)) as e:
+        GraphPool(load_spec(SPECS / "llama_decode.yaml"), buckets, **kwargs)
+    assert words in str(e.value)
