@@ -11,44 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from .executable import Executable
-from .plan import Plan
-
-_SCALAR = {"i32": np.int32, "u32": np.uint32, "i64": np.int64, "u64": np.uint64, "f32": np.float32,
-           "f64": np.float64}
-_FILL_DTYPE = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-
-
-def eager_steps(exe: Executable) -> list[Callable[[Any], None]]:
-    """One Python callable per node, in the executable's topological order, each a CuPy launch."""
-    import cupy
-
-    steps: list[Callable[[Any], None]] = []
-    for n in exe.plan.topological():
-        n = exe._state[n.id]
-        if n.kind == "kernel":
-            k = exe.plan.kernels[n.kernel]
-            fn = exe.modules.modules[(k.source, k.options)].get_function(k.entry)
-            args = tuple(np.uint64(exe._ptr(a.view)) if a.view is not None else _SCALAR[a.param.dtype](a.value)
-                         for a in n.args)
-            steps.append(lambda s, fn=fn, n=n, args=args: fn(n.grid, n.block, args, shared_mem=n.shared, stream=s))
-        elif n.kind == "memcpy":
-            dst, src, count = exe._memcpy_params(n)
-            steps.append(lambda s, d=dst, r=src, c=count: cupy.cuda.runtime.memcpyAsync(d, r, c, 4, s.ptr))
-        elif n.kind == "memset":
-            ptr, bits, esize, count = exe._memset_params(n)
-            mem = cupy.cuda.UnownedMemory(ptr, count * esize, exe)
-            view = cupy.ndarray((count,), _FILL_DTYPE[esize], cupy.cuda.MemoryPointer(mem, 0))
-
-            def fill(s, view=view, bits=bits):
-                with s:
-                    view.fill(bits)
-
-            steps.append(fill)
-    return steps
-
+from .ir import Plan
 
 def capture(stream: Any, steps: list[Callable[[Any], None]]) -> Any:
     """One CuPy graph recorded by stream capture of ``steps``, uploaded (the caller has warmed up)."""
@@ -81,7 +45,7 @@ def launch_modes(exe: Executable) -> dict[str, Callable[[], None]]:
     ``captured`` (that sequence recorded once by CuPy stream capture, after a warm-up run) and
     ``explicit`` (dagbuild's graph)."""
     stream = exe.stream
-    eager = eager_steps(exe)
+    eager = exe.eager_steps()
 
     def run_eager() -> None:
         for f in eager:

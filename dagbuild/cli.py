@@ -156,7 +156,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .compile import check_plan
+    from .kernels import check_plan
 
     try:
         p = _plan(args)

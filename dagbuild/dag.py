@@ -1,26 +1,25 @@
-"""Plan → DAG: edges from data flow and ``after``, cycles, races, transitive reduction, summary.
+"""Plan → DAG analysis: edges from data flow and ``after``, cycles, races, transitive reduction, summary.
 
-Pure functions over PlanNodes; networkx holds the graph. ``analyze`` stores the reduced edge list and
-the summary on the Plan and returns the issues it found.
+Pure functions over a bound :class:`~dagbuild.ir.Plan`; :func:`analyze` returns an
+:class:`~dagbuild.ir.Analysis` and the issues it found and never changes the plan. The hot parts run
+near-linearly on plain Python structures (ancestor sets as integer bitsets, freed as soon as no
+successor needs them); networkx reports cycles and computes the exact width of small graphs.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 import networkx as nx
 
 from .errors import Issue
-from .plan import Plan, PlanNode, View
+from .ir import Analysis, KernelOp, Plan, PlanNode, View
 
-
-def accesses(node: PlanNode) -> Iterable[tuple[View, bool]]:
-    """(view, writes?) for every byte range a node touches; a ``T*`` param is read and written."""
-    for v in node.reads:
-        yield v, False
-    for v in node.writes:
-        yield v, True
+#: Above this many nodes the summary's max width is the widest level of a longest-path layering (a
+#: lower bound, said as such), not the exact minimum-flow answer, which would take minutes.
+EXACT_WIDTH_LIMIT = 3000
 
 
 def infer_edges(nodes: list[PlanNode]) -> set[tuple[str, str]]:
@@ -32,7 +31,7 @@ def infer_edges(nodes: list[PlanNode]) -> set[tuple[str, str]]:
     live: dict[str, list[tuple[View, bool, str]]] = defaultdict(list)
     edges: set[tuple[str, str]] = set()
     for node in nodes:
-        mine = list(accesses(node))
+        mine = node.accesses()
         for view, write in mine:
             for old_view, old_write, old_id in live[view.buffer]:
                 if old_id != node.id and (write or old_write) and view.overlaps(old_view):
@@ -45,16 +44,18 @@ def infer_edges(nodes: list[PlanNode]) -> set[tuple[str, str]]:
     return edges
 
 
+def data_flow(plan: Plan) -> set[tuple[str, str]]:
+    """Every edge before reduction: inferred from data flow (``deps: infer``) and from ``after``."""
+    edges = infer_edges(plan.nodes) if plan.deps == "infer" else set()
+    ids = {n.id for n in plan.nodes}  # `after` may name a node that failed to bind (already reported)
+    return edges | {(a, n.id) for n in plan.nodes for a in n.after if a in ids}
+
+
 def full_graph(plan: Plan) -> nx.DiGraph:
-    """Every node, with inferred edges (``deps: infer``) and ``after`` edges."""
+    """Every node, with inferred edges (``deps: infer``) and ``after`` edges, as a networkx graph."""
     g = nx.DiGraph()
-    for n in plan.nodes:
-        g.add_node(n.id)
-    if plan.deps == "infer":
-        g.add_edges_from(infer_edges(plan.nodes))
-    for n in plan.nodes:
-        for a in n.after:
-            g.add_edge(a, n.id)
+    g.add_nodes_from(n.id for n in plan.nodes)
+    g.add_edges_from(data_flow(plan))
     return g
 
 
@@ -72,44 +73,99 @@ def find_cycles(g: nx.DiGraph) -> list[list[str]]:
     return out
 
 
-def _ancestor_bits(g: nx.DiGraph, order: list[str]) -> dict[str, int]:
-    index = {v: i for i, v in enumerate(order)}
-    bits: dict[str, int] = {}
-    for v in order:
-        b = 0
-        for u in g.predecessors(v):
-            b |= bits[u] | (1 << index[u])
-        bits[v] = b
-    return bits
+class _Dag:
+    """The full edge set over node indices, in an order the edges allow (None when there is a cycle)."""
+
+    def __init__(self, plan: Plan, edges: Iterable[tuple[str, str]]):
+        self.nodes = plan.nodes
+        index = {n.id: i for i, n in enumerate(plan.nodes)}
+        n = len(plan.nodes)
+        self.preds: list[list[int]] = [[] for _ in range(n)]
+        self.succs: list[list[int]] = [[] for _ in range(n)]
+        self.count = 0
+        for u, v in edges:
+            iu, iv = index[u], index[v]
+            self.preds[iv].append(iu)
+            self.succs[iu].append(iv)
+            self.count += 1
+        left = [len(p) for p in self.preds]
+        ready = [i for i in range(n) if left[i] == 0]  # node index = list order: a heap keeps ties stable
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(i)
+            for j in self.succs[i]:
+                left[j] -= 1
+                if left[j] == 0:
+                    heapq.heappush(ready, j)
+        self.order: list[int] | None = order if len(order) == n else None
+
+    def reduce(self, keep_ancestors: bool) -> tuple[list[tuple[int, int]], dict[int, int]]:
+        """Transitive reduction: u → v stays unless u is an ancestor of another predecessor of v.
+
+        Ancestor sets are bitsets; each is dropped once all its node's successors have used it, unless
+        ``keep_ancestors`` (race checks need them all)."""
+        assert self.order is not None
+        anc: dict[int, int] = {}
+        uses = [len(s) for s in self.succs]
+        kept: list[tuple[int, int]] = []
+        for v in self.order:
+            ps = self.preds[v]
+            union = 0
+            for u in ps:
+                union |= anc[u]
+            mine = union
+            for u in ps:
+                if not union >> u & 1:
+                    kept.append((u, v))
+                mine |= 1 << u
+            anc[v] = mine
+            if not keep_ancestors:
+                for u in ps:
+                    uses[u] -= 1
+                    if uses[u] == 0:
+                        del anc[u]
+            if not keep_ancestors and uses[v] == 0:
+                del anc[v]
+        return kept, anc
 
 
-def find_races(plan: Plan, g: nx.DiGraph) -> list[Issue]:
-    """Pairs of nodes that touch overlapping bytes, one writing, with no path between them."""
-    order = list(nx.topological_sort(g))
-    index = {v: i for i, v in enumerate(order)}
-    anc = _ancestor_bits(g, order)
+def find_races(plan: Plan, anc: dict[int, int]) -> list[Issue]:
+    """Pairs of nodes that touch overlapping bytes, one writing, with no path between them.
+
+    Per buffer, accesses sorted by offset are swept so that only overlapping pairs are compared."""
+    index = {n.id: i for i, n in enumerate(plan.nodes)}
     by_buffer: dict[str, list[tuple[View, bool, PlanNode]]] = defaultdict(list)
     for n in plan.nodes:
-        for view, write in accesses(n):
+        for view, write in n.accesses():
             by_buffer[view.buffer].append((view, write, n))
     issues, reported = [], set()
     for buf, acc in by_buffer.items():
-        for i, (va, wa, a) in enumerate(acc):
-            for vb, wb, b in acc[i + 1:]:
+        acc.sort(key=lambda t: (t[0].offset, t[2].order))
+        active: list[tuple[View, bool, PlanNode]] = []
+        for vb, wb, b in acc:
+            active = [t for t in active if t[0].offset + t[0].nbytes > vb.offset]
+            for va, wa, a in active:
                 if a.id == b.id or not (wa or wb) or not va.overlaps(vb):
                     continue
-                if anc[b.id] >> index[a.id] & 1 or anc[a.id] >> index[b.id] & 1:
+                ia, ib = index[a.id], index[b.id]
+                if anc[ib] >> ia & 1 or anc[ia] >> ib & 1:
                     continue
-                key = (a.id, b.id, buf)
+                first, second, vf, vs, wf, ws = (a, b, va, vb, wa, wb) if a.order < b.order else (b, a, vb, va, wb, wa)
+                key = (first.id, second.id, buf)
                 if key in reported:
                     continue
                 reported.add(key)
-                what = "both write" if wa and wb else ("writes" if wa else "reads") + " / " + (
-                    "writes" if wb else "reads")
+                what = "both write" if wf and ws else ("writes" if wf else "reads") + " / " + (
+                    "writes" if ws else "reads")
                 issues.append(Issue(
-                    "race", f"nodes {a.id!r} and {b.id!r} touch overlapping bytes of buffer {buf!r} "
-                    f"({va.text} / {vb.text}; {what}) with no path between them: add `after: [{a.id}]` "
-                    f"to {b.id!r}", nodes=(a.id, b.id), buffer=buf, line=plan.spec.line_of(b.path)))
+                    "race", f"nodes {first.id!r} and {second.id!r} touch overlapping bytes of buffer {buf!r} "
+                    f"({vf.label} / {vs.label}; {what}) with no path between them: add `after: [{first.id}]` "
+                    f"to {second.id!r}", nodes=(first.id, second.id), buffer=buf,
+                    line=plan.spec.line_of(second.path)))
+            active.append((vb, wb, b))
+    issues.sort(key=lambda i: (plan.node_by_id[i.nodes[1]].order, plan.node_by_id[i.nodes[0]].order))
     return issues
 
 
@@ -136,43 +192,69 @@ def max_width(g: nx.DiGraph) -> int:
     return int(cost)
 
 
-def analyze(plan: Plan, complete: bool = True) -> list[Issue]:
-    """Order the plan's nodes; set ``plan.edges`` (reduced) and ``plan.summary``; return issues.
+def programmatic_edges(plan: Plan, edges: Iterable[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """Edges between two kernel nodes whose consumer launches programmatically."""
+    by_id = plan.node_by_id
+    return frozenset((u, v) for u, v in edges
+                     if isinstance(by_id[v].op, KernelOp) and by_id[v].op.launch == "programmatic"
+                     and isinstance(by_id[u].op, KernelOp))
+
+
+def analyze(plan: Plan, complete: bool = True) -> tuple[Analysis | None, list[Issue]]:
+    """Order the plan's nodes: the reduced edges and summary, or the issues (cycles, races).
 
     ``complete`` is False when binding already found issues: cycles and races are still looked for
-    among the nodes that bound, but a summary is not computed.
-    """
-    g = full_graph(plan)
-    cycles = find_cycles(g)
-    issues = [Issue("cycle", "cycle: " + " → ".join([*c, c[0]]), nodes=tuple(c),
-                    line=plan.spec.line_of(plan.node_by_id[c[0]].path) if c[0] in plan.node_by_id else None)
-              for c in cycles]
-    if cycles:
-        return issues
-    if plan.deps == "explicit":
-        issues += find_races(plan, g)
+    among the nodes that bound, but no analysis is returned."""
+    edges = data_flow(plan)
+    dag = _Dag(plan, edges)
+    if dag.order is None:
+        g = nx.DiGraph(list(edges))
+        by_id = plan.node_by_id
+        return None, [Issue("cycle", "cycle: " + " → ".join([*c, c[0]]), nodes=tuple(c),
+                            line=plan.spec.line_of(by_id[c[0]].path) if c[0] in by_id else None)
+                      for c in find_cycles(g)]
+    explicit = plan.deps == "explicit"
+    kept, anc = dag.reduce(keep_ancestors=explicit)
+    issues = find_races(plan, anc) if explicit else []
     if issues or not complete:
-        return issues
-    reduced = nx.transitive_reduction(g)
-    order = {n.id: n.order for n in plan.nodes}
-    plan.edges = sorted(reduced.edges, key=lambda e: (order[e[1]], order[e[0]]))
-    plan.summary = summarize(plan, g, reduced)
-    return []
+        return None, issues
+    ids = [n.id for n in plan.nodes]
+    reduced = sorted(((ids[u], ids[v]) for u, v in kept), key=lambda e: (plan.node_by_id[e[1]].order,
+                                                                         plan.node_by_id[e[0]].order))
+    programmatic = programmatic_edges(plan, reduced)
+    return Analysis(tuple(reduced), programmatic, summarize(plan, dag, kept, len(programmatic))), []
 
 
-def summarize(plan: Plan, g: nx.DiGraph, reduced: nx.DiGraph) -> dict:
+def summarize(plan: Plan, dag: _Dag, kept: list[tuple[int, int]], programmatic: int) -> dict:
     kinds = Counter(n.kind for n in plan.nodes)
     by_memory: Counter = Counter()
     for b in plan.buffers.values():
         by_memory[b.memory] += b.nbytes
+    n = len(plan.nodes)
+    depth = [0] * n  # longest path (in nodes) ending at each node, over the reduced edges
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for u, v in kept:
+        preds[v].append(u)
+    for v in dag.order or []:
+        depth[v] = 1 + max((depth[u] for u in preds[v]), default=0)
+    exact = n <= EXACT_WIDTH_LIMIT
+    if exact:
+        g = nx.DiGraph()
+        g.add_nodes_from(range(n))
+        g.add_edges_from(kept)
+        width = max_width(g)
+    else:
+        width = max(Counter(depth).values(), default=0)
     return {
         "name": plan.name,
-        "nodes": len(plan.nodes),
+        "nodes": n,
         "nodes_by_kind": {k: kinds.get(k, 0) for k in ("kernel", "memcpy", "memset", "empty")},
-        "edges": g.number_of_edges(),
-        "edges_reduced": reduced.number_of_edges(),
-        "critical_path": nx.dag_longest_path_length(reduced) + 1 if len(plan.nodes) else 0,
-        "max_width": max_width(reduced),
+        "edges": dag.count,
+        "edges_reduced": len(kept),
+        "edges_programmatic": programmatic,
+        "critical_path": max(depth, default=0),
+        "max_width": width,
+        "max_width_exact": exact,
         "buffers": len(plan.buffers),
         "bytes_by_memory": {k: by_memory.get(k, 0) for k in ("device", "pinned")},
         "dims": dict(plan.dims),

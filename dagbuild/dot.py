@@ -1,13 +1,13 @@
-"""DOT text of a validated plan: the reduced DAG, shaped and coloured by node kind, repeats as clusters."""
+"""DOT text of a validated plan: the reduced DAG, shaped and coloured by node kind, repeats as clusters,
+programmatic edges drawn bold and coloured; labels show bound views (``act[0]``, not ``act[layers % 2]``)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from collections import defaultdict
 
 from .errors import DagbuildError
-from .plan import Plan, PlanNode
+from .ir import KernelOp, MemcpyOp, MemsetOp, Plan, PlanNode
 
 STYLE = {
     "kernel": 'shape=box, style="rounded,filled", fillcolor="#cfe2ff"',
@@ -30,15 +30,19 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+PROGRAMMATIC_EDGE = 'color="#d63384", penwidth=2, arrowhead=onormal, tooltip="programmatic"'
+
+
 def label(node: PlanNode) -> str:
-    if node.kind == "kernel":
+    op = node.op
+    if isinstance(op, KernelOp):
         dims = lambda d: "×".join(str(x) for x in d if x != 1) or "1"
-        return f"{node.id}\n{node.kernel}  {dims(node.grid)} × {dims(node.block)}" + (
-            f"\nshared {_bytes(node.shared)}" if node.shared else "")
-    if node.kind == "memcpy":
-        return f"{node.id}\n{node.direction} {_bytes(node.count)}\n{node.src.text} → {node.dst.text}"
-    if node.kind == "memset":
-        return f"{node.id}\nmemset {node.dst.text} = {node.value}\n{_bytes(node.dst.nbytes)}"
+        return f"{node.id}\n{op.kernel}  {dims(op.grid)} × {dims(op.block)}" + (
+            f"\nshared {_bytes(op.shared)}" if op.shared else "")
+    if isinstance(op, MemcpyOp):
+        return f"{node.id}\n{op.direction} {_bytes(op.count)}\n{op.src.label} → {op.dst.label}"
+    if isinstance(op, MemsetOp):
+        return f"{node.id}\nmemset {op.dst.label} = {op.value}\n{_bytes(op.dst.nbytes)}"
     return node.id
 
 
@@ -47,20 +51,26 @@ def to_dot(plan: Plan) -> str:
     lines = [f"digraph {_q(plan.name)} {{", '  rankdir=TB; graph [fontname="Helvetica", fontsize=11];',
              '  node [fontname="Helvetica", fontsize=10];',
              '  edge [color="#555555"];']
-    tree: dict = {"nodes": [], "children": defaultdict(dict)}
+    # each level lists its nodes and repeat blocks in spec order
+    tree: dict = {"items": [], "children": {}}
     for n in plan.nodes:
         level = tree
         for f in n.repeats:
-            block = level["children"].setdefault(f.block, {"frame": f, "iters": {}})
-            level = block["iters"].setdefault(f.value, {"nodes": [], "children": {}})
-        level["nodes"].append(n)
+            block = level["children"].get(f.block)
+            if block is None:
+                block = level["children"][f.block] = {"frame": f, "iters": {}}
+                level["items"].append(("block", f.block))
+            level = block["iters"].setdefault(f.value, {"items": [], "children": {}})
+        level["items"].append(("node", n))
 
     counter = iter(range(1 << 30))
 
     def emit(level: dict, indent: str) -> None:
-        for n in level["nodes"]:
-            lines.append(f"{indent}{_q(n.id)} [label={_q(label(n))}, {STYLE[n.kind]}];")
-        for block in level["children"].values():
+        for what, item in level["items"]:
+            if what == "node":
+                lines.append(f"{indent}{_q(item.id)} [label={_q(label(item))}, {STYLE[item.kind]}];")
+                continue
+            block = level["children"][item]
             f = block["frame"]
             lines.append(f"{indent}subgraph cluster_{next(counter)} {{")
             lines.append(f'{indent}  label={_q(f"repeat {f.var} × {f.count}")}; style=dashed; color="#888888";')
@@ -73,7 +83,8 @@ def to_dot(plan: Plan) -> str:
 
     emit(tree, "  ")
     for u, v in plan.edges:
-        lines.append(f"  {_q(u)} -> {_q(v)};")
+        style = f" [{PROGRAMMATIC_EDGE}]" if plan.edge_kind(u, v) == "programmatic" else ""
+        lines.append(f"  {_q(u)} -> {_q(v)}{style};")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

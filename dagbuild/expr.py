@@ -1,6 +1,8 @@
-"""The small, safe expression language of specs: dims, shapes, grids, scalar args, view indices.
+"""The small, safe expression language of specs: dims, shapes, grids, scalar args, view indices, checks.
 
-Integers and floats, names, ``+ - * // % ( )``, unary minus, ``ceil_div``, ``min`` and ``max``.
+Integers and floats, names, ``+ - * // % ( )``, unary minus, ``ceil_div``, ``min`` and ``max``;
+comparisons (``== != < <= > >=``) and ``and``/``or``/``not`` for a spec's ``checks``. A ``{expr}``
+template (what ids use, and what the Python builder's repeat vars are) reads as ``(expr)``.
 Parsed with :mod:`ast` and walked by hand against a whitelist; nothing is ever ``eval``-ed.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import operator
+import re
 from collections.abc import Mapping
 
 Number = int | float
@@ -20,6 +24,18 @@ FUNCTIONS = ("ceil_div", "min", "max")
 class ExprError(ValueError):
     """An expression failed to parse or evaluate; the message says why."""
 
+    code = "expression"
+
+
+class UnknownNameError(ExprError):
+    """An expression names something that is not a dim, type or repeat var."""
+
+    code = "unknown_reference"
+
+
+#: ``{expr}`` templates in ids, ``after`` entries and (as plain parentheses) expressions.
+TEMPLATE = re.compile(r"\{([^{}]+)\}")
+MAX_LENGTH = 4096  # characters of one expression
 
 def _ceil_div(a: Number, b: Number) -> Number:
     if b == 0:
@@ -36,14 +52,19 @@ _BINOPS = {
     ast.FloorDiv: lambda a, b: a // b,
     ast.Mod: lambda a, b: a % b,
 }
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge}
 _FUNCS = {"ceil_div": _ceil_div, "min": lambda *a: min(a), "max": lambda *a: max(a)}  # min(x) is x
 
 
 @functools.lru_cache(maxsize=8192)
 def parse(text: str) -> ast.expr:
     """Parse and whitelist-check ``text``; raises ExprError naming what is not allowed."""
+    if len(text) > MAX_LENGTH:
+        raise ExprError(f"expression longer than {MAX_LENGTH} characters: {text[:40]!r}...")
+    source = TEMPLATE.sub(r"(\1)", text.strip())
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(source, mode="eval")
     except SyntaxError as e:
         raise ExprError(f"syntax error in {text!r}: {e.msg}") from None
     except (RecursionError, MemoryError):  # CPython's parser gives up on very deep nesting
@@ -53,10 +74,16 @@ def parse(text: str) -> ast.expr:
             if isinstance(node, ast.operator) and type(node) not in _BINOPS:
                 raise ExprError(f"operator {type(node).__name__} is not allowed in {text!r} "
                                 "(use + - * // %)")
-            if isinstance(node, ast.unaryop) and not isinstance(node, ast.USub | ast.UAdd):
+            if isinstance(node, ast.unaryop) and not isinstance(node, ast.USub | ast.UAdd | ast.Not):
                 raise ExprError(f"operator {type(node).__name__} is not allowed in {text!r}")
             continue
-        if isinstance(node, ast.BinOp | ast.UnaryOp):
+        if isinstance(node, ast.BinOp | ast.UnaryOp | ast.BoolOp | ast.And | ast.Or):
+            continue
+        if isinstance(node, ast.Compare):
+            if not all(type(op) in _COMPARE for op in node.ops):
+                raise ExprError(f"only == != < <= > >= may compare in {text!r}")
+            continue
+        if isinstance(node, ast.cmpop):
             continue
         if isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, int | float):
@@ -102,12 +129,12 @@ def evaluate(value: Expr, env: Mapping[str, Number]) -> Number:
 
 
 def evaluate_int(value: Expr, env: Mapping[str, Number]) -> int:
-    """Evaluate where an integer is needed (sizes, grids, indices)."""
+    """Evaluate where an integer is needed (sizes, grids, indices, counts): a float is refused, even a
+    whole one (``rows[2.0]`` is a mistake, not row 2)."""
     out = evaluate(value, env)
     if isinstance(out, float):
-        if not out.is_integer():
-            raise ExprError(f"{value!r} evaluates to {out}, but an integer is needed")
-        return int(out)
+        shown = f"{value!r} = {out}" if isinstance(value, str) and value.strip() != repr(out) else str(out)
+        raise ExprError(f"{shown} is a float, but an integer is needed here")
     return out
 
 
@@ -128,12 +155,33 @@ def _closure(node: ast.expr, text: str):
             try:
                 return env[name]
             except KeyError:
-                raise ExprError(f"unknown name {name!r} in {text!r}") from None
+                raise UnknownNameError(f"unknown name {name!r} in {text!r}") from None
 
         return load
     if isinstance(node, ast.UnaryOp):
         inner = _closure(node.operand, text)
+        if isinstance(node.op, ast.Not):
+            return lambda env: int(not inner(env))
         return (lambda env: -inner(env)) if isinstance(node.op, ast.USub) else inner
+    if isinstance(node, ast.BoolOp):
+        parts = [_closure(v, text) for v in node.values]
+        if isinstance(node.op, ast.And):
+            return lambda env: int(all(p(env) for p in parts))
+        return lambda env: int(any(p(env) for p in parts))
+    if isinstance(node, ast.Compare):
+        first = _closure(node.left, text)
+        rest = [(_COMPARE[type(op)], _closure(c, text)) for op, c in zip(node.ops, node.comparators, strict=True)]
+
+        def compare(env):
+            a = first(env)
+            for op, c in rest:
+                b = c(env)
+                if not op(a, b):
+                    return 0
+                a = b
+            return 1
+
+        return compare
     if isinstance(node, ast.BinOp):
         left, right, op = _closure(node.left, text), _closure(node.right, text), _BINOPS[type(node.op)]
         if isinstance(node.op, ast.FloorDiv | ast.Mod):
@@ -155,9 +203,9 @@ def split_top_level(text: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside parentheses: ``"min(a, b), c"`` → ``["min(a, b)", "c"]``."""
     parts, depth, cur = [], 0, []
     for ch in text:
-        if ch in "([":
+        if ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
         if ch == sep and depth == 0:
             parts.append("".join(cur))

@@ -1,4 +1,4 @@
-"""Compile kernels and check their declared params against the PTX ``.entry``.
+"""Kernels: compile them, check their declared params against the PTX ``.entry``, cache the modules.
 
 Two compile paths:
 
@@ -7,24 +7,32 @@ Two compile paths:
 * :func:`load_module` compiles with CuPy (``cupy.RawModule``) for the device that is current and loads
   the module; :func:`function_handle` then gives the integer ``CUfunction`` that graph kernel nodes take.
 
-:func:`ptx_entry_params` and :func:`check_signature` are pure text processing of PTX.
+:func:`ptx_entry_params`, :func:`check_signature` and :func:`waits_programmatically` are pure text
+processing of PTX. :func:`check_plan` runs every check of a plan on the CPU (``dagbuild compile``);
+:class:`ModuleCache` holds the loaded modules that executables (and all buckets of a pool) share.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagbuild.errors import BuildError, CompileError, DagbuildError, DriverError, Issue, SpecError
+
+if TYPE_CHECKING:
+    from dagbuild.ir import Plan, PlanKernel
 
 __all__ = [
     "KINDS",
     "NVRTC_INSTALL_HINT",
+    "ModuleCache",
+    "check_plan",
     "check_signature",
     "compile_ptx",
     "cuda_include_dir",
@@ -349,3 +357,164 @@ def function_handle(module: Any, entry: str, kernel: str | None = None) -> int:
             who = f"kernel {kernel!r}: " if kernel else ""
             raise BuildError(f"{who}entry {entry!r} not found in the compiled module ({e})", code="signature") from e
         raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# Programmatic launch (pure text)
+# ----------------------------------------------------------------------------------------------------
+
+_FUNC_START = re.compile(
+    r"^\s*(?:\.visible\s+|\.weak\s+|\.extern\s+)*\.(?:entry|func)\b[^\n]*?([A-Za-z_$%][\w$]*)\s*\(", re.M)
+_CALL = re.compile(r"\bcall(?:\.uni)?\s+(?:\([^)]*\)\s*,\s*)?([A-Za-z_$%][\w$]*)")
+
+
+def _bodies(ptx: str) -> dict[str, str]:
+    """Each ``.entry``/``.func`` name → its text up to the next one."""
+    text = _COMMENT_RE.sub("", ptx)
+    starts = [(m.start(), m.group(1)) for m in _FUNC_START.finditer(text)]
+    return {name: text[a:b] for (a, name), (b, _) in zip(starts, [*starts[1:], (len(text), "")], strict=True)}
+
+
+def waits_programmatically(ptx: str, entry: str) -> bool:
+    """Whether ``entry`` (or a function it calls) executes ``griddepcontrol.wait``: the instruction that
+    makes a programmatic edge into its node safe."""
+    bodies = _bodies(ptx)
+    todo, seen = [entry], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in bodies:
+            continue
+        seen.add(name)
+        body = bodies[name]
+        if "griddepcontrol.wait" in body:
+            return True
+        todo.extend(_CALL.findall(body))
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks of a plan's kernels (no GPU)
+# ----------------------------------------------------------------------------------------------------
+
+_PTX_CACHE: dict[tuple, str] = {}
+
+
+def cache_dir() -> Path | None:
+    """Where PTX for signature checks is kept between runs (``DAGBUILD_CACHE_DIR``; empty disables)."""
+    env = os.environ.get("DAGBUILD_CACHE_DIR")
+    if env == "":
+        return None
+    return Path(env) if env else Path.home() / ".cache" / "dagbuild"
+
+
+def plan_ptx(source: str, kernel: str, arch: str, options: tuple[str, ...]) -> str:
+    """PTX of a kernel source, compiled once per source/arch/options in this process (whichever spec
+    kernel asks first names it in errors), and kept on disk between runs."""
+    key = (source, arch, options)
+    if key in _PTX_CACHE:
+        return _PTX_CACHE[key]
+    digest = hashlib.sha256(repr((source, arch, options, nvrtc_version())).encode()).hexdigest()[:32]
+    root = cache_dir()
+    path = root / f"{digest}.ptx" if root else None
+    if path is not None and path.is_file():
+        ptx = path.read_text()
+    else:
+        ptx = compile_ptx(source, kernel, arch=arch, options=options)
+        if path is not None:
+            try:
+                root.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(ptx)
+                tmp.replace(path)
+            except OSError:
+                pass  # a read-only home only costs a recompile next time
+    _PTX_CACHE[key] = ptx
+    return ptx
+
+
+def check_kernel(k: PlanKernel, arch: str) -> list[Issue]:
+    """``signature`` issues for one kernel (empty when it matches); CompileError if it does not compile."""
+    ptx = plan_ptx(k.source, k.name, arch, k.options)
+    return [Issue(i.code, i.message, i.nodes, i.buffer, k.line, i.field or f"kernels.{k.name}")
+            for i in check_signature(k.name, k.entry, [(p.name, p.kind) for p in k.params], ptx)]
+
+
+def programmatic_issues(plan: Plan, arch: str) -> list[Issue]:
+    """A node with a programmatic edge into it must run a kernel whose PTX has ``griddepcontrol.wait``:
+    without the wait the edge is a silent race."""
+    issues: list[Issue] = []
+    programmatic = plan.analysis.programmatic if plan.analysis else frozenset()
+    into: dict[str, str] = {}
+    for u, v in sorted(programmatic):
+        into.setdefault(v, u)
+    for n in plan.nodes:
+        if n.id not in into:
+            continue
+        k = plan.kernels[n.op.kernel]  # type: ignore[union-attr]
+        if not waits_programmatically(plan_ptx(k.source, k.name, arch, k.options), k.entry):
+            issues.append(Issue(
+                "signature", f"node {n.id!r} (kernel {k.name!r}, entry {k.entry!r}) launches programmatically "
+                f"after {into[n.id]!r}, but the entry never executes griddepcontrol.wait: without it the "
+                "programmatic edge is a race. Call it before touching produced data, or declare `launch: plain`",
+                nodes=(n.id,), line=plan.spec.line_of(n.path), field="launch"))
+    return issues
+
+
+def check_plan(plan: Plan, arch: str = "sm_90") -> dict[str, dict]:
+    """Compile and check every kernel of a plan (signatures, programmatic waits); raise SpecError
+    listing every problem. Returns per kernel: entry, param count, PTX bytes."""
+    _arch_option(arch)  # a bad arch is the caller's mistake, not a kernel's
+    issues, report = [], {}
+    for name, k in plan.kernels.items():
+        try:
+            found = check_kernel(k, arch)
+        except CompileError as e:
+            issues.append(Issue("compile", str(e), line=k.line, field=f"kernels.{name}"))
+            continue
+        issues += found
+        report[name] = {"entry": k.entry, "params": len(k.params),
+                        "ptx_bytes": len(plan_ptx(k.source, k.name, arch, k.options))}
+    if not issues:
+        issues = programmatic_issues(plan, arch)
+    if issues:
+        raise SpecError(issues)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loaded modules, shared between executables
+# ----------------------------------------------------------------------------------------------------
+
+
+class ModuleCache:
+    """Compiled modules and function handles, shared by every executable that is given it (a pool).
+
+    Keyed by source text and options: one module per source, however many spec kernels name it."""
+
+    def __init__(self) -> None:
+        self.modules: dict[tuple, Any] = {}
+        self.functions: dict[tuple, int] = {}
+        self.checked: set[tuple] = set()
+
+    def module(self, k: PlanKernel) -> Any:
+        key = (k.source, k.options)
+        if key not in self.modules:
+            self.modules[key] = load_module(k.source, k.name, k.options)
+        return self.modules[key]
+
+    def function(self, k: PlanKernel, arch: str | None) -> int:
+        """The ``CUfunction`` of ``k``'s entry; with ``arch``, its signature is checked first (once)."""
+        module = self.module(k)
+        if arch and (k.source, k.options, k.entry, k.params) not in self.checked:
+            issues = check_kernel(k, arch)
+            if issues:
+                raise SpecError(issues)
+            self.checked.add((k.source, k.options, k.entry, k.params))
+        fkey = (k.source, k.options, k.entry)
+        if fkey not in self.functions:
+            self.functions[fkey] = function_handle(module, k.entry, kernel=k.name)
+        return self.functions[fkey]
+
+    def clear(self) -> None:
+        self.modules.clear()
+        self.functions.clear()

@@ -16,13 +16,19 @@ import gc
 import itertools
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
-from .errors import BuildError, SpecError
-from .executable import NP_DTYPE, Executable, ModuleCache
-from .plan import Plan, bind
+from . import expr
+from .bind import TEMPLATE, bind, parse_view
+from .buffers import Arena
+from .dag import data_flow
+from .errors import BuildError, Issue, SpecError
+from .executable import ExecOptions, Executable
+from .ir import Plan
+from .kernels import ModuleCache
 from .plan import plan as make_plan
-from .spec import GraphSpec
+from .spec import GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
 
 
 class GraphPool:
@@ -30,55 +36,52 @@ class GraphPool:
 
     ``method`` picks how buckets after the first are built: ``"fresh"`` adds every node anew;
     ``"derive"`` instantiates the largest bucket's graph again and sets the parameters that differ;
-    ``"auto"`` (default) derives serialized graphs and builds concurrent ones fresh. Measured on an H200,
-    67 buckets of the TinyLlama-shape graph, one run: derived serialized 0.87 s, fresh concurrent 1.01 s,
-    derived concurrent 1.56 s (setting parameters in an executable with concurrent branches costs more
-    than adding them to a new graph; every node's parameters differ between batch buckets).
-    ``concurrent=False`` chains each graph's nodes in one order: independent branches then run one
-    after another, and the driver keeps ~12× less memory per executable (TinyLlama shape: 0.67 MiB
-    instead of 8.2 MiB; the branches are what cost the driver memory).
+    ``"auto"`` (default) derives serialized graphs and builds concurrent ones fresh (what measured
+    faster: NOTES.md). ``concurrent=False`` chains each graph's nodes in one order: independent branches
+    then run one after another, and the driver keeps far less memory per executable. ``options`` are
+    every executable's build options (``concurrent`` overrides its field).
     """
 
     def __init__(self, spec: GraphSpec, buckets: Mapping[str, list[int]], *, eager: bool = True,
                  overrides: Mapping[str, Any] | None = None, method: str = "auto", device: int = 0,
-                 backend: Any = None, concurrent: bool = True):
+                 backend: Any = None, concurrent: bool = True, options: ExecOptions | None = None):
         if not buckets:
             raise BuildError("GraphPool needs at least one bucketed dim, e.g. buckets={'batch': [1, 2, 4]}")
         for dim, values in buckets.items():
             if dim not in spec.dims:
-                raise SpecError([_issue(f"bucketed dim {dim!r} is not a dim of spec {spec.name!r} "
-                                        f"(dims: {', '.join(spec.dims)})")])
-            if not values or any(int(v) < 1 for v in values):
+                raise SpecError([Issue("unknown_reference", f"bucketed dim {dim!r} is not a dim of spec "
+                                       f"{spec.name!r} (dims: {', '.join(spec.dims)})", field="buckets")])
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
                 raise BuildError(f"buckets for {dim!r} must be integers ≥ 1, got {list(values)}")
         if method not in ("auto", "derive", "fresh"):
             raise BuildError(f"method must be 'auto', 'derive' or 'fresh', not {method!r}")
         if method == "auto":
             method = "fresh" if concurrent else "derive"
         self.spec, self.method, self.concurrent = spec, method, concurrent
+        self.options = replace(options or ExecOptions(device=device), concurrent=concurrent, upload=False)
         self.buckets = {d: sorted({int(v) for v in vs}) for d, vs in buckets.items()}
         self.overrides = dict(overrides or {})
         self.executables: dict[tuple[int, ...], Executable] = {}
         self.build_ms: dict[tuple[int, ...], float] = {}
         self._plans: dict[tuple[int, ...], Plan] = {}
-        self._programs: dict = {}  # compiled kernel-node programs shared by every bucket's bind
+        self._bindings: dict = {}  # compiled kernel-node bindings shared by every bucket's bind
         self._flow_fixed = _flow_fixed(spec, set(buckets))
         self._closed = False
-        self.arena: dict[str, Any] = {}
+        self.arena: Arena | None = None
+        self._first: Executable | None = None  # the largest bucket's executable: others derive from it
         try:
             import cupy
 
             if backend is None:
                 from .backends import get_backend
 
-                backend = get_backend("auto", device)
+                backend = get_backend("auto", self.options.device)
             self.backend = backend
             self.modules = ModuleCache()
             self.stream = cupy.cuda.Stream(non_blocking=True)
-            top = tuple(vs[-1] for vs in self.buckets.values())
-            self.largest = top
-            self._template_plan = self._plan_for(top)
-            self._allocate_arena(self._template_plan)
-            self._template: Executable | None = None
+            self.largest = tuple(vs[-1] for vs in self.buckets.values())
+            self.largest_plan = self.plan_for(self.largest)
+            self.arena = Arena(self.largest_plan.buffers)
             if eager:
                 with _no_gc():
                     for key in itertools.product(*self.buckets.values()):
@@ -88,69 +91,54 @@ class GraphPool:
             raise
 
     # ---- planning ----------------------------------------------------------------------------------
-    def _plan_for(self, key: tuple[int, ...]) -> Plan:
-        """Bind the spec at one bucket; reuse the largest bucket's reduced DAG when the data flow (every
-        inferred and ``after`` edge) is the same, else analyze this bucket in full."""
+    def plan_for(self, key: tuple[int, ...]) -> Plan:
+        """The plan of one bucket. Reuses the largest bucket's analysis when the data flow (every inferred
+        and ``after`` edge) is the same, else analyses this bucket in full."""
         if key in self._plans:
             return self._plans[key]
         dims = {**self.overrides, **dict(zip(self.buckets, key, strict=True))}
-        tpl = getattr(self, "_template_plan", None)
-        if tpl is None:
+        largest = getattr(self, "largest_plan", None)
+        if largest is None:
             p = make_plan(self.spec, dims)
-            self._template_flow = _data_flow(p)
+            self._largest_flow = data_flow(p)
         else:
-            p, issues = bind(self.spec, dims, self._programs)
+            p, issues = bind(self.spec, dims, self._bindings)
             if issues:
                 raise SpecError(issues)
-            same_ids = [n.id for n in p.nodes] == [n.id for n in tpl.nodes]
-            if same_ids and (self._flow_fixed or _data_flow(p) == self._template_flow):
-                p.edges, p.summary = tpl.edges, {**tpl.summary, "dims": dict(p.dims)}
+            same_ids = [n.id for n in p.nodes] == [n.id for n in largest.nodes]
+            if same_ids and (self._flow_fixed or data_flow(p) == self._largest_flow):
+                a = largest.analysis
+                p = replace(p, analysis=replace(a, summary={**a.summary, "dims": dict(p.dims)}))
             else:
                 p = make_plan(self.spec, dims)
         self._plans[key] = p
         return p
 
-    def _allocate_arena(self, p: Plan) -> None:
-        import cupy
-        import cupyx
-
-        for name, b in p.buffers.items():
-            dt = NP_DTYPE[b.dtype]
-            if b.memory == "pinned":
-                self.arena[name] = cupyx.zeros_pinned(b.shape, dtype=dt)
-            else:
-                self.arena[name] = cupy.zeros(b.shape, dtype=dt)
-
     def activations(self) -> list[str]:
         """Buffers whose size follows a bucketed dim (viewed as prefixes by smaller buckets)."""
         bucketed = set(self.buckets)
-        return [n for n, b in self._template_plan.buffers.items() if b.dims_used & bucketed]
+        return [n for n, b in self.largest_plan.buffers.items() if b.dims_used & bucketed]
 
     @property
     def arena_bytes(self) -> int:
-        return sum(b.nbytes for b in self._template_plan.buffers.values() if b.memory == "device")
+        return sum(b.nbytes for b in self.largest_plan.buffers.values() if b.memory == "device")
 
     # ---- building ----------------------------------------------------------------------------------
     def _build(self, key: tuple[int, ...]) -> Executable:
         if key in self.executables:
             return self.executables[key]
+        if self._first is None and key != self.largest:
+            self._build(self.largest)
         t0 = time.perf_counter()
-        if self._template is None:
-            tkey = self.largest
-            self._template = Executable(self._plan_for(tkey), backend=self.backend, bound=self.arena,
-                                        modules=self.modules, stream=self.stream, upload=False,
-                                        concurrent=self.concurrent)
-            self.executables[tkey] = self._template
-            self.build_ms[tkey] = (time.perf_counter() - t0) * 1e3
-            if key == tkey:
-                return self._template
-            t0 = time.perf_counter()
-        p = self._plan_for(key)
-        same = p.edges == self._template.plan.edges and \
-            [n.id for n in p.nodes] == [n.id for n in self._template.plan.nodes]
-        template = self._template if self.method == "derive" and same else None
-        exe = Executable(p, backend=self.backend, bound=self.arena, modules=self.modules, stream=self.stream,
-                         upload=False, template=template, concurrent=self.concurrent)
+        p = self.plan_for(key)
+        source = None
+        if self._first is not None and self.method == "derive" and p.edges == self._first.plan.edges and \
+                [n.id for n in p.nodes] == [n.id for n in self._first.plan.nodes]:
+            source = self._first
+        exe = Executable(p, self.options, backend=self.backend, bound=self.arena.arrays, modules=self.modules,
+                         stream=self.stream, derive_from=source)
+        if self._first is None:
+            self._first = exe
         self.executables[key] = exe
         self.build_ms[key] = (time.perf_counter() - t0) * 1e3
         return exe
@@ -164,12 +152,12 @@ class GraphPool:
         key = []
         for d, values in self.buckets.items():
             want = dims.get(d, values[-1])
+            if want < 1:
+                raise BuildError(f"{d}={want} must be ≥ 1")
             fit = [v for v in values if v >= want]
             if not fit:
                 raise BuildError(f"{d}={want} is above the largest bucket ({values[-1]}); build the pool with "
                                  f"a larger bucket")
-            if want < 1:
-                raise BuildError(f"{d}={want} must be ≥ 1")
             key.append(fit[0])
         return tuple(key)
 
@@ -190,18 +178,19 @@ class GraphPool:
         self.stream.synchronize()
 
     def close(self) -> None:
-        """Free every executable (derived ones first, then the template that owns the graph) and the arena."""
+        """Free every executable (derived ones first, then the one that owns the graph) and the arena."""
         if self._closed:
             return
         self._closed = True
-        template = getattr(self, "_template", None)
+        first = getattr(self, "_first", None)
         for exe in list(self.executables.values()):
-            if exe is not template:
+            if exe is not first:
                 exe.close()
-        if template is not None:
-            template.close()
+        if first is not None:
+            first.close()
         self.executables.clear()
-        self.arena.clear()
+        if self.arena is not None:
+            self.arena.close()
         if hasattr(self, "modules"):
             self.modules.clear()
 
@@ -216,10 +205,6 @@ def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:
     """True when no view index and no ``after`` template mentions a bucketed dim. Then buckets with the
     same node ids have the same edges: views address leading-axis blocks of row-major buffers, and two
     such views overlap exactly when one index tuple is a prefix of the other, whatever the shapes."""
-    from . import expr
-    from .plan import TEMPLATE, parse_view
-    from .spec import KernelNode, MemcpyNode, MemsetNode, RepeatBlock
-
     def index_names(text: object) -> set[str]:
         view = parse_view(text) if isinstance(text, str) else None
         if view is None or view[1] is None:
@@ -253,14 +238,6 @@ def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:
     return walk(spec.nodes)
 
 
-def _data_flow(p: Plan) -> set[tuple[str, str]]:
-    """Every edge before reduction: inferred from data flow (``deps: infer``) and from ``after``."""
-    from .dag import infer_edges
-
-    edges = infer_edges(p.nodes) if p.deps == "infer" else set()
-    return edges | {(a, n.id) for n in p.nodes for a in n.after}
-
-
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
     """Building many plans and graphs makes millions of small objects and no cycles; Python's cyclic
@@ -272,39 +249,3 @@ def _no_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _issue(message: str):
-    from .errors import Issue
-
-    return Issue("unknown_reference", message, field="buckets")
-
-
-def pool_cli(spec: GraphSpec, args: Any) -> int:
-    """``dagbuild pool``: build every bucket; print build time per bucket and in total, and memory."""
-    from .cli import gpu_reason, overrides_of
-
-    reason = gpu_reason()
-    if reason is not None:
-        print(f"dagbuild pool needs a GPU: {reason}.")
-        return 2
-    import cupy
-
-    overrides = overrides_of(args)
-    free0, _ = cupy.cuda.runtime.memGetInfo()
-    t0 = time.perf_counter()
-    with GraphPool(spec, args.buckets, eager=not args.lazy, overrides=overrides,
-                   concurrent=not args.serial) as pool:
-        total_ms = (time.perf_counter() - t0) * 1e3
-        cupy.cuda.Device().synchronize()
-        free1, _ = cupy.cuda.runtime.memGetInfo()
-        used = free0 - free1
-        print(f"{spec.name}: {len(pool.executables)} buckets of {', '.join(pool.buckets)} built in "
-              f"{total_ms:.1f} ms ({'lazy' if args.lazy else 'eager'}, method {pool.method})")
-        for key, ms in sorted(pool.build_ms.items()):
-            print(f"  {dict(zip(pool.buckets, key, strict=True))}: {ms:.2f} ms")
-        arena = pool.arena_bytes
-        print(f"arena (device buffers at the largest bucket): {arena / 2**20:.1f} MiB")
-        print(f"device memory in use after building: {used / 2**20:.1f} MiB; beyond the arena: "
-              f"{(used - arena) / 2**20:.1f} MiB")
-    return 0

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,15 +21,11 @@ from pydantic import (
     StrictInt,
     StrictStr,
     Tag,
+    field_validator,
     model_validator,
 )
 
 FORMAT_VERSION = 1
-
-SCALAR_TYPES = ("i32", "u32", "i64", "u64", "f32", "f64")
-ELEMENT_TYPES = (*SCALAR_TYPES, "f16", "bf16", "i8", "u8")
-ITEMSIZE = {"i8": 1, "u8": 1, "f16": 2, "bf16": 2, "i32": 4, "u32": 4, "f32": 4,
-            "i64": 8, "u64": 8, "f64": 8}
 
 #: A number, or expression text evaluated by :mod:`dagbuild.expr`.
 Expr = Union[StrictInt, StrictFloat, StrictStr]  # noqa: UP007  (pydantic needs the Union here)
@@ -46,6 +43,9 @@ class KernelDecl(_Model):
     entry: str
     params: list[str]
     options: list[str] = Field(default_factory=list)
+    launch: Literal["plain", "programmatic"] = Field(
+        "plain", description="programmatic: the kernel calls griddepcontrol.wait (in every block, before it "
+        "touches data another node writes), so edges from producer kernels may be programmatic")
 
     @model_validator(mode="after")
     def _one_source(self) -> KernelDecl:
@@ -62,9 +62,23 @@ class BufferDecl(_Model):
     memory: Literal["device", "pinned"] = "device"
 
 
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class _NodeBase(_Model):
-    id: str
-    after: list[str] = Field(default_factory=list)
+    id: StrictStr
+    after: list[StrictStr] = Field(default_factory=list)
+    launch: Literal["plain", "programmatic"] | None = Field(
+        None, description="kernel nodes: overrides the kernel's `launch` (programmatic edges join kernels only)")
+
+    @field_validator("id")
+    @classmethod
+    def _id_text(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a node id must not be empty")
+        if _BAD_ID.search(v):
+            raise ValueError(f"node id {v!r} contains a control character")
+        return v
 
 
 class KernelNode(_NodeBase):
@@ -143,14 +157,25 @@ Node = Annotated[
 ]
 RepeatBlock.model_rebuild()
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: A spec's name: it becomes file names (``<name>.dot``), so no paths, no hidden files.
+_SPEC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+
+
+class Check(_Model):
+    """A precondition on the dims, checked when a spec is bound: ``{expr: "hidden % 8 == 0", message: ...}``."""
+
+    expr: StrictStr
+    message: StrictStr
 
 
 class GraphSpec(_Model):
     """A whole decode-step (or any) DAG: dims, types, kernels, buffers and nodes in list order."""
 
     dagbuild: Literal[1] = Field(description="format version; must be 1")
-    name: str
+    name: StrictStr = Field(description="letters, digits, _ . - (it names output files)")
+    runner: StrictStr | None = Field(None, description="what `dagbuild run` does with it, e.g. llama_decode; "
+                                     "none: build and launch")
     dims: dict[str, StrictInt] = Field(default_factory=dict)
     types: dict[str, str] = Field(default_factory=dict,
                                   description="type parameters, e.g. {wt: f16}; usable as dtypes")
@@ -158,17 +183,27 @@ class GraphSpec(_Model):
     kernels: dict[str, KernelDecl] = Field(default_factory=dict)
     buffers: dict[str, BufferDecl] = Field(default_factory=dict)
     nodes: list[Node] = Field(default_factory=list)
+    checks: list[Check] = Field(default_factory=list, description="preconditions on the dims")
 
     _base_dir: Path | None = PrivateAttr(default=None)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _names(self) -> GraphSpec:
-        for section in ("dims", "types", "buffers", "kernels"):
-            for key in getattr(self, section):
-                if not _NAME.match(key):
-                    raise ValueError(f"{section} name {key!r} is not an identifier")
-        return self
+    @field_validator("name")
+    @classmethod
+    def _spec_name(cls, v: str) -> str:
+        if not _SPEC_NAME.match(v):
+            raise ValueError(f"spec name {v!r} must be 1-128 of A-Z a-z 0-9 _ . - and not start with . or -"
+                             " (it names output files)")
+        return v
+
+    @field_validator("dims", "types", "buffers", "kernels")
+    @classmethod
+    def _keys(cls, v: dict, info: Any) -> dict:
+        for key in v:
+            if not _NAME.match(key):
+                raise ValueError(f"{info.field_name} name {key!r} is not an ASCII identifier "
+                                 "(A-Z a-z 0-9 _, not starting with a digit)")
+        return v
 
     def __eq__(self, other: object) -> bool:
         """Equal when every field is: the YAML line map and base directory are bookkeeping, not content."""
@@ -199,6 +234,25 @@ class GraphSpec(_Model):
         return self.model_dump(mode="json", exclude_defaults=True, by_alias=True) | {"dagbuild": 1}
 
     def to_yaml(self) -> str:
-        from .load import dump_yaml
+        """YAML text that :func:`dagbuild.load.parse_spec` reads back to an equal GraphSpec."""
+        data = self.to_dict()
+        order = ["dagbuild", "name", "runner", "dims", "types", "deps", "checks", "kernels", "buffers", "nodes"]
+        data = {k: data[k] for k in order if k in data}
+        return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=100)
 
-        return dump_yaml(self)
+
+class _Dumper(yaml.SafeDumper):
+    """Short lists of scalars in flow style, multi-line strings (inline kernel code) as blocks."""
+
+
+def _flow_small(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(x, int | float | str) and not (isinstance(x, str) and "\n" in x) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_Dumper.add_representer(list, _flow_small)
+_Dumper.add_representer(str, _str)

@@ -10,10 +10,11 @@ import networkx as nx
 import pytest
 from conftest import ROOT, SPECS
 
+from dagbuild.bind import bind
 from dagbuild.dag import full_graph, infer_edges, max_width
 from dagbuild.errors import SpecError
 from dagbuild.load import load_spec, parse_spec
-from dagbuild.plan import bind, plan
+from dagbuild.plan import plan
 
 HEAD = """\
 dagbuild: 1

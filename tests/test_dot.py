@@ -117,7 +117,7 @@ def test_shapes_and_labels_by_kind():
 
 def test_awkward_ids_are_quoted():
     ids = ['say "hi"', "back\\slash", "a -> b", "digraph", "x;y", "[brackets] {}"]
-    spec = from_dict({"dagbuild": 1, "name": 'the "graph"',
+    spec = from_dict({"dagbuild": 1, "name": "the.graph-1",
                       "nodes": [{"id": i, "empty": {}, "after": ids[k - 1:k]} for k, i in enumerate(ids)]})
     p = plan(spec)
     g = parse(dot.to_dot(p))

@@ -73,12 +73,15 @@ def dag_specs(draw, deps: str = "infer"):
             v = view(in_repeat)
             return ({"memset": {"dst": text(v, in_repeat), "value": draw(st.sampled_from([0, 1.5, -2]))}},
                     lambda r: [(*rng(v, r), True)])
-        if kind == "memcpy":
+        if kind == "memcpy" and nbuf > 1:
             src = view(True)  # rows only: every row is ROW bytes, so sizes always match
             dst = view(True)
+            if dst[0] == src[0]:  # a memcpy may not overlap itself: copy into another buffer
+                other = (src[0] + 1) % nbuf
+                dst = (other, dst[1] % rows[other])
             return ({"memcpy": {"dst": text(dst, in_repeat), "src": text(src, in_repeat)}},
                     lambda r: [(*rng(src, r), False), (*rng(dst, r), True)])
-        if kind == "rw":
+        if kind in ("rw", "memcpy"):
             a, b = view(in_repeat), view(in_repeat)
             return ({"kernel": "rw", "grid": [1], "block": [N],
                      "args": {"a": text(a, in_repeat), "b": text(b, in_repeat), "n": "n"}},

@@ -513,7 +513,7 @@ def test_type_param_resolves_in_params_and_buffers():
         "const f32* x, f32* y", "const wt* x, f32* y")
     text = spec_text(kernel_node(args='{x: "h[1]", y: y, a: 1.0, n: n}'), head=head)
     p = plan(parse_spec(text, base_dir=SPECS))
-    assert p.nodes[0].args[0].param.dtype == "f16"
+    assert p.nodes[0].op.args[0].param.dtype == "f16"
     issue = only(text, {"wt": "f32"})  # the override changes the param, and h is still f16
     assert issue.code == "arg_mismatch" and issue.buffer == "h"
 
@@ -549,7 +549,7 @@ def test_memcpy_sizes_differ():
 def test_memcpy_same_size_different_dtypes_is_fine():
     # x is 256 f32 = 1024 bytes; h is 2 x 256 f16 = 1024 bytes: a byte copy, allowed
     p = plan(parse_spec(spec_text("- id: cp\n  memcpy: {dst: x, src: h}\n"), base_dir=SPECS))
-    assert p.nodes[0].count == 1024 and p.nodes[0].direction == "D2D"
+    assert p.nodes[0].op.count == 1024 and p.nodes[0].op.direction == "D2D"
 
 
 @pytest.mark.parametrize("count", ["0", '"n - 300"'])

@@ -30,30 +30,17 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from dagbuild import dtypes
 from dagbuild.errors import BuildError, DagbuildError, DriverError
 
 __all__ = ["ARG_KINDS", "CudaBackend", "PackedArgs", "load_driver", "pack_args"]
 
 INSTALL_HINT = "pip install 'dagbuild[cuda13]'"
 
-#: ctypes storage type of each kernel-argument kind.
-ARG_KINDS: dict[str, type] = {
-    "ptr": ctypes.c_uint64,
-    "i32": ctypes.c_int32,
-    "u32": ctypes.c_uint32,
-    "i64": ctypes.c_int64,
-    "u64": ctypes.c_uint64,
-    "f32": ctypes.c_float,
-    "f64": ctypes.c_double,
-}
-
-_INT_RANGE: dict[str, tuple[int, int]] = {
-    "ptr": (0, 2**64),
-    "u64": (0, 2**64),
-    "i64": (-(2**63), 2**63),
-    "u32": (0, 2**32),
-    "i32": (-(2**31), 2**31),
-}
+_CTYPE = {"Q": ctypes.c_uint64, "q": ctypes.c_int64, "I": ctypes.c_uint32, "i": ctypes.c_int32,
+          "f": ctypes.c_float, "d": ctypes.c_double}
+#: ctypes storage type of each kernel-argument kind (the kinds and their layout come from dagbuild.dtypes).
+ARG_KINDS: dict[str, type] = {k: _CTYPE[dtypes.struct_code(k)] for k in dtypes.ARG_KINDS}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,16 +75,13 @@ class PackedArgs:
         return len(self._offsets)
 
 
-_STRUCT_CODE = {"ptr": "Q", "i32": "i", "u32": "I", "i64": "q", "u64": "Q", "f32": "f", "f64": "d"}
-
-
 @functools.lru_cache(maxsize=1024)
 def _layout(kinds: tuple[str, ...]) -> tuple[struct.Struct, tuple[int, ...]]:
     """A native-aligned struct for these kinds and each argument's byte offset in it."""
-    fmt = "@" + "".join(_STRUCT_CODE[k] for k in kinds)
+    fmt = "@" + "".join(dtypes.struct_code(k) for k in kinds)
     offsets, prefix = [], "@"
     for k in kinds:
-        code = _STRUCT_CODE[k]
+        code = dtypes.struct_code(k)
         offsets.append(struct.calcsize(prefix + "0" + code))  # aligned start of the next field
         prefix += code
     return struct.Struct(fmt), tuple(offsets)
@@ -112,7 +96,7 @@ def pack_args(args: Sequence[tuple[str, int | float]]) -> PackedArgs:
         kinds = tuple(k for k, _ in args)
         layout, offsets = _layout(kinds)
         values = [v for _, v in args]
-        if not any(type(v) is float for k, v in zip(kinds, values, strict=True) if k in _INT_RANGE):
+        if not any(type(v) is float for k, v in zip(kinds, values, strict=True) if dtypes.int_range(k)):
             buf = ctypes.create_string_buffer(max(layout.size, 1)) if kinds else None
             if buf is not None:
                 layout.pack_into(buf, 0, *values)
@@ -129,16 +113,17 @@ def pack_args(args: Sequence[tuple[str, int | float]]) -> PackedArgs:
                 f"kernel argument #{i} has unknown kind {kind!r}; expected one of {', '.join(ARG_KINDS)}",
                 code="args",
             )
-        if kind in _INT_RANGE:
+        rng = dtypes.int_range(kind)
+        if rng is not None:
             try:
                 v = value.__index__()  # ints, numpy ints; not floats
             except (AttributeError, TypeError):
                 raise BuildError(
                     f"kernel argument #{i} ({kind}) must be an integer, got {value!r}", code="args"
                 ) from None
-            lo, hi = _INT_RANGE[kind]
-            if not lo <= v < hi:
-                raise BuildError(f"kernel argument #{i} ({kind}) = {v} is out of range [{lo}, {hi})", code="args")
+            lo, hi = rng
+            if not lo <= v <= hi:
+                raise BuildError(f"kernel argument #{i} ({kind}) = {v} is out of range [{lo}, {hi}]", code="args")
         else:
             try:
                 float(value)
@@ -185,6 +170,8 @@ class CudaBackend:
     name = "cuda"
     #: whether the backend can build conditional (IF/WHILE) nodes
     conditional_nodes = True
+    #: whether the backend can make programmatic (early-launch) kernel → kernel edges
+    programmatic_edges = True
 
     def __init__(self, device: int = 0):
         try:
@@ -389,6 +376,25 @@ class CudaBackend:
         d = self._deps(deps)
         return self._check("cuGraphAddEmptyNode", self._drv.cuGraphAddEmptyNode(graph, d, len(d)))
 
+    def _edge_data(self, kind: str) -> Any:
+        edge = self._drv.CUgraphEdgeData()  # a default one is a plain edge
+        if kind == "programmatic":
+            # The PROGRAMMATIC port (not LAUNCH_ORDER): the consumer may launch once every block of the
+            # producer has executed griddepcontrol.launch_dependents (or exited), so the producer decides how
+            # early; its griddepcontrol.wait still waits for the producer's completion and memory.
+            edge.type = self._drv.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+            edge.from_port = int(self._drv.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC)
+        elif kind != "plain":
+            raise BuildError(f"unknown edge kind {kind!r}; expected plain or programmatic", code="edge")
+        return edge
+
+    def add_dependency(self, graph, src, dst, kind: str = "plain") -> None:
+        """One edge ``src → dst`` of ``kind`` (``plain`` or ``programmatic``: kernel nodes only)."""
+        edge = self._edge_data(kind)
+        drv = self._drv
+        add = getattr(drv, "cuGraphAddDependencies_v2", None) or drv.cuGraphAddDependencies  # 12.x has _v2
+        self._check("cuGraphAddDependencies", add(graph, [self._node(src)], [self._node(dst)], [edge], 1))
+
     # -- executable graphs ----------------------------------------------------------------------------
 
     def instantiate(self, graph: Any) -> Any:
@@ -496,6 +502,21 @@ class CudaBackend:
             return []
         outs = self._check("cuGraphNodeGetDependencies", self._drv.cuGraphNodeGetDependencies(n, count))
         return list(outs[0])[: int(outs[-1])]
+
+    def node_dep_edges(self, node: Any) -> list[tuple[Any, str]]:
+        """The nodes ``node`` depends on, each with its edge kind (``plain`` or ``programmatic``)."""
+        n = self._node(node)
+        first = self._check("cuGraphNodeGetDependencies", self._drv.cuGraphNodeGetDependencies(n, 0))
+        count = int(first[-1])
+        if count == 0:
+            return []
+        outs = self._check("cuGraphNodeGetDependencies", self._drv.cuGraphNodeGetDependencies(n, count))
+        deps = list(outs[0])[: int(outs[-1])]
+        if len(outs) < 3:  # CUDA 12 bindings: no edge data
+            return [(d, "plain") for d in deps]
+        programmatic = int(self._drv.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC)
+        return [(d, "programmatic" if int(e.type) == programmatic else "plain")
+                for d, e in zip(deps, list(outs[1])[: len(deps)], strict=True)]
 
     def close(self) -> None:
         """Nothing to free: callers destroy the graphs and executables they made; the context is CuPy's."""

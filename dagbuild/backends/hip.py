@@ -6,7 +6,8 @@
 
 * the kernel-node params struct (``hipKernelNodeParams``) has ``gridDim``/``blockDim`` ``dim3`` fields
   instead of ``gridDimX..Z``/``blockDimX..Z``, and no ``kern``/``ctx`` fields;
-* there are no conditional graph nodes.
+* there are no conditional graph nodes and no programmatic edges (executables make those edges plain,
+  said once in the log).
 
 UNTESTED: neither the machine this was written on nor the lent NVIDIA GPUs can run HIP, so this path has
 never been executed. Only its seam (that it overrides ``_kernel_params`` and nothing else that builds
@@ -49,6 +50,7 @@ class HipBackend(CudaBackend):
 
     name = "hip"
     conditional_nodes = False
+    programmatic_edges = False  # HIP has no programmatic dependent launch: executables make those edges plain
 
     def _kernel_params(self, func, grid, block, shared, argv_address):
         return hip_kernel_params(self._drv, func, grid, block, shared, argv_address)

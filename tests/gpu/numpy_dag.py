@@ -7,8 +7,8 @@ from collections.abc import Callable
 import networkx as nx
 import numpy as np
 
-from dagbuild.executable import NP_DTYPE
-from dagbuild.plan import Plan, PlanNode, View
+from dagbuild.dtypes import NP_DTYPE
+from dagbuild.ir import KernelOp, MemcpyOp, MemsetOp, Plan, PlanNode, View
 
 
 def _view(bufs: dict[str, np.ndarray], v: View) -> np.ndarray:
@@ -62,15 +62,16 @@ def run(plan: Plan, bufs: dict[str, np.ndarray]) -> None:
 
 
 def step(plan: Plan, n: PlanNode, bufs: dict[str, np.ndarray]) -> None:
-    if n.kind == "kernel":
-        entry = plan.kernels[n.kernel].entry
-        args = {a.param.name: (a.view if a.view is not None else a.value) for a in n.args}
+    op = n.op
+    if isinstance(op, KernelOp):
+        entry = plan.kernels[op.kernel].entry
+        args = {a.param.name: (a.view if a.view is not None else a.value) for a in op.args}
         KERNELS[entry](bufs, args)
-    elif n.kind == "memcpy":
-        _view(bufs, n.dst)[:] = _view(bufs, n.src)
-    elif n.kind == "memset":
-        dt = {1: np.uint8, 2: np.uint16, 4: np.uint32}[n.element_size]
-        _view(bufs, n.dst).view(dt)[:] = n.value_bits
+    elif isinstance(op, MemcpyOp):
+        _view(bufs, op.dst)[:] = _view(bufs, op.src)
+    elif isinstance(op, MemsetOp):
+        dt = {1: np.uint8, 2: np.uint16, 4: np.uint32}[op.element_size]
+        _view(bufs, op.dst).view(dt)[:] = op.value_bits
 
 
 def host_copy(exe) -> dict[str, np.ndarray]:

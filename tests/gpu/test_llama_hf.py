@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import SPECS
 
-from dagbuild.executable import Executable, ModuleCache
+from dagbuild.executable import Executable
+from dagbuild.kernels import ModuleCache
 from dagbuild.llama.decode import LlamaDecoder, llama_plan
 from dagbuild.llama.weights import load_checkpoint, load_state_dict, random_hf_model, random_weights
 

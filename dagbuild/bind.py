@@ -1,0 +1,695 @@
+"""GraphSpec → bound nodes: dims bound, repeats expanded, views resolved to byte ranges, args checked.
+
+:func:`bind` returns the :class:`~dagbuild.ir.Plan` of every node that bound and every issue found; it
+allocates nothing and orders nothing (:mod:`dagbuild.dag` does). The argument rules live here once:
+:func:`bind_scalar`, :func:`resolve_view` and :func:`bind_dims3` serve the validating binder, its
+compiled fast path (through :class:`_Fallback`) and :meth:`Executable.update` alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import expr
+from .dtypes import DTYPES, ELEMENT_TYPES, SCALAR_TYPES, check_scalar, scalar_bits
+from .errors import Issue
+from .ir import (
+    MAX_BLOCK,
+    MAX_GRID,
+    MAX_THREADS_PER_BLOCK,
+    EmptyOp,
+    KernelArg,
+    KernelOp,
+    MemcpyOp,
+    MemsetOp,
+    Param,
+    Plan,
+    PlanBuffer,
+    PlanKernel,
+    PlanNode,
+    RepeatFrame,
+    View,
+)
+from .spec import EmptyNode, GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
+
+#: Documented size limits: a spec that expands past them is refused with a ``size_limit`` issue, fast.
+MAX_NODES = 200_000
+MAX_BUFFER_BYTES = 2**63 - 1  # byte offsets are 64-bit
+
+#: Files a kernel ``source`` may name (anything else is refused unread).
+KERNEL_SUFFIXES = (".cu", ".cuh", ".hip")
+
+_PARAM = re.compile(r"^\s*(const\s+)?([A-Za-z_]\w*)\s*(\*)?\s*([A-Za-z_]\w*)\s*$")
+_VIEW = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:\[(.*)\])?\s*$", re.S)
+TEMPLATE = expr.TEMPLATE
+
+
+class NodeError(Exception):
+    """One node failed to bind: ``code`` is the Issue code, ``field`` the path inside the node."""
+
+    def __init__(self, code: str, message: str, buffer: str | None = None, field: tuple = ()):
+        super().__init__(message)
+        self.code, self.buffer, self.field = code, buffer, field
+
+
+class _Fallback(Exception):
+    """The compiled fast path met something only the validating binder can explain."""
+
+
+class _Issues:
+    """Collects issues with YAML lines looked up from the spec's line map."""
+
+    def __init__(self, spec: GraphSpec):
+        self.spec, self.items = spec, []
+        self.once: set[tuple] = set()  # keys of issues a repeat would otherwise report per iteration
+        self.bad_types: set[str] = set()  # `types:` entries already reported as invalid
+
+    def add(self, code: str, message: str, *, nodes: tuple = (), buffer: str | None = None,
+            path: tuple = (), field: str | None = None, once: tuple | None = None) -> None:
+        """``once``: a key; a second issue with the same key is dropped (repeat iterations, nested repeats)."""
+        if once is not None:
+            if once in self.once:
+                return
+            self.once.add(once)
+        self.items.append(Issue(code, message, tuple(nodes), buffer, self.spec.line_of(path), field))
+
+
+# ---- the argument rules ------------------------------------------------------------------------------
+
+
+def parse_param(text: str, types: Mapping[str, str]) -> Param:
+    """``"const f16* w"`` → Param; type parameters (``wt``) resolve through ``types``."""
+    m = _PARAM.match(text)
+    if not m:
+        raise ValueError(f"cannot parse param {text!r}; write it like `const f16* w` or `i32 n`")
+    const, dtype, star, name = m.groups()
+    dtype = types.get(dtype, dtype)
+    if dtype not in ELEMENT_TYPES:
+        raise ValueError(f"unknown type {m.group(2)!r} in param {text!r} "
+                         f"(types: {', '.join(ELEMENT_TYPES)}, or one of `types:`)")
+    if not star and dtype not in SCALAR_TYPES:
+        raise ValueError(f"scalar param {text!r} must be one of {', '.join(SCALAR_TYPES)}")
+    if const and not star:
+        raise ValueError(f"`const` applies to pointer params only: {text!r}")
+    return Param(name, dtype, bool(star), bool(const))
+
+
+def memset_bits(dtype: str, value: int | float) -> tuple[int, int, int]:
+    """(bit pattern, element size, repeat factor) that a memset node writes for one element.
+
+    Raises ValueError (value not representable, with why) or TypeError (a float for an integer buffer)."""
+    d = DTYPES[dtype]
+    if d.itemsize == 8:
+        if value != 0:
+            raise ValueError(f"8-byte dtype {dtype} can only be memset to 0")
+        return 0, 4, 2
+    if d.int_range is not None and isinstance(value, float):
+        raise TypeError(f"{value!r} is not an integer, but the buffer is {dtype}")
+    return scalar_bits(dtype, value), d.itemsize, 1
+
+
+def bind_scalar(p: Param, value: Any, env: Mapping[str, int | float]) -> int | float:
+    """A scalar argument's value: evaluated, then checked against ``p``'s type (integral, in range,
+    finite in f32). Raises NodeError naming the param."""
+    try:
+        v = expr.evaluate(value, env)
+    except expr.ExprError as err:
+        raise NodeError(err.code, f"arg {p.name!r}: {err}", field=("args", p.name)) from None
+    try:
+        return check_scalar(p.dtype, v)
+    except ValueError as e:
+        shown = f"{value!r} = {v}" if isinstance(value, str) else repr(v)
+        code = "expression" if DTYPES[p.dtype].int_range is not None and isinstance(v, float) else "out_of_bounds"
+        raise NodeError(code, f"arg {p.name!r} = {shown}: {e} (param `{p}`)", field=("args", p.name)) from None
+
+
+@functools.lru_cache(maxsize=8192)
+def parse_view(text: str) -> tuple[str, tuple[str, ...] | None] | None:
+    """``"w[l, 0]"`` → ``("w", ("l", "0"))``; ``"w"`` → ``("w", None)``; None when it is no view."""
+    m = _VIEW.match(text)
+    if not m:
+        return None
+    return m.group(1), None if m.group(2) is None else tuple(expr.split_top_level(m.group(2)))
+
+
+def view_at(buf: PlanBuffer, text: str, index: tuple[int, ...] | None) -> View:
+    """The byte range of ``buf[index]`` (leading axes); indices must already be in range."""
+    if index is None:
+        return View(buf.name, 0, buf.nbytes, text)
+    offset = sum(i * s for i, s in zip(index, buf.strides, strict=False))
+    return View(buf.name, offset * buf.itemsize, buf.strides[len(index) - 1] * buf.itemsize, text, index)
+
+
+def resolve_view(text: str, buffers: Mapping[str, PlanBuffer], env: Mapping[str, int | float],
+                 spec_buffers: Mapping[str, Any] | None = None) -> View:
+    """``"w[l]"`` → the byte range of that row of ``w``; raises NodeError naming the culprit."""
+    parsed = parse_view(text) if isinstance(text, str) else None
+    if parsed is None:
+        raise NodeError("expression", f"cannot parse buffer view {text!r}; write `name` or `name[i, j]`")
+    name, parts = parsed
+    buf = buffers.get(name)
+    if buf is None:
+        if spec_buffers is not None and name in spec_buffers:
+            raise NodeError("skip", "")  # the buffer itself is invalid and already reported
+        raise NodeError("unknown_reference", f"unknown buffer {name!r}", buffer=name)
+    if parts is None:
+        return view_at(buf, text.strip(), None)
+    if len(parts) > len(buf.shape):
+        raise NodeError("out_of_bounds", f"view {text!r} has {len(parts)} indices but buffer {name!r} "
+                         f"has {len(buf.shape)} axes", buffer=name)
+    index = []
+    for axis, part in enumerate(parts):
+        try:
+            i = expr.evaluate_int(part, env)
+        except expr.ExprError as err:
+            raise NodeError(err.code, f"view {text!r}: {err}", buffer=name) from None
+        if not 0 <= i < buf.shape[axis]:
+            raise NodeError("out_of_bounds", f"view {text!r}: index {i} is outside axis {axis} of "
+                             f"buffer {name!r} (size {buf.shape[axis]})", buffer=name)
+        index.append(i)
+    return view_at(buf, text.strip(), tuple(index))
+
+
+def bind_dims3(values: list, what: str, env, limits: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A grid or block: 1 to 3 positive integers within the format's limits."""
+    if not 1 <= len(values) <= 3:
+        raise NodeError("launch_config", f"{what} needs 1 to 3 dimensions, got {len(values)}", field=(what,))
+    out = []
+    for i, v in enumerate(values):
+        try:
+            n = expr.evaluate_int(v, env)
+        except expr.ExprError as err:
+            raise NodeError(err.code, f"{what}[{i}]: {err}", field=(what, i)) from None
+        if n < 1:
+            shown = f"{v!r} = {n}" if isinstance(v, str) else str(n)
+            raise NodeError("launch_config", f"{what}[{i}] = {shown}, must be ≥ 1", field=(what, i))
+        if n > limits[i]:
+            raise NodeError("launch_config", f"{what}[{i}] = {n} exceeds the limit {limits[i]}", field=(what, i))
+        out.append(n)
+    return tuple(out + [1] * (3 - len(out)))  # type: ignore[return-value]
+
+
+def check_threads(block: tuple[int, int, int]) -> None:
+    threads = block[0] * block[1] * block[2]
+    if threads > MAX_THREADS_PER_BLOCK:
+        raise NodeError("launch_config", f"block {list(block)} has {threads} threads, more than "
+                         f"{MAX_THREADS_PER_BLOCK}", field=("block",))
+
+
+def bind_shared(value: Any, env) -> int:
+    try:
+        shared = expr.evaluate_int(value, env)
+    except expr.ExprError as err:
+        raise NodeError(err.code, f"shared: {err}", field=("shared",)) from None
+    if shared < 0:
+        raise NodeError("launch_config", f"shared = {shared} bytes, must be ≥ 0", field=("shared",))
+    return shared
+
+
+# ---- spec sections -------------------------------------------------------------------------------------
+
+
+def _resolve_overrides(spec: GraphSpec, overrides: Mapping[str, Any], issues: _Issues):
+    dims, types = dict(spec.dims), dict(spec.types)
+    for name, value in overrides.items():
+        if name in dims:
+            if isinstance(value, bool) or not isinstance(value, int):
+                issues.add("schema", f"override {name}={value!r}: dim {name!r} needs an integer, got "
+                           f"{type(value).__name__} (nothing is rounded or converted)", field=name)
+            else:
+                dims[name] = int(value)
+        elif name in types:
+            if not isinstance(value, str):
+                issues.add("schema", f"override {name}={value!r}: type {name!r} needs a type name such as "
+                           "f16", field=name)
+            else:
+                types[name] = value
+        else:
+            issues.add("unknown_reference",
+                       f"override {name}: no dim or type named {name!r} "
+                       f"(dims: {', '.join(dims) or 'none'}; types: {', '.join(types) or 'none'})",
+                       field=name)
+    for name, t in types.items():
+        if t not in ELEMENT_TYPES:
+            issues.bad_types.add(name)
+            issues.add("schema", f"type {name!r} = {t!r} is not one of {', '.join(ELEMENT_TYPES)}",
+                       path=("types", name), field=f"types.{name}")
+    return dims, types
+
+
+def _read_source(name: str, decl, spec: GraphSpec, issues: _Issues) -> tuple[str, Path | None]:
+    if decl.code is not None:
+        return decl.code, None
+    from .sources import read_kernel_source
+
+    path = ((spec.base_dir or Path.cwd()) / decl.source).resolve()
+    where = dict(path=("kernels", name, "source"), field=f"kernels.{name}.source")
+    if path.suffix not in KERNEL_SUFFIXES:
+        issues.add("unknown_reference", f"kernel {name!r}: source {decl.source!r} is not a kernel source "
+                   f"file (one of {', '.join(KERNEL_SUFFIXES)}); it was not read", **where)
+        return "", path
+    try:
+        return read_kernel_source(path), path
+    except FileNotFoundError:
+        issues.add("unknown_reference", f"kernel {name!r}: source file {decl.source!r} not found "
+                   f"(looked at {path})", **where)
+    except Exception as e:  # DagbuildError from the include reader: bad include, not UTF-8, unreadable
+        issues.add("unknown_reference", f"kernel {name!r}: {e}", **where)
+    return "", path
+
+
+def _bind_kernels(spec: GraphSpec, types: dict[str, str], issues: _Issues) -> dict[str, PlanKernel]:
+    out = {}
+    for name, decl in spec.kernels.items():
+        params, ok = [], True
+        for i, text in enumerate(decl.params):
+            try:
+                params.append(parse_param(text, types))
+            except ValueError as e:
+                m = _PARAM.match(text)
+                if not (m and m.group(2) in issues.bad_types):  # else reported once, at `types:`
+                    issues.add("schema", f"kernel {name!r}: {e}", path=("kernels", name, "params", i),
+                               field=f"kernels.{name}.params[{i}]")
+                ok = False
+        names = [p.name for p in params]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            issues.add("schema", f"kernel {name!r}: param {dup!r} declared twice",
+                       path=("kernels", name, "params"), field=f"kernels.{name}.params")
+            ok = False
+        try:
+            entry = re.sub(r"\{(\w+)\}", lambda m: types[m.group(1)], decl.entry)
+        except KeyError as e:
+            issues.add("unknown_reference", f"kernel {name!r}: entry {decl.entry!r} names unknown type {e}",
+                       path=("kernels", name, "entry"), field=f"kernels.{name}.entry")
+            ok = False
+        source, path = _read_source(name, decl, spec, issues)
+        if ok:
+            out[name] = PlanKernel(name, entry, tuple(params), source, path, tuple(decl.options), decl.launch,
+                                   spec.line_of(("kernels", name)))
+    return out
+
+
+def _bind_buffers(spec: GraphSpec, dims: dict[str, int], types: dict[str, str], issues: _Issues):
+    out = {}
+    for name, decl in spec.buffers.items():
+        path = ("buffers", name)
+        dtype = types.get(decl.dtype, decl.dtype)
+        if dtype not in ELEMENT_TYPES:
+            if decl.dtype in issues.bad_types:  # reported once, at `types:`
+                continue
+            issues.add("schema", f"buffer {name!r}: unknown dtype {decl.dtype!r} "
+                       f"(one of {', '.join(ELEMENT_TYPES)}, or a name in `types:`)",
+                       buffer=name, path=(*path, "dtype"), field=f"buffers.{name}.dtype")
+            continue
+        shape, used, ok = [], set(), True
+        if not decl.shape:
+            issues.add("schema", f"buffer {name!r}: shape needs at least one axis", buffer=name,
+                       path=(*path, "shape"), field=f"buffers.{name}.shape")
+            continue
+        for i, e in enumerate(decl.shape):
+            where = dict(buffer=name, path=(*path, "shape", i), field=f"buffers.{name}.shape[{i}]")
+            try:
+                n = expr.evaluate_int(e, dims)
+                used |= expr.names(e)
+            except expr.ExprError as err:
+                issues.add(err.code, f"buffer {name!r}: shape[{i}]: {err}", **where)
+                ok = False
+                continue
+            if n < 1:
+                shown = f"{e!r} = {n}" if isinstance(e, str) else str(n)
+                issues.add("out_of_bounds", f"buffer {name!r}: shape[{i}] = {shown}, must be ≥ 1", **where)
+                ok = False
+            shape.append(n)
+        if not ok:
+            continue
+        nbytes = DTYPES[dtype].itemsize
+        for n in shape:
+            nbytes *= n
+        if nbytes > MAX_BUFFER_BYTES:
+            issues.add("out_of_bounds", f"buffer {name!r}: shape {shape} of {dtype} is {nbytes} bytes, more than "
+                       f"64-bit byte offsets can address ({MAX_BUFFER_BYTES})", buffer=name,
+                       path=(*path, "shape"), field=f"buffers.{name}.shape")
+            continue
+        out[name] = PlanBuffer(name, dtype, tuple(shape), decl.memory, frozenset(used))
+    return out
+
+
+def _checks(spec: GraphSpec, dims: dict[str, int], issues: _Issues) -> None:
+    """A spec's ``checks``: each expression over the dims must hold (be non-zero)."""
+    for i, check in enumerate(spec.checks):
+        where = dict(path=("checks", i, "expr"), field=f"checks[{i}]")
+        try:
+            ok = expr.evaluate(check.expr, dims)
+        except expr.ExprError as err:
+            issues.add(err.code, f"checks[{i}]: {err}", **where)
+            continue
+        if not ok:
+            used = sorted(expr.names(check.expr))
+            values = ", ".join(f"{n}={dims[n]}" for n in used)
+            issues.add("check", f"{check.message} (check {check.expr!r} fails with {values})", **where)
+
+
+# ---- nodes ---------------------------------------------------------------------------------------------
+
+
+def _bind_kernel_node(node: KernelNode, kernel: PlanKernel | None, buffers, spec, env) -> KernelOp:
+    if kernel is None:
+        if node.kernel in spec.kernels:
+            raise NodeError("skip", "")
+        raise NodeError("unknown_reference", f"unknown kernel {node.kernel!r} "
+                         f"(declared: {', '.join(spec.kernels) or 'none'})", field=("kernel",))
+    grid = bind_dims3(node.grid, "grid", env, MAX_GRID)
+    block = bind_dims3(node.block, "block", env, MAX_BLOCK)
+    check_threads(block)
+    shared = bind_shared(node.shared, env)
+    declared = {p.name for p in kernel.params}
+    problems = [f"unknown arg {a!r}" for a in node.args if a not in declared]
+    problems += [f"missing arg {p.name!r} ({p})" for p in kernel.params if p.name not in node.args]
+    if problems:
+        raise NodeError("arg_mismatch", f"kernel {kernel.name!r}: {'; '.join(problems)} "
+                         f"(params: {', '.join(str(p) for p in kernel.params)})", field=("args",))
+    args = []
+    for p in kernel.params:
+        value = node.args[p.name]
+        parsed = parse_view(value) if isinstance(value, str) else None
+        named = parsed[0] if parsed else None
+        if p.pointer:
+            if named is None or named in env:
+                raise NodeError("arg_mismatch", f"kernel {kernel.name!r}: pointer param `{p}` was given "
+                                 f"the scalar {value!r}; pass a buffer name or view", field=("args", p.name))
+            if named not in buffers and named not in spec.buffers:
+                raise NodeError("unknown_reference", f"arg {p.name!r}: unknown buffer {named!r}",
+                                 buffer=named, field=("args", p.name))
+            try:
+                view = resolve_view(value, buffers, env, spec.buffers)
+            except NodeError as e:
+                e.field = ("args", p.name)
+                raise
+            dtype = buffers[view.buffer].dtype
+            if dtype != p.dtype:
+                raise NodeError("arg_mismatch", f"kernel {kernel.name!r}: param `{p}` expects {p.dtype} "
+                                 f"but buffer {view.buffer!r} is {dtype}", buffer=view.buffer,
+                                 field=("args", p.name))
+            args.append(KernelArg(p, view=view))
+        else:
+            if named is not None and named in spec.buffers:
+                raise NodeError("arg_mismatch", f"kernel {kernel.name!r}: scalar param `{p}` was given the "
+                                 f"buffer {value!r}", buffer=named, field=("args", p.name))
+            args.append(KernelArg(p, value=bind_scalar(p, value, env)))
+    return KernelOp(kernel.name, grid, block, shared, tuple(args), node.launch or kernel.launch)
+
+
+@dataclass(slots=True)
+class _CompiledBinding:
+    """A kernel node's numbers as compiled expression closures, made after the node bound once with every
+    check. Later binds (other repeat iterations, other dims) evaluate these and apply the same rules
+    (:func:`check_scalar`, the view and launch limits); anything unusual falls back to the validating
+    binder, which names the culprit."""
+
+    grid: tuple
+    block: tuple
+    shared: Any
+    args: tuple  # (Param, closure) for scalars; (Param, (buffer, index closures | None, text)) for views
+    launch: str
+
+    @classmethod
+    def of(cls, node: KernelNode, kernel: PlanKernel) -> _CompiledBinding:
+        def closure(v):
+            return expr.compiled(v) if isinstance(v, str) else (lambda env, v=v: v)
+
+        args = []
+        for p in kernel.params:
+            value = node.args[p.name]
+            if p.pointer:
+                name, index = parse_view(value)
+                args.append((p, (name, None if index is None else tuple(closure(i) for i in index), value.strip())))
+            else:
+                args.append((p, closure(value)))
+        return cls(tuple(closure(g) for g in node.grid), tuple(closure(b) for b in node.block),
+                   closure(node.shared), tuple(args), node.launch or kernel.launch)
+
+    def run(self, kernel: PlanKernel, buffers, env) -> KernelOp:
+        try:
+            grid = [_int(c(env)) for c in self.grid]
+            block = [_int(c(env)) for c in self.block]
+            shared = _int(self.shared(env))
+        except expr.ExprError:
+            raise _Fallback from None
+        grid += [1] * (3 - len(grid))
+        block += [1] * (3 - len(block))
+        if (min(grid) < 1 or min(block) < 1 or shared < 0 or block[0] * block[1] * block[2] > MAX_THREADS_PER_BLOCK
+                or any(g > m for g, m in zip(grid, MAX_GRID, strict=True))
+                or any(b > m for b, m in zip(block, MAX_BLOCK, strict=True))):
+            raise _Fallback
+        args = []
+        for p, payload in self.args:
+            if p.pointer:
+                name, index, text = payload
+                buf = buffers.get(name)
+                if buf is None or buf.dtype != p.dtype:
+                    raise _Fallback
+                if index is None:
+                    args.append(KernelArg(p, view=view_at(buf, text, None)))
+                    continue
+                if len(index) > len(buf.shape):
+                    raise _Fallback
+                try:
+                    idx = tuple(_int(c(env)) for c in index)
+                except expr.ExprError:
+                    raise _Fallback from None
+                if any(not 0 <= i < n for i, n in zip(idx, buf.shape, strict=False)):
+                    raise _Fallback
+                args.append(KernelArg(p, view=view_at(buf, text, idx)))
+            else:
+                try:
+                    args.append(KernelArg(p, value=check_scalar(p.dtype, payload(env))))
+                except (expr.ExprError, ValueError, OverflowError):
+                    raise _Fallback from None
+        return KernelOp(kernel.name, tuple(grid), tuple(block), shared, tuple(args), self.launch)  # type: ignore[arg-type]
+
+
+def _int(v: Any) -> int:
+    if type(v) is int:
+        return v
+    raise _Fallback
+
+
+def _bind_memcpy(node: MemcpyNode, buffers, spec, env) -> MemcpyOp:
+    views = {}
+    for side in ("src", "dst"):
+        try:
+            views[side] = resolve_view(getattr(node.memcpy, side), buffers, env, spec.buffers)
+        except NodeError as e:
+            e.field = ("memcpy", side)
+            raise
+    src, dst = views["src"], views["dst"]
+    if src.nbytes != dst.nbytes:
+        raise NodeError("out_of_bounds", f"memcpy sizes differ: src {src.text!r} is {src.nbytes} bytes, "
+                         f"dst {dst.text!r} is {dst.nbytes} bytes", buffer=dst.buffer, field=("memcpy",))
+    if src.overlaps(dst):
+        raise NodeError("out_of_bounds", f"memcpy source {src.text!r} and destination {dst.text!r} overlap "
+                         "(undefined in CUDA); copy through another buffer", buffer=dst.buffer, field=("memcpy",))
+    mem = {"device": "D", "pinned": "H"}
+    return MemcpyOp(src, dst, f"{mem[buffers[src.buffer].memory]}2{mem[buffers[dst.buffer].memory]}")
+
+
+def _bind_memset(node: MemsetNode, buffers, spec, env) -> MemsetOp:
+    try:
+        dst = resolve_view(node.memset.dst, buffers, env, spec.buffers)
+    except NodeError as e:
+        e.field = ("memset", "dst")
+        raise
+    dtype = buffers[dst.buffer].dtype
+    try:
+        bits, esize, _ = memset_bits(dtype, node.memset.value)
+    except TypeError as e:
+        raise NodeError("arg_mismatch", f"memset value: {e}", buffer=dst.buffer, field=("memset", "value")) from None
+    except ValueError as e:
+        raise NodeError("out_of_bounds", f"memset value: {e}", buffer=dst.buffer, field=("memset", "value")) from None
+    return MemsetOp(dst, node.memset.value, bits, esize)
+
+
+def _uses_var(node_id: str, var: str) -> bool:
+    """Whether a ``{expr}`` template of ``node_id`` refers to ``var`` (unparsable ones count: bind reports them)."""
+    for m in TEMPLATE.finditer(node_id):
+        try:
+            if var in expr.names(m.group(1)):
+                return True
+        except expr.ExprError:
+            return True
+    return False
+
+
+def _template(text: str, env: Mapping[str, int | float]) -> str:
+    """Substitute ``{expr}`` in ids and ``after`` entries: ``"proj.{l}"``, ``"norm.{l-1}"``."""
+    def sub(m: re.Match) -> str:
+        v = expr.evaluate(m.group(1), env)
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+    return TEMPLATE.sub(sub, text)
+
+
+class _SizeLimit(Exception):
+    pass
+
+
+def _leaves(nodes, env: dict) -> int:
+    """How many nodes ``nodes`` expand to, counting inner repeats at their first iteration's counts."""
+    total = 0
+    for node in nodes:
+        if isinstance(node, RepeatBlock):
+            try:
+                count = expr.evaluate_int(node.repeat.count, env)
+            except expr.ExprError:
+                continue  # reported when expanded
+            total += max(count, 0) * _leaves(node.nodes, {**env, node.repeat.var: 0})
+            if total > MAX_NODES:
+                return total
+        else:
+            total += 1
+    return total
+
+
+def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
+            budget: list[int]) -> Iterator[tuple]:
+    """Yield (spec node, spec path, env, repeat frames), expanding repeat blocks in order.
+
+    ``budget`` holds the nodes still allowed; a spec that would pass :data:`MAX_NODES` raises _SizeLimit
+    before expanding (repeat counts are multiplied out first), so a huge count fails at once."""
+    for i, node in enumerate(nodes):
+        path = (*base_path, i)
+        if not isinstance(node, RepeatBlock):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _SizeLimit
+            yield node, path, env, frames
+            continue
+        var = node.repeat.var
+        where = dict(path=(*path, "repeat", "count"), field="repeat.count")
+        try:
+            count = expr.evaluate_int(node.repeat.count, env)
+        except expr.ExprError as err:
+            issues.add(err.code, f"repeat {var!r}: count: {err}", once=("count", path), **where)
+            continue
+        if count <= 0:
+            shown = f"{node.repeat.count!r} = {count}" if isinstance(node.repeat.count, str) else str(count)
+            issues.add("out_of_bounds", f"repeat {var!r}: count = {shown}, must be ≥ 1", once=("count", path),
+                       **where)
+            continue
+        if var in env:
+            issues.add("schema", f"repeat var {var!r} shadows a dim or an outer repeat var",
+                       path=(*path, "repeat", "var"), field="repeat.var", once=("var", path))
+            continue
+        if count * _leaves(node.nodes, {**env, var: 0}) > budget[0]:
+            raise _SizeLimit
+        for j, child in enumerate(node.nodes):
+            if not isinstance(child, RepeatBlock) and not _uses_var(child.id, var):
+                issues.add("duplicate_id", f"node id {child.id!r} inside repeat {var!r} must use "
+                           f"{{{var}}} so that each copy has its own id", nodes=(child.id,),
+                           path=(*path, "nodes", j, "id"), field="id",
+                           once=("duplicate_id", (*path, "nodes", j)))
+        for value in range(count):
+            frame = RepeatFrame(path, var, value, count)
+            yield from _expand(node.nodes, (*path, "nodes"), {**env, var: value}, (*frames, frame), issues, budget)
+
+
+def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
+         programs: dict | None = None) -> tuple[Plan, list[Issue]]:
+    """Bind a spec; returns the (unanalysed) plan of every node that bound, and every issue found.
+
+    ``programs`` carries compiled kernel-node bindings from one bind to the next (a pool binds one
+    spec once per bucket); the spec must not change in between."""
+    issues = _Issues(spec)
+    dims, types = _resolve_overrides(spec, overrides or {}, issues)
+    _checks(spec, dims, issues)
+    kernels = _bind_kernels(spec, types, issues)
+    buffers = _bind_buffers(spec, dims, types, issues)
+    nodes: list[PlanNode] = []
+    seen: dict[str, tuple] = {}
+    if programs is None:
+        programs = {}  # per spec node: compiled after its first checked bind
+    # what a compiled binding depends on besides its spec node: the kernel's entry, params and launch
+    kernel_keys = {name: (k.entry, k.params, k.launch) for name, k in kernels.items()}
+    kernel_keys = {name: programs.setdefault(("kernel", key), key) for name, key in kernel_keys.items()}
+    try:
+        for node, path, env, frames in _expand(spec.nodes, ("nodes",), dict(dims), (), issues, [MAX_NODES]):
+            pn = _bind_node(node, path, env, frames, len(nodes), spec, kernels, buffers, kernel_keys, programs,
+                            seen, issues)
+            if pn is not None:
+                nodes.append(pn)
+    except _SizeLimit:
+        issues.add("size_limit", f"the spec expands to more than {MAX_NODES} nodes (the documented limit); "
+                   "split the graph or use fewer repeat iterations", path=("nodes",), field="nodes")
+        return Plan(spec.name, dims, types, spec.deps, kernels, buffers, [], spec), issues.items
+    # `after` may only name nodes that exist
+    ids = set(seen)
+    for k, pn in enumerate(nodes):
+        missing = [a for a in pn.after if a not in ids]
+        for a in missing:
+            issues.add("unknown_reference", f"node {pn.id!r}: after: unknown node {a!r}",
+                       nodes=(pn.id, a), path=(*pn.path, "after"), field="after")
+        if missing:
+            nodes[k] = PlanNode(pn.id, pn.order, pn.path, pn.op, pn.repeats, tuple(a for a in pn.after if a in ids))
+    return Plan(spec.name, dims, types, spec.deps, kernels, buffers, nodes, spec), issues.items
+
+
+def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_keys, programs, seen,
+               issues: _Issues) -> PlanNode | None:
+    try:
+        node_id = _template(node.id, env)
+    except expr.ExprError as err:
+        issues.add(err.code, f"node id {node.id!r}: {err}", nodes=(node.id,), path=(*path, "id"),
+                   field="id", once=("id", path))  # once per spec node, not per repeat iteration
+        return None
+    if node_id in seen:
+        # a repeat's copies of one spec node collide: report it once per spec node (and not at all
+        # when _expand already said that the id must use the repeat var)
+        issues.add("duplicate_id", f"node id {node_id!r} is used more than once", nodes=(node_id,),
+                   path=(*path, "id"), field="id", once=("duplicate_id", path))
+        return None
+    seen[node_id] = path
+    after: tuple[str, ...] = ()
+    try:
+        after = tuple(_template(a, env) for a in node.after)
+    except expr.ExprError as err:
+        issues.add(err.code, f"node {node_id!r}: after: {err}", nodes=(node_id,),
+                   path=(*path, "after"), field="after", once=("after", path))
+    try:
+        if isinstance(node, KernelNode):
+            kernel = kernels.get(node.kernel)
+            key = (id(node), kernel_keys.get(node.kernel))
+            compiled = programs.get(key)
+            try:
+                if compiled is None:
+                    raise _Fallback
+                op = compiled[1].run(kernel, buffers, env)
+            except _Fallback:
+                op = _bind_kernel_node(node, kernel, buffers, spec, env)  # checks all, names culprits
+                programs[key] = (node, _CompiledBinding.of(node, kernel))  # node kept: its id stays its
+        else:
+            if node.launch == "programmatic":
+                raise NodeError("launch_config", f"`launch: programmatic` is for kernel nodes only: a "
+                                 f"programmatic edge joins two kernels, and this is a {_kind(node)} node",
+                                 field=("launch",))
+            if isinstance(node, MemcpyNode):
+                op = _bind_memcpy(node, buffers, spec, env)
+            elif isinstance(node, MemsetNode):
+                op = _bind_memset(node, buffers, spec, env)
+            else:
+                assert isinstance(node, EmptyNode)
+                op = EmptyOp()
+    except NodeError as e:
+        if e.code != "skip":
+            issues.add(e.code, f"node {node_id!r}: {e}", nodes=(node_id,), buffer=e.buffer,
+                       path=(*path, *e.field), field=".".join(map(str, e.field)) or None)
+        return None
+    return PlanNode(node_id, order, path, op, frames, after)
+
+
+def _kind(node: Any) -> str:
+    return next(k for k in ("kernel", "memcpy", "memset", "empty") if hasattr(node, k))

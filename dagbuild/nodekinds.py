@@ -1,0 +1,88 @@
+"""How each node kind reaches a backend: the one dispatch place between payloads and the driver.
+
+Each :mod:`dagbuild.ir` payload class registers a :class:`NodeKind`: how to make its backend parameters
+from the payload and buffer addresses, how to add such a node to a graph, how to set them in an
+instantiated graph, and how to run it eagerly (for the eager and stream-captured baselines). Building
+and updating share ``params``, so they read alike. A new node kind is a payload class plus one entry in
+:data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .dtypes import NP_DTYPE
+from .ir import EmptyOp, KernelOp, MemcpyOp, MemsetOp, Op, View
+
+Pointer = Callable[[View], int]  # a view's device (or pinned host) address
+
+
+@dataclass(frozen=True)
+class NodeKind:
+    params: Callable[[Any, Pointer, Mapping[str, int]], tuple]  # (op, pointer of, function handles) → params
+    add: Callable[[Any, Any, list, tuple], Any]  # (backend, graph, deps, params) → node handle
+    set: Callable[[Any, Any, Any, tuple], None] | None  # (backend, exec, handle, params); None: nothing to set
+    eager: Callable[[Any, tuple, Any], Callable[[Any], None]] | None  # (op, params, function) → step(stream)
+
+
+def _kernel_params(op: KernelOp, ptr: Pointer, funcs: Mapping[str, int]) -> tuple:
+    args = [(a.param.kind, ptr(a.view) if a.view is not None else a.value) for a in op.args]
+    return funcs[op.kernel], op.grid, op.block, op.shared, args
+
+
+def _kernel_eager(op: KernelOp, params: tuple, fn: Any) -> Callable[[Any], None]:
+    args = tuple(np.uint64(v) if kind == "ptr" else NP_DTYPE[kind](v) for kind, v in params[4])
+    return lambda s: fn(op.grid, op.block, args, shared_mem=op.shared, stream=s)
+
+
+def _memcpy_eager(op: MemcpyOp, params: tuple, fn: Any) -> Callable[[Any], None]:
+    import cupy
+
+    dst, src, count = params
+    return lambda s: cupy.cuda.runtime.memcpyAsync(dst, src, count, 4, s.ptr)  # 4: cudaMemcpyDefault
+
+
+def _memset_eager(op: MemsetOp, params: tuple, fn: Any) -> Callable[[Any], None]:
+    import cupy
+
+    ptr, bits, esize, count = params
+    mem = cupy.cuda.UnownedMemory(ptr, count * esize, None)
+    view = cupy.ndarray((count,), {1: np.uint8, 2: np.uint16, 4: np.uint32}[esize], cupy.cuda.MemoryPointer(mem, 0))
+
+    def fill(s: Any) -> None:
+        with s:
+            view.fill(bits)
+
+    return fill
+
+
+KINDS: dict[type, NodeKind] = {
+    KernelOp: NodeKind(
+        params=_kernel_params,
+        add=lambda be, g, deps, p: be.add_kernel(g, deps, *p),
+        set=lambda be, ex, h, p: be.set_kernel(ex, h, *p),
+        eager=_kernel_eager),
+    MemcpyOp: NodeKind(
+        params=lambda op, ptr, funcs: (ptr(op.dst), ptr(op.src), op.count),
+        add=lambda be, g, deps, p: be.add_memcpy(g, deps, *p),
+        set=lambda be, ex, h, p: be.set_memcpy(ex, h, *p),
+        eager=_memcpy_eager),
+    MemsetOp: NodeKind(
+        params=lambda op, ptr, funcs: (ptr(op.dst), op.value_bits, op.element_size, op.count),
+        add=lambda be, g, deps, p: be.add_memset(g, deps, *p),
+        set=lambda be, ex, h, p: be.set_memset(ex, h, *p),
+        eager=_memset_eager),
+    EmptyOp: NodeKind(
+        params=lambda op, ptr, funcs: (),
+        add=lambda be, g, deps, p: be.add_empty(g, deps),
+        set=None,
+        eager=None),
+}
+
+
+def kind_of(op: Op) -> NodeKind:
+    return KINDS[type(op)]
