@@ -31,9 +31,10 @@ class ArrayRef:
     external: bool = False
 
 
-class Arena:
+class Arena(Mapping):
     """Memory for a set of buffers, allocated together and freed together: device buffers as CuPy arrays,
-    pinned buffers as NumPy arrays over page-locked memory; every byte starts at zero."""
+    pinned buffers as NumPy arrays over page-locked memory; every byte starts at zero. A mapping of buffer
+    name → array, so it can be an executable's ``bound``."""
 
     def __init__(self, buffers: Mapping[str, PlanBuffer]):
         import cupy
@@ -59,6 +60,15 @@ class Arena:
         a = self.arrays[name]
         ptr = a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
         return ArrayRef(int(ptr), int(a.nbytes), a)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
 
     def close(self) -> None:
         self.arrays.clear()

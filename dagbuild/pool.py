@@ -135,7 +135,7 @@ class GraphPool:
         if self._first is not None and self.method == "derive" and p.edges == self._first.plan.edges and \
                 [n.id for n in p.nodes] == [n.id for n in self._first.plan.nodes]:
             source = self._first
-        exe = Executable(p, self.options, backend=self.backend, bound=self.arena.arrays, modules=self.modules,
+        exe = Executable(p, self.options, backend=self.backend, bound=self.arena, modules=self.modules,
                          stream=self.stream, derive_from=source)
         if self._first is None:
             self._first = exe

@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dagbuild.bench import device_us_per_launch, eager_steps, launch_modes  # noqa: E402
+from dagbuild.bench import device_us_per_launch, launch_modes  # noqa: E402
 from dagbuild.executable import Executable  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
 from dagbuild.llama.weights import WEIGHT_BUFFERS, load_state_dict, random_hf_model, random_weights  # noqa: E402
@@ -292,7 +292,7 @@ def kernel_times(cp, exe, copy_gbps: float, min_launches: int = 100) -> list[dic
     flush = cp.empty(max(4 * l2, 256 << 20), dtype=cp.uint8)
 
     ids = [n.id for n in exe.plan.topological()]
-    fns = eager_steps(exe)
+    fns = exe.eager_steps()
     groups: dict[str, list[tuple[str, Callable]]] = {}
     for nid, fn in zip(ids, fns, strict=True):
         groups.setdefault(nid.split(".")[0], []).append((nid, fn))
@@ -314,10 +314,10 @@ def kernel_times(cp, exe, copy_gbps: float, min_launches: int = 100) -> list[dic
         total_ms = sum(cp.cuda.get_elapsed_time(a, b) for a, b in pairs)
         us = total_ms * 1e3 / (reps * len(items))
         n0 = by_id[items[0][0]]
-        row: dict[str, Any] = {"kind": kind, "nodes": len(items), "kernel": n0.kernel or n0.kind,
+        row: dict[str, Any] = {"kind": kind, "nodes": len(items), "kernel": getattr(n0.op, "kernel", n0.kind),
                                "us_per_node": us, "us_per_step": us * len(items)}
-        if n0.kind == "kernel" and n0.kernel in GEMV_KERNELS:
-            wbytes = next(a.view.nbytes for a in n0.args if a.param.name == "w")
+        if n0.kind == "kernel" and n0.op.kernel in GEMV_KERNELS:
+            wbytes = next(a.view.nbytes for a in n0.op.args if a.param.name == "w")
             row["weight_bytes"] = wbytes
             row["GBps"] = wbytes / (us * 1e-6) / 1e9
             row["of_copy_bw"] = row["GBps"] / copy_gbps

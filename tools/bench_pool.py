@@ -42,7 +42,7 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
     import cupy
 
     from dagbuild import load_spec
-    from dagbuild.bench import capture, eager_steps
+    from dagbuild.bench import capture
     from dagbuild.pool import GraphPool
 
     cupy.cuda.set_allocator(None)  # plain cudaMalloc/cudaFree: memGetInfo sees exactly what is held
@@ -84,11 +84,11 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
     else:
         # the same kernels over the same arena, captured bucket by bucket; plans are bound first so only
         # capture (warm-up launch + record + instantiate + upload) is timed
-        from dagbuild.executable import Executable
+        from dagbuild.executable import ExecOptions, Executable
 
-        exes = [Executable(pool._plan_for((n,)), bound=pool.arena, modules=pool.modules, stream=pool.stream,
-                           build_graph=False) for n in sizes]
-        steps = [eager_steps(e) for e in exes]
+        exes = [Executable(pool.plan_for((n,)), ExecOptions(build_graph=False), bound=pool.arena,
+                           modules=pool.modules, stream=pool.stream) for n in sizes]
+        steps = [e.eager_steps() for e in exes]
         f1 = free_bytes()
         stream, graphs = pool.stream, []
         t0 = time.perf_counter()

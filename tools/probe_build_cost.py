@@ -28,10 +28,10 @@ def main() -> int:
     import yaml
 
     from dagbuild.dag import full_graph, infer_edges
-    from dagbuild.executable import Executable
+    from dagbuild.executable import ExecOptions, Executable
     from dagbuild.llama.decode import llama_plan
     from dagbuild.load import load_spec
-    from dagbuild.plan import bind
+    from dagbuild.bind import bind
 
     ov = {**yaml.safe_load((ROOT / "specs/configs/tinyllama.yaml").read_text()), "max_seq": 64, "cache_batch": 64}
     spec = load_spec(ROOT / "specs/llama_decode.yaml")
@@ -42,13 +42,13 @@ def main() -> int:
     print(f"infer_edges: {timed(lambda: infer_edges(p.nodes)):.2f} ms; "
           f"full_graph: {timed(lambda: full_graph(p)):.2f} ms")
     print(f"instantiate: {timed(lambda: be.exec_destroy(be.instantiate(exe.graph))):.2f} ms")
-    params = {n.id: exe._params(n) for n in p.nodes}
+    params = {n.id: exe.node_params(n.id) for n in p.nodes}
     kernels = [n for n in p.nodes if n.kind == "kernel"]
     ex2 = be.instantiate(exe.graph)
 
     def set_all():
         for n in kernels:
-            be.set_kernel(ex2, exe.nodes[n.id], *params[n.id])
+            be.set_kernel(ex2, exe.handles[n.id], *params[n.id])
 
     ms = timed(set_all)
     print(f"exec set_kernel x{len(kernels)}: {ms:.2f} ms ({ms * 1e3 / len(kernels):.1f} us each)")
@@ -57,7 +57,7 @@ def main() -> int:
     def graph_set_all():
         for n in kernels:
             kp, packed = be._kernel_node(*params[n.id])
-            be._check("cuGraphKernelNodeSetParams", drv.cuGraphKernelNodeSetParams(exe.nodes[n.id], kp))
+            be._check("cuGraphKernelNodeSetParams", drv.cuGraphKernelNodeSetParams(exe.handles[n.id], kp))
 
     ms = timed(graph_set_all)
     print(f"graph cuGraphKernelNodeSetParams x{len(kernels)}: {ms:.2f} ms ({ms * 1e3 / len(kernels):.1f} us each)")
@@ -70,15 +70,15 @@ def main() -> int:
     print(f"python packing only x{len(kernels)}: {ms:.2f} ms ({ms * 1e3 / len(kernels):.1f} us each)")
 
     def fresh():
-        e = Executable(p, bound=exe.buffers, modules=exe.modules, stream=exe.stream, upload=False,
-                       check_signatures=False)
+        e = Executable(p, ExecOptions(upload=False, check_signatures=False), bound=exe.buffers,
+                       modules=exe.modules, stream=exe.stream)
         e.close()
 
     print(f"fresh executable (add nodes + instantiate): {timed(fresh):.2f} ms")
 
     def derived():
-        e = Executable(p, bound=exe.buffers, modules=exe.modules, stream=exe.stream, upload=False,
-                       template=exe, check_signatures=False)
+        e = Executable(p, ExecOptions(upload=False, check_signatures=False), bound=exe.buffers,
+                       modules=exe.modules, stream=exe.stream, derive_from=exe)
         e.close()
 
     print(f"derived executable, nothing to set: {timed(derived):.2f} ms")

@@ -9,6 +9,7 @@ import gc
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,8 @@ def case(name: str) -> dict:
     import yaml
 
     from dagbuild import load_spec, plan
-    from dagbuild.bench import capture, eager_steps
-    from dagbuild.executable import Executable
+    from dagbuild.bench import capture
+    from dagbuild.executable import ExecOptions, Executable
     from dagbuild.llama.decode import llama_plan
 
     cupy.cuda.set_allocator(None)
@@ -47,17 +48,18 @@ def case(name: str) -> dict:
     if how == "explicit-nocopies":  # the same kernels with the host<->device memcpy nodes dropped
         keep = [n for n in p.nodes if n.kind != "memcpy"]
         ids = {n.id for n in keep}
-        p.nodes = keep
-        p.edges = [(u, v) for u, v in p.edges if u in ids and v in ids]
-    base = Executable(p, build_graph=False)
+        a = p.analysis
+        p = replace(p, nodes=keep, analysis=replace(a, edges=tuple((u, v) for u, v in a.edges
+                                                                 if u in ids and v in ids)))
+    base = Executable(p, ExecOptions(build_graph=False))
     f0 = free()
     held = []
     if how.startswith("explicit"):
         for _ in range(N):
-            held.append(Executable(p, bound=base.buffers, modules=base.modules, stream=base.stream,
-                                   upload=how != "explicit-noupload", concurrent=how != "explicit-serial"))
+            opts = ExecOptions(upload=how != "explicit-noupload", concurrent=how != "explicit-serial")
+            held.append(Executable(p, opts, bound=base.buffers, modules=base.modules, stream=base.stream))
     else:
-        steps = eager_steps(base)
+        steps = base.eager_steps()
         s = base.stream
         for f in steps:
             f(s)

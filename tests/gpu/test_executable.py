@@ -178,7 +178,7 @@ def _driver_matches(exe):
     kinds, edges = exe.driver_graph()
     want_kinds = {n.id: n.kind for n in exe.plan.nodes}
     assert kinds == want_kinds
-    assert edges == set(exe.plan.edges)
+    assert edges == {(u, v): exe.plan.edge_kind(u, v) for u, v in exe.plan.edges}
     dot = exe.driver_dot()
     assert dot.count("->") >= len(exe.plan.edges) and "digraph" in dot
 
