@@ -14,6 +14,7 @@ from typing import Any
 from .executable import Executable
 from .ir import Plan
 
+
 def capture(stream: Any, steps: list[Callable[[Any], None]]) -> Any:
     """One CuPy graph recorded by stream capture of ``steps``, uploaded (the caller has warmed up)."""
     stream.begin_capture()

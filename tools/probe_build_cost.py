@@ -27,11 +27,11 @@ def timed(fn, reps=5):
 def main() -> int:
     import yaml
 
+    from dagbuild.bind import bind
     from dagbuild.dag import full_graph, infer_edges
     from dagbuild.executable import ExecOptions, Executable
     from dagbuild.llama.decode import llama_plan
     from dagbuild.load import load_spec
-    from dagbuild.bind import bind
 
     ov = {**yaml.safe_load((ROOT / "specs/configs/tinyllama.yaml").read_text()), "max_seq": 64, "cache_batch": 64}
     spec = load_spec(ROOT / "specs/llama_decode.yaml")
