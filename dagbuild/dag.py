@@ -218,9 +218,8 @@ def analyze(plan: Plan, complete: bool = True) -> tuple[Analysis | None, list[Is
     issues = find_races(plan, anc) if explicit else []
     if issues or not complete:
         return None, issues
-    ids = [n.id for n in plan.nodes]
-    reduced = sorted(((ids[u], ids[v]) for u, v in kept), key=lambda e: (plan.node_by_id[e[1]].order,
-                                                                         plan.node_by_id[e[0]].order))
+    ids = [n.id for n in plan.nodes]  # a node's index is its list order
+    reduced = [(ids[u], ids[v]) for u, v in sorted(kept, key=lambda e: (e[1], e[0]))]
     programmatic = programmatic_edges(plan, reduced)
     return Analysis(tuple(reduced), programmatic, summarize(plan, dag, kept, len(programmatic))), []
 
