@@ -178,8 +178,9 @@ def test_builder_repeat_var_works_in_views_and_expressions():
     g = SpecBuilder("t", dims={"n": 64, "layers": 3}, base_dir=SPECS)
     g.kernel("scale", source="../kernels/basic.cu", entry="scale", params=["const f32* x", "f32* y", "f32 a", "i32 n"])
     g.buffer("w", "f32", ["layers", "n"]).buffer("y", "f32", ["n"])
-    with g.repeat("l", "layers") as l:
-        g.launch(f"s.{l}", "scale", grid=[1], block=[64], args={"x": f"w[{l}]", "y": "y", "a": f"{l} + 1", "n": "n"})
+    with g.repeat("l", "layers") as layer:
+        g.launch(f"s.{layer}", "scale", grid=[1], block=[64],
+                 args={"x": f"w[{layer}]", "y": "y", "a": f"{layer} + 1", "n": "n"})
     p = plan(g.spec())
     assert [n.op.args[0].view.label for n in p.nodes] == ["w[0]", "w[1]", "w[2]"]
     assert [n.op.args[2].value for n in p.nodes] == [1.0, 2.0, 3.0]
@@ -214,8 +215,10 @@ def pdl_spec(code: str = WAITS, launch: str = "programmatic") -> dict:
             "buffers": {"h": {"dtype": "f32", "shape": ["n"], "memory": "pinned"},
                         "a": {"dtype": "f32", "shape": ["n"]}, "b": {"dtype": "f32", "shape": ["n"]}},
             "nodes": [{"id": "up", "memcpy": {"dst": "a", "src": "h"}},
-                      {"id": "k1", "kernel": "step", "grid": [1], "block": [256], "args": {"x": "a", "y": "b", "n": "n"}},
-                      {"id": "k2", "kernel": "step", "grid": [1], "block": [256], "args": {"x": "b", "y": "a", "n": "n"}},
+                      {"id": "k1", "kernel": "step", "grid": [1], "block": [256],
+                       "args": {"x": "a", "y": "b", "n": "n"}},
+                      {"id": "k2", "kernel": "step", "grid": [1], "block": [256],
+                       "args": {"x": "b", "y": "a", "n": "n"}},
                       {"id": "down", "memcpy": {"dst": "h", "src": "a"}}]}
 
 
