@@ -297,3 +297,71 @@ def test_update_refuses_a_view_that_would_race(cp):
         exe.buffers["x_host"][...] = x
         exe.launch(sync=True)
         assert np.allclose(exe.buffers["out_host"], -6.0 * x)  # halves[1] + halves[1] = 2 * (-3 x)
+
+
+PDL_KERNEL = r'''
+extern "C" __global__ void bump(const float* x, float* y, const float* w, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float wi = i < n ? w[i] : 0.0f;  // weights (never written by the graph) before the wait
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+    if (i < n) y[i] = x[i] * 0.5f + wi;
+}
+'''
+
+
+def _pdl_spec(steps: int = 24):
+    from dagbuild.load import from_dict
+
+    nodes = [{"id": "up", "memcpy": {"dst": "act[0]", "src": "h"}}]
+    for s in range(steps):
+        nodes.append({"id": f"k{s}", "kernel": "bump", "grid": ["ceil_div(n, 256)"], "block": [256],
+                      "args": {"x": f"act[{s % 2}]", "y": f"act[{(s + 1) % 2}]", "w": f"w[{s}]", "n": "n"}})
+    nodes.append({"id": "down", "memcpy": {"dst": "h", "src": f"act[{steps % 2}]"}})
+    return from_dict({"dagbuild": 1, "name": "pdl", "dims": {"n": 1 << 16, "steps": steps},
+                      "kernels": {"bump": {"code": PDL_KERNEL, "entry": "bump", "launch": "programmatic",
+                                           "params": ["const f32* x", "f32* y", "const f32* w", "i32 n"]}},
+                      "buffers": {"h": {"dtype": "f32", "shape": ["n"], "memory": "pinned"},
+                                  "act": {"dtype": "f32", "shape": [2, "n"]},
+                                  "w": {"dtype": "f32", "shape": ["steps", "n"]}},
+                      "nodes": nodes})
+
+
+def test_programmatic_edges_run_exactly_and_show_in_the_driver_graph(cp):
+    from dagbuild.executable import ExecOptions
+
+    p = plan(_pdl_spec())
+    assert len(p.analysis.programmatic) == 23
+    rng = np.random.default_rng(7)
+    x0 = rng.standard_normal(p.dims["n"]).astype(np.float32)
+    w = rng.standard_normal((p.dims["steps"], p.dims["n"])).astype(np.float32)
+    want = x0.astype(np.float64)
+    for s in range(p.dims["steps"]):
+        want = want * 0.5 + w[s]
+    for programmatic in (True, False):
+        with build(p, options=ExecOptions(programmatic=programmatic)) as exe:
+            exe.buffers["w"][...] = cp.asarray(w)
+            for _ in range(3):  # repeated launches: each reads the last one's download only through h
+                exe.buffers["h"][...] = x0
+                exe.launch(sync=True)
+                assert np.allclose(exe.buffers["h"], want, rtol=1e-5, atol=1e-5)
+            kinds, edges = exe.driver_graph()
+            n_prog = sum(k == "programmatic" for k in edges.values())
+            assert n_prog == (23 if programmatic else 0)
+            if programmatic:
+                _driver_matches(exe)
+
+
+def test_update_checks_ranges_like_binding(cp):
+    with build(plan(load_spec(SPECS / "chain.yaml"), {"steps": 3})) as exe:
+        node = next(n for n in exe.plan.nodes if n.kind == "kernel")
+        ints = [a.param.name for a in node.op.args if a.param.dtype == "i32"]
+        with pytest.raises(BuildError, match="does not fit in i32"):
+            exe.update(node.id, args={ints[0]: 2**40})
+        floats = [a.param.name for a in node.op.args if a.param.dtype == "f32"]
+        if floats:
+            with pytest.raises(BuildError, match="does not fit in f32"):
+                exe.update(node.id, args={floats[0]: 3.0e40})
+        exe.launch(sync=True)
