@@ -525,7 +525,7 @@ def _uses_var(node_id: str, var: str) -> bool:
     return False
 
 
-def _template(text: str, env: Mapping[str, int | float]) -> str:
+def _fill_ids(text: str, env: Mapping[str, int | float]) -> str:
     """Substitute ``{expr}`` in ids and ``after`` entries: ``"proj.{l}"``, ``"norm.{l-1}"``."""
     def sub(m: re.Match) -> str:
         v = expr.evaluate(m.group(1), env)
@@ -641,7 +641,7 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
 def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_keys, programs, seen,
                issues: _Issues) -> PlanNode | None:
     try:
-        node_id = _template(node.id, env)
+        node_id = _fill_ids(node.id, env)
     except expr.ExprError as err:
         issues.add(err.code, f"node id {node.id!r}: {err}", nodes=(node.id,), path=(*path, "id"),
                    field="id", once=("id", path))  # once per spec node, not per repeat iteration
@@ -655,7 +655,7 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
     seen[node_id] = path
     after: tuple[str, ...] = ()
     try:
-        after = tuple(_template(a, env) for a in node.after)
+        after = tuple(_fill_ids(a, env) for a in node.after)
     except expr.ExprError as err:
         issues.add(err.code, f"node {node_id!r}: after: {err}", nodes=(node_id,),
                    path=(*path, "after"), field="after", once=("after", path))
