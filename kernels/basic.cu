@@ -1,6 +1,6 @@
 // Small kernels for the example specs (chain, diamond, fan-out, layers) and the graph benchmarks.
-// Portable CUDA/HIP C++: no inline PTX; warp width from warpSize.
-#include <cuda_fp16.h>
+// Portable CUDA/HIP C++ on kernels/port.cuh: no inline PTX; warp width from warpSize.
+#include "port.cuh"
 
 // y = a*x + y, element-wise over n floats.
 extern "C" __global__ void saxpy(float a, const float* x, float* y, int n) {
@@ -31,15 +31,15 @@ extern "C" __global__ void spin(const float* x, float* y, int n, int iters) {
 }
 
 // y[b, :] = W[n, n] . x[b, :] with f16 weights, f32 accumulation: one warp per output row.
-extern "C" __global__ void gemv_f16(const __half* w, const float* x, float* y, int n, int batch) {
+extern "C" __global__ void gemv_f16(const db_f16* w, const float* x, float* y, int n, int batch) {
     int warps = blockDim.x / warpSize;
     int row = blockIdx.x * warps + threadIdx.x / warpSize;
     int lane = threadIdx.x % warpSize;
     if (row >= n) return;
     for (int b = 0; b < batch; ++b) {
         float acc = 0.f;
-        for (int k = lane; k < n; k += warpSize) acc += __half2float(w[(size_t)row * n + k]) * x[(size_t)b * n + k];
-        for (int off = warpSize / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off);
+        for (int k = lane; k < n; k += warpSize) acc += to_float(w[(size_t)row * n + k]) * x[(size_t)b * n + k];
+        for (int off = warpSize / 2; off > 0; off /= 2) acc += db_shfl_xor(acc, off);
         if (lane == 0) y[(size_t)b * n + row] = acc;
     }
 }

@@ -1,61 +1,16 @@
 // dagbuild: Llama decode-step kernels.
 //
-// One translation unit, compiled as one module through NVRTC (cupy.RawModule(code=..., options=("--std=c++17",))).
-// Every entry point is extern "C" __global__ so its name is its PTX .entry name. Weight-reading kernels are
-// templates instantiated for float (_f32), __half (_f16) and __nv_bfloat16 (_bf16) weights; activations, the
+// One translation unit, compiled as one module through NVRTC (cupy.RawModule(code=..., options=("--std=c++17",)))
+// or hiprtc, after dagbuild.sources.read_kernel_source has inlined kernels/port.cuh (the portability header:
+// fp16/bf16 types, conversions, warp/block reductions). Every entry point is extern "C" __global__ so its name
+// is its PTX .entry / code-object symbol. Weight-reading kernels are templates instantiated for float (_f32),
+// db_f16 (_f16: __half on CUDA) and db_bf16 (_bf16: __nv_bfloat16 on CUDA) weights; activations, the
 // KV cache and every accumulation are float32. Layouts are row-major; weights are HF nn.Linear W[n_out, k].
-// Reductions use warp shuffles sized by warpSize at run time (never a literal 32), so block shapes must be
-// multiples of the warp width (all the launch shapes in kernels/llama.md are).
+// Reductions use warp shuffles sized by warpSize at run time (never a literal 32; 64 on AMD CDNA), so block
+// shapes must be multiples of the warp width (all the launch shapes in kernels/llama.md are).
 // See kernels/llama.md for the launch table (grid/block formulas) and requirements.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#define FULL_MASK 0xffffffffu
-#define NEG_INF __int_as_float(0xff800000)  // -inf (NVRTC has no math.h INFINITY)
-
-// ------------------------------------------------------------------------------------------------------------
-// Small helpers
-// ------------------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = warpSize >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = warpSize >> 1; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
-    return v;
-}
-
-// Block-wide sum / max, result returned to every thread. `sh` holds one float per warp (32 entries cover
-// 1024 threads at warpSize 32 and any block at warpSize 64). Starts with a barrier so `sh` may be reused
-// by consecutive calls. blockDim.x must be a multiple of warpSize.
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float r = sh[0];
-    for (int w = 1; w < nwarps; ++w) r += sh[w];
-    return r;
-}
-
-__device__ __forceinline__ float block_max(float v, float* sh) {
-    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float r = sh[0];
-    for (int w = 1; w < nwarps; ++w) r = fmaxf(r, sh[w]);
-    return r;
-}
+#include "port.cuh"
 
 // ------------------------------------------------------------------------------------------------------------
 // embed_<wt>: x[b, :] = float(table[tokens[b], :])        grid [batch], block [256]
@@ -78,8 +33,8 @@ __device__ __forceinline__ void embed_impl(const T* __restrict__ table, const in
         embed_impl<T>(table, tokens, x, hidden);                                                            \
     }
 DEFINE_EMBED(f32, float)
-DEFINE_EMBED(f16, __half)
-DEFINE_EMBED(bf16, __nv_bfloat16)
+DEFINE_EMBED(f16, db_f16)
+DEFINE_EMBED(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
 // rmsnorm_<wt>: HF LlamaRMSNorm in f32.                    grid [batch], block [256]
@@ -90,13 +45,13 @@ DEFINE_EMBED(bf16, __nv_bfloat16)
 template <typename T>
 __device__ __forceinline__ void rmsnorm_impl(const float* __restrict__ x, const T* __restrict__ weight,
                                              float* __restrict__ y, int hidden, float eps) {
-    __shared__ float sh[32];
+    __shared__ float sh[DB_MAX_WARPS];
     const int b = blockIdx.x;
     const float* xr = x + (size_t)b * (size_t)hidden;
     float* yr = y + (size_t)b * (size_t)hidden;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
-    const float var = block_sum(ss, sh) / (float)hidden;
+    const float var = db_block_sum(ss, sh) / (float)hidden;
     const float r = rsqrtf(var + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) yr[i] = to_float(weight[i]) * (xr[i] * r);
 }
@@ -107,8 +62,8 @@ __device__ __forceinline__ void rmsnorm_impl(const float* __restrict__ x, const 
         rmsnorm_impl<T>(x, weight, y, hidden, eps);                                                         \
     }
 DEFINE_RMSNORM(f32, float)
-DEFINE_RMSNORM(f16, __half)
-DEFINE_RMSNORM(bf16, __nv_bfloat16)
+DEFINE_RMSNORM(f16, db_f16)
+DEFINE_RMSNORM(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
 // gemv_<wt> / gemv_add_<wt>: y[b, j] (+)= sum_i w[j, i] * x[b, i]     grid [ceil_div(n, 4)], block [256]
@@ -157,25 +112,21 @@ struct WeightPack<float> {
     }
 };
 
-__device__ __forceinline__ float half_bits_to_float(unsigned int h) {
-    return __half2float(__ushort_as_half((unsigned short)h));
-}
-
 template <>
-struct WeightPack<__half> {
+struct WeightPack<db_f16> {
     static constexpr int VEC = 8;
     static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
         const unsigned int v[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // little endian: element 2i is the low half
-            f[2 * i] = half_bits_to_float(v[i] & 0xffffu);
-            f[2 * i + 1] = half_bits_to_float(v[i] >> 16);
+            f[2 * i] = db_f16_bits_to_float(v[i] & 0xffffu);
+            f[2 * i + 1] = db_f16_bits_to_float(v[i] >> 16);
         }
     }
 };
 
 template <>
-struct WeightPack<__nv_bfloat16> {
+struct WeightPack<db_bf16> {
     static constexpr int VEC = 8;
     static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
         const unsigned int v[4] = {u.x, u.y, u.z, u.w};
@@ -194,7 +145,7 @@ struct WeightPack<__nv_bfloat16> {
 template <int V>
 __device__ __forceinline__ void warp_reduce_scatter(float* a, int o, int lane, int& base) {
     if constexpr (V == 1) {
-        for (; o > 0; o >>= 1) a[0] += __shfl_xor_sync(FULL_MASK, a[0], o);
+        for (; o > 0; o >>= 1) a[0] += db_shfl_xor(a[0], o);
     } else {
         if (o == 0) return;  // warp narrower than V: V / warpSize values stay with this lane
         const bool upper = (lane & o) != 0;
@@ -202,7 +153,7 @@ __device__ __forceinline__ void warp_reduce_scatter(float* a, int o, int lane, i
         for (int i = 0; i < V / 2; ++i) {
             const float send = upper ? a[i] : a[i + V / 2];
             const float keep = upper ? a[i + V / 2] : a[i];
-            a[i] = keep + __shfl_xor_sync(FULL_MASK, send, o);
+            a[i] = keep + db_shfl_xor(send, o);
         }
         if (upper) base += V / 2;
         warp_reduce_scatter<V / 2>(a, o >> 1, lane, base);
@@ -344,8 +295,8 @@ __device__ __forceinline__ void gemv_impl(const T* w, const float* x, float* y, 
         gemv_impl<T, true>(w, x, y, n, k, batch, red);                                                      \
     }
 DEFINE_GEMV(f32, float)
-DEFINE_GEMV(f16, __half)
-DEFINE_GEMV(bf16, __nv_bfloat16)
+DEFINE_GEMV(f16, db_f16)
+DEFINE_GEMV(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
 // gemvw_<wt> / gemvw_add_<wt>: the same contract as gemv_<wt>.          grid [ceil_div(n, 16)], block [256]
@@ -431,7 +382,7 @@ __device__ __forceinline__ void gemvw_rows(const T* __restrict__ w, const float*
     for (int r = 0; r < GEMVW_WR; ++r) {
 #pragma unroll
         for (int bb = 0; bb < NB; ++bb) {
-            const float v = warp_sum(acc[r][bb]);
+            const float v = db_warp_sum(acc[r][bb]);
             if (lane == 0 && j0 + r < n && b0 + bb < batch) {
                 float* dst = y + (size_t)(b0 + bb) * (size_t)n + (j0 + r);
                 *dst = ADD ? *dst + v : v;
@@ -468,8 +419,8 @@ __device__ __forceinline__ void gemvw_impl(const T* w, const float* x, float* y,
         gemvw_impl<T, true>(w, x, y, n, k, batch);                                                          \
     }
 DEFINE_GEMVW(f32, float)
-DEFINE_GEMVW(f16, __half)
-DEFINE_GEMVW(bf16, __nv_bfloat16)
+DEFINE_GEMVW(f16, db_f16)
+DEFINE_GEMVW(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
 // rope_append: HF Llama rotary embedding (default type) at p = pos[b], in place on q, roped k and v appended
@@ -556,7 +507,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
                  float* part_ml, int heads, int kv_heads, int head_dim, int max_seq, int chunk, float scale) {
     __shared__ float sp[ATTN_BLOCK];        // the tile's scores, then its probabilities
     __shared__ float4 sacc[ATTN_BLOCK];     // p.V partials of the key groups, summed at the end
-    __shared__ float sred[32];
+    __shared__ float sred[DB_MAX_WARPS];
     const int tid = threadIdx.x, nthreads = blockDim.x;
     const int bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
     const int s = blockIdx.y, splits = gridDim.y;
@@ -579,7 +530,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const float4 qv = (sc4 < d4) ? __ldg(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
 
-    float m = NEG_INF, l = 0.0f;
+    float m = DB_NEG_INF, l = 0.0f;
     float4 acc = zero4;
     for (int t0 = start; t0 < end; t0 += nthreads) {
         const int nt = min(nthreads, end - t0);
@@ -595,7 +546,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
             }
             for (int o = lpk >> 1; o > 0; o >>= 1) {
 #pragma unroll
-                for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += __shfl_xor_sync(FULL_MASK, dot[u], o);
+                for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
             }
 #pragma unroll
             for (int u = 0; u < ATTN_UNROLL; ++u) {
@@ -604,11 +555,11 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
             }
         }
         __syncthreads();
-        const float sc = (tid < nt) ? sp[tid] : NEG_INF;
-        const float m_new = fmaxf(m, block_max(sc, sred));  // finite: the tile has >= 1 key
+        const float sc = (tid < nt) ? sp[tid] : DB_NEG_INF;
+        const float m_new = fmaxf(m, db_block_max(sc, sred));  // finite: the tile has >= 1 key
         const float pj = (tid < nt) ? expf(sc - m_new) : 0.0f;
         if (tid < nt) sp[tid] = pj;
-        const float psum = block_sum(pj, sred);  // its barriers also publish sp
+        const float psum = db_block_sum(pj, sred);  // its barriers also publish sp
         const float corr = expf(m - m_new);      // 0 on the first tile (m = -inf)
         l = l * corr + psum;
         m = m_new;
@@ -672,7 +623,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     const int bh = blockIdx.x;
     const float* ml = part_ml + (size_t)bh * splits * 2;
     const float* po = part_o + (size_t)bh * splits * head_dim;
-    float M = NEG_INF;
+    float M = DB_NEG_INF;
     for (int s = 0; s < splits; ++s)
         if (ml[2 * s + 1] > 0.0f) M = fmaxf(M, ml[2 * s]);
     for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
@@ -732,11 +683,11 @@ __device__ __forceinline__ void argmax_merge(float& bv, int& bi, float ov, int o
 }
 
 extern "C" __global__ void __launch_bounds__(1024) argmax(const float* logits, int* out, int vocab) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
+    __shared__ float sv[DB_MAX_WARPS];
+    __shared__ int si[DB_MAX_WARPS];
     const int tid = threadIdx.x, nthreads = blockDim.x;
     const float* row = logits + (size_t)blockIdx.x * (size_t)vocab;
-    float bv = NEG_INF;
+    float bv = DB_NEG_INF;
     int bi = 0x7fffffff;
     if (tid < vocab) {
         bv = row[tid];
@@ -750,8 +701,8 @@ extern "C" __global__ void __launch_bounds__(1024) argmax(const float* logits, i
         }
     }
     for (int o = warpSize >> 1; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-        const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        const float ov = db_shfl_xor(bv, o);
+        const int oi = db_shfl_xor(bi, o);
         argmax_merge(bv, bi, ov, oi);
     }
     const int lane = tid % warpSize, warp = tid / warpSize, nwarps = nthreads / warpSize;

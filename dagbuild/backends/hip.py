@@ -2,16 +2,20 @@
 
 ``hip-python-as-cuda`` (``pip install 'dagbuild[rocm]'``) exposes the CUDA driver-API names
 (``cuGraphCreate``, ``CUDA_KERNEL_NODE_PARAMS``, ...) backed by HIP, so everything in
-:mod:`dagbuild.backends.cuda` applies unchanged except two things, which this module is the one place for:
+:mod:`dagbuild.backends.cuda` applies unchanged except three things, which this module is the one place for:
 
 * the kernel-node params struct (``hipKernelNodeParams``) has ``gridDim``/``blockDim`` ``dim3`` fields
-  instead of ``gridDimX..Z``/``blockDimX..Z``, and no ``kern``/``ctx`` fields;
+  instead of ``gridDimX..Z``/``blockDimX..Z``, and no ``kern``/``ctx`` fields. hip-python exposes those
+  fields as read-only views into the struct: their ``x``/``y``/``z`` are set in place (assigning a new
+  ``dim3`` raises AttributeError);
+* ``HIP_MEMCPY3D``'s memory-type fields take hip-python's own ``hipMemoryType`` enum only: the interop
+  layer's ``CUmemorytype.CU_MEMORYTYPE_UNIFIED`` (value 11, the same number) is refused with a TypeError;
 * there are no conditional graph nodes and no programmatic edges (executables make those edges plain,
   said once in the log).
 
-UNTESTED: neither the machine this was written on nor the lent NVIDIA GPUs can run HIP, so this path has
-never been executed. Only its seam (that it overrides ``_kernel_params`` and nothing else that builds
-structs) is unit-tested.
+Checked without a GPU (tests/test_hip_python.py, where hip-python is installed): the kernel, memcpy and
+memset params structs built here against hip-python 7.2's own types. NEVER RUN on an AMD GPU: no graph
+has been built, instantiated or launched through this backend.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 from dagbuild.backends.cuda import CudaBackend
+from dagbuild.errors import BuildError
 
-__all__ = ["HipBackend", "hip_kernel_params"]
+__all__ = ["HipBackend", "hip_kernel_params", "hip_memcpy_params"]
 
 
 def hip_kernel_params(
@@ -31,22 +36,53 @@ def hip_kernel_params(
     shared: int,
     argv_address: int,
 ) -> Any:
-    """A ``hipKernelNodeParams`` (exposed as ``CUDA_KERNEL_NODE_PARAMS``) with dim3 grid/block."""
-    dim3 = getattr(drv, "dim3", None)
-    if dim3 is None:  # the interop module keeps a reference to hip.hip as `hip`
-        dim3 = drv.hip.dim3
+    """A ``hipKernelNodeParams`` (exposed as ``CUDA_KERNEL_NODE_PARAMS``) with dim3 grid/block, whose
+    components are set in place (hip-python's dim3 fields are views, not assignable)."""
     p = drv.CUDA_KERNEL_NODE_PARAMS()
     p.func = int(func)
-    p.gridDim = dim3(x=grid[0], y=grid[1], z=grid[2])
-    p.blockDim = dim3(x=block[0], y=block[1], z=block[2])
+    g, b = p.gridDim, p.blockDim
+    g.x, g.y, g.z = (int(v) for v in grid)
+    b.x, b.y, b.z = (int(v) for v in block)
     p.sharedMemBytes = int(shared)
     p.kernelParams = int(argv_address)
     p.extra = 0
     return p
 
 
+def _hip_module(drv: Any) -> Any:
+    """hip-python's ``hip.hip`` (the interop module keeps a reference to it as ``hip``)."""
+    hip = getattr(drv, "hip", None)
+    if hip is None:
+        from hip import hip  # type: ignore[no-redef]
+    return hip
+
+
+def hip_memcpy_params(drv: Any, dst: int, src: int, nbytes: int) -> Any:
+    """A ``HIP_MEMCPY3D`` (exposed as ``CUDA_MEMCPY3D``) for a 1-D copy of ``nbytes``: the same fields as
+    ``CudaBackend._memcpy_params``, with hip-python's ``hipMemoryTypeUnified`` (the direction follows
+    from the addresses)."""
+    nbytes = int(nbytes)
+    if nbytes <= 0:
+        raise BuildError(f"memcpy of {nbytes} bytes: the driver needs > 0 (use an empty node)", code="memcpy")
+    unified = _hip_module(drv).hipMemoryType.hipMemoryTypeUnified
+    c = drv.CUDA_MEMCPY3D()
+    c.srcMemoryType = unified
+    c.srcDevice = int(src)
+    c.srcPitch = nbytes
+    c.srcHeight = 1
+    c.dstMemoryType = unified
+    c.dstDevice = int(dst)
+    c.dstPitch = nbytes
+    c.dstHeight = 1
+    c.WidthInBytes = nbytes
+    c.Height = 1
+    c.Depth = 1
+    return c
+
+
 class HipBackend(CudaBackend):
-    """:class:`CudaBackend` with HIP's kernel-node struct and no conditional nodes (untested; see above)."""
+    """:class:`CudaBackend` with HIP's kernel-node and memcpy structs and no conditional nodes (never run on
+    an AMD GPU; see above)."""
 
     name = "hip"
     conditional_nodes = False
@@ -54,3 +90,6 @@ class HipBackend(CudaBackend):
 
     def _kernel_params(self, func, grid, block, shared, argv_address):
         return hip_kernel_params(self._drv, func, grid, block, shared, argv_address)
+
+    def _memcpy_params(self, dst: int, src: int, nbytes: int) -> Any:
+        return hip_memcpy_params(self._drv, dst, src, nbytes)

@@ -1,0 +1,186 @@
+// dagbuild: the kernels' portability header (CUDA through NVRTC/CuPy, HIP through hiprtc).
+//
+// Kernel sources include it with `#include "port.cuh"` (quoted form, so dagbuild.sources.read_kernel_source
+// inlines it: every compiler then sees one self-contained text) and include no CUDA-only header themselves.
+// On CUDA every helper below is exactly the CUDA intrinsic it replaces (same operations, same order), so
+// the generated PTX does not change; on HIP it needs no header at all (hiprtc's built-in runtime suffices).
+//
+// API
+// ---------------------------------------------------------------------------------------------------------
+// Platform       DB_HIP / DB_CUDA            1 on that platform, else 0 (DB_HIP: __HIP__, __HIPCC__ or
+//                                            __HIP_PLATFORM_AMD__ defined).
+// Types          db_f16                      IEEE binary16: CUDA __half, HIP _Float16.
+//                db_bf16                     bfloat16: CUDA __nv_bfloat16, HIP a 2-byte struct {bits}.
+//                                            Both are storage types: convert to float to compute.
+// Conversions    float to_float(float | db_f16 | db_bf16)          exact
+//                T from_float<T>(float), T in float/db_f16/db_bf16  round to nearest even
+//                float db_f16_bits_to_float(unsigned int h)         low 16 bits of h as a binary16
+//                float db_bf16_bits_to_float(unsigned int h)        low 16 bits of h as a bfloat16 (exact)
+// Constants      DB_NEG_INF                  -inf as a float (NVRTC has no INFINITY)
+//                DB_FULL_MASK                0xffffffff, the CUDA full-warp mask (unused on HIP)
+//                DB_MAX_WARPS                32: warps per block at most (1024 threads / 32); size
+//                                            per-warp shared arrays with it, never with a warp width
+// Warp           T db_shfl_xor(T v, int o)   v of lane (lane ^ o) across the whole warp/wavefront
+//                                            (warpSize lanes: 32 on NVIDIA, 64 on CDNA, 32 or 64 on RDNA);
+//                                            T float or int. CUDA: __shfl_xor_sync(DB_FULL_MASK, v, o);
+//                                            HIP: __shfl_xor(v, o). Every lane of the warp must call it.
+//                float db_warp_sum(float v)  butterfly sum / max over warpSize lanes, offsets warpSize/2,
+//                float db_warp_max(float v)  ..., 1 (the run-time warpSize): result in every lane
+//                float db_block_sum(float v, float* sh)   block-wide sum / max, result in every thread;
+//                float db_block_max(float v, float* sh)   sh: DB_MAX_WARPS floats of shared memory; starts
+//                                            with a barrier so sh may be reused by consecutive calls;
+//                                            blockDim.x a multiple of warpSize; warps summed in order
+// Loads          __ldg(p)                    read-only cached load: CUDA's own, HIP's plain load (portable)
+// Dependent launch (programmatic edges)
+//                DB_GRID_WAIT()              CUDA sm_90+: griddepcontrol.wait (memory clobber): wait for the
+//                                            producer grids to complete and flush; call before reading
+//                                            their output. A no-op on HIP and below sm_90.
+//                DB_GRID_TRIGGER()           CUDA sm_90+: griddepcontrol.launch_dependents: dependents may
+//                                            start launching now. A no-op on HIP and below sm_90.
+// Not here: no inline PTX outside the two macros above; warp width never a literal 32.
+
+#pragma once
+
+#if defined(__HIP__) || defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
+#define DB_HIP 1
+#define DB_CUDA 0
+#else
+#define DB_HIP 0
+#define DB_CUDA 1
+#endif
+
+#if DB_CUDA
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#endif
+
+#define DB_FULL_MASK 0xffffffffu
+#define DB_NEG_INF __int_as_float(0xff800000)  // -inf (NVRTC has no math.h INFINITY)
+#define DB_MAX_WARPS 32
+
+// ------------------------------------------------------------------------------------------------------------
+// Types and conversions
+// ------------------------------------------------------------------------------------------------------------
+
+#if DB_CUDA
+typedef __half db_f16;
+typedef __nv_bfloat16 db_bf16;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ float db_f16_bits_to_float(unsigned int h) {
+    return __half2float(__ushort_as_half((unsigned short)h));
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+#else  // HIP: clang's _Float16 and a bit-level bfloat16; no header needed
+
+typedef _Float16 db_f16;
+struct __attribute__((aligned(2))) db_bf16 {
+    unsigned short bits;
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(_Float16 v) { return (float)v; }
+__device__ __forceinline__ float to_float(db_bf16 v) { return __uint_as_float((unsigned int)v.bits << 16); }
+
+__device__ __forceinline__ float db_f16_bits_to_float(unsigned int h) {
+    return (float)__builtin_bit_cast(_Float16, (unsigned short)h);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ _Float16 from_float<_Float16>(float v) { return (_Float16)v; }
+template <>
+__device__ __forceinline__ db_bf16 from_float<db_bf16>(float v) {
+    unsigned int u = __float_as_uint(v);
+    db_bf16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (unsigned short)((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+        r.bits = (unsigned short)(u >> 16);
+    }
+    return r;
+}
+#endif
+
+// bf16 -> f32 is exact: the bf16 bits are the high half of the f32.
+__device__ __forceinline__ float db_bf16_bits_to_float(unsigned int h) { return __uint_as_float((h & 0xffffu) << 16); }
+
+// ------------------------------------------------------------------------------------------------------------
+// Warp and block reductions (run-time warpSize; correct for 32- and 64-lane warps)
+// ------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ T db_shfl_xor(T v, int o) {
+#if DB_CUDA
+    return __shfl_xor_sync(DB_FULL_MASK, v, o);
+#else
+    return __shfl_xor(v, o);
+#endif
+}
+
+__device__ __forceinline__ float db_warp_sum(float v) {
+    for (int o = warpSize >> 1; o > 0; o >>= 1) v += db_shfl_xor(v, o);
+    return v;
+}
+
+__device__ __forceinline__ float db_warp_max(float v) {
+    for (int o = warpSize >> 1; o > 0; o >>= 1) v = fmaxf(v, db_shfl_xor(v, o));
+    return v;
+}
+
+// Block-wide sum / max, result returned to every thread. `sh` holds one float per warp (DB_MAX_WARPS
+// entries cover 1024 threads at warpSize 32 and any block at warpSize 64). Starts with a barrier so `sh`
+// may be reused by consecutive calls. blockDim.x must be a multiple of warpSize.
+__device__ __forceinline__ float db_block_sum(float v, float* sh) {
+    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
+    v = db_warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float r = sh[0];
+    for (int w = 1; w < nwarps; ++w) r += sh[w];
+    return r;
+}
+
+__device__ __forceinline__ float db_block_max(float v, float* sh) {
+    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
+    v = db_warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float r = sh[0];
+    for (int w = 1; w < nwarps; ++w) r = fmaxf(r, sh[w]);
+    return r;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (CUDA sm_90+ only)
+// ------------------------------------------------------------------------------------------------------------
+
+#if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#define DB_GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define DB_GRID_TRIGGER() asm volatile("griddepcontrol.launch_dependents;")
+#else
+#define DB_GRID_WAIT() \
+    do {               \
+    } while (0)
+#define DB_GRID_TRIGGER() \
+    do {                  \
+    } while (0)
+#endif
