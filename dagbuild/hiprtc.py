@@ -24,7 +24,6 @@ import os
 import re
 import struct
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from dagbuild.errors import CompileError, DagbuildError, Issue, SpecError
@@ -593,16 +592,6 @@ def _code_object(source: str, kernel: str, arch: str, options: tuple[str, ...]) 
     return result
 
 
-def _kernel_source(k: Any) -> str:
-    """The kernel's text as hiprtc must see it: includes inlined (a no-op once the binder does it)."""
-    path = getattr(k, "path", None)
-    if path is not None:
-        from dagbuild.sources import read_kernel_source
-
-        return read_kernel_source(Path(path))
-    return k.source
-
-
 def check_plan_hip(plan: Any, arch: str = "gfx90a") -> dict[str, dict]:
     """Compile every kernel of a plan with hiprtc for ``arch`` and check its declared params against the
     code object. Returns ``{kernel: {"entry", "params", "code_object_bytes"}}``; raises SpecError listing
@@ -614,25 +603,22 @@ def check_plan_hip(plan: Any, arch: str = "gfx90a") -> dict[str, dict]:
     issues: list[Issue] = []
     report: dict[str, dict] = {}
     users: dict[str, list[str]] = {}
-    for node in getattr(plan, "nodes", []):
-        if getattr(node, "kernel", None):
-            users.setdefault(node.kernel, []).append(node.id)
+    for node in plan.nodes:
+        kernel = getattr(node.op, "kernel", None)
+        if kernel is not None:
+            users.setdefault(kernel, []).append(node.id)
     for name, k in plan.kernels.items():
         try:
-            code = _code_object(_kernel_source(k), k.name, arch, tuple(k.options))
+            code = _code_object(k.source, k.name, arch, tuple(k.options))  # includes inlined by the binder
         except CompileError as e:
             nodes = users.get(name, [])
             used = f" (launched by node(s) {', '.join(repr(n) for n in nodes[:5])}" \
                    f"{', ...' if len(nodes) > 5 else ''})" if nodes else ""
-            issues.append(Issue("compile", f"{e} [for {arch}{used}]", nodes=tuple(nodes),
-                                field=f"kernels.{name}"))
-            continue
-        except DagbuildError as e:  # an include that cannot be inlined
-            issues.append(Issue("compile", f"kernel {name!r}: {e}", nodes=tuple(users.get(name, [])),
+            issues.append(Issue("compile", f"{e} [for {arch}{used}]", nodes=tuple(nodes), line=k.line,
                                 field=f"kernels.{name}"))
             continue
         found = check_signature_hip(k.name, k.entry, [(p.name, p.kind) for p in k.params], code)
-        issues += [Issue(i.code, i.message, tuple(users.get(name, [])), i.buffer, i.line, i.field) for i in found]
+        issues += [Issue(i.code, i.message, tuple(users.get(name, [])), i.buffer, k.line, i.field) for i in found]
         report[name] = {"entry": k.entry, "params": len(k.params), "code_object_bytes": len(code)}
     if issues:
         raise SpecError(issues)
