@@ -471,7 +471,7 @@ def parse_spec(text: str | bytes, base_dir: Path | str | None = None, source: st
         text = _decode(bytes(text), source)
     if len(text) > MAX_SPEC_BYTES:
         raise SpecError(Issue("yaml", f"{source}: the spec is {len(text):,} characters long; dagbuild reads "
-                              f"specs of at most {MAX_SPEC_BYTES // 2**20} MiB"))
+                              f"specs of at most {_size_limit()}"))
     try:
         with _no_gc():
             try:
@@ -496,6 +496,11 @@ def parse_spec(text: str | bytes, base_dir: Path | str | None = None, source: st
     return spec
 
 
+def _size_limit() -> str:
+    mib = f" ({MAX_SPEC_BYTES / 2**20:g} MiB)" if MAX_SPEC_BYTES >= 2**20 else ""
+    return f"{MAX_SPEC_BYTES:,} bytes{mib}, dagbuild.load.MAX_SPEC_BYTES"
+
+
 def _decode(raw: bytes, source: str) -> str:
     try:
         return raw.decode("utf-8-sig")
@@ -510,8 +515,7 @@ def load_spec(path: Path | str) -> GraphSpec:
     """Read a YAML spec file (UTF-8, at most :data:`MAX_SPEC_BYTES`). Relative kernel sources resolve
     against its folder. A file that cannot be read raises FileNotFoundError; a bad one SpecError."""
     path = Path(path)
-    too_big = SpecError(Issue("yaml", f"{path}: the spec file is larger than {MAX_SPEC_BYTES // 2**20} MiB; "
-                              "dagbuild refuses it"))
+    too_big = SpecError(Issue("yaml", f"{path}: the spec file is larger than {_size_limit()}; dagbuild refuses it"))
     try:
         with path.open("rb") as f:
             try:
