@@ -465,35 +465,56 @@ def _validate(data: Any, lines: dict[tuple, int], source: str) -> GraphSpec:
         raise SpecError(schema_issues(e, data, lines)) from None
 
 
-def parse_spec(text: str | bytes, base_dir: Path | str | None = None, source: str = "<string>") -> GraphSpec:
-    """Parse YAML text into a GraphSpec; raises SpecError (``yaml`` or ``schema`` issues)."""
-    if isinstance(text, bytes | bytearray):
-        text = _decode(bytes(text), source)
-    if len(text) > MAX_SPEC_BYTES:
-        raise SpecError(Issue("yaml", f"{source}: the spec is {len(text):,} characters long; dagbuild reads "
-                              f"specs of at most {_size_limit()}"))
+@contextlib.contextmanager
+def _guarded(source: str) -> Iterator[None]:
+    """No cyclic GC while reading (see :func:`_no_gc`); RecursionError and MemoryError become issues."""
     try:
         with _no_gc():
-            try:
-                data, lines, duplicates = _compose(text)
-            except _Refused as e:
-                raise SpecError(Issue("yaml", f"{source}: {e.message}", line=e.line)) from None
-            except yaml.YAMLError as e:
-                raise SpecError(_yaml_issue(source, e)) from None
-            except UnicodeError as e:  # a str with lone surrogates cannot be handed to libyaml
-                raise SpecError(Issue("yaml", f"{source}: the text is not valid Unicode ({e.reason} at "
-                                      f"character {e.start})")) from None
-            if duplicates:
-                raise SpecError([_duplicate_issue(source, data, *d) for d in duplicates])
-            spec = _validate(data, lines, source)
+            yield
     except RecursionError:
         raise SpecError(Issue("yaml", f"{source}: the document is nested deeper than {MAX_YAML_DEPTH} "
                               "levels")) from None
     except MemoryError:
-        raise SpecError(Issue("yaml", f"{source}: ran out of memory reading the spec")) from None
+        raise SpecError(Issue("yaml", f"{source}: ran out of memory reading it")) from None
+
+
+def _parse(text: str | bytes, source: str) -> tuple[Any, dict[tuple, int]]:
+    """(data, line map) of YAML text, within the module's limits; SpecError with ``yaml`` issues."""
+    if isinstance(text, bytes | bytearray):
+        text = _decode(bytes(text), source)
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(Issue("yaml", f"{source}: the text is {len(text):,} characters long; dagbuild reads "
+                              f"at most {_size_limit()}"))
+    try:
+        data, lines, duplicates = _compose(text)
+    except _Refused as e:
+        raise SpecError(Issue("yaml", f"{source}: {e.message}", line=e.line)) from None
+    except yaml.YAMLError as e:
+        raise SpecError(_yaml_issue(source, e)) from None
+    except UnicodeError as e:  # a str with lone surrogates cannot be handed to libyaml
+        raise SpecError(Issue("yaml", f"{source}: the text is not valid Unicode ({e.reason} at "
+                              f"character {e.start})")) from None
+    if duplicates:
+        raise SpecError([_duplicate_issue(source, data, *d) for d in duplicates])
+    return data, lines
+
+
+def parse_spec(text: str | bytes, base_dir: Path | str | None = None, source: str = "<string>") -> GraphSpec:
+    """Parse YAML text (str, or UTF-8 bytes) into a GraphSpec; raises SpecError (``yaml`` or ``schema``
+    issues) for anything it cannot read, including input past the limits in this module's docstring."""
+    with _guarded(source):
+        data, lines = _parse(text, source)
+        spec = _validate(data, lines, source)
     spec.with_base_dir(base_dir)
     spec._lines = lines
     return spec
+
+
+def parse_yaml(text: str | bytes, source: str = "<string>") -> Any:
+    """Plain data from YAML text, read like a spec (same limits and checks; SpecError with ``yaml`` issues).
+    For other YAML inputs of dagbuild, such as ``--config`` files."""
+    with _guarded(source):
+        return _parse(text, source)[0]
 
 
 def _size_limit() -> str:
@@ -507,15 +528,15 @@ def _decode(raw: bytes, source: str) -> str:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise SpecError(Issue("yaml", f"{source}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset "
-                              f"{e.start} (line {line}) {e.reason}; save the spec as UTF-8",
+                              f"{e.start} (line {line}) {e.reason}; save it as UTF-8",
                               line=line)) from None
 
 
-def load_spec(path: Path | str) -> GraphSpec:
-    """Read a YAML spec file (UTF-8, at most :data:`MAX_SPEC_BYTES`). Relative kernel sources resolve
-    against its folder. A file that cannot be read raises FileNotFoundError; a bad one SpecError."""
+def read_text(path: Path | str, what: str = "file") -> str:
+    """A YAML file's text: at most :data:`MAX_SPEC_BYTES` (checked before reading), UTF-8. Raises
+    FileNotFoundError when it cannot be read, SpecError (``yaml``) when too large or not UTF-8."""
     path = Path(path)
-    too_big = SpecError(Issue("yaml", f"{path}: the spec file is larger than {_size_limit()}; dagbuild refuses it"))
+    too_big = SpecError(Issue("yaml", f"{path}: the {what} is larger than {_size_limit()}; dagbuild refuses it"))
     try:
         with path.open("rb") as f:
             try:
@@ -526,10 +547,18 @@ def load_spec(path: Path | str) -> GraphSpec:
                 raise too_big
             raw = f.read(MAX_SPEC_BYTES + 1)  # a pipe or device reports no size: read one byte past the limit
     except OSError as e:
-        raise FileNotFoundError(f"cannot read spec {path}: {e.strerror or e}") from None
+        raise FileNotFoundError(f"cannot read {what} {path}: {e.strerror or e}") from None
     if len(raw) > MAX_SPEC_BYTES:
         raise too_big
-    return parse_spec(_decode(raw, str(path)), base_dir=path.resolve().parent, source=str(path))
+    return _decode(raw, str(path))
+
+
+def load_spec(path: Path | str) -> GraphSpec:
+    """Read a YAML spec file (UTF-8, at most :data:`MAX_SPEC_BYTES`). Relative kernel sources resolve
+    against its folder. A file that cannot be read raises FileNotFoundError; a bad one SpecError."""
+    path = Path(path)
+    text = read_text(path, "spec")
+    return parse_spec(text, base_dir=path.resolve().parent, source=str(path))
 
 
 def from_dict(data: dict, base_dir: Path | str | None = None) -> GraphSpec:

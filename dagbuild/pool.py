@@ -278,33 +278,3 @@ def _issue(message: str):
     from .errors import Issue
 
     return Issue("unknown_reference", message, field="buckets")
-
-
-def pool_cli(spec: GraphSpec, args: Any) -> int:
-    """``dagbuild pool``: build every bucket; print build time per bucket and in total, and memory."""
-    from .cli import gpu_reason, overrides_of
-
-    reason = gpu_reason()
-    if reason is not None:
-        print(f"dagbuild pool needs a GPU: {reason}.")
-        return 2
-    import cupy
-
-    overrides = overrides_of(args)
-    free0, _ = cupy.cuda.runtime.memGetInfo()
-    t0 = time.perf_counter()
-    with GraphPool(spec, args.buckets, eager=not args.lazy, overrides=overrides,
-                   concurrent=not args.serial) as pool:
-        total_ms = (time.perf_counter() - t0) * 1e3
-        cupy.cuda.Device().synchronize()
-        free1, _ = cupy.cuda.runtime.memGetInfo()
-        used = free0 - free1
-        print(f"{spec.name}: {len(pool.executables)} buckets of {', '.join(pool.buckets)} built in "
-              f"{total_ms:.1f} ms ({'lazy' if args.lazy else 'eager'}, method {pool.method})")
-        for key, ms in sorted(pool.build_ms.items()):
-            print(f"  {dict(zip(pool.buckets, key, strict=True))}: {ms:.2f} ms")
-        arena = pool.arena_bytes
-        print(f"arena (device buffers at the largest bucket): {arena / 2**20:.1f} MiB")
-        print(f"device memory in use after building: {used / 2**20:.1f} MiB; beyond the arena: "
-              f"{(used - arena) / 2**20:.1f} MiB")
-    return 0

@@ -151,6 +151,7 @@ class GraphSpec(_Model):
 
     dagbuild: Literal[1] = Field(description="format version; must be 1")
     name: str
+    runner: str | None = None
     dims: dict[str, StrictInt] = Field(default_factory=dict)
     types: dict[str, str] = Field(default_factory=dict,
                                   description="type parameters, e.g. {wt: f16}; usable as dtypes")
