@@ -1,22 +1,52 @@
 """The ``dagbuild`` command: validate, dot, info, schema, compile, run, bench, pool.
 
-Exit codes: 0 success, 1 an invalid spec (or a failed check), 2 a usage error (missing file, bad flag).
-Each subcommand is a thin layer over the library; no logic of its own lives here.
+Exit codes: 0 success, 1 an invalid spec (or a failed check), 2 a usage error (missing file, bad flag or
+argument). Every argument is checked before anything needs a GPU, so a bad command line fails the same way
+on every machine. Each subcommand is a thin layer over the library; no logic of its own lives here.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import DagbuildError, SpecError
+from .errors import DagbuildError, Issue, SpecError
+
+#: ``runner:`` values of a spec and the function (``module:attr``, called as ``fn(plan, args)``) that
+#: ``dagbuild run`` hands the plan to on a GPU. A spec without ``runner`` gets the generic launch loop.
+RUNNERS = {"llama_decode": "dagbuild.llama.run:run_cli"}
+
+#: ``dagbuild dot -o FILE`` without ``--format``: the format from the file's suffix.
+FORMAT_BY_SUFFIX = {".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_CUDA_ARCH = re.compile(r"^(?:sm|compute)_(\d{2,3})[af]?$")
+_HIP_ARCH = re.compile(r"^gfx[0-9a-f]{3,4}(?::[a-z]+[+-])*$")
 
 
 class UsageError(Exception):
     pass
+
+
+# ---- argument checks (no GPU, no spec needed) -------------------------------------------------------------
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what} must be ≥ {low}, got {value}")
+        return value
+
+    return parse
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -33,6 +63,115 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def overrides_of(args) -> dict[str, Any]:
+    """``--config FILE`` (a YAML mapping of dims/types) then ``--set NAME=VALUE`` on top."""
+    from .load import parse_yaml, read_text
+
+    out: dict[str, Any] = {}
+    for path in getattr(args, "config", None) or []:
+        try:
+            data = parse_yaml(read_text(path, "--config"), source=f"--config {path}")
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        except SpecError as e:
+            raise UsageError(f"--config {path} is not valid YAML: {'; '.join(i.message for i in e.issues)}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {path} must be a mapping of dim/type names to values")
+        out.update(data)
+    return out | _overrides(getattr(args, "set", None))
+
+
+def _buckets(items: list[str]) -> dict[str, list[int]]:
+    """``--buckets DIM=1,2,4`` (repeatable) → {dim: sorted values}; every value an integer ≥ 1."""
+    out: dict[str, list[int]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"--buckets expects DIM=1,2,4,..., got {item!r}")
+        if name in out:
+            raise UsageError(f"--buckets: {name!r} is given twice")
+        parts = [v.strip() for v in values.split(",") if v.strip()]
+        if not parts:
+            raise UsageError(f"--buckets {item!r}: give at least one value, e.g. {name}=1,2,4")
+        try:
+            ints = {int(v) for v in parts}
+        except ValueError:
+            raise UsageError(f"--buckets {item!r}: values must be integers ≥ 1") from None
+        if min(ints) < 1:
+            raise UsageError(f"--buckets {item!r}: values must be integers ≥ 1, got {min(ints)}")
+        out[name] = sorted(ints)
+    return out
+
+
+def _check_prompt(text: str) -> None:
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    bad = [t for t in parts if not t.isdigit()]
+    if not parts or bad:
+        raise UsageError(f"--prompt must be comma-separated token ids (integers ≥ 0), got {text!r}")
+
+
+def _check_weights(path: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        missing = [what for what, ok in (("config.json", (p / "config.json").is_file()),
+                                         ("*.safetensors files", any(p.glob("*.safetensors")))) if not ok]
+        if missing:
+            raise UsageError(f"--weights {path}: not an HF checkpoint directory (it has no {' and no '.join(missing)})")
+    elif p.is_file():
+        if p.suffix != ".safetensors":
+            raise UsageError(f"--weights {path}: expected a checkpoint directory or a .safetensors file")
+    else:
+        raise UsageError(f"--weights {path}: no such directory")
+
+
+def _check_run_args(args) -> None:
+    _check_prompt(args.prompt)
+    if args.weights is not None:
+        _check_weights(args.weights)
+        if args.random_weights is not None:
+            raise UsageError("give --weights DIR or --random-weights SEED, not both")
+
+
+def _target(args) -> tuple[str, str]:
+    """(backend, arch) of ``dagbuild compile``: ``--target cuda:sm_90`` / ``hip:gfx90a``, or ``--arch``."""
+    if args.target is None:
+        backend, arch = "cuda", args.arch or "sm_90"
+    else:
+        backend, sep, arch = args.target.partition(":")
+        if not sep or backend not in ("cuda", "hip") or not arch:
+            raise UsageError(f"--target expects cuda:ARCH (e.g. cuda:sm_90) or hip:ARCH (e.g. hip:gfx90a), "
+                             f"got {args.target!r}")
+        if args.arch is not None and (backend != "cuda" or args.arch != arch):
+            raise UsageError(f"--arch {args.arch} contradicts --target {args.target}; give one of them")
+    if backend == "hip":
+        if not _HIP_ARCH.match(arch):
+            raise UsageError(f"bad HIP architecture {arch!r}: expected e.g. gfx90a, gfx942 or gfx1100")
+        return backend, arch
+    m = _CUDA_ARCH.match(arch)
+    if not m:
+        raise UsageError(f"bad GPU architecture {arch!r}: expected e.g. sm_90, sm_90a or compute_80")
+    supported = _nvrtc_archs()
+    if supported and int(m.group(1)) not in supported:
+        raise UsageError(f"this NVRTC cannot compile for {arch}; it supports "
+                         f"{', '.join(f'sm_{a}' for a in supported)}")
+    return backend, arch
+
+
+def _nvrtc_archs() -> list[int]:
+    """The architectures the installed NVRTC compiles for; [] when it cannot say (compile reports why)."""
+    try:
+        from cuda.bindings import nvrtc
+
+        err, archs = nvrtc.nvrtcGetSupportedArchs()
+        return sorted(int(a) for a in archs) if int(err) == 0 else []
+    except Exception:  # no NVRTC here: `compile` itself says what to install
+        return []
+
+
+# ---- shared steps -----------------------------------------------------------------------------------------
+
+
 def _load(path: str):
     from .load import load_spec
 
@@ -41,28 +180,16 @@ def _load(path: str):
     return load_spec(path)
 
 
-def overrides_of(args) -> dict[str, Any]:
-    """``--config FILE`` (a YAML mapping of dims/types) then ``--set NAME=VALUE`` on top."""
-    out: dict[str, Any] = {}
-    for path in getattr(args, "config", None) or []:
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise UsageError(f"cannot read --config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise UsageError(f"--config {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {path} must be a mapping of dim/type names to values")
-        out.update(data)
-    return out | _overrides(getattr(args, "set", None))
-
-
 def _plan(args):
     from .plan import plan
 
     return plan(_load(args.spec), overrides_of(args))
+
+
+def _gpu_problem() -> str | None:
+    from . import backends
+
+    return backends.gpu_problem()
 
 
 def _print_issues(err: SpecError, spec_path: str) -> None:
@@ -72,9 +199,24 @@ def _print_issues(err: SpecError, spec_path: str) -> None:
         print(f"  {where}[{i.code}] {i.message}", file=sys.stderr)
 
 
+def _write(path: Path, data: bytes, what: str) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise UsageError(f"cannot write {what} {str(path)!r}: {e.strerror or e}") from None
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+
+
 def cmd_validate(args) -> int:
     try:
         p = _plan(args)
+    except (UsageError, FileNotFoundError) as e:
+        if not args.json:
+            raise
+        print(json.dumps({"ok": False, "errors": [Issue("usage", str(e)).to_json()], "summary": {}}, indent=2))
+        return 2
     except SpecError as e:
         if args.json:
             print(json.dumps({"ok": False, "errors": [i.to_json() for i in e.issues], "summary": {}}, indent=2))
@@ -93,26 +235,19 @@ def cmd_validate(args) -> int:
 def cmd_dot(args) -> int:
     from .dot import render, to_dot
 
-    try:
-        p = _plan(args)
-    except SpecError as e:
-        _print_issues(e, args.spec)
-        return 1
+    fmt = args.format
+    if fmt is None:
+        fmt = FORMAT_BY_SUFFIX.get(Path(args.output).suffix.lower(), "dot") if args.output else "dot"
+    if fmt == "png" and not args.output:
+        raise UsageError("PNG is binary: give -o FILE.png (dot and svg may go to stdout)")
+    p = _plan(args)
     text = to_dot(p)
-    if args.format == "dot":
-        data = text.encode()
-    else:
-        data = render(text, args.format)
+    data = text.encode() if fmt == "dot" else render(text, fmt)
     if args.output:
-        try:
-            Path(args.output).write_bytes(data)
-        except OSError as e:
-            raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
-        print(f"wrote {args.output} ({len(p.nodes)} nodes, {len(p.edges)} edges)", file=sys.stderr)
-    elif args.format == "dot":
-        sys.stdout.write(text)
+        _write(Path(args.output), data, "the graph to")
+        print(f"wrote {args.output} ({fmt}, {len(p.nodes)} nodes, {len(p.edges)} edges)", file=sys.stderr)
     else:
-        raise UsageError(f"--format {args.format} writes binary data: give -o FILE")
+        sys.stdout.write(data.decode())
     return 0
 
 
@@ -136,12 +271,7 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    try:
-        p = _plan(args)
-    except SpecError as e:
-        _print_issues(e, args.spec)
-        return 1
-    print(format_summary(p.summary))
+    print(format_summary(_plan(args).summary))
     return 0
 
 
@@ -155,54 +285,69 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def cmd_compile(args) -> int:
+def _check_plan_for(backend: str):
+    if backend == "hip":
+        try:
+            hiprtc = importlib.import_module("dagbuild.hiprtc")
+        except ModuleNotFoundError as e:
+            if e.name != "dagbuild.hiprtc":
+                raise
+            raise DagbuildError("--target hip: this dagbuild has no HIP kernel checks (dagbuild.hiprtc is "
+                                "missing)") from None
+        return hiprtc.check_plan_hip
     from .kernels import check_plan
 
-    try:
-        p = _plan(args)
-    except SpecError as e:
-        _print_issues(e, args.spec)
-        return 1
-    try:
-        report = check_plan(p, arch=args.arch)
-    except SpecError as e:
-        _print_issues(e, args.spec)
-        return 1
+    return check_plan
+
+
+def cmd_compile(args) -> int:
+    backend, arch = _target(args)
+    p = _plan(args)
+    report = _check_plan_for(backend)(p, arch)
     for name, info in report.items():
-        print(f"{name}: {info['entry']} ok ({info['params']} params, {info['ptx_bytes']} bytes of PTX, {args.arch})")
+        parts = [f"{info['params']} params"] if "params" in info else []
+        parts += [f"{v} bytes of {k.removesuffix('_bytes').upper()}" for k, v in info.items() if k.endswith("_bytes")]
+        print(f"{name}: {info.get('entry', name)} ok ({', '.join([*parts, f'{backend}:{arch}'])})")
     return 0
 
 
-def gpu_reason() -> str | None:
-    """None when a CUDA device is usable, else a sentence saying why not."""
-    try:
-        import cupy
+def _runner(p) -> str | None:
+    """The spec's ``runner`` (None: the generic launch loop); an unknown one is an invalid spec."""
+    runner = getattr(p.spec, "runner", None)
+    if runner is not None and runner not in RUNNERS:
+        raise SpecError(Issue("schema", f"runner: unknown runner {runner!r}; known runners: "
+                              f"{', '.join(sorted(RUNNERS))} (leave `runner` out for the generic launch loop)",
+                              field="runner", line=p.spec.line_of(("runner",))))
+    return runner
 
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return "no CUDA device was found"
-        import cuda.bindings.driver  # noqa: F401
-    except Exception as e:  # ImportError or a CUDA library/driver that fails to load
-        return f"no usable GPU stack ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    return None
+
+def _dot_path(args, name: str) -> Path:
+    """Where ``run`` without a GPU writes the DOT: ``--dot PATH``, else ``NAME.dot`` in the current directory
+    (never elsewhere: a name with a path in it, or a link that leads out, is refused)."""
+    if args.dot:
+        return Path(args.dot)
+    path = Path(f"{name}.dot")
+    cwd = Path.cwd().resolve()
+    if not _SAFE_NAME.match(name) or path.resolve().parent != cwd:
+        raise UsageError(f"the spec name {name!r} does not make a file name in the current directory; "
+                         "give --dot PATH")
+    return path
 
 
 def cmd_run(args) -> int:
     from .dot import to_dot
 
-    try:
-        p = _plan(args)
-    except SpecError as e:
-        _print_issues(e, args.spec)
-        return 1
-    is_llama = p.name.startswith("llama_decode")
-    reason = gpu_reason()
-    if reason is not None:
-        dot_path = Path(args.dot or f"{p.name}.dot")
-        dot_path.write_text(to_dot(p))
+    _check_run_args(args)
+    p = _plan(args)
+    runner = _runner(p)
+    problem = _gpu_problem()
+    if problem is not None:
+        dot_path = _dot_path(args, p.name)
+        _write(dot_path, to_dot(p).encode(), "the DOT file")
         print(format_summary(p.summary))
-        print(f"\nvalid; wrote the reduced DAG to {dot_path} (render: dot -Tsvg {dot_path} -o {p.name}.svg)")
-        print(f"\nNo GPU here: {reason}.")
-        if is_llama:
+        print(f"\nvalid; wrote the reduced DAG to {dot_path} (render: dot -Tsvg {dot_path} -o {dot_path.stem}.svg)")
+        print(f"\nNo GPU here: {problem}.")
+        if runner == "llama_decode":
             print("On a GPU (pip install 'dagbuild[cuda13]'), this command builds the whole decode step above "
                   "as ONE explicit CUDA graph, loads weights (--weights DIR, an HF Llama checkpoint, or "
                   "--random-weights SEED), runs the prompt through it one position at a time, then decodes "
@@ -211,10 +356,9 @@ def cmd_run(args) -> int:
             print("On a GPU (pip install 'dagbuild[cuda13]'), this command builds the graph above explicitly "
                   "(no stream capture), launches it --steps times and prints the time per launch.")
         return 0
-    if is_llama:
-        from .llama.run import run_cli
-
-        return run_cli(p, args)
+    if runner is not None:
+        module, _, attr = RUNNERS[runner].partition(":")
+        return getattr(importlib.import_module(module), attr)(p, args)
     from .bench import run_steps
 
     result = run_steps(p, steps=args.steps)
@@ -226,14 +370,10 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import bench, format_bench
 
-    try:
-        p = _plan(args)
-    except SpecError as e:
-        _print_issues(e, args.spec)
-        return 1
-    reason = gpu_reason()
-    if reason is not None:
-        print(f"dagbuild bench needs a GPU: {reason}.", file=sys.stderr)
+    p = _plan(args)
+    problem = _gpu_problem()
+    if problem is not None:
+        print(f"dagbuild bench needs a GPU: {problem}.", file=sys.stderr)
         return 2
     result = bench(p, steps=args.steps, warmup=args.warmup)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
@@ -241,68 +381,105 @@ def cmd_bench(args) -> int:
 
 
 def cmd_pool(args) -> int:
-    from .pool import pool_cli
+    """Build every bucket; print build time per bucket and in total, and memory."""
+    import time
 
+    from .plan import plan
+
+    buckets = _buckets(args.buckets)
     spec = _load(args.spec)
-    return pool_cli(spec, args)
+    for dim in buckets:
+        if dim not in spec.dims:
+            raise UsageError(f"--buckets {dim}: {dim!r} is not a dim of spec {spec.name!r} "
+                             f"(dims: {', '.join(spec.dims) or 'none'})")
+    overrides = overrides_of(args)
+    plan(spec, {**overrides, **{d: vs[-1] for d, vs in buckets.items()}})  # the spec is valid at the top bucket
+    problem = _gpu_problem()
+    if problem is not None:
+        print(f"dagbuild pool needs a GPU: {problem}.", file=sys.stderr)
+        return 2
+    import cupy
+
+    from .pool import GraphPool
+
+    free0, _ = cupy.cuda.runtime.memGetInfo()
+    t0 = time.perf_counter()
+    with GraphPool(spec, buckets, eager=not args.lazy, overrides=overrides, concurrent=not args.serial) as pool:
+        total_ms = (time.perf_counter() - t0) * 1e3
+        cupy.cuda.Device().synchronize()
+        free1, _ = cupy.cuda.runtime.memGetInfo()
+        used = free0 - free1
+        print(f"{spec.name}: {len(pool.executables)} buckets of {', '.join(pool.buckets)} built in "
+              f"{total_ms:.1f} ms ({'lazy' if args.lazy else 'eager'}, method {pool.method})")
+        for key, ms in sorted(pool.build_ms.items()):
+            print(f"  {dict(zip(pool.buckets, key, strict=True))}: {ms:.2f} ms")
+        arena = pool.arena_bytes
+        print(f"arena (device buffers at the largest bucket): {arena / 2**20:.1f} MiB")
+        print(f"device memory in use after building: {used / 2**20:.1f} MiB; beyond the arena: "
+              f"{(used - arena) / 2**20:.1f} MiB")
+    return 0
 
 
-def _buckets(text: list[str] | None) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for item in text or []:
-        name, sep, values = item.partition("=")
-        if not sep:
-            raise UsageError(f"--buckets expects NAME=1,2,4,..., got {item!r}")
-        try:
-            out[name.strip()] = sorted({int(v) for v in values.split(",") if v.strip()})
-        except ValueError:
-            raise UsageError(f"--buckets {item!r}: values must be integers") from None
-    return out
+# ---- the parser -------------------------------------------------------------------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="dagbuild", description="Explicit CUDA graphs from validated DAG specs.")
+    ap.add_argument("--version", action="version", version=f"dagbuild {__version__}",
+                    help="print the version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def spec_cmd(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(name, help=help, description=help)
         p.add_argument("spec", help="a YAML spec file")
-        p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a dim or type")
+        p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a dim or type (repeatable)")
         p.add_argument("--config", action="append", metavar="FILE",
-                       help="a YAML mapping of dim/type overrides (applied before --set)")
+                       help="a YAML mapping of dim/type overrides (applied before --set; repeatable)")
         return p
 
     p = spec_cmd("validate", "validate a spec; exit 0 valid, 1 invalid, 2 usage")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print {ok, errors, summary} as JSON (usage errors too)")
     p.set_defaults(func=cmd_validate)
     p = spec_cmd("dot", "the validated, reduced DAG as DOT (or svg/png through Graphviz)")
-    p.add_argument("-o", "--output")
-    p.add_argument("--format", choices=["dot", "svg", "png"], default="dot")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout; png needs a file)")
+    p.add_argument("--format", choices=["dot", "svg", "png"],
+                   help="output format (default: from -o's suffix .dot/.gv/.svg/.png, else dot)")
     p.set_defaults(func=cmd_dot)
     p = spec_cmd("info", "the validated spec's summary as a table")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("schema", help="the JSON Schema of the spec format")
     p.set_defaults(func=cmd_schema)
-    p = spec_cmd("compile", "compile every kernel with NVRTC (no GPU needed) and check declared params")
-    p.add_argument("--arch", default="sm_90")
+    p = spec_cmd("compile", "compile every kernel (no GPU needed) and check declared params against the code")
+    p.add_argument("--arch", help="CUDA architecture for NVRTC, e.g. sm_90 (the default), sm_90a, compute_80")
+    p.add_argument("--target", metavar="BACKEND:ARCH",
+                   help="cuda:sm_90 (the default; same as --arch) or hip:gfx90a (HIP kernel checks)")
     p.set_defaults(func=cmd_compile)
-    p = spec_cmd("run", "build and launch (Llama specs: greedy decoding); without a GPU, validate + DOT")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--dot", help="where to write the DOT when no GPU is present")
+    p = spec_cmd("run", "build and launch (a spec's `runner`, e.g. Llama greedy decoding); without a GPU, "
+                        "validate and write the DOT")
+    p.add_argument("--steps", type=_int_at_least(1, "--steps"), default=100,
+                   help="launches of a generic spec (default 100)")
+    p.add_argument("--dot", metavar="FILE", help="where to write the DOT when no GPU is present (default NAME.dot)")
     p.add_argument("--prompt", default="1,15043,29892,590,1024,338,263,1243",
                    help="Llama: comma-separated prompt token ids")
-    p.add_argument("--tokens", type=int, default=64, help="Llama: tokens to generate")
-    p.add_argument("--weights", help="Llama: HF checkpoint directory (safetensors)")
-    p.add_argument("--random-weights", type=int, metavar="SEED", help="Llama: random weights from SEED")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tokens", type=_int_at_least(1, "--tokens"), default=64,
+                   help="Llama: tokens to generate (default 64)")
+    p.add_argument("--weights", metavar="DIR", help="Llama: HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--random-weights", type=_int_at_least(0, "--random-weights"), metavar="SEED",
+                   help="Llama: random weights from SEED (default: seed 0 when --weights is not given)")
+    p.add_argument("--no-progress", action="store_true", help="Llama: no progress line while decoding")
     p.set_defaults(func=cmd_run)
     p = spec_cmd("bench", "eager vs stream-captured vs explicit graph, one run on one stream")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--steps", type=_int_at_least(1, "--steps"), default=500,
+                   help="timed launches per mode (default 500)")
+    p.add_argument("--warmup", type=_int_at_least(0, "--warmup"), default=20,
+                   help="untimed launches first (default 20)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
     p = spec_cmd("pool", "build a graph per bucket over one arena; print build time and memory")
-    p.add_argument("--buckets", action="append", metavar="DIM=1,2,4", required=True)
+    p.add_argument("--buckets", action="append", metavar="DIM=1,2,4", required=True,
+                   help="a dim of the spec and its bucket sizes, integers ≥ 1 (repeatable)")
     p.add_argument("--lazy", action="store_true", help="build no bucket until it is first used")
     p.add_argument("--serial", action="store_true",
                    help="chain each graph's nodes: no concurrency, ~12x less driver memory per graph")
@@ -314,13 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     try:
-        if getattr(args, "buckets", None) is not None:
-            args.buckets = _buckets(args.buckets)
         return args.func(args)
-    except UsageError as e:
-        print(f"dagbuild {args.command}: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
+    except (UsageError, FileNotFoundError) as e:
         print(f"dagbuild {args.command}: {e}", file=sys.stderr)
         return 2
     except SpecError as e:

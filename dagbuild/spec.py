@@ -237,7 +237,7 @@ class GraphSpec(_Model):
         """YAML text that :func:`dagbuild.load.parse_spec` reads back to an equal GraphSpec."""
         data = self.to_dict()
         order = ["dagbuild", "name", "runner", "dims", "types", "deps", "checks", "kernels", "buffers", "nodes"]
-        data = {k: data[k] for k in order if k in data}
+        data = {k: data[k] for k in order if k in data} | {k: v for k, v in data.items() if k not in order}
         return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=100)
 
 

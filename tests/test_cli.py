@@ -267,3 +267,178 @@ def test_schema(capsys):
     assert {"dagbuild", "name", "dims", "types", "deps", "kernels", "buffers", "nodes"} <= set(schema["properties"])
     assert set(schema["required"]) == {"dagbuild", "name"}
     assert schema["additionalProperties"] is False
+
+
+# --- version and help ------------------------------------------------------------------------------------------------
+
+
+def test_version(capsys):
+    import dagbuild
+
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out == f"dagbuild {dagbuild.__version__}\n" == "dagbuild 0.1.0\n"
+
+
+def test_every_flag_has_help():
+    import argparse
+
+    from dagbuild.cli import parser
+
+    ap = parser()
+    (sub,) = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}"
+               for name, p in [("dagbuild", ap), *sub.choices.items()] for a in p._actions
+               if not isinstance(a, argparse._SubParsersAction) and not a.help]
+    assert missing == []
+
+
+# --- validate --json on usage errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_validate_json_missing_file_prints_json_exit_2(tmp_path, capsys, what):
+    path = tmp_path / "nope.yaml" if what == "missing" else tmp_path
+    assert run(["validate", str(path), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["summary"] == {}
+    (e,) = out["errors"]
+    assert e["code"] == "usage" and "not found" in e["message"] and str(path) in e["message"]
+
+
+def test_validate_json_bad_set_prints_json_exit_2(capsys):
+    assert run(["validate", CHAIN, "--set", "steps", "--json"]) == 2
+    (e,) = json.loads(capsys.readouterr().out)["errors"]
+    assert e["code"] == "usage" and "NAME=VALUE" in e["message"]
+
+
+def test_validate_json_unparsable_yaml_exit_1(write, capsys):
+    assert run(["validate", write("dagbuild: 1\nname: t\nname: u\n"), "--json"]) == 1
+    (e,) = json.loads(capsys.readouterr().out)["errors"]
+    assert e["code"] == "yaml" and "duplicate key 'name'" in e["message"] and e["line"] == 3
+
+
+def test_validate_hostile_yaml_exits_1_fast(write, capsys):
+    import time
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True))
+    t0 = time.perf_counter()
+    assert run(["validate", write(bomb)]) == 1
+    assert time.perf_counter() - t0 < 2.0
+    assert "[yaml]" in capsys.readouterr().err
+
+
+# --- dot formats -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_render(monkeypatch):
+    """Graphviz stand-in: records the format and returns recognisable bytes (no `dot` program needed)."""
+    import dagbuild.dot
+
+    calls = []
+
+    def render(text, fmt):
+        calls.append(fmt)
+        return b"<svg>fake</svg>" if fmt == "svg" else b"\x89PNG fake"
+
+    monkeypatch.setattr(dagbuild.dot, "render", render)
+    return calls
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".svg", "svg"), (".png", "png"), (".SVG", "svg"), (".dot", "dot"),
+                                         (".gv", "dot"), (".txt", "dot")])
+def test_dot_format_from_suffix(tmp_path, fake_render, suffix, fmt):
+    out = tmp_path / f"g{suffix}"
+    assert run(["dot", CHAIN, "-o", str(out)]) == 0
+    data = out.read_bytes()
+    if fmt == "dot":
+        assert data.startswith(b"digraph") and fake_render == []
+    else:
+        assert fake_render == [fmt] and data == (b"<svg>fake</svg>" if fmt == "svg" else b"\x89PNG fake")
+
+
+def test_dot_explicit_format_wins_over_suffix(tmp_path, fake_render):
+    assert run(["dot", CHAIN, "-o", str(tmp_path / "g.png"), "--format", "svg"]) == 0
+    assert fake_render == ["svg"]
+
+
+def test_dot_svg_may_go_to_stdout(fake_render, capsys):
+    assert run(["dot", CHAIN, "--format", "svg"]) == 0
+    assert capsys.readouterr().out == "<svg>fake</svg>"
+
+
+def test_dot_png_to_stdout_is_a_usage_error(fake_render, capsys):
+    assert run(["dot", CHAIN, "--format", "png"]) == 2
+    assert "give -o FILE.png" in capsys.readouterr().err and fake_render == []
+
+
+def test_dot_unwritable_output_names_the_path(tmp_path, capsys):
+    out = tmp_path / "no" / "such" / "dir.dot"
+    assert run(["dot", CHAIN, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "Traceback" not in err
+
+
+# --- compile arguments -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_check_plan(monkeypatch):
+    """The CUDA kernel check, faked."""
+    import dagbuild.kernels
+
+    calls = []
+
+    def check_plan(p, arch="sm_90"):
+        calls.append(arch)
+        return {name: {"entry": k.entry, "params": len(k.params), "ptx_bytes": 10} for name, k in p.kernels.items()}
+
+    monkeypatch.setattr(dagbuild.kernels, "check_plan", check_plan)
+    return calls
+
+
+@pytest.mark.parametrize("argv", [["--arch", "banana"], ["--arch", "90"], ["--target", "banana"],
+                                  ["--target", "rocm:gfx90a"], ["--target", "cuda:"], ["--target", "hip:sm_90"],
+                                  ["--target", "cuda:banana"], ["--arch", "sm_80", "--target", "cuda:sm_90"],
+                                  ["--arch", "sm_90", "--target", "hip:gfx90a"]])
+def test_compile_bad_arch_or_target_is_a_usage_error(argv, fake_check_plan, capsys):
+    assert run(["compile", CHAIN, *argv]) == 2
+    assert "dagbuild compile:" in capsys.readouterr().err and fake_check_plan == []
+
+
+@pytest.mark.parametrize("argv, arch", [([], "sm_90"), (["--arch", "sm_80"], "sm_80"),
+                                        (["--target", "cuda:sm_80"], "sm_80"),
+                                        (["--arch", "sm_86", "--target", "cuda:sm_86"], "sm_86")])
+def test_compile_cuda_target(argv, arch, fake_check_plan, capsys):
+    assert run(["compile", CHAIN, *argv]) == 0
+    assert fake_check_plan == [arch]
+    assert f"saxpy: saxpy ok (4 params, 10 bytes of PTX, cuda:{arch})" in capsys.readouterr().out
+
+
+def test_compile_arch_this_nvrtc_lacks_is_a_usage_error(monkeypatch, fake_check_plan, capsys):
+    from dagbuild import cli
+
+    monkeypatch.setattr(cli, "_nvrtc_archs", lambda: [80, 90])
+    assert run(["compile", CHAIN, "--arch", "sm_75"]) == 2
+    assert "sm_80, sm_90" in capsys.readouterr().err
+
+
+def test_compile_hip_target_calls_hiprtc(monkeypatch, capsys):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("dagbuild.hiprtc")
+    fake.check_plan_hip = lambda p, arch: calls.append(arch) or {"saxpy": {"entry": "saxpy", "params": 4}}
+    monkeypatch.setitem(sys.modules, "dagbuild.hiprtc", fake)
+    assert run(["compile", CHAIN, "--target", "hip:gfx90a"]) == 0
+    assert calls == ["gfx90a"] and "saxpy: saxpy ok (4 params, hip:gfx90a)" in capsys.readouterr().out
+
+
+def test_compile_hip_target_without_hiprtc(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dagbuild.hiprtc", None)  # as if the module did not exist
+    assert run(["compile", CHAIN, "--target", "hip:gfx942"]) == 1
+    assert "dagbuild.hiprtc is missing" in capsys.readouterr().err

@@ -397,3 +397,47 @@ def test_json_schema_accepts_shipped_specs_and_rejects_bad_ones():
         bad = dict(data, nodes=[*data["nodes"], {"id": "x", "colour": "red"}])
         assert list(validator.iter_errors(bad)), path.name
     assert list(validator.iter_errors({"dagbuild": 2, "name": "t"}))
+
+
+# --- loading: runner, dump, line map ---------------------------------------------------------------------------------
+
+
+def test_runner_field_loads_and_round_trips():
+    spec = load_spec(SPECS / "llama_decode.yaml")
+    assert spec.runner == "llama_decode" and load_spec(SPECS / "chain.yaml").runner is None
+    text = spec.to_yaml()
+    assert text.splitlines()[:3] == ["dagbuild: 1", "name: llama_decode", "runner: llama_decode"]
+    assert parse_spec(text, base_dir=SPECS) == spec
+
+
+def test_dump_yaml_is_to_yaml():
+    from dagbuild.load import dump_yaml
+
+    for path in SHIPPED:
+        spec = load_spec(path)
+        assert dump_yaml(spec) == spec.to_yaml()
+
+
+def test_line_map_leaves_out_lines_that_repeat_the_parent_but_answers_the_same():
+    text = "dagbuild: 1\nname: t\nnodes:\n" + "".join(f"  - {{id: e{i}, empty: {{}}, after: []}}\n" for i in range(50))
+    spec = parse_spec(text)
+    assert len(spec._lines) < 60  # one entry per line, not one per key
+    assert spec.line_of(("nodes", 7, "empty")) == spec.line_of(("nodes", 7, "after", 0)) == 11
+
+
+def test_load_spec_reads_once_with_libyaml(monkeypatch):
+    from dagbuild import load
+
+    if not getattr(yaml, "__with_libyaml__", False):
+        pytest.skip("PyYAML without libyaml")
+    made = []
+    real = yaml.CSafeLoader
+
+    class Counting(real):
+        def __init__(self, stream):
+            made.append(1)
+            super().__init__(stream)
+
+    monkeypatch.setattr(load, "_Loader", Counting)
+    load_spec(SPECS / "llama_decode.yaml")
+    assert made == [1]

@@ -13,7 +13,7 @@ from dagbuild.errors import DagbuildError
 if TYPE_CHECKING:
     from dagbuild.backends.cuda import CudaBackend
 
-__all__ = ["BACKENDS", "get_backend"]
+__all__ = ["BACKENDS", "get_backend", "gpu_problem"]
 
 BACKENDS = ("auto", "cuda", "hip")
 
@@ -38,6 +38,31 @@ def _cuda_problem() -> str | None:
     except Exception as e:
         return f"no CUDA device ({type(e).__name__}: {e})"
     return None if n > 0 else "no CUDA device"
+
+
+def _libcuda_loads() -> bool:
+    """Whether the NVIDIA driver library loads (no CuPy needed: CuPy without a driver says "CUDA driver
+    version is insufficient", which misleads on a machine that has no NVIDIA GPU at all)."""
+    import ctypes
+    import sys
+
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+def gpu_problem() -> str | None:
+    """None when a GPU is usable (a CUDA device through CuPy and cuda-bindings, or a HIP one through HIP
+    Python), else one sentence saying why not. The one GPU probe of the CLI and the tests."""
+    if not _libcuda_loads():
+        return None if _hip_problem() is None else "no NVIDIA driver found (libcuda is not loadable)"
+    problem = _cuda_problem()
+    if problem is not None and _hip_problem() is None:
+        return None
+    return problem
 
 
 def _hip_problem() -> str | None:
