@@ -261,8 +261,10 @@ def format_summary(s: dict) -> str:
 
     rows = [("spec", s["name"]), ("nodes", str(s["nodes"]))]
     rows += [(f"  {k}", str(v)) for k, v in s["nodes_by_kind"].items()]
+    width = str(s["max_width"]) + ("" if s.get("max_width_exact", True) else " (at least: a large graph)")
     rows += [("edges (inferred + after)", str(s["edges"])), ("edges after reduction", str(s["edges_reduced"])),
-             ("critical path (nodes)", str(s["critical_path"])), ("max width (nodes at once)", str(s["max_width"])),
+             ("  programmatic (kernel → kernel)", str(s.get("edges_programmatic", 0))),
+             ("critical path (nodes)", str(s["critical_path"])), ("max width (nodes at once)", width),
              ("buffers", str(s["buffers"]))]
     rows += [(f"  {k} memory", size(v)) for k, v in s["bytes_by_memory"].items()]
     rows += [("dims", ", ".join(f"{k}={v}" for k, v in s["dims"].items()) or "-")]

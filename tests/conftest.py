@@ -14,22 +14,10 @@ KERNELS = ROOT / "kernels"
 
 @functools.cache
 def gpu_unavailable_reason() -> str | None:
-    """None when a CUDA device is usable through CuPy, else why not."""
-    try:
-        import cupy
-    except Exception as e:  # ImportError, or a CUDA library that fails to load
-        return f"cupy is not importable ({type(e).__name__}: {e})"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:
-        return f"no CUDA device ({type(e).__name__}: {e})"
-    if n < 1:
-        return "no CUDA device"
-    try:
-        import cuda.bindings.driver  # noqa: F401
-    except Exception as e:
-        return f"cuda-bindings is not importable ({e})"
-    return None
+    """None when a GPU is usable, else why not (dagbuild's own probe, the one the CLI uses)."""
+    from dagbuild.backends import gpu_problem
+
+    return gpu_problem()
 
 
 class CountingBackend:
