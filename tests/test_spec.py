@@ -441,3 +441,9 @@ def test_load_spec_reads_once_with_libyaml(monkeypatch):
     monkeypatch.setattr(load, "_Loader", Counting)
     load_spec(SPECS / "llama_decode.yaml")
     assert made == [1]
+
+
+def test_shipped_specs_and_kernels_are_found_where_they_are_installed():
+    from dagbuild.data import data_root, shipped_spec
+
+    assert (data_root() / "kernels" / "llama.cu").is_file() and shipped_spec("llama_decode.yaml").is_file()

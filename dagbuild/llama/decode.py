@@ -18,16 +18,16 @@ import numpy as np
 
 from ..errors import BuildError, DagbuildError
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "specs" / "llama_decode.yaml"
 REQUIRED = ("tokens_host", "pos_host", "next_host", "logits", "k_cache", "v_cache")
 
 
 def llama_plan(overrides: Mapping[str, Any] | None = None, spec_path: Path | str | None = None):
     """The decode spec's plan; ``cache_batch`` follows ``batch`` unless it is set explicitly."""
+    from ..data import shipped_spec
     from ..load import load_spec
     from ..plan import plan
 
-    spec = load_spec(spec_path or SPEC_PATH)
+    spec = load_spec(spec_path or shipped_spec("llama_decode.yaml"))
     ov = dict(overrides or {})
     batch = int(ov.get("batch", spec.dims.get("batch", 1)))
     if "cache_batch" not in ov:
