@@ -17,7 +17,6 @@ shared, as PyYAML's constructor shares it) and nothing recurses on the Python st
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from pydantic import ValidationError
 
 from .errors import Issue, SpecError
 from .spec import GraphSpec
+from .util import paused_gc
 
 #: Largest spec file :func:`load_spec` reads (bytes); checked before reading.
 MAX_SPEC_BYTES = 64 * 2**20
@@ -313,17 +313,6 @@ class _Builder:
         raise _Refused(f"the document is nested deeper than {MAX_YAML_DEPTH} levels", _line(ev))
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Reading a large spec makes millions of small objects and no cycles; Python's cyclic collector would
-    rescan them again and again (most of the time of a 100,000-node load)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # ---- schema errors ---------------------------------------------------------------------------------------
@@ -467,9 +456,9 @@ def _validate(data: Any, lines: dict[tuple, int], source: str) -> GraphSpec:
 
 @contextlib.contextmanager
 def _guarded(source: str) -> Iterator[None]:
-    """No cyclic GC while reading (see :func:`_no_gc`); RecursionError and MemoryError become issues."""
+    """No cyclic GC while reading (see :func:`dagbuild.util.paused_gc`); RecursionError and MemoryError become issues."""
     try:
-        with _no_gc():
+        with paused_gc():
             yield
     except RecursionError:
         raise SpecError(Issue("yaml", f"{source}: the document is nested deeper than {MAX_YAML_DEPTH} "
@@ -564,7 +553,7 @@ def load_spec(path: Path | str) -> GraphSpec:
 def from_dict(data: dict, base_dir: Path | str | None = None) -> GraphSpec:
     """A GraphSpec from plain data (as YAML would give), with schema issues on error."""
     try:
-        with _no_gc():
+        with paused_gc():
             spec = _validate(data, {}, "<data>")
     except RecursionError:
         raise SpecError(Issue("schema", "the data is nested too deeply (or refers to itself)")) from None

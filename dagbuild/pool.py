@@ -11,11 +11,9 @@ whose position is negative), so padding never corrupts a real sequence's state.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +27,7 @@ from .ir import Plan
 from .kernels import ModuleCache
 from .plan import plan as make_plan
 from .spec import GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
+from .util import paused_gc
 
 
 class GraphPool:
@@ -83,7 +82,7 @@ class GraphPool:
             self.largest_plan = self.plan_for(self.largest)
             self.arena = Arena(self.largest_plan.buffers)
             if eager:
-                with _no_gc():
+                with paused_gc():
                     for key in itertools.product(*self.buckets.values()):
                         self._build(key)
         except BaseException:
@@ -168,7 +167,7 @@ class GraphPool:
         key = self.bucket_for(**dims)
         exe = self.executables.get(key)
         if exe is None:
-            with _no_gc():
+            with paused_gc():
                 exe = self._build(key)
         return exe
 
@@ -238,14 +237,3 @@ def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:
     return walk(spec.nodes)
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Building many plans and graphs makes millions of small objects and no cycles; Python's cyclic
-    collector would rescan all of them again and again (a third of the build time)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()

@@ -493,15 +493,7 @@ class CudaBackend:
 
     def node_deps(self, graph: Any, node: Any) -> list:
         """The nodes ``node`` depends on. ``graph`` is unused by CUDA (kept for symmetry)."""
-        n = self._node(node)
-        # CUDA 13: cuGraphNodeGetDependencies(hNode, numDependencies) -> (err, deps, edgeData, num);
-        # CUDA 12: -> (err, deps, num). The count is the last output either way.
-        first = self._check("cuGraphNodeGetDependencies", self._drv.cuGraphNodeGetDependencies(n, 0))
-        count = int(first[-1])
-        if count == 0:
-            return []
-        outs = self._check("cuGraphNodeGetDependencies", self._drv.cuGraphNodeGetDependencies(n, count))
-        return list(outs[0])[: int(outs[-1])]
+        return [d for d, _ in self.node_dep_edges(node)]
 
     def node_dep_edges(self, node: Any) -> list[tuple[Any, str]]:
         """The nodes ``node`` depends on, each with its edge kind (``plain`` or ``programmatic``)."""
