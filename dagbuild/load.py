@@ -456,7 +456,7 @@ def _validate(data: Any, lines: dict[tuple, int], source: str) -> GraphSpec:
 
 @contextlib.contextmanager
 def _guarded(source: str) -> Iterator[None]:
-    """No cyclic GC while reading (see :func:`dagbuild.util.paused_gc`); RecursionError and MemoryError become issues."""
+    """No cyclic GC while reading (:func:`~dagbuild.util.paused_gc`); RecursionError and MemoryError become issues."""
     try:
         with paused_gc():
             yield
