@@ -41,12 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dagbuild.bench import device_us_per_launch, launch_modes  # noqa: E402
-from dagbuild.executable import Executable  # noqa: E402
+from dagbuild.executable import ExecOptions, Executable  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
 from dagbuild.llama.weights import WEIGHT_BUFFERS, load_state_dict, random_hf_model, random_weights  # noqa: E402
 
 DEFAULT_CONFIGS = ("specs/configs/llama_tiny.yaml", "specs/configs/tinyllama.yaml")
-GEMV_KERNELS = ("gemv", "gemv_add", "gemvw", "gemvw_add")
+FUSED_SPEC = ROOT / "specs" / "llama_decode_fused.yaml"
+#: weight matrices (packed ones too): a kernel reading one of them gets its achieved bandwidth reported
+MATRICES = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", "wqkv", "w_gate_up"}
 SPIN_SRC = r"""
 extern "C" __global__ void dagbuild_spin(long long cycles) {
     long long t0 = clock64();
@@ -268,6 +270,35 @@ def dagbuild_modes(cp, exe) -> dict[str, tuple[Callable, Callable]]:
     return modes
 
 
+def explicit_mode(cp, exe) -> tuple[Callable, Callable]:
+    """(prefill, step) through the explicit graph only (the fused spec's rows)."""
+    return dagbuild_modes_from(cp, exe, exe.launch)
+
+
+def dagbuild_modes_from(cp, exe, launch) -> tuple[Callable, Callable]:
+    stream = exe.stream
+    th, ph, nh = exe.buffers["tokens_host"], exe.buffers["pos_host"], exe.buffers["next_host"]
+
+    def step(tok, pos):
+        th[0] = tok
+        ph[0] = pos
+        launch()
+        stream.synchronize()
+        return int(nh[0])
+
+    def prefill(prompt):
+        exe.synchronize()
+        exe.buffers["k_cache"].fill(0)
+        exe.buffers["v_cache"].fill(0)
+        cp.cuda.Device().synchronize()
+        nxt = 0
+        for p, t in enumerate(prompt):
+            nxt = step(t, p)
+        return nxt
+
+    return prefill, step
+
+
 def graph_device_ms(cp, exe, reps: int = 50) -> float:
     """Device time per step of back-to-back explicit graph launches (no host round trip in between)."""
     for _ in range(3):
@@ -316,8 +347,9 @@ def kernel_times(cp, exe, copy_gbps: float, min_launches: int = 100) -> list[dic
         n0 = by_id[items[0][0]]
         row: dict[str, Any] = {"kind": kind, "nodes": len(items), "kernel": getattr(n0.op, "kernel", n0.kind),
                                "us_per_node": us, "us_per_step": us * len(items)}
-        if n0.kind == "kernel" and n0.op.kernel in GEMV_KERNELS:
-            wbytes = next(a.view.nbytes for a in n0.op.args if a.param.name == "w")
+        wbytes = sum(a.view.nbytes for a in getattr(n0.op, "args", ()) if a.view is not None
+                     and a.view.buffer in MATRICES)
+        if wbytes >= 1 << 20:  # a matrix-reading kernel (GEMV): its weight bandwidth
             row["weight_bytes"] = wbytes
             row["GBps"] = wbytes / (us * 1e-6) / 1e9
             row["of_copy_bw"] = row["GBps"] / copy_gbps
@@ -385,6 +417,25 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
         if not args.no_kernels:
             result["kernels"] = kernel_times(cp, exe, copy["GBps"])
         del modes
+    if FUSED_SPEC.is_file() and not args.no_fused:
+        fplan = llama_plan({**dims, "wt": "f16", "batch": 1}, spec_path=FUSED_SPEC)
+        result["fused_nodes"] = len(fplan.nodes)
+        for name, opts in (("(f) dagbuild fused, plain edges", ExecOptions(programmatic=False)),
+                           ("(g) dagbuild fused + programmatic edges", ExecOptions())):
+            try:
+                with Executable(fplan, opts) as exe:
+                    if model is not None:
+                        load_state_dict(exe, model.state_dict())
+                    else:
+                        random_weights(exe, args.seed)
+                    toks, ms = decode(*explicit_mode(cp, exe), prompt, args.warmup, steps)
+                    result["modes"][name] = {**stats(ms), "x_floor": statistics.median(ms) / floor_ms,
+                                             "device_ms": graph_device_ms(cp, exe)}
+                    result["tokens"][name] = toks
+                    if "programmatic" in name and not args.no_kernels:
+                        result["fused_kernels"] = kernel_times(cp, exe, copy["GBps"])
+            except Exception as e:
+                notes.append(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
     toks = result["tokens"]
     ours = [t for k, t in toks.items() if "dagbuild" in k]
     result["dagbuild_modes_agree"] = all(t == ours[0] for t in ours) if ours else None
@@ -413,6 +464,10 @@ def report(r: dict[str, Any], copy: dict[str, float], device: str) -> str:
     lines.append(f"{'floor (weights / copy bandwidth)':<42} {r['floor_ms']:>10.4f} {'':>10} {1.0:>9.1f}")
     lines.append(f"explicit graph, device time back to back: {r['explicit_graph_device_ms']:.4f} ms/step "
                  f"({r['explicit_graph_device_ms'] / r['floor_ms']:.1f} x floor)")
+    for name, m in sorted(r["modes"].items()):
+        if "device_ms" in m:
+            lines.append(f"{name}: {r.get('fused_nodes')} nodes, device time back to back {m['device_ms']:.4f} "
+                         f"ms/step ({m['device_ms'] / r['floor_ms']:.2f} x floor)")
     if r.get("dagbuild_modes_agree") is not None:
         lines.append(f"dagbuild modes produce identical tokens: {r['dagbuild_modes_agree']}")
     if "agree_with_hf_eager" in r:
@@ -423,11 +478,13 @@ def report(r: dict[str, Any], copy: dict[str, float], device: str) -> str:
                      f"attention {r['hf_attn_implementation']}")
     for n in r["notes"]:
         lines.append(f"note: {n}")
-    if r.get("kernels"):
-        lines += ["", "per-kernel device time (each kind alone, L2 flushed, back to back):",
+    for key, title in (("kernels", "unfused"), ("fused_kernels", "fused")):
+        if not r.get(key):
+            continue
+        lines += ["", f"per-kernel device time, {title} graph (each kind alone, L2 flushed, back to back):",
                   f"{'kind':<14} {'kernel':<14} {'nodes':>5} {'us/node':>9} {'us/step':>9} {'GB/s':>8} {'of copy':>8}"]
         total = 0.0
-        for k in r["kernels"]:
+        for k in r[key]:
             total += k["us_per_step"]
             bw = f"{k['GBps']:>8.0f} {k['of_copy_bw']:>7.0%}" if "GBps" in k else f"{'':>8} {'':>8}"
             lines.append(f"{k['kind']:<14} {k['kernel']:<14} {k['nodes']:>5} {k['us_per_node']:>9.2f} "
@@ -448,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn", default="sdpa", help="HF attn_implementation (default sdpa)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF modes")
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    ap.add_argument("--no-fused", action="store_true", help="skip the fused spec's rows")
     ap.add_argument("--json", help="write all results to this file")
     args = ap.parse_args(argv)
     import cupy as cp
