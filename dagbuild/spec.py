@@ -46,6 +46,9 @@ class KernelDecl(_Model):
     entry: str
     params: list[str]
     options: list[str] = Field(default_factory=list)
+    launch: Literal["plain", "programmatic"] = Field(
+        "plain", description="programmatic: the kernel calls griddepcontrol.wait (in every block, before it "
+        "touches data another node writes), so edges from producer kernels may be programmatic")
 
     @model_validator(mode="after")
     def _one_source(self) -> KernelDecl:
