@@ -14,12 +14,11 @@
 // next kernel of the graph may be scheduled as soon as every block of this one is resident) and
 // griddepcontrol.wait before it reads anything another node writes and before its first global write.
 // Before the wait a kernel reads only weights (never written by the graph): the GEMVs issue their first
-// weight loads into registers (and, for rows longer than that, an L2 bulk prefetch of the rest) before the
-// wait, so their weight traffic overlaps the previous kernel's tail. Without a programmatic edge the wait
-// returns at once, so every kernel is correct with plain edges too. The launch trigger is not a memory
-// fence; the wait carries a "memory" clobber so the compiler keeps loads of produced data after it.
-// Produced data (activations, positions, the KV cache) is read with plain or L2 loads, never through the
-// read-only (ld.global.nc) path: it is written while this grid may already be running.
+// weight loads into registers before the wait, so their weight traffic overlaps the previous kernel's tail.
+// Without a programmatic edge the wait returns at once, so every kernel is correct with plain edges too. The
+// launch trigger is not a memory fence; the wait carries a "memory" clobber so the compiler keeps loads of
+// produced data after it. Produced data (activations, positions, the KV cache) is read with plain or L2
+// loads, never through the read-only (ld.global.nc) path: it is written while this grid may already run.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -40,9 +39,10 @@
 #endif
 
 // L2 prefetch of `bytes` (a multiple of 16) from a 16-byte aligned global address: one bulk instruction
-// (sm_90). A hint only; compile with -DFUSED_NO_L2_PREFETCH to leave it out.
+// (sm_90). A hint, off unless compiled with -DFUSED_L2_PREFETCH: on the H200 it made the long-row GEMVs
+// slower (down projection in a PDL chain: TinyLlama 10.4 -> 11.8 us, Llama-3.2-1B 16.3 -> 22.2 us).
 __device__ __forceinline__ void l2_prefetch(const void* p, unsigned int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(FUSED_NO_L2_PREFETCH)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(FUSED_L2_PREFETCH)
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(bytes));
 #else
     (void)p;
@@ -150,8 +150,8 @@ __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g));
 // * Lanes stride over the rows' 16-byte packs (8 halves / 4 floats), so each warp-wide load reads 512
 //   consecutive bytes; U packs x 2 rows = 2U independent 16-byte loads per lane are issued before any is used
 //   (U = 8: 16 loads, a whole 2048-wide f16 row pair, for batch chunks of 1-2 rows; U = 4 for chunks of 4).
-// * The first U packs of each row are loaded BEFORE griddepcontrol.wait (weights only); where a row is longer
-//   than that, lanes 0/1 also issue one L2 bulk prefetch of the rest of their row. Then the wait, then x.
+// * The first U packs of each row are loaded BEFORE griddepcontrol.wait (weights only); then the wait, then x.
+//   (With -DFUSED_L2_PREFETCH, lanes 0/1 also issue one L2 bulk prefetch of the rest of a longer row: slower.)
 // * The batch goes in register chunks of up to 4 rows of x (NB = 1, 2 or 4: dispatched at run time inside
 //   the kernel; 3 rows use the 4-row chunk with a clamped duplicate). For batch <= 4 every weight is read from
 //   DRAM once; larger batches re-read the warp's two rows per chunk, right away (from L1/L2).
@@ -510,12 +510,17 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const int s = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int d4 = head_dim / 4;
+    int lpk = 1;  // score layout: groups of LPK lanes per key (a power of two <= warpSize)
+    while (lpk < d4) lpk <<= 1;
+    const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
+    const int vg = tid / d4, vc4 = tid % d4, n_vg = nthreads / d4;  // p.V layout: key groups of d4 threads
+    const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     PDL_WAIT();
-
+    // q and pos are independent loads: issue both before using either
+    const float4 qv = (sc4 < d4) ? __ldca(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
     const int L = min(pos[b] + 1, max_seq);
     const int nlive = L > 0 ? (L + chunk - 1) / chunk : 0;
     float4* out4 = reinterpret_cast<float4*>(out + (size_t)bh * head_dim);
-    const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (nlive == 0) {
         if (s == 0 && tid < d4) out4[tid] = zero4;
         return;
@@ -524,15 +529,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const int start = s * chunk;
     const int end = min(start + chunk, L);
 
-    int lpk = 1;  // score layout: groups of LPK lanes per key (a power of two <= warpSize)
-    while (lpk < d4) lpk <<= 1;
-    const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
-    const int vg = tid / d4, vc4 = tid % d4, n_vg = nthreads / d4;  // p.V layout: key groups of d4 threads
-
     const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)head_dim;
     const float4* kc4 = reinterpret_cast<const float4*>(k_cache + kv_base);
     const float4* vc4p = reinterpret_cast<const float4*>(v_cache + kv_base);
-    const float4 qv = (sc4 < d4) ? __ldca(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
 
     float m = NEG_INF, l = 0.0f;
     float4 acc = zero4;

@@ -9,7 +9,7 @@ Three parts (any combination; default: --legacy):
             that every call reads its weights from DRAM; once in a CuPy-captured graph (plain edges) and once
             in an explicit graph whose 40 nodes are chained by programmatic (PDL) edges. µs per call, GB/s
             of weights, % of the device-to-device copy bandwidth measured in the same run. --variants adds
-            the kernels built without the L2 bulk prefetch (-DFUSED_NO_L2_PREFETCH), batch 1 and 8.
+            the kernels built with the L2 bulk prefetch of long rows (-DFUSED_L2_PREFETCH), batch 1 and 8.
   --chain   the fused kernels of all layers (5 per layer) launched back to back: CuPy-captured (no PDL),
             explicit plain edges, explicit programmatic edges; then the whole decode step of
             specs/llama_decode_fused.yaml (plain and PDL) and of specs/llama_decode.yaml, device time per
@@ -137,8 +137,8 @@ def legacy(cp, wt: str, batches: list[int], bw: float) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def fused_module(cp, no_l2_prefetch: bool = False):
-    opts = ("--std=c++17",) + (("-DFUSED_NO_L2_PREFETCH",) if no_l2_prefetch else ())
+def fused_module(cp, *defines: str):
+    opts = ("--std=c++17", *(f"-D{d}" for d in defines))
     mod = cp.RawModule(code=(ROOT / "kernels" / "llama_fused.cu").read_text(), options=opts)
     mod.compile()
     return mod
@@ -227,9 +227,9 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
     from dagbuild.backends import get_backend
 
     be = get_backend("auto")
-    mods = {"l2pf": fused_module(cp)}
-    if variants:
-        mods["no_l2pf"] = fused_module(cp, no_l2_prefetch=True)
+    mods = {"default": fused_module(cp)}
+    if variants:  # batch 1 and 8 only
+        mods["+L2 bulk prefetch"] = fused_module(cp, "FUSED_L2_PREFETCH")
     l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
     stream = cp.cuda.Stream(non_blocking=True)
     rs = cp.random.RandomState(5)
@@ -241,7 +241,7 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
             copies = max(2, -(-3 * l2 // wbytes))
             weights = [random_weights(cp, (rows, k), wt, rs) for _ in range(copies)]
             for variant, mod in mods.items():
-                for batch in batches if variant == "l2pf" else (1, 8):
+                for batch in batches if variant == "default" else (1, 8):
                     cupy_calls, be_calls, keep = fused_launches(cp, mod, role, entry, rows, k, dims, wt, batch,
                                                                 weights, rs)
                     res = {}
@@ -266,7 +266,7 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
                         log.append({"model": model, "wt": wt, "kernel": role, "entry": f"{entry}_{wt}",
                                     "rows": rows, "k": k, "batch": batch, "mode": mode, "variant": variant,
                                     "us": us, "GBps": gbs, "of_copy": gbs / bw})
-                    tag = "" if variant == "l2pf" else f" [{variant}]"
+                    tag = "" if variant == "default" else f" [{variant}]"
                     print(f"{model:<13}{role:<9}{rows:>6}x{k:<6} {batch:>5} | " + " | ".join(cells) + tag,
                           flush=True)
                     del keep, cupy_calls, be_calls
@@ -281,7 +281,7 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
 LAYER_KINDS = ("qkv", "attn", "o_proj", "gate_up", "down_proj")
 
 
-def chain(cp, bw: float, pos: int, log: list) -> None:
+def chain(cp, bw: float, positions: list[int], log: list) -> None:
     from pdl_edges import ProgrammaticEdges, chain_graph
 
     from dagbuild.backends import get_backend
@@ -300,6 +300,7 @@ def chain(cp, bw: float, pos: int, log: list) -> None:
             dims["hidden"] * 2
         layer_bytes = sum(plan.buffers[b].nbytes for b in ("wqkv", "wo", "w_gate_up", "w_down"))
         floor_ms = wbytes / (bw * 1e9) * 1e3
+        pos = positions[0]
         print(f"\n== {model} ({wt}, batch 1, position {pos}): weights per token {wbytes / 1e9:.3f} GB -> floor "
               f"{floor_ms:.4f} ms; the layers' {layer_bytes / 1e9:.3f} GB -> {layer_bytes / bw / 1e6:.4f} ms ==",
               flush=True)
@@ -329,6 +330,15 @@ def chain(cp, bw: float, pos: int, log: list) -> None:
             rows["whole step, fused, PDL (device, back to back)"] = device_us_per_launch(exe, 50) / 1e3
             rows["whole step, fused, PDL (host: launch + wait)"] = host_ms(exe)
             logits_pdl = exe.buffers["logits"].get()
+            for other in positions[1:]:  # longer contexts: more attention splits (and the combine)
+                exe.buffers["pos_host"][:] = other
+                exe.launch(sync=True)
+                graph, ex = chain_graph(be, launches, True, stream.ptr)
+                rows[f"layers, explicit PDL edges, position {other}"] = time_graph(
+                    cp, lambda ex=ex, be=be, s=stream: be.launch(ex, s.ptr), stream, 20)
+                be.exec_destroy(ex)
+                be.graph_destroy(graph)
+                rows[f"whole step, fused, PDL (device), position {other}"] = device_us_per_launch(exe, 50) / 1e3
         with Executable(plan, modules=modules) as exe:
             fill_weights(exe, 0)
             exe.buffers["tokens_host"][:] = 1
@@ -379,7 +389,8 @@ def main() -> int:
     ap.add_argument("--chain", action="store_true", help="the fused layers back to back, and whole steps")
     ap.add_argument("--wt", default="f16", help="weight type of --legacy")
     ap.add_argument("--batches", default=None, help="batch sizes (legacy 1,4,8; fused 1,2,4,8,16,64)")
-    ap.add_argument("--pos", type=int, default=100, help="decode position of --chain (default 100)")
+    ap.add_argument("--pos", default="100,400", help="decode positions of --chain (default 100,400; the first "
+                    "for every figure, the others for the PDL ones)")
     ap.add_argument("--json", help="write every figure to this file")
     args = ap.parse_args()
     if not (args.legacy or args.fused or args.chain):
@@ -393,7 +404,7 @@ def main() -> int:
     if args.legacy:
         legacy(cp, args.wt, [int(b) for b in (args.batches or "1,4,8").split(",")], bw)
     if args.chain:
-        chain(cp, bw, args.pos, log)
+        chain(cp, bw, [int(p) for p in args.pos.split(",")], log)
     if args.fused:
         fused(cp, [int(b) for b in (args.batches or "1,2,4,8,16,64").split(",")], bw, args.variants, log)
     if args.json:

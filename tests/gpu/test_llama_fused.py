@@ -340,7 +340,7 @@ def test_fused_graph_matches_unfused_graph_and_numpy(cp, modules, programmatic):
     from dagbuild.executable import Executable
     from dagbuild.llama.decode import llama_plan
 
-    dims = {**TINY, "wt": "f32", "batch": 3}
+    dims = {**TINY, "wt": "f32", "batch": 3, "attn_chunk": 32}  # 70 positions: up to 3 splits to combine
     state = hf_state(llama_plan(dims, FUSED_SPEC), 7)
     with fused_executable(dims, modules, programmatic) as fused, \
             Executable(llama_plan(dims), modules=modules) as plain:
@@ -352,7 +352,7 @@ def test_fused_graph_matches_unfused_graph_and_numpy(cp, modules, programmatic):
         vc = np.zeros_like(kc)
         rng = np.random.default_rng(1)
         tokens = rng.integers(0, dims["vocab"], 70)
-        for t in range(70):  # past two attention chunks of 64 for row 0
+        for t in range(70):
             toks = np.array([tokens[t], tokens[(t + 5) % 70], 3], np.int32)
             pos = np.array([t, -1, t // 2], np.int32)  # row 1 padding; row 2 revisits positions
             got = {}
