@@ -19,6 +19,8 @@ import numpy as np
 from ..errors import BuildError, DagbuildError
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "specs" / "llama_decode.yaml"
+#: The fused spec (5 kernels per layer, programmatic launches, packed wqkv / w_gate_up): same runner.
+FUSED_SPEC_PATH = SPEC_PATH.with_name("llama_decode_fused.yaml")
 REQUIRED = ("tokens_host", "pos_host", "next_host", "logits", "k_cache", "v_cache")
 
 

@@ -570,7 +570,9 @@ def _sync_torch(state: Mapping[str, Any]) -> None:
 def load_state_dict(exe: Any, state: Mapping[str, Any]) -> list[tuple[str, str, int | None]]:
     """Fill every weight buffer of ``exe`` from HF state-dict tensors (torch CPU/CUDA tensors, NumPy arrays,
     CuPy arrays or :class:`RawBF16`), converting to each buffer's type on the GPU. Checks everything with
-    :func:`plan_state_dict` before copying anything. Returns the (hf_key, buffer, index) assignments."""
+    :func:`plan_state_dict` before copying anything. Roles a plan packs (``wqkv``, ``w_gate_up``) are written
+    into their rows of the packed buffer (:func:`weight_view`). Returns the (hf_key, role, index)
+    assignments."""
     assignments = plan_state_dict(exe.plan, {k: tuple(v.shape) for k, v in state.items()})
     import cupy
 
