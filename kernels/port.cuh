@@ -31,6 +31,11 @@
 //                                            with a barrier so sh may be reused by consecutive calls;
 //                                            blockDim.x a multiple of warpSize; warps summed in order
 // Loads          __ldg(p)                    read-only cached load: CUDA's own, HIP's plain load (portable)
+//                T db_ldg(const T* p)        __ldg for every element type (CUDA's own overloads, f16 and
+//                                            bf16 included); HIP a plain load
+//                T db_ldca(const T* p)       load cached in all levels / in L2 only (data another grid
+//                T db_ldcg(const T* p)       wrote: never the read-only path): CUDA __ldca / __ldcg,
+//                                            HIP a plain load
 // Dependent launch (programmatic edges)
 //                DB_GRID_WAIT()              CUDA sm_90+: griddepcontrol.wait (memory clobber): wait for the
 //                                            producer grids to complete and flush; call before reading
@@ -183,4 +188,24 @@ __device__ __forceinline__ float db_block_max(float v, float* sh) {
 #define DB_GRID_TRIGGER() \
     do {                  \
     } while (0)
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
+// Cache-hinted loads of produced data
+// ------------------------------------------------------------------------------------------------------------
+
+#if DB_CUDA
+template <typename T>
+__device__ __forceinline__ T db_ldg(const T* p) { return __ldg(p); }
+template <typename T>
+__device__ __forceinline__ T db_ldca(const T* p) { return __ldca(p); }
+template <typename T>
+__device__ __forceinline__ T db_ldcg(const T* p) { return __ldcg(p); }
+#else
+template <typename T>
+__device__ __forceinline__ T db_ldg(const T* p) { return *p; }
+template <typename T>
+__device__ __forceinline__ T db_ldca(const T* p) { return *p; }
+template <typename T>
+__device__ __forceinline__ T db_ldcg(const T* p) { return *p; }
 #endif

@@ -57,8 +57,8 @@ def test_every_shipped_spec_compiles_for_gfx90a(name, wt):
     assert set(report) == set(p.kernels)
     for k, info in report.items():
         assert info["entry"] == p.kernels[k].entry and info["code_object_bytes"] > 0
-    if wt:
-        assert report["gemv"]["entry"] == f"gemv_{wt}"
+    if wt:  # the weight type reached the entries
+        assert any(info["entry"].endswith(f"_{wt}") for info in report.values())
 
 
 def test_every_weight_type_is_covered():

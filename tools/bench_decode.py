@@ -19,6 +19,7 @@ events around one pass over all of that kind's nodes; GEMVs also get their achie
 
   python3 tools/bench_decode.py                       # tiny config and the TinyLlama shape
   python3 tools/bench_decode.py --config specs/configs/tinyllama.yaml --steps 300 --json out.json
+  python3 tools/bench_decode.py --spec specs/llama_decode_fused.yaml --config specs/configs/tinyllama.yaml
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ sys.path.insert(0, str(ROOT))
 from dagbuild.bench import device_us_per_launch, launch_modes  # noqa: E402
 from dagbuild.executable import ExecOptions, Executable  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
-from dagbuild.llama.weights import WEIGHT_BUFFERS, load_state_dict, random_hf_model, random_weights  # noqa: E402
+from dagbuild.llama.weights import (  # noqa: E402
+    load_state_dict,
+    random_hf_model,
+    random_weights,
+    weight_buffer_names,
+)
 
 DEFAULT_CONFIGS = ("specs/configs/llama_tiny.yaml", "specs/configs/tinyllama.yaml")
 FUSED_SPEC = ROOT / "specs" / "llama_decode_fused.yaml"
@@ -102,7 +108,7 @@ def weight_bytes_per_token(plan) -> int:
     """Bytes of weights one batch-1 step reads: every weight buffer, but only one row of the embedding."""
     b = plan.buffers
     row = plan.dims["hidden"] * b["embed_tokens"].itemsize
-    return sum(b[n].nbytes for n in WEIGHT_BUFFERS if n != "embed_tokens") + row
+    return sum(b[n].nbytes for n in weight_buffer_names(plan) if n != "embed_tokens") + row
 
 
 def decode(prefill: Callable[[list[int]], int], step: Callable[[int, int], int], prompt: list[int], warmup: int,
@@ -365,7 +371,7 @@ def kernel_times(cp, exe, copy_gbps: float, min_launches: int = 100) -> list[dic
 
 def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]:
     dims = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "wt"}
-    plan = llama_plan({**dims, "wt": "f16", "batch": 1})
+    plan = llama_plan({**dims, "wt": "f16", "batch": 1}, args.spec)
     d = plan.dims
     prompt = np.random.default_rng(0).integers(0, d["vocab"], args.prompt_len).tolist()
     steps = min(args.steps, d["max_seq"] - args.prompt_len - args.warmup - 1)
@@ -507,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
     ap.add_argument("--no-fused", action="store_true", help="skip the fused spec's rows")
     ap.add_argument("--json", help="write all results to this file")
+    ap.add_argument("--spec", default=None, help="decode spec (default specs/llama_decode.yaml; e.g. "
+                    "specs/llama_decode_fused.yaml)")
     args = ap.parse_args(argv)
     import cupy as cp
 

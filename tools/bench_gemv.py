@@ -1,82 +1,427 @@
-"""GEMV variants at the TinyLlama decode shapes: device µs per call and bandwidth, one run, one GPU.
+"""GEMV kernels at the Llama decode shapes, and the fused decode layers back to back: device µs, one run, one GPU.
 
-Each variant is launched 40 times inside one CuPy-captured graph, rotating over enough weight copies
-(≥ 3× the L2 size) that every call reads its weights from DRAM; time = graph time / 40.
+Three parts (any combination; default: --legacy):
 
-    python tools/bench_gemv.py [--wt f16] [--batches 1,4,8]
+  --legacy  the kernels/llama.cu GEMVs (gemv, gemvw) at the TinyLlama shapes, as before.
+  --fused   every GEMV kernel of kernels/llama_fused.cu (qkv_rope, gemv_res for o and down, gate_up_silu,
+            gemv_norm for the LM head) at every GEMV shape of TinyLlama (f16) and Llama-3.2-1B (bf16), for
+            each batch of --batches: 40 calls per graph, rotating over enough weight copies (>= 3x the L2)
+            that every call reads its weights from DRAM; once in a CuPy-captured graph (plain edges) and once
+            in an explicit graph whose 40 nodes are chained by programmatic (PDL) edges. µs per call, GB/s
+            of weights, % of the device-to-device copy bandwidth measured in the same run. --variants adds
+            the kernels built with the L2 bulk prefetch of long rows (-DFUSED_L2_PREFETCH), batch 1 and 8.
+  --chain   the fused kernels of all layers (5 per layer) launched back to back: CuPy-captured (no PDL),
+            explicit plain edges, explicit programmatic edges; then the whole decode step of
+            specs/llama_decode_fused.yaml (plain and PDL) and of specs/llama_decode.yaml, device time per
+            step of back-to-back launches, and host-observed ms per step (launch + wait), at position --pos.
+
+    python tools/bench_gemv.py --fused --chain [--batches 1,2,4,8,16,64] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
 SHAPES = {"q/o_proj": (2048, 2048), "k/v_proj": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632),
           "lm_head": (32000, 2048)}
 ROWS = {"gemv": 4, "gemvw": 16}
+MODELS = {  # name: dims, weight type
+    "TinyLlama": ({"hidden": 2048, "heads": 32, "kv_heads": 4, "head_dim": 64, "ffn": 5632, "vocab": 32000,
+                   "layers": 22}, "f16"),
+    "Llama-3.2-1B": ({"hidden": 2048, "heads": 32, "kv_heads": 8, "head_dim": 64, "ffn": 8192, "vocab": 128256,
+                      "layers": 16}, "bf16"),
+}
+CALLS = 40
+REPS = 5
 
 
-def main() -> int:
-    import cupy as cp
+def copy_bandwidth(cp, nbytes: int = 1 << 30, reps: int = 5, trials: int = 3) -> float:
+    """Device-to-device copy, bytes read + written per second, best of memcpy and a copy kernel (GB/s)."""
+    a = cp.empty(nbytes, dtype=cp.uint8)
+    b = cp.empty_like(a)
+    a.view(cp.uint64).fill(0x0123456789ABCDEF)
+    s = cp.cuda.Stream(non_blocking=True)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    kinds = [lambda a=a, b=b: cp.cuda.runtime.memcpyAsync(b.data.ptr, a.data.ptr, nbytes, 3, s.ptr),
+             lambda a=a, b=b: b.view(cp.uint64).__setitem__(Ellipsis, a.view(cp.uint64))]
+    best = 0.0
+    with s:
+        for fn in kinds:
+            fn()
+            s.synchronize()
+            for _ in range(trials):
+                start.record(s)
+                for _ in range(reps):
+                    fn()
+                end.record(s)
+                end.synchronize()
+                best = max(best, 2 * nbytes / (cp.cuda.get_elapsed_time(start, end) * 1e-3 / reps) / 1e9)
+    kinds.clear()
+    del a, b
+    cp.get_default_memory_pool().free_all_blocks()
+    return best
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--wt", default="f16")
-    ap.add_argument("--batches", default="1,4,8")
-    args = ap.parse_args()
-    mod = cp.RawModule(code=(ROOT / "kernels" / "llama.cu").read_text(), options=("--std=c++17",))
-    dt = {"f16": np.float16, "f32": np.float32, "bf16": np.uint16}[args.wt]
-    src = cp.empty(1 << 30, cp.uint8)
-    dst = cp.empty_like(src)
+
+def time_graph(cp, launch, stream, reps: int = REPS) -> float:
+    """ms per replay of `launch()` (one graph), after one warm-up replay."""
+    launch()
     s, e = cp.cuda.Event(), cp.cuda.Event()
-    s.record()
-    for _ in range(5):
-        cp.copyto(dst, src)
-    e.record()
+    s.record(stream)
+    for _ in range(reps):
+        launch()
+    e.record(stream)
     e.synchronize()
-    bw = 5 * 2 * src.nbytes / (cp.cuda.get_elapsed_time(s, e) * 1e-3)
-    del src, dst
+    return cp.cuda.get_elapsed_time(s, e) / reps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# legacy: kernels/llama.cu
+# ---------------------------------------------------------------------------------------------------------
+
+
+def legacy(cp, wt: str, batches: list[int], bw: float) -> None:
+    mod = cp.RawModule(code=(ROOT / "kernels" / "llama.cu").read_text(), options=("--std=c++17",))
+    dt = {"f16": np.float16, "f32": np.float32, "bf16": np.uint16}[wt]
+    s, e = cp.cuda.Event(), cp.cuda.Event()
     l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
-    print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy {bw / 1e9:.0f} GB/s (read+write); "
-          f"wt={args.wt}; µs per call, GB/s of weights, % of copy bandwidth")
     stream = cp.cuda.Stream(non_blocking=True)
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in batches:
         for name, (n, k) in SHAPES.items():
             wbytes = n * k * np.dtype(dt).itemsize
             copies = max(2, -(-3 * l2 // wbytes))
             ws = [cp.asarray((np.random.default_rng(i).standard_normal((n, k)) * 0.02).astype(np.float32)).astype(dt)
-                  if args.wt != "bf16" else cp.random.randint(0, 2**15, (n, k)).astype(cp.uint16)
+                  if wt != "bf16" else cp.random.randint(0, 2**15, (n, k)).astype(cp.uint16)
                   for i in range(copies)]
             x = cp.asarray(np.random.default_rng(9).standard_normal((batch, k)).astype(np.float32))
             row = []
             outs = {}
             for variant, rows in ROWS.items():
                 y = cp.zeros((batch, n), cp.float32)
-                fn = mod.get_function(f"{variant}_{args.wt}")
+                fn = mod.get_function(f"{variant}_{wt}")
                 grid = (-(-n // rows),)
                 with stream:
                     for i in range(3):
                         fn(grid, (256,), (ws[i % copies], x, y, np.int32(n), np.int32(k), np.int32(batch)))
                     stream.begin_capture()
-                    for i in range(40):
+                    for i in range(CALLS):
                         fn(grid, (256,), (ws[i % copies], x, y, np.int32(n), np.int32(k), np.int32(batch)))
                     g = stream.end_capture()
                     g.launch(stream)
                     s.record(stream)
-                    for _ in range(5):
+                    for _ in range(REPS):
                         g.launch(stream)
                     e.record(stream)
                     e.synchronize()
-                us = cp.cuda.get_elapsed_time(s, e) * 1e3 / 200
+                us = cp.cuda.get_elapsed_time(s, e) * 1e3 / (REPS * CALLS)
                 outs[variant] = y.get()
                 gbs = wbytes / us / 1e3
-                row.append(f"{variant} {us:7.2f} µs {gbs:7.0f} GB/s {100 * gbs / (bw / 1e9):4.0f}%")
+                row.append(f"{variant} {us:7.2f} µs {gbs:7.0f} GB/s {100 * gbs / bw:4.0f}%")
             agree = np.abs(outs["gemv"] - outs["gemvw"]).max() / max(np.abs(outs["gemv"]).max(), 1e-30)
             print(f"batch {batch:<3} {name:<9} {n:>5}x{k:<5} " + " | ".join(row) + f" | diff {agree:.1e}")
             del ws
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused GEMV kernels
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fused_module(cp, *defines: str):
+    opts = ("--std=c++17", *(f"-D{d}" for d in defines))
+    mod = cp.RawModule(code=(ROOT / "kernels" / "llama_fused.cu").read_text(), options=opts)
+    mod.compile()
+    return mod
+
+
+def gemv_shapes(dims: dict) -> dict[str, tuple[str, int, int]]:
+    """kernel role -> (entry prefix, weight rows, k)."""
+    hd = dims["head_dim"]
+    return {
+        "qkv": ("qkv_rope", (dims["heads"] + 2 * dims["kv_heads"]) * hd, dims["hidden"]),
+        "o_proj": ("gemv_res", dims["hidden"], dims["heads"] * hd),
+        "gate_up": ("gate_up_silu", 2 * dims["ffn"], dims["hidden"]),
+        "down": ("gemv_res", dims["hidden"], dims["ffn"]),
+        "lm_head": ("gemv_norm", dims["vocab"], dims["hidden"]),
+    }
+
+
+def random_weights(cp, shape, wt: str, rs):
+    from dagbuild.llama.weights import convert
+
+    x = rs.standard_normal(shape, dtype=cp.float32) * cp.float32(0.02)
+    return cp.ascontiguousarray(convert(cp, x, "f32", wt))
+
+
+def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict, wt: str, batch: int,
+                   weights: list, rs) -> tuple[list, list, list]:
+    """CALLS launches of one fused GEMV role, rotating over `weights`: (CuPy (fn, grid, block, args) tuples,
+    dagbuild backend (func, grid, block, shared, args) tuples, the arrays they use)."""
+    from dagbuild.llama.weights import convert
+
+    i32, f32 = np.int32, np.float32
+    fn = mod.get_function(f"{entry}_{wt}")
+    func = int(fn.kernel.ptr)
+    keep = []
+
+    def arr(shape, scale=1.0, offset=0.0, dtype=cp.float32):
+        a = (rs.standard_normal(shape, dtype=cp.float32) * cp.float32(scale) + cp.float32(offset)).astype(dtype)
+        keep.append(a)
+        return a
+
+    norm = convert(cp, arr((k,), 0.1, 1.0), "f32", wt)
+    keep.append(norm)
+    x = arr((batch, k))
+    hd, max_seq = dims["head_dim"], 64
+    if role == "qkv":
+        q = arr((batch, dims["heads"] * hd))
+        kc = arr((batch, dims["kv_heads"], max_seq, hd))
+        vc = arr((batch, dims["kv_heads"], max_seq, hd))
+        pos = cp.full(batch, 10, cp.int32)
+        keep.append(pos)
+        grid = (-(-rows // 16),)
+        cargs = [(norm, x, q, kc, vc, pos, i32(k), i32(dims["heads"]), i32(dims["kv_heads"]), i32(hd),
+                  i32(max_seq), i32(batch), f32(1e-5), f32(10000.0))]
+        kinds = ["ptr"] * 6 + ["i32"] * 6 + ["f32"] * 2
+    elif role == "gate_up":
+        act = arr((batch, rows // 2))
+        grid = (-(-(rows // 2) // 8),)
+        cargs = [(norm, x, act, i32(rows // 2), i32(k), i32(batch), f32(1e-5))]
+        kinds = ["ptr"] * 3 + ["i32"] * 3 + ["f32"]
+    elif role == "lm_head":
+        y = arr((batch, rows))
+        grid = (-(-rows // 16),)
+        cargs = [(norm, x, y, i32(rows), i32(k), i32(batch), f32(1e-5))]
+        kinds = ["ptr"] * 3 + ["i32"] * 3 + ["f32"]
+    else:  # gemv_res: y += W x
+        y = arr((batch, rows))
+        grid = (-(-rows // 16),)
+        cargs = [(x, y, i32(rows), i32(k), i32(batch))]
+        kinds = ["ptr"] * 2 + ["i32"] * 3
+    rest = cargs[0]
+    cupy_calls, be_calls = [], []
+    for i in range(CALLS):
+        w = weights[i % len(weights)]
+        args = (w, *rest)
+        cupy_calls.append((fn, grid, (256,), args))
+        vals = [("ptr", int(w.data.ptr))]
+        for kind, v in zip(kinds, rest, strict=True):
+            vals.append((kind, int(v.data.ptr) if kind == "ptr" else (float(v) if kind == "f32" else int(v))))
+        be_calls.append((func, grid, (256,), 0, vals))
+    return cupy_calls, be_calls, keep
+
+
+def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
+    from dagbuild.backends import get_backend
+
+    be = get_backend("auto")
+    mods = {"default": fused_module(cp)}
+    if variants:  # batch 1 and 8 only
+        mods["+L2 bulk prefetch"] = fused_module(cp, "FUSED_L2_PREFETCH")
+    l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
+    stream = cp.cuda.Stream(non_blocking=True)
+    rs = cp.random.RandomState(5)
+    print(f"\n{'model':<13}{'kernel':<9}{'shape':>13} {'batch':>5} | {'captured (plain)':>28} | "
+          f"{'PDL chain':>28}", flush=True)
+    for model, (dims, wt) in MODELS.items():
+        for role, (entry, rows, k) in gemv_shapes(dims).items():
+            wbytes = rows * k * 2
+            copies = max(2, -(-3 * l2 // wbytes))
+            weights = [random_weights(cp, (rows, k), wt, rs) for _ in range(copies)]
+            for variant, mod in mods.items():
+                for batch in batches if variant == "default" else (1, 8):
+                    cupy_calls, be_calls, keep = fused_launches(cp, mod, role, entry, rows, k, dims, wt, batch,
+                                                                weights, rs)
+                    res = {}
+                    with stream:
+                        for fn, grid, block, args in cupy_calls[:3]:
+                            fn(grid, block, args)
+                        stream.begin_capture()
+                        for fn, grid, block, args in cupy_calls:
+                            fn(grid, block, args)
+                        g = stream.end_capture()
+                        res["captured"] = time_graph(cp, lambda g=g: g.launch(stream), stream) * 1e3 / CALLS
+                        graph, ex = chain_graph(be, be_calls, True, stream.ptr)
+                        res["pdl"] = time_graph(cp, lambda ex=ex: be.launch(ex, stream.ptr), stream) * 1e3 / CALLS
+                        be.exec_destroy(ex)
+                        be.graph_destroy(graph)
+                    stream.synchronize()
+                    cells = []
+                    for mode in ("captured", "pdl"):
+                        us = res[mode]
+                        gbs = wbytes / us / 1e3
+                        cells.append(f"{us:8.2f} µs {gbs:6.0f} GB/s {100 * gbs / bw:4.0f}%")
+                        log.append({"model": model, "wt": wt, "kernel": role, "entry": f"{entry}_{wt}",
+                                    "rows": rows, "k": k, "batch": batch, "mode": mode, "variant": variant,
+                                    "us": us, "GBps": gbs, "of_copy": gbs / bw})
+                    tag = "" if variant == "default" else f" [{variant}]"
+                    print(f"{model:<13}{role:<9}{rows:>6}x{k:<6} {batch:>5} | " + " | ".join(cells) + tag,
+                          flush=True)
+                    del keep, cupy_calls, be_calls
+            del weights
+            cp.get_default_memory_pool().free_all_blocks()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chain of fused layers, and whole steps
+# ---------------------------------------------------------------------------------------------------------
+
+LAYER_KINDS = ("qkv", "attn", "o_proj", "gate_up", "down_proj")
+
+
+def chain_graph(backend, launches, programmatic: bool, stream_ptr: int):
+    """An instantiated, uploaded graph of ``launches`` ((func, grid, block, shared, args) as the backend takes
+    them) in one chain, every edge programmatic or plain. Returns (graph, exec); destroy both when done."""
+    graph = backend.graph_create()
+    prev = None
+    for launch in launches:
+        node = backend.add_kernel(graph, [prev] if prev is not None and not programmatic else [], *launch)
+        if prev is not None and programmatic:
+            backend.add_dependency(graph, prev, node, "programmatic")
+        prev = node
+    exec_ = backend.instantiate(graph)
+    backend.upload(exec_, stream_ptr)
+    return graph, exec_
+
+
+def chain(cp, bw: float, positions: list[int], log: list) -> None:
+    from dagbuild.backends import get_backend
+    from dagbuild.bench import capture, device_us_per_launch
+    from dagbuild.data import shipped_spec
+    from dagbuild.executable import ExecOptions, Executable
+    from dagbuild.kernels import ModuleCache
+    from dagbuild.llama.decode import llama_plan
+    from dagbuild.llama.weights import random_weights as fill_weights
+    from dagbuild.llama.weights import weight_buffer_names
+
+    fused_spec = ROOT / "specs" / "llama_decode_fused.yaml"
+    modules = ModuleCache()
+    for model, (dims, wt) in MODELS.items():
+        over = {**dims, "wt": wt, "batch": 1, "max_seq": 512}
+        plan = llama_plan(over, fused_spec)
+        wbytes = sum(plan.buffers[b].nbytes for b in weight_buffer_names(plan) if b != "embed_tokens") + \
+            dims["hidden"] * 2
+        layer_bytes = sum(plan.buffers[b].nbytes for b in ("wqkv", "wo", "w_gate_up", "w_down"))
+        floor_ms = wbytes / (bw * 1e9) * 1e3
+        pos = positions[0]
+        print(f"\n== {model} ({wt}, batch 1, position {pos}): weights per token {wbytes / 1e9:.3f} GB -> floor "
+              f"{floor_ms:.4f} ms; the layers' {layer_bytes / 1e9:.3f} GB -> {layer_bytes / bw / 1e6:.4f} ms ==",
+              flush=True)
+        be = get_backend("auto")
+        rows = {}
+        with Executable(plan, backend=be, modules=modules) as exe:  # programmatic edges where the spec says
+            fill_weights(exe, 0)
+            exe.buffers["tokens_host"][:] = 1
+            exe.buffers["pos_host"][:] = pos
+            exe.launch(sync=True)
+            stream = exe.stream
+            # the layers alone
+            order = [n for n in plan.topological() if n.id.split(".")[0] in LAYER_KINDS]
+            ids = {n.id for n in order}
+            steps = [f for n, f in zip(plan.topological(), exe.eager_steps(), strict=True) if n.id in ids]
+            launches = [exe.node_params(n.id) for n in order]
+            g = capture(stream, steps)
+            rows["layers, CuPy-captured (plain)"] = time_graph(cp, lambda g=g, s=stream: g.launch(s), stream, 20)
+            for programmatic in (False, True):
+                graph, ex = chain_graph(be, launches, programmatic, stream.ptr)
+                name = f"layers, explicit {'PDL' if programmatic else 'plain'} edges"
+                rows[name] = time_graph(cp, lambda ex=ex, be=be, s=stream: be.launch(ex, s.ptr), stream, 20)
+                be.exec_destroy(ex)
+                be.graph_destroy(graph)
+            # the whole step (upload, embed, layers, LM head, argmax, download)
+            rows["whole step, fused, PDL (device, back to back)"] = device_us_per_launch(exe, 50) / 1e3
+            rows["whole step, fused, PDL (host: launch + wait)"] = host_ms(exe)
+            logits_pdl = exe.buffers["logits"].get()
+            for other in positions[1:]:  # longer contexts: more attention splits (and the combine)
+                exe.buffers["pos_host"][:] = other
+                exe.launch(sync=True)
+                graph, ex = chain_graph(be, launches, True, stream.ptr)
+                rows[f"layers, explicit PDL edges, position {other}"] = time_graph(
+                    cp, lambda ex=ex, be=be, s=stream: be.launch(ex, s.ptr), stream, 20)
+                be.exec_destroy(ex)
+                be.graph_destroy(graph)
+                rows[f"whole step, fused, PDL (device), position {other}"] = device_us_per_launch(exe, 50) / 1e3
+        with Executable(plan, ExecOptions(programmatic=False), modules=modules) as exe:
+            fill_weights(exe, 0)
+            exe.buffers["tokens_host"][:] = 1
+            exe.buffers["pos_host"][:] = pos
+            exe.launch(sync=True)
+            rows["whole step, fused, plain edges (device)"] = device_us_per_launch(exe, 50) / 1e3
+            rows["whole step, fused, plain edges (host)"] = host_ms(exe)
+            logits_plain = exe.buffers["logits"].get()
+        with Executable(llama_plan(over, shipped_spec("llama_decode.yaml")), modules=modules) as exe:
+            fill_weights(exe, 0)
+            exe.buffers["tokens_host"][:] = 1
+            exe.buffers["pos_host"][:] = pos
+            exe.launch(sync=True)
+            rows["whole step, unfused spec (device)"] = device_us_per_launch(exe, 50) / 1e3
+            rows["whole step, unfused spec (host)"] = host_ms(exe)
+            logits_unfused = exe.buffers["logits"].get()
+        agree = float(np.linalg.norm(logits_pdl - logits_unfused) / np.linalg.norm(logits_unfused))
+        agree2 = float(np.linalg.norm(logits_plain - logits_unfused) / np.linalg.norm(logits_unfused))
+        print(f"{'':4}{'what':<52} {'ms':>8} {'x floor':>8}")
+        for name, ms in rows.items():
+            ref_floor = layer_bytes / bw / 1e6 if name.startswith("layers") else floor_ms
+            print(f"{'':4}{name:<52} {ms:8.4f} {ms / ref_floor:8.2f}", flush=True)
+            log.append({"model": model, "what": name, "ms": ms, "floor_ms": ref_floor})
+        print(f"    logits after the same steps: fused PDL vs unfused rel. diff {agree:.2e}, fused plain vs "
+              f"unfused {agree2:.2e}", flush=True)
+        log.append({"model": model, "logits_rel_diff_pdl": agree, "logits_rel_diff_plain": agree2})
+        cp.get_default_memory_pool().free_all_blocks()
+
+
+def host_ms(exe, steps: int = 100) -> float:
+    for _ in range(5):
+        exe.launch(sync=True)
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        exe.launch(sync=True)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def main() -> int:
+    import cupy as cp
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--legacy", action="store_true", help="the kernels/llama.cu GEMVs (the default)")
+    ap.add_argument("--fused", action="store_true", help="the kernels/llama_fused.cu GEMVs")
+    ap.add_argument("--variants", action="store_true", help="with --fused: also without the L2 prefetch")
+    ap.add_argument("--chain", action="store_true", help="the fused layers back to back, and whole steps")
+    ap.add_argument("--wt", default="f16", help="weight type of --legacy")
+    ap.add_argument("--batches", default=None, help="batch sizes (legacy 1,4,8; fused 1,2,4,8,16,64)")
+    ap.add_argument("--pos", default="100,400", help="decode positions of --chain (default 100,400; the first "
+                    "for every figure, the others for the PDL ones)")
+    ap.add_argument("--json", help="write every figure to this file")
+    args = ap.parse_args()
+    if not (args.legacy or args.fused or args.chain):
+        args.legacy = True
+    dev = cp.cuda.runtime.getDeviceProperties(0)
+    bw = copy_bandwidth(cp)
+    print(f"{dev['name'].decode()}: {dev['multiProcessorCount']} SMs, L2 {dev['l2CacheSize'] >> 20} MiB; "
+          f"device-to-device copy {bw:.0f} GB/s (read + write). µs per call, GB/s of weights, % of copy.",
+          flush=True)
+    log: list = []
+    if args.legacy:
+        legacy(cp, args.wt, [int(b) for b in (args.batches or "1,4,8").split(",")], bw)
+    if args.chain:
+        chain(cp, bw, [int(p) for p in args.pos.split(",")], log)
+    if args.fused:
+        fused(cp, [int(b) for b in (args.batches or "1,2,4,8,16,64").split(",")], bw, args.variants, log)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": dev["name"].decode(), "copy_GBps": bw, "rows": log},
+                                              indent=1))
     return 0
 
 

@@ -1,7 +1,11 @@
 """Weights for the Llama decode graph: HF checkpoints, HF state dicts, random weights.
 
 Every weight buffer of ``specs/llama_decode.yaml`` is filled from the HF ``LlamaForCausalLM`` tensor of the
-same role (:func:`hf_key_map`). Per-layer tensors go to one slice of a stacked buffer (``wq[l]``). Values are
+same role (:func:`hf_key_map`). Per-layer tensors go to one slice of a stacked buffer (``wq[l]``). A plan may
+instead hold some roles packed (``specs/llama_decode_fused.yaml``: :data:`PACKED_BUFFERS`): ``wqkv[l]`` is
+``wq[l]``, ``wk[l]``, ``wv[l]`` with their rows concatenated, ``w_gate_up[l]`` is ``w_gate[l]`` and ``w_up[l]``
+with their rows interleaved (row 2j gate, row 2j+1 up); loading and random weights still speak HF roles and
+write each role's rows into the packed buffer (:func:`weight_view`, :func:`pack_qkv`, :func:`pack_gate_up`). Values are
 converted on the GPU to the buffer's type (``wt``: f32, f16, or bf16 held as raw uint16 bits, rounded to
 nearest even). What can be checked without a GPU is pure: :func:`dims_from_hf_config` (the config against
 the constants the spec bakes in), :func:`plan_state_dict` (which tensor fills which buffer slice; missing,
@@ -31,6 +35,7 @@ __all__ = [
     "HF_DIM_FIELDS",
     "LAYERED_BUFFERS",
     "NORM_BUFFERS",
+    "PACKED_BUFFERS",
     "WEIGHT_BUFFERS",
     "RawBF16",
     "WeightsError",
@@ -41,10 +46,18 @@ __all__ = [
     "hf_key_map",
     "load_checkpoint",
     "load_state_dict",
+    "pack_gate_up",
+    "pack_qkv",
     "plan_state_dict",
     "random_hf_model",
     "random_weights",
     "read_safetensors",
+    "unpack_gate_up",
+    "unpack_qkv",
+    "weight_buffer_names",
+    "weight_dtype",
+    "weight_shape",
+    "weight_view",
 ]
 
 #: Every weight buffer of the decode spec, in a fixed order (random_weights draws them in this order).
@@ -54,6 +67,11 @@ WEIGHT_BUFFERS = ("embed_tokens", "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm
 LAYERED_BUFFERS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 #: RMSNorm weights (random_weights draws them around 1, not around 0).
 NORM_BUFFERS = ("attn_norm", "mlp_norm", "final_norm")
+#: Packed weight buffers (specs/llama_decode_fused.yaml) -> the HF-role buffers they hold, in row order.
+#: wqkv[l] = [wq[l]; wk[l]; wv[l]] (rows concatenated); w_gate_up[l] rows interleaved: 2j = w_gate[l][j],
+#: 2j+1 = w_up[l][j].
+PACKED_BUFFERS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+_PACKED_IN = {role: packed for packed, roles in PACKED_BUFFERS.items() for role in roles}
 
 #: dagbuild dim -> the HF config field it comes from.
 HF_DIM_FIELDS = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
@@ -244,6 +262,124 @@ def hf_config_kwargs(dims: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Packed weights (pure: NumPy or CuPy arrays alike)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pack_qkv(wq: Any, wk: Any, wv: Any, xp: Any = np) -> Any:
+    """wqkv = the rows of wq, then wk, then wv: [..., (heads + 2*kv_heads) * head_dim, hidden]."""
+    return xp.concatenate([wq, wk, wv], axis=-2)
+
+
+def unpack_qkv(wqkv: Any, heads: int, kv_heads: int, head_dim: int) -> tuple[Any, Any, Any]:
+    """(wq, wk, wv) as views of a packed wqkv."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    if wqkv.shape[-2] != q + 2 * kv:
+        raise WeightsError(f"wqkv has {wqkv.shape[-2]} rows; heads = {heads}, kv_heads = {kv_heads}, head_dim = "
+                           f"{head_dim} need {q + 2 * kv}")
+    return wqkv[..., :q, :], wqkv[..., q:q + kv, :], wqkv[..., q + kv:, :]
+
+
+def pack_gate_up(gate: Any, up: Any, xp: Any = np) -> Any:
+    """w_gate_up = gate and up rows interleaved (row 2j = gate[j], row 2j+1 = up[j]): [..., 2*ffn, hidden]."""
+    if gate.shape != up.shape:
+        raise WeightsError(f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
+    return xp.stack([gate, up], axis=-2).reshape(*gate.shape[:-2], 2 * gate.shape[-2], gate.shape[-1])
+
+
+def unpack_gate_up(w: Any) -> tuple[Any, Any]:
+    """(gate, up) as (strided) views of a packed w_gate_up."""
+    if w.shape[-2] % 2:
+        raise WeightsError(f"w_gate_up has an odd row count {w.shape[-2]}")
+    return w[..., 0::2, :], w[..., 1::2, :]
+
+
+def _role_shapes(dims: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Per-layer shapes of the roles that can be packed, from the dims."""
+    hidden, hd = int(dims["hidden"]), int(dims["head_dim"])
+    return {"wq": (int(dims["heads"]) * hd, hidden), "wk": (int(dims["kv_heads"]) * hd, hidden),
+            "wv": (int(dims["kv_heads"]) * hd, hidden), "w_gate": (int(dims["ffn"]), hidden),
+            "w_up": (int(dims["ffn"]), hidden)}
+
+
+def _holder(plan: Any, role: str) -> str | None:
+    """The buffer of ``plan`` that holds HF role ``role`` (itself, or its packed buffer), or None."""
+    if role in plan.buffers:
+        return role
+    packed = _PACKED_IN.get(role)
+    return packed if packed is not None and packed in plan.buffers else None
+
+
+def _check_weight_buffers(plan: Any) -> None:
+    """Raise WeightsError unless every HF role has a buffer (its own or a packed one of the right shape)."""
+    name = getattr(plan, "name", "?")
+    dims = plan.dims
+    missing = [b for b in WEIGHT_BUFFERS if _holder(plan, b) is None]
+    missing += [f"dim {d!r}" for d in ("layers",) if d not in dims]
+    if missing:
+        raise WeightsError(f"graph {name!r} is not a Llama decode graph: it has no {missing[0]!r}")
+    for packed, roles in PACKED_BUFFERS.items():
+        if packed not in plan.buffers:
+            continue
+        absent = [d for d in ("hidden", "heads", "kv_heads", "head_dim", "ffn") if d not in dims]
+        if absent:
+            raise WeightsError(f"graph {name!r}: packed buffer {packed!r} needs dim {absent[0]!r}")
+        shapes = _role_shapes(dims)
+        want = (int(dims["layers"]), sum(shapes[r][0] for r in roles), int(dims["hidden"]))
+        got = tuple(int(s) for s in plan.buffers[packed].shape)
+        if got != want:
+            raise WeightsError(f"graph {name!r}: packed buffer {packed!r} has shape {list(got)}, but "
+                               f"{' + '.join(roles)} need {list(want)}")
+
+
+def weight_buffer_names(plan: Any) -> list[str]:
+    """The plan's buffers that hold weights (packed ones in place of the roles they hold), in
+    WEIGHT_BUFFERS order."""
+    out: list[str] = []
+    for role in WEIGHT_BUFFERS:
+        b = _holder(plan, role)
+        if b is not None and b not in out:
+            out.append(b)
+    return out
+
+
+def weight_shape(plan: Any, role: str) -> tuple[int, ...]:
+    """The shape HF role ``role`` has in ``plan`` (the whole stacked buffer for layered roles), whether it
+    has a buffer of its own or is packed."""
+    if role in plan.buffers:
+        return tuple(int(s) for s in plan.buffers[role].shape)
+    holder = _holder(plan, role)
+    if holder is None:
+        raise WeightsError(f"graph {getattr(plan, 'name', '?')!r} has no buffer for {role!r}")
+    return (int(plan.dims["layers"]), *_role_shapes(plan.dims)[role])
+
+
+def weight_dtype(plan: Any, role: str) -> str:
+    """The element type of the buffer that holds HF role ``role``."""
+    holder = _holder(plan, role)
+    if holder is None:
+        raise WeightsError(f"graph {getattr(plan, 'name', '?')!r} has no buffer for {role!r}")
+    return plan.buffers[holder].dtype
+
+
+def weight_view(buffers: Mapping[str, Any], dims: Mapping[str, Any], role: str, idx: int | None) -> Any:
+    """The array view (NumPy or CuPy) through which HF role ``role`` (layer ``idx``, or None for an unlayered
+    role) is read or written: a slice of its own buffer, or of the packed buffer that holds it (a strided
+    view for w_gate / w_up)."""
+    if role in buffers:
+        return buffers[role] if idx is None else buffers[role][idx]
+    packed = _PACKED_IN.get(role)
+    if packed is None or packed not in buffers or idx is None:
+        raise WeightsError(f"no buffer holds {role!r}" + ("" if idx is not None else " (unlayered)"))
+    whole = buffers[packed][idx]
+    if packed == "wqkv":
+        parts = unpack_qkv(whole, int(dims["heads"]), int(dims["kv_heads"]), int(dims["head_dim"]))
+        return parts[("wq", "wk", "wv").index(role)]
+    gate, up = unpack_gate_up(whole)
+    return gate if role == "w_gate" else up
+
+
+# ---------------------------------------------------------------------------------------------------------
 # State dict planning (pure)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -264,9 +400,19 @@ def _ignored(key: str) -> bool:
     return ".rotary_emb." in key or key.startswith("rotary_emb.")
 
 
+def _target(plan: Any, role: str, idx: int | None) -> str:
+    """How messages name the slice role ``role`` (layer ``idx``) fills: ``wq[3]``, or ``wqkv[3] (wq rows)``."""
+    holder = role if role in plan.buffers else _PACKED_IN.get(role, role)
+    where = f"{holder}[{idx}]" if idx is not None else holder
+    return where if holder == role else f"{where} ({role} rows)"
+
+
 def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tuple[str, Any]]
                     ) -> list[tuple[str, str, int | None]]:
     """Which HF tensor fills which buffer slice: a list of (hf_key, buffer, layer index or None).
+
+    ``buffer`` is the HF role (the unfused spec's buffer name, e.g. ``wq``); where the plan packs that role
+    into another buffer (:data:`PACKED_BUFFERS`), :func:`weight_view` gives the slice it fills.
 
     ``plan`` is the decode graph's plan (or anything with ``.dims`` and ``.buffers[name].shape``).
     ``names_and_shapes``: HF key -> shape (a mapping or (key, shape) pairs). Every weight buffer slice must be
@@ -274,11 +420,8 @@ def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tu
     :class:`WeightsError`, each problem naming the HF key and the buffer. Rotary ``inv_freq`` buffers are
     ignored; without ``lm_head.weight`` the LM head is tied to ``model.embed_tokens.weight``.
     """
-    buffers, dims = plan.buffers, plan.dims
-    absent = [b for b in WEIGHT_BUFFERS if b not in buffers] + (["dim 'layers'"] if "layers" not in dims else [])
-    if absent:
-        raise WeightsError(f"graph {getattr(plan, 'name', '?')!r} is not a Llama decode graph: it has no "
-                           f"{absent[0]!r}")
+    dims = plan.dims
+    _check_weight_buffers(plan)
     layers = int(dims["layers"])
     keymap = hf_key_map(layers)
     items = list(names_and_shapes.items()) if isinstance(names_and_shapes, Mapping) else list(names_and_shapes)
@@ -291,7 +434,7 @@ def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tu
         seen[key] = tuple(int(s) for s in shape)
 
     def expected(buf: str, idx: int | None) -> tuple[int, ...]:
-        shape = tuple(buffers[buf].shape)
+        shape = weight_shape(plan, buf)
         return shape[1:] if idx is not None else shape
 
     out: list[tuple[str, str, int | None]] = []
@@ -309,7 +452,7 @@ def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tu
         buf, idx = keymap[key]
         want = expected(buf, idx)
         if shape != want:
-            target = f"{buf}[{idx}]" if idx is not None else buf
+            target = _target(plan, buf, idx)
             problems.append(f"{key}: shape {list(shape)} does not fit buffer {target!r} of shape {list(want)}")
             continue
         out.append((key, buf, idx))
@@ -323,7 +466,7 @@ def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tu
     missing = [k for k in keymap if k not in seen and not (k == _LM_HEAD_KEY and _EMBED_KEY in seen)]
     for key in missing:
         buf, idx = keymap[key]
-        target = f"{buf}[{idx}]" if idx is not None else buf
+        target = _target(plan, buf, idx)
         problems.append(f"{key}: missing — nothing fills buffer {target!r}")
     if problems:
         raise WeightsError(problems, header=f"{len(problems)} problem(s) loading weights into graph "
@@ -427,7 +570,9 @@ def _sync_torch(state: Mapping[str, Any]) -> None:
 def load_state_dict(exe: Any, state: Mapping[str, Any]) -> list[tuple[str, str, int | None]]:
     """Fill every weight buffer of ``exe`` from HF state-dict tensors (torch CPU/CUDA tensors, NumPy arrays,
     CuPy arrays or :class:`RawBF16`), converting to each buffer's type on the GPU. Checks everything with
-    :func:`plan_state_dict` before copying anything. Returns the (hf_key, buffer, index) assignments."""
+    :func:`plan_state_dict` before copying anything. Roles a plan packs (``wqkv``, ``w_gate_up``) are written
+    into their rows of the packed buffer (:func:`weight_view`). Returns the (hf_key, role, index)
+    assignments."""
     assignments = plan_state_dict(exe.plan, {k: tuple(v.shape) for k, v in state.items()})
     import cupy
 
@@ -436,8 +581,8 @@ def load_state_dict(exe: Any, state: Mapping[str, Any]) -> list[tuple[str, str, 
     keep = []  # device memory owned by torch (or the caller) stays referenced until the copies are done
     try:
         for key, buf, idx in assignments:
-            dtype = exe.plan.buffers[buf].dtype
-            dst = exe.buffers[buf] if idx is None else exe.buffers[buf][idx]
+            dtype = weight_dtype(exe.plan, buf)
+            dst = weight_view(exe.buffers, exe.plan.dims, buf, idx)
             arr, kind = _to_device(state[key], key, buf)
             dst[...] = convert(cupy, arr, kind, dtype).reshape(dst.shape)
             v = state[key]
@@ -540,21 +685,24 @@ def load_checkpoint(exe: Any, path: str | Path) -> list[tuple[str, str, int | No
 def random_weights(exe: Any, seed: int, std: float = 0.02) -> None:
     """Fill every weight buffer on the GPU: normal(0, std) for matrices and tables, 1 + 0.1 normal for the
     RMSNorm weights, drawn in f32 one layer slice at a time (in WEIGHT_BUFFERS order) and converted to the
-    buffer's type. The same seed and dims give the same weights."""
+    buffer's type. The same seed and dims give the same weights, packed or not: a packed plan (wqkv,
+    w_gate_up) gets exactly the unfused plan's wq, wk, wv, w_gate, w_up, written in the packed layout."""
     import cupy
 
     exe.synchronize()
     rs = cupy.random.RandomState(int(seed))
+    _check_weight_buffers(exe.plan)
+    dims = exe.plan.dims
     for name in WEIGHT_BUFFERS:
-        b = exe.plan.buffers.get(name)
-        if b is None:
-            raise WeightsError(f"graph {exe.plan.name!r} is not a Llama decode graph: no buffer {name!r}")
-        buf = exe.buffers[name]
-        slices = [buf[i] for i in range(buf.shape[0])] if name in LAYERED_BUFFERS else [buf]
-        for dst in slices:
+        dtype = weight_dtype(exe.plan, name)
+        if name in LAYERED_BUFFERS:
+            slices = [weight_view(exe.buffers, dims, name, i) for i in range(int(dims["layers"]))]
+        else:
+            slices = [weight_view(exe.buffers, dims, name, None)]
+        for dst in slices:  # a packed role's view has the unpacked slice's shape: the same draws
             x = rs.standard_normal(dst.shape, dtype=cupy.float32)
             x = (x * cupy.float32(0.1) + cupy.float32(1.0)) if name in NORM_BUFFERS else x * cupy.float32(std)
-            dst[...] = convert(cupy, x, "f32", b.dtype)
+            dst[...] = convert(cupy, x, "f32", dtype)
             del x
     cupy.cuda.Device().synchronize()
 

@@ -1,0 +1,258 @@
+"""kernels/llama_fused.cu and specs/llama_decode_fused.yaml without a GPU: NVRTC compile of every entry for
+every weight type, the params each spec declaration checks against, the PTX properties the kernels promise
+(PDL wait and trigger, 16-byte weight loads, only weight loads before the wait, no local memory, no spills),
+and the packed weight layout (pack/unpack round trip, state-dict planning of a fused plan)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import yaml
+from conftest import KERNELS, SPECS
+
+from dagbuild import kernels
+from dagbuild.cli import main
+from dagbuild.llama import weights as W
+from dagbuild.llama.decode import llama_plan
+from dagbuild.sources import read_kernel_source
+
+
+def _nvrtc_reason() -> str | None:
+    try:
+        kernels.nvrtc_version()
+    except Exception as e:
+        return f"NVRTC unavailable ({e})"
+    return None
+
+
+needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
+
+SRC = KERNELS / "llama_fused.cu"
+FUSED = SPECS / "llama_decode_fused.yaml"
+WTYPES = ("f32", "f16", "bf16")
+P, N, F = ".u64", ".u32", ".f32"  # pointer, 32-bit int, float in PTX .param lists
+GEMV_PARAMS = {
+    "qkv_rope": [P, P, P, P, P, P, P, N, N, N, N, N, N, F, F],
+    "gate_up_silu": [P, P, P, P, N, N, N, F],
+    "gemv_res": [P, P, P, N, N, N],
+    "gemv_norm": [P, P, P, P, N, N, N, F],
+}
+OTHER_PARAMS = {
+    "attn_decode": [P, P, P, P, P, P, P, P, N, N, N, N, N, F],
+    "argmax_pdl": [P, P, N],
+    **{f"embed_pdl_{wt}": [P, P, P, N] for wt in WTYPES},
+}
+ENTRIES = {**{f"{k}_{wt}": v for k, v in GEMV_PARAMS.items() for wt in WTYPES}, **OTHER_PARAMS}
+
+
+@pytest.fixture(scope="module")
+def ptx() -> str:
+    if _nvrtc_reason():
+        pytest.skip(str(_nvrtc_reason()))
+    return kernels.compile_ptx(read_kernel_source(SRC), "llama_fused")
+
+
+def _bodies(ptx: str) -> dict[str, str]:
+    """Each .entry's text up to the next .entry."""
+    parts = re.split(r"\.visible\s+\.entry\s+", ptx)[1:]
+    return {p.split("(", 1)[0]: p for p in parts}
+
+
+@needs_nvrtc
+def test_every_entry_with_its_params(ptx):
+    entries = kernels.ptx_entries(ptx)
+    assert set(entries) == set(ENTRIES)
+    for name, params in ENTRIES.items():
+        assert [t.replace(".s32", ".u32").replace(".b32", ".u32") for t in entries[name]] == params, name
+
+
+@needs_nvrtc
+def test_every_entry_waits_and_triggers(ptx):
+    for name, body in _bodies(ptx).items():
+        assert "griddepcontrol.wait" in body, name
+        assert "griddepcontrol.launch_dependents" in body, name
+        assert ".local" not in body, f"{name} uses local memory"
+
+
+@needs_nvrtc
+def test_gemvs_load_weights_16_bytes_at_a_time_and_only_weights_before_the_wait(ptx):
+    for name, body in _bodies(ptx).items():
+        if not any(name.startswith(k) for k in GEMV_PARAMS):
+            continue
+        loads = re.findall(r"\bld\.global(?:\.\w+)*", body)
+        assert "ld.global.nc.v4.u32" in loads, name  # 16-byte weight packs through the read-only path
+        # In text order, everything before the first wait is the first batch chunk's weight prefetch: only
+        # read-only 16-byte weight loads, no load of x/pos and no store.
+        head = body.split("griddepcontrol.wait", 1)[0]
+        ops = re.findall(r"\b((?:ld|st|atom|red|prefetch)\.global(?:\.\w+)*)", head)
+        assert ops and set(ops) == {"ld.global.nc.v4.u32"}, (name, set(ops))
+        assert "cp.async.bulk.prefetch" not in body, name  # the L2 bulk prefetch is opt-in
+
+
+@needs_nvrtc
+def test_nothing_touches_memory_before_the_wait_in_the_other_kernels(ptx):
+    for name, body in _bodies(ptx).items():
+        if name in OTHER_PARAMS:
+            head = body.split("griddepcontrol.wait", 1)[0]
+            assert not re.findall(r"\b(?:ld|st|atom|red)\.global", head), name
+
+
+@needs_nvrtc
+def test_l2_prefetch_is_opt_in():
+    ptx = kernels.compile_ptx(read_kernel_source(SRC), "llama_fused", options=["-DFUSED_L2_PREFETCH"])
+    assert "cp.async.bulk.prefetch.L2.global" in ptx
+
+
+def _cubin_report() -> str:
+    """ptxas' resource report (-Xptxas=-v) of the module built for sm_90 by NVRTC."""
+    nvrtc = kernels._nvrtc()
+    inc = kernels.cuda_include_dir()
+    opts = [b"--std=c++17", b"-arch=sm_90", b"-Xptxas=-v"] + ([f"-I{inc}".encode()] if inc else [])
+    err, prog = nvrtc.nvrtcCreateProgram(read_kernel_source(SRC).encode(), b"llama_fused.cu", 0, [], [])
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        log = kernels._program_log(nvrtc, prog)
+        if int(err) != 0:
+            pytest.skip(f"NVRTC cannot build sm_90 machine code here: {log[:200]}")
+        return log
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+@needs_nvrtc
+def test_ptxas_no_spills_no_stack_and_register_budget():
+    report = _cubin_report()
+    props = re.findall(r"Function properties for (\w+)\s*\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                       r"(\d+) bytes spill loads\s*\n.*?Used (\d+) registers", report, re.S)
+    seen = {name for name, *_ in props}
+    assert seen == set(ENTRIES)
+    for name, stack, st, ld, regs in props:
+        assert (int(stack), int(st), int(ld)) == (0, 0, 0), name
+        # two 256-thread GEMV blocks per SM (__launch_bounds__(256, 2)): at most 128 registers
+        assert int(regs) <= 128, (name, regs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the spec
+# ----------------------------------------------------------------------------------------------------------
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("wt", WTYPES)
+def test_fused_spec_compiles_for_every_weight_type(wt, capsys):
+    assert main(["compile", str(FUSED), "--set", f"wt={wt}"]) == 0
+    out = capsys.readouterr().out
+    assert f"qkv_rope_{wt} ok" in out and f"gemv_res_{wt} ok" in out and "attn_decode ok" in out
+
+
+@pytest.mark.parametrize("config", ["llama_tiny.yaml", "tinyllama.yaml", "llama32_1b.yaml"])
+def test_fused_spec_with_configs(config, capsys):
+    assert main(["validate", str(FUSED), "--config", str(SPECS / "configs" / config)]) == 0
+    plan = llama_plan(yaml.safe_load((SPECS / "configs" / config).read_text()), FUSED)
+    per_layer = [n for n in plan.nodes if n.id.endswith(".0")]
+    assert len(per_layer) <= 6
+    assert {n.op.kernel for n in plan.nodes if n.kind == "kernel"} <= set(plan.spec.kernels)
+    assert all(k.launch == "programmatic" for k in plan.spec.kernels.values())
+
+
+def test_fused_spec_has_what_the_runner_needs():
+    from dagbuild.llama.decode import REQUIRED
+
+    plan = llama_plan({}, FUSED)
+    for name in (*REQUIRED, "tokens", "pos", "next", "wqkv", "w_gate_up", "embed_tokens", "attn_norm", "mlp_norm",
+                 "wo", "w_down", "final_norm", "lm_head"):
+        assert name in plan.buffers, name
+    unfused = llama_plan({})
+    assert {k: v for k, v in plan.dims.items() if k != "attn_chunk"} == \
+        {k: v for k, v in unfused.dims.items() if k != "attn_chunk"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# packed weights
+# ----------------------------------------------------------------------------------------------------------
+
+TINY = yaml.safe_load((SPECS / "configs" / "llama_tiny.yaml").read_text())
+
+
+def test_pack_unpack_round_trip():
+    rng = np.random.default_rng(0)
+    heads, kv_heads, hd, hidden, ffn = 4, 2, 16, 24, 10
+    wq = rng.standard_normal((3, heads * hd, hidden))
+    wk = rng.standard_normal((3, kv_heads * hd, hidden))
+    wv = rng.standard_normal((3, kv_heads * hd, hidden))
+    packed = W.pack_qkv(wq, wk, wv)
+    assert packed.shape == (3, (heads + 2 * kv_heads) * hd, hidden)
+    for a, b in zip(W.unpack_qkv(packed, heads, kv_heads, hd), (wq, wk, wv), strict=True):
+        assert np.array_equal(a, b)
+    gate, up = rng.standard_normal((2, ffn, hidden)), rng.standard_normal((2, ffn, hidden))
+    gu = W.pack_gate_up(gate, up)
+    assert gu.shape == (2, 2 * ffn, hidden)
+    assert np.array_equal(gu[:, 0::2], gate) and np.array_equal(gu[:, 1::2], up)
+    assert np.array_equal(gu[1, 6], gate[1, 3]) and np.array_equal(gu[1, 7], up[1, 3])
+    g2, u2 = W.unpack_gate_up(gu)
+    assert np.array_equal(g2, gate) and np.array_equal(u2, up)
+    with pytest.raises(W.WeightsError):
+        W.unpack_qkv(packed, heads, kv_heads + 1, hd)
+    with pytest.raises(W.WeightsError):
+        W.pack_gate_up(gate, up[:, :-1])
+
+
+def test_weight_view_writes_the_packed_layout():
+    """Writing every HF role through weight_view into a fused plan's (NumPy) buffers gives pack_qkv /
+    pack_gate_up, and reading back through it gives the HF tensors."""
+    fused = llama_plan({**TINY, "wt": "f32"}, FUSED)
+    unfused = llama_plan({**TINY, "wt": "f32"})
+    bufs = {name: np.zeros(b.shape, np.float32) for name, b in fused.buffers.items()}
+    rng = np.random.default_rng(1)
+    hf = {}
+    for role in W.WEIGHT_BUFFERS:
+        shape = W.weight_shape(fused, role)
+        assert shape == tuple(unfused.buffers[role].shape), role
+        hf[role] = rng.standard_normal(shape).astype(np.float32)
+        if role in W.LAYERED_BUFFERS:
+            for i in range(fused.dims["layers"]):
+                W.weight_view(bufs, fused.dims, role, i)[...] = hf[role][i]
+        else:
+            W.weight_view(bufs, fused.dims, role, None)[...] = hf[role]
+    assert np.array_equal(bufs["wqkv"], W.pack_qkv(hf["wq"], hf["wk"], hf["wv"]))
+    assert np.array_equal(bufs["w_gate_up"], W.pack_gate_up(hf["w_gate"], hf["w_up"]))
+    for role in W.WEIGHT_BUFFERS:
+        for i in range(fused.dims["layers"]) if role in W.LAYERED_BUFFERS else [None]:
+            got = W.weight_view(bufs, fused.dims, role, i)
+            assert np.array_equal(got, hf[role] if i is None else hf[role][i]), (role, i)
+    assert W.weight_buffer_names(fused) == ["embed_tokens", "attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up",
+                                            "w_down", "final_norm", "lm_head"]
+    assert W.weight_buffer_names(unfused) == list(W.WEIGHT_BUFFERS)
+    assert W.weight_dtype(fused, "wk") == "f32"
+
+
+def test_plan_state_dict_of_a_fused_plan():
+    fused = llama_plan(dict(TINY), FUSED)
+    unfused = llama_plan(dict(TINY))
+    shapes = {key: (unfused.buffers[buf].shape[1:] if idx is not None else unfused.buffers[buf].shape)
+              for key, (buf, idx) in W.hf_key_map(TINY["layers"]).items()}
+    assert sorted(W.plan_state_dict(fused, shapes)) == sorted(W.plan_state_dict(unfused, shapes))
+    bad = dict(shapes)
+    bad["model.layers.1.self_attn.k_proj.weight"] = (3, 3)
+    with pytest.raises(W.WeightsError, match=r"wqkv\[1\] \(wk rows\)"):
+        W.plan_state_dict(fused, bad)
+    del bad["model.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(W.WeightsError, match=r"missing .*wqkv\[1\] \(wk rows\)"):
+        W.plan_state_dict(fused, bad)
+
+
+def test_a_packed_buffer_of_the_wrong_shape_is_refused():
+    class Fake:
+        name = "fake"
+
+        def __init__(self, plan, shape):
+            self.dims = plan.dims
+            self.buffers = dict(plan.buffers)
+            self.buffers["wqkv"] = type("B", (), {"shape": shape, "dtype": "f16"})()
+
+    fused = llama_plan(dict(TINY), FUSED)
+    good = tuple(fused.buffers["wqkv"].shape)
+    with pytest.raises(W.WeightsError, match="packed buffer 'wqkv'"):
+        W.plan_state_dict(Fake(fused, (good[0], good[1] - 64, good[2])), {})
