@@ -44,9 +44,12 @@ PY
     decode)
       timeout 300 python3 tools/bench_decode.py --json "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -60 ;;
     sanitize)
-      for tool in memcheck racecheck initcheck; do
-        timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 tools/sanitize_decode.py \
-          > "$OUT/sanitize_$tool.log" 2>&1; echo "compute-sanitizer $tool: exit $?"; tail -3 "$OUT/sanitize_$tool.log"
+      for spec in llama_decode llama_decode_fused; do
+        for tool in memcheck racecheck synccheck initcheck; do
+          timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \
+            tools/sanitize_decode.py --spec specs/$spec.yaml > "$OUT/sanitize_${spec}_$tool.log" 2>&1
+          echo "compute-sanitizer $tool on $spec: exit $?"; tail -2 "$OUT/sanitize_${spec}_$tool.log"
+        done
       done ;;
   esac
 done

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="graph batch (rows past the one prompt are padding)")
     ap.add_argument("--max-seq", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=3)
+    ap.add_argument("--spec", default="specs/llama_decode.yaml",
+                    help="decode spec (specs/llama_decode_fused.yaml: the programmatic graph)")
     args = ap.parse_args(argv)
 
     import cupy
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from dagbuild.llama.weights import random_weights
 
     dims = yaml.safe_load((ROOT / "specs" / "configs" / "llama_tiny.yaml").read_text())
-    plan = llama_plan({**dims, "wt": args.wt, "max_seq": args.max_seq, "batch": args.batch})
+    plan = llama_plan({**dims, "wt": args.wt, "max_seq": args.max_seq, "batch": args.batch}, ROOT / args.spec)
     prompt = [1, 17, 300, 42]
     with Executable(plan) as exe:
         random_weights(exe, seed=0)
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         cupy.cuda.Device().synchronize()
     toks = gen.tokens[0]
     ok = len(toks) == args.new_tokens and all(0 <= t < plan.dims["vocab"] for t in toks)
-    print(f"sanitize_decode: {plan.name} wt={args.wt} batch={args.batch} max_seq={args.max_seq}: "
+    print(f"sanitize_decode: {plan.name} ({len(plan.analysis.programmatic)} programmatic edges) wt={args.wt} "
+          f"batch={args.batch} max_seq={args.max_seq}: "
           f"{len(gen.prefill_ms) + len(gen.decode_ms)} graph launches, prompt {prompt} -> {toks}")
     return 0 if ok else 1
 
