@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from dagbuild.sources import read_kernel_source  # noqa: E402
+
 SHAPES = {"q/o_proj": (2048, 2048), "k/v_proj": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632),
           "lm_head": (32000, 2048)}
 ROWS = {"gemv": 4, "gemvw": 16}
@@ -91,7 +93,7 @@ def time_graph(cp, launch, stream, reps: int = REPS) -> float:
 
 
 def legacy(cp, wt: str, batches: list[int], bw: float) -> None:
-    mod = cp.RawModule(code=(ROOT / "kernels" / "llama.cu").read_text(), options=("--std=c++17",))
+    mod = cp.RawModule(code=read_kernel_source(ROOT / "kernels" / "llama.cu"), options=("--std=c++17",))
     dt = {"f16": np.float16, "f32": np.float32, "bf16": np.uint16}[wt]
     s, e = cp.cuda.Event(), cp.cuda.Event()
     l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
@@ -139,7 +141,7 @@ def legacy(cp, wt: str, batches: list[int], bw: float) -> None:
 
 def fused_module(cp, *defines: str):
     opts = ("--std=c++17", *(f"-D{d}" for d in defines))
-    mod = cp.RawModule(code=(ROOT / "kernels" / "llama_fused.cu").read_text(), options=opts)
+    mod = cp.RawModule(code=read_kernel_source(ROOT / "kernels" / "llama_fused.cu"), options=opts)
     mod.compile()
     return mod
 

@@ -18,6 +18,7 @@ import yaml
 
 from dagbuild.llama import reference as ref
 from dagbuild.llama import weights as W
+from dagbuild.sources import read_kernel_source
 
 pytestmark = pytest.mark.gpu
 
@@ -46,7 +47,7 @@ def modules(cp):
 
 @pytest.fixture(scope="module")
 def mod(cp):
-    return cp.RawModule(code=KERNEL_SRC.read_text(), options=("--std=c++17",))
+    return cp.RawModule(code=read_kernel_source(KERNEL_SRC), options=("--std=c++17",))
 
 
 def rng_for(*key) -> np.random.Generator:

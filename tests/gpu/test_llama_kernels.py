@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dagbuild.llama import reference as ref
+from dagbuild.sources import read_kernel_source
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +31,7 @@ def cp():
 
 @pytest.fixture(scope="module")
 def mod(cp):
-    return cp.RawModule(code=KERNEL_SRC.read_text(), options=("--std=c++17",))
+    return cp.RawModule(code=read_kernel_source(KERNEL_SRC), options=("--std=c++17",))
 
 
 def rng_for(*key) -> np.random.Generator:
