@@ -242,19 +242,24 @@ def _resolve_overrides(spec: GraphSpec, overrides: Mapping[str, Any], issues: _I
     return dims, types
 
 
-def _read_source(name: str, decl, spec: GraphSpec, issues: _Issues) -> tuple[str, Path | None]:
+def _read_source(name: str, decl, spec: GraphSpec, issues: _Issues, cache: dict) -> tuple[str, Path | None]:
+    """A kernel's source text, includes inlined; read once per file per bind (and once for all the binds
+    that share ``cache``: a pool's buckets)."""
     if decl.code is not None:
         return decl.code, None
     from .sources import read_kernel_source
 
     path = ((spec.base_dir or Path.cwd()) / decl.source).resolve()
+    if ("source", path) in cache:
+        return cache[("source", path)], path
     where = dict(path=("kernels", name, "source"), field=f"kernels.{name}.source")
     if path.suffix not in KERNEL_SUFFIXES:
         issues.add("unknown_reference", f"kernel {name!r}: source {decl.source!r} is not a kernel source "
                    f"file (one of {', '.join(KERNEL_SUFFIXES)}); it was not read", **where)
         return "", path
     try:
-        return read_kernel_source(path), path
+        cache[("source", path)] = text = read_kernel_source(path)
+        return text, path
     except FileNotFoundError:
         issues.add("unknown_reference", f"kernel {name!r}: source file {decl.source!r} not found "
                    f"(looked at {path})", **where)
@@ -263,7 +268,7 @@ def _read_source(name: str, decl, spec: GraphSpec, issues: _Issues) -> tuple[str
     return "", path
 
 
-def _bind_kernels(spec: GraphSpec, types: dict[str, str], issues: _Issues) -> dict[str, PlanKernel]:
+def _bind_kernels(spec: GraphSpec, types: dict[str, str], issues: _Issues, cache: dict) -> dict[str, PlanKernel]:
     out = {}
     for name, decl in spec.kernels.items():
         params, ok = [], True
@@ -287,7 +292,7 @@ def _bind_kernels(spec: GraphSpec, types: dict[str, str], issues: _Issues) -> di
             issues.add("unknown_reference", f"kernel {name!r}: entry {decl.entry!r} names unknown type {e}",
                        path=("kernels", name, "entry"), field=f"kernels.{name}.entry")
             ok = False
-        source, path = _read_source(name, decl, spec, issues)
+        source, path = _read_source(name, decl, spec, issues, cache)
         if ok:
             out[name] = PlanKernel(name, entry, tuple(params), source, path, tuple(decl.options), decl.launch,
                                    spec.line_of(("kernels", name)))
@@ -602,17 +607,17 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
          programs: dict | None = None) -> tuple[Plan, list[Issue]]:
     """Bind a spec; returns the (unanalysed) plan of every node that bound, and every issue found.
 
-    ``programs`` carries compiled kernel-node bindings from one bind to the next (a pool binds one
-    spec once per bucket); the spec must not change in between."""
+    ``programs`` carries compiled kernel-node bindings and kernel sources from one bind to the next (a pool
+    binds one spec once per bucket); the spec and its kernel files must not change in between."""
     issues = _Issues(spec)
     dims, types = _resolve_overrides(spec, overrides or {}, issues)
     _checks(spec, dims, issues)
-    kernels = _bind_kernels(spec, types, issues)
+    if programs is None:
+        programs = {}  # per spec node: compiled after its first checked bind; kernel sources by path
+    kernels = _bind_kernels(spec, types, issues, programs)
     buffers = _bind_buffers(spec, dims, types, issues)
     nodes: list[PlanNode] = []
     seen: dict[str, tuple] = {}
-    if programs is None:
-        programs = {}  # per spec node: compiled after its first checked bind
     # what a compiled binding depends on besides its spec node: the kernel's entry, params and launch
     kernel_keys = {name: (k.entry, k.params, k.launch) for name, k in kernels.items()}
     kernel_keys = {name: programs.setdefault(("kernel", key), key) for name, key in kernel_keys.items()}
