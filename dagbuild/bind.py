@@ -447,9 +447,10 @@ class _CompiledBinding:
             raise _Fallback from None
         grid += [1] * (3 - len(grid))
         block += [1] * (3 - len(block))
-        if (min(grid) < 1 or min(block) < 1 or shared < 0 or block[0] * block[1] * block[2] > MAX_THREADS_PER_BLOCK
-                or any(g > m for g, m in zip(grid, MAX_GRID, strict=True))
-                or any(b > m for b, m in zip(block, MAX_BLOCK, strict=True))):
+        (g0, g1, g2), (b0, b1, b2) = grid, block
+        if not (0 < g0 <= MAX_GRID[0] and 0 < g1 <= MAX_GRID[1] and 0 < g2 <= MAX_GRID[2] and 0 < b0 <= MAX_BLOCK[0]
+                and 0 < b1 <= MAX_BLOCK[1] and 0 < b2 <= MAX_BLOCK[2] and b0 * b1 * b2 <= MAX_THREADS_PER_BLOCK
+                and shared >= 0):
             raise _Fallback
         args = []
         for p, payload in self.args:
@@ -619,8 +620,9 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
     nodes: list[PlanNode] = []
     seen: dict[str, tuple] = {}
     # what a compiled binding depends on besides its spec node: the kernel's entry, params and launch
+    # (one canonical tuple per distinct key, identified by its id: hashing Params per node costs)
     kernel_keys = {name: (k.entry, k.params, k.launch) for name, k in kernels.items()}
-    kernel_keys = {name: programs.setdefault(("kernel", key), key) for name, key in kernel_keys.items()}
+    kernel_keys = {name: id(programs.setdefault(("kernel", key), key)) for name, key in kernel_keys.items()}
     try:
         for node, path, env, frames in _expand(spec.nodes, ("nodes",), dict(dims), (), issues, [MAX_NODES]):
             pn = _bind_node(node, path, env, frames, len(nodes), spec, kernels, buffers, kernel_keys, programs,
