@@ -43,41 +43,7 @@ __device__ __forceinline__ void l2_prefetch(const void* p, unsigned int bytes) {
 // Small helpers (as in kernels/llama.cu)
 // ------------------------------------------------------------------------------------------------------------
 
-// to_float, db_shfl_xor: kernels/port.cuh
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = warpSize >> 1; o > 0; o >>= 1) v += db_shfl_xor(v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = warpSize >> 1; o > 0; o >>= 1) v = fmaxf(v, db_shfl_xor(v, o));
-    return v;
-}
-
-// Block-wide sum / max to every thread; `sh` holds one float per warp. Starts with a barrier so `sh` may be
-// reused by consecutive calls. blockDim.x must be a multiple of warpSize.
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float r = sh[0];
-    for (int w = 1; w < nwarps; ++w) r += sh[w];
-    return r;
-}
-
-__device__ __forceinline__ float block_max(float v, float* sh) {
-    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float r = sh[0];
-    for (int w = 1; w < nwarps; ++w) r = fmaxf(r, sh[w]);
-    return r;
-}
+// to_float, db_shfl_xor, db_warp_sum/max, db_block_sum/max: kernels/port.cuh
 
 // A 16-byte pack of weights, unpacked to VEC floats.
 template <typename T>
@@ -246,9 +212,9 @@ __device__ __forceinline__ void fw_chunk(const uint4* __restrict__ w0, const uin
     }
 #pragma unroll
     for (int bb = 0; bb < NB; ++bb) {
-        r0[bb] = warp_sum(r0[bb]);
-        r1[bb] = warp_sum(r1[bb]);
-        if constexpr (NORM) ss[bb] = warp_sum(ss[bb]);
+        r0[bb] = db_warp_sum(r0[bb]);
+        r1[bb] = db_warp_sum(r1[bb]);
+        if constexpr (NORM) ss[bb] = db_warp_sum(ss[bb]);
     }
 }
 
@@ -545,10 +511,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
         }
         __syncthreads();
         const float sc = (tid < nt) ? sp[tid] : NEG_INF;
-        const float m_new = fmaxf(m, block_max(sc, sred));  // finite: the tile has >= 1 key
+        const float m_new = fmaxf(m, db_block_max(sc, sred));  // finite: the tile has >= 1 key
         const float pj = (tid < nt) ? expf(sc - m_new) : 0.0f;
         if (tid < nt) sp[tid] = pj;
-        const float psum = block_sum(pj, sred);  // its barriers also publish sp
+        const float psum = db_block_sum(pj, sred);  // its barriers also publish sp
         const float corr = expf(m - m_new);      // 0 on the first tile (m = -inf)
         l = l * corr + psum;
         m = m_new;

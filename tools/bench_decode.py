@@ -244,34 +244,11 @@ def hf_graph(torch, model, max_len: int):
 
 
 def dagbuild_modes(cp, exe) -> dict[str, tuple[Callable, Callable]]:
-    stream = exe.stream
-    th, ph, nh = exe.buffers["tokens_host"], exe.buffers["pos_host"], exe.buffers["next_host"]
     three = launch_modes(exe)
     launches = {"(c) dagbuild eager (CuPy launches)": three["eager"],
                 "(d) dagbuild stream-captured graph": three["captured"],
                 "(e) dagbuild explicit graph": three["explicit"]}
-
-    def make(launch):
-        def step(tok, pos):
-            th[0] = tok
-            ph[0] = pos
-            launch()
-            stream.synchronize()
-            return int(nh[0])
-
-        def prefill(prompt):
-            exe.synchronize()
-            exe.buffers["k_cache"].fill(0)
-            exe.buffers["v_cache"].fill(0)
-            cp.cuda.Device().synchronize()
-            nxt = 0
-            for p, t in enumerate(prompt):
-                nxt = step(t, p)
-            return nxt
-
-        return prefill, step
-
-    modes = {name: make(launch) for name, launch in launches.items()}
+    modes = {name: dagbuild_modes_from(cp, exe, launch) for name, launch in launches.items()}
     modes["_keep"] = three  # its closures keep the captured graph alive
     return modes
 
@@ -282,6 +259,7 @@ def explicit_mode(cp, exe) -> tuple[Callable, Callable]:
 
 
 def dagbuild_modes_from(cp, exe, launch) -> tuple[Callable, Callable]:
+    """(prefill, step) of greedy decoding where one step is ``launch()`` of the whole decode step."""
     stream = exe.stream
     th, ph, nh = exe.buffers["tokens_host"], exe.buffers["pos_host"], exe.buffers["next_host"]
 
