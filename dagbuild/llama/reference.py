@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import dtypes
+
 __all__ = [
     "argmax",
     "attention",
@@ -47,14 +49,12 @@ def _ceil_div(a: int, b: int) -> int:
 
 def f32_to_bf16(a) -> np.ndarray:
     """Round float32 values to bfloat16 (nearest, ties to even); returns the uint16 bit patterns."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16)
+    return dtypes.bf16_bits(np, a)
 
 
 def bf16_to_f32(bits) -> np.ndarray:
     """Widen bfloat16 bit patterns (uint16) to float32, exactly."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return dtypes.bf16_to_f32(np, bits)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import dtypes
 from ..errors import DagbuildError
 
 __all__ = [
@@ -479,18 +480,6 @@ def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tu
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _f32_to_bf16(xp: Any, x: Any) -> Any:
-    """float32 -> bfloat16 bits, round to nearest even (as reference.f32_to_bf16); NaN stays a quiet NaN."""
-    bits = x.view(xp.uint32)
-    lsb = (bits >> xp.uint32(16)) & xp.uint32(1)
-    r = ((bits + xp.uint32(0x7FFF) + lsb) >> xp.uint32(16)).astype(xp.uint16)
-    return xp.where(xp.isnan(x), xp.uint16(0x7FC0), r)
-
-
-def _bf16_to_f32(xp: Any, bits: Any) -> Any:
-    return (bits.astype(xp.uint32) << xp.uint32(16)).view(xp.float32)
-
-
 def convert(xp: Any, arr: Any, src: str, dst: str) -> Any:
     """``arr`` of element kind ``src`` (f64 | f32 | f16 | bf16 bits) as buffer type ``dst`` (f32 | f16 | bf16)."""
     if dst not in ("f32", "f16", "bf16"):
@@ -498,13 +487,13 @@ def convert(xp: Any, arr: Any, src: str, dst: str) -> Any:
     if src == "bf16":
         if dst == "bf16":
             return arr.view(xp.uint16)
-        wide = _bf16_to_f32(xp, arr.view(xp.uint16))
+        wide = dtypes.bf16_to_f32(xp, arr.view(xp.uint16))
         return wide if dst == "f32" else wide.astype(xp.float16)
     if dst == "f32":
         return arr.astype(xp.float32, copy=False)
     if dst == "f16":
         return arr.astype(xp.float16, copy=False)
-    return _f32_to_bf16(xp, xp.ascontiguousarray(arr.astype(xp.float32, copy=False)))
+    return dtypes.bf16_bits(xp, xp.ascontiguousarray(arr.astype(xp.float32, copy=False)))
 
 
 _NP_KINDS = {np.dtype(np.float64): "f64", np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
