@@ -76,6 +76,15 @@ def test_config_with_unknown_dim_is_invalid(tmp_path, capsys):
     assert {e["code"] for e in errors} == {"unknown_reference"} and any("'bogus'" in e["message"] for e in errors)
 
 
+@pytest.mark.parametrize("content", ["layers: 2.7\n", "hidden: true\n"])
+def test_config_values_are_never_truncated(tmp_path, capsys, content):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(content)
+    assert main(["validate", str(SPECS / "llama_decode.yaml"), "--config", str(path), "--json"]) == 1
+    (error,) = json.loads(capsys.readouterr().out)["errors"]
+    assert error["code"] == "schema" and error["field"] == content.split(":")[0] and "integer" in error["message"]
+
+
 def test_run_llama_without_gpu_validates_writes_dot_and_explains(tmp_path, capsys, no_gpu):
     dot = tmp_path / "llama.dot"
     assert main(["run", str(SPECS / "llama_decode.yaml"), "--dot", str(dot)]) == 0

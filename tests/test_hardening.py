@@ -70,6 +70,13 @@ def test_integer_argument_ranges_are_closed_and_floats_refused():
     assert one(spec(nodes=[scale_node(n=2.0)])).field == "args.n"
 
 
+def test_a_literal_is_shown_once_in_messages():
+    i = one(spec(buffers={"bad": {"dtype": "f32", "shape": [-4]}}))
+    assert "shape[0] = -4, must be ≥ 1" in i.message
+    i = one(spec(buffers={"bad": {"dtype": "f32", "shape": ["n - 100"]}}))
+    assert "shape[0] = 'n - 100' = -36, must be ≥ 1" in i.message
+
+
 def test_float_view_index_is_refused():
     i = one(spec(nodes=[scale_node(x="rows[2.0]")]))
     assert i.code == "expression" and i.field == "args.x" and "integer" in i.message
@@ -263,11 +270,25 @@ def test_compile_check_refuses_a_programmatic_kernel_without_the_wait():
     from dagbuild.kernels import check_plan
 
     assert "step" in check_plan(plan(from_dict(pdl_spec())), arch="sm_90")
-    with pytest.raises(SpecError) as info:
-        check_plan(plan(from_dict(pdl_spec(NO_WAIT))), arch="sm_90")
+    with pytest.raises(SpecError) as info:  # through YAML, so that the issue has a line
+        check_plan(plan(parse_spec(from_dict(pdl_spec(NO_WAIT)).to_yaml())), arch="sm_90")
     (i,) = info.value.issues
     assert i.code == "signature" and i.nodes == ("k2",) and "'step'" in i.message and "griddepcontrol.wait" in i.message
+    assert i.line is not None and i.field == "launch"
     check_plan(plan(from_dict(pdl_spec(NO_WAIT, launch="plain"))), arch="sm_90")  # plain edges: fine
+
+
+def test_compile_and_signature_issues_carry_the_kernel_line():
+    from dagbuild.kernels import check_plan
+
+    text = (SPECS / "chain.yaml").read_text().replace("params: [f32 a, const f32* x, f32* y, i32 n]",
+                                                       "params: [f32 a, const f32* x, f32* y, f64 n]")
+    p = plan(parse_spec(text, base_dir=SPECS))
+    with pytest.raises(SpecError) as info:
+        check_plan(p, arch="sm_90")
+    (i,) = info.value.issues
+    line = next(k + 1 for k, ln in enumerate(text.splitlines()) if ln.strip().startswith("saxpy:"))
+    assert i.code == "signature" and i.line == line and i.field == "n"
 
 
 def test_one_compile_per_source_without_the_disk_cache(monkeypatch):
