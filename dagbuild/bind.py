@@ -35,10 +35,9 @@ from .ir import (
     RepeatFrame,
     View,
 )
-from .spec import EmptyNode, GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
+from .spec import MAX_NODES, EmptyNode, GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
 
 #: Documented size limits: a spec that expands past them is refused with a ``size_limit`` issue, fast.
-MAX_NODES = 200_000
 MAX_BUFFER_BYTES = 2**63 - 1  # byte offsets are 64-bit
 
 #: Files a kernel ``source`` may name (anything else is refused unread).

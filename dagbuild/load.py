@@ -25,7 +25,7 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import Issue, SpecError
-from .spec import GraphSpec
+from .spec import MAX_NODES, GraphSpec
 from .util import paused_gc
 
 #: Largest spec file :func:`load_spec` reads (bytes); checked before reading.
@@ -48,11 +48,11 @@ _SCALAR_TAGS = {_T + t for t in ("null", "bool", "int", "float", "binary", "time
 
 
 class _Refused(Exception):
-    """A document dagbuild will not read; becomes one ``yaml`` Issue."""
+    """A document dagbuild will not read; becomes one Issue (``yaml`` unless said otherwise)."""
 
-    def __init__(self, message: str, line: int | None):
+    def __init__(self, message: str, line: int | None, code: str = "yaml"):
         super().__init__(message)
-        self.message, self.line = message, line
+        self.message, self.line, self.code = message, line, code
 
 
 class _Frame:
@@ -209,6 +209,9 @@ class _Builder:
                     path = (*top.path, len(top.value))
                     if line != top.line:
                         lines[path] = line
+                    if path[0] == "nodes" and len(path) == 2 and path[1] >= MAX_NODES:  # stop reading at once
+                        raise _Refused(f"more than {MAX_NODES} nodes, the documented limit; split the graph",
+                                       line, code="size_limit")
                 if ev.anchor is not None:
                     if ev.anchor in self.anchors or ev.anchor in self.open_anchors:
                         raise _Refused(f"found duplicate anchor &{ev.anchor}", line)
@@ -448,6 +451,10 @@ def _validate(data: Any, lines: dict[tuple, int], source: str) -> GraphSpec:
     if not isinstance(data, dict):
         raise SpecError(Issue("schema", f"{source}: the top level must be a mapping with "
                               "`dagbuild: 1`, `name`, `kernels`, `buffers` and `nodes`", line=1))
+    nodes = data.get("nodes")
+    if isinstance(nodes, list) and len(nodes) > MAX_NODES:  # before the (costly) schema check of each one
+        raise SpecError(Issue("size_limit", f"{source}: {len(nodes)} nodes, more than the documented limit of "
+                              f"{MAX_NODES}; split the graph", field="nodes", line=lines.get(("nodes",))))
     try:
         return GraphSpec.model_validate(data)
     except ValidationError as e:
@@ -477,7 +484,7 @@ def _parse(text: str | bytes, source: str) -> tuple[Any, dict[tuple, int]]:
     try:
         data, lines, duplicates = _compose(text)
     except _Refused as e:
-        raise SpecError(Issue("yaml", f"{source}: {e.message}", line=e.line)) from None
+        raise SpecError(Issue(e.code, f"{source}: {e.message}", line=e.line)) from None
     except yaml.YAMLError as e:
         raise SpecError(_yaml_issue(source, e)) from None
     except UnicodeError as e:  # a str with lone surrogates cannot be handed to libyaml

@@ -26,6 +26,8 @@ from pydantic import (
 )
 
 FORMAT_VERSION = 1
+#: Documented limit: a spec may expand to at most this many graph nodes (``repeat`` multiplied out).
+MAX_NODES = 200_000
 
 #: A number, or expression text evaluated by :mod:`dagbuild.expr`.
 Expr = Union[StrictInt, StrictFloat, StrictStr]  # noqa: UP007  (pydantic needs the Union here)

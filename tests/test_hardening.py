@@ -302,3 +302,14 @@ def test_one_compile_per_source_without_the_disk_cache(monkeypatch):
     p = plan(load_spec(SPECS / "llama_decode.yaml"), {"wt": "f32"})
     kernels.check_plan(p, arch="sm_90")
     assert len(calls) == 1 and len(p.kernels) > 5
+
+
+def test_yaml_with_more_nodes_than_the_limit_stops_reading_there():
+    text = "dagbuild: 1\nname: big\nnodes:\n" + "".join(f"  - {{id: n{i}, empty: {{}}}}\n"
+                                                        for i in range(MAX_NODES + 10))
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        parse_spec(text)
+    (i,) = info.value.issues
+    assert i.code == "size_limit" and str(MAX_NODES) in i.message and i.line == MAX_NODES + 4
+    assert time.perf_counter() - t0 < 20
