@@ -142,6 +142,27 @@ def _dim3(name: str, dims: Sequence[int]) -> tuple[int, int, int]:
     return (d + (1, 1))[:3]  # type: ignore[return-value]
 
 
+def memcpy_params(drv: Any, dst: int, src: int, nbytes: int, unified: Any) -> Any:
+    """A ``CUDA_MEMCPY3D`` for a 1-D copy of ``nbytes``, both sides of memory type ``unified`` (the driver's
+    own enum value: CUDA's and HIP's differ in type, not in meaning)."""
+    nbytes = int(nbytes)
+    if nbytes <= 0:
+        raise BuildError(f"memcpy of {nbytes} bytes: the driver needs > 0 (use an empty node)", code="memcpy")
+    c = drv.CUDA_MEMCPY3D()
+    c.srcMemoryType = unified
+    c.srcDevice = int(src)
+    c.srcPitch = nbytes
+    c.srcHeight = 1
+    c.dstMemoryType = unified
+    c.dstDevice = int(dst)
+    c.dstPitch = nbytes
+    c.dstHeight = 1
+    c.WidthInBytes = nbytes
+    c.Height = 1
+    c.Depth = 1
+    return c
+
+
 def load_driver() -> Any:
     """The driver-API module: ``cuda.bindings.driver`` (cuda-bindings ≥ 12.6), else ``cuda.cuda``
     (older cuda-python, and the HIP interop layer that mirrors it)."""
@@ -309,23 +330,8 @@ class CudaBackend:
         return p, packed  # the caller keeps `packed` alive through the driver call
 
     def _memcpy_params(self, dst: int, src: int, nbytes: int) -> Any:
-        nbytes = int(nbytes)
-        if nbytes <= 0:
-            raise BuildError(f"memcpy of {nbytes} bytes: the driver needs > 0 (use an empty node)", code="memcpy")
-        unified = self._drv.CUmemorytype.CU_MEMORYTYPE_UNIFIED  # direction inferred from the addresses (UVA)
-        c = self._drv.CUDA_MEMCPY3D()
-        c.srcMemoryType = unified
-        c.srcDevice = int(src)
-        c.srcPitch = nbytes
-        c.srcHeight = 1
-        c.dstMemoryType = unified
-        c.dstDevice = int(dst)
-        c.dstPitch = nbytes
-        c.dstHeight = 1
-        c.WidthInBytes = nbytes
-        c.Height = 1
-        c.Depth = 1
-        return c
+        # the direction follows from the addresses (UVA)
+        return memcpy_params(self._drv, dst, src, nbytes, self._drv.CUmemorytype.CU_MEMORYTYPE_UNIFIED)
 
     def _memset_params(self, dst: int, value: int, element_size: int, count: int) -> Any:
         element_size, count, value = int(element_size), int(count), int(value)

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dagbuild.backends.cuda import CudaBackend
-from dagbuild.errors import BuildError
+from dagbuild.backends.cuda import CudaBackend, memcpy_params
 
 __all__ = ["HipBackend", "hip_kernel_params", "hip_memcpy_params"]
 
@@ -61,23 +60,7 @@ def hip_memcpy_params(drv: Any, dst: int, src: int, nbytes: int) -> Any:
     """A ``HIP_MEMCPY3D`` (exposed as ``CUDA_MEMCPY3D``) for a 1-D copy of ``nbytes``: the same fields as
     ``CudaBackend._memcpy_params``, with hip-python's ``hipMemoryTypeUnified`` (the direction follows
     from the addresses)."""
-    nbytes = int(nbytes)
-    if nbytes <= 0:
-        raise BuildError(f"memcpy of {nbytes} bytes: the driver needs > 0 (use an empty node)", code="memcpy")
-    unified = _hip_module(drv).hipMemoryType.hipMemoryTypeUnified
-    c = drv.CUDA_MEMCPY3D()
-    c.srcMemoryType = unified
-    c.srcDevice = int(src)
-    c.srcPitch = nbytes
-    c.srcHeight = 1
-    c.dstMemoryType = unified
-    c.dstDevice = int(dst)
-    c.dstPitch = nbytes
-    c.dstHeight = 1
-    c.WidthInBytes = nbytes
-    c.Height = 1
-    c.Depth = 1
-    return c
+    return memcpy_params(drv, dst, src, nbytes, _hip_module(drv).hipMemoryType.hipMemoryTypeUnified)
 
 
 class HipBackend(CudaBackend):
