@@ -27,6 +27,39 @@ def capture(stream: Any, steps: list[Callable[[Any], None]]) -> Any:
     return graph
 
 
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5, trials: int = 3) -> dict[str, float]:
+    """Device-to-device copy bandwidth, bytes read + written per second, best of several (GB/s): the ceiling
+    that memory-bound benchmarks compare with (``GBps``; also per way of copying: memcpy, a copy kernel)."""
+    import cupy as cp
+
+    a = cp.empty(nbytes, dtype=cp.uint8)
+    b = cp.empty_like(a)
+    a.view(cp.uint64).fill(0x0123456789ABCDEF)
+    s = cp.cuda.Stream(non_blocking=True)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    kinds = {
+        "memcpy": lambda: cp.cuda.runtime.memcpyAsync(b.data.ptr, a.data.ptr, nbytes, 3, s.ptr),
+        "kernel": lambda: b.view(cp.uint64).__setitem__(Ellipsis, a.view(cp.uint64)),
+    }
+    best: dict[str, float] = {}
+    for name, fn in kinds.items():
+        with s:
+            fn()
+            s.synchronize()
+            for _ in range(trials):
+                start.record(s)
+                for _ in range(reps):
+                    fn()
+                end.record(s)
+                end.synchronize()
+                sec = cp.cuda.get_elapsed_time(start, end) * 1e-3 / reps
+                best[name] = max(best.get(name, 0.0), 2 * nbytes / sec / 1e9)
+    kinds.clear()
+    a = b = None
+    cp.get_default_memory_pool().free_all_blocks()
+    return {"GBps": max(best.values()), **{f"{k}_GBps": v for k, v in best.items()}, "buffer_bytes": nbytes}
+
+
 def device_us_per_launch(exe: Executable, reps: int) -> float:
     """Device µs per step of ``reps`` back-to-back explicit launches (no host round trip between)."""
     import cupy

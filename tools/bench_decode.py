@@ -41,7 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dagbuild.bench import device_us_per_launch, launch_modes  # noqa: E402
+from dagbuild.bench import copy_bandwidth, device_us_per_launch, launch_modes  # noqa: E402
 from dagbuild.executable import ExecOptions, Executable  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
 from dagbuild.llama.weights import (  # noqa: E402
@@ -72,36 +72,6 @@ def stats(ms: list[float]) -> dict[str, float]:
     s = sorted(ms)
     return {"median_ms": statistics.median(s), "p99_ms": s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)],
             "mean_ms": statistics.fmean(s), "steps": len(s)}
-
-
-def copy_bandwidth(cp, nbytes: int = 1 << 30, reps: int = 5, trials: int = 3) -> dict[str, float]:
-    """Device-to-device copy bandwidth, bytes read + written per second, best of several (GB/s)."""
-    a = cp.empty(nbytes, dtype=cp.uint8)
-    b = cp.empty_like(a)
-    a.view(cp.uint64).fill(0x0123456789ABCDEF)
-    s = cp.cuda.Stream(non_blocking=True)
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    kinds = {
-        "memcpy": lambda: cp.cuda.runtime.memcpyAsync(b.data.ptr, a.data.ptr, nbytes, 3, s.ptr),
-        "kernel": lambda: b.view(cp.uint64).__setitem__(Ellipsis, a.view(cp.uint64)),
-    }
-    best: dict[str, float] = {}
-    for name, fn in kinds.items():
-        with s:
-            fn()
-            s.synchronize()
-            for _ in range(trials):
-                start.record(s)
-                for _ in range(reps):
-                    fn()
-                end.record(s)
-                end.synchronize()
-                sec = cp.cuda.get_elapsed_time(start, end) * 1e-3 / reps
-                best[name] = max(best.get(name, 0.0), 2 * nbytes / sec / 1e9)
-    kinds.clear()
-    a = b = None
-    cp.get_default_memory_pool().free_all_blocks()
-    return {"GBps": max(best.values()), **{f"{k}_GBps": v for k, v in best.items()}, "buffer_bytes": nbytes}
 
 
 def weight_bytes_per_token(plan) -> int:
@@ -498,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     device = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
-    copy = copy_bandwidth(cp)
+    copy = copy_bandwidth()
     print(f"{device}: device-to-device copy {copy['GBps']:.0f} GB/s read + written (memcpy "
           f"{copy['memcpy_GBps']:.0f}, copy kernel {copy['kernel_GBps']:.0f}; best of 3x5 copies of 1 GiB)",
           flush=True)

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from dagbuild.bench import copy_bandwidth  # noqa: E402
 from dagbuild.sources import read_kernel_source  # noqa: E402
 
 SHAPES = {"q/o_proj": (2048, 2048), "k/v_proj": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632),
@@ -46,33 +47,6 @@ MODELS = {  # name: dims, weight type
 }
 CALLS = 40
 REPS = 5
-
-
-def copy_bandwidth(cp, nbytes: int = 1 << 30, reps: int = 5, trials: int = 3) -> float:
-    """Device-to-device copy, bytes read + written per second, best of memcpy and a copy kernel (GB/s)."""
-    a = cp.empty(nbytes, dtype=cp.uint8)
-    b = cp.empty_like(a)
-    a.view(cp.uint64).fill(0x0123456789ABCDEF)
-    s = cp.cuda.Stream(non_blocking=True)
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    kinds = [lambda a=a, b=b: cp.cuda.runtime.memcpyAsync(b.data.ptr, a.data.ptr, nbytes, 3, s.ptr),
-             lambda a=a, b=b: b.view(cp.uint64).__setitem__(Ellipsis, a.view(cp.uint64))]
-    best = 0.0
-    with s:
-        for fn in kinds:
-            fn()
-            s.synchronize()
-            for _ in range(trials):
-                start.record(s)
-                for _ in range(reps):
-                    fn()
-                end.record(s)
-                end.synchronize()
-                best = max(best, 2 * nbytes / (cp.cuda.get_elapsed_time(start, end) * 1e-3 / reps) / 1e9)
-    kinds.clear()
-    del a, b
-    cp.get_default_memory_pool().free_all_blocks()
-    return best
 
 
 def time_graph(cp, launch, stream, reps: int = REPS) -> float:
@@ -410,7 +384,7 @@ def main() -> int:
     if not (args.legacy or args.fused or args.chain):
         args.legacy = True
     dev = cp.cuda.runtime.getDeviceProperties(0)
-    bw = copy_bandwidth(cp)
+    bw = copy_bandwidth()["GBps"]
     print(f"{dev['name'].decode()}: {dev['multiProcessorCount']} SMs, L2 {dev['l2CacheSize'] >> 20} MiB; "
           f"device-to-device copy {bw:.0f} GB/s (read + write). µs per call, GB/s of weights, % of copy.",
           flush=True)
