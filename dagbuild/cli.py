@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,6 @@ RUNNERS = {"llama_decode": "dagbuild.llama.run:run_cli"}
 #: ``dagbuild dot -o FILE`` without ``--format``: the format from the file's suffix.
 FORMAT_BY_SUFFIX = {".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_CUDA_ARCH = re.compile(r"^(?:sm|compute)_(\d{2,3})[af]?$")
-_HIP_ARCH = re.compile(r"^gfx[0-9a-f]{3,4}(?::[a-z]+[+-])*$")
 
 
 class UsageError(Exception):
@@ -145,28 +141,18 @@ def _target(args) -> tuple[str, str]:
         if args.arch is not None and (backend != "cuda" or args.arch != arch):
             raise UsageError(f"--arch {args.arch} contradicts --target {args.target}; give one of them")
     if backend == "hip":
-        if not _HIP_ARCH.match(arch):
+        from .hiprtc import ARCH_NAME
+
+        if not ARCH_NAME.match(arch):
             raise UsageError(f"bad HIP architecture {arch!r}: expected e.g. gfx90a, gfx942 or gfx1100")
         return backend, arch
-    m = _CUDA_ARCH.match(arch)
-    if not m:
-        raise UsageError(f"bad GPU architecture {arch!r}: expected e.g. sm_90, sm_90a or compute_80")
-    supported = _nvrtc_archs()
-    if supported and int(m.group(1)) not in supported:
-        raise UsageError(f"this NVRTC cannot compile for {arch}; it supports "
-                         f"{', '.join(f'sm_{a}' for a in supported)}")
-    return backend, arch
+    from .kernels import check_arch
 
-
-def _nvrtc_archs() -> list[int]:
-    """The architectures the installed NVRTC compiles for; [] when it cannot say (compile reports why)."""
     try:
-        from cuda.bindings import nvrtc
-
-        err, archs = nvrtc.nvrtcGetSupportedArchs()
-        return sorted(int(a) for a in archs) if int(err) == 0 else []
-    except Exception:  # no NVRTC here: `compile` itself says what to install
-        return []
+        check_arch(arch)
+    except DagbuildError as e:
+        raise UsageError(str(e)) from None
+    return backend, arch
 
 
 # ---- shared steps -----------------------------------------------------------------------------------------
@@ -289,14 +275,9 @@ def cmd_schema(args) -> int:
 
 def _check_plan_for(backend: str):
     if backend == "hip":
-        try:
-            hiprtc = importlib.import_module("dagbuild.hiprtc")
-        except ModuleNotFoundError as e:
-            if e.name != "dagbuild.hiprtc":
-                raise
-            raise DagbuildError("--target hip: this dagbuild has no HIP kernel checks (dagbuild.hiprtc is "
-                                "missing)") from None
-        return hiprtc.check_plan_hip
+        from .hiprtc import check_plan_hip
+
+        return check_plan_hip
     from .kernels import check_plan
 
     return check_plan
@@ -315,7 +296,7 @@ def cmd_compile(args) -> int:
 
 def _runner(p) -> str | None:
     """The spec's ``runner`` (None: the generic launch loop); an unknown one is an invalid spec."""
-    runner = getattr(p.spec, "runner", None)
+    runner = p.spec.runner
     if runner is not None and runner not in RUNNERS:
         raise SpecError(Issue("schema", f"runner: unknown runner {runner!r}; known runners: "
                               f"{', '.join(sorted(RUNNERS))} (leave `runner` out for the generic launch loop)",
@@ -328,9 +309,10 @@ def _dot_path(args, name: str) -> Path:
     (never elsewhere: a name with a path in it, or a link that leads out, is refused)."""
     if args.dot:
         return Path(args.dot)
-    path = Path(f"{name}.dot")
-    cwd = Path.cwd().resolve()
-    if not _SAFE_NAME.match(name) or path.resolve().parent != cwd:
+    from .spec import SPEC_NAME
+
+    path = Path(f"{name}.dot")  # names follow the spec format's rule; a link could still lead out
+    if not SPEC_NAME.match(name) or path.resolve().parent != Path.cwd().resolve():
         raise UsageError(f"the spec name {name!r} does not make a file name in the current directory; "
                          "give --dot PATH")
     return path

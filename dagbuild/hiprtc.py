@@ -59,7 +59,8 @@ KINDS_HIP: dict[str, tuple[str, int]] = {
     "f64": ("by_value", 8),
 }
 
-_ARCH_RE = re.compile(r"^gfx[0-9a-f]+(?::[a-z0-9_]+[+-])*$")
+#: An AMD GPU architecture name, with optional target features: ``gfx90a``, ``gfx90a:xnack-``.
+ARCH_NAME = re.compile(r"^gfx[0-9a-f]+(?::[a-z0-9_]+[+-])*$")
 
 # ----------------------------------------------------------------------------------------------------
 # Finding the libraries
@@ -199,7 +200,7 @@ def hiprtc_info() -> dict[str, Any]:
 
 def _check_arch(arch: str) -> str:
     arch = arch.strip()
-    if not _ARCH_RE.match(arch):
+    if not ARCH_NAME.match(arch):
         raise DagbuildError(f"bad AMD GPU architecture {arch!r}: expected e.g. 'gfx90a', 'gfx942' or 'gfx1100'")
     archs = known_archs()
     if archs is not None and arch.split(":", 1)[0] not in archs:

@@ -116,14 +116,33 @@ def cuda_include_dir() -> str | None:
     return None
 
 
-_ARCH_RE = re.compile(r"^(?:sm_|compute_)?(\d{2,3}[af]?)$")
+_ARCH_RE = re.compile(r"^(?:sm|compute)_(\d{2,3})([af]?)$")
 
 
 def _arch_option(arch: str) -> str:
     m = _ARCH_RE.match(arch.strip())
     if not m:
         raise DagbuildError(f"bad GPU architecture {arch!r}: expected e.g. 'sm_90', 'sm_90a' or 'compute_80'")
-    return f"-arch=compute_{m.group(1)}"
+    return f"-arch=compute_{m.group(1)}{m.group(2)}"
+
+
+def supported_archs() -> list[int]:
+    """The compute capabilities (``90`` for sm_90) the installed NVRTC compiles for; [] when NVRTC is not
+    there (compiling then says what to install)."""
+    try:
+        err, archs = _nvrtc().nvrtcGetSupportedArchs()
+    except Exception:
+        return []
+    return sorted(int(a) for a in archs) if int(err) == 0 else []
+
+
+def check_arch(arch: str) -> None:
+    """A DagbuildError unless ``arch`` is a CUDA architecture name this NVRTC compiles for."""
+    _arch_option(arch)
+    supported = supported_archs()
+    if supported and int(_ARCH_RE.match(arch.strip()).group(1)) not in supported:  # type: ignore[union-attr]
+        raise DagbuildError(f"this NVRTC cannot compile for {arch}; it supports "
+                            f"{', '.join(f'sm_{a}' for a in supported)}")
 
 
 def _text(buf: bytes) -> str:
@@ -463,7 +482,7 @@ def programmatic_issues(plan: Plan, arch: str) -> list[Issue]:
 def check_plan(plan: Plan, arch: str = "sm_90") -> dict[str, dict]:
     """Compile and check every kernel of a plan (signatures, programmatic waits); raise SpecError
     listing every problem. Returns per kernel: entry, param count, PTX bytes."""
-    _arch_option(arch)  # a bad arch is the caller's mistake, not a kernel's
+    check_arch(arch)  # a bad arch is the caller's mistake, not a kernel's
     issues, report = [], {}
     for name, k in plan.kernels.items():
         try:

@@ -161,7 +161,7 @@ RepeatBlock.model_rebuild()
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: A spec's name: it becomes file names (``<name>.dot``), so no paths, no hidden files.
-_SPEC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+SPEC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 
 
 class Check(_Model):
@@ -193,7 +193,7 @@ class GraphSpec(_Model):
     @field_validator("name")
     @classmethod
     def _spec_name(cls, v: str) -> str:
-        if not _SPEC_NAME.match(v):
+        if not SPEC_NAME.match(v):
             raise ValueError(f"spec name {v!r} must be 1-128 of A-Z a-z 0-9 _ . - and not start with . or -"
                              " (it names output files)")
         return v

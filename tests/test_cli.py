@@ -417,28 +417,32 @@ def test_compile_cuda_target(argv, arch, fake_check_plan, capsys):
 
 
 def test_compile_arch_this_nvrtc_lacks_is_a_usage_error(monkeypatch, fake_check_plan, capsys):
-    from dagbuild import cli
+    from dagbuild import kernels
 
-    monkeypatch.setattr(cli, "_nvrtc_archs", lambda: [80, 90])
+    monkeypatch.setattr(kernels, "supported_archs", lambda: [80, 90])
     assert run(["compile", CHAIN, "--arch", "sm_75"]) == 2
     assert "sm_80, sm_90" in capsys.readouterr().err
 
 
 def test_compile_hip_target_calls_hiprtc(monkeypatch, capsys):
-    import sys
-    import types
+    from dagbuild import hiprtc
 
     calls = []
-    fake = types.ModuleType("dagbuild.hiprtc")
-    fake.check_plan_hip = lambda p, arch: calls.append(arch) or {"saxpy": {"entry": "saxpy", "params": 4}}
-    monkeypatch.setitem(sys.modules, "dagbuild.hiprtc", fake)
+    monkeypatch.setattr(hiprtc, "check_plan_hip",
+                        lambda p, arch: calls.append(arch) or {"saxpy": {"entry": "saxpy", "params": 4}})
     assert run(["compile", CHAIN, "--target", "hip:gfx90a"]) == 0
     assert calls == ["gfx90a"] and "saxpy: saxpy ok (4 params, hip:gfx90a)" in capsys.readouterr().out
 
 
 def test_compile_hip_target_without_hiprtc(monkeypatch, capsys):
-    import sys
+    from dagbuild import hiprtc
 
-    monkeypatch.setitem(sys.modules, "dagbuild.hiprtc", None)  # as if the module did not exist
-    assert run(["compile", CHAIN, "--target", "hip:gfx942"]) == 1
-    assert "dagbuild.hiprtc is missing" in capsys.readouterr().err
+    monkeypatch.delenv("DAGBUILD_HIPRTC", raising=False)
+    monkeypatch.setattr(hiprtc, "_try_load", lambda cands, symbol: None)  # as if the library were not installed
+    hiprtc._hiprtc.cache_clear()
+    try:
+        assert run(["compile", CHAIN, "--target", "hip:gfx942"]) == 1
+    finally:
+        hiprtc._hiprtc.cache_clear()
+    err = capsys.readouterr().err
+    assert "hiprtc (HIP runtime compilation) not found" in err and "apt-get install" in err
