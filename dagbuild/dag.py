@@ -165,7 +165,7 @@ def find_races(plan: Plan, anc: dict[int, int]) -> list[Issue]:
                     f"to {second.id!r}", nodes=(first.id, second.id), buffer=buf,
                     line=plan.spec.line_of(second.path)))
             active.append((vb, wb, b))
-    issues.sort(key=lambda i: (plan.node_by_id[i.nodes[1]].order, plan.node_by_id[i.nodes[0]].order))
+    issues.sort(key=lambda i: (index[i.nodes[1]], index[i.nodes[0]]))  # a node's index is its list order
     return issues
 
 
