@@ -52,10 +52,6 @@ class Arena(Mapping):
         if device:  # the zero fills ran on CuPy's current stream; graphs run on their own
             cupy.cuda.get_current_stream().synchronize()
 
-    @property
-    def device_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values() if not isinstance(a, np.ndarray))
-
     def ref(self, name: str) -> ArrayRef:
         a = self.arrays[name]
         ptr = a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr

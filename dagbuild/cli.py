@@ -238,12 +238,7 @@ def cmd_dot(args) -> int:
 
 
 def format_summary(s: dict) -> str:
-    def size(n: int) -> str:
-        for unit in ("B", "KiB", "MiB", "GiB"):
-            if n < 1024 or unit == "GiB":
-                return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-            n /= 1024
-        return str(n)
+    from .util import format_bytes as size
 
     rows = [("spec", s["name"]), ("nodes", str(s["nodes"]))]
     rows += [(f"  {k}", str(v)) for k, v in s["nodes_by_kind"].items()]

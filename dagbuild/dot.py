@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 from .errors import DagbuildError
-from .ir import KernelOp, MemcpyOp, MemsetOp, Plan, PlanNode
+from .ir import Plan, PlanNode
 
 STYLE = {
     "kernel": 'shape=box, style="rounded,filled", fillcolor="#cfe2ff"',
@@ -22,28 +22,13 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 PROGRAMMATIC_EDGE = 'color="#d63384", penwidth=2, arrowhead=onormal, tooltip="programmatic"'
 
 
 def label(node: PlanNode) -> str:
-    op = node.op
-    if isinstance(op, KernelOp):
-        dims = lambda d: "×".join(str(x) for x in d if x != 1) or "1"
-        return f"{node.id}\n{op.kernel}  {dims(op.grid)} × {dims(op.block)}" + (
-            f"\nshared {_bytes(op.shared)}" if op.shared else "")
-    if isinstance(op, MemcpyOp):
-        return f"{node.id}\n{op.direction} {_bytes(op.count)}\n{op.src.label} → {op.dst.label}"
-    if isinstance(op, MemsetOp):
-        return f"{node.id}\nmemset {op.dst.label} = {op.value}\n{_bytes(op.dst.nbytes)}"
-    return node.id
+    """The node's id, then what its payload says of itself (kernel and launch shape, copy, fill)."""
+    what = node.op.label()
+    return f"{node.id}\n{what}" if what else node.id
 
 
 def to_dot(plan: Plan) -> str:

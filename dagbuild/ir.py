@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .dtypes import ITEMSIZE
+from .util import format_bytes
 
 #: Format limits of a launch (the device's own limits are checked when an executable is built).
 MAX_THREADS_PER_BLOCK = 1024
@@ -139,7 +140,9 @@ class KernelOp:
         return tuple((a.view, not a.param.const) for a in self.args if a.view is not None)
 
     def label(self) -> str:
-        return f"{self.kernel}\\ngrid {list(self.grid)} block {list(self.block)}"
+        dims = lambda d: "×".join(str(x) for x in d if x != 1) or "1"
+        return f"{self.kernel}  {dims(self.grid)} × {dims(self.block)}" + (
+            f"\nshared {format_bytes(self.shared)}" if self.shared else "")
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class MemcpyOp:
         return ((self.src, False), (self.dst, True))
 
     def label(self) -> str:
-        return f"memcpy {self.direction}\\n{self.src.label} → {self.dst.label}"
+        return f"{self.direction} {format_bytes(self.count)}\n{self.src.label} → {self.dst.label}"
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ class MemsetOp:
         return ((self.dst, True),)
 
     def label(self) -> str:
-        return f"memset {self.dst.label} = {self.value}"
+        return f"memset {self.dst.label} = {self.value}\n{format_bytes(self.dst.nbytes)}"
 
 
 @dataclass(frozen=True)
@@ -187,11 +190,10 @@ class EmptyOp:
         return ()
 
     def label(self) -> str:
-        return "empty"
+        return ""
 
 
 Op = KernelOp | MemcpyOp | MemsetOp | EmptyOp
-NODE_KINDS = ("kernel", "memcpy", "memset", "empty")
 
 
 @dataclass(frozen=True)
