@@ -27,18 +27,6 @@
 #define PDL_LAUNCH_DEPENDENTS() DB_GRID_TRIGGER()
 #define PDL_WAIT() DB_GRID_WAIT()
 
-// L2 prefetch of `bytes` (a multiple of 16) from a 16-byte aligned global address: one bulk instruction
-// (sm_90). A hint, off unless compiled with -DFUSED_L2_PREFETCH: on the H200 it made the long-row GEMVs
-// slower (down projection in a PDL chain: TinyLlama 10.4 -> 11.8 us, Llama-3.2-1B 16.3 -> 22.2 us).
-__device__ __forceinline__ void l2_prefetch(const void* p, unsigned int bytes) {
-#if DB_CUDA && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(FUSED_L2_PREFETCH)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(bytes));
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}
-
 // ------------------------------------------------------------------------------------------------------------
 // Small helpers (as in kernels/llama.cu)
 // ------------------------------------------------------------------------------------------------------------
@@ -98,48 +86,68 @@ __device__ __forceinline__ void rope_sincos(float f, float* s, float* c) {
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 
 // ------------------------------------------------------------------------------------------------------------
-// The GEMV engine: one warp owns a PAIR of weight rows (row0, row1) and all of k.
+// The GEMV engine: a warp streams a list of weight-row PAIRS (row0, row1) through a shared-memory ring.
 //
-// * Lanes stride over the rows' 16-byte packs (8 halves / 4 floats), so each warp-wide load reads 512
-//   consecutive bytes; U packs x 2 rows = 2U independent 16-byte loads per lane are issued before any is used
-//   (U = 8: 16 loads, a whole 2048-wide f16 row pair, for batch chunks of 1-2 rows; U = 4 for chunks of 4).
-// * The first U packs of each row are loaded BEFORE griddepcontrol.wait (weights only); then the wait, then x.
-//   (With -DFUSED_L2_PREFETCH, lanes 0/1 also issue one L2 bulk prefetch of the rest of a longer row: slower.)
-// * The batch goes in register chunks of up to 4 rows of x (NB = 1, 2 or 4: dispatched at run time inside
-//   the kernel; 3 rows use the 4-row chunk with a clamped duplicate). For batch <= 4 every weight is read from
-//   DRAM once; larger batches re-read the warp's two rows per chunk, right away (from L1/L2).
-// * RMSNorm folded in (NORM): y = rsqrt(mean(x^2) + eps) * sum_i w[i] * (g[i] * x[i]), g the norm weight.
-//   Every warp reads all of x anyway, so it also sums x^2 itself: no block barrier, no second pass.
-// * fp32 accumulation, reduced by warp shuffles (xor: every lane gets the sums); lane bb then runs the
-//   epilogue for batch row b0 + bb. No shared memory, no atomics, deterministic.
-// A block owns FW_ROWS = 16 rows = 8 pairs whatever the warp width (its warps stride over the pairs), so
-// grids are ceil_div(rows, 16). Requirements: k % 8 == 0; weights, norm and x 16-byte aligned (every row
-// then is); blockDim.x a multiple of warpSize, <= 256; batch * k < 2^33.
+// * Work: warp gw = blockIdx.x * nwarps + warp owns pairs gw, gw + W, gw + 2W, ... (W = all warps of the grid),
+//   so any grid is correct; the spec sizes it. A pair's k is cut into ITEMS of FW_U 16-byte packs per lane per
+//   row (FW_U * warpSize packs: 2 KB of f16 per row per item); items run in order over all the warp's pairs,
+//   so the next pair's weights are in flight while this one is reduced and written.
+// * Weights: item i is copied global -> shared with cp.async into slot i % FW_STAGES of the warp's ring, each
+//   lane into its own 16-byte cells, so a lane reads back only what it copied: no barrier for the ring. The
+//   first FW_STAGES items are issued BEFORE griddepcontrol.wait (weights only: 8 KB per warp, a whole
+//   2048-wide f16 row pair), so they stream while the previous kernel finishes; each consumed slot is refilled
+//   at once with item i + FW_STAGES. The RMSNorm weight (NORM) is copied into shared memory before the wait too.
+// * After the wait, ONE round trip for the produced data: the block stages the x rows of its batch chunk in
+//   shared memory (all threads, 16-byte loads), while each warp loads its first pair's epilogue input (the
+//   residual, the position) into registers; then one barrier. Every later read of x and of the norm weight is
+//   a shared-memory read, so the dependent chain after the wait is: x, FMAs, shuffles, epilogue store.
+// * Math: fp32 FMAs of both rows against x (scaled by the norm weight when NORM: y = rsqrt(mean(x^2) + eps) *
+//   sum_i w[i] * g[i] * x[i]; each warp sums x^2 itself), for up to NB batch rows at once (NB = 1, 2 or 4,
+//   dispatched at run time; larger batches stream the pairs again per 4-row chunk, from L2). Shuffle
+//   reductions (every lane gets the sums); lane bb runs the epilogue for batch row b0 + bb. Deterministic.
+// * Shared memory (dynamic): [ring FW_RING(threads)][norm weight k * sizeof(T) (NORM)][x NB * k floats]. A
+//   launch with less skips what does not fit, in that order from the back: x and the norm weight are then read
+//   from global memory (through L1), and without room for the ring the weights too (correct, slower).
+// Requirements: k % 8 == 0; weights, norm and x 16-byte aligned; blockDim.x a multiple of warpSize, <= 256;
+// batch * k < 2^33.
 // ------------------------------------------------------------------------------------------------------------
 
-#define FW_ROWS 16
-#define FW_PAIRS (FW_ROWS / 2)
 #define FW_BLOCK 256
 #define FW_MIN_BLOCKS 2
+#define FW_U 4
+#define FW_STAGES 2
 #define FW_MAX_NB 4
+// ring bytes of a block of `threads` threads (64 KB at 256)
+#define FW_RING(threads) (FW_STAGES * FW_U * 2 * (threads) * 16)
 
-// acc0/acc1[bb] += dot(row pack, x pack of batch row bb) (x scaled by the norm weight when NORM); ss[bb] +=
-// x^2 when NORM.
+__device__ __forceinline__ unsigned int fw_dynamic_smem() {
+#if DB_CUDA
+    unsigned int r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+#else
+    return 0u;  // HIP: everything from global memory
+#endif
+}
+
+// acc0/acc1[bb] += dot(row pack p, x pack p of batch row bb) (x scaled by the norm weight g when NORM); ss[bb]
+// += x^2 when NORM. x (rows xrow[bb] floats apart... as offsets in float4) and g are generic pointers: shared
+// memory when staged, global memory (produced data: plain loads, never .nc) when not.
 template <typename T, int NB, bool NORM>
-__device__ __forceinline__ void fw_fma(const uint4& wa, const uint4& wb, const uint4* __restrict__ nw4,
-                                       const float4* x4, const int (&xoff)[NB], int p, float (&acc0)[NB],
-                                       float (&acc1)[NB], float (&ss)[NB]) {
+__device__ __forceinline__ void fw_fma(const uint4& wa, const uint4& wb, const uint4* g4, const float4* x4,
+                                       const int (&xoff)[NB], int p, float (&acc0)[NB], float (&acc1)[NB],
+                                       float (&ss)[NB]) {
     constexpr int VEC = WeightPack<T>::VEC;
     float f0[VEC], f1[VEC], g[VEC];
     WeightPack<T>::unpack(wa, f0);
     WeightPack<T>::unpack(wb, f1);
-    if constexpr (NORM) WeightPack<T>::unpack(__ldg(nw4 + p), g);
+    if constexpr (NORM) WeightPack<T>::unpack(g4[p], g);
 #pragma unroll
     for (int bb = 0; bb < NB; ++bb) {
         float xf[VEC];
 #pragma unroll
         for (int c = 0; c < VEC / 4; ++c) {
-            const float4 t = db_ldca(x4 + xoff[bb] + p * (VEC / 4) + c);
+            const float4 t = x4[xoff[bb] + p * (VEC / 4) + c];
             xf[4 * c + 0] = t.x;
             xf[4 * c + 1] = t.y;
             xf[4 * c + 2] = t.z;
@@ -160,119 +168,170 @@ __device__ __forceinline__ void fw_fma(const uint4& wa, const uint4& wb, const u
     }
 }
 
-// The warp's dot products for batch rows b0..b0+NB-1 (rows >= batch computed on a clamped copy); `first`:
-// this is the kernel's first chunk, so the PDL wait sits between the first weight loads and the first x
-// load. Results (warp totals, in every lane): r0/r1[bb] for row0/row1, ss[bb] = sum x^2 (NORM).
-template <typename T, int NB, int U, bool NORM>
-__device__ __forceinline__ void fw_chunk(const uint4* __restrict__ w0, const uint4* __restrict__ w1,
-                                         const uint4* __restrict__ nw4, const float* x, int k, int batch, int b0,
-                                         bool first, float (&r0)[NB], float (&r1)[NB], float (&ss)[NB]) {
+// One batch chunk (rows b0 .. b0 + NB - 1; rows >= batch are computed on a clamped copy and not written) of
+// the warp's pairs. Job: npairs; rows(g, &r0, &r1): the pair's weight rows; Pre, pre(g, b): the epilogue's
+// input for batch row b (loaded early); epi(g, b, y0, y1, pre): write batch row b's outputs. Every thread of
+// the block calls it (it has barriers); `first`: the kernel's first chunk (the PDL wait is in it).
+template <typename T, int NB, bool NORM, typename Job>
+__device__ __forceinline__ void fw_chunk(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                         int b0, bool first, float eps, unsigned char* smem, unsigned int dyn) {
     constexpr int VEC = WeightPack<T>::VEC;
-    const int P = k / VEC;  // packs per row
-    const int lane = threadIdx.x % warpSize, ws = warpSize;
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-    int xoff[NB];
-#pragma unroll
-    for (int bb = 0; bb < NB; ++bb) xoff[bb] = min(b0 + bb, batch - 1) * (k / 4);
-#pragma unroll
-    for (int bb = 0; bb < NB; ++bb) r0[bb] = r1[bb] = ss[bb] = 0.0f;
+    constexpr int S = FW_STAGES;
+    const int ws = warpSize, lane = threadIdx.x % ws, warp = threadIdx.x / ws;
+    const int nthreads = blockDim.x, nwarps = nthreads / ws;
+    const int gw = blockIdx.x * nwarps + warp, W = gridDim.x * nwarps;
+    const int P = k / VEC;                            // packs per row
+    const int C = (P + FW_U * ws - 1) / (FW_U * ws);  // items per pair
+    const int mine = gw < job.npairs ? (job.npairs - 1 - gw) / W + 1 : 0;
+    const int total = mine * C;
+    const int slot = FW_U * 2 * ws;  // uint4 cells per ring slot
+    const unsigned int ring_bytes = FW_RING(nthreads);
+    const unsigned int g_bytes = NORM ? (unsigned int)k * (unsigned int)sizeof(T) : 0u;
+    const unsigned int x_bytes = (unsigned int)(NB * k) * 4u;
+    const bool staged = dyn >= ring_bytes;
+    const bool g_staged = NORM && dyn >= ring_bytes + g_bytes;
+    const bool x_staged = dyn >= ring_bytes + g_bytes + x_bytes;
+    uint4* ring = reinterpret_cast<uint4*>(smem) + warp * S * slot;
+    uint4* gs = reinterpret_cast<uint4*>(smem + ring_bytes);
+    float4* xs = reinterpret_cast<float4*>(smem + ring_bytes + g_bytes);
 
-    uint4 wa[U], wb[U];
+    auto item_rows = [&](int i, const uint4*& w0, const uint4*& w1, int& g, int& c) {
+        const int t = i / C;
+        c = i - t * C;
+        g = gw + t * W;
+        int r0, r1;
+        job.rows(g, r0, r1);
+        w0 = reinterpret_cast<const uint4*>(w + (size_t)r0 * (size_t)k);
+        w1 = reinterpret_cast<const uint4*>(w + (size_t)r1 * (size_t)k);
+    };
+    auto issue = [&](int i) {  // item i -> slot i % S; one commit group per call (empty past the end)
+        if (staged && i < total) {
+            const uint4 *w0, *w1;
+            int g, c;
+            item_rows(i, w0, w1, g, c);
+            uint4* dst = ring + (i % S) * slot;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int p = lane + u * ws;
-        if (p < P) {
-            wa[u] = __ldg(w0 + p);
-            wb[u] = __ldg(w1 + p);
+            for (int u = 0; u < FW_U; ++u) {
+                const int p = c * FW_U * ws + u * ws + lane;
+                const bool in = p < P;
+                db_cp_async16(dst + (2 * u) * ws + lane, in ? w0 + p : w0, in);
+                db_cp_async16(dst + (2 * u + 1) * ws + lane, in ? w1 + p : w1, in);
+            }
+        }
+        db_cp_commit();
+    };
+
+    // before the wait: the norm weight (one group, first chunk only), then the ring's first S items
+    if (first && g_staged) {
+        const uint4* nw4 = reinterpret_cast<const uint4*>(nw);
+        for (int e = threadIdx.x; e < (int)(g_bytes / 16); e += nthreads) db_cp_async16(gs + e, nw4 + e, true);
+    }
+    db_cp_commit();
+#pragma unroll
+    for (int i = 0; i < S; ++i) issue(i);
+    if (first) PDL_WAIT();
+
+    // one round trip for produced data: this warp's first epilogue input, and the block's x rows
+    typename Job::Pre pre{};
+    if (mine > 0 && lane < NB && b0 + lane < batch) pre = job.pre(gw, b0 + lane);
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const int k4 = k / 4;
+    int xoff[NB];
+    if (x_staged) {
+        __syncthreads();  // the previous chunk's readers of xs are done
+        for (int e0 = threadIdx.x; e0 < NB * k4; e0 += 2 * nthreads) {  // 2 loads in flight per thread
+            float4 t[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int e = e0 + j * nthreads;
+                if (e < NB * k4) {
+                    const int r = e / k4;
+                    t[j] = db_ldcg(x4 + (size_t)min(b0 + r, batch - 1) * k4 + (e - r * k4));
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                if (e0 + j * nthreads < NB * k4) xs[e0 + j * nthreads] = t[j];
+            }
+        }
+#pragma unroll
+        for (int bb = 0; bb < NB; ++bb) xoff[bb] = bb * k4;
+    } else {
+#pragma unroll
+        for (int bb = 0; bb < NB; ++bb) xoff[bb] = min(b0 + bb, batch - 1) * k4;
+    }
+    db_cp_wait<S>();  // the norm weight's group has landed (the ring's S groups may still be in flight)
+    __syncthreads();  // ... and every thread's share of it, and of x, is visible to the block
+    const float4* xsrc = x_staged ? xs : x4;
+    const uint4* gsrc = g_staged ? gs : reinterpret_cast<const uint4*>(nw);
+
+    float acc0[NB], acc1[NB], ss[NB];
+#pragma unroll
+    for (int bb = 0; bb < NB; ++bb) acc0[bb] = acc1[bb] = ss[bb] = 0.0f;
+    for (int i = 0; i < total; ++i) {
+        const uint4 *w0, *w1;
+        int g, c;
+        item_rows(i, w0, w1, g, c);
+        if (c == 0 && i > 0 && lane < NB && b0 + lane < batch) pre = job.pre(g, b0 + lane);
+        if (staged) {
+            db_cp_wait<S - 1>();  // item i's group has landed (groups complete in order)
+            const uint4* src = ring + (i % S) * slot;
+#pragma unroll
+            for (int u = 0; u < FW_U; ++u) {  // one pack pair at a time: shared loads are short, registers few
+                const int p = c * FW_U * ws + u * ws + lane;
+                if (p < P) fw_fma<T, NB, NORM>(src[(2 * u) * ws + lane], src[(2 * u + 1) * ws + lane], gsrc, xsrc,
+                                               xoff, p, acc0, acc1, ss);
+            }
         } else {
-            wa[u] = wb[u] = make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
-    if (first) {
-        const int rest = P - U * ws;
-        if (rest > 0 && lane < 2) l2_prefetch((lane == 0 ? w0 : w1) + U * ws, (unsigned int)rest * 16u);
-        PDL_WAIT();
-    }
-    for (int base = 0;;) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int p = base + lane + u * ws;
-            if (p < P) fw_fma<T, NB, NORM>(wa[u], wb[u], nw4, x4, xoff, p, r0, r1, ss);
+            for (int u = 0; u < FW_U; ++u) {
+                const int p = c * FW_U * ws + u * ws + lane;
+                if (p < P) fw_fma<T, NB, NORM>(__ldg(w0 + p), __ldg(w1 + p), gsrc, xsrc, xoff, p, acc0, acc1, ss);
+            }
         }
-        base += U * ws;
-        if (base >= P) break;  // uniform across the warp
+        issue(i + S);  // refill the slot just consumed (its values were used above: no write-after-read race)
+        if (c == C - 1) {  // the pair is complete: reduce, epilogue, reset
+            float y0 = 0.0f, y1 = 0.0f, s2 = 0.0f;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int p = base + lane + u * ws;
-            if (p < P) {
-                wa[u] = __ldg(w0 + p);
-                wb[u] = __ldg(w1 + p);
+            for (int bb = 0; bb < NB; ++bb) {
+                const float t0 = db_warp_sum(acc0[bb]), t1 = db_warp_sum(acc1[bb]);
+                const float t2 = NORM ? db_warp_sum(ss[bb]) : 0.0f;
+                if (lane == bb) {
+                    y0 = t0;
+                    y1 = t1;
+                    s2 = t2;
+                }
+                acc0[bb] = acc1[bb] = ss[bb] = 0.0f;
+            }
+            if (lane < NB && b0 + lane < batch) {
+                if constexpr (NORM) {
+                    const float r = rsqrtf(s2 / (float)k + eps);
+                    y0 *= r;
+                    y1 *= r;
+                }
+                job.epi(g, b0 + lane, y0, y1, pre);
             }
         }
     }
-#pragma unroll
-    for (int bb = 0; bb < NB; ++bb) {
-        r0[bb] = db_warp_sum(r0[bb]);
-        r1[bb] = db_warp_sum(r1[bb]);
-        if constexpr (NORM) ss[bb] = db_warp_sum(ss[bb]);
-    }
+    db_cp_wait<0>();  // no copy outlives the kernel (the tail groups are empty)
 }
 
-// One chunk, then the epilogue: lane bb (< NB) calls epi(b0 + bb, y0, y1) for its batch row, y = the two
-// rows' outputs (times rsqrt(mean(x^2) + eps) when NORM).
-template <typename T, int NB, int U, bool NORM, typename Epi>
-__device__ __forceinline__ void fw_batch(const uint4* w0, const uint4* w1, const uint4* nw4, const float* x,
-                                         int k, int batch, int b0, bool first, float eps, const Epi& epi) {
-    float r0[NB], r1[NB], ss[NB];
-    fw_chunk<T, NB, U, NORM>(w0, w1, nw4, x, k, batch, b0, first, r0, r1, ss);
-    const int lane = threadIdx.x % warpSize;
-    float y0 = r0[0], y1 = r1[0], s = ss[0];
-#pragma unroll
-    for (int bb = 1; bb < NB; ++bb) {
-        if (lane == bb) {
-            y0 = r0[bb];
-            y1 = r1[bb];
-            s = ss[bb];
-        }
-    }
-    if (lane < NB && b0 + lane < batch) {
-        if constexpr (NORM) {
-            const float r = rsqrtf(s / (float)k + eps);
-            y0 *= r;
-            y1 *= r;
-        }
-        epi(b0 + lane, y0, y1);
-    }
-}
-
-// The warp's row pair (row0, row1) over every batch row, in chunks of up to FW_MAX_NB.
-template <typename T, bool NORM, typename Epi>
-__device__ __forceinline__ void fw_rows(const T* w, int row0, int row1, const T* nw, const float* x, int k,
-                                        int batch, float eps, const Epi& epi) {
-    const uint4* w0 = reinterpret_cast<const uint4*>(w + (size_t)row0 * (size_t)k);
-    const uint4* w1 = reinterpret_cast<const uint4*>(w + (size_t)row1 * (size_t)k);
-    const uint4* nw4 = reinterpret_cast<const uint4*>(nw);
+// Every batch row, in chunks of up to FW_MAX_NB rows, through the block's dynamic shared memory.
+template <typename T, bool NORM, typename Job>
+__device__ __forceinline__ void fw_gemv(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                        float eps) {
+    extern __shared__ uint4 fw_smem[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(fw_smem);
+    const unsigned int dyn = fw_dynamic_smem();
     for (int b0 = 0; b0 < batch; b0 += FW_MAX_NB) {
-        const int nb = min(FW_MAX_NB, batch - b0);  // uniform across the block
+        const int nb = min(FW_MAX_NB, batch - b0);  // uniform across the grid
         const bool first = b0 == 0;
         if (nb > 2)
-            fw_batch<T, 4, 4, NORM>(w0, w1, nw4, x, k, batch, b0, first, eps, epi);
+            fw_chunk<T, 4, NORM>(job, w, nw, x, k, batch, b0, first, eps, smem, dyn);
         else if (nb == 2)
-            fw_batch<T, 2, 8, NORM>(w0, w1, nw4, x, k, batch, b0, first, eps, epi);
+            fw_chunk<T, 2, NORM>(job, w, nw, x, k, batch, b0, first, eps, smem, dyn);
         else
-            fw_batch<T, 1, 8, NORM>(w0, w1, nw4, x, k, batch, b0, first, eps, epi);
-    }
-}
-
-// Calls body(g) for each of the block's row pairs g < npairs (the block owns pairs blockIdx.x * 8 .. + 7;
-// its warps stride over them).
-template <typename Body>
-__device__ __forceinline__ void fw_for_pairs(int npairs, const Body& body) {
-    const int warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
-    for (int pi = warp; pi < FW_PAIRS; pi += nwarps) {
-        const int g = blockIdx.x * FW_PAIRS + pi;
-        if (g >= npairs) return;  // uniform across the warp
-        body(g);
+            fw_chunk<T, 1, NORM>(job, w, nw, x, k, batch, b0, first, eps, smem, dyn);
     }
 }
 
@@ -289,16 +348,23 @@ __device__ __forceinline__ void fw_for_pairs(int npairs, const Body& body) {
 // Requirements: head_dim even; hidden % 8 == 0; as the GEMV engine.
 // ------------------------------------------------------------------------------------------------------------
 
-struct QkvEpi {
+// Pair g = (head h, i < head_dim/2): rows h*head_dim + i and h*head_dim + i + head_dim/2 of wqkv.
+struct QkvJob {
     float* q;
     float* k_cache;
     float* v_cache;
     const int* pos;
-    int heads, kv_heads, head_dim, max_seq, h, i;
-    float inv_freq;
-    __device__ __forceinline__ void operator()(int b, float a, float c) const {
-        const int half = head_dim / 2;
-        const int p = pos[b];
+    int heads, kv_heads, head_dim, max_seq, npairs;
+    float theta;
+    using Pre = int;  // the row's position
+    __device__ __forceinline__ int pre(int, int b) const { return pos[b]; }
+    __device__ __forceinline__ void rows(int g, int& r0, int& r1) const {
+        const int half = head_dim / 2, h = g / half;
+        r0 = h * head_dim + (g - h * half);
+        r1 = r0 + half;
+    }
+    __device__ __forceinline__ void epi(int g, int b, float a, float c, int p) const {
+        const int half = head_dim / 2, h = g / half, i = g - h * half;
         const bool cache_ok = p >= 0 && p < max_seq;
         if (h >= heads + kv_heads) {
             if (cache_ok) {
@@ -309,6 +375,7 @@ struct QkvEpi {
             }
             return;
         }
+        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
         float s, co;
         rope_sincos((float)p * inv_freq, &s, &co);
         const float o1 = __fadd_rn(__fmul_rn(a, co), __fmul_rn(-c, s));
@@ -330,14 +397,9 @@ __device__ __forceinline__ void qkv_rope_impl(const T* w, const T* norm, const f
                                               float* v_cache, const int* pos, int hidden, int heads, int kv_heads,
                                               int head_dim, int max_seq, int batch, float eps, float theta) {
     PDL_LAUNCH_DEPENDENTS();
-    const int half = head_dim / 2;
-    fw_for_pairs((heads + 2 * kv_heads) * half, [&](int g) {
-        const int h = g / half, i = g - h * half;
-        QkvEpi epi{q, k_cache, v_cache, pos, heads, kv_heads, head_dim, max_seq, h, i,
-                   1.0f / powf(theta, (float)(2 * i) / (float)head_dim)};
-        const int row0 = h * head_dim + i;
-        fw_rows<T, true>(w, row0, row0 + half, norm, x, hidden, batch, eps, epi);
-    });
+    const QkvJob job{q, k_cache, v_cache, pos, heads, kv_heads, head_dim, max_seq,
+                     (heads + 2 * kv_heads) * (head_dim / 2), theta};
+    fw_gemv<T, true>(job, w, norm, x, hidden, batch, eps);
 }
 
 #define DEFINE_QKV(SUFFIX, T)                                                                               \
@@ -360,10 +422,17 @@ DEFINE_QKV(bf16, db_bf16)
 // Requirements: hidden % 8 == 0; as the GEMV engine.
 // ------------------------------------------------------------------------------------------------------------
 
-struct SwigluEpi {
+// Pair j: rows 2j (gate) and 2j + 1 (up) of w_gate_up.
+struct SwigluJob {
     float* act;
-    int ffn, j;
-    __device__ __forceinline__ void operator()(int b, float g, float u) const {
+    int ffn, npairs;
+    using Pre = int;  // nothing
+    __device__ __forceinline__ int pre(int, int) const { return 0; }
+    __device__ __forceinline__ void rows(int j, int& r0, int& r1) const {
+        r0 = 2 * j;
+        r1 = 2 * j + 1;
+    }
+    __device__ __forceinline__ void epi(int j, int b, float g, float u, int) const {
         act[(size_t)b * ffn + j] = silu_f(g) * u;
     }
 };
@@ -372,9 +441,7 @@ template <typename T>
 __device__ __forceinline__ void gate_up_impl(const T* w, const T* norm, const float* x, float* act, int ffn,
                                              int hidden, int batch, float eps) {
     PDL_LAUNCH_DEPENDENTS();
-    fw_for_pairs(ffn, [&](int j) {
-        fw_rows<T, true>(w, 2 * j, 2 * j + 1, norm, x, hidden, batch, eps, SwigluEpi{act, ffn, j});
-    });
+    fw_gemv<T, true>(SwigluJob{act, ffn, ffn}, w, norm, x, hidden, batch, eps);
 }
 
 #define DEFINE_GATE_UP(SUFFIX, T)                                                                           \
@@ -395,14 +462,25 @@ DEFINE_GATE_UP(bf16, db_bf16)
 // Requirements: k % 8 == 0; as the GEMV engine. y must not alias x.
 // ------------------------------------------------------------------------------------------------------------
 
+// Pair g: rows 2g and 2g + 1 (the second clamped to n - 1 for loads, never written past n).
 template <bool ADD>
-struct RowsEpi {
+struct RowsJob {
     float* y;
-    int n, j0;
-    __device__ __forceinline__ void operator()(int b, float a, float c) const {
-        float* dst = y + (size_t)b * n + j0;
-        dst[0] = ADD ? dst[0] + a : a;
-        if (j0 + 1 < n) dst[1] = ADD ? dst[1] + c : c;
+    int n, npairs;
+    using Pre = float2;  // the residual y[b, 2g], y[b, 2g + 1] (ADD)
+    __device__ __forceinline__ float2 pre(int g, int b) const {
+        if (!ADD) return make_float2(0.0f, 0.0f);
+        const float* src = y + (size_t)b * n + 2 * g;
+        return make_float2(src[0], 2 * g + 1 < n ? src[1] : 0.0f);
+    }
+    __device__ __forceinline__ void rows(int g, int& r0, int& r1) const {
+        r0 = 2 * g;
+        r1 = min(2 * g + 1, n - 1);
+    }
+    __device__ __forceinline__ void epi(int g, int b, float a, float c, const float2& r) const {
+        float* dst = y + (size_t)b * n + 2 * g;
+        dst[0] = ADD ? r.x + a : a;
+        if (2 * g + 1 < n) dst[1] = ADD ? r.y + c : c;
     }
 };
 
@@ -410,10 +488,7 @@ template <typename T, bool NORM, bool ADD>
 __device__ __forceinline__ void gemv_rows_impl(const T* w, const T* norm, const float* x, float* y, int n, int k,
                                                int batch, float eps) {
     PDL_LAUNCH_DEPENDENTS();
-    fw_for_pairs((n + 1) / 2, [&](int g) {
-        const int j0 = 2 * g;
-        fw_rows<T, NORM>(w, j0, min(j0 + 1, n - 1), norm, x, k, batch, eps, RowsEpi<ADD>{y, n, j0});
-    });
+    fw_gemv<T, NORM>(RowsJob<ADD>{y, n, (n + 1) / 2}, w, norm, x, k, batch, eps);
 }
 
 #define DEFINE_GEMV_ROWS(SUFFIX, T)                                                                         \
@@ -432,10 +507,15 @@ DEFINE_GEMV_ROWS(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
 // attn_decode: split-sequence decode attention with the combine in the same kernel.
-//                                           grid [batch*heads, ceil_div(max_seq, chunk)], block [128]
+//                                           grid [batch*heads, ceil_div(max_seq, chunk)], block [256]
 // Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = min(pos[b] + 1, max_seq), of kv head
-// h / (heads / kv_heads), as attn_partial in llama.cu (online softmax over tiles of blockDim.x keys). Only the
-// live splits, nlive = ceil_div(L, chunk), do work; the others return after the wait.
+// h / (heads / kv_heads). Only the live splits, nlive = ceil_div(L, chunk), do work; the others return after
+// reading pos. Dependent global round trips after the wait: (pos, q), then the tile's K and V together
+// (ATTN_UNROLL keys per lane group: 128 keys per tile at head_dim 64 and 256 threads), then the partials' combine.
+// Per tile: scores by lane groups of LPK lanes per key (shuffle sums: every lane of the group holds the
+// same bits), written once to shared memory; one barrier; then every thread takes the tile's max and the sum
+// of exp from shared memory itself (no block reductions) and accumulates p * V for its own keys (online
+// softmax across tiles). The key groups' p.V partials are summed through shared memory at the end.
 // * nlive == 1: the block writes out = o / l itself (no scratch, no counter).
 // * nlive > 1: each live block writes its (o, m, l) to part_o/part_ml, fences, and bumps counters[b*heads+h];
 //   the block that brings it to nlive combines the nlive partials (L2 loads) into out and resets the counter
@@ -443,19 +523,18 @@ DEFINE_GEMV_ROWS(bf16, db_bf16)
 // * L <= 0 (padding row, pos < 0): split 0 writes zeros.
 // out [batch, heads*head_dim]; part_o [batch, heads, splits, head_dim]; part_ml [batch, heads, splits, 2].
 // Requirements: head_dim % 4 == 0, 4 <= head_dim <= 4 * warpSize; kv_heads divides heads; chunk >= 1;
-// blockDim.x a multiple of warpSize, <= 128; q, caches, part_o and out 16-byte aligned.
+// blockDim.x a multiple of warpSize, <= 256; q, caches, part_o and out 16-byte aligned.
 // ------------------------------------------------------------------------------------------------------------
 
-#define ATTN_BLOCK 128
-#define ATTN_UNROLL 8  // keys per thread whose 16-byte loads are in flight together
+#define ATTN_BLOCK 256
+#define ATTN_UNROLL 8  // keys per lane group whose K and V loads are in flight together
 
 extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     attn_decode(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
                 float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim, int max_seq,
                 int chunk, float scale) {
-    __shared__ float sp[ATTN_BLOCK];     // the tile's scores, then its probabilities
-    __shared__ float4 sacc[ATTN_BLOCK];  // p.V partials of the key groups, summed at the end
-    __shared__ float sred[32];
+    __shared__ float sp[ATTN_UNROLL * ATTN_BLOCK];  // the tile's scaled scores
+    __shared__ float4 sacc[ATTN_BLOCK];             // p.V partials of the key groups, summed at the end
     __shared__ int s_last;
     PDL_LAUNCH_DEPENDENTS();
     const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -463,10 +542,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const int s = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int d4 = head_dim / 4;
-    int lpk = 1;  // score layout: groups of LPK lanes per key (a power of two <= warpSize)
+    int lpk = 1;  // lanes per key: a power of two >= d4 (<= warpSize)
     while (lpk < d4) lpk <<= 1;
     const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
-    const int vg = tid / d4, vc4 = tid % d4, n_vg = nthreads / d4;  // p.V layout: key groups of d4 threads
+    const int tile = ATTN_UNROLL * n_sg;  // keys per tile
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     PDL_WAIT();
     // q and pos are independent loads: issue both before using either
@@ -484,65 +563,56 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
 
     const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)head_dim;
     const float4* kc4 = reinterpret_cast<const float4*>(k_cache + kv_base);
-    const float4* vc4p = reinterpret_cast<const float4*>(v_cache + kv_base);
+    const float4* vc4 = reinterpret_cast<const float4*>(v_cache + kv_base);
 
     float m = NEG_INF, l = 0.0f;
     float4 acc = zero4;
-    for (int t0 = start; t0 < end; t0 += nthreads) {
-        const int nt = min(nthreads, end - t0);
-        for (int base = 0; base < nt; base += ATTN_UNROLL * n_sg) {
-            float dot[ATTN_UNROLL];
+    for (int t0 = start; t0 < end; t0 += tile) {
+        const int nt = min(tile, end - t0);
+        float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
 #pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; ++u) {
-                const int kk = base + u * n_sg + sg;
-                float4 kv = zero4;
-                if (kk < nt && sc4 < d4) kv = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
-                dot[u] = qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
-            }
-            for (int o = lpk >> 1; o > 0; o >>= 1) {
-#pragma unroll
-                for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
-            }
-#pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; ++u) {
-                const int kk = base + u * n_sg + sg;
-                if (kk < nt && sc4 == 0) sp[kk] = scale * dot[u];
+        for (int u = 0; u < ATTN_UNROLL; ++u) {  // K and V of the lane group's keys: one round trip
+            const int kk = u * n_sg + sg;
+            kv[u] = vv[u] = zero4;
+            if (kk < nt && sc4 < d4) {
+                kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
+                vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
             }
         }
+        float dot[ATTN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] = qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
+        for (int o = lpk >> 1; o > 0; o >>= 1) {
+#pragma unroll
+            for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
+        }
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            const int kk = u * n_sg + sg;
+            if (kk < nt && sc4 == 0) sp[kk] = scale * dot[u];
+        }
         __syncthreads();
-        const float sc = (tid < nt) ? sp[tid] : NEG_INF;
-        const float m_new = fmaxf(m, db_block_max(sc, sred));  // finite: the tile has >= 1 key
-        const float pj = (tid < nt) ? expf(sc - m_new) : 0.0f;
-        if (tid < nt) sp[tid] = pj;
-        const float psum = db_block_sum(pj, sred);  // its barriers also publish sp
-        const float corr = expf(m - m_new);      // 0 on the first tile (m = -inf)
+        float mt = NEG_INF;
+        for (int j = 0; j < nt; ++j) mt = fmaxf(mt, sp[j]);
+        const float m_new = fmaxf(m, mt);  // finite: the tile has >= 1 key
+        float psum = 0.0f;
+        for (int j = 0; j < nt; ++j) psum += expf(sp[j] - m_new);
+        const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
         l = l * corr + psum;
         m = m_new;
         acc.x *= corr;
         acc.y *= corr;
         acc.z *= corr;
         acc.w *= corr;
-        if (vg < n_vg) {
-            for (int j0 = vg; j0 < nt; j0 += ATTN_UNROLL * n_vg) {
-                float4 vv[ATTN_UNROLL];
-                float p[ATTN_UNROLL];
 #pragma unroll
-                for (int u = 0; u < ATTN_UNROLL; ++u) {
-                    const int j = j0 + u * n_vg;
-                    vv[u] = zero4;
-                    p[u] = 0.0f;
-                    if (j < nt) {
-                        vv[u] = db_ldcg(vc4p + (size_t)(t0 + j) * d4 + vc4);
-                        p[u] = sp[j];
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < ATTN_UNROLL; ++u) {
-                    acc.x = fmaf(p[u], vv[u].x, acc.x);
-                    acc.y = fmaf(p[u], vv[u].y, acc.y);
-                    acc.z = fmaf(p[u], vv[u].z, acc.z);
-                    acc.w = fmaf(p[u], vv[u].w, acc.w);
-                }
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            const int kk = u * n_sg + sg;
+            if (kk < nt) {
+                const float p = expf(sp[kk] - m_new);
+                acc.x = fmaf(p, vv[u].x, acc.x);
+                acc.y = fmaf(p, vv[u].y, acc.y);
+                acc.z = fmaf(p, vv[u].z, acc.z);
+                acc.w = fmaf(p, vv[u].w, acc.w);
             }
         }
         __syncthreads();  // sp is rewritten by the next tile
@@ -552,8 +622,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     float4 o = zero4;
     if (tid < d4) {
         o = sacc[tid];
-        for (int g = 1; g < n_vg; ++g) {
-            const float4 t = sacc[g * d4 + tid];
+        for (int g = 1; g < n_sg; ++g) {
+            const float4 t = sacc[g * lpk + tid];
             o.x += t.x;
             o.y += t.y;
             o.z += t.z;

@@ -42,7 +42,11 @@
 //                                            their output. A no-op on HIP and below sm_90.
 //                DB_GRID_TRIGGER()           CUDA sm_90+: griddepcontrol.launch_dependents: dependents may
 //                                            start launching now. A no-op on HIP and below sm_90.
-// Not here: no inline PTX outside the two macros above; warp width never a literal 32.
+// Async copies   db_cp_async16(dst, src, full)  16 bytes global -> shared (cp.async.cg, CUDA sm_80+;
+//                                            zero-fills when !full); db_cp_commit(), db_cp_wait<N>():
+//                                            close a group / wait until <= N groups are in flight.
+//                                            Elsewhere a synchronous copy and no-ops.
+// Not here: no inline PTX outside these macros and helpers; warp width never a literal 32.
 
 #pragma once
 
@@ -209,3 +213,35 @@ __device__ __forceinline__ T db_ldca(const T* p) { return *p; }
 template <typename T>
 __device__ __forceinline__ T db_ldcg(const T* p) { return *p; }
 #endif
+
+// ------------------------------------------------------------------------------------------------------------
+// Asynchronous 16-byte global -> shared copies (cp.async, CUDA sm_80+): a copy lands in shared memory without
+// passing through registers, so a warp can keep many more weight bytes in flight than its registers hold.
+// db_cp_async16(dst, src, full): copies 16 bytes, or writes 16 zero bytes when !full (src is then not read).
+// db_cp_commit() closes a group of copies; db_cp_wait<N>() waits until at most N groups are still in flight
+// (the copies of the issuing thread: a lane that reads back only what it copied itself needs no barrier).
+// Elsewhere (HIP, older archs) the copy is synchronous and the group calls are no-ops.
+// ------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void db_cp_async16(void* dst, const void* src, bool full) {
+#if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(full ? 16 : 0)
+                 : "memory");
+#else
+    *reinterpret_cast<uint4*>(dst) = full ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+__device__ __forceinline__ void db_cp_commit() {
+#if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void db_cp_wait() {
+#if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}

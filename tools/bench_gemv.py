@@ -8,8 +8,9 @@ Three parts (any combination; default: --legacy):
             each batch of --batches: 40 calls per graph, rotating over enough weight copies (>= 3x the L2)
             that every call reads its weights from DRAM; once in a CuPy-captured graph (plain edges) and once
             in an explicit graph whose 40 nodes are chained by programmatic (PDL) edges. µs per call, GB/s
-            of weights, % of the device-to-device copy bandwidth measured in the same run. --variants adds
-            the kernels built with the L2 bulk prefetch of long rows (-DFUSED_L2_PREFETCH), batch 1 and 8.
+            of weights, % of the device-to-device copy bandwidth measured in the same run. Launch shapes: the
+            spec's (at most one block per SM, pairs spread evenly); --variants adds, at batch 1 and 8, up to
+            two blocks per SM, one row pair per warp, and the spec's grid without the shared-memory ring.
   --chain   the fused kernels of all layers (5 per layer) launched back to back: CuPy-captured (no PDL),
             explicit plain edges, explicit programmatic edges; then the whole decode step of
             specs/llama_decode_fused.yaml (plain and PDL) and of specs/llama_decode.yaml, device time per
@@ -139,15 +140,31 @@ def random_weights(cp, shape, wt: str, rs):
     return cp.ascontiguousarray(convert(cp, x, "f32", wt))
 
 
+RING = 106496  # the GEMVs' shared memory per 256-thread block (gemv_shared in the spec)
+
+
+def gemv_grid(pairs: int, sms: int, per_sm: int | None) -> int:
+    """Blocks of 8 warps for ``pairs`` row pairs: at most ``per_sm`` per SM with the pairs spread evenly over
+    the warps (the spec's formula), or one pair per warp when ``per_sm`` is None."""
+    if per_sm is None:
+        return -(-pairs // 8)
+    ppw = -(-pairs // (8 * sms * per_sm))
+    return -(-pairs // (8 * ppw))
+
+
 def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict, wt: str, batch: int,
-                   weights: list, rs) -> tuple[list, list, list]:
+                   weights: list, rs, per_sm: int | None = 1, ring: int = RING) -> tuple[list, list, list]:
     """CALLS launches of one fused GEMV role, rotating over `weights`: (CuPy (fn, grid, block, args) tuples,
     dagbuild backend (func, grid, block, shared, args) tuples, the arrays they use)."""
     from dagbuild.llama.weights import convert
 
     i32, f32 = np.int32, np.float32
     fn = mod.get_function(f"{entry}_{wt}")
+    fn.max_dynamic_shared_size_bytes = RING
     func = int(fn.kernel.ptr)
+    sms = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    pairs = (rows + 1) // 2
+    grid = (gemv_grid(pairs, sms, per_sm),)
     keep = []
 
     def arr(shape, scale=1.0, offset=0.0, dtype=cp.float32):
@@ -165,23 +182,19 @@ def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict
         vc = arr((batch, dims["kv_heads"], max_seq, hd))
         pos = cp.full(batch, 10, cp.int32)
         keep.append(pos)
-        grid = (-(-rows // 16),)
         cargs = [(norm, x, q, kc, vc, pos, i32(k), i32(dims["heads"]), i32(dims["kv_heads"]), i32(hd),
                   i32(max_seq), i32(batch), f32(1e-5), f32(10000.0))]
         kinds = ["ptr"] * 6 + ["i32"] * 6 + ["f32"] * 2
     elif role == "gate_up":
         act = arr((batch, rows // 2))
-        grid = (-(-(rows // 2) // 8),)
         cargs = [(norm, x, act, i32(rows // 2), i32(k), i32(batch), f32(1e-5))]
         kinds = ["ptr"] * 3 + ["i32"] * 3 + ["f32"]
     elif role == "lm_head":
         y = arr((batch, rows))
-        grid = (-(-rows // 16),)
         cargs = [(norm, x, y, i32(rows), i32(k), i32(batch), f32(1e-5))]
         kinds = ["ptr"] * 3 + ["i32"] * 3 + ["f32"]
     else:  # gemv_res: y += W x
         y = arr((batch, rows))
-        grid = (-(-rows // 16),)
         cargs = [(x, y, i32(rows), i32(k), i32(batch))]
         kinds = ["ptr"] * 2 + ["i32"] * 3
     rest = cargs[0]
@@ -189,11 +202,11 @@ def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict
     for i in range(CALLS):
         w = weights[i % len(weights)]
         args = (w, *rest)
-        cupy_calls.append((fn, grid, (256,), args))
+        cupy_calls.append((fn, grid, (256,), args, ring))
         vals = [("ptr", int(w.data.ptr))]
         for kind, v in zip(kinds, rest, strict=True):
             vals.append((kind, int(v.data.ptr) if kind == "ptr" else (float(v) if kind == "f32" else int(v))))
-        be_calls.append((func, grid, (256,), 0, vals))
+        be_calls.append((func, grid, (256,), ring, vals))
     return cupy_calls, be_calls, keep
 
 
@@ -201,9 +214,10 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
     from dagbuild.backends import get_backend
 
     be = get_backend("auto")
-    mods = {"default": fused_module(cp)}
+    mod = fused_module(cp)
+    shapes = {"default": (2, RING)}  # variant: (blocks per SM at most, ring bytes)
     if variants:  # batch 1 and 8 only
-        mods["+L2 bulk prefetch"] = fused_module(cp, "FUSED_L2_PREFETCH")
+        shapes |= {"<=1 block/SM": (1, RING), "ring only (64 KiB)": (2, 65536), "no shared memory": (2, 0)}
     l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
     stream = cp.cuda.Stream(non_blocking=True)
     rs = cp.random.RandomState(5)
@@ -214,17 +228,17 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
             wbytes = rows * k * 2
             copies = max(2, -(-3 * l2 // wbytes))
             weights = [random_weights(cp, (rows, k), wt, rs) for _ in range(copies)]
-            for variant, mod in mods.items():
+            for variant, (per_sm, ring) in shapes.items():
                 for batch in batches if variant == "default" else (1, 8):
                     cupy_calls, be_calls, keep = fused_launches(cp, mod, role, entry, rows, k, dims, wt, batch,
-                                                                weights, rs)
+                                                                weights, rs, per_sm, ring)
                     res = {}
                     with stream:
-                        for fn, grid, block, args in cupy_calls[:3]:
-                            fn(grid, block, args)
+                        for fn, grid, block, args, sh in cupy_calls[:3]:
+                            fn(grid, block, args, shared_mem=sh)
                         stream.begin_capture()
-                        for fn, grid, block, args in cupy_calls:
-                            fn(grid, block, args)
+                        for fn, grid, block, args, sh in cupy_calls:
+                            fn(grid, block, args, shared_mem=sh)
                         g = stream.end_capture()
                         res["captured"] = time_graph(cp, lambda g=g: g.launch(stream), stream) * 1e3 / CALLS
                         graph, ex = chain_graph(be, be_calls, True, stream.ptr)
@@ -239,8 +253,9 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
                         cells.append(f"{us:8.2f} µs {gbs:6.0f} GB/s {100 * gbs / bw:4.0f}%")
                         log.append({"model": model, "wt": wt, "kernel": role, "entry": f"{entry}_{wt}",
                                     "rows": rows, "k": k, "batch": batch, "mode": mode, "variant": variant,
-                                    "us": us, "GBps": gbs, "of_copy": gbs / bw})
-                    tag = "" if variant == "default" else f" [{variant}]"
+                                    "us": us, "GBps": gbs, "of_copy": gbs / bw,
+                                    "grid": cupy_calls[0][1][0]})
+                    tag = f" grid {cupy_calls[0][1][0]}" + ("" if variant == "default" else f" [{variant}]")
                     print(f"{model:<13}{role:<9}{rows:>6}x{k:<6} {batch:>5} | " + " | ".join(cells) + tag,
                           flush=True)
                     del keep, cupy_calls, be_calls
@@ -270,7 +285,7 @@ def chain_graph(backend, launches, programmatic: bool, stream_ptr: int):
     return graph, exec_
 
 
-def chain(cp, bw: float, positions: list[int], log: list) -> None:
+def chain(cp, bw: float, positions: list[int], log: list, chunks: list[int] | None = None) -> None:
     from dagbuild.backends import get_backend
     from dagbuild.bench import capture, device_us_per_launch
     from dagbuild.data import shipped_spec
@@ -327,6 +342,15 @@ def chain(cp, bw: float, positions: list[int], log: list) -> None:
                 be.exec_destroy(ex)
                 be.graph_destroy(graph)
                 rows[f"whole step, fused, PDL (device), position {other}"] = device_us_per_launch(exe, 50) / 1e3
+        for chunk in chunks or []:  # other attention split sizes
+            with Executable(llama_plan({**over, "attn_chunk": chunk}, fused_spec), modules=modules) as exe:
+                fill_weights(exe, 0)
+                exe.buffers["tokens_host"][:] = 1
+                for p in positions:
+                    exe.buffers["pos_host"][:] = p
+                    exe.launch(sync=True)
+                    rows[f"whole step, fused, PDL (device), attn_chunk {chunk}, position {p}"] = \
+                        device_us_per_launch(exe, 50) / 1e3
         with Executable(plan, ExecOptions(programmatic=False), modules=modules) as exe:
             fill_weights(exe, 0)
             exe.buffers["tokens_host"][:] = 1
@@ -373,12 +397,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--legacy", action="store_true", help="the kernels/llama.cu GEMVs (the default)")
     ap.add_argument("--fused", action="store_true", help="the kernels/llama_fused.cu GEMVs")
-    ap.add_argument("--variants", action="store_true", help="with --fused: also without the L2 prefetch")
+    ap.add_argument("--variants", action="store_true", help="with --fused: other launch shapes (batch 1 and 8)")
     ap.add_argument("--chain", action="store_true", help="the fused layers back to back, and whole steps")
     ap.add_argument("--wt", default="f16", help="weight type of --legacy")
     ap.add_argument("--batches", default=None, help="batch sizes (legacy 1,4,8; fused 1,2,4,8,16,64)")
     ap.add_argument("--pos", default="100,400", help="decode positions of --chain (default 100,400; the first "
                     "for every figure, the others for the PDL ones)")
+    ap.add_argument("--chunks", default="", help="with --chain: also these attn_chunk values (e.g. 64,128)")
     ap.add_argument("--json", help="write every figure to this file")
     args = ap.parse_args()
     if not (args.legacy or args.fused or args.chain):
@@ -392,7 +417,7 @@ def main() -> int:
     if args.legacy:
         legacy(cp, args.wt, [int(b) for b in (args.batches or "1,4,8").split(",")], bw)
     if args.chain:
-        chain(cp, bw, [int(p) for p in args.pos.split(",")], log)
+        chain(cp, bw, [int(p) for p in args.pos.split(",")], log, [int(c) for c in args.chunks.split(",") if c])
     if args.fused:
         fused(cp, [int(b) for b in (args.batches or "1,2,4,8,16,64").split(",")], bw, args.variants, log)
     if args.json:
