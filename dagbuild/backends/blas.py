@@ -28,7 +28,14 @@ _HIPBLAS = {"op_n": 111, "op_t": 112, "compute_32f": 151, "algo": 160, "pointer_
 
 
 def _load(names: tuple[str, ...], pathfinder_name: str | None) -> ctypes.CDLL:
+    """The library by soname (found first among those already loaded: CuPy's, once it has loaded it),
+    else through cuda.pathfinder (pip wheels, CUDA_HOME)."""
     errors = []
+    if pathfinder_name is not None:
+        try:  # CuPy loads its cuBLAS from wherever it finds one; the same soname then resolves to it
+            import cupy_backends.cuda.libs.cublas  # noqa: F401
+        except Exception:
+            pass
     for name in names:
         try:
             return ctypes.CDLL(name)
