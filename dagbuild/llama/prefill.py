@@ -30,12 +30,6 @@ SHARED_BUFFERS = ("embed_tokens", "attn_norm", "wqkv", "wo", "mlp_norm", "w_gate
 ROPE_THETA = 10000.0
 
 
-def rope_inv_freq(head_dim: int, theta: float = ROPE_THETA) -> np.ndarray:
-    """HF Llama's default inverse frequencies, computed in f32 as HF does: 1 / theta^(2i/d)."""
-    exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / np.power(np.float32(theta), exps)).astype(np.float32)
-
-
 def prefill_spec():
     from ..data import shipped_spec
     from ..load import load_spec
@@ -51,6 +45,18 @@ def prefill_overrides(decode_plan: Any) -> dict[str, Any]:
                          "fused decode spec (specs/llama_decode_fused.yaml: packed wqkv and w_gate_up); "
                          "prefill this one position at a time", buffer=missing[0])
     return {**{d: decode_plan.dims[d] for d in SHARED_DIMS}, "wt": decode_plan.types["wt"]}
+
+
+def plan_chunks(lengths: Sequence[int], buckets: Sequence[int]) -> list[tuple[int, int]]:
+    """(first position, bucket) of each launch for prompts of these lengths: chunks of the largest bucket,
+    the last one in the smallest bucket that holds what is left."""
+    buckets = sorted(buckets)
+    out, lo, longest = [], 0, max(lengths)
+    while lo < longest:
+        n = min(buckets[-1], longest - lo)
+        out.append((lo, next(b for b in buckets if b >= n)))
+        lo += n
+    return out
 
 
 class Prefiller:
@@ -80,24 +86,17 @@ class Prefiller:
             if "rope_inv_freq" not in bound:  # the decode graph has none yet: ours, written here
                 import cupy
 
-                self.pool.arena["rope_inv_freq"][...] = cupy.asarray(rope_inv_freq(int(self.dims["head_dim"])))
+                from .reference import rope_inv_freq
+
+                inv = rope_inv_freq(int(self.dims["head_dim"]), ROPE_THETA)
+                self.pool.arena["rope_inv_freq"][...] = cupy.asarray(inv)
                 cupy.cuda.Device().synchronize()
         except BaseException:
             self.pool.close()
             raise
 
-    @property
-    def largest(self) -> int:
-        return self.buckets[-1]
-
     def chunks(self, lengths: Sequence[int]) -> list[tuple[int, int]]:
-        """(first position, bucket) of each launch for prompts of these lengths."""
-        out, lo, longest = [], 0, max(lengths)
-        while lo < longest:
-            n = min(self.largest, longest - lo)
-            out.append((lo, self.pool.bucket_for(seq=n)[0]))
-            lo += n
-        return out
+        return plan_chunks(lengths, self.buckets)
 
     def run(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[float]]:
         """Prefill one prompt per row (rows beyond len(prompts) are padding). Returns the first generated

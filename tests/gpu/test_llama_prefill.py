@@ -150,3 +150,67 @@ def test_prefiller_refuses_the_unfused_spec_and_long_prompts(modules):
             pf.run([[TINY["vocab"]]])
         with pytest.raises(DagbuildError, match="batch"):
             pf.run([[1], [2]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels/llama_prefill.cu alone, against dagbuild.llama.reference (float64)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq,prefix", [(1, 0), (37, 0), (64, 100), (130, 7)])
+def test_rope_and_attention_kernels_match_reference(seq, prefix):
+    """Two rows (row 1 padded past half its positions): RoPE + KV write, then causal attention over the
+    prefix (random cache content) and the chunk, against the decode references applied per query."""
+    cp = pytest.importorskip("cupy")
+    from dagbuild.llama import reference as ref
+    from dagbuild.sources import read_kernel_source
+
+    src = read_kernel_source(shipped_spec("llama_prefill.yaml").parent.parent / "kernels" / "llama_prefill.cu")
+    mod = cp.RawModule(code=src, options=("--std=c++17",))
+    heads, kv, d, max_seq, batch = 4, 2, 64, 256, 2
+    rng = np.random.default_rng(seq * 1000 + prefix)
+    width = (heads + 2 * kv) * d
+    qkv = rng.standard_normal((batch * seq, width)).astype(np.float32)
+    kc = rng.standard_normal((batch, kv, max_seq, d)).astype(np.float32)
+    vc = rng.standard_normal((batch, kv, max_seq, d)).astype(np.float32)
+    pos = np.full((batch, seq), -1, np.int32)
+    pos[0] = prefix + np.arange(seq)
+    pos[1, : (seq + 1) // 2] = prefix + np.arange((seq + 1) // 2)
+    inv = ref.rope_inv_freq(d, 10000.0)
+    g_qkv, g_kc, g_vc, g_pos = cp.asarray(qkv), cp.asarray(kc), cp.asarray(vc), cp.asarray(pos)
+    i32 = np.int32
+    mod.get_function("rope_kv_prefill")((batch * seq,), (128,), (g_qkv, g_kc, g_vc, g_pos, cp.asarray(inv), i32(heads),
+                                                                 i32(kv), i32(d), i32(max_seq), i32(seq)))
+    out = cp.full((batch * seq, heads * d), np.nan, np.float32)
+    mod.get_function("attn_prefill_f32")(((seq + 63) // 64, heads, batch), (64,),
+                                         (g_qkv, g_kc, g_vc, g_pos, out, i32(heads), i32(kv), i32(max_seq), i32(seq),
+                                          np.float32(0.125)))
+    got_q, got_k, got_v, got = g_qkv.get(), g_kc.get(), g_vc.get(), out.get()
+    # reference: RoPE + append per position, in order
+    rk, rv = kc.astype(np.float64), vc.astype(np.float64)
+    rq = qkv.astype(np.float64).copy()
+    for b in range(batch):
+        for t in range(seq):
+            p = int(pos[b, t])
+            if p < 0:
+                continue
+            r = b * seq + t
+            row = qkv[r]
+            qo, kk, vv = ref.rope_append(row[: heads * d], row[heads * d: (heads + kv) * d], row[(heads + kv) * d:],
+                                         rk[b:b + 1], rv[b:b + 1], [p], heads, kv, d, max_seq, 10000.0)
+            rq[r, : heads * d] = qo.reshape(-1)
+            rk[b], rv[b] = kk[0], vv[0]
+    np.testing.assert_allclose(got_k, rk, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_v, rv, rtol=0, atol=0)
+    valid = (pos.reshape(-1) >= 0)
+    np.testing.assert_allclose(got_q[valid, : heads * d], rq[valid, : heads * d], rtol=1e-5, atol=1e-5)
+    for b in range(batch):
+        for t in range(seq):
+            r = b * seq + t
+            if pos[b, t] < 0:
+                assert (got[r] == 0).all(), f"padded query ({b}, {t}) wrote non-zeros"
+                continue
+            want = ref.attention(rq[r, : heads * d], rk[b:b + 1], rv[b:b + 1], [int(pos[b, t])], heads, kv, d,
+                                 max_seq, 0.125)
+            np.testing.assert_allclose(got[r], want.reshape(-1), rtol=2e-5, atol=2e-5,
+                                       err_msg=f"query ({b}, {t}) at position {pos[b, t]}")
