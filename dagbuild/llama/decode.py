@@ -139,7 +139,7 @@ class LlamaDecoder:
         rows, lengths = len(prompts), [len(p) for p in prompts]
         t0 = time.perf_counter()
         first, _ = prefill.run(prompts)
-        gen = Generation([[t] for t in first], prefill_ms=[(time.perf_counter() - t0) * 1e3])
+        gen = Generation([[t][:max_new_tokens] for t in first], prefill_ms=[(time.perf_counter() - t0) * 1e3])
         gen.ttft_ms = gen.prefill_ms[0]
         total = max_new_tokens - 1
         for t in range(total):
