@@ -22,9 +22,11 @@ from .ir import (
     MAX_BLOCK,
     MAX_GRID,
     MAX_THREADS_PER_BLOCK,
+    ChildOp,
     EmptyOp,
     KernelArg,
     KernelOp,
+    LibCall,
     MemcpyOp,
     MemsetOp,
     Param,
@@ -35,7 +37,7 @@ from .ir import (
     RepeatFrame,
     View,
 )
-from .spec import MAX_NODES, EmptyNode, GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
+from .spec import MAX_NODES, ChildNode, EmptyNode, GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
 
 #: Documented size limits: a spec that expands past them is refused with a ``size_limit`` issue, fast.
 MAX_BUFFER_BYTES = 2**63 - 1  # byte offsets are 64-bit
@@ -519,6 +521,72 @@ def _bind_memset(node: MemsetNode, buffers, spec, env) -> MemsetOp:
     return MemsetOp(dst, node.memset.value, bits, esize)
 
 
+def _bind_child(node: ChildNode, buffers, spec, env) -> ChildOp:
+    """Declared views, each body call's args (checked by :mod:`dagbuild.libcalls`), and coverage: every
+    byte range a call reads must lie in one declared read or write, every range it writes in one declared
+    write; otherwise the DAG would miss an edge, so it is an error naming the call, param and view."""
+    from .libcalls import LIBCALLS
+
+    declared: dict[str, list[View]] = {}
+    for side in ("reads", "writes"):
+        declared[side] = []
+        for i, text in enumerate(getattr(node.child, side)):
+            try:
+                declared[side].append(resolve_view(text, buffers, env, spec.buffers))
+            except NodeError as e:
+                e.field = ("child", side, i)
+                raise
+    body = []
+    for ci, call in enumerate(node.child.body):
+        where = ("child", "body", ci)
+        sig = LIBCALLS.get(call.call)
+        if sig is None:
+            raise NodeError("unknown_reference", f"body call #{ci}: unknown library call {call.call!r} "
+                            f"(known: {', '.join(sorted(LIBCALLS))})", field=(*where, "call"))
+        unknown = [a for a in call.args if sig.param(a) is None]
+        if unknown:
+            raise NodeError("arg_mismatch", f"body call #{ci} ({sig.name}): no param {unknown[0]!r} "
+                            f"(params: {', '.join(p.name for p in sig.params)})", field=(*where, "args", unknown[0]))
+        args: list[KernelArg] = []
+        for p in sig.params:
+            if p.name not in call.args:
+                if p.name not in sig.defaults:
+                    raise NodeError("arg_mismatch", f"body call #{ci} ({sig.name}): missing arg {p.name!r}",
+                                    field=(*where, "args"))
+                if sig.defaults[p.name] is not None:
+                    args.append(KernelArg(p, value=sig.defaults[p.name]))
+                elif not p.pointer:
+                    args.append(KernelArg(p, value=None))
+                continue
+            value = call.args[p.name]
+            try:
+                if p.pointer:
+                    view = resolve_view(value, buffers, env, spec.buffers) if isinstance(value, str) else None
+                    if view is None:
+                        raise NodeError("arg_mismatch", f"pointer param {p.name!r} takes a buffer view, got {value!r}")
+                    args.append(KernelArg(Param(p.name, buffers[view.buffer].dtype, True, p.const), view=view))
+                else:
+                    args.append(KernelArg(p, value=bind_scalar(p, value, env)))
+            except NodeError as e:
+                raise NodeError(e.code, f"body call #{ci} ({sig.name}): {e}", buffer=e.buffer,
+                                field=(*where, "args", p.name)) from None
+        by_name = {a.param.name: a for a in args if a.view is not None or a.value is not None}
+        problem = sig.check(by_name, buffers)
+        if problem:
+            raise NodeError("arg_mismatch", f"body call #{ci} ({sig.name}): {problem}", field=(*where, "args"))
+        lib = LibCall(sig.name, tuple(a for a in args if a.view is not None or a.value is not None))
+        for view, writes in lib.accesses():
+            pool = declared["writes"] if writes else declared["reads"] + declared["writes"]
+            if not any(d.covers(view) for d in pool):
+                name = next(a.param.name for a in lib.args if a.view is view)
+                raise NodeError("undeclared", f"body call #{ci} ({sig.name}) {'writes' if writes else 'reads'} "
+                                f"{view.label!r} (param {name!r}), which the node does not declare in "
+                                f"child.{'writes' if writes else 'reads or child.writes'}: declare it, or edges "
+                                "and race checks would miss it", buffer=view.buffer, field=(*where, "args", name))
+        body.append(lib)
+    return ChildOp(tuple(declared["reads"]), tuple(declared["writes"]), tuple(body))
+
+
 def _uses_var(node_id: str, var: str) -> bool:
     """Whether a ``{expr}`` template of ``node_id`` refers to ``var`` (unparsable ones count: bind reports them)."""
     for m in TEMPLATE.finditer(node_id):
@@ -686,6 +754,8 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
                 op = _bind_memcpy(node, buffers, spec, env)
             elif isinstance(node, MemsetNode):
                 op = _bind_memset(node, buffers, spec, env)
+            elif isinstance(node, ChildNode):
+                op = _bind_child(node, buffers, spec, env)
             else:
                 assert isinstance(node, EmptyNode)
                 op = EmptyOp()
@@ -698,4 +768,4 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
 
 
 def _kind(node: Any) -> str:
-    return next(k for k in ("kernel", "memcpy", "memset", "empty") if hasattr(node, k))
+    return next(k for k in ("kernel", "memcpy", "memset", "empty", "child") if hasattr(node, k))

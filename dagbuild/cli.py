@@ -329,7 +329,8 @@ def cmd_run(args) -> int:
         if runner == "llama_decode":
             print("On a GPU (pip install 'dagbuild[cuda13]'), this command builds the whole decode step above "
                   "as ONE explicit CUDA graph, loads weights (--weights DIR, an HF Llama checkpoint, or "
-                  "--random-weights SEED), runs the prompt through it one position at a time, then decodes "
+                  "--random-weights SEED), runs the prompt through prefill graphs pooled by prompt length (fused "
+                  "spec; else through the decode graph one position at a time), then decodes "
                   "--tokens N tokens greedily, one graph launch per token, printing them with ms/token.")
         else:
             print("On a GPU (pip install 'dagbuild[cuda13]'), this command builds the graph above explicitly "
@@ -448,6 +449,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", type=_int_at_least(0, "--random-weights"), metavar="SEED",
                    help="Llama: random weights from SEED (default: seed 0 when --weights is not given)")
     p.add_argument("--no-progress", action="store_true", help="Llama: no progress line while decoding")
+    p.add_argument("--prefill", choices=("graph", "positions"), default="graph",
+                   help="Llama: prompt through prefill graphs pooled by length (default; needs the fused spec's "
+                        "packed weights) or through the decode graph one position at a time")
     p.set_defaults(func=cmd_run)
     p = spec_cmd("bench", "eager vs stream-captured vs explicit graph, one run on one stream")
     p.add_argument("--steps", type=_int_at_least(1, "--steps"), default=500,

@@ -247,7 +247,7 @@ def summarize(plan: Plan, dag: _Dag, kept: list[tuple[int, int]], programmatic: 
     return {
         "name": plan.name,
         "nodes": n,
-        "nodes_by_kind": {k: kinds.get(k, 0) for k in ("kernel", "memcpy", "memset", "empty")},
+        "nodes_by_kind": {k: kinds.get(k, 0) for k in ("kernel", "memcpy", "memset", "empty")} | dict(kinds),
         "edges": dag.count,
         "edges_reduced": len(kept),
         "edges_programmatic": programmatic,

@@ -14,6 +14,7 @@ STYLE = {
     "memcpy": 'shape=cds, style=filled, fillcolor="#d1e7dd"',
     "memset": 'shape=parallelogram, style=filled, fillcolor="#fff3cd"',
     "empty": 'shape=circle, style=filled, fillcolor="#e2e3e5", width=0.25',
+    "child": 'shape=box3d, style=filled, fillcolor="#e0cffc"',
 }
 
 

@@ -91,6 +91,13 @@ class SpecBuilder:
     def empty(self, id: str, *, after: Sequence[str] = ()) -> SpecBuilder:
         return self._node({"id": id, "empty": {}}, after)
 
+    def child(self, id: str, *, reads: Sequence[str], writes: Sequence[str], body: Sequence[dict],
+              after: Sequence[str] = ()) -> SpecBuilder:
+        """A child-graph node: ``body`` is library calls (``{"call": "gemm", "args": {...}}``) recorded by
+        stream capture; ``reads``/``writes`` must cover every view they touch."""
+        child = {"reads": list(reads), "writes": list(writes), "body": [dict(c) for c in body]}
+        return self._node({"id": id, "child": child}, after)
+
     @contextlib.contextmanager
     def repeat(self, var: str, count: Expr) -> Iterator[str]:
         """``with g.repeat("l", "layers") as l:`` — nodes added inside expand like YAML's ``repeat``;

@@ -17,7 +17,7 @@ from . import expr
 from .bind import NodeError, bind_dims3, bind_scalar, bind_shared, check_threads, memset_bits, resolve_view
 from .buffers import Arena, ArrayRef, BufferMap, array_ref, device_view, pinned_ref
 from .errors import BuildError, DagbuildError, DriverError, Issue, SpecError
-from .ir import MAX_BLOCK, MAX_GRID, KernelArg, KernelOp, MemcpyOp, MemsetOp, Plan, PlanNode, View
+from .ir import MAX_BLOCK, MAX_GRID, ChildOp, KernelArg, KernelOp, MemcpyOp, MemsetOp, Plan, PlanNode, View
 from .kernels import ModuleCache, programmatic_issues
 from .nodekinds import kind_of
 
@@ -259,6 +259,8 @@ class Executable:
             if isinstance(n.op, KernelOp):
                 k = self.plan.kernels[n.op.kernel]
                 fn = self.modules.module(k).get_function(k.entry)
+            elif isinstance(n.op, ChildOp):
+                fn = self.backend  # a child's eager step issues its library calls through the backend
             steps.append(kind.eager(n.op, self._params(n), fn))
         return steps
 

@@ -2,7 +2,7 @@
 
 A :class:`Plan` holds every number a launch, memcpy or memset needs, the byte ranges each node reads
 and writes, and (once analysed) the reduced edges. Each node carries one typed payload per kind
-(:class:`KernelOp`, :class:`MemcpyOp`, :class:`MemsetOp`, :class:`EmptyOp`); a new kind is one more
+(:class:`KernelOp`, :class:`MemcpyOp`, :class:`MemsetOp`, :class:`EmptyOp`, :class:`ChildOp`); a new kind is one more
 payload class here plus one registration in :mod:`dagbuild.nodekinds`. Nothing here allocates,
 compiles or analyses.
 """
@@ -193,7 +193,44 @@ class EmptyOp:
         return ""
 
 
-Op = KernelOp | MemcpyOp | MemsetOp | EmptyOp
+@dataclass(frozen=True)
+class LibCall:
+    """One library call of a child graph's body (a cuBLAS/hipBLAS GEMM, ...): the call's name and its bound
+    arguments, named by :mod:`dagbuild.libcalls`' signature of the call (``const T*`` read, ``T*`` written)."""
+
+    call: str
+    args: tuple[KernelArg, ...]
+
+    def arg(self, name: str) -> KernelArg | None:
+        return next((a for a in self.args if a.param.name == name), None)
+
+    def accesses(self) -> tuple[tuple[View, bool], ...]:
+        return tuple((a.view, not a.param.const) for a in self.args if a.view is not None)
+
+    def label(self) -> str:
+        scalars = ", ".join(f"{a.param.name}={a.value}" for a in self.args if a.view is None)
+        views = ", ".join(f"{a.param.name}={a.view.label}" for a in self.args if a.view is not None)
+        return f"{self.call}({views}; {scalars})" if scalars else f"{self.call}({views})"
+
+
+@dataclass(frozen=True)
+class ChildOp:
+    """A child-graph node: library work recorded by stream capture, inserted as one node. The DAG sees the
+    node's *declared* reads and writes (binding checked that they cover every access of the body)."""
+
+    kind: ClassVar[str] = "child"
+    reads: tuple[View, ...]
+    writes: tuple[View, ...]
+    body: tuple[LibCall, ...]
+
+    def accesses(self) -> tuple[tuple[View, bool], ...]:
+        return tuple((v, False) for v in self.reads) + tuple((v, True) for v in self.writes)
+
+    def label(self) -> str:
+        return "child graph\n" + "\n".join(c.label() for c in self.body)
+
+
+Op = KernelOp | MemcpyOp | MemsetOp | EmptyOp | ChildOp
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .dtypes import NP_DTYPE
-from .ir import EmptyOp, KernelOp, MemcpyOp, MemsetOp, Op, View
+from .ir import ChildOp, EmptyOp, KernelOp, MemcpyOp, MemsetOp, Op, View
 
 Pointer = Callable[[View], int]  # a view's device (or pinned host) address
 
@@ -60,6 +60,25 @@ def _memset_eager(op: MemsetOp, params: tuple, fn: Any) -> Callable[[Any], None]
     return fill
 
 
+def _child_params(op: ChildOp, ptr: Pointer, funcs: Mapping[str, int]) -> tuple:
+    """``((call, ((name, dtype, value), ...)), ...)``: pointers as addresses (a workspace as (address, bytes))."""
+    def value(a: Any) -> Any:
+        if a.view is None:
+            return a.value
+        return (ptr(a.view), a.view.nbytes) if a.param.name == "workspace" else ptr(a.view)
+
+    return tuple((c.call, tuple((a.param.name, a.param.dtype, value(a)) for a in c.args)) for c in op.body)
+
+
+def _child_eager(op: ChildOp, params: tuple, backend: Any) -> Callable[[Any], None]:
+    """The body's library calls issued straight on the stream (no graph): the eager baseline."""
+    def run(s: Any) -> None:
+        for call, args in params:
+            backend.library_call(call, args, s.ptr)
+
+    return run
+
+
 KINDS: dict[type, NodeKind] = {
     KernelOp: NodeKind(
         params=_kernel_params,
@@ -81,6 +100,11 @@ KINDS: dict[type, NodeKind] = {
         add=lambda be, g, deps, p: be.add_empty(g, deps),
         set=None,
         eager=None),
+    ChildOp: NodeKind(  # eager gets the backend (it issues the library calls), not a kernel function
+        params=_child_params,
+        add=lambda be, g, deps, p: be.add_child_graph(g, deps, p),
+        set=lambda be, ex, h, p: be.set_child_graph(ex, h, p),
+        eager=_child_eager),
 }
 
 

@@ -26,7 +26,7 @@ from .executable import ExecOptions, Executable
 from .ir import Plan
 from .kernels import ModuleCache
 from .plan import plan as make_plan
-from .spec import GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
+from .spec import ChildNode, GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
 from .util import paused_gc
 
 
@@ -43,7 +43,8 @@ class GraphPool:
 
     def __init__(self, spec: GraphSpec, buckets: Mapping[str, list[int]], *, eager: bool = True,
                  overrides: Mapping[str, Any] | None = None, method: str = "auto", device: int = 0,
-                 backend: Any = None, concurrent: bool = True, options: ExecOptions | None = None):
+                 backend: Any = None, concurrent: bool = True, options: ExecOptions | None = None,
+                 bound: Mapping[str, Any] | None = None):
         if not buckets:
             raise BuildError("GraphPool needs at least one bucketed dim, e.g. buckets={'batch': [1, 2, 4]}")
         for dim, values in buckets.items():
@@ -54,8 +55,8 @@ class GraphPool:
                 raise BuildError(f"buckets for {dim!r} must be integers ≥ 1, got {list(values)}")
         if method not in ("auto", "derive", "fresh"):
             raise BuildError(f"method must be 'auto', 'derive' or 'fresh', not {method!r}")
-        if method == "auto":
-            method = "fresh" if concurrent else "derive"
+        if method == "auto":  # child graphs are re-recorded per bucket: a library may pick other kernels
+            method = "fresh" if concurrent or _has_child(spec.nodes) else "derive"
         self.spec, self.method, self.concurrent = spec, method, concurrent
         self.options = replace(options or ExecOptions(device=device), concurrent=concurrent, upload=False)
         self.buckets = {d: sorted({int(v) for v in vs}) for d, vs in buckets.items()}
@@ -80,7 +81,9 @@ class GraphPool:
             self.stream = cupy.cuda.Stream(non_blocking=True)
             self.largest = tuple(vs[-1] for vs in self.buckets.values())
             self.largest_plan = self.plan_for(self.largest)
-            self.arena = Arena(self.largest_plan.buffers)
+            # `bound`: buffers that live elsewhere (another pool's weights and KV cache); the rest is ours
+            self.bound = dict(bound or {})
+            self.arena = Arena({n: b for n, b in self.largest_plan.buffers.items() if n not in self.bound})
             if eager:
                 with paused_gc():
                     for key in itertools.product(*self.buckets.values()):
@@ -120,7 +123,9 @@ class GraphPool:
 
     @property
     def arena_bytes(self) -> int:
-        return sum(b.nbytes for b in self.largest_plan.buffers.values() if b.memory == "device")
+        """Device bytes the pool allocated itself (bound buffers are someone else's)."""
+        bufs = self.largest_plan.buffers
+        return sum(b.nbytes for n, b in bufs.items() if b.memory == "device" and n not in self.bound)
 
     # ---- building ----------------------------------------------------------------------------------
     def _build(self, key: tuple[int, ...]) -> Executable:
@@ -134,8 +139,8 @@ class GraphPool:
         if self._first is not None and self.method == "derive" and p.edges == self._first.plan.edges and \
                 [n.id for n in p.nodes] == [n.id for n in self._first.plan.nodes]:
             source = self._first
-        exe = Executable(p, self.options, backend=self.backend, bound=self.arena, modules=self.modules,
-                         stream=self.stream, derive_from=source)
+        exe = Executable(p, self.options, backend=self.backend, bound={**self.arena, **self.bound},
+                         modules=self.modules, stream=self.stream, derive_from=source)
         if self._first is None:
             self._first = exe
         self.executables[key] = exe
@@ -198,6 +203,10 @@ class GraphPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _has_child(nodes) -> bool:
+    return any(_has_child(n.nodes) if isinstance(n, RepeatBlock) else isinstance(n, ChildNode) for n in nodes)
 
 
 def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:

@@ -120,6 +120,26 @@ class EmptyNode(_NodeBase):
         return self
 
 
+class LibCallSpec(_Model):
+    """One library call of a child graph's body: ``{call: gemm, args: {a: h, b: "w[l]", c: y, m: rows, ...}}``."""
+
+    call: StrictStr
+    args: dict[str, Expr] = Field(default_factory=dict)
+
+
+class ChildArgs(_Model):
+    reads: list[StrictStr] = Field(default_factory=list, description="views the body reads")
+    writes: list[StrictStr] = Field(default_factory=list, description="views the body writes (or reads and writes)")
+    body: list[LibCallSpec] = Field(min_length=1, description="library calls recorded by stream capture, in order")
+
+
+class ChildNode(_NodeBase):
+    """A child-graph node: library calls (cuBLAS GEMMs, ...) recorded once by stream capture and inserted as
+    one node; its declared ``reads``/``writes`` are what edge inference and race checks see."""
+
+    child: ChildArgs
+
+
 class RepeatArgs(_Model):
     var: str
     count: Expr
@@ -132,7 +152,7 @@ class RepeatBlock(_Model):
     nodes: list[Node]
 
 
-NODE_KINDS = ("kernel", "memcpy", "memset", "empty", "repeat")
+NODE_KINDS = ("kernel", "memcpy", "memset", "empty", "child", "repeat")
 
 
 def _node_kind(value: Any) -> str | None:
@@ -149,12 +169,13 @@ Node = Annotated[
         Annotated[MemcpyNode, Tag("memcpy")],
         Annotated[MemsetNode, Tag("memset")],
         Annotated[EmptyNode, Tag("empty")],
+        Annotated[ChildNode, Tag("child")],
         Annotated[RepeatBlock, Tag("repeat")],
     ],
     Discriminator(
         _node_kind,
         custom_error_type="node_kind",
-        custom_error_message="a node needs exactly one of the keys kernel, memcpy, memset, empty, repeat",
+        custom_error_message="a node needs exactly one of the keys kernel, memcpy, memset, empty, child, repeat",
     ),
 ]
 RepeatBlock.model_rebuild()

@@ -209,6 +209,8 @@ class CudaBackend:
         if int(self._ctx) == 0:
             raise DriverError("cuCtxGetCurrent", "no current CUDA context after CuPy selected the device")
         self._dev = self._check("cuCtxGetDevice", self._drv.cuCtxGetDevice())
+        self._blas: Any = None  # made on the first library call (child graphs)
+        self._capture_stream: Any = None
 
     # -- errors ---------------------------------------------------------------------------------------
 
@@ -401,6 +403,57 @@ class CudaBackend:
         add = getattr(drv, "cuGraphAddDependencies_v2", None) or drv.cuGraphAddDependencies  # 12.x has _v2
         self._check("cuGraphAddDependencies", add(graph, [self._node(src)], [self._node(dst)], [edge], 1))
 
+    # -- child graphs: library work recorded by stream capture ----------------------------------------
+
+    def library_call(self, call: str, args: Any, stream: int) -> None:
+        """Issue one library call (``call``, ``args`` as ``((name, dtype, value), ...)``) on ``stream``."""
+        if self._blas is None:
+            from dagbuild.backends.blas import Blas
+
+            self._blas = Blas(hip=self.name == "hip")
+        self._blas.run(call, {name: (dtype, value) for name, dtype, value in args}, int(stream))
+
+    def capture(self, calls: Sequence[tuple[str, Any]]) -> Any:
+        """A new graph holding ``calls`` (``(call, args)`` pairs), recorded by stream capture on a stream of
+        the backend's own (relaxed mode: libraries may make calls that global mode refuses). The caller
+        destroys it."""
+        drv = self._drv
+        if self._capture_stream is None:
+            flags = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
+            self._capture_stream = self._check("cuStreamCreate", drv.cuStreamCreate(flags))
+        s = self._capture_stream
+        mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+        self._check("cuStreamBeginCapture", drv.cuStreamBeginCapture(s, mode))
+        try:
+            for call, args in calls:
+                self.library_call(call, args, int(s))
+        except BaseException:
+            err, g = drv.cuStreamEndCapture(s)
+            if int(err) == 0 and g is not None and int(g):
+                drv.cuGraphDestroy(g)
+            raise
+        return self._check("cuStreamEndCapture", drv.cuStreamEndCapture(s))
+
+    def add_child_graph(self, graph, deps, calls) -> Any:
+        """Record ``calls`` into a child graph and add it as one node (the node holds a clone of it)."""
+        child = self.capture(calls)
+        try:
+            d = self._deps(deps)
+            return self._check("cuGraphAddChildGraphNode", self._drv.cuGraphAddChildGraphNode(graph, d, len(d), child))
+        finally:
+            self.graph_destroy(child)
+
+    def set_child_graph(self, exec_, node, calls) -> None:
+        """Record ``calls`` again and update the child node of an executable graph in place. The driver
+        needs the same topology as before (a library that picks other kernels for the new arguments makes
+        the update fail: the DriverError says so)."""
+        child = self.capture(calls)
+        try:
+            self._check("cuGraphExecChildGraphNodeSetParams",
+                        self._drv.cuGraphExecChildGraphNodeSetParams(exec_, self._node(node), child))
+        finally:
+            self.graph_destroy(child)
+
     # -- executable graphs ----------------------------------------------------------------------------
 
     def instantiate(self, graph: Any) -> Any:
@@ -517,4 +570,11 @@ class CudaBackend:
                 for d, e in zip(deps, list(outs[1])[: len(deps)], strict=True)]
 
     def close(self) -> None:
-        """Nothing to free: callers destroy the graphs and executables they made; the context is CuPy's."""
+        """Free the BLAS handle and capture stream of child graphs, if any were made; callers destroy the
+        graphs and executables they made; the context is CuPy's."""
+        if self._blas is not None:
+            self._blas.close()
+            self._blas = None
+        if self._capture_stream is not None:
+            self._check("cuStreamDestroy", self._drv.cuStreamDestroy(self._capture_stream))
+            self._capture_stream = None

@@ -2,7 +2,8 @@
 
 The graph reads token ids and positions from pinned host buffers (uploaded by its first nodes) and
 writes the next token ids to another (downloaded by its last node), so a step is: write two small host
-arrays, launch, wait, read. Prefill runs the prompt through the same graph one position at a time.
+arrays, launch, wait, read. Prefill runs the prompt through prefill graphs (dagbuild.llama.prefill) when
+``generate`` is given a Prefiller, else through the same graph one position at a time.
 Rows with a negative position are padding: the kernels write no KV for them and their tokens are ignored.
 """
 
@@ -42,6 +43,7 @@ class Generation:
     tokens: list[list[int]]
     prefill_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)
+    ttft_ms: float = float("nan")  # from the start of prefill to every row's first new token
 
     @property
     def ms_per_token(self) -> float:
@@ -96,14 +98,17 @@ class LlamaDecoder:
         return b["next_host"][:n].copy()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 on_step: Callable[[int, int], None] | None = None) -> Generation:
-        """Greedy decoding of one prompt per row. The prompt goes through the graph one position at a
-        time (prefill through the decode graph); the step that reads a prompt's last token yields the
-        first new one. ``on_step(done, total)`` is called after every launch."""
+                 on_step: Callable[[int, int], None] | None = None, prefill: Any = None) -> Generation:
+        """Greedy decoding of one prompt per row. ``prefill``: a :class:`~dagbuild.llama.prefill.Prefiller`
+        of this executable (prompts through prefill graphs, which yield the first new tokens), else the
+        prompt goes through the decode graph one position at a time and the step that reads a prompt's
+        last token yields the first new one. ``on_step(done, total)`` is called after every launch."""
         rows = len(prompts)
         if rows == 0 or any(len(p) == 0 for p in prompts):
             raise DagbuildError("generate: every row needs a non-empty prompt")
         self.reset()
+        if prefill is not None:
+            return self._generate_after_prefill(prompts, max_new_tokens, on_step, prefill)
         lengths = [len(p) for p in prompts]
         total = max(lengths) + max_new_tokens - 1
         out: list[list[int]] = [[] for _ in range(rows)]
@@ -124,6 +129,25 @@ class LlamaDecoder:
                 elif len(out[r]) < max_new_tokens:
                     out[r].append(int(nxt[r]))
                     current[r] = int(nxt[r])
+            if on_step:
+                on_step(t + 1, total)
+            if t == max(lengths) - 1:
+                gen.ttft_ms = sum(gen.prefill_ms) + ms
+        return gen
+
+    def _generate_after_prefill(self, prompts, max_new_tokens, on_step, prefill) -> Generation:
+        rows, lengths = len(prompts), [len(p) for p in prompts]
+        t0 = time.perf_counter()
+        first, _ = prefill.run(prompts)
+        gen = Generation([[t][:max_new_tokens] for t in first], prefill_ms=[(time.perf_counter() - t0) * 1e3])
+        gen.ttft_ms = gen.prefill_ms[0]
+        total = max_new_tokens - 1
+        for t in range(total):
+            t0 = time.perf_counter()
+            nxt = self.step([gen.tokens[r][-1] for r in range(rows)], [lengths[r] + t for r in range(rows)])
+            gen.decode_ms.append((time.perf_counter() - t0) * 1e3)
+            for r in range(rows):
+                gen.tokens[r].append(int(nxt[r]))
             if on_step:
                 on_step(t + 1, total)
         return gen

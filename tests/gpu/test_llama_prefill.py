@@ -1,0 +1,216 @@
+"""Prefill graphs (specs/llama_prefill.yaml through dagbuild.llama.prefill) against today's per-position
+prefill through the fused decode graph and against HF transformers.
+
+fp32 tiny config, batch 4 with 3 uneven prompts (row 3 is all padding), prompt-length buckets 16/32/64 so
+that the 300-token prompt runs in 5 chunks and the others end inside chunks of other buckets."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import yaml
+from conftest import SPECS
+
+from dagbuild.data import shipped_spec
+from dagbuild.executable import Executable
+from dagbuild.kernels import ModuleCache
+from dagbuild.llama.decode import LlamaDecoder, llama_plan
+from dagbuild.llama.prefill import Prefiller
+from dagbuild.llama.weights import load_state_dict, random_weights
+
+pytestmark = pytest.mark.gpu
+
+TINY = {**yaml.safe_load((SPECS / "configs" / "llama_tiny.yaml").read_text()), "max_seq": 512}
+LENGTHS = (1, 45, 300)
+BUCKETS = (16, 32, 64)
+NEW = 12
+SENTINEL = 7.0
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, vocab, n).tolist() for n in LENGTHS]
+
+
+def _plan(wt: str = "f32", batch: int = 4):
+    return llama_plan({**TINY, "wt": wt, "batch": batch, "cache_batch": batch},
+                      spec_path=shipped_spec("llama_decode_fused.yaml"))
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return ModuleCache()
+
+
+def _per_position_cache(exe, prompts):
+    """The KV cache after feeding the prompts one position at a time through the decode graph."""
+    dec = LlamaDecoder(exe)
+    dec.reset()
+    for t in range(max(len(p) for p in prompts)):
+        pos = [t if t < len(p) else -1 for p in prompts]
+        dec.step([p[t] if t < len(p) else 0 for p in prompts], pos)
+    return exe.buffers["k_cache"].get(), exe.buffers["v_cache"].get()
+
+
+def test_prefill_kv_cache_matches_per_position_and_padding_writes_nothing(modules):
+    with Executable(_plan(), modules=modules) as exe:
+        random_weights(exe, 5, std=0.1)
+        prompts = _prompts(exe.plan.dims["vocab"])
+        k_ref, v_ref = _per_position_cache(exe, prompts)
+        with Prefiller(exe, BUCKETS) as pf:
+            assert [b for _, b in pf.chunks(LENGTHS)] == [64, 64, 64, 64, 64]
+            assert [b for _, b in pf.chunks((1, 45))] == [64]
+            assert [b for _, b in pf.chunks((1, 20))] == [32]
+            import cupy
+
+            exe.buffers["k_cache"].fill(SENTINEL)
+            exe.buffers["v_cache"].fill(SENTINEL)
+            cupy.cuda.Device().synchronize()
+            first, _ = pf.run(prompts)
+            k, v = exe.buffers["k_cache"].get(), exe.buffers["v_cache"].get()
+        for r, n in enumerate(LENGTHS):
+            for got, ref, what in ((k, k_ref, "k"), (v, v_ref, "v")):
+                np.testing.assert_allclose(got[:, r, :, :n], ref[:, r, :, :n], rtol=2e-5, atol=2e-6,
+                                           err_msg=f"{what} cache of row {r} (prompt of {n})")
+                assert (got[:, r, :, n:] == SENTINEL).all(), f"padding wrote {what} cache of row {r} past {n}"
+        assert (k[:, 3] == SENTINEL).all() and (v[:, 3] == SENTINEL).all(), "an all-padding row wrote KV"
+        # the first tokens are the decode graph's after each prompt's last position
+        dec = LlamaDecoder(exe)
+        gen = dec.generate(prompts, 1)
+        assert first == [t[0] for t in gen.tokens]
+
+
+def test_prefill_then_decode_matches_positions_and_hf(modules):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    from dagbuild.llama.weights import random_hf_model
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = random_hf_model(TINY, dtype="f32", seed=1234, std=0.1, attn_implementation="eager")
+    try:
+        prompts = _prompts(TINY["vocab"])
+        with Executable(_plan(), modules=modules) as exe:
+            load_state_dict(exe, model.state_dict())
+            dec = LlamaDecoder(exe)
+            positions = dec.generate(prompts, NEW).tokens
+            with Prefiller(exe, BUCKETS) as pf:
+                gen = dec.generate(prompts, NEW, prefill=pf)
+            assert gen.tokens == positions, f"prefill graphs {gen.tokens} vs per-position {positions}"
+            assert gen.ttft_ms > 0 and len(gen.decode_ms) == NEW - 1
+        with torch.inference_mode():
+            for r, p in enumerate(prompts):
+                ids = torch.tensor([p], dtype=torch.long, device="cuda")
+                hf = []
+                for _ in range(NEW):
+                    t = int(torch.argmax(model(input_ids=ids, use_cache=False).logits[0, -1]))
+                    hf.append(t)
+                    ids = torch.cat([ids, ids.new_tensor([[t]])], dim=1)
+                assert gen.tokens[r] == hf, f"row {r}: ours {gen.tokens[r]}, HF {hf}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def test_prefill_f16_first_tokens_follow_positions(modules):
+    """f16 weights: the GEMMs take f16 activations (HF's own precision), per-position decode keeps them f32;
+    the first tokens agree (random weights, std 0.1: decisive logits) and the caches agree to f16 rounding."""
+    with Executable(_plan("f16", batch=2), modules=modules) as exe:
+        random_weights(exe, 9, std=0.1)
+        prompts = _prompts(exe.plan.dims["vocab"])[1:]
+        k_ref, _ = _per_position_cache(exe, prompts)
+        ref_first = [t[0] for t in LlamaDecoder(exe).generate(prompts, 1).tokens]
+        with Prefiller(exe, BUCKETS) as pf:
+            LlamaDecoder(exe).reset()
+            first, _ = pf.run(prompts)
+            k = exe.buffers["k_cache"].get()
+        for r, p in enumerate(prompts):
+            a, b = k[:, r, :, :len(p)], k_ref[:, r, :, :len(p)]
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, f"row {r}"
+        assert first == ref_first
+
+
+def test_prefiller_refuses_the_unfused_spec_and_long_prompts(modules):
+    from dagbuild.errors import BuildError, DagbuildError
+
+    plan = llama_plan({**TINY, "wt": "f32"})
+    with Executable(plan, modules=modules) as exe:
+        with pytest.raises(BuildError, match="fused"):
+            Prefiller(exe)
+    with Executable(_plan(batch=1), modules=modules) as exe, Prefiller(exe, (16,)) as pf:
+        with pytest.raises(DagbuildError, match="max_seq"):
+            pf.run([[1] * 513])
+        with pytest.raises(DagbuildError, match="token ids"):
+            pf.run([[TINY["vocab"]]])
+        with pytest.raises(DagbuildError, match="batch"):
+            pf.run([[1], [2]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels/llama_prefill.cu alone, against dagbuild.llama.reference (float64)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq,prefix", [(1, 0), (37, 0), (64, 100), (130, 7)])
+def test_rope_and_attention_kernels_match_reference(seq, prefix):
+    """Two rows (row 1 padded past half its positions): RoPE + KV write, then causal attention over the
+    prefix (random cache content) and the chunk, against the decode references applied per query."""
+    cp = pytest.importorskip("cupy")
+    from dagbuild.llama import reference as ref
+    from dagbuild.sources import read_kernel_source
+
+    src = read_kernel_source(shipped_spec("llama_prefill.yaml").parent.parent / "kernels" / "llama_prefill.cu")
+    mod = cp.RawModule(code=src, options=("--std=c++17",))
+    heads, kv, d, max_seq, batch = 4, 2, 64, 256, 2
+    rng = np.random.default_rng(seq * 1000 + prefix)
+    width = (heads + 2 * kv) * d
+    qkv = rng.standard_normal((batch * seq, width)).astype(np.float32)
+    kc = rng.standard_normal((batch, kv, max_seq, d)).astype(np.float32)
+    vc = rng.standard_normal((batch, kv, max_seq, d)).astype(np.float32)
+    pos = np.full((batch, seq), -1, np.int32)
+    pos[0] = prefix + np.arange(seq)
+    pos[1, : (seq + 1) // 2] = prefix + np.arange((seq + 1) // 2)
+    inv = ref.rope_inv_freq(d, 10000.0)
+    g_qkv, g_kc, g_vc, g_pos = cp.asarray(qkv), cp.asarray(kc), cp.asarray(vc), cp.asarray(pos)
+    i32 = np.int32
+    mod.get_function("rope_kv_prefill")((batch * seq,), (128,), (g_qkv, g_kc, g_vc, g_pos, cp.asarray(inv), i32(heads),
+                                                                 i32(kv), i32(d), i32(max_seq), i32(seq)))
+    out = cp.full((batch * seq, heads * d), np.nan, np.float32)
+    mod.get_function("attn_prefill_f32")(((seq + 63) // 64, heads, batch), (64,),
+                                         (g_qkv, g_kc, g_vc, g_pos, out, i32(heads), i32(kv), i32(max_seq), i32(seq),
+                                          np.float32(0.125)))
+    got_q, got_k, got_v, got = g_qkv.get(), g_kc.get(), g_vc.get(), out.get()
+    # reference: RoPE + append per position, in order
+    rk, rv = kc.astype(np.float64), vc.astype(np.float64)
+    rq = qkv.astype(np.float64).copy()
+    for b in range(batch):
+        for t in range(seq):
+            p = int(pos[b, t])
+            if p < 0:
+                continue
+            r = b * seq + t
+            row = qkv[r]
+            qo, kk, vv = ref.rope_append(row[: heads * d], row[heads * d: (heads + kv) * d], row[(heads + kv) * d:],
+                                         rk[b:b + 1], rv[b:b + 1], [p], heads, kv, d, max_seq, 10000.0)
+            rq[r, : heads * d] = qo.reshape(-1)
+            rk[b], rv[b] = kk[0], vv[0]
+    np.testing.assert_allclose(got_k, rk, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_v, rv, rtol=0, atol=0)
+    valid = (pos.reshape(-1) >= 0)
+    np.testing.assert_allclose(got_q[valid, : heads * d], rq[valid, : heads * d], rtol=1e-5, atol=1e-5)
+    for b in range(batch):
+        for t in range(seq):
+            r = b * seq + t
+            if pos[b, t] < 0:
+                assert (got[r] == 0).all(), f"padded query ({b}, {t}) wrote non-zeros"
+                continue
+            want = ref.attention(rq[r, : heads * d], rk[b:b + 1], rv[b:b + 1], [int(pos[b, t])], heads, kv, d,
+                                 max_seq, 0.125)
+            np.testing.assert_allclose(got[r], want.reshape(-1), rtol=2e-5, atol=2e-5,
+                                       err_msg=f"query ({b}, {t}) at position {pos[b, t]}")
