@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ RUNNERS = {"llama_decode": "dagbuild.llama.run:run_cli"}
 #: ``dagbuild dot -o FILE`` without ``--format``: the format from the file's suffix.
 FORMAT_BY_SUFFIX = {".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
 
+
+
+#: A decimal float as ``--set`` takes one for a const (``1e-6``, ``0.125``); anything else stays a string.
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")
 
 
 class UsageError(Exception):
@@ -55,7 +60,7 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
         try:
             out[name.strip()] = int(value)
         except ValueError:
-            out[name.strip()] = value
+            out[name.strip()] = float(value) if _FLOAT.match(value) else value  # a const: --set rms_eps=1e-6
     return out
 
 
@@ -249,6 +254,8 @@ def format_summary(s: dict) -> str:
              ("buffers", str(s["buffers"]))]
     rows += [(f"  {k} memory", size(v)) for k, v in s["bytes_by_memory"].items()]
     rows += [("dims", ", ".join(f"{k}={v}" for k, v in s["dims"].items()) or "-")]
+    if s.get("consts"):
+        rows += [("consts", ", ".join(f"{k}={v:g}" for k, v in s["consts"].items()))]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
@@ -413,9 +420,10 @@ def parser() -> argparse.ArgumentParser:
     def spec_cmd(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("spec", help="a YAML spec file")
-        p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a dim or type (repeatable)")
+        p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="override a dim, const or type (repeatable)")
         p.add_argument("--config", action="append", metavar="FILE",
-                       help="a YAML mapping of dim/type overrides (applied before --set; repeatable)")
+                       help="a YAML mapping of dim/const/type overrides (applied before --set; repeatable)")
         return p
 
     p = spec_cmd("validate", "validate a spec; exit 0 valid, 1 invalid, 2 usage")
