@@ -284,8 +284,11 @@ __device__ __forceinline__ void fw_for_pairs(int npairs, const Body& body) {
 // head_dim rows contiguous). A warp owns the RoPE pair of rows (h*head_dim + i, h*head_dim + i + head_dim/2),
 // so rotate_half's partners are in one warp's registers: q rows are rotated into q [batch, heads*head_dim];
 // k rows are rotated and written to k_cache [cache_batch, kv_heads, max_seq, head_dim] at slot pos[b]; v
-// rows are copied to v_cache there. RoPE as rope_append in llama.cu (HF default rope, f32, no FMA
-// contraction). Rows whose pos is outside [0, max_seq) (padding: pos < 0) write no KV (q is still written).
+// rows are copied to v_cache there. RoPE as rope_append in llama.cu (f32, no FMA contraction): the epilogue
+// adds bias[row] (the Q/K/V bias, Qwen2; zeros otherwise; [(heads + 2*kv_heads) * head_dim], wqkv's row
+// order) and rotates by p * inv_freq[i] (inv_freq [head_dim/2]: HF's, after any rope scaling, computed on the
+// host). Both are read in the epilogue, after the wait. Rows whose pos is outside [0, max_seq) (padding:
+// pos < 0) write no KV (q is still written).
 // Requirements: head_dim even; hidden % 8 == 0; as the GEMV engine.
 // ------------------------------------------------------------------------------------------------------------
 
@@ -294,11 +297,14 @@ struct QkvEpi {
     float* k_cache;
     float* v_cache;
     const int* pos;
+    const float* bias;
+    const float* inv_freq;
     int heads, kv_heads, head_dim, max_seq, h, i;
-    float inv_freq;
     __device__ __forceinline__ void operator()(int b, float a, float c) const {
         const int half = head_dim / 2;
         const int p = pos[b];
+        a += bias[h * head_dim + i];
+        c += bias[h * head_dim + i + half];
         const bool cache_ok = p >= 0 && p < max_seq;
         if (h >= heads + kv_heads) {
             if (cache_ok) {
@@ -310,7 +316,7 @@ struct QkvEpi {
             return;
         }
         float s, co;
-        rope_sincos((float)p * inv_freq, &s, &co);
+        rope_sincos((float)p * inv_freq[i], &s, &co);
         const float o1 = __fadd_rn(__fmul_rn(a, co), __fmul_rn(-c, s));
         const float o2 = __fadd_rn(__fmul_rn(c, co), __fmul_rn(a, s));
         float* dst;
@@ -327,14 +333,14 @@ struct QkvEpi {
 
 template <typename T>
 __device__ __forceinline__ void qkv_rope_impl(const T* w, const T* norm, const float* x, float* q, float* k_cache,
-                                              float* v_cache, const int* pos, int hidden, int heads, int kv_heads,
-                                              int head_dim, int max_seq, int batch, float eps, float theta) {
+                                              float* v_cache, const int* pos, const float* bias,
+                                              const float* inv_freq, int hidden, int heads, int kv_heads,
+                                              int head_dim, int max_seq, int batch, float eps) {
     PDL_LAUNCH_DEPENDENTS();
     const int half = head_dim / 2;
     fw_for_pairs((heads + 2 * kv_heads) * half, [&](int g) {
         const int h = g / half, i = g - h * half;
-        QkvEpi epi{q, k_cache, v_cache, pos, heads, kv_heads, head_dim, max_seq, h, i,
-                   1.0f / powf(theta, (float)(2 * i) / (float)head_dim)};
+        QkvEpi epi{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq, h, i};
         const int row0 = h * head_dim + i;
         fw_rows<T, true>(w, row0, row0 + half, norm, x, hidden, batch, eps, epi);
     });
@@ -343,10 +349,11 @@ __device__ __forceinline__ void qkv_rope_impl(const T* w, const T* norm, const f
 #define DEFINE_QKV(SUFFIX, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(FW_BLOCK, FW_MIN_BLOCKS)                                   \
         qkv_rope_##SUFFIX(const T* w, const T* norm, const float* x, float* q, float* k_cache,              \
-                          float* v_cache, const int* pos, int hidden, int heads, int kv_heads, int head_dim, \
-                          int max_seq, int batch, float eps, float theta) {                                 \
-        qkv_rope_impl<T>(w, norm, x, q, k_cache, v_cache, pos, hidden, heads, kv_heads, head_dim, max_seq,  \
-                         batch, eps, theta);                                                                \
+                          float* v_cache, const int* pos, const float* bias, const float* inv_freq,         \
+                          int hidden, int heads, int kv_heads, int head_dim, int max_seq, int batch,        \
+                          float eps) {                                                                      \
+        qkv_rope_impl<T>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads, kv_heads,     \
+                         head_dim, max_seq, batch, eps);                                                    \
     }
 DEFINE_QKV(f32, float)
 DEFINE_QKV(f16, db_f16)
