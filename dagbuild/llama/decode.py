@@ -9,7 +9,7 @@ Rows with a negative position are padding: the kernels write no KV for them and 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,21 +96,28 @@ class LlamaDecoder:
         return b["next_host"][:n].copy()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 on_step: Callable[[int, int], None] | None = None) -> Generation:
+                 on_step: Callable[[int, int], None] | None = None, stop_ids: Collection[int] = (),
+                 on_token: Callable[[int, int], None] | None = None) -> Generation:
         """Greedy decoding of one prompt per row. The prompt goes through the graph one position at a
         time (prefill through the decode graph); the step that reads a prompt's last token yields the
-        first new one. ``on_step(done, total)`` is called after every launch."""
+        first new one. A row ends after ``max_new_tokens`` or after emitting one of ``stop_ids`` (kept as
+        its last token); then it is padding, and decoding stops when every row has ended.
+        ``on_step(done, total)`` is called after every launch, ``on_token(row, token)`` for each new token."""
         rows = len(prompts)
         if rows == 0 or any(len(p) == 0 for p in prompts):
             raise DagbuildError("generate: every row needs a non-empty prompt")
         self.reset()
+        stop = frozenset(int(t) for t in stop_ids)
         lengths = [len(p) for p in prompts]
         total = max(lengths) + max_new_tokens - 1
         out: list[list[int]] = [[] for _ in range(rows)]
+        ended = [False] * rows
         gen = Generation(out)
         current = [p[0] for p in prompts]
         for t in range(total):
-            positions = [t if t < lengths[r] + max_new_tokens - 1 else -1 for r in range(rows)]
+            positions = [t if t < lengths[r] + max_new_tokens - 1 and not ended[r] else -1 for r in range(rows)]
+            if all(p < 0 for p in positions):
+                break
             tok = [current[r] if positions[r] >= 0 else 0 for r in range(rows)]
             t0 = time.perf_counter()
             nxt = self.step(tok, positions)
@@ -124,6 +131,10 @@ class LlamaDecoder:
                 elif len(out[r]) < max_new_tokens:
                     out[r].append(int(nxt[r]))
                     current[r] = int(nxt[r])
+                    if on_token:
+                        on_token(r, current[r])
+                    if current[r] in stop:
+                        ended[r] = True
             if on_step:
                 on_step(t + 1, total)
         return gen
