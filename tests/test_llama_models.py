@@ -191,7 +191,8 @@ def test_qwen2_biases_fill_qkv_bias_rows(spec):
     got = W.plan_state_dict(p, shapes(p, biases=True))
     roles = {(b, i) for _, b, i in got if b in W.BIAS_ROLES}
     assert roles == {(b, i) for b in W.BIAS_ROLES for i in range(2)}
-    with pytest.raises(W.WeightsError, match=r"layers\.1\.self_attn\.v_proj\.bias: missing .*'qkv_bias\[1\] \(bv rows\)'"):
+    missing = r"layers\.1\.self_attn\.v_proj\.bias: missing .*'qkv_bias\[1\] \(bv rows\)'"
+    with pytest.raises(W.WeightsError, match=missing):
         W.plan_state_dict(p, {k: v for k, v in shapes(p, biases=True).items()
                               if k != "model.layers.1.self_attn.v_proj.bias"})
     # bias views are the rows of the packed buffer, in wqkv order
