@@ -725,15 +725,14 @@ def random_hf_model(dims: Mapping[str, Any] | None = None, *, config: Any = None
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         config = transformers.LlamaConfig(**kwargs)
-    elif attn_implementation:
-        config._attn_implementation = attn_implementation
     from_hf(config)  # the graph serves this config
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(tdtype)  # build in place: no f32 copy, and the rotary inv_freq stays f32
     try:
         with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     finally:
         torch.set_default_dtype(old)
     if attn_implementation and getattr(model.config, "_attn_implementation", attn_implementation) != \
