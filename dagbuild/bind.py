@@ -9,6 +9,7 @@ compiled fast path (through :class:`_Fallback`) and :meth:`Executable.update` al
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -216,9 +217,15 @@ def bind_shared(value: Any, env) -> int:
 
 
 def _resolve_overrides(spec: GraphSpec, overrides: Mapping[str, Any], issues: _Issues):
-    dims, types = dict(spec.dims), dict(spec.types)
+    dims, types, consts = dict(spec.dims), dict(spec.types), dict(spec.consts)
     for name, value in overrides.items():
-        if name in dims:
+        if name in consts:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                issues.add("schema", f"override {name}={value!r}: const {name!r} needs a finite number",
+                           field=name)
+            else:
+                consts[name] = float(value)
+        elif name in dims:
             if isinstance(value, bool) or not isinstance(value, int):
                 issues.add("schema", f"override {name}={value!r}: dim {name!r} needs an integer, got "
                            f"{type(value).__name__} (nothing is rounded or converted)", field=name)
@@ -232,15 +239,16 @@ def _resolve_overrides(spec: GraphSpec, overrides: Mapping[str, Any], issues: _I
                 types[name] = value
         else:
             issues.add("unknown_reference",
-                       f"override {name}: no dim or type named {name!r} "
-                       f"(dims: {', '.join(dims) or 'none'}; types: {', '.join(types) or 'none'})",
+                       f"override {name}: no dim, const or type named {name!r} "
+                       f"(dims: {', '.join(dims) or 'none'}; consts: {', '.join(consts) or 'none'}; "
+                       f"types: {', '.join(types) or 'none'})",
                        field=name)
     for name, t in types.items():
         if t not in ELEMENT_TYPES:
             issues.bad_types.add(name)
             issues.add("schema", f"type {name!r} = {t!r} is not one of {', '.join(ELEMENT_TYPES)}",
                        path=("types", name), field=f"types.{name}")
-    return dims, types
+    return dims, types, consts
 
 
 def _read_source(name: str, decl, spec: GraphSpec, issues: _Issues, cache: dict) -> tuple[str, Path | None]:
@@ -678,12 +686,13 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
     ``programs`` carries compiled kernel-node bindings and kernel sources from one bind to the next (a pool
     binds one spec once per bucket); the spec and its kernel files must not change in between."""
     issues = _Issues(spec)
-    dims, types = _resolve_overrides(spec, overrides or {}, issues)
-    _checks(spec, dims, issues)
+    dims, types, consts = _resolve_overrides(spec, overrides or {}, issues)
+    top = {**dims, **consts}  # consts are floats: every integer place (sizes, grids, indices) refuses them
+    _checks(spec, top, issues)
     if programs is None:
         programs = {}  # per spec node: compiled after its first checked bind; kernel sources by path
     kernels = _bind_kernels(spec, types, issues, programs)
-    buffers = _bind_buffers(spec, dims, types, issues)
+    buffers = _bind_buffers(spec, top, types, issues)
     nodes: list[PlanNode] = []
     seen: dict[str, tuple] = {}
     # what a compiled binding depends on besides its spec node: the kernel's entry, params and launch
@@ -691,7 +700,7 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
     kernel_keys = {name: (k.entry, k.params, k.launch) for name, k in kernels.items()}
     kernel_keys = {name: id(programs.setdefault(("kernel", key), key)) for name, key in kernel_keys.items()}
     try:
-        for node, path, env, frames in _expand(spec.nodes, ("nodes",), dict(dims), (), issues, [MAX_NODES]):
+        for node, path, env, frames in _expand(spec.nodes, ("nodes",), dict(top), (), issues, [MAX_NODES]):
             pn = _bind_node(node, path, env, frames, len(nodes), spec, kernels, buffers, kernel_keys, programs,
                             seen, issues)
             if pn is not None:
@@ -699,7 +708,7 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
     except _SizeLimit:
         issues.add("size_limit", f"the spec expands to more than {MAX_NODES} nodes (the documented limit); "
                    "split the graph or use fewer repeat iterations", path=("nodes",), field="nodes")
-        return Plan(spec.name, dims, types, spec.deps, kernels, buffers, [], spec), issues.items
+        return Plan(spec.name, dims, types, spec.deps, kernels, buffers, [], spec, consts=consts), issues.items
     # `after` may only name nodes that exist
     ids = set(seen)
     for k, pn in enumerate(nodes):
@@ -709,7 +718,7 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
                        nodes=(pn.id, a), path=(*pn.path, "after"), field="after")
         if missing:
             nodes[k] = PlanNode(pn.id, pn.order, pn.path, pn.op, pn.repeats, tuple(a for a in pn.after if a in ids))
-    return Plan(spec.name, dims, types, spec.deps, kernels, buffers, nodes, spec), issues.items
+    return Plan(spec.name, dims, types, spec.deps, kernels, buffers, nodes, spec, consts=consts), issues.items
 
 
 def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_keys, programs, seen,

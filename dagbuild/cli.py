@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,10 @@ RUNNERS = {"llama_decode": "dagbuild.llama.run:run_cli"}
 #: ``dagbuild dot -o FILE`` without ``--format``: the format from the file's suffix.
 FORMAT_BY_SUFFIX = {".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
 
+
+
+#: A decimal float as ``--set`` takes one for a const (``1e-6``, ``0.125``); anything else stays a string.
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")
 
 
 class UsageError(Exception):
@@ -55,7 +61,7 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
         try:
             out[name.strip()] = int(value)
         except ValueError:
-            out[name.strip()] = value
+            out[name.strip()] = float(value) if _FLOAT.match(value) else value  # a const: --set rms_eps=1e-6
     return out
 
 
@@ -100,11 +106,11 @@ def _buckets(items: list[str]) -> dict[str, list[int]]:
     return out
 
 
-def _check_prompt(text: str) -> None:
+def _check_prompt_ids(text: str) -> None:
     parts = [t.strip() for t in str(text).split(",") if t.strip()]
     bad = [t for t in parts if not t.isdigit()]
     if not parts or bad:
-        raise UsageError(f"--prompt must be comma-separated token ids (integers ≥ 0), got {text!r}")
+        raise UsageError(f"--prompt-ids must be comma-separated token ids (integers ≥ 0), got {text!r}")
 
 
 def _check_weights(path: str) -> None:
@@ -122,11 +128,39 @@ def _check_weights(path: str) -> None:
 
 
 def _check_run_args(args) -> None:
-    _check_prompt(args.prompt)
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise UsageError("give --prompt TEXT or --prompt-ids 1,2,3, not both")
+    if args.prompt_ids is not None:
+        _check_prompt_ids(args.prompt_ids)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if args.chat and args.prompt is None:
+        raise UsageError("--chat applies the checkpoint's chat template to --prompt TEXT: give --prompt")
     if args.weights is not None:
         _check_weights(args.weights)
         if args.random_weights is not None:
             raise UsageError("give --weights DIR or --random-weights SEED, not both")
+    if args.prompt is not None:
+        folder = Path(args.weights) if args.weights else None
+        folder = folder.parent if folder is not None and folder.is_file() else folder
+        if folder is None or not (folder / "tokenizer.json").is_file():
+            raise UsageError("--prompt TEXT is tokenized with the checkpoint's tokenizer.json: give --weights DIR "
+                             "of a checkpoint that has one, or token ids with --prompt-ids 1,2,3")
+        if importlib.util.find_spec("tokenizers") is None:
+            from .llama.text import MISSING
+
+            raise UsageError(MISSING)
+
+
+def _hf_model(path: str | None):
+    """The HF config (``config.json`` or its directory, or a checkpoint's .safetensors file's folder) as a
+    :class:`dagbuild.llama.config.ModelConfig`; None without a path. A refusal is a DagbuildError (exit 1)."""
+    if path is None:
+        return None
+    from .llama.config import read_hf_config
+
+    p = Path(path)
+    return read_hf_config(p.parent if p.suffix == ".safetensors" else p)
 
 
 def _target(args) -> tuple[str, str]:
@@ -166,10 +200,11 @@ def _load(path: str):
     return load_spec(path)
 
 
-def _plan(args):
+def _plan(args, model=None):
+    """The spec's plan: an HF model's dims, wt and consts (``model``), then --config, then --set on top."""
     from .plan import plan
 
-    return plan(_load(args.spec), overrides_of(args))
+    return plan(_load(args.spec), {**(model.overrides() if model is not None else {}), **overrides_of(args)})
 
 
 def _gpu_problem() -> str | None:
@@ -249,12 +284,33 @@ def format_summary(s: dict) -> str:
              ("buffers", str(s["buffers"]))]
     rows += [(f"  {k} memory", size(v)) for k, v in s["bytes_by_memory"].items()]
     rows += [("dims", ", ".join(f"{k}={v}" for k, v in s["dims"].items()) or "-")]
+    if s.get("consts"):
+        rows += [("consts", ", ".join(f"{k}={v:g}" for k, v in s["consts"].items()))]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
 
 def cmd_info(args) -> int:
-    print(format_summary(_plan(args).summary))
+    model = _hf_model(args.hf_config)
+    p = _plan(args, model)
+    if model is not None:
+        from .llama.config import check_plan
+
+        check_plan(model, p.dims, p.consts, where=str(args.hf_config))
+    print(format_summary(p.summary))
+    if model is not None:
+        from .llama.footprint import footprint
+        from .util import format_bytes
+
+        fp = footprint(p, tied=model.tied)
+        rope = model.rope.rope_type + (f" {dict(model.rope.params)}" if model.rope.params else "")
+        print(f"\nHF model: {model.architecture} (model_type {model.model_type}), wt {model.wt}, rms_eps "
+              f"{model.rms_eps:g}, rope {rope} theta {model.rope.theta:g}, attn_scale {model.attn_scale:.6g}"
+              + (", Q/K/V biases" if model.qkv_bias else "") + (", tied embeddings" if model.tied else ""))
+        print(f"weight bytes:   {format_bytes(fp.weights)} ({fp.weights} B)")
+        print(f"KV-cache bytes: {format_bytes(fp.kv_cache)} ({fp.kv_cache} B) at max_seq {p.dims['max_seq']} "
+              f"x cache_batch {p.dims['cache_batch']}")
+        print(f"activations:    {format_bytes(fp.activations)}; total {format_bytes(fp.total)}")
     return 0
 
 
@@ -317,7 +373,12 @@ def cmd_run(args) -> int:
     from .dot import to_dot
 
     _check_run_args(args)
-    p = _plan(args)
+    model = _hf_model(args.weights)
+    p = _plan(args, model)
+    if model is not None:
+        from .llama.config import check_plan
+
+        check_plan(model, p.dims, p.consts, where=f"checkpoint {args.weights!r}")
     runner = _runner(p)
     problem = _gpu_problem()
     if problem is not None:
@@ -328,10 +389,11 @@ def cmd_run(args) -> int:
         print(f"\nNo GPU here: {problem}.")
         if runner == "llama_decode":
             print("On a GPU (pip install 'dagbuild[cuda13]'), this command builds the whole decode step above "
-                  "as ONE explicit CUDA graph, loads weights (--weights DIR, an HF Llama checkpoint, or "
-                  "--random-weights SEED), runs the prompt through prefill graphs pooled by prompt length (fused "
-                  "spec; else through the decode graph one position at a time), then decodes "
-                  "--tokens N tokens greedily, one graph launch per token, printing them with ms/token.")
+                  "as ONE explicit CUDA graph, loads weights (--weights DIR, an HF Llama/Mistral/Qwen2 checkpoint, "
+                  "or --random-weights SEED), runs the prompt (--prompt TEXT or --prompt-ids) through prefill graphs "
+                  "pooled by prompt length (fused spec; else through the decode graph one position at a time), then "
+                  "decodes --tokens N tokens greedily, one graph launch per token, streaming the text (or printing "
+                  "the ids) with ms/token.")
         else:
             print("On a GPU (pip install 'dagbuild[cuda13]'), this command builds the graph above explicitly "
                   "(no stream capture), launches it --steps times and prints the time per launch.")
@@ -414,9 +476,10 @@ def parser() -> argparse.ArgumentParser:
     def spec_cmd(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("spec", help="a YAML spec file")
-        p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a dim or type (repeatable)")
+        p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                       help="override a dim, const or type (repeatable)")
         p.add_argument("--config", action="append", metavar="FILE",
-                       help="a YAML mapping of dim/type overrides (applied before --set; repeatable)")
+                       help="a YAML mapping of dim/const/type overrides (applied before --set; repeatable)")
         return p
 
     p = spec_cmd("validate", "validate a spec; exit 0 valid, 1 invalid, 2 usage")
@@ -428,6 +491,8 @@ def parser() -> argparse.ArgumentParser:
                    help="output format (default: from -o's suffix .dot/.gv/.svg/.png, else dot)")
     p.set_defaults(func=cmd_dot)
     p = spec_cmd("info", "the validated spec's summary as a table")
+    p.add_argument("--hf-config", metavar="PATH", help="Llama specs: an HF config.json (or its directory): plan "
+                   "the model it describes and print its weight and KV-cache bytes; exit 1 if not served")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("schema", help="the JSON Schema of the spec format")
     p.set_defaults(func=cmd_schema)
@@ -441,11 +506,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int_at_least(1, "--steps"), default=100,
                    help="launches of a generic spec (default 100)")
     p.add_argument("--dot", metavar="FILE", help="where to write the DOT when no GPU is present (default NAME.dot)")
-    p.add_argument("--prompt", default="1,15043,29892,590,1024,338,263,1243",
-                   help="Llama: comma-separated prompt token ids")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="Llama: prompt text, tokenized with the checkpoint's tokenizer.json (needs --weights)")
+    p.add_argument("--prompt-ids", metavar="IDS",
+                   help="Llama: comma-separated prompt token ids (default 1,15043,29892,590,1024,338,263,1243)")
+    p.add_argument("--chat", action="store_true", help="Llama: apply the checkpoint's chat template to --prompt")
     p.add_argument("--tokens", type=_int_at_least(1, "--tokens"), default=64,
                    help="Llama: tokens to generate (default 64)")
-    p.add_argument("--weights", metavar="DIR", help="Llama: HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--weights", metavar="DIR", help="Llama: HF checkpoint directory (config.json + safetensors; "
+                   "its dims, dtype and consts set the plan's, --set on top)")
     p.add_argument("--random-weights", type=_int_at_least(0, "--random-weights"), metavar="SEED",
                    help="Llama: random weights from SEED (default: seed 0 when --weights is not given)")
     p.add_argument("--no-progress", action="store_true", help="Llama: no progress line while decoding")

@@ -257,4 +257,5 @@ def summarize(plan: Plan, dag: _Dag, kept: list[tuple[int, int]], programmatic: 
         "buffers": len(plan.buffers),
         "bytes_by_memory": {k: by_memory.get(k, 0) for k in ("device", "pinned")},
         "dims": dict(plan.dims),
+        "consts": dict(plan.consts),
     }

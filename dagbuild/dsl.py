@@ -30,8 +30,9 @@ class SpecBuilder:
 
     def __init__(self, name: str, dims: dict[str, int] | None = None, *, deps: str = "infer",
                  types: dict[str, str] | None = None, base_dir: Path | str | None = None,
-                 runner: str | None = None):
+                 runner: str | None = None, consts: dict[str, float] | None = None):
         self._data: dict[str, Any] = {"dagbuild": 1, "name": name, "dims": dict(dims or {}),
+                                      "consts": dict(consts or {}),
                                       "types": dict(types or {}), "deps": deps,
                                       "kernels": {}, "buffers": {}, "nodes": []}
         if runner is not None:
@@ -41,6 +42,11 @@ class SpecBuilder:
 
     def dim(self, name: str, value: int) -> SpecBuilder:
         self._data["dims"][name] = value
+        return self
+
+    def const(self, name: str, value: float) -> SpecBuilder:
+        """A named float for scalar kernel args (``eps: rms_eps``), overridable like a dim."""
+        self._data["consts"][name] = value
         return self
 
     def kernel(self, name: str, *, entry: str, params: Sequence[str], source: str | None = None,

@@ -283,7 +283,7 @@ class Executable:
         rules as binding apply (integer ranges, finite floats, launch limits)."""
         self._alive()
         n = self.node(node_id)
-        env = n.env(self.plan.dims)
+        env = n.env(self.plan.env)
         op = n.op
         try:
             if isinstance(op, KernelOp):

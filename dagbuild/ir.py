@@ -260,8 +260,8 @@ class PlanNode:
     def writes(self) -> tuple[View, ...]:
         return tuple(v for v, w in self.op.accesses() if w)
 
-    def env(self, dims: dict[str, int]) -> dict[str, int]:
-        """The names its expressions see: the plan's dims plus its repeat vars."""
+    def env(self, dims: dict[str, int | float]) -> dict[str, int | float]:
+        """The names its expressions see: the plan's dims (and consts) plus its repeat vars."""
         return {**dims, **{f.var: f.value for f in self.repeats}}
 
 
@@ -291,6 +291,12 @@ class Plan:
     nodes: list[PlanNode]
     spec: Any = field(repr=False)  # the GraphSpec it was bound from
     analysis: Analysis | None = None
+    consts: dict[str, float] = field(default_factory=dict)  # named floats, bound like dims
+
+    @property
+    def env(self) -> dict[str, int | float]:
+        """The names every expression of the plan sees (before repeat vars): dims and consts."""
+        return {**self.dims, **self.consts}
 
     @property
     def edges(self) -> list[tuple[str, str]]:

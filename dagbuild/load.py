@@ -40,7 +40,7 @@ _Loader = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml
 _UNION_TAGS = {"int", "float", "str", "bool", "dict", "list"}
 _EXPR_TAGS = {"int", "float", "str"}
 _NODE_TAGS = {"kernel", "memcpy", "memset", "empty", "child", "repeat"}
-_NAMED_SECTIONS = ("dims", "types", "buffers", "kernels")
+_NAMED_SECTIONS = ("dims", "consts", "types", "buffers", "kernels")
 
 _T = "tag:yaml.org,2002:"
 _STR, _SEQ, _MAP, _MERGE = _T + "str", _T + "seq", _T + "map", _T + "merge"

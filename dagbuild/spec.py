@@ -6,6 +6,7 @@ the public YAML format: keep them stable.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -200,6 +201,9 @@ class GraphSpec(_Model):
     runner: StrictStr | None = Field(None, description="what `dagbuild run` does with it, e.g. llama_decode; "
                                      "none: build and launch")
     dims: dict[str, StrictInt] = Field(default_factory=dict)
+    consts: dict[str, StrictFloat | StrictInt] = Field(
+        default_factory=dict, description="named floats (e.g. {rms_eps: 1.0e-5}) for scalar kernel args; "
+        "overridable like dims; never usable where an integer is needed (sizes, grids, indices)")
     types: dict[str, str] = Field(default_factory=dict,
                                   description="type parameters, e.g. {wt: f16}; usable as dtypes")
     deps: Literal["infer", "explicit"] = "infer"
@@ -219,7 +223,26 @@ class GraphSpec(_Model):
                              " (it names output files)")
         return v
 
-    @field_validator("dims", "types", "buffers", "kernels")
+    @field_validator("consts")
+    @classmethod
+    def _floats(cls, v: dict) -> dict:
+        """Consts are floats (a whole number is taken as one), finite: so no integer place accepts them."""
+        out = {}
+        for key, value in v.items():
+            if not math.isfinite(value):
+                raise ValueError(f"const {key!r} = {value!r} must be a finite number")
+            out[key] = float(value)
+        return out
+
+    @model_validator(mode="after")
+    def _const_names(self) -> GraphSpec:
+        for key in self.consts:
+            if key in self.dims or key in self.types:
+                raise ValueError(f"const {key!r} is also a {'dim' if key in self.dims else 'type'}: "
+                                 "a name means one thing")
+        return self
+
+    @field_validator("dims", "consts", "types", "buffers", "kernels")
     @classmethod
     def _keys(cls, v: dict, info: Any) -> dict:
         for key in v:
@@ -259,7 +282,8 @@ class GraphSpec(_Model):
     def to_yaml(self) -> str:
         """YAML text that :func:`dagbuild.load.parse_spec` reads back to an equal GraphSpec."""
         data = self.to_dict()
-        order = ["dagbuild", "name", "runner", "dims", "types", "deps", "checks", "kernels", "buffers", "nodes"]
+        order = ["dagbuild", "name", "runner", "dims", "consts", "types", "deps", "checks", "kernels", "buffers",
+                 "nodes"]
         data = {k: data[k] for k in order if k in data} | {k: v for k, v in data.items() if k not in order}
         return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=100)
 

@@ -423,13 +423,16 @@ DEFINE_GEMVW(f16, db_f16)
 DEFINE_GEMVW(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
-// rope_append: HF Llama rotary embedding (default type) at p = pos[b], in place on q, roped k and v appended
-// to this layer's cache slice [cache_batch, kv_heads, max_seq, head_dim].     grid [batch], block [128]
+// rope_append: HF rotary embedding at p = pos[b], in place on q, roped k and v appended to this layer's cache
+// slice [cache_batch, kv_heads, max_seq, head_dim], after adding the Q/K/V projection bias (Qwen2; zeros for
+// Llama/Mistral).                                                                grid [batch], block [128]
 // One block per batch row; each thread owns whole pairs (i, i + head_dim/2) of one head: it reads both
 // elements into registers before writing, so the in-place q update has no intra-kernel race. The input k
 // is not modified (it is const): its roped value goes to k_cache only.
-// Matches HF in f32: inv_freq = 1 / theta^(2i/d) (powf), freq = p * inv_freq, sin/cos via rope_sincos,
-// out = x*cos + rotate_half(x)*sin with each product and the sum rounded separately (no FMA contraction).
+// bias = [bq; bk; bv], (heads + 2*kv_heads) * head_dim floats (the packed wqkv row order). inv_freq =
+// [head_dim/2] floats, HF's inv_freq after any rope scaling (computed on the host, as HF does).
+// Matches HF in f32: freq = p * inv_freq[i], sin/cos via rope_sincos, out = x*cos + rotate_half(x)*sin with
+// each product and the sum rounded separately (no FMA contraction).
 // Requirements: head_dim even; 0 <= pos[b] < max_seq (a row whose pos is out of range still ropes q but
 // writes nothing to the cache).
 // ------------------------------------------------------------------------------------------------------------
@@ -446,8 +449,9 @@ __device__ __forceinline__ void rope_sincos(float f, float* s, float* c) {
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-    rope_append(float* q, const float* k, const float* v, float* k_cache, float* v_cache, const int* pos,
-                int heads, int kv_heads, int head_dim, int max_seq, float theta) {
+    rope_append(float* q, const float* k, const float* v, const float* bias, const float* inv_freq,
+                float* k_cache, float* v_cache, const int* pos, int heads, int kv_heads, int head_dim,
+                int max_seq) {
     const int b = blockIdx.x;
     const int p = pos[b];
     const int half = head_dim / 2;
@@ -455,30 +459,31 @@ extern "C" __global__ void __launch_bounds__(1024)
     const int total = (heads + kv_heads) * half;
     for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
         const int h = idx / half, i = idx - h * half;
-        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
-        const float f = (float)p * inv_freq;
+        const float f = (float)p * inv_freq[i];
         float s, c;
         rope_sincos(f, &s, &c);
+        const float* bh = bias + (size_t)h * head_dim;  // q heads, then k heads: the packed row order
         if (h < heads) {
             float* qh = q + ((size_t)b * heads + h) * (size_t)head_dim;
-            const float x1 = qh[i], x2 = qh[i + half];
+            const float x1 = qh[i] + bh[i], x2 = qh[i + half] + bh[i + half];
             qh[i] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(-x2, s));
             qh[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
         } else if (cache_ok) {
             const int hk = h - heads;
             const float* kh = k + ((size_t)b * kv_heads + hk) * (size_t)head_dim;
             float* dst = k_cache + (((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim;
-            const float x1 = kh[i], x2 = kh[i + half];
+            const float x1 = kh[i] + bh[i], x2 = kh[i + half] + bh[i + half];
             dst[i] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(-x2, s));
             dst[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
         }
     }
     if (cache_ok) {
         const int nv = kv_heads * head_dim;
+        const float* bv = bias + (size_t)(heads + kv_heads) * head_dim;
         for (int idx = threadIdx.x; idx < nv; idx += blockDim.x) {
             const int hk = idx / head_dim, e = idx - hk * head_dim;
             v_cache[(((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim + e] =
-                v[(size_t)b * nv + idx];
+                v[(size_t)b * nv + idx] + bv[idx];
         }
     }
 }

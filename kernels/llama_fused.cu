@@ -336,15 +336,17 @@ __device__ __forceinline__ void fw_gemv(const Job& job, const T* w, const T* nw,
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// qkv_rope_<wt>: RMSNorm + packed QKV projection + RoPE + KV append.
-//                                                       grid [ceil_div((heads + 2*kv_heads) * head_dim, 16)],
-//                                                       block [256]
+// qkv_rope_<wt>: RMSNorm + packed QKV projection + RoPE + KV append.     grid [any], block [256],
+//                                                                          dynamic shared memory (the engine)
 // w = wqkv [(heads + 2*kv_heads) * head_dim, hidden]: the rows of wq, then wk, then wv (HF order: head h's
 // head_dim rows contiguous). A warp owns the RoPE pair of rows (h*head_dim + i, h*head_dim + i + head_dim/2),
 // so rotate_half's partners are in one warp's registers: q rows are rotated into q [batch, heads*head_dim];
 // k rows are rotated and written to k_cache [cache_batch, kv_heads, max_seq, head_dim] at slot pos[b]; v
-// rows are copied to v_cache there. RoPE as rope_append in llama.cu (HF default rope, f32, no FMA
-// contraction). Rows whose pos is outside [0, max_seq) (padding: pos < 0) write no KV (q is still written).
+// rows are copied to v_cache there. RoPE as rope_append in llama.cu (f32, no FMA contraction): the epilogue
+// adds bias[row] (the Q/K/V bias, Qwen2; zeros otherwise; [(heads + 2*kv_heads) * head_dim], wqkv's row
+// order) and rotates by p * inv_freq[i] (inv_freq [head_dim/2]: HF's, after any rope scaling, computed on the
+// host). Both are loaded with the position right after the wait (the epilogue's Pre). Rows whose pos is outside [0, max_seq) (padding:
+// pos < 0) write no KV (q is still written).
 // Requirements: head_dim even; hidden % 8 == 0; as the GEMV engine.
 // ------------------------------------------------------------------------------------------------------------
 
@@ -354,17 +356,27 @@ struct QkvJob {
     float* k_cache;
     float* v_cache;
     const int* pos;
+    const float* bias;
+    const float* inv_freq;
     int heads, kv_heads, head_dim, max_seq, npairs;
-    float theta;
-    using Pre = int;  // the row's position
-    __device__ __forceinline__ int pre(int, int b) const { return pos[b]; }
+    struct Pre {  // loaded with x, right after the wait: the row's position, the pair's biases and frequency
+        int p;
+        float ba, bc, f;
+    };
+    __device__ __forceinline__ Pre pre(int g, int b) const {
+        const int half = head_dim / 2, h = g / half, i = g - h * half, r = h * head_dim + i;
+        return Pre{pos[b], bias[r], bias[r + half], inv_freq[i]};
+    }
     __device__ __forceinline__ void rows(int g, int& r0, int& r1) const {
         const int half = head_dim / 2, h = g / half;
         r0 = h * head_dim + (g - h * half);
         r1 = r0 + half;
     }
-    __device__ __forceinline__ void epi(int g, int b, float a, float c, int p) const {
+    __device__ __forceinline__ void epi(int g, int b, float a, float c, const Pre& e) const {
         const int half = head_dim / 2, h = g / half, i = g - h * half;
+        const int p = e.p;
+        a += e.ba;
+        c += e.bc;
         const bool cache_ok = p >= 0 && p < max_seq;
         if (h >= heads + kv_heads) {
             if (cache_ok) {
@@ -375,9 +387,8 @@ struct QkvJob {
             }
             return;
         }
-        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
         float s, co;
-        rope_sincos((float)p * inv_freq, &s, &co);
+        rope_sincos((float)p * e.f, &s, &co);
         const float o1 = __fadd_rn(__fmul_rn(a, co), __fmul_rn(-c, s));
         const float o2 = __fadd_rn(__fmul_rn(c, co), __fmul_rn(a, s));
         float* dst;
@@ -394,29 +405,30 @@ struct QkvJob {
 
 template <typename T>
 __device__ __forceinline__ void qkv_rope_impl(const T* w, const T* norm, const float* x, float* q, float* k_cache,
-                                              float* v_cache, const int* pos, int hidden, int heads, int kv_heads,
-                                              int head_dim, int max_seq, int batch, float eps, float theta) {
+                                              float* v_cache, const int* pos, const float* bias,
+                                              const float* inv_freq, int hidden, int heads, int kv_heads,
+                                              int head_dim, int max_seq, int batch, float eps) {
     PDL_LAUNCH_DEPENDENTS();
-    const QkvJob job{q, k_cache, v_cache, pos, heads, kv_heads, head_dim, max_seq,
-                     (heads + 2 * kv_heads) * (head_dim / 2), theta};
+    const QkvJob job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
+                     (heads + 2 * kv_heads) * (head_dim / 2)};
     fw_gemv<T, true>(job, w, norm, x, hidden, batch, eps);
 }
 
 #define DEFINE_QKV(SUFFIX, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(FW_BLOCK, FW_MIN_BLOCKS)                                   \
         qkv_rope_##SUFFIX(const T* w, const T* norm, const float* x, float* q, float* k_cache,              \
-                          float* v_cache, const int* pos, int hidden, int heads, int kv_heads, int head_dim, \
-                          int max_seq, int batch, float eps, float theta) {                                 \
-        qkv_rope_impl<T>(w, norm, x, q, k_cache, v_cache, pos, hidden, heads, kv_heads, head_dim, max_seq,  \
-                         batch, eps, theta);                                                                \
+                          float* v_cache, const int* pos, const float* bias, const float* inv_freq,         \
+                          int hidden, int heads, int kv_heads, int head_dim, int max_seq, int batch,        \
+                          float eps) {                                                                      \
+        qkv_rope_impl<T>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads, kv_heads,     \
+                         head_dim, max_seq, batch, eps);                                                    \
     }
 DEFINE_QKV(f32, float)
 DEFINE_QKV(f16, db_f16)
 DEFINE_QKV(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
-// gate_up_silu_<wt>: RMSNorm + packed gate/up projection + SiLU(gate) * up.   grid [ceil_div(ffn, 8)],
-//                                                                              block [256]
+// gate_up_silu_<wt>: RMSNorm + packed gate/up projection + SiLU(gate) * up.   grid [any], block [256]
 // w = w_gate_up [2*ffn, hidden] with rows interleaved: row 2j = w_gate[j], row 2j+1 = w_up[j], so one warp
 // owns both rows of output j: act[b, j] = silu(gate) * up, act [batch, ffn].
 // Requirements: hidden % 8 == 0; as the GEMV engine.
@@ -457,7 +469,7 @@ DEFINE_GATE_UP(bf16, db_bf16)
 // ------------------------------------------------------------------------------------------------------------
 // gemv_res_<wt>: y[b, j] += sum_i w[j, i] * x[b, i]      (O and down projections: the residual add into x)
 // gemv_norm_<wt>: y[b, j] = rsqrt(mean(x[b]^2) + eps) * sum_i w[j, i] * norm[i] * x[b, i]   (final norm +
-//                 LM head)                                               grid [ceil_div(n, 16)], block [256]
+//                 LM head)                                                        grid [any], block [256]
 // A warp owns rows (2g, 2g+1) (the second clamped to n-1 for loads, never written past n).
 // Requirements: k % 8 == 0; as the GEMV engine. y must not alias x.
 // ------------------------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def test_prefill_spec_shares_the_fused_decode_buffers(config):
     dec = plan(load_spec(SPECS / "llama_decode_fused.yaml"), {**ov, "batch": 3, "cache_batch": 4})
     pre = plan(load_spec(SPECS / "llama_prefill.yaml"), {**prefill_overrides(dec), "seq": 64})
     shared = [b for b in SHARED_BUFFERS if b in dec.buffers]
-    assert len(shared) == len(SHARED_BUFFERS) - 1  # all but rope_inv_freq (not in the decode spec yet)
+    assert len(shared) == len(SHARED_BUFFERS)
     for name in shared:
         a, b = dec.buffers[name], pre.buffers[name]
         assert (a.dtype, a.shape) == (b.dtype, b.shape), name

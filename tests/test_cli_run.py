@@ -8,11 +8,13 @@ import json
 import time
 
 import pytest
+import yaml
 from conftest import SPECS
 
 import dagbuild.backends
 from dagbuild import cli
 from dagbuild.cli import main
+from dagbuild.llama import weights as W
 
 TINY = str(SPECS / "configs" / "llama_tiny.yaml")
 LLAMA = str(SPECS / "llama_decode.yaml")
@@ -158,17 +160,21 @@ def test_cli_has_one_gpu_probe():
 def checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text(json.dumps(W.hf_config_kwargs(yaml.safe_load(open(TINY)))))
     (folder / "model.safetensors").write_bytes(b"")
     return folder
 
 
 @pytest.mark.parametrize("argv, why", [
     (["--weights", "/nonexistent"], "no such directory"),
-    (["--prompt", "abc"], "comma-separated token ids"),
-    (["--prompt", ""], "comma-separated token ids"),
-    (["--prompt", "1,-2"], "comma-separated token ids"),
-    (["--prompt", "1;2"], "comma-separated token ids"),
+    (["--prompt-ids", "abc"], "comma-separated token ids"),
+    (["--prompt-ids", ""], "comma-separated token ids"),
+    (["--prompt-ids", "1,-2"], "comma-separated token ids"),
+    (["--prompt-ids", "1;2"], "comma-separated token ids"),
+    (["--prompt", "Once upon a time"], "tokenizer.json"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--prompt", "hi", "--prompt-ids", "1"], "not both"),
+    (["--chat"], "give --prompt"),
     (["--tokens", "-5"], "--tokens must be ≥ 1"),
     (["--tokens", "0"], "--tokens must be ≥ 1"),
     (["--tokens", "many"], "must be an integer"),
@@ -200,6 +206,25 @@ def test_run_weights_must_be_a_checkpoint(tmp_path, checkpoint, in_tmp, no_gpu, 
 def test_run_good_weights_pass_the_checks(checkpoint, in_tmp, no_gpu, capsys):
     assert run(["run", LLAMA, "--config", TINY, "--weights", str(checkpoint)]) == 0
     assert no_gpu == [1] and "No GPU here" in capsys.readouterr().out
+
+
+def test_run_weights_plan_the_checkpoints_shape(checkpoint, in_tmp, no_gpu, capsys):
+    """Without --config, the checkpoint's config.json sets the dims (and --set still wins)."""
+    assert run(["run", LLAMA, "--weights", str(checkpoint), "--set", "max_seq=64"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden=256" in out and "layers=4" in out and "max_seq=64" in out
+
+
+def test_run_refused_checkpoint_exits_1_naming_the_field(checkpoint, in_tmp, no_gpu, capsys):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral"}))
+    assert run(["run", LLAMA, "--weights", str(checkpoint)]) == 1
+    assert "model_type = 'mixtral'" in capsys.readouterr().err and no_gpu == []
+
+
+def test_run_text_prompt_needs_the_checkpoints_tokenizer(checkpoint, in_tmp, no_gpu, capsys):
+    assert run(["run", LLAMA, "--weights", str(checkpoint), "--prompt", "hello"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err and no_gpu == []
 
 
 # --- run: where the DOT goes -----------------------------------------------------------------------------------------

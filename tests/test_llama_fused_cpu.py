@@ -34,7 +34,7 @@ FUSED = SPECS / "llama_decode_fused.yaml"
 WTYPES = ("f32", "f16", "bf16")
 P, N, F = ".u64", ".u32", ".f32"  # pointer, 32-bit int, float in PTX .param lists
 GEMV_PARAMS = {
-    "qkv_rope": [P, P, P, P, P, P, P, N, N, N, N, N, N, F, F],
+    "qkv_rope": [P, P, P, P, P, P, P, P, P, N, N, N, N, N, N, F],
     "gate_up_silu": [P, P, P, P, N, N, N, F],
     "gemv_res": [P, P, P, N, N, N],
     "gemv_norm": [P, P, P, P, N, N, N, F],

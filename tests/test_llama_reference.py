@@ -63,6 +63,21 @@ def _hf_rope(x, p, head_dim, theta):
     return x * cos + rotate_half(x) * sin
 
 
+def test_rope_bias_is_added_before_the_rotation():
+    rng = np.random.default_rng(4)
+    heads, kvh, hd, ms = 2, 1, 8, 6
+    q, k, v = (rng.standard_normal((1, n, hd)) for n in (heads, kvh, kvh))
+    bias = rng.standard_normal((heads + 2 * kvh) * hd)
+    kc = np.zeros((1, kvh, ms, hd))
+    inv = ref.rope_inv_freq(hd, 1e4)
+    pos = np.array([3])
+    qo, kco, vco = ref.rope_append(q, k, v, bias, inv, kc, kc, pos, heads, kvh, hd, ms)
+    q2, kc2, vc2 = ref.rope_append(q + bias[:heads * hd].reshape(1, heads, hd), k + bias[heads * hd:(heads + kvh) * hd],
+                                   v + bias[(heads + kvh) * hd:], None, inv, kc, kc, pos, heads, kvh, hd, ms)
+    assert np.allclose(qo, q2, atol=1e-12) and np.allclose(kco, kc2, atol=1e-12) and np.allclose(vco, vc2)
+    assert np.allclose(vco[0, :, 3], v[0] + bias[(heads + kvh) * hd:])
+
+
 @pytest.mark.parametrize("head_dim,theta", [(64, 10000.0), (128, 500000.0), (16, 10000.0)])
 def test_rope_append_matches_hf_rotate_half(head_dim, theta):
     rng = np.random.default_rng(2)
@@ -73,7 +88,8 @@ def test_rope_append_matches_hf_rotate_half(head_dim, theta):
     kc = rng.standard_normal((batch + 1, kv_heads, max_seq, head_dim))
     vc = rng.standard_normal((batch + 1, kv_heads, max_seq, head_dim))
     pos = np.array([0, 17, 39], np.int32)
-    qo, kco, vco = ref.rope_append(q, k, v, kc, vc, pos, heads, kv_heads, head_dim, max_seq, theta)
+    inv = ref.rope_inv_freq(head_dim, theta)
+    qo, kco, vco = ref.rope_append(q, k, v, None, inv, kc, vc, pos, heads, kv_heads, head_dim, max_seq)
     for b, p in enumerate(pos):
         assert np.allclose(qo[b], _hf_rope(q[b], p, head_dim, theta), rtol=0, atol=1e-12)
         assert np.allclose(kco[b, :, p], _hf_rope(k[b], p, head_dim, theta), rtol=0, atol=1e-12)
@@ -93,7 +109,7 @@ def test_rope_out_of_range_position_leaves_cache():
     q = rng.standard_normal((1, 1, 8))
     k = rng.standard_normal((1, 1, 8))
     kc = rng.standard_normal((1, 1, 4, 8))
-    _, kco, vco = ref.rope_append(q, k, k, kc, kc, np.array([4]), 1, 1, 8, 4, 10000.0)
+    _, kco, vco = ref.rope_append(q, k, k, None, ref.rope_inv_freq(8, 1e4), kc, kc, np.array([4]), 1, 1, 8, 4)
     assert np.array_equal(kco, kc) and np.array_equal(vco, kc)
 
 

@@ -4,6 +4,7 @@ and the safetensors reader."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -95,31 +96,47 @@ def test_config_object_with_attributes():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"rms_norm_eps": 1e-6}, "rms_norm_eps"),
-    ({"rope_theta": 500000.0}, "rope_theta"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, "rope_theta"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0}}, "rope_scaling"),
-    ({"head_dim": 128}, "head_dim"),
-    ({"hidden_size": 4096}, "head_dim"),  # 4096 / 32 heads = 128
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"torch_dtype": "float64"}, "torch_dtype"),
-    ({"model_type": "mistral"}, "model_type"),
-    ({"num_key_value_heads": 5}, "num_key_value_heads"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "rope_type = 'yarn'"),
+    ({"rope_scaling": {"rope_type": "longrope"}}, "rope_type = 'longrope'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),  # llama3 without its params
+    ({"rope_scaling": {"type": "linear"}}, "rope_scaling.factor"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
+    ({"head_dim": 256}, "head_dim = 256"),
+    ({"head_dim": 80}, "head_dim = 80"),
+    ({"hidden_size": 8192}, "head_dim = 256"),  # 8192 / 32 heads
+    ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+    ({"attention_bias": True}, "attention_bias = True"),
+    ({"mlp_bias": True}, "mlp_bias = True"),
+    ({"torch_dtype": "float64"}, "torch_dtype = 'float64'"),
+    ({"model_type": "mixtral"}, "model_type = 'mixtral'"),
+    ({"model_type": "gpt2"}, "model_type = 'gpt2'"),
+    ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
+    ({"num_local_experts": 8}, "num_local_experts = 8"),
+    ({"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
+    ({"num_key_value_heads": 5}, "num_key_value_heads = 5"),
     ({"vocab_size": None}, "vocab_size"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps = -1.0"),
 ])
 def test_rejections_name_the_field(change, field):
-    with pytest.raises(DagbuildError, match=field):
+    with pytest.raises(DagbuildError, match=re.escape(field)):
         W.dims_from_hf_config({**TINYLLAMA, **change})
 
 
-def test_missing_rms_norm_eps_is_llamaconfigs_default_and_rejected():
+@pytest.mark.parametrize("change", [
+    {"rms_norm_eps": 1e-6}, {"rope_theta": 500000.0}, {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, {"head_dim": 128},
+    {"hidden_size": 4096}, {"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+])
+def test_configs_the_old_spec_refused_are_served(change):
+    W.dims_from_hf_config({**TINYLLAMA, **change})
+
+
+def test_missing_rms_norm_eps_is_llamaconfigs_default():
+    from dagbuild.llama.config import from_hf
+
     cfg = {k: v for k, v in TINYLLAMA.items() if k != "rms_norm_eps"}
-    with pytest.raises(DagbuildError, match="rms_norm_eps"):
-        W.dims_from_hf_config(cfg)
+    assert from_hf(cfg).rms_eps == 1e-6
 
 
 def test_tied_embeddings_are_fine():
@@ -196,7 +213,8 @@ def test_plan_state_dict_missing_final_norm():
 def test_plan_state_dict_unexpected():
     plan = tiny_plan()
     with pytest.raises(W.WeightsError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias: unexpected"):
-        W.plan_state_dict(plan, shapes_for(plan, extra={"model.layers.0.self_attn.q_proj.bias": (256,)}))
+        W.plan_state_dict(plan, shapes_for(plan, extra={"model.layers.0.self_attn.q_proj.bias": (256,)}),
+                          biases=False)
     with pytest.raises(W.WeightsError, match=r"layer 4 is past the graph's layers = 4"):
         W.plan_state_dict(plan, shapes_for(plan, extra={"model.layers.4.mlp.up_proj.weight": (688, 256)}))
 
@@ -337,8 +355,12 @@ def test_load_checkpoint_checks_config_before_touching_the_device(tmp_path):
     with pytest.raises(DagbuildError, match="hidden_size = 2048"):
         W.load_checkpoint(FakeExe(), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**W.hf_config_kwargs(FakeExe.plan.dims),
-                                                      "rope_theta": 1e6}))
-    with pytest.raises(DagbuildError, match="rope_theta"):
+                                                      "rms_norm_eps": 1e-6}))
+    with pytest.raises(DagbuildError, match=r"rms_norm_eps = 1e-06 \(const 'rms_eps'\).*--set rms_eps=1e-06"):
+        W.load_checkpoint(FakeExe(), tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**W.hf_config_kwargs(FakeExe.plan.dims),
+                                                      "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(DagbuildError, match="rope_type = 'yarn'"):
         W.load_checkpoint(FakeExe(), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(W.hf_config_kwargs(FakeExe.plan.dims)))
     with pytest.raises(DagbuildError, match="no \\*.safetensors"):
@@ -373,7 +395,7 @@ def test_real_llamaconfig_objects_and_their_json():
     want = {k: TINY[k] for k in W.HF_DIM_FIELDS}
     assert {k: v for k, v in W.dims_from_hf_config(cfg).items() if k != "wt"} == want
     assert {k: v for k, v in W.dims_from_hf_config(cfg.to_dict()).items() if k != "wt"} == want
-    with pytest.raises(DagbuildError, match="rope_theta"):
-        W.dims_from_hf_config(transformers.LlamaConfig(**{**kw, "rope_theta": 500000.0}))
-    with pytest.raises(DagbuildError, match="rms_norm_eps"):
-        W.dims_from_hf_config(transformers.LlamaConfig(**{**kw, "rms_norm_eps": 1e-6}))
+    with pytest.raises(DagbuildError, match="rope_type = 'yarn'"):
+        W.dims_from_hf_config(transformers.LlamaConfig(**{**kw, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(DagbuildError, match="mlp_bias"):
+        W.dims_from_hf_config(transformers.LlamaConfig(**{**kw, "mlp_bias": True}))

@@ -11,8 +11,9 @@ Modes (ms per token, host-observed: write the token, run the step, wait, read th
   floor: bytes of weights read per token / the device-to-device copy bandwidth (bytes read + written per
       second, best of several copies of a 1 GiB buffer).
 
-Both models are the same random model: an HF LlamaForCausalLM of the config's shape in fp16 (f16 for both
-configs, tiny included, so every mode reads the same bytes), loaded into dagbuild with load_state_dict.
+Both models are the same random model: an HF causal LM of the config's shape (fp16 for a dims YAML, tiny
+included, so every mode reads the same bytes; an HF config.json brings its own class, dtype, RoPE scaling and
+tied head), loaded into dagbuild with load_state_dict.
 Then each distinct kernel of the explicit graph (grouped by node id prefix: q_proj, attn, lm_head, ...) is
 timed alone on the device: L2 flushed, the stream held by a spin kernel while the launches queue, CUDA
 events around one pass over all of that kind's nodes; GEMVs also get their achieved weight bandwidth.
@@ -20,6 +21,8 @@ events around one pass over all of that kind's nodes; GEMVs also get their achie
   python3 tools/bench_decode.py                       # tiny config and the TinyLlama shape
   python3 tools/bench_decode.py --config specs/configs/tinyllama.yaml --steps 300 --json out.json
   python3 tools/bench_decode.py --spec specs/llama_decode_fused.yaml --config specs/configs/tinyllama.yaml
+  python3 tools/bench_decode.py --config specs/configs/hf/llama-3.2-1b.json            # bf16, llama3 RoPE, tied
+  python3 tools/bench_decode.py --config specs/configs/hf/llama-2-7b.json --layers 16  # f16, head_dim 128
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ sys.path.insert(0, str(ROOT))
 
 from dagbuild.bench import copy_bandwidth, device_us_per_launch, launch_modes  # noqa: E402
 from dagbuild.executable import ExecOptions, Executable  # noqa: E402
+from dagbuild.llama.config import from_hf, read_hf_config  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
 from dagbuild.llama.weights import (  # noqa: E402
     load_state_dict,
     random_hf_model,
     random_weights,
+    tied_bound,
     weight_buffer_names,
 )
 
@@ -317,9 +322,32 @@ def kernel_times(cp, exe, copy_gbps: float, min_launches: int = 100) -> list[dic
 # ---------------------------------------------------------------------------------------------------------
 
 
-def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]:
+def load_config(path: Path, args) -> tuple[dict[str, Any], Any, Any]:
+    """(plan overrides, HF config object or None, ModelConfig or None) of a dims YAML (f16, default rope) or an
+    HF config.json / checkpoint directory (its dims, consts, RoPE and tied head; wt from the config)."""
+    if path.suffix == ".json" or path.is_dir():
+        import transformers
+
+        model = read_hf_config(path)
+        data = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        if args.layers:
+            data["num_hidden_layers"] = args.layers
+            model = from_hf(data)
+        hf = transformers.AutoConfig.for_model(data.pop("model_type", "llama"), **data)
+        return {**model.overrides(), "wt": args.wt or model.wt}, hf, model
     dims = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "wt"}
-    plan = llama_plan({**dims, "wt": "f16", "batch": 1}, args.spec)
+    if args.layers:
+        dims["layers"] = args.layers
+    return {**dims, "wt": args.wt or "f16"}, None, None
+
+
+def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]:
+    overrides, hf_config, mconf = load_config(path, args)
+    wt = overrides["wt"]
+    dims = {k: v for k, v in overrides.items() if k != "wt"}
+    seq = {"max_seq": args.max_seq} if args.max_seq else {}
+    plan = llama_plan({**overrides, "batch": 1, **seq}, args.spec)
+    tied = bool(mconf and mconf.tied)
     d = plan.dims
     prompt = np.random.default_rng(0).integers(0, d["vocab"], args.prompt_len).tolist()
     steps = min(args.steps, d["max_seq"] - args.prompt_len - args.warmup - 1)
@@ -328,7 +356,7 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
         notes.append(f"steps clamped to {steps} by max_seq = {d['max_seq']}")
     wbytes = weight_bytes_per_token(plan)
     floor_ms = wbytes / (copy["GBps"] * 1e9) * 1e3
-    result: dict[str, Any] = {"config": str(path), "dims": d, "wt": "f16", "prompt_len": len(prompt),
+    result: dict[str, Any] = {"config": str(path), "dims": d, "wt": wt, "prompt_len": len(prompt),
                               "warmup": args.warmup, "steps": steps, "weight_bytes_per_token": wbytes,
                               "floor_ms": floor_ms, "modes": {}, "tokens": {}, "notes": notes}
     torch = model = None
@@ -339,16 +367,17 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
 
             result["transformers"] = transformers.__version__
             result["torch"] = torch.__version__
-            model = random_hf_model(d, dtype="f16", seed=args.seed, std=0.02, attn_implementation=args.attn)
+            model = random_hf_model(d, config=hf_config, dtype=wt, seed=args.seed, std=0.02,
+                                    attn_implementation=args.attn)
             result["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
         except Exception as e:  # no torch/transformers: dagbuild modes only
             notes.append(f"HF modes skipped: {type(e).__name__}: {e}")
             torch = model = None
-    with Executable(plan) as exe:
+    with Executable(plan, bound=tied_bound(plan) if tied else None) as exe:
         if model is not None:
-            load_state_dict(exe, model.state_dict())
+            load_state_dict(exe, model.state_dict(), mconf)
         else:
-            random_weights(exe, args.seed)
+            random_weights(exe, args.seed, rope=mconf.rope if mconf else None)
         runs: dict[str, tuple[Callable, Callable]] = {}
         modes = dagbuild_modes(cp, exe)
         runs.update({k: v for k, v in modes.items() if not k.startswith("_")})
@@ -372,16 +401,16 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
             result["kernels"] = kernel_times(cp, exe, copy["GBps"])
         del modes
     if FUSED_SPEC.is_file() and not args.no_fused:
-        fplan = llama_plan({**dims, "wt": "f16", "batch": 1}, spec_path=FUSED_SPEC)
+        fplan = llama_plan({**dims, "wt": wt, "batch": 1, **seq}, spec_path=FUSED_SPEC)
         result["fused_nodes"] = len(fplan.nodes)
         for name, opts in (("(f) dagbuild fused, plain edges", ExecOptions(programmatic=False)),
                            ("(g) dagbuild fused + programmatic edges", ExecOptions())):
             try:
-                with Executable(fplan, opts) as exe:
+                with Executable(fplan, opts, bound=tied_bound(fplan) if tied else None) as exe:
                     if model is not None:
-                        load_state_dict(exe, model.state_dict())
+                        load_state_dict(exe, model.state_dict(), mconf)
                     else:
-                        random_weights(exe, args.seed)
+                        random_weights(exe, args.seed, rope=mconf.rope if mconf else None)
                     toks, ms = decode(*explicit_mode(cp, exe), prompt, args.warmup, steps)
                     result["modes"][name] = {**stats(ms), "x_floor": statistics.median(ms) / floor_ms,
                                              "device_ms": graph_device_ms(cp, exe)}
@@ -407,7 +436,8 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
 def report(r: dict[str, Any], copy: dict[str, float], device: str) -> str:
     d = r["dims"]
     lines = [f"== {Path(r['config']).stem}: hidden {d['hidden']}, layers {d['layers']}, heads {d['heads']}/"
-             f"{d['kv_heads']}, ffn {d['ffn']}, vocab {d['vocab']}, wt f16, batch 1 — {device} ==",
+             f"{d['kv_heads']}, head_dim {d['head_dim']}, ffn {d['ffn']}, vocab {d['vocab']}, wt {r['wt']}, batch 1 "
+             f"— {device} ==",
              f"weights read per token {r['weight_bytes_per_token'] / 1e6:.2f} MB; copy bandwidth "
              f"{copy['GBps']:.0f} GB/s (read + written) -> floor {r['floor_ms']:.4f} ms/token; "
              f"prompt {r['prompt_len']}, {r['warmup']} warm-up + {r['steps']} timed steps per mode", "",
@@ -450,8 +480,13 @@ def report(r: dict[str, Any], copy: dict[str, float], device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", action="append", help="dims YAML (repeatable); default: "
-                    + " and ".join(DEFAULT_CONFIGS))
+    ap.add_argument("--config", action="append", help="dims YAML, or an HF config.json / checkpoint directory "
+                    "(e.g. specs/configs/hf/llama-3.2-1b.json: its RoPE, consts and tied head too; repeatable); "
+                    "default: " + " and ".join(DEFAULT_CONFIGS))
+    ap.add_argument("--wt", choices=["f16", "bf16", "f32"], help="weight type (default: the HF config's dtype; "
+                    "f16 for a dims YAML)")
+    ap.add_argument("--layers", type=int, help="override the layer count (a 7B shape in fewer layers)")
+    ap.add_argument("--max-seq", type=int, help="the graphs' max_seq (default: the config's, else the spec's 512)")
     ap.add_argument("--steps", type=int, default=200, help="timed decode steps per mode (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed decode steps per mode first (default 10)")
     ap.add_argument("--prompt-len", type=int, default=8)

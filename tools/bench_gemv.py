@@ -182,9 +182,12 @@ def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict
         vc = arr((batch, dims["kv_heads"], max_seq, hd))
         pos = cp.full(batch, 10, cp.int32)
         keep.append(pos)
-        cargs = [(norm, x, q, kc, vc, pos, i32(k), i32(dims["heads"]), i32(dims["kv_heads"]), i32(hd),
-                  i32(max_seq), i32(batch), f32(1e-5), f32(10000.0))]
-        kinds = ["ptr"] * 6 + ["i32"] * 6 + ["f32"] * 2
+        bias = cp.zeros(rows, cp.float32)
+        inv_freq = (1.0 / 10000.0 ** (cp.arange(0, hd, 2, dtype=cp.float32) / hd)).astype(cp.float32)
+        keep += [bias, inv_freq]
+        cargs = [(norm, x, q, kc, vc, pos, bias, inv_freq, i32(k), i32(dims["heads"]), i32(dims["kv_heads"]),
+                  i32(hd), i32(max_seq), i32(batch), f32(1e-5))]
+        kinds = ["ptr"] * 8 + ["i32"] * 6 + ["f32"]
     elif role == "gate_up":
         act = arr((batch, rows // 2))
         cargs = [(norm, x, act, i32(rows // 2), i32(k), i32(batch), f32(1e-5))]

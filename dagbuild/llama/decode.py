@@ -10,7 +10,7 @@ Rows with a negative position are padding: the kernels write no KV for them and 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,24 +98,32 @@ class LlamaDecoder:
         return b["next_host"][:n].copy()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 on_step: Callable[[int, int], None] | None = None, prefill: Any = None) -> Generation:
+                 on_step: Callable[[int, int], None] | None = None, prefill: Any = None,
+                 stop_ids: Collection[int] = (), on_token: Callable[[int, int], None] | None = None) -> Generation:
         """Greedy decoding of one prompt per row. ``prefill``: a :class:`~dagbuild.llama.prefill.Prefiller`
         of this executable (prompts through prefill graphs, which yield the first new tokens), else the
         prompt goes through the decode graph one position at a time and the step that reads a prompt's
-        last token yields the first new one. ``on_step(done, total)`` is called after every launch."""
+        last token yields the first new one. A row ends after ``max_new_tokens`` or after emitting one of
+        ``stop_ids`` (kept as its last token); then it is padding, and decoding stops when every row has
+        ended. ``on_step(done, total)`` is called after every launch, ``on_token(row, token)`` for each new
+        token."""
         rows = len(prompts)
         if rows == 0 or any(len(p) == 0 for p in prompts):
             raise DagbuildError("generate: every row needs a non-empty prompt")
         self.reset()
+        stop = frozenset(int(t) for t in stop_ids)
         if prefill is not None:
-            return self._generate_after_prefill(prompts, max_new_tokens, on_step, prefill)
+            return self._generate_after_prefill(prompts, max_new_tokens, on_step, prefill, stop, on_token)
         lengths = [len(p) for p in prompts]
         total = max(lengths) + max_new_tokens - 1
         out: list[list[int]] = [[] for _ in range(rows)]
+        ended = [False] * rows
         gen = Generation(out)
         current = [p[0] for p in prompts]
         for t in range(total):
-            positions = [t if t < lengths[r] + max_new_tokens - 1 else -1 for r in range(rows)]
+            positions = [t if t < lengths[r] + max_new_tokens - 1 and not ended[r] else -1 for r in range(rows)]
+            if all(p < 0 for p in positions):
+                break
             tok = [current[r] if positions[r] >= 0 else 0 for r in range(rows)]
             t0 = time.perf_counter()
             nxt = self.step(tok, positions)
@@ -129,25 +137,42 @@ class LlamaDecoder:
                 elif len(out[r]) < max_new_tokens:
                     out[r].append(int(nxt[r]))
                     current[r] = int(nxt[r])
+                    if on_token:
+                        on_token(r, current[r])
+                    if current[r] in stop:
+                        ended[r] = True
             if on_step:
                 on_step(t + 1, total)
             if t == max(lengths) - 1:
                 gen.ttft_ms = sum(gen.prefill_ms) + ms
         return gen
 
-    def _generate_after_prefill(self, prompts, max_new_tokens, on_step, prefill) -> Generation:
+    def _generate_after_prefill(self, prompts, max_new_tokens, on_step, prefill, stop, on_token) -> Generation:
         rows, lengths = len(prompts), [len(p) for p in prompts]
         t0 = time.perf_counter()
         first, _ = prefill.run(prompts)
-        gen = Generation([[t][:max_new_tokens] for t in first], prefill_ms=[(time.perf_counter() - t0) * 1e3])
+        gen = Generation([[int(t)][:max_new_tokens] for t in first], prefill_ms=[(time.perf_counter() - t0) * 1e3])
         gen.ttft_ms = gen.prefill_ms[0]
+        ended = [not toks or toks[-1] in stop for toks in gen.tokens]
+        for r, toks in enumerate(gen.tokens):
+            if toks and on_token:
+                on_token(r, toks[-1])
         total = max_new_tokens - 1
         for t in range(total):
+            if all(ended):
+                break
+            positions = [-1 if ended[r] else lengths[r] + t for r in range(rows)]
+            tok = [0 if ended[r] else gen.tokens[r][-1] for r in range(rows)]
             t0 = time.perf_counter()
-            nxt = self.step([gen.tokens[r][-1] for r in range(rows)], [lengths[r] + t for r in range(rows)])
+            nxt = self.step(tok, positions)
             gen.decode_ms.append((time.perf_counter() - t0) * 1e3)
             for r in range(rows):
+                if ended[r]:
+                    continue
                 gen.tokens[r].append(int(nxt[r]))
+                if on_token:
+                    on_token(r, gen.tokens[r][-1])
+                ended[r] = gen.tokens[r][-1] in stop
             if on_step:
                 on_step(t + 1, total)
         return gen

@@ -92,28 +92,33 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
 
 
-def _rope_cos_sin(p: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def _rope_cos_sin(p: int, inv_freq) -> tuple[np.ndarray, np.ndarray]:
     # HF: freqs = inv_freq (f32) * position (f32), one f32 product; the cos/sin are then taken of that f32
     # value (here in float64, so only the kernel's cosf/sinf rounding differs).
-    freq = (np.float32(p) * rope_inv_freq(head_dim, theta)).astype(np.float64)
+    freq = (np.float32(p) * np.asarray(inv_freq, dtype=np.float32)).astype(np.float64)
     return np.cos(freq), np.sin(freq)
 
 
 def rope_append(
-    q, k, v, k_cache, v_cache, pos, heads: int, kv_heads: int, head_dim: int, max_seq: int, theta: float
+    q, k, v, bias, inv_freq, k_cache, v_cache, pos, heads: int, kv_heads: int, head_dim: int, max_seq: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rotary embedding at p = pos[b] on q and k, roped k and v appended to the caches at slot p.
+    """Q/K/V bias, then rotary embedding at p = pos[b] on q and k; roped k and v appended to the caches at
+    slot p.
 
-    Pairs (i, i + head_dim/2) rotate by angle p * inv_freq[i] (HF ``rotate_half`` layout). Returns
-    (q [batch, heads, head_dim], k_cache, v_cache [cache_batch, kv_heads, max_seq, head_dim]) as updated
-    copies. A row whose pos is outside [0, max_seq) leaves the caches alone (q is still rotated).
+    ``bias`` is [bq; bk; bv] ((heads + 2*kv_heads) * head_dim; None for zeros), ``inv_freq`` the [head_dim/2]
+    inverse frequencies (:func:`rope_inv_freq` for HF's default rope). Pairs (i, i + head_dim/2) rotate by
+    angle p * inv_freq[i] (HF ``rotate_half`` layout). Returns (q [batch, heads, head_dim], k_cache, v_cache
+    [cache_batch, kv_heads, max_seq, head_dim]) as updated copies. A row whose pos is outside [0, max_seq)
+    leaves the caches alone (q is still rotated).
     """
     pos = np.asarray(pos, dtype=np.int64).reshape(-1)
     batch = pos.shape[0]
     half = head_dim // 2
-    qo = _f64(q).reshape(-1, heads, head_dim)[:batch].copy()
-    ks = _f64(k).reshape(-1, kv_heads, head_dim)[:batch]
-    vs = _f64(v).reshape(-1, kv_heads, head_dim)[:batch]
+    nq, nkv = heads * head_dim, kv_heads * head_dim
+    bias = np.zeros(nq + 2 * nkv) if bias is None else _f64(bias).reshape(-1)
+    qo = _f64(q).reshape(-1, heads, head_dim)[:batch] + bias[:nq].reshape(heads, head_dim)
+    ks = _f64(k).reshape(-1, kv_heads, head_dim)[:batch] + bias[nq:nq + nkv].reshape(kv_heads, head_dim)
+    vs = _f64(v).reshape(-1, kv_heads, head_dim)[:batch] + bias[nq + nkv:].reshape(kv_heads, head_dim)
     kc = _f64(k_cache).reshape(-1, kv_heads, max_seq, head_dim).copy()
     vc = _f64(v_cache).reshape(-1, kv_heads, max_seq, head_dim).copy()
 
@@ -123,7 +128,7 @@ def rope_append(
 
     for b in range(batch):
         p = int(pos[b])
-        c, s = _rope_cos_sin(p, head_dim, theta)
+        c, s = _rope_cos_sin(p, inv_freq)
         qo[b] = rot(qo[b], c, s)
         if 0 <= p < max_seq:
             kc[b, :, p, :] = rot(ks[b], c, s)

@@ -1,29 +1,71 @@
-"""``dagbuild run specs/llama_decode.yaml``: build, load weights, decode greedily, report speed."""
+"""``dagbuild run specs/llama_decode.yaml``: build, load weights, decode greedily, report speed.
+
+With ``--weights DIR`` the plan already carries the checkpoint's dims, dtype and consts (the CLI planned it
+from config.json); here the prompt is tokenized (``--prompt TEXT``, through the chat template with
+``--chat``) or taken as ids, the memory need is checked against the device's free memory, the graph is built
+(a tied LM head shares the embedding table's buffer), the checkpoint is loaded, and decoding streams text
+and stops at the checkpoint's EOS ids.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import DagbuildError
 from ..plan import Plan
 from .decode import LlamaDecoder, _progress
 
+DEFAULT_PROMPT_IDS = "1,15043,29892,590,1024,338,263,1243"
+
+
+def _folder(weights: str) -> Path:
+    p = Path(weights)
+    return p.parent if p.is_file() else p
+
 
 def run_cli(p: Plan, args: Any) -> int:
     from ..executable import Executable
     from ..plan import plan
     from . import weights
+    from .config import read_hf_config
+    from .footprint import check_fits, footprint
 
     if p.dims["cache_batch"] < p.dims["batch"]:
-        p = plan(p.spec, {**p.dims, **p.types, "cache_batch": p.dims["batch"]})
-    try:
-        prompt = [int(t) for t in str(args.prompt).split(",") if t.strip()]
-    except ValueError:
-        raise DagbuildError(f"--prompt must be comma-separated token ids, got {args.prompt!r}") from None
-    prompt = [t % p.dims["vocab"] for t in prompt]
+        p = plan(p.spec, {**p.dims, **p.types, **p.consts, "cache_batch": p.dims["batch"]})
+    model = read_hf_config(_folder(args.weights)) if args.weights else None
+    text = None
+    if args.prompt is not None:
+        from .text import Text
+
+        text = Text(_folder(args.weights))
+        prompt = text.encode(args.prompt, chat=args.chat)
+        if not prompt:
+            raise DagbuildError(f"--prompt {args.prompt!r} has no tokens")
+    else:
+        ids = args.prompt_ids if args.prompt_ids is not None else DEFAULT_PROMPT_IDS
+        prompt = [int(t) for t in str(ids).split(",") if t.strip()]
+        if model is not None:
+            bad = [t for t in prompt if t >= p.dims["vocab"]]
+            if bad:
+                raise DagbuildError(f"--prompt-ids: token {bad[0]} is not below the vocabulary size {p.dims['vocab']}")
+        else:
+            prompt = [t % p.dims["vocab"] for t in prompt]  # the demo's ids fit any random vocabulary
+    need = len(prompt) + args.tokens - 1
+    if need > p.dims["max_seq"]:
+        raise DagbuildError(f"the prompt ({len(prompt)} tokens) and --tokens {args.tokens} need {need} positions, "
+                            f"but the graph is built for max_seq = {p.dims['max_seq']}: --set max_seq={need} "
+                            "(or fewer --tokens)")
+    tied = bool(model and model.tied)
+    import cupy
+
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    check_fits(footprint(p, tied), free, p.dims, name=f"graph {p.name!r}")
+    stops = set(model.eos_ids) if model is not None else set()
     t0 = time.perf_counter()
-    with Executable(p) as exe:
+    with Executable(p, bound=weights.tied_bound(p) if tied else None) as exe:
         build_ms = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
         if args.weights:
@@ -36,18 +78,35 @@ def run_cli(p: Plan, args: Any) -> int:
         load_s = time.perf_counter() - t1
         dec = LlamaDecoder(exe)
         rows = p.dims["batch"]
-        show = not args.no_progress and args.tokens + len(prompt) > 32
+        arch = f"{model.architecture}, " if model is not None else ""
         print(f"{p.name}: {len(p.nodes)} nodes in one graph, built in {build_ms:.1f} ms; "
-              f"{source} loaded in {load_s:.2f} s; batch {rows}, wt={p.types.get('wt')}")
+              f"{source} loaded in {load_s:.2f} s; {arch}batch {rows}, wt={p.types.get('wt')}", flush=True)
         prefiller = _prefiller(exe, getattr(args, "prefill", "graph"))
+        on_token = None
+        if text is not None:
+            from .text import Stream
+
+            stream = Stream(text)
+            sys.stdout.write(f"\n{args.prompt}" if not args.chat else "\n")
+
+            def on_token(row: int, token: int) -> None:
+                if row == 0 and token not in stops:
+                    sys.stdout.write(stream.push(token))
+                    sys.stdout.flush()
+
+        show = text is None and not args.no_progress and args.tokens + len(prompt) > 32
         try:
-            gen = dec.generate([prompt] * rows, args.tokens, on_step=_progress if show else None, prefill=prefiller)
+            gen = dec.generate([prompt] * rows, args.tokens, on_step=_progress if show else None,
+                               prefill=prefiller, stop_ids=stops, on_token=on_token)
         finally:
             if prefiller is not None:
                 prefiller.close()
+    if text is not None:
+        print("\n")
     print(f"prompt ({len(prompt)} tokens): {prompt}")
     for r, toks in enumerate(gen.tokens):
-        print(f"row {r}: {toks}")
+        ended = " (EOS)" if toks and toks[-1] in stops else ""
+        print(f"row {r}: {toks}{ended}")
     ms = gen.ms_per_token
     how = (f"prefill graphs ({len(gen.prefill_ms)} call)" if prefiller is not None else
            f"{len(gen.prefill_ms) + 1} decode-graph launches, one per position")

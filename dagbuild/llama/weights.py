@@ -31,6 +31,8 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import DagbuildError
+from .config import HF_DIM_FIELDS, ModelConfig, check_plan, from_hf, read_hf_config
+from .rope import Rope
 
 __all__ = [
     "HF_DIM_FIELDS",
@@ -74,16 +76,14 @@ NORM_BUFFERS = ("attn_norm", "mlp_norm", "final_norm")
 PACKED_BUFFERS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 _PACKED_IN = {role: packed for packed, roles in PACKED_BUFFERS.items() for role in roles}
 
-#: dagbuild dim -> the HF config field it comes from.
-HF_DIM_FIELDS = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
-                 "head_dim": "head_dim", "ffn": "intermediate_size", "vocab": "vocab_size",
-                 "layers": "num_hidden_layers"}
-
-# What specs/llama_decode.yaml bakes in as literals.
+#: The decode specs' default consts and RoPE (the random-weights demo model's).
 SPEC_RMS_EPS = 1e-5
 SPEC_ROPE_THETA = 10000.0
-SPEC_HEAD_DIM = 64  # the softmax scale 0.125 = 64 ** -0.5
-HF_DEFAULT_RMS_EPS = 1e-6  # LlamaConfig's default when a config.json omits rms_norm_eps
+#: Optional buffers the loader writes besides the weights: the Q/K/V biases (roles bq, bk, bv packed as
+#: [bq; bk; bv] per layer, zeros for models without them) and the RoPE table (from the config).
+BIAS_BUFFER = "qkv_bias"
+BIAS_ROLES = ("bq", "bk", "bv")
+ROPE_BUFFER = "rope_inv_freq"
 
 _LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm",
@@ -99,7 +99,7 @@ _LAYER_TENSORS = {
 _EMBED_KEY = "model.embed_tokens.weight"
 _LM_HEAD_KEY = "lm_head.weight"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-_DTYPES = {"float32": "f32", "float": "f32", "float16": "f16", "half": "f16", "bfloat16": "bf16"}
+_BIAS_TENSORS = {"self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv"}
 
 
 class WeightsError(DagbuildError):
@@ -127,138 +127,43 @@ class RawBF16(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# HF config
+# HF config (the rules live in .config; these keep the dims-only view)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _field(config: Any, name: str, default: Any = None) -> Any:
-    if isinstance(config, Mapping):
-        v = config.get(name, default)
-    else:
-        try:
-            v = getattr(config, name, default)
-        except Exception:  # a deprecated property that raises
-            v = default
-    return default if v is None else v
-
-
-def _rope_dicts(config: Any) -> list[Mapping]:
-    """The rope parameter dicts of a config: ``rope_scaling`` (transformers 4) and ``rope_parameters``
-    (transformers 5, possibly one dict per layer type)."""
-    out: list[Mapping] = []
-    for name in ("rope_scaling", "rope_parameters"):
-        d = _field(config, name)
-        if d is None or d is False or d == 0:
-            continue
-        if not isinstance(d, Mapping):
-            raise DagbuildError(f"HF config field {name} = {d!r}: expected a dict or null")
-        if d and all(isinstance(v, Mapping) for v in d.values()):
-            out.extend(d.values())
-        else:
-            out.append(d)
-    return out
-
-
-def _wt_from_dtype(config: Any) -> str:
-    for name in ("dtype", "torch_dtype"):  # transformers 5 renamed torch_dtype (reading it warns there)
-        v = _field(config, name)
-        if v is None:
-            continue
-        s = str(v).removeprefix("torch.")
-        if s == "auto":
-            continue
-        if s not in _DTYPES:
-            raise DagbuildError(f"HF config field {name} = {s!r}: the decode graph takes float32, float16 or "
-                                "bfloat16 weights (wt = f32 | f16 | bf16)")
-        return _DTYPES[s]
-    return "f16"
-
-
 def dims_from_hf_config(config: Any) -> dict[str, Any]:
-    """Spec overrides (hidden, heads, kv_heads, head_dim, ffn, vocab, layers, wt) for an HF Llama config
-    (a ``LlamaConfig`` or the dict of a ``config.json``). Raises :class:`DagbuildError` naming the field when
-    the config needs something the spec bakes in differently: rms_norm_eps 1e-5, rope_theta 10000, no rope
-    scaling, head_dim 64, hidden_act silu, no attention/MLP biases."""
-    model_type = _field(config, "model_type")
-    if model_type not in (None, "", "llama"):
-        raise DagbuildError(f"HF config field model_type = {model_type!r}: the decode graph is a Llama "
-                            "(model_type 'llama')")
-    dims: dict[str, Any] = {}
-    for dim, name in (("hidden", "hidden_size"), ("heads", "num_attention_heads"), ("ffn", "intermediate_size"),
-                      ("vocab", "vocab_size"), ("layers", "num_hidden_layers")):
-        v = _field(config, name)
-        if v is None:
-            raise DagbuildError(f"HF config has no {name} (needed for dim {dim!r})")
-        if isinstance(v, bool) or int(v) != v or int(v) < 1:
-            raise DagbuildError(f"HF config field {name} = {v!r}: expected a positive integer")
-        dims[dim] = int(v)
-    dims["kv_heads"] = int(_field(config, "num_key_value_heads", dims["heads"]))
-    if dims["kv_heads"] < 1 or dims["heads"] % dims["kv_heads"]:
-        raise DagbuildError(f"HF config field num_key_value_heads = {dims['kv_heads']} must divide "
-                            f"num_attention_heads = {dims['heads']}")
-    head_dim = _field(config, "head_dim")
-    if head_dim is None:
-        if dims["hidden"] % dims["heads"]:
-            raise DagbuildError(f"HF config has no head_dim and hidden_size = {dims['hidden']} is not a multiple "
-                                f"of num_attention_heads = {dims['heads']}")
-        head_dim = dims["hidden"] // dims["heads"]
-    dims["head_dim"] = int(head_dim)
-    if dims["head_dim"] != SPEC_HEAD_DIM:
-        raise DagbuildError(f"HF config field head_dim = {dims['head_dim']}: the decode spec's softmax scale is "
-                            f"0.125 = {SPEC_HEAD_DIM} ** -0.5, so head_dim must be {SPEC_HEAD_DIM}")
-
-    eps = float(_field(config, "rms_norm_eps", HF_DEFAULT_RMS_EPS))
-    if not math.isclose(eps, SPEC_RMS_EPS, rel_tol=1e-6):
-        raise DagbuildError(f"HF config field rms_norm_eps = {eps:g}: the decode spec bakes in eps = "
-                            f"{SPEC_RMS_EPS:g}")
-    theta = _field(config, "rope_theta")
-    for d in _rope_dicts(config):
-        rope_type = d.get("rope_type", d.get("type")) or "default"
-        if rope_type != "default":
-            raise DagbuildError(f"HF config field rope_scaling: rope_type {rope_type!r} is not supported; the "
-                                "decode spec implements the default (unscaled) rotary embedding")
-        prf = d.get("partial_rotary_factor")
-        if prf is not None and float(prf) != 1.0:
-            raise DagbuildError(f"HF config field rope_scaling: partial_rotary_factor = {prf} is not supported")
-        if d.get("rope_theta") is not None:
-            theta = d["rope_theta"]
-    theta = SPEC_ROPE_THETA if theta is None else float(theta)
-    if not math.isclose(theta, SPEC_ROPE_THETA, rel_tol=1e-9):
-        raise DagbuildError(f"HF config field rope_theta = {theta:g}: the decode spec bakes in theta = "
-                            f"{SPEC_ROPE_THETA:g}")
-    act = _field(config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise DagbuildError(f"HF config field hidden_act = {act!r}: the decode spec's MLP is SiLU-gated (silu)")
-    for name in ("attention_bias", "mlp_bias"):
-        if _field(config, name, False):
-            raise DagbuildError(f"HF config field {name} = True: the decode spec's projections have no bias")
-    dims["wt"] = _wt_from_dtype(config)
-    return dims
+    """Spec overrides (hidden, heads, kv_heads, head_dim, ffn, vocab, layers, wt) for an HF config (a config
+    object or the dict of a ``config.json``); raises DagbuildError naming the field for one the graph does
+    not serve (:func:`dagbuild.llama.config.from_hf`). Its consts and RoPE table: ``from_hf(config)``."""
+    m = from_hf(config)
+    return {**m.dims, "wt": m.wt}
 
 
 def check_config_dims(config: Any, dims: Mapping[str, int], where: str = "the checkpoint") -> dict[str, Any]:
-    """:func:`dims_from_hf_config`, then every dim compared with a graph's ``dims``; returns the config's dims."""
-    want = dims_from_hf_config(config)
-    for dim, field in HF_DIM_FIELDS.items():
+    """:func:`dims_from_hf_config`, then every dim compared with a graph's ``dims`` (and its max_seq with the
+    model's sliding window / dynamic RoPE); returns the config's dims."""
+    m = from_hf(config)
+    for dim, name in HF_DIM_FIELDS.items():
         if dim not in dims:
             raise DagbuildError(f"the graph has no dim {dim!r}: not a Llama decode graph")
-        if want[dim] != dims[dim]:
-            raise DagbuildError(f"{where}: config.json has {field} = {want[dim]} (dim {dim!r}), but the graph was "
-                                f"built with {dim} = {dims[dim]}; build it with --set {dim}={want[dim]}")
-    return want
+        if m.dims[dim] != dims[dim]:
+            raise DagbuildError(f"{where}: config.json has {name} = {m.dims[dim]} (dim {dim!r}), but the graph was "
+                                f"built with {dim} = {dims[dim]}; build it with --set {dim}={m.dims[dim]}")
+    if "max_seq" in dims:
+        m.check_max_seq(int(dims["max_seq"]), where)
+    return {**m.dims, "wt": m.wt}
 
 
-def hf_config_kwargs(dims: Mapping[str, Any]) -> dict[str, Any]:
-    """``LlamaConfig(**kwargs)`` for a model the decode graph computes exactly (the inverse of
-    :func:`dims_from_hf_config`). rope_theta is left at LlamaConfig's default (10000), which is also where
-    transformers 5 moved it (``rope_parameters``)."""
+def hf_config_kwargs(dims: Mapping[str, Any], consts: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """``LlamaConfig(**kwargs)`` for a model of the graph's shape with the default rope (theta 10000) and the
+    graph's rms_eps (1e-5 unless ``consts`` says otherwise)."""
     return {
         "vocab_size": int(dims["vocab"]), "hidden_size": int(dims["hidden"]),
         "intermediate_size": int(dims["ffn"]), "num_hidden_layers": int(dims["layers"]),
         "num_attention_heads": int(dims["heads"]), "num_key_value_heads": int(dims["kv_heads"]),
         "head_dim": int(dims["head_dim"]), "max_position_embeddings": int(dims.get("max_seq", 2048)),
-        "rms_norm_eps": SPEC_RMS_EPS, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "rms_norm_eps": float((consts or {}).get("rms_eps", SPEC_RMS_EPS)), "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
     }
 
 
@@ -298,15 +203,17 @@ def unpack_gate_up(w: Any) -> tuple[Any, Any]:
 def _role_shapes(dims: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Per-layer shapes of the roles that can be packed, from the dims."""
     hidden, hd = int(dims["hidden"]), int(dims["head_dim"])
-    return {"wq": (int(dims["heads"]) * hd, hidden), "wk": (int(dims["kv_heads"]) * hd, hidden),
-            "wv": (int(dims["kv_heads"]) * hd, hidden), "w_gate": (int(dims["ffn"]), hidden),
-            "w_up": (int(dims["ffn"]), hidden)}
+    q, kv = int(dims["heads"]) * hd, int(dims["kv_heads"]) * hd
+    return {"wq": (q, hidden), "wk": (kv, hidden), "wv": (kv, hidden), "w_gate": (int(dims["ffn"]), hidden),
+            "w_up": (int(dims["ffn"]), hidden), "bq": (q,), "bk": (kv,), "bv": (kv,)}
 
 
 def _holder(plan: Any, role: str) -> str | None:
     """The buffer of ``plan`` that holds HF role ``role`` (itself, or its packed buffer), or None."""
     if role in plan.buffers:
         return role
+    if role in BIAS_ROLES:
+        return BIAS_BUFFER if BIAS_BUFFER in plan.buffers else None
     packed = _PACKED_IN.get(role)
     return packed if packed is not None and packed in plan.buffers else None
 
@@ -369,6 +276,10 @@ def weight_view(buffers: Mapping[str, Any], dims: Mapping[str, Any], role: str, 
     view for w_gate / w_up)."""
     if role in buffers:
         return buffers[role] if idx is None else buffers[role][idx]
+    if role in BIAS_ROLES and BIAS_BUFFER in buffers and idx is not None:
+        q, kv = int(dims["heads"]) * int(dims["head_dim"]), int(dims["kv_heads"]) * int(dims["head_dim"])
+        lo = {"bq": 0, "bk": q, "bv": q + kv}[role]
+        return buffers[BIAS_BUFFER][idx][lo:lo + (q if role == "bq" else kv)]
     packed = _PACKED_IN.get(role)
     if packed is None or packed not in buffers or idx is None:
         raise WeightsError(f"no buffer holds {role!r}" + ("" if idx is not None else " (unlayered)"))
@@ -385,11 +296,13 @@ def weight_view(buffers: Mapping[str, Any], dims: Mapping[str, Any], role: str, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def hf_key_map(layers: int) -> dict[str, tuple[str, int | None]]:
-    """HF ``LlamaForCausalLM`` state-dict key -> (buffer, layer index or None)."""
+def hf_key_map(layers: int, biases: bool = False) -> dict[str, tuple[str, int | None]]:
+    """HF state-dict key (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``: the same names;
+    ``biases``: Qwen2's Q/K/V biases too) -> (role, layer index or None)."""
     out: dict[str, tuple[str, int | None]] = {_EMBED_KEY: ("embed_tokens", None)}
+    tensors = {**_LAYER_TENSORS, **(_BIAS_TENSORS if biases else {})}
     for i in range(layers):
-        for suffix, buf in _LAYER_TENSORS.items():
+        for suffix, buf in tensors.items():
             out[f"model.layers.{i}.{suffix}"] = (buf, i)
     out["model.norm.weight"] = ("final_norm", None)
     out[_LM_HEAD_KEY] = ("lm_head", None)
@@ -403,13 +316,13 @@ def _ignored(key: str) -> bool:
 
 def _target(plan: Any, role: str, idx: int | None) -> str:
     """How messages name the slice role ``role`` (layer ``idx``) fills: ``wq[3]``, or ``wqkv[3] (wq rows)``."""
-    holder = role if role in plan.buffers else _PACKED_IN.get(role, role)
+    holder = role if role in plan.buffers else (BIAS_BUFFER if role in BIAS_ROLES else _PACKED_IN.get(role, role))
     where = f"{holder}[{idx}]" if idx is not None else holder
     return where if holder == role else f"{where} ({role} rows)"
 
 
-def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tuple[str, Any]]
-                    ) -> list[tuple[str, str, int | None]]:
+def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tuple[str, Any]], *,
+                    biases: bool | None = None, shared_head: bool = False) -> list[tuple[str, str, int | None]]:
     """Which HF tensor fills which buffer slice: a list of (hf_key, buffer, layer index or None).
 
     ``buffer`` is the HF role (the unfused spec's buffer name, e.g. ``wq``); where the plan packs that role
@@ -420,12 +333,20 @@ def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tu
     filled exactly once: missing tensors, unexpected ones, duplicates and shape mismatches raise
     :class:`WeightsError`, each problem naming the HF key and the buffer. Rotary ``inv_freq`` buffers are
     ignored; without ``lm_head.weight`` the LM head is tied to ``model.embed_tokens.weight``.
+    ``biases``: Qwen2's ``q/k/v_proj.bias`` are expected (True), refused (False), or expected in every layer
+    when any is given (None); they fill ``qkv_bias``. ``shared_head``: ``lm_head`` and ``embed_tokens`` are one
+    buffer (tied embeddings, no copy), so nothing is assigned to the LM head.
     """
     dims = plan.dims
     _check_weight_buffers(plan)
     layers = int(dims["layers"])
-    keymap = hf_key_map(layers)
     items = list(names_and_shapes.items()) if isinstance(names_and_shapes, Mapping) else list(names_and_shapes)
+    if biases is None:
+        biases = any(str(k).endswith(tuple(_BIAS_TENSORS)) for k, _ in items)
+    if biases and BIAS_BUFFER not in plan.buffers:
+        raise WeightsError(f"the checkpoint has Q/K/V biases, but graph {getattr(plan, 'name', '?')!r} has no "
+                           f"{BIAS_BUFFER!r} buffer to hold them")
+    keymap = hf_key_map(layers, biases)
     problems: list[str] = []
     seen: dict[str, tuple] = {}
     for key, shape in items:
@@ -457,7 +378,9 @@ def plan_state_dict(plan: Any, names_and_shapes: Mapping[str, Any] | Iterable[tu
             problems.append(f"{key}: shape {list(shape)} does not fit buffer {target!r} of shape {list(want)}")
             continue
         out.append((key, buf, idx))
-    if _LM_HEAD_KEY not in seen and _EMBED_KEY in seen:
+    if shared_head:
+        out = [a for a in out if a[1] != "lm_head"]  # the LM head reads the embedding table itself
+    elif _LM_HEAD_KEY not in seen and _EMBED_KEY in seen:
         # tied embeddings: the checkpoint stores the table once
         if seen[_EMBED_KEY] == expected("lm_head", None):
             out.append((_EMBED_KEY, "lm_head", None))
@@ -556,17 +479,72 @@ def _sync_torch(state: Mapping[str, Any]) -> None:
         torch.cuda.synchronize()
 
 
-def load_state_dict(exe: Any, state: Mapping[str, Any]) -> list[tuple[str, str, int | None]]:
+def shares_head(exe: Any) -> bool:
+    """Whether ``exe``'s LM head and embedding table are one buffer (tied embeddings, see :func:`tied_bound`)."""
+    b = getattr(exe, "buffers", {})
+    if "lm_head" not in b or "embed_tokens" not in b:
+        return False
+    return int(b["lm_head"].data.ptr) == int(b["embed_tokens"].data.ptr)
+
+
+def tied_bound(plan: Any) -> dict[str, Any]:
+    """``bound=`` for an Executable of a tied-embeddings model: one device array serves as both
+    ``embed_tokens`` and ``lm_head`` (both only read), so the table is held once and loaded once."""
+    import cupy
+
+    from ..dtypes import NP_DTYPE
+
+    e, h = plan.buffers["embed_tokens"], plan.buffers["lm_head"]
+    if (e.dtype, e.shape) != (h.dtype, h.shape):
+        raise WeightsError(f"tied embeddings: embed_tokens {e.dtype}{list(e.shape)} and lm_head "
+                           f"{h.dtype}{list(h.shape)} differ")
+    table = cupy.zeros(e.shape, dtype=NP_DTYPE[e.dtype])
+    cupy.cuda.Device().synchronize()
+    return {"embed_tokens": table, "lm_head": table}
+
+
+def write_model_tables(exe: Any, rope: Rope | None = None, zero_bias: bool = True) -> None:
+    """The loader's non-weight inputs: ``rope_inv_freq`` (``rope``'s table; HF's default rope, theta 10000,
+    when None) and, with ``zero_bias``, a zero ``qkv_bias`` (models without Q/K/V biases)."""
+    import cupy
+
+    b = exe.buffers
+    exe.synchronize()
+    if ROPE_BUFFER in b:
+        table = (rope or Rope()).inv_freq(int(exe.plan.dims["head_dim"]))
+        if table.shape != tuple(b[ROPE_BUFFER].shape):
+            raise WeightsError(f"buffer {ROPE_BUFFER!r} has shape {list(b[ROPE_BUFFER].shape)}; the RoPE table has "
+                               f"{table.shape[0]} entries (head_dim / 2)")
+        b[ROPE_BUFFER][...] = cupy.asarray(table)
+    if zero_bias and BIAS_BUFFER in b:
+        b[BIAS_BUFFER].fill(0)
+    cupy.cuda.Device().synchronize()
+
+
+def load_state_dict(exe: Any, state: Mapping[str, Any], config: Any = None
+                    ) -> list[tuple[str, str, int | None]]:
     """Fill every weight buffer of ``exe`` from HF state-dict tensors (torch CPU/CUDA tensors, NumPy arrays,
     CuPy arrays or :class:`RawBF16`), converting to each buffer's type on the GPU. Checks everything with
     :func:`plan_state_dict` before copying anything. Roles a plan packs (``wqkv``, ``w_gate_up``) are written
-    into their rows of the packed buffer (:func:`weight_view`). Returns the (hf_key, role, index)
-    assignments."""
-    assignments = plan_state_dict(exe.plan, {k: tuple(v.shape) for k, v in state.items()})
+    into their rows of the packed buffer (:func:`weight_view`); Q/K/V biases into ``qkv_bias`` (zeros when
+    the state has none); the RoPE table from ``config`` (an HF config object or config.json dict, or a
+    :class:`ModelConfig`; first checked against the plan's dims, consts and max_seq), or HF's default rope
+    (theta 10000) without one. Returns the (hf_key, role, index) assignments."""
+    model = config if isinstance(config, ModelConfig) or config is None else from_hf(config)
+    if model is not None:
+        check_plan(model, exe.plan.dims, getattr(exe.plan, "consts", {}))
+    shared = shares_head(exe)
+    if shared and model is not None and not model.tied:
+        raise WeightsError("the graph's lm_head and embed_tokens are one buffer (tied), but the config has "
+                           "tie_word_embeddings = False")
+    assignments = plan_state_dict(exe.plan, {k: tuple(v.shape) for k, v in state.items()},
+                                  biases=None if model is None else model.qkv_bias, shared_head=shared)
     import cupy
 
     _sync_torch(state)
     exe.synchronize()  # the graph may still be reading the buffers
+    write_model_tables(exe, None if model is None else model.rope,
+                       zero_bias=not any(buf in BIAS_ROLES for _, buf, _ in assignments))
     keep = []  # device memory owned by torch (or the caller) stays referenced until the copies are done
     try:
         for key, buf, idx in assignments:
@@ -630,40 +608,66 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray | RawBF16]:
     return out
 
 
-def load_checkpoint(exe: Any, path: str | Path) -> list[tuple[str, str, int | None]]:
-    """Load an HF Llama checkpoint directory (``config.json`` + ``*.safetensors``) into ``exe``.
-
-    config.json is checked against the graph's dims and the spec's constants first; then every tensor of
-    every safetensors file (sharded checkpoints too) goes through :func:`load_state_dict`. ``path`` may also
-    be one ``.safetensors`` file (its folder's config.json is used when there is one).
-    """
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those ``model.safetensors.index.json`` names (sharded), else
+    ``model.safetensors``, else every ``*.safetensors`` of the directory (``path`` may be one file). Other
+    files in the folder (e.g. Mistral's ``consolidated.safetensors``) are not read when an index or
+    ``model.safetensors`` says which files hold the model."""
     path = Path(path)
     if path.is_file():
-        folder, files = path.parent, [path]
-    elif path.is_dir():
-        folder, files = path, sorted(path.glob("*.safetensors"))
-    else:
+        return [path]
+    if not path.is_dir():
         raise WeightsError(f"checkpoint {str(path)!r} does not exist")
-    cfg_path = folder / "config.json"
-    if cfg_path.is_file():
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
         try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as e:
-            raise WeightsError(f"{cfg_path}: cannot read ({e})") from None
-        check_config_dims(config, exe.plan.dims, where=f"checkpoint {str(folder)!r}")
-    elif path.is_dir():
-        raise WeightsError(f"checkpoint {str(path)!r} has no config.json")
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+        if bad:
+            raise WeightsError(f"{index}: shard name {bad[0]!r} is not a file name in the checkpoint directory")
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise WeightsError(f"{index} names shard {missing[0]!r}, which is not in {str(path)!r}")
+        return [path / n for n in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
     if not files:
-        others = sorted(p.name for p in folder.glob("*.bin"))
+        others = sorted(p.name for p in path.glob("*.bin"))
         hint = f" (found {', '.join(others[:3])}: convert PyTorch .bin checkpoints to safetensors)" if others else ""
         raise WeightsError(f"checkpoint {str(path)!r} has no *.safetensors file{hint}")
+    return files
+
+
+def load_checkpoint(exe: Any, path: str | Path) -> list[tuple[str, str, int | None]]:
+    """Load an HF checkpoint directory (``config.json`` + safetensors, sharded or not) into ``exe``.
+
+    config.json (with generation_config.json) is read and checked against the graph's dims, consts and
+    max_seq first (:func:`dagbuild.llama.config.check_plan`); then the tensors of the checkpoint's files
+    (:func:`checkpoint_files`) go through :func:`load_state_dict`, which also writes the RoPE table and the
+    biases. ``path`` may also be one ``.safetensors`` file (its folder's config.json is used when there is one;
+    without one, the default rope and the plan's consts are trusted)."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"checkpoint {str(path)!r} does not exist")
+    folder = path.parent if path.is_file() else path
+    model = None
+    if (folder / "config.json").is_file():
+        model = read_hf_config(folder)
+        check_plan(model, exe.plan.dims, getattr(exe.plan, "consts", {}), where=f"checkpoint {str(folder)!r}")
+    elif path.is_dir():
+        raise WeightsError(f"checkpoint {str(path)!r} has no config.json")
+    files = checkpoint_files(path)
     state: dict[str, Any] = {}
     for f in files:
         for key, value in read_safetensors(f).items():
             if key in state:
                 raise WeightsError(f"{key}: in more than one safetensors file (second: {f.name})")
             state[key] = value
-    return load_state_dict(exe, state)
+    return load_state_dict(exe, state, model)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -671,18 +675,24 @@ def load_checkpoint(exe: Any, path: str | Path) -> list[tuple[str, str, int | No
 # ---------------------------------------------------------------------------------------------------------
 
 
-def random_weights(exe: Any, seed: int, std: float = 0.02) -> None:
+def random_weights(exe: Any, seed: int, std: float = 0.02, rope: Rope | None = None) -> None:
     """Fill every weight buffer on the GPU: normal(0, std) for matrices and tables, 1 + 0.1 normal for the
     RMSNorm weights, drawn in f32 one layer slice at a time (in WEIGHT_BUFFERS order) and converted to the
     buffer's type. The same seed and dims give the same weights, packed or not: a packed plan (wqkv,
-    w_gate_up) gets exactly the unfused plan's wq, wk, wv, w_gate, w_up, written in the packed layout."""
+    w_gate_up) gets exactly the unfused plan's wq, wk, wv, w_gate, w_up, written in the packed layout.
+    No Q/K/V biases (zeros); the RoPE table is ``rope``'s (HF's default rope, theta 10000, when None). A tied
+    LM head (one buffer with the embedding table) is not drawn again."""
     import cupy
 
     exe.synchronize()
     rs = cupy.random.RandomState(int(seed))
     _check_weight_buffers(exe.plan)
+    write_model_tables(exe, rope, zero_bias=True)
+    shared = shares_head(exe)
     dims = exe.plan.dims
     for name in WEIGHT_BUFFERS:
+        if name == "lm_head" and shared:
+            continue
         dtype = weight_dtype(exe.plan, name)
         if name in LAYERED_BUFFERS:
             slices = [weight_view(exe.buffers, dims, name, i) for i in range(int(dims["layers"]))]
@@ -696,27 +706,33 @@ def random_weights(exe: Any, seed: int, std: float = 0.02) -> None:
     cupy.cuda.Device().synchronize()
 
 
-def random_hf_model(dims: Mapping[str, Any], *, dtype: str = "f32", seed: int = 0, std: float = 0.02,
-                    norm_std: float = 0.1, attn_implementation: str | None = "eager", device: str = "cuda"):
-    """A random HF ``LlamaForCausalLM`` of the graph's shape (for tests and benchmarks), built directly on
-    ``device`` in ``dtype`` (f32 | f16 | bf16). Weights are drawn here, not by HF's initialiser (whose
-    behaviour changed across versions): normal(0, std) for matrices, 1 + norm_std normal for RMSNorm weights,
-    from ``torch.manual_seed(seed)``. Returned in eval mode."""
+def random_hf_model(dims: Mapping[str, Any] | None = None, *, config: Any = None, dtype: str = "f32", seed: int = 0,
+                    std: float = 0.02, norm_std: float = 0.1, attn_implementation: str | None = "eager",
+                    device: str = "cuda"):
+    """A random HF model for tests and benchmarks, built directly on ``device`` in ``dtype`` (f32 | f16 |
+    bf16): a ``LlamaForCausalLM`` of the graph's ``dims`` (default rope), or the causal LM of an HF
+    ``config`` object (``LlamaConfig``, ``MistralConfig``, ``Qwen2Config``: any served one). Weights are drawn
+    here, not by HF's initialiser (whose behaviour changed across versions): normal(0, std) for matrices and
+    biases, 1 + norm_std normal for RMSNorm weights, from ``seed``. Returned in eval mode."""
     import torch
     import transformers
 
     tdtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    kwargs = hf_config_kwargs(dims)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    config = transformers.LlamaConfig(**kwargs)
-    dims_from_hf_config(config)  # the constants the graph bakes in hold for this config
+    if config is None:
+        if dims is None:
+            raise DagbuildError("random_hf_model needs dims or an HF config")
+        kwargs = hf_config_kwargs(dims)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        config = transformers.LlamaConfig(**kwargs)
+    from_hf(config)  # the graph serves this config
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(tdtype)  # build in place: no f32 copy, and the rotary inv_freq stays f32
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(config)
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     finally:
         torch.set_default_dtype(old)
     if attn_implementation and getattr(model.config, "_attn_implementation", attn_implementation) != \

@@ -128,17 +128,20 @@ def test_qkv_rope(cp, mod, wt, batch, heads, kv_heads, head_dim, hidden):
     vc = rng.standard_normal(cache_shape).astype(np.float32)
     pos = positions(rng, batch, max_seq)
     rows = (heads + 2 * kv_heads) * head_dim
+    bias = (0.5 * rng.standard_normal(rows)).astype(np.float32)  # Qwen2's Q/K/V bias, added in the epilogue
+    inv_freq = ref.rope_inv_freq(head_dim, theta)
     q = out_buffer(cp, batch * heads * head_dim)
     kc_d, vc_d = cp.asarray(kc), cp.asarray(vc)
     mod.get_function(f"qkv_rope_{wt}")(
         (-(-rows // 16),), (256,),
         (cp.asarray(W.pack_qkv(wq, wk, wv)), cp.asarray(norm), cp.asarray(x), q, kc_d, vc_d, cp.asarray(pos),
-         i32(hidden), i32(heads), i32(kv_heads), i32(head_dim), i32(max_seq), i32(batch), f32(EPS), f32(theta)))
+         cp.asarray(bias), cp.asarray(inv_freq), i32(hidden), i32(heads), i32(kv_heads), i32(head_dim),
+         i32(max_seq), i32(batch), f32(EPS)))
     h = ref.rmsnorm(x, norm64, hidden, EPS)
     q_ref, kc_ref, vc_ref = ref.rope_append(
         ref.gemv(wq64, h, heads * head_dim, hidden, batch), ref.gemv(wk64, h, kv_heads * head_dim, hidden, batch),
-        ref.gemv(wv64, h, kv_heads * head_dim, hidden, batch), kc, vc, pos, heads, kv_heads, head_dim, max_seq,
-        theta)
+        ref.gemv(wv64, h, kv_heads * head_dim, hidden, batch), bias, inv_freq, kc, vc, pos, heads, kv_heads,
+        head_dim, max_seq)
     assert rel_err(fetch(q, batch * heads * head_dim), q_ref) < TOL[wt]
     written = np.zeros(cache_shape, bool)
     for b, p in enumerate(pos):
@@ -307,7 +310,8 @@ def numpy_step(state, dims, token, p, kc, vc):
         q = ref.gemv(s[L + "self_attn.q_proj.weight"], h, heads * hd, hid, 1)
         k = ref.gemv(s[L + "self_attn.k_proj.weight"], h, kvh * hd, hid, 1)
         v = ref.gemv(s[L + "self_attn.v_proj.weight"], h, kvh * hd, hid, 1)
-        q, kci, vci = ref.rope_append(q, k, v, kc[i][None], vc[i][None], pos, heads, kvh, hd, ms, 10000.0)
+        q, kci, vci = ref.rope_append(q, k, v, None, ref.rope_inv_freq(hd, 10000.0), kc[i][None], vc[i][None], pos,
+                                      heads, kvh, hd, ms)
         kc[i], vc[i] = kci[0], vci[0]
         a = ref.attention(q, kc[i][None], vc[i][None], pos, heads, kvh, hd, ms, hd ** -0.5)
         x = ref.gemv_add(s[L + "self_attn.o_proj.weight"], a.reshape(1, -1), x, hid, heads * hd, 1)

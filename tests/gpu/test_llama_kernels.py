@@ -150,11 +150,14 @@ def test_gemv_more_shapes(cp, mod, wt, add, n, k, batch, variant):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos):
+def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos, with_bias=False):
     rng = rng_for("rope", batch, heads, kv_heads, head_dim, max_seq, theta)
     q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
     k = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
     v = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
+    nb = (heads + 2 * kv_heads) * head_dim
+    bias = (rng.standard_normal(nb) if with_bias else np.zeros(nb)).astype(np.float32)
+    inv_freq = ref.rope_inv_freq(head_dim, theta)
     cache_shape = (batch + 1, kv_heads, max_seq, head_dim)  # cache_batch > batch: row b's slot is fixed
     kc = rng.standard_normal(cache_shape).astype(np.float32)
     vc = rng.standard_normal(cache_shape).astype(np.float32)
@@ -167,6 +170,8 @@ def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos):
             q_d,
             k_d,
             cp.asarray(v),
+            cp.asarray(bias),
+            cp.asarray(inv_freq),
             kc_d,
             vc_d,
             cp.asarray(pos),
@@ -174,10 +179,10 @@ def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos):
             i32(kv_heads),
             i32(head_dim),
             i32(max_seq),
-            f32(theta),
         ),
     )
-    q_ref, kc_ref, vc_ref = ref.rope_append(q, k, v, kc, vc, pos, heads, kv_heads, head_dim, max_seq, theta)
+    q_ref, kc_ref, vc_ref = ref.rope_append(q, k, v, bias, inv_freq, kc, vc, pos, heads, kv_heads, head_dim,
+                                            max_seq)
     assert np.array_equal(k_d.get(), k), "k is an input: it must not change"
     kc_got, vc_got = kc_d.get(), vc_d.get()
     written = np.zeros(cache_shape, bool)
@@ -185,28 +190,30 @@ def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos):
         if 0 <= p < max_seq:
             written[b, :, p] = True
     assert np.array_equal(kc_got[~written], kc[~written]), "k_cache changed outside the appended slots"
+    # v (+ its bias: one f32 add) is copied exactly
     assert np.array_equal(vc_got, vc_ref.astype(np.float32)), "v must be copied exactly"
     return rel_err(q_d.get(), q_ref), rel_err(kc_got[written], kc_ref[written])
 
 
 @pytest.mark.parametrize(
-    "batch,heads,kv_heads,head_dim,theta",
-    [(1, 4, 4, 64, 10000.0), (3, 8, 2, 128, 500000.0), (17, 32, 8, 128, 500000.0), (5, 6, 3, 16, 10000.0)],
+    "batch,heads,kv_heads,head_dim,theta,with_bias",
+    [(1, 4, 4, 64, 10000.0, False), (3, 8, 2, 128, 500000.0, True), (17, 32, 8, 128, 500000.0, False),
+     (5, 6, 3, 16, 10000.0, True), (2, 4, 1, 96, 1e6, True)],
 )
-def test_rope_append(cp, mod, batch, heads, kv_heads, head_dim, theta):
+def test_rope_append(cp, mod, batch, heads, kv_heads, head_dim, theta, with_bias):
     max_seq = 256
     rng = rng_for("rope-pos", batch, heads)
     pos = rng.integers(0, max_seq, batch)
     pos[0] = max_seq - 1
     if batch > 1:
         pos[1] = 0
-    eq, ek = run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos)
+    eq, ek = run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos, with_bias)
     assert eq < 1e-5 and ek < 1e-5
 
 
 def test_rope_append_long_positions(cp, mod):
-    # At p ~ 8000 the f32 angle p * inv_freq is sensitive to the last ulp of inv_freq (powf on the GPU vs
-    # the host's float32 pow) and of the angle itself, so the bound is looser than the rotation's accuracy.
+    # At p ~ 8000 the f32 angle p * inv_freq is sensitive to its last ulp, so the bound is looser than the
+    # rotation's accuracy (inv_freq now comes from the host, as HF's does).
     max_seq = 8192
     eq, ek = run_rope(cp, mod, 3, 4, 2, 128, max_seq, 500000.0, [8191, 4097, 7000])
     assert eq < 1e-3 and ek < 1e-3
