@@ -1,5 +1,6 @@
 """DOT text of a validated plan: the reduced DAG, shaped and coloured by node kind, repeats and loop bodies
-as clusters (a loop node heads its body's cluster), programmatic edges drawn bold and coloured; labels show bound views (``act[0]``, not ``act[layers % 2]``)."""
+as clusters (a loop node heads its body's cluster), programmatic edges drawn bold and coloured; labels show
+bound views (``act[0]``, not ``act[layers % 2]``)."""
 
 from __future__ import annotations
 
