@@ -77,3 +77,15 @@ def test_cli_run_refuses_bad_sampling_args(flag, value, capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", str(SPECS / "llama_decode.yaml"), flag, value])
     assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_loop_and_sampling_kernels_compile_for_hip():
+    from test_hiprtc import REASON
+
+    if REASON is not None:
+        pytest.skip(f"hiprtc unavailable: {REASON}")
+    from dagbuild.hiprtc import check_plan_hip
+
+    p = looped_plan(plan(load_spec(SPECS / "llama_decode.yaml"), {**TINY, "layers": 2}), 4)
+    report = check_plan_hip(p, "gfx90a")
+    assert report["sample"]["entry"] == "sample_step" and report["dagbuild.loop_next"]["entry"] == "loop_next"
