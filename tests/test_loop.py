@@ -441,3 +441,14 @@ def test_a_moved_view_in_a_body_is_checked_against_the_whole_loop():
     with pytest.raises(BuildError) as info:
         exe.update("w", args={"y": "rows[1]"})  # `other` writes rows[1] with no path to the loop
     assert info.value.code == "race" and "'other'" in str(info.value) and "after_all" not in str(info.value)
+
+
+def test_pool_flow_check_looks_inside_loop_bodies():
+    from dagbuild.pool import _flow_fixed
+
+    spec = parse_spec(spec_text(GOOD), base_dir=SPECS)
+    assert _flow_fixed(spec, {"n"})
+    text = spec_text(GOOD.replace("args: {x: a, y: b, a: 2.0, n: n}", "args: {x: a, y: \"rows[n - 1]\", a: 2.0, n: n}"),
+                     HEAD.replace("  b: {dtype: f32, shape: [n]}", "  b: {dtype: f32, shape: [n]}\n"
+                                  "  rows: {dtype: f32, shape: [n, n]}"))
+    assert not _flow_fixed(parse_spec(text, base_dir=SPECS), {"n"})
