@@ -12,7 +12,7 @@ import functools
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from . import expr
 from .dtypes import DTYPES, ELEMENT_TYPES, SCALAR_TYPES, check_scalar, scalar_bits
 from .errors import Issue
 from .ir import (
+    LOOP_ENTER,
+    LOOP_NEXT,
     MAX_BLOCK,
     MAX_GRID,
     MAX_THREADS_PER_BLOCK,
@@ -28,6 +30,7 @@ from .ir import (
     KernelArg,
     KernelOp,
     LibCall,
+    LoopOp,
     MemcpyOp,
     MemsetOp,
     Param,
@@ -38,7 +41,7 @@ from .ir import (
     RepeatFrame,
     View,
 )
-from .spec import MAX_NODES, ChildNode, EmptyNode, GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
+from .spec import MAX_NODES, ChildNode, EmptyNode, GraphSpec, KernelNode, LoopNode, MemcpyNode, MemsetNode, RepeatBlock
 
 #: Documented size limits: a spec that expands past them is refused with a ``size_limit`` issue, fast.
 MAX_BUFFER_BYTES = 2**63 - 1  # byte offsets are 64-bit
@@ -631,14 +634,17 @@ def _leaves(nodes, env: dict) -> int:
             total += max(count, 0) * _leaves(node.nodes, {**env, node.repeat.var: 0})
             if total > MAX_NODES:
                 return total
+        elif isinstance(node, LoopNode):
+            total += 1 + _leaves(node.nodes, env)
         else:
             total += 1
     return total
 
 
 def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
-            budget: list[int]) -> Iterator[tuple]:
-    """Yield (spec node, spec path, env, repeat frames), expanding repeat blocks in order.
+            budget: list[int], scope: str | None = None) -> Iterator[tuple]:
+    """Yield (spec node, spec path, env, repeat frames, scope), expanding repeat blocks in order; a loop
+    node comes first, then its body's nodes with ``scope`` its id.
 
     ``budget`` holds the nodes still allowed; a spec that would pass :data:`MAX_NODES` raises _SizeLimit
     before expanding (repeat counts are multiplied out first), so a huge count fails at once."""
@@ -648,7 +654,13 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
             budget[0] -= 1
             if budget[0] < 0:
                 raise _SizeLimit
-            yield node, path, env, frames
+            yield node, path, env, frames, scope
+            if isinstance(node, LoopNode):
+                try:
+                    inner = _fill_ids(node.id, env)
+                except expr.ExprError:
+                    continue  # bind reports the id; the body has no loop to belong to
+                yield from _expand(node.nodes, (*path, "nodes"), env, frames, issues, budget, inner)
             continue
         var = node.repeat.var
         where = dict(path=(*path, "repeat", "count"), field="repeat.count")
@@ -676,7 +688,8 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
                            once=("duplicate_id", (*path, "nodes", j)))
         for value in range(count):
             frame = RepeatFrame(path, var, value, count)
-            yield from _expand(node.nodes, (*path, "nodes"), {**env, var: value}, (*frames, frame), issues, budget)
+            yield from _expand(node.nodes, (*path, "nodes"), {**env, var: value}, (*frames, frame), issues, budget,
+                               scope)
 
 
 def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
@@ -700,29 +713,38 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
     kernel_keys = {name: (k.entry, k.params, k.launch) for name, k in kernels.items()}
     kernel_keys = {name: id(programs.setdefault(("kernel", key), key)) for name, key in kernel_keys.items()}
     try:
-        for node, path, env, frames in _expand(spec.nodes, ("nodes",), dict(top), (), issues, [MAX_NODES]):
+        for node, path, env, frames, scope in _expand(spec.nodes, ("nodes",), dict(top), (), issues, [MAX_NODES]):
             pn = _bind_node(node, path, env, frames, len(nodes), spec, kernels, buffers, kernel_keys, programs,
-                            seen, issues)
+                            seen, issues, scope)
             if pn is not None:
                 nodes.append(pn)
     except _SizeLimit:
         issues.add("size_limit", f"the spec expands to more than {MAX_NODES} nodes (the documented limit); "
                    "split the graph or use fewer repeat iterations", path=("nodes",), field="nodes")
         return Plan(spec.name, dims, types, spec.deps, kernels, buffers, [], spec, consts=consts), issues.items
-    # `after` may only name nodes that exist
-    ids = set(seen)
+    if any(isinstance(pn.op, LoopOp) for pn in nodes):
+        nodes = finish_loops(nodes, issues, spec)
+        kernels.update(_loop_kernels(spec, issues, programs))
+    # `after` may only name nodes that exist, in the same graph (the top, or the same loop body)
+    scope_of = {pn.id: pn.scope for pn in nodes}
     for k, pn in enumerate(nodes):
-        missing = [a for a in pn.after if a not in ids]
+        missing = [a for a in pn.after if a not in scope_of]
         for a in missing:
             issues.add("unknown_reference", f"node {pn.id!r}: after: unknown node {a!r}",
                        nodes=(pn.id, a), path=(*pn.path, "after"), field="after")
-        if missing:
-            nodes[k] = PlanNode(pn.id, pn.order, pn.path, pn.op, pn.repeats, tuple(a for a in pn.after if a in ids))
+        elsewhere = [a for a in pn.after if a in scope_of and scope_of[a] != pn.scope]
+        for a in elsewhere:
+            where = lambda s: "the top graph" if s is None else f"the body of loop {s!r}"
+            issues.add("unknown_reference", f"node {pn.id!r}: after: {a!r} is in {where(scope_of[a])}, but "
+                       f"{pn.id!r} is in {where(pn.scope)}; `after` orders nodes of one graph only (order the "
+                       "loop node itself instead)", nodes=(pn.id, a), path=(*pn.path, "after"), field="after")
+        if missing or elsewhere:
+            nodes[k] = replace(pn, after=tuple(a for a in pn.after if a in scope_of and scope_of[a] == pn.scope))
     return Plan(spec.name, dims, types, spec.deps, kernels, buffers, nodes, spec, consts=consts), issues.items
 
 
 def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_keys, programs, seen,
-               issues: _Issues) -> PlanNode | None:
+               issues: _Issues, scope: str | None = None) -> PlanNode | None:
     try:
         node_id = _fill_ids(node.id, env)
     except expr.ExprError as err:
@@ -759,7 +781,9 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
                 raise NodeError("launch_config", f"`launch: programmatic` is for kernel nodes only: a "
                                  f"programmatic edge joins two kernels, and this is a {_kind(node)} node",
                                  field=("launch",))
-            if isinstance(node, MemcpyNode):
+            if isinstance(node, LoopNode):
+                op = _bind_loop(node, node_id, buffers, spec, env)
+            elif isinstance(node, MemcpyNode):
                 op = _bind_memcpy(node, buffers, spec, env)
             elif isinstance(node, MemsetNode):
                 op = _bind_memset(node, buffers, spec, env)
@@ -773,8 +797,93 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
             issues.add(e.code, f"node {node_id!r}: {e}", nodes=(node_id,), buffer=e.buffer,
                        path=(*path, *e.field), field=".".join(map(str, e.field)) or None)
         return None
-    return PlanNode(node_id, order, path, op, frames, after)
+    return PlanNode(node_id, order, path, op, frames, after, scope)
 
 
 def _kind(node: Any) -> str:
-    return next(k for k in ("kernel", "memcpy", "memset", "empty", "child") if hasattr(node, k))
+    return next(k for k in ("kernel", "memcpy", "memset", "empty", "child", "loop") if hasattr(node, k))
+
+
+# ---- loops ---------------------------------------------------------------------------------------------
+
+#: dtypes a loop's ``until`` buffer may have (the loop kernels read it as a 32-bit integer).
+UNTIL_DTYPES = ("i32", "u32")
+
+
+def _bind_loop(node: LoopNode, node_id: str, buffers: dict, spec, env) -> LoopOp:
+    """A loop's own numbers (its body is bound as nodes of their own; :func:`finish_loops` completes it).
+
+    Adds the loop's iteration counter to ``buffers`` as ``<id>.iter`` (no spec buffer has a dot)."""
+    try:
+        count = expr.evaluate_int(node.loop.max, env)
+    except expr.ExprError as err:
+        raise NodeError(err.code, f"loop max: {err}", field=("loop", "max")) from None
+    if count < 1:
+        shown = f"{node.loop.max!r} = {count}" if isinstance(node.loop.max, str) else str(count)
+        raise NodeError("out_of_bounds", f"loop max = {shown}, must be ≥ 1", field=("loop", "max"))
+    until = None
+    if node.loop.until is not None:
+        try:
+            until = resolve_view(node.loop.until, buffers, env, spec.buffers)
+        except NodeError as e:
+            e.field = ("loop", "until")
+            raise
+        b = buffers[until.buffer]
+        if b.dtype not in UNTIL_DTYPES or b.memory != "device" or until.nbytes != 4:
+            raise NodeError("arg_mismatch", f"loop until {node.loop.until!r} must be one {' or '.join(UNTIL_DTYPES)} "
+                             f"element of device memory (the loop kernels read it), but it is {until.nbytes} bytes "
+                             f"of {b.memory} {b.dtype}", buffer=until.buffer, field=("loop", "until"))
+    if not node.nodes:
+        raise NodeError("schema", "loop body is empty: give it `nodes`", field=("nodes",))
+    name = f"{node_id}.iter"
+    buffers[name] = PlanBuffer(name, "i32", (1,), "device", frozenset())
+    return LoopOp(count, until, view_at(buffers[name], name, None))
+
+
+def finish_loops(nodes: list[PlanNode], issues: _Issues, spec) -> list[PlanNode]:
+    """Give each loop its body (direct members) and every byte range the body touches, innermost loops
+    first; drop nodes whose loop failed to bind (its issue is reported). A loop with ``until`` whose body
+    never writes it could never stop early: an issue."""
+    loops = {pn.id: k for k, pn in enumerate(nodes) if isinstance(pn.op, LoopOp)}
+    nodes = [pn for pn in nodes if pn.scope is None or pn.scope in loops]
+    loops = {pn.id: k for k, pn in enumerate(nodes) if isinstance(pn.op, LoopOp)}
+    members: dict[str, list[PlanNode]] = {lid: [] for lid in loops}
+    for pn in nodes:
+        if pn.scope is not None:
+            members[pn.scope].append(pn)
+    for lid, k in sorted(loops.items(), key=lambda t: -t[1]):  # later loops first: inner before outer
+        pn, body = nodes[k], [nodes[loops[m.id]] if m.id in loops else m for m in members[lid]]
+        op: LoopOp = pn.op  # type: ignore[assignment]
+        access: dict[tuple[View, bool], None] = {}
+        for m in body:
+            for a in m.accesses():
+                access[a] = None
+        writes_until = op.until is not None and any(w and v.overlaps(op.until) for v, w in access)
+        if op.until is not None:
+            access[(op.until, False)] = None
+        nodes[k] = replace(pn, op=replace(op, body=tuple(m.id for m in body), access=tuple(access)))
+        if op.until is not None and not writes_until:
+            issues.add("unknown_reference", f"loop {lid!r}: no node of its body writes its until buffer "
+                       f"{op.until.label!r}, so the loop could never stop before max = {op.max} (leave `until` "
+                       "out for a fixed count)", nodes=(lid,), buffer=op.until.buffer,
+                       path=(*pn.path, "loop", "until"), field="loop.until")
+    return nodes
+
+
+def _loop_kernels(spec, issues: _Issues, cache: dict) -> dict[str, PlanKernel]:
+    """The two kernels a loop's WHILE node needs (kernels/loop.cu, shipped with dagbuild)."""
+    from .data import data_root
+    from .sources import read_kernel_source
+
+    try:
+        path = data_root() / "kernels" / "loop.cu"
+        if ("source", path) not in cache:
+            cache[("source", path)] = read_kernel_source(path)
+    except Exception as e:
+        issues.add("unknown_reference", f"dagbuild's loop kernels could not be read: {e}", field="nodes")
+        return {}
+    source = cache[("source", path)]
+    params = (Param("until", "i32", True, True), Param("counter", "i32", True, False),
+              Param("handle", "u64", False, False), Param("max", "i32", False, False))
+    return {name: PlanKernel(name, name.removeprefix("dagbuild."), params, source, path, ())
+            for name in (LOOP_ENTER, LOOP_NEXT)}

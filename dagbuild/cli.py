@@ -127,6 +127,25 @@ def _check_weights(path: str) -> None:
         raise UsageError(f"--weights {path}: no such directory")
 
 
+def _float_in(low: float, high: float, what: str, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be in {'(' if low_open else '['}{low}, {high}], got {text}")
+        return value
+
+    return parse
+
+
+def _looping(args) -> bool:
+    """Whether ``run`` decodes through the loop (K tokens per launch, sampling on the device)."""
+    return (getattr(args, "tokens_per_launch", None) is not None or getattr(args, "temperature", 0.0) > 0
+            or getattr(args, "eos", -1) >= 0)
+
+
 def _check_run_args(args) -> None:
     if args.prompt is not None and args.prompt_ids is not None:
         raise UsageError("give --prompt TEXT or --prompt-ids 1,2,3, not both")
@@ -380,6 +399,10 @@ def cmd_run(args) -> int:
 
         check_plan(model, p.dims, p.consts, where=f"checkpoint {args.weights!r}")
     runner = _runner(p)
+    if runner == "llama_decode" and _looping(args):
+        from .llama.loop import looped_plan
+
+        p = looped_plan(p, args.tokens_per_launch or 1)
     problem = _gpu_problem()
     if problem is not None:
         dot_path = _dot_path(args, p.name)
@@ -387,7 +410,12 @@ def cmd_run(args) -> int:
         print(format_summary(p.summary))
         print(f"\nvalid; wrote the reduced DAG to {dot_path} (render: dot -Tsvg {dot_path} -o {dot_path.stem}.svg)")
         print(f"\nNo GPU here: {problem}.")
-        if runner == "llama_decode":
+        if runner == "llama_decode" and _looping(args):
+            print(f"On a GPU (pip install 'dagbuild[cuda13]'), this command builds the graph above: the decode step "
+                  f"in a loop node (a CUDA WHILE conditional node) of up to {p.dims['steps']} steps per launch, "
+                  "with sampling, token feedback and stopping on the device; it loads weights, runs the prompt "
+                  "and decodes --tokens N tokens per row, printing them with ms/step.")
+        elif runner == "llama_decode":
             print("On a GPU (pip install 'dagbuild[cuda13]'), this command builds the whole decode step above "
                   "as ONE explicit CUDA graph, loads weights (--weights DIR, an HF Llama/Mistral/Qwen2 checkpoint, "
                   "or --random-weights SEED), runs the prompt (--prompt TEXT or --prompt-ids) through prefill graphs "
@@ -521,6 +549,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", choices=("graph", "positions"), default="graph",
                    help="Llama: prompt through prefill graphs pooled by length (default; needs the fused spec's "
                         "packed weights) or through the decode graph one position at a time")
+    p.add_argument("--tokens-per-launch", type=_int_at_least(1, "--tokens-per-launch"), metavar="K",
+                   help="Llama: K decode steps per graph launch (a loop node; sampling and stopping on the device)")
+    p.add_argument("--temperature", type=_float_in(0.0, 1e4, "--temperature"), default=0.0,
+                   help="Llama: sampling temperature (0: greedy, the default); > 0 decodes through the loop")
+    p.add_argument("--top-k", type=_int_at_least(0, "--top-k"), default=0, help="Llama: top-k sampling (0: off)")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, "--top-p", low_open=True), default=1.0,
+                   help="Llama: nucleus sampling (1: off)")
+    p.add_argument("--seed", type=_int_at_least(0, "--seed"), default=0,
+                   help="Llama: sampling seed (per row: seed + row)")
+    p.add_argument("--eos", type=_int_at_least(-1, "--eos"), default=-1,
+                   help="Llama: stop a row at this token id (-1: none; needs the loop)")
     p.set_defaults(func=cmd_run)
     p = spec_cmd("bench", "eager vs stream-captured vs explicit graph, one run on one stream")
     p.add_argument("--steps", type=_int_at_least(1, "--steps"), default=500,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import heapq
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import replace
 
 import networkx as nx
 
 from .errors import Issue
-from .ir import Analysis, KernelOp, Plan, PlanNode, View
+from .ir import Analysis, KernelOp, LoopOp, Plan, PlanNode, View
 
 #: Above this many nodes the summary's max width is the widest level of a longest-path layering (a
 #: lower bound, said as such), not the exact minimum-flow answer, which would take minutes.
@@ -204,7 +205,15 @@ def analyze(plan: Plan, complete: bool = True) -> tuple[Analysis | None, list[Is
     """Order the plan's nodes: the reduced edges and summary, or the issues (cycles, races).
 
     ``complete`` is False when binding already found issues: cycles and races are still looked for
-    among the nodes that bound, but no analysis is returned."""
+    among the nodes that bound, but no analysis is returned. A plan with loops is analysed graph by
+    graph: the top graph (each loop one node touching all its body touches) and each loop's body."""
+    if any(n.scope is not None for n in plan.nodes):
+        return _analyze_scopes(plan, complete)
+    return _analyze_graph(plan, complete)
+
+
+def _analyze_graph(plan: Plan, complete: bool) -> tuple[Analysis | None, list[Issue]]:
+    """:func:`analyze` of one graph (its nodes' own edges)."""
     edges = data_flow(plan)
     dag = _Dag(plan, edges)
     if dag.order is None:
@@ -259,3 +268,34 @@ def summarize(plan: Plan, dag: _Dag, kept: list[tuple[int, int]], programmatic: 
         "dims": dict(plan.dims),
         "consts": dict(plan.consts),
     }
+
+
+def _analyze_scopes(plan: Plan, complete: bool) -> tuple[Analysis | None, list[Issue]]:
+    """:func:`analyze` for a plan with loop bodies: each graph on its own (a body's edges join its own
+    nodes only), results merged; the summary is the top graph's with every node and edge counted."""
+    scopes: dict[str | None, list[PlanNode]] = {None: []}
+    for n in plan.nodes:
+        scopes.setdefault(n.scope, []).append(n)
+    edges: list[tuple[str, str]] = []
+    programmatic: set[tuple[str, str]] = set()
+    issues: list[Issue] = []
+    summaries: dict[str | None, dict] = {}
+    for scope, nodes in scopes.items():
+        analysis, found = _analyze_graph(replace(plan, nodes=nodes), complete)
+        issues += found
+        if analysis is not None:
+            edges += analysis.edges
+            programmatic |= analysis.programmatic
+            summaries[scope] = analysis.summary
+    if issues or not complete:
+        return None, issues
+    top = dict(summaries[None])
+    kinds = Counter(n.kind for n in plan.nodes)
+    top["nodes"] = len(plan.nodes)
+    top["nodes_by_kind"] = {k: kinds.get(k, 0) for k in ("kernel", "memcpy", "memset", "empty", "loop")}
+    for key in ("edges", "edges_reduced", "edges_programmatic"):
+        top[key] = sum(s[key] for s in summaries.values())
+    top["loops"] = {n.id: {"max": n.op.max, "body_nodes": sum(1 for m in plan.nodes if m.scope == n.id),
+                           "body_critical_path": summaries[n.id]["critical_path"]}
+                    for n in plan.nodes if isinstance(n.op, LoopOp)}
+    return Analysis(tuple(edges), frozenset(programmatic), top), []

@@ -1,5 +1,6 @@
-"""DOT text of a validated plan: the reduced DAG, shaped and coloured by node kind, repeats as clusters,
-programmatic edges drawn bold and coloured; labels show bound views (``act[0]``, not ``act[layers % 2]``)."""
+"""DOT text of a validated plan: the reduced DAG, shaped and coloured by node kind, repeats and loop bodies
+as clusters (a loop node heads its body's cluster), programmatic edges drawn bold and coloured; labels show
+bound views (``act[0]``, not ``act[layers % 2]``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,22 @@ STYLE = {
     "memset": 'shape=parallelogram, style=filled, fillcolor="#fff3cd"',
     "empty": 'shape=circle, style=filled, fillcolor="#e2e3e5", width=0.25',
     "child": 'shape=box3d, style=filled, fillcolor="#e0cffc"',
+    "loop": 'shape=doubleoctagon, style=filled, fillcolor="#f8d7da"',
 }
+#: A loop's body sources hang off the loop node; its sinks lead back to it (the next iteration).
+LOOP_EDGE = 'style=dotted, color="#b02a37", arrowhead=none'
+LOOP_BACK = 'style=dotted, color="#b02a37", constraint=false, label="next", fontsize=9'
+
+
+def _containers(n: PlanNode, by_id: dict[str, PlanNode]) -> list[tuple[tuple, tuple]]:
+    """The repeat iterations and loop bodies a node sits in, outermost first, as (spec path, key)."""
+    out = [(f.block, ("repeat", f.block, f.value)) for f in n.repeats]
+    scope = n.scope
+    while scope is not None:
+        loop = by_id[scope]
+        out.append((loop.path, ("loop", loop.id)))
+        scope = loop.scope
+    return sorted(out, key=lambda t: len(t[0]))
 
 
 def _q(text: str) -> str:
@@ -39,14 +55,30 @@ def to_dot(plan: Plan) -> str:
              '  edge [color="#555555"];']
     # each level lists its nodes and repeat blocks in spec order
     tree: dict = {"items": [], "children": {}}
+    by_id = plan.node_by_id
+    frames = {f.block: f for n in plan.nodes for f in n.repeats}
     for n in plan.nodes:
         level = tree
-        for f in n.repeats:
-            block = level["children"].get(f.block)
+        for _, key in _containers(n, by_id):
+            if key[0] == "loop":
+                block = level["children"].get(key)
+                if block is None:
+                    block = level["children"][key] = {"loop": by_id[key[1]], "items": [], "children": {}}
+                    level["items"].append(("block", key))
+                level = block
+                continue
+            block = level["children"].get(key[1])
             if block is None:
-                block = level["children"][f.block] = {"frame": f, "iters": {}}
-                level["items"].append(("block", f.block))
-            level = block["iters"].setdefault(f.value, {"items": [], "children": {}})
+                block = level["children"][key[1]] = {"frame": frames[key[1]], "iters": {}}
+                level["items"].append(("block", key[1]))
+            level = block["iters"].setdefault(key[2], {"items": [], "children": {}})
+        if n.kind == "loop":  # the loop node heads its own cluster
+            key = ("loop", n.id)
+            if key not in level["children"]:
+                level["children"][key] = {"loop": n, "items": [], "children": {}}
+                level["items"].append(("block", key))
+            level["children"][key]["items"].insert(0, ("node", n))
+            continue
         level["items"].append(("node", n))
 
     counter = iter(range(1 << 30))
@@ -57,6 +89,14 @@ def to_dot(plan: Plan) -> str:
                 lines.append(f"{indent}{_q(item.id)} [label={_q(label(item))}, {STYLE[item.kind]}];")
                 continue
             block = level["children"][item]
+            if "loop" in block:
+                loop = block["loop"]
+                lines.append(f"{indent}subgraph cluster_{next(counter)} {{")
+                lines.append(f'{indent}  label={_q(f"loop {loop.id}: {loop.op.label()}")}; style="rounded,dashed"; '
+                             'color="#b02a37";')
+                emit(block, indent + "  ")
+                lines.append(f"{indent}}}")
+                continue
             f = block["frame"]
             lines.append(f"{indent}subgraph cluster_{next(counter)} {{")
             lines.append(f'{indent}  label={_q(f"repeat {f.var} × {f.count}")}; style=dashed; color="#888888";')
@@ -71,6 +111,15 @@ def to_dot(plan: Plan) -> str:
     for u, v in plan.edges:
         style = f" [{PROGRAMMATIC_EDGE}]" if plan.edge_kind(u, v) == "programmatic" else ""
         lines.append(f"  {_q(u)} -> {_q(v)}{style};")
+    for loop in plan.loops:
+        body = set(loop.op.body)
+        has_pred = {v for u, v in plan.edges if v in body}
+        has_succ = {u for u, v in plan.edges if u in body}
+        for m in loop.op.body:
+            if m not in has_pred:
+                lines.append(f"  {_q(loop.id)} -> {_q(m)} [{LOOP_EDGE}];")
+            if m not in has_succ:
+                lines.append(f"  {_q(m)} -> {_q(loop.id)} [{LOOP_BACK}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

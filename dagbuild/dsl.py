@@ -117,6 +117,21 @@ class SpecBuilder:
         finally:
             self._stack.pop()
 
+    @contextlib.contextmanager
+    def loop(self, id: str, *, max: Expr, until: str | None = None, after: Sequence[str] = ()) -> Iterator[None]:
+        """``with g.loop("decode", max="steps", until="done"):`` — nodes added inside form the loop's body
+        (YAML's ``loop`` node): it runs up to ``max`` times in one launch, until ``until[0]`` is non-zero."""
+        args: dict[str, Any] = {"max": max}
+        if until is not None:
+            args["until"] = until
+        body: list = []
+        self._node({"id": id, "loop": args, "nodes": body}, after)
+        self._stack.append(body)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
     def spec(self) -> GraphSpec:
         """The validated GraphSpec (schema issues raise SpecError, like YAML does)."""
         return from_dict(self._data, base_dir=self._base_dir)

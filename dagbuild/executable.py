@@ -17,7 +17,21 @@ from . import expr
 from .bind import NodeError, bind_dims3, bind_scalar, bind_shared, check_threads, memset_bits, resolve_view
 from .buffers import Arena, ArrayRef, BufferMap, array_ref, device_view, pinned_ref
 from .errors import BuildError, DagbuildError, DriverError, Issue, SpecError
-from .ir import MAX_BLOCK, MAX_GRID, ChildOp, KernelArg, KernelOp, MemcpyOp, MemsetOp, Plan, PlanNode, View
+from .ir import (
+    LOOP_ENTER,
+    LOOP_NEXT,
+    MAX_BLOCK,
+    MAX_GRID,
+    ChildOp,
+    KernelArg,
+    KernelOp,
+    LoopOp,
+    MemcpyOp,
+    MemsetOp,
+    Plan,
+    PlanNode,
+    View,
+)
 from .kernels import ModuleCache, programmatic_issues
 from .nodekinds import kind_of
 
@@ -35,7 +49,10 @@ class ExecOptions:
     False chains the nodes in one topological order (the driver then keeps far less memory per
     executable, at the price of running independent work one after another). ``programmatic``: False
     makes every edge plain (to measure what programmatic launch buys). ``build_graph``: False stops
-    after buffers and kernels (what eager and stream-captured baselines need)."""
+    after buffers and kernels (what eager and stream-captured baselines need). ``loops``: ``conditional``
+    builds each loop node as a WHILE conditional node, ``unroll`` as its body ``max`` times in a row (what
+    backends without conditional nodes get; the body's work after ``until`` is set must then be a no-op,
+    as the loop kernels cannot skip it), ``auto`` the first where the backend has it."""
 
     device: int = 0
     check_signatures: bool = True
@@ -43,6 +60,7 @@ class ExecOptions:
     concurrent: bool = True
     programmatic: bool = True
     build_graph: bool = True
+    loops: str = "auto"  # auto | conditional | unroll: how loop nodes are built (see Executable)
 
 
 class Executable:
@@ -70,6 +88,10 @@ class Executable:
         self._closed = False
         self._own_graph = derive_from is None
         self._built_params: dict[str, tuple] | None = None
+        self._copies: dict[str, list] = {}  # node id → every handle built for it (unrolled loops: one per copy)
+        self._named: dict[str, Any] = {}  # every node of the graphs by name (loop internals, copies `id#i`)
+        self._loops: dict[str, Any] = {}  # loop id → its nodekinds.LoopNodes (conditional loops)
+        self._bodies: list[Any] = []  # the body graphs of conditional loops
         try:
             import cupy
 
@@ -86,6 +108,7 @@ class Executable:
             self.stream = stream if stream is not None else cupy.cuda.Stream(non_blocking=True)
             self._check_limits()
             arch = f"sm_{''.join(map(str, self.limits['compute_capability']))}" if options.check_signatures else None
+            self.loop_mode = self._loop_mode()
             self._compile(arch)
             self._allocate(bound or {})
             if not options.build_graph:
@@ -133,6 +156,10 @@ class Executable:
                 if op.kernel not in self._funcs:
                     self._funcs[op.kernel] = self.modules.function(self.plan.kernels[op.kernel], arch)
                 shared_need[op.kernel] = max(shared_need.get(op.kernel, 0), op.shared)
+            elif isinstance(op, LoopOp) and self.loop_mode == "conditional":
+                for name in (LOOP_ENTER, LOOP_NEXT):
+                    if name not in self._funcs:
+                        self._funcs[name] = self.modules.function(self.plan.kernels[name], arch)
         if arch and self.options.programmatic and self.plan.analysis.programmatic:
             issues = programmatic_issues(self.plan, arch)
             if issues:
@@ -160,43 +187,141 @@ class Executable:
                 ref = self._refs[name] = array_ref(name, arr, b.dtype, b.nbytes, exact=False)
                 self.buffers.set_lazy(name, lambda ref=ref, b=b: device_view(ref, b.dtype, b.shape))
 
-    def _edges(self) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
-        """Plain predecessors per node, and the programmatic edges, as this executable builds them."""
+    def _loop_mode(self) -> str | None:
+        """How loop nodes are built (None: the plan has none)."""
+        if not any(isinstance(n.op, LoopOp) for n in self.plan.nodes):
+            return None
+        mode, has = self.options.loops, getattr(self.backend, "conditional_nodes", False)
+        if mode not in ("auto", "conditional", "unroll"):
+            raise BuildError(f"ExecOptions(loops={mode!r}): expected auto, conditional or unroll")
+        if mode == "conditional" and not has:
+            raise BuildError(f"the {self.backend.name} backend has no conditional nodes; use loops='unroll'")
+        if mode == "auto" and not has:
+            log.info("%s: the %s backend has no conditional nodes; each loop body is unrolled max times "
+                     "(its work after the stop must be a no-op)", self.plan.name, self.backend.name)
+        return "conditional" if mode != "unroll" and has else "unroll"
+
+    def _edges(self, body_programmatic: bool = True) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+        """Plain predecessors per node, and the programmatic edges, as this executable builds them (each
+        loop body is a graph of its own: its edges join its own nodes)."""
         order = self.plan.topological()
-        if not self.options.concurrent:  # one chain in a topological order: the least driver memory
-            return {n.id: [order[i - 1].id] if i else [] for i, n in enumerate(order)}, []
+        if not self.options.concurrent:  # one chain per graph in a topological order: the least driver memory
+            preds: dict[str, list[str]] = {}
+            last: dict[str | None, str] = {}
+            for n in order:
+                preds[n.id] = [last[n.scope]] if n.scope in last else []
+                last[n.scope] = n.id
+            return preds, []
         preds = self.plan.preds()
         programmatic = sorted(self.plan.analysis.programmatic) if self.options.programmatic else []
         if programmatic and not getattr(self.backend, "programmatic_edges", False):
             log.info("%s: the %s backend has no programmatic edges; %d edges are plain instead",
                      self.plan.name, self.backend.name, len(programmatic))
             programmatic = []
+        if not body_programmatic:
+            scope = {n.id: n.scope for n in self.plan.nodes}
+            programmatic = [(u, v) for u, v in programmatic if scope[v] is None]
         for u, v in programmatic:
             preds[v].remove(u)
         return preds, programmatic
 
     def _build(self) -> None:
+        try:
+            self._build_graph(body_programmatic=True)
+        except DriverError:
+            in_bodies = [(u, v) for u, v in self._edges()[1] if self._nodes[v].scope is not None]
+            if self.loop_mode != "conditional" or not in_bodies:
+                raise
+            # the driver may refuse programmatic edges inside a conditional body: build them plain there
+            log.info("%s: the driver refused programmatic edges inside loop bodies; %d are plain instead",
+                     self.plan.name, len(in_bodies))
+            self._reset_graph()
+            self._build_graph(body_programmatic=False)
+
+    def _reset_graph(self) -> None:
+        if self.exec is not None:
+            self.backend.exec_destroy(self.exec)
+        if self.graph is not None:
+            self.backend.graph_destroy(self.graph)
+        self.exec = self.graph = None
+        for d in (self.handles, self._copies, self._named, self._loops):
+            d.clear()
+        self._bodies.clear()
+
+    def _build_graph(self, body_programmatic: bool) -> None:
         be = self.backend
         self.graph = be.graph_create()
-        preds, programmatic = self._edges()
-        params = {}
+        preds, programmatic = self._edges(body_programmatic)
+        order: dict[str | None, list[PlanNode]] = {}
         for n in self.plan.topological():
-            deps = [self.handles[p] for p in preds[n.id]]
-            params[n.id] = p = self._params(n)
-            try:
-                self.handles[n.id] = kind_of(n.op).add(be, self.graph, deps, p)
-            except DriverError as e:
-                raise DriverError(e.call, e.status, node=n.id, kernel=getattr(n.op, "kernel", None)) from None
-        for u, v in programmatic:
-            try:
-                be.add_dependency(self.graph, self.handles[u], self.handles[v], "programmatic")
-            except DriverError as e:
-                raise DriverError(e.call, e.status, node=v, detail=f"programmatic edge from {u!r}") from None
+            order.setdefault(n.scope, []).append(n)
+        succs = {u for u, _ in self.plan.edges}
+        self._scope = (order, preds, programmatic, succs, {})
+        self._add_scope(self.graph, None, [], "")
         try:
             self.exec = be.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
-        self._built_params = params  # what the graph holds: executables derived from this one diff against it
+        self._built_params = self._scope[4]  # what the graph holds: executables derived from this one diff against it
+        del self._scope
+
+    def _add_scope(self, graph: Any, scope: str | None, first: list, suffix: str) -> tuple[dict[str, Any], list]:
+        """Add the nodes directly in one graph (the top, or a loop body: ``scope``) to ``graph``; its nodes
+        with no predecessor wait for ``first``. ``suffix`` names the copy of an unrolled body (``#i``).
+        Returns each node's handle and the handles of the nodes nothing in the scope waits for."""
+        be = self.backend
+        order, preds, programmatic, succs, params = self._scope
+        added: dict[str, Any] = {}
+        with_preds = {v for _, v in programmatic} | {n for n, ps in preds.items() if ps}
+        for n in order.get(scope, []):
+            deps = [added[p] for p in preds[n.id]] + ([] if n.id in with_preds else first)
+            params[n.id] = p = self._params(n)
+            try:
+                if isinstance(n.op, LoopOp):
+                    h = self._add_loop(graph, n, deps, p, suffix)
+                else:
+                    h = kind_of(n.op).add(be, graph, deps, p)
+            except DriverError as e:
+                raise DriverError(e.call, e.status, node=n.id + suffix, kernel=getattr(n.op, "kernel", None)) from None
+            added[n.id] = h
+            self._copies.setdefault(n.id, []).append(self._loops.get(n.id + suffix, h))
+            self.handles.setdefault(n.id, h)
+            self._named[n.id + suffix] = h
+        for u, v in programmatic:
+            if u in added and v in added:
+                try:
+                    be.add_dependency(graph, added[u], added[v], "programmatic")
+                except DriverError as e:
+                    raise DriverError(e.call, e.status, node=v + suffix,
+                                      detail=f"programmatic edge from {u!r}") from None
+        return added, [h for i, h in added.items() if i not in succs]
+
+    def _add_loop(self, graph: Any, n: PlanNode, deps: list, p: tuple, suffix: str) -> Any:
+        """A loop node: a WHILE conditional node (and its two loop kernels), or its body ``max`` times in a
+        row, each copy after the one before (an empty node joins each copy's ends). Returns the handle that
+        what follows the loop waits for."""
+        op: LoopOp = n.op  # type: ignore[assignment]
+        be = self.backend
+        if self.loop_mode == "conditional":
+            kind = kind_of(op)
+            ln = kind.add(be, graph, deps, p)
+            self._loops[n.id + suffix] = ln
+            self._bodies.append(ln.body)
+            self._named[f"{n.id}{suffix}.enter"] = ln.enter
+            added, _ = self._add_scope(ln.body, n.id, [], suffix)
+            until = op.until
+            writers = [h for i, h in added.items()
+                       if until is not None and any(w and v.overlaps(until) for v, w in self._nodes[i].accesses())]
+            kind.finish(be, ln, writers, p)
+            self._named[f"{n.id}{suffix}.next"] = ln.next
+            return ln.node
+        first = deps
+        for i in range(op.max):
+            _, ends = self._add_scope(graph, n.id, first, f"{suffix}#{i}")
+            join = be.add_empty(graph, ends)
+            self._named[f"{n.id}{suffix}#{i}"] = join
+            first = [join]
+        return first[0]
 
     def _derive(self, source: Executable) -> None:
         """Instantiate ``source``'s graph again and set only the parameters that differ."""
@@ -207,6 +332,8 @@ class Executable:
         if source._built_params is None:
             raise BuildError(f"graph {self.plan.name!r}: can only derive from an executable that built its graph")
         self.graph, self.handles = source.graph, dict(source.handles)
+        self._copies, self._named = {k: list(v) for k, v in source._copies.items()}, dict(source._named)
+        self._loops, self._bodies = dict(source._loops), list(source._bodies)
         try:
             self.exec = self.backend.instantiate(self.graph)
         except DriverError as e:
@@ -227,10 +354,12 @@ class Executable:
     def _push(self, n: PlanNode, params: tuple | None = None) -> None:
         """Write one node's current parameters into the instantiated graph (no re-instantiation)."""
         kind = kind_of(n.op)
-        if kind.set is None:
-            return
+        if kind.set is None or (isinstance(n.op, LoopOp) and self.loop_mode != "conditional"):
+            return  # an unrolled loop is only its body's nodes
+        p = self._params(n) if params is None else params
         try:
-            kind.set(self.backend, self.exec, self.handles[n.id], self._params(n) if params is None else params)
+            for h in self._copies.get(n.id, [self.handles[n.id]]):
+                kind.set(self.backend, self.exec, h, p)
         except DriverError as e:
             raise DriverError(e.call, e.status, node=n.id, kernel=getattr(n.op, "kernel", None)) from None
 
@@ -249,6 +378,9 @@ class Executable:
     def eager_steps(self) -> list[Any]:
         """One callable ``step(stream)`` per node in a topological order, each an eager CuPy launch (or
         copy, or fill) of what the node does now: the baselines of ``dagbuild bench``."""
+        if any(isinstance(n.op, LoopOp) for n in self.plan.nodes):
+            raise BuildError(f"graph {self.plan.name!r} has loop nodes: eager and stream-captured baselines "
+                             "cannot loop on the device")
         steps = []
         for n in self.plan.topological():
             n = self._nodes[n.id]
@@ -320,6 +452,12 @@ class Executable:
         if not hasattr(self, "_reach"):
             g = nx.DiGraph(self.plan.edges)
             g.add_nodes_from(m.id for m in self.plan.nodes)
+            for loop in self.plan.loops:  # a body node runs after what precedes its loop and before the loop ends
+                start = ("start", loop.id)
+                g.add_edges_from((u, start) for u in list(g.predecessors(loop.id)))
+                for m in loop.op.body:
+                    g.add_edge(start, m)
+                    g.add_edge(m, loop.id)
             self._reach = g
         ordered = nx.ancestors(self._reach, n.id) | nx.descendants(self._reach, n.id) | {n.id}
         for m in self._nodes.values():
@@ -396,21 +534,34 @@ class Executable:
         self.buffers[buffer] = device_view(ref, b.dtype, b.shape)
 
     def driver_dot(self) -> str:
-        """The driver's own DOT of the graph (``cuGraphDebugDotPrint``)."""
+        """The driver's own DOT of the graph (``cuGraphDebugDotPrint``); a loop's body graph that the
+        driver's text leaves out is added as a cluster of its own."""
         self._alive()
-        return self.backend.debug_dot(self.graph)
+        text = self.backend.debug_dot(self.graph)
+        for i, body in enumerate(self._bodies):
+            nodes = self.backend.graph_nodes(body)
+            if not nodes or f"{self.backend.node_id(nodes[0]):x}" in text.lower():
+                continue
+            inner = self.backend.debug_dot(body)
+            inner = inner[inner.index("{") + 1:inner.rindex("}")]
+            end = text.rindex("}")
+            text = f"{text[:end]}subgraph cluster_loop_body_{i} {{\nlabel=\"loop body {i}\";\n{inner}}}\n{text[end:]}"
+        return text
 
     def driver_graph(self) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
-        """What the driver holds: node id → node type, and edge (src, dst) → ``plain``/``programmatic``."""
+        """What the driver holds: node name → node type, and edge (src, dst) → ``plain``/``programmatic``,
+        over the top graph and every loop body. Names are node ids; a loop adds ``<id>.enter`` and (in its
+        body) ``<id>.next``; an unrolled loop's copies are ``<id>#<i>`` and its joins ``<loop>#<i>``."""
         self._alive()
         be = self.backend
-        by_handle = {be.node_id(h): i for i, h in self.handles.items()}
+        by_handle = {be.node_id(h): i for i, h in self._named.items()}
         kinds, edges = {}, {}
-        for h in be.graph_nodes(self.graph):
-            nid = by_handle[be.node_id(h)]
-            kinds[nid] = be.node_type(h)
-            for d, kind in be.node_dep_edges(h):
-                edges[(by_handle[be.node_id(d)], nid)] = kind
+        for graph in [self.graph, *self._bodies]:
+            for h in be.graph_nodes(graph):
+                nid = by_handle[be.node_id(h)]
+                kinds[nid] = be.node_type(h)
+                for d, kind in be.node_dep_edges(h):
+                    edges[(by_handle[be.node_id(d)], nid)] = kind
         return kinds, edges
 
     def _alive(self) -> None:
@@ -433,6 +584,9 @@ class Executable:
                 be.graph_destroy(self.graph)
             self.exec = self.graph = None
             self.handles.clear()
+            for d in (self._copies, self._named, self._loops):
+                d.clear()
+            self._bodies.clear()
             self.buffers.clear()
             self._refs.clear()
             self._built_params = None

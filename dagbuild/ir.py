@@ -230,7 +230,32 @@ class ChildOp:
         return "child graph\n" + "\n".join(c.label() for c in self.body)
 
 
-Op = KernelOp | MemcpyOp | MemsetOp | EmptyOp | ChildOp
+@dataclass(frozen=True)
+class LoopOp:
+    """A device-side loop over a body of nodes (the plan's nodes whose ``scope`` is this node's id).
+
+    ``counter`` is the loop's own iteration counter (a plan buffer bind adds); ``access`` is every byte
+    range the body touches (and ``until``, read), so the parent graph orders the loop as one node."""
+
+    kind: ClassVar[str] = "loop"
+    max: int
+    until: View | None
+    counter: View
+    body: tuple[str, ...] = ()  # ids of the nodes directly in the body, in list order
+    access: tuple[tuple[View, bool], ...] = ()
+
+    def accesses(self) -> tuple[tuple[View, bool], ...]:
+        return self.access
+
+    def label(self) -> str:
+        return f"loop ≤ {self.max}" + (f" until {self.until.label}" if self.until else "")
+
+
+#: The internal kernels of a loop (kernels/loop.cu): set the WHILE node's condition before and after each
+#: iteration. Their names cannot clash with a spec's kernels (those are identifiers).
+LOOP_ENTER, LOOP_NEXT = "dagbuild.loop_enter", "dagbuild.loop_next"
+
+Op = KernelOp | MemcpyOp | MemsetOp | EmptyOp | ChildOp | LoopOp
 
 
 @dataclass(frozen=True)
@@ -243,6 +268,7 @@ class PlanNode:
     op: Op
     repeats: tuple[RepeatFrame, ...] = ()
     after: tuple[str, ...] = ()
+    scope: str | None = None  # id of the innermost loop whose body holds it (None: the top graph)
 
     @property
     def kind(self) -> str:
@@ -309,6 +335,15 @@ class Plan:
 
     def edge_kind(self, src: str, dst: str) -> Launch:
         return "programmatic" if self.analysis and (src, dst) in self.analysis.programmatic else "plain"
+
+    @property
+    def loops(self) -> list[PlanNode]:
+        """The loop nodes, in list order (an outer loop before the loops in its body)."""
+        return [n for n in self.nodes if isinstance(n.op, LoopOp)]
+
+    def scoped(self, scope: str | None) -> list[PlanNode]:
+        """The nodes directly in one graph: the top (None) or a loop's body (its id)."""
+        return [n for n in self.nodes if n.scope == scope]
 
     @property
     def node_by_id(self) -> dict[str, PlanNode]:

@@ -39,7 +39,7 @@ _Loader = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml
 
 _UNION_TAGS = {"int", "float", "str", "bool", "dict", "list"}
 _EXPR_TAGS = {"int", "float", "str"}
-_NODE_TAGS = {"kernel", "memcpy", "memset", "empty", "child", "repeat"}
+_NODE_TAGS = {"kernel", "memcpy", "memset", "empty", "child", "repeat", "loop"}
 _NAMED_SECTIONS = ("dims", "consts", "types", "buffers", "kernels")
 
 _T = "tag:yaml.org,2002:"

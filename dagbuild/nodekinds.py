@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .dtypes import NP_DTYPE
-from .ir import ChildOp, EmptyOp, KernelOp, MemcpyOp, MemsetOp, Op, View
+from .ir import LOOP_ENTER, LOOP_NEXT, ChildOp, EmptyOp, KernelOp, LoopOp, MemcpyOp, MemsetOp, Op, View
 
 Pointer = Callable[[View], int]  # a view's device (or pinned host) address
 
@@ -27,6 +27,44 @@ class NodeKind:
     add: Callable[[Any, Any, list, tuple], Any]  # (backend, graph, deps, params) → node handle
     set: Callable[[Any, Any, Any, tuple], None] | None  # (backend, exec, handle, params); None: nothing to set
     eager: Callable[[Any, tuple, Any], Callable[[Any], None]] | None  # (op, params, function) → step(stream)
+    # kinds with a body (loops): (backend, handle, deps in the body, params) → None, after the body is added
+    finish: Callable[[Any, Any, list, tuple], None] | None = None
+
+
+@dataclass
+class LoopNodes:
+    """What a loop node is in a CUDA graph: ``loop_enter`` then the WHILE ``node`` in the parent graph,
+    ``loop_next`` (added by ``finish``) last in its ``body`` graph, all sharing the condition ``handle``."""
+
+    enter: Any
+    node: Any
+    body: Any
+    handle: int
+    next: Any = None
+
+
+_ONE = (1, 1, 1)
+
+
+def _loop_args(p: tuple, handle: int) -> list:
+    _enter, _next, until, counter, count = p
+    return [("ptr", until), ("ptr", counter), ("u64", handle), ("i32", count)]
+
+
+def _loop_add(be: Any, graph: Any, deps: list, p: tuple) -> LoopNodes:
+    handle = be.conditional_handle(graph)
+    enter = be.add_kernel(graph, deps, p[0], _ONE, _ONE, 0, _loop_args(p, int(handle)))
+    node, body = be.add_while(graph, [enter], handle)
+    return LoopNodes(enter, node, body, int(handle))
+
+
+def _loop_finish(be: Any, ln: LoopNodes, deps: list, p: tuple) -> None:
+    ln.next = be.add_kernel(ln.body, deps, p[1], _ONE, _ONE, 0, _loop_args(p, ln.handle))
+
+
+def _loop_set(be: Any, ex: Any, ln: LoopNodes, p: tuple) -> None:
+    be.set_kernel(ex, ln.enter, p[0], _ONE, _ONE, 0, _loop_args(p, ln.handle))
+    be.set_kernel(ex, ln.next, p[1], _ONE, _ONE, 0, _loop_args(p, ln.handle))
 
 
 def _kernel_params(op: KernelOp, ptr: Pointer, funcs: Mapping[str, int]) -> tuple:
@@ -105,6 +143,13 @@ KINDS: dict[type, NodeKind] = {
         add=lambda be, g, deps, p: be.add_child_graph(g, deps, p),
         set=lambda be, ex, h, p: be.set_child_graph(ex, h, p),
         eager=_child_eager),
+    LoopOp: NodeKind(
+        params=lambda op, ptr, funcs: (funcs[LOOP_ENTER], funcs[LOOP_NEXT], ptr(op.until) if op.until else 0,
+                                       ptr(op.counter), op.max),
+        add=_loop_add,
+        set=_loop_set,
+        eager=None,
+        finish=_loop_finish),
 }
 
 

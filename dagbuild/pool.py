@@ -26,7 +26,7 @@ from .executable import ExecOptions, Executable
 from .ir import Plan
 from .kernels import ModuleCache
 from .plan import plan as make_plan
-from .spec import ChildNode, GraphSpec, KernelNode, MemcpyNode, MemsetNode, RepeatBlock
+from .spec import ChildNode, GraphSpec, KernelNode, LoopNode, MemcpyNode, MemsetNode, RepeatBlock
 from .util import paused_gc
 
 
@@ -235,6 +235,10 @@ def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:
                 texts = [n.memcpy.src, n.memcpy.dst]
             elif isinstance(n, MemsetNode):
                 texts = [n.memset.dst]
+            elif isinstance(n, LoopNode):
+                if not walk(n.nodes):
+                    return False
+                texts = [n.loop.until]
             names = set().union(*(index_names(t) for t in texts)) if texts else set()
             for a in n.after:
                 for m in TEMPLATE.findall(a):

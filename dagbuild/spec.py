@@ -153,7 +153,24 @@ class RepeatBlock(_Model):
     nodes: list[Node]
 
 
-NODE_KINDS = ("kernel", "memcpy", "memset", "empty", "child", "repeat")
+class LoopArgs(_Model):
+    """``max``: iterations at most (an integer expression ≥ 1); ``until``: a one-element i32/u32 device
+    buffer (or view) that the body writes; the loop ends when it is non-zero (checked before every
+    iteration). Without ``until`` the body runs exactly ``max`` times."""
+
+    max: Expr
+    until: StrictStr | None = None
+
+
+class LoopNode(_NodeBase):
+    """A device-side loop: ``nodes`` (its body, a graph of its own) runs up to ``loop.max`` times in one
+    launch (a CUDA WHILE conditional node; unrolled ``max`` times where there are none)."""
+
+    loop: LoopArgs
+    nodes: list[Node]
+
+
+NODE_KINDS = ("kernel", "memcpy", "memset", "empty", "child", "repeat", "loop")
 
 
 def _node_kind(value: Any) -> str | None:
@@ -172,14 +189,16 @@ Node = Annotated[
         Annotated[EmptyNode, Tag("empty")],
         Annotated[ChildNode, Tag("child")],
         Annotated[RepeatBlock, Tag("repeat")],
+        Annotated[LoopNode, Tag("loop")],
     ],
     Discriminator(
         _node_kind,
         custom_error_type="node_kind",
-        custom_error_message="a node needs exactly one of the keys kernel, memcpy, memset, empty, child, repeat",
+        custom_error_message="a node needs exactly one of the keys kernel, memcpy, memset, empty, child, repeat, loop",
     ),
 ]
 RepeatBlock.model_rebuild()
+LoopNode.model_rebuild()
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: A spec's name: it becomes file names (``<name>.dot``), so no paths, no hidden files.

@@ -454,6 +454,30 @@ class CudaBackend:
         finally:
             self.graph_destroy(child)
 
+    # -- conditional (WHILE) nodes: a spec's loop node ---------------------------------------------------
+
+    def conditional_handle(self, graph: Any) -> Any:
+        """A condition handle for a conditional node that will be added to ``graph`` (reset to 0 at every
+        launch; a kernel sets it with cudaGraphSetConditional). ``int(handle)`` is the kernels' argument."""
+        drv = self._drv
+        return self._check("cuGraphConditionalHandleCreate", drv.cuGraphConditionalHandleCreate(
+            graph, self._ctx, 0, int(drv.CU_GRAPH_COND_ASSIGN_DEFAULT)))
+
+    def add_while(self, graph, deps, handle: Any) -> tuple[Any, Any]:
+        """A WHILE conditional node after ``deps``: (node, body graph). The body runs while the handle's
+        value is non-zero when the node starts and after each run of the body."""
+        drv = self._drv
+        params = drv.CUgraphNodeParams()
+        params.type = drv.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
+        params.conditional.handle = handle
+        params.conditional.type = drv.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_WHILE
+        params.conditional.size = 1
+        params.conditional.ctx = self._ctx
+        d = self._deps(deps)
+        add = getattr(drv, "cuGraphAddNode_v2", None) or drv.cuGraphAddNode  # 12.x: _v2 takes edge data
+        node = self._check("cuGraphAddNode", add(graph, d, None, len(d), params))
+        return node, params.conditional.phGraph_out[0]
+
     # -- executable graphs ----------------------------------------------------------------------------
 
     def instantiate(self, graph: Any) -> Any:

@@ -64,6 +64,8 @@ def run_cli(p: Plan, args: Any) -> int:
     free, _ = cupy.cuda.runtime.memGetInfo()
     check_fits(footprint(p, tied), free, p.dims, name=f"graph {p.name!r}")
     stops = set(model.eos_ids) if model is not None else set()
+    if "steps" in p.dims and "ring" in p.buffers:  # a looped plan (--tokens-per-launch, sampling)
+        return run_loop_cli(p, args, prompt, tied, stops)
     t0 = time.perf_counter()
     with Executable(p, bound=weights.tied_bound(p) if tied else None) as exe:
         build_ms = (time.perf_counter() - t0) * 1e3
@@ -131,3 +133,39 @@ def _prefiller(exe: Any, mode: str) -> Any:
     print(f"prefill graphs: {len(pf.buckets)} buckets (seq {', '.join(map(str, pf.buckets))}) built in "
           f"{pf.build_s:.2f} s over the decode graph's weights and KV cache")
     return pf
+
+
+def run_loop_cli(p: Plan, args: Any, prompt: list[int], tied: bool, stops: set[int]) -> int:
+    """``dagbuild run`` through the loop: K steps per launch, sampled on the device, rows stop at --eos (or
+    the checkpoint's first EOS id)."""
+    from ..executable import Executable
+    from . import weights
+    from .loop import LoopDecoder
+    from .sampling import Sampling
+
+    rows = p.dims["batch"]
+    samplings = [Sampling(args.temperature, args.top_k, args.top_p, args.seed + r) for r in range(rows)]
+    t0 = time.perf_counter()
+    with Executable(p, bound=weights.tied_bound(p) if tied else None) as exe:
+        build_ms = (time.perf_counter() - t0) * 1e3
+        if args.weights:
+            weights.load_checkpoint(exe, args.weights)
+            source = args.weights
+        else:
+            seed = args.random_weights if args.random_weights is not None else 0
+            weights.random_weights(exe, seed)
+            source = f"random weights (seed {seed})"
+        dec = LoopDecoder(exe)
+        how = "greedy" if samplings[0].greedy else (f"temperature {args.temperature}, top-k {args.top_k}, "
+                                                    f"top-p {args.top_p}, seed {args.seed} + row")
+        print(f"{p.name}: {len(p.nodes)} nodes ({exe.loop_mode} loop of {p.dims['steps']} steps) built in "
+              f"{build_ms:.1f} ms; {source}; batch {rows}, wt={p.types.get('wt')}; {how}")
+        eos = args.eos if args.eos >= 0 else min(stops, default=None)
+        gen = dec.generate([prompt] * rows, args.tokens, samplings, eos)
+    print(f"prompt ({len(prompt)} tokens): {prompt}")
+    for r, toks in enumerate(gen.tokens):
+        print(f"row {r}: {toks}")
+    ms = gen.ms_per_step
+    print(f"{ms:.3f} ms per step ({rows * 1e3 / ms:.1f} tokens/s at batch {rows}), {gen.steps} steps (prompt "
+          f"included) in {len(gen.launch_ms)} launches of up to {p.dims['steps']}")
+    return 0
