@@ -143,9 +143,9 @@ KINDS: dict[type, NodeKind] = {
         add=lambda be, g, deps, p: be.add_child_graph(g, deps, p),
         set=lambda be, ex, h, p: be.set_child_graph(ex, h, p),
         eager=_child_eager),
-    LoopOp: NodeKind(
-        params=lambda op, ptr, funcs: (funcs[LOOP_ENTER], funcs[LOOP_NEXT], ptr(op.until) if op.until else 0,
-                                       ptr(op.counter), op.max),
+    LoopOp: NodeKind(  # an unrolled loop compiles no loop kernels: their functions are then 0
+        params=lambda op, ptr, funcs: (funcs.get(LOOP_ENTER, 0), funcs.get(LOOP_NEXT, 0),
+                                       ptr(op.until) if op.until else 0, ptr(op.counter), op.max),
         add=_loop_add,
         set=_loop_set,
         eager=None,
