@@ -10,7 +10,8 @@ STAGES=${STAGES:-"tests bench pool"}
 for stage in $STAGES; do
   case $stage in
     tests)
-      timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+      timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -rf "$@" tests/gpu > "$OUT/pytest.log" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -40 ;;
     hfnote)
       timeout 200 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_llama_hf.py -k "fp16 or fp32" 2>&1 \
         | grep -i "fp16\|fp32\|passed\|failed" | tail -15 ;;
@@ -43,6 +44,25 @@ PY
       timeout 240 python3 tools/probe_build_cost.py 2>&1 | tail -14 ;;
     decode)
       timeout 300 python3 tools/bench_decode.py --json "$OUT/bench_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -60 ;;
+    fusedbench)  # issue 8: the fused step, kernel by kernel and end to end
+      timeout 240 python3 tools/bench_gemv.py --chain --pos 100,400 --json "$OUT/bench_chain.json" 2>&1 | tail -24 ;;
+    models)  # issue 9: a Llama-3.2-1B shape (bf16, llama3 RoPE, tied) and a head_dim-128 7B shape in 8 layers
+      timeout 200 python3 tools/bench_decode.py --config specs/configs/hf/llama-3.2-1b.json --no-kernels --steps 50 \
+        --json "$OUT/bench_llama32_1b.json" 2>&1 | tail -14
+      timeout 200 python3 tools/bench_decode.py --config specs/configs/hf/llama-2-7b.json --layers 8 --no-kernels \
+        --steps 50 --json "$OUT/bench_llama2_7b_8l.json" 2>&1 | tail -14 ;;
+    loop)  # issue 10
+      timeout 240 python3 tools/bench_loop.py --json "$OUT/bench_loop.json" 2>&1 | tail -30 ;;
+    prefill)  # issue 11
+      timeout 200 python3 tools/bench_prefill.py --json "$OUT/bench_prefill.json" 2>&1 | tail -12 ;;
+    batch)  # issue 15
+      timeout 300 python3 tools/bench_batch.py --json "$OUT/bench_batch.json" --png "$OUT/bench_batch.png" 2>&1 | tail -30 ;;
+    sanitize_fused)
+      for tool in memcheck racecheck synccheck; do
+        timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \
+          tools/sanitize_decode.py --spec specs/llama_decode_fused.yaml > "$OUT/sanitize_fused_$tool.log" 2>&1
+        echo "compute-sanitizer $tool on llama_decode_fused: exit $?"; tail -2 "$OUT/sanitize_fused_$tool.log"
+      done ;;
     sanitize)
       for spec in llama_decode llama_decode_fused; do
         for tool in memcheck racecheck synccheck initcheck; do
