@@ -37,12 +37,15 @@ DEFINE_RMSNORM_CAST(f16, db_f16)
 DEFINE_RMSNORM_CAST(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
-// rope_kv_prefill: RoPE on q and k of every position of the chunk, k and v written to the cache.
-//                                                                              grid [batch * seq], block [128]
-// qkv[r, :] is [q heads | k heads | v heads] * head_dim (the packed wqkv GEMM's output). q is roped in place;
-// roped k and v go to cache[b, kvh, pos[r], :]. Angles: pos * inv_freq[i] in f32, sin/cos as rope_sincos in
-// llama.cu, out = x*cos + rotate_half(x)*sin with each product and the sum rounded separately (as the decode
-// kernels do). A position outside [0, max_seq) writes nothing (its q is left as it is).
+// rope_kv_prefill: Q/K/V bias, then RoPE on q and k of every position of the chunk, k and v written to the
+// cache.                                                                       grid [batch * seq], block [128]
+// qkv[r, :] is [q heads | k heads | v heads] * head_dim (the packed wqkv GEMM's output); bias is that row's
+// [bq; bk; bv] (the layer's qkv_bias row, zeros for models without biases), added in f32 before RoPE as HF
+// Qwen2 does and as the decode kernels do. q is biased and roped in place; roped k and biased v go to
+// cache[b, kvh, pos[r], :]. Angles: pos * inv_freq[i] in f32 (inv_freq: the rope_inv_freq table, as the decode
+// kernels read it), sin/cos as rope_sincos in llama_fused.cu, out = x*cos + rotate_half(x)*sin with each
+// product and the sum rounded separately (as the decode kernels do). A position outside [0, max_seq) writes
+// nothing (its q is left as it is). Requirements: head_dim even.
 // ------------------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ void prefill_sincos(float f, float* s, float* c) {
@@ -53,8 +56,8 @@ __device__ __forceinline__ void prefill_sincos(float f, float* s, float* c) {
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-    rope_kv_prefill(float* qkv, float* k_cache, float* v_cache, const int* pos, const float* inv_freq, int heads,
-                    int kv_heads, int head_dim, int max_seq, int seq) {
+    rope_kv_prefill(float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,
+                    const float* inv_freq, int heads, int kv_heads, int head_dim, int max_seq, int seq) {
     const int r = blockIdx.x;
     const int b = r / seq;
     const int p = pos[r];
@@ -67,7 +70,8 @@ extern "C" __global__ void __launch_bounds__(1024)
         float s, c;
         prefill_sincos((float)p * inv_freq[i], &s, &c);
         float* src = row + (size_t)h * head_dim;
-        const float x1 = src[i], x2 = src[i + half];
+        const float* bh = bias + (size_t)h * head_dim;
+        const float x1 = src[i] + bh[i], x2 = src[i + half] + bh[i + half];
         const float o1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(-x2, s));
         const float o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
         if (h < heads) {
@@ -79,134 +83,176 @@ extern "C" __global__ void __launch_bounds__(1024)
             dst[i + half] = o2;
         }
     }
-    const float* v = row + (size_t)(heads + kv_heads) * head_dim;
+    const size_t v0 = (size_t)(heads + kv_heads) * head_dim;
     for (int idx = threadIdx.x; idx < kv_heads * head_dim; idx += blockDim.x) {
         const int hk = idx / head_dim, e = idx - hk * head_dim;
-        v_cache[(((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim + e] = v[idx];
+        v_cache[(((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim + e] = row[v0 + idx] + bias[v0 + idx];
     }
 }
 
 // ------------------------------------------------------------------------------------------------------------
 // attn_prefill_<wt>: causal attention of the chunk's queries over the cache (the prefix written by earlier
 // chunks and this chunk's keys, written by rope_kv_prefill before it).
-//                                                   grid [ceil_div(seq, 64), heads, batch], block [64]
-// Flash-attention style in f32 on CUDA cores: one thread per query (its q, scaled, and its output row in
-// registers), the block walks key tiles of 64 keys of kv head h / (heads / kv_heads) up to the block's
-// largest position, staged in shared memory (each key row is read by all threads at once: a broadcast).
-// Per 16 keys: scores, one rescale of the running (m, l, o), then p.V. Query at position p sees keys
-// 0..p of its cache row. out[r, h*64 : h*64+64] = wt(softmax(q k^T * scale) v); a padded query writes zeros.
-// Requirements: head_dim == 64; blockDim.x == 64; cache rows 0..p filled for every query's p.
+//                                   grid [ceil_div(seq, 64), heads, batch], block [64 * ceil_div(head_dim, 64)]
+// Flash-attention style in f32 on CUDA cores. A block takes 64 queries of one head; each query is held by
+// S = ceil_div(head_dim, 64) adjacent threads (S = 2 for head_dim 96 and 128), each with head_dim / S of its
+// q (scaled) and of its output row in registers: float4 chunks c = S*j + part, so the S threads of a query
+// read adjacent 16 bytes of a key row (no bank conflict); their partial scores are summed with one shuffle.
+// The block walks key tiles (64 keys, 32 when S = 2: a 32 KiB K+V tile) of kv head h / (heads / kv_heads) up
+// to the block's largest position, staged in shared memory (each key row is read by all threads at once: a
+// broadcast). Per 16 keys: scores, one rescale of the running (m, l, o), then p.V; a warp runs the keys up to
+// its own largest position (so its shuffles see the whole warp) and each query masks the keys past its own
+// position. Query at position p sees keys 0..p of its cache row.
+// out[r, h*head_dim : (h+1)*head_dim] = wt(softmax(q k^T * scale) v); a padded query writes zeros.
+// head_dim is dispatched at run time to one of 32, 64, 96, 128 (any other: nothing is written; the spec's
+// check refuses it). Requirements: blockDim.x == 64 * S; cache rows 0..p filled for every query's p.
 // ------------------------------------------------------------------------------------------------------------
 
-#define PA_Q 64
-#define PA_K 64
-#define PA_D 64
-#define PA_U 16
+#define PA_Q 64        // queries per block
+#define PA_U 16        // keys per online-softmax step
+#define PA_TILE 2048   // float4s of shared memory for a K and a V tile (32 KiB)
 
-template <typename T>
+template <typename T, int D>
 __device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ qkv, const float* __restrict__ k_cache,
                                                   const float* __restrict__ v_cache, const int* __restrict__ pos,
                                                   T* __restrict__ out, int heads, int kv_heads, int max_seq,
-                                                  int seq, float scale) {
-    __shared__ float4 ks[PA_K][PA_D / 4];
-    __shared__ float4 vs[PA_K][PA_D / 4];
-    __shared__ int pmax_sh;
+                                                  int seq, float scale, float4* tile, int* pmax_sh) {
+    constexpr int S = D > 64 ? 2 : 1;  // threads per query
+    constexpr int C = D / (4 * S);     // float4 chunks of q, o per thread
+    constexpr int D4 = D / 4;          // float4s per key row
+    constexpr int KT = D > 64 ? 32 : 64;  // keys per tile
+    static_assert(2 * KT * D4 <= PA_TILE, "K and V tiles must fit the shared buffer");
+    static_assert(KT % PA_U == 0 && D % (4 * S) == 0, "tile shape");
+    float4* ks = tile;            // [KT][D4]
+    float4* vs = tile + KT * D4;  // [KT][D4]
     const int b = blockIdx.z, h = blockIdx.y;
-    const int t = blockIdx.x * PA_Q + threadIdx.x;
+    const int qi = threadIdx.x / S, part = threadIdx.x - qi * S;
+    const int t = blockIdx.x * PA_Q + qi;
     const int hk = h / (heads / kv_heads);
     const size_t r = (size_t)b * seq + t;
     int p = t < seq ? pos[r] : -1;
     if (p >= max_seq) p = -1;
-    if (threadIdx.x == 0) pmax_sh = -1;
+    if (threadIdx.x == 0) *pmax_sh = -1;
     __syncthreads();
-    if (p >= 0) atomicMax(&pmax_sh, p);
+    if (p >= 0 && part == 0) atomicMax(pmax_sh, p);
     __syncthreads();
-    const int pmax = pmax_sh;
+    const int pmax = *pmax_sh;
+    int pw = p;  // the warp's largest position: the bound of its key loop (warp-uniform)
+    for (int off = warpSize >> 1; off > 0; off >>= 1) pw = max(pw, db_shfl_xor(pw, off));
 
-    float q[PA_D], o[PA_D];
-    const size_t width = (size_t)(heads + 2 * kv_heads) * PA_D;
-    if (p >= 0) {
-        const float4* qr = reinterpret_cast<const float4*>(qkv + r * width + (size_t)h * PA_D);
+    float q[4 * C], o[4 * C];
+    const size_t width = (size_t)(heads + 2 * kv_heads) * D;
+    const float4* qr = reinterpret_cast<const float4*>(qkv + r * width + (size_t)h * D);
 #pragma unroll
-        for (int c = 0; c < PA_D / 4; ++c) {
-            const float4 v = qr[c];
-            q[4 * c] = v.x * scale;
-            q[4 * c + 1] = v.y * scale;
-            q[4 * c + 2] = v.z * scale;
-            q[4 * c + 3] = v.w * scale;
-        }
+    for (int j = 0; j < C; ++j) {
+        const float4 v = p >= 0 ? qr[S * j + part] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        q[4 * j] = v.x * scale;
+        q[4 * j + 1] = v.y * scale;
+        q[4 * j + 2] = v.z * scale;
+        q[4 * j + 3] = v.w * scale;
     }
 #pragma unroll
-    for (int d = 0; d < PA_D; ++d) o[d] = 0.0f;
+    for (int d = 0; d < 4 * C; ++d) o[d] = 0.0f;
     float m = DB_NEG_INF, l = 0.0f;
-    const size_t base = ((size_t)b * kv_heads + hk) * (size_t)max_seq * PA_D;
+    const size_t base = ((size_t)b * kv_heads + hk) * (size_t)max_seq * D;
     const float4* kb = reinterpret_cast<const float4*>(k_cache + base);
     const float4* vb = reinterpret_cast<const float4*>(v_cache + base);
 
-    for (int j0 = 0; j0 <= pmax; j0 += PA_K) {
+    for (int j0 = 0; j0 <= pmax; j0 += KT) {
         __syncthreads();  // the previous tile is no longer read
-        for (int idx = threadIdx.x; idx < PA_K * (PA_D / 4); idx += blockDim.x) {
-            const int kj = idx / (PA_D / 4), c = idx - kj * (PA_D / 4);
-            const int j = j0 + kj;
+        for (int idx = threadIdx.x; idx < KT * D4; idx += blockDim.x) {
+            const int j = j0 + idx / D4;
             float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
             if (j <= pmax) {
-                kv = kb[(size_t)j * (PA_D / 4) + c];
-                vv = vb[(size_t)j * (PA_D / 4) + c];
+                kv = kb[(size_t)j0 * D4 + idx];
+                vv = vb[(size_t)j0 * D4 + idx];
             }
-            ks[kj][c] = kv;
-            vs[kj][c] = vv;
+            ks[idx] = kv;
+            vs[idx] = vv;
         }
         __syncthreads();
-        const int jn = min(PA_K, p - j0 + 1);  // keys of this tile the thread sees (<= 0: none)
-        for (int s0 = 0; s0 < jn; s0 += PA_U) {
+        const int jw = min(KT, pw - j0 + 1);  // keys of this tile the warp's queries see (<= 0: none)
+        const int jn = p - j0 + 1;            // keys of this tile this query sees (<= 0: none)
+        for (int s0 = 0; s0 < jw; s0 += PA_U) {
             float sc[PA_U];
             float mt = m;
 #pragma unroll
             for (int u = 0; u < PA_U; ++u) {
+                const float4* kr = ks + (s0 + u) * D4;
                 float acc = 0.0f;
 #pragma unroll
-                for (int c = 0; c < PA_D / 4; ++c) {
-                    const float4 kv = ks[s0 + u][c];
-                    acc = fmaf(q[4 * c], kv.x, acc);
-                    acc = fmaf(q[4 * c + 1], kv.y, acc);
-                    acc = fmaf(q[4 * c + 2], kv.z, acc);
-                    acc = fmaf(q[4 * c + 3], kv.w, acc);
+                for (int j = 0; j < C; ++j) {
+                    const float4 kv = kr[S * j + part];
+                    acc = fmaf(q[4 * j], kv.x, acc);
+                    acc = fmaf(q[4 * j + 1], kv.y, acc);
+                    acc = fmaf(q[4 * j + 2], kv.z, acc);
+                    acc = fmaf(q[4 * j + 3], kv.w, acc);
                 }
+                if (S == 2) acc += db_shfl_xor(acc, 1);
                 sc[u] = s0 + u < jn ? acc : DB_NEG_INF;
                 mt = fmaxf(mt, sc[u]);
             }
-            const float corr = expf(m - mt);  // m = -inf at first: 0
+            // mt = -inf only for a query that has seen no key (padding): keep its state 0 instead of NaN
+            const float mref = mt == DB_NEG_INF ? 0.0f : mt;
+            const float corr = expf(m - mref);  // m = -inf at first: 0
             l *= corr;
 #pragma unroll
-            for (int d = 0; d < PA_D; ++d) o[d] *= corr;
+            for (int d = 0; d < 4 * C; ++d) o[d] *= corr;
 #pragma unroll
             for (int u = 0; u < PA_U; ++u) {
-                const float pu = expf(sc[u] - mt);
+                const float pu = expf(sc[u] - mref);  // a masked key: 0
                 l += pu;
+                const float4* vr = vs + (s0 + u) * D4;
 #pragma unroll
-                for (int c = 0; c < PA_D / 4; ++c) {
-                    const float4 vv = vs[s0 + u][c];
-                    o[4 * c] = fmaf(pu, vv.x, o[4 * c]);
-                    o[4 * c + 1] = fmaf(pu, vv.y, o[4 * c + 1]);
-                    o[4 * c + 2] = fmaf(pu, vv.z, o[4 * c + 2]);
-                    o[4 * c + 3] = fmaf(pu, vv.w, o[4 * c + 3]);
+                for (int j = 0; j < C; ++j) {
+                    const float4 vv = vr[S * j + part];
+                    o[4 * j] = fmaf(pu, vv.x, o[4 * j]);
+                    o[4 * j + 1] = fmaf(pu, vv.y, o[4 * j + 1]);
+                    o[4 * j + 2] = fmaf(pu, vv.z, o[4 * j + 2]);
+                    o[4 * j + 3] = fmaf(pu, vv.w, o[4 * j + 3]);
                 }
             }
             m = mt;
         }
     }
     if (t >= seq) return;
-    T* dst = out + r * (size_t)heads * PA_D + (size_t)h * PA_D;
+    T* dst = out + r * (size_t)heads * D + (size_t)h * D;
     const float inv = p >= 0 && l > 0.0f ? 1.0f / l : 0.0f;
 #pragma unroll
-    for (int d = 0; d < PA_D; ++d) dst[d] = from_float<T>(o[d] * inv);
+    for (int j = 0; j < C; ++j) {
+        T* d4 = dst + 4 * (S * j + part);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d4[e] = from_float<T>(o[4 * j + e] * inv);
+    }
 }
 
 #define DEFINE_ATTN_PREFILL(SUFFIX, T)                                                                      \
-    extern "C" __global__ void __launch_bounds__(PA_Q)                                                      \
+    extern "C" __global__ void __launch_bounds__(2 * PA_Q)                                                  \
         attn_prefill_##SUFFIX(const float* qkv, const float* k_cache, const float* v_cache, const int* pos,  \
-                              T* out, int heads, int kv_heads, int max_seq, int seq, float scale) {         \
-        attn_prefill_impl<T>(qkv, k_cache, v_cache, pos, out, heads, kv_heads, max_seq, seq, scale);        \
+                              T* out, int heads, int kv_heads, int head_dim, int max_seq, int seq,          \
+                              float scale) {                                                                \
+        __shared__ float4 tile[PA_TILE];                                                                    \
+        __shared__ int pmax;                                                                                \
+        switch (head_dim) {                                                                                 \
+            case 32:                                                                                        \
+                attn_prefill_impl<T, 32>(qkv, k_cache, v_cache, pos, out, heads, kv_heads, max_seq, seq,    \
+                                         scale, tile, &pmax);                                               \
+                break;                                                                                      \
+            case 64:                                                                                        \
+                attn_prefill_impl<T, 64>(qkv, k_cache, v_cache, pos, out, heads, kv_heads, max_seq, seq,    \
+                                         scale, tile, &pmax);                                               \
+                break;                                                                                      \
+            case 96:                                                                                        \
+                attn_prefill_impl<T, 96>(qkv, k_cache, v_cache, pos, out, heads, kv_heads, max_seq, seq,    \
+                                         scale, tile, &pmax);                                               \
+                break;                                                                                      \
+            case 128:                                                                                       \
+                attn_prefill_impl<T, 128>(qkv, k_cache, v_cache, pos, out, heads, kv_heads, max_seq, seq,   \
+                                          scale, tile, &pmax);                                              \
+                break;                                                                                      \
+            default:                                                                                        \
+                break;                                                                                      \
+        }                                                                                                   \
     }
 DEFINE_ATTN_PREFILL(f32, float)
 DEFINE_ATTN_PREFILL(f16, db_f16)

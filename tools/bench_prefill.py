@@ -16,6 +16,10 @@ Build: GraphPool of every bucket (16 ... 2048): bind, record each child graph, i
 
   python3 tools/bench_prefill.py                                   # TinyLlama shape, f16
   python3 tools/bench_prefill.py --lengths 128,512 --no-positions --json out.json
+  python3 tools/bench_prefill.py --config specs/configs/hf/llama-2-7b.json --layers 8   # head_dim 128, f16
+  python3 tools/bench_prefill.py --config specs/configs/hf/qwen2-0.5b.json               # Q/K/V biases, bf16
+An HF config.json brings its dims, consts, RoPE, biases and tied head (the HF model is built from it, and the
+graphs load the HF model's weights, so both run the same model); a dims YAML is a Llama of those dims.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +40,10 @@ from dagbuild.data import shipped_spec  # noqa: E402
 from dagbuild.executable import Executable  # noqa: E402
 from dagbuild.llama.decode import LlamaDecoder, llama_plan  # noqa: E402
 from dagbuild.llama.prefill import Prefiller  # noqa: E402
-from dagbuild.llama.weights import random_weights  # noqa: E402
+from dagbuild.llama.weights import load_state_dict, random_hf_model, random_weights, tied_bound  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_decode import load_config  # noqa: E402  (dims YAML or HF config.json -> plan overrides)
 
 
 def _median(xs: list[float]) -> float:
@@ -69,31 +75,29 @@ def gemm_tflops(exe, m: int, n: int, k: int, wt: str, reps: int) -> tuple[float,
     return ms, 2.0 * m * n * k / (ms * 1e-3) / 1e12
 
 
-def hf_ttft(dims: dict, wt: str, prompt: list[int], reps: int) -> float:
+def hf_ttft(model, prompt: list[int], reps: int) -> tuple[float, int]:
+    """(median ms, first token) of HF's forward over the prompt and argmax of the last logits."""
     import torch
 
-    from dagbuild.llama.weights import random_hf_model
-
-    model = random_hf_model(dims, dtype=wt, seed=0, attn_implementation="sdpa")
     ids = torch.tensor([prompt], dtype=torch.long, device="cuda")
-    times = []
+    times, token = [], -1
     with torch.inference_mode():
         for i in range(reps + 1):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            int(torch.argmax(model(input_ids=ids, use_cache=False).logits[0, -1]))
+            token = int(torch.argmax(model(input_ids=ids, use_cache=False).logits[0, -1]))
             torch.cuda.synchronize()
             if i:
                 times.append((time.perf_counter() - t0) * 1e3)
-    del model
-    torch.cuda.empty_cache()
-    return _median(times)
+    return _median(times), token
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "specs" / "configs" / "tinyllama.yaml"))
-    ap.add_argument("--wt", default="f16", choices=("f16", "bf16", "f32"))
+    ap.add_argument("--config", default=str(ROOT / "specs" / "configs" / "tinyllama.yaml"),
+                    help="dims YAML, or an HF config.json / checkpoint directory")
+    ap.add_argument("--wt", choices=("f16", "bf16", "f32"), help="weight type (default: f16, or the HF config's)")
+    ap.add_argument("--layers", type=int, help="override the layer count (a 7B shape in fewer layers)")
     ap.add_argument("--lengths", default="128,512,2048")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--gemm-reps", type=int, default=20)
@@ -103,12 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
-    dims = {**yaml.safe_load(Path(args.config).read_text()), "wt": args.wt}
-    dims["max_seq"] = max(int(dims.get("max_seq", 512)), 2048, max(lengths) + 16)
-    out: dict = {"config": args.config, "wt": args.wt, "dims": dims, "ttft_ms": {}}
-    p = llama_plan({**dims, "batch": 1}, spec_path=shipped_spec("llama_decode_fused.yaml"))
-    with Executable(p) as exe:
-        random_weights(exe, 0)
+    overrides, hf_config, mconf = load_config(Path(args.config), args)
+    overrides["max_seq"] = max(int(overrides.get("max_seq", 512)), 2048, max(lengths) + 16)
+    wt = overrides["wt"]
+    p = llama_plan({**overrides, "batch": 1}, spec_path=shipped_spec("llama_decode_fused.yaml"))
+    dims = {**p.dims, **p.consts}
+    out: dict = {"config": args.config, "wt": wt, "dims": dims, "ttft_ms": {}}
+    model = None
+    if not args.no_hf:
+        model = random_hf_model(p.dims, config=hf_config, dtype=wt, seed=0, attn_implementation="sdpa")
+    tied = bool(mconf and mconf.tied)
+    with Executable(p, bound=tied_bound(p) if tied else None) as exe:
+        if model is not None:
+            load_state_dict(exe, model.state_dict(), mconf)
+        else:
+            random_weights(exe, 0, rope=mconf.rope if mconf else None)
         dec = LlamaDecoder(exe)
         t0 = time.perf_counter()
         pf = Prefiller(exe)
@@ -122,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = rng.integers(0, int(dims["vocab"]), n).tolist()
                 row: dict = {}
                 dec.reset()
-                pf.run([prompt])
+                first = pf.run([prompt])[0][0]
                 times = []
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
@@ -131,15 +144,18 @@ def main(argv: list[str] | None = None) -> int:
                 row["graphs"] = _median(times)
                 if not args.no_positions:
                     row["positions"] = dec.generate([prompt], 1).ttft_ms
-                if not args.no_hf:
-                    row["hf_sdpa"] = hf_ttft(dims, args.wt, prompt, args.reps)
+                hf_token = None
+                if model is not None:
+                    row["hf_sdpa"], hf_token = hf_ttft(model, prompt, args.reps)
                 out["ttft_ms"][n] = row
-                print(f"TTFT {n:5d} tokens: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row.items()))
+                out.setdefault("first_token", {})[n] = {"graphs": first, "hf_sdpa": hf_token}
+                same = "" if hf_token is None else f"; first token {first} vs HF {hf_token}"
+                print(f"TTFT {n:5d} tokens: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row.items()) + same)
             m = max(lengths)
             hid, ffn = int(dims["hidden"]), int(dims["ffn"])
             gemms = {}
             for name, (nn, kk) in {"gate_up": (2 * ffn, hid), "down": (hid, ffn)}.items():
-                ms, tf = gemm_tflops(exe, m, nn, kk, args.wt, args.gemm_reps)
+                ms, tf = gemm_tflops(exe, m, nn, kk, wt, args.gemm_reps)
                 gemms[name] = {"m": m, "n": nn, "k": kk, "ms": ms, "tflops": tf, "of_peak": tf / args.peak_tflops}
                 print(f"MLP GEMM {name} [{m} x {kk}] x [{nn} x {kk}]^T: {ms:.3f} ms, {tf:.0f} TFLOP/s = "
                       f"{100 * tf / args.peak_tflops:.0f} % of {args.peak_tflops:.0f}")

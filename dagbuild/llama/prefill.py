@@ -6,7 +6,9 @@ A :class:`Prefiller` builds a :class:`~dagbuild.pool.GraphPool` of the prefill s
 bucket, so prefill writes the cache that decoding then reads. A prompt is padded to its bucket with
 positions -1 (they write nothing); prompts longer than the largest bucket run in chunks of it, each chunk
 attending to the cache the earlier ones wrote. Each launch yields the next token of every row whose last
-prompt position was in it: the first generated token.
+prompt position was in it: the first generated token. The model's constants come from the decode plan (its
+consts ``rms_eps``/``attn_scale``) and its executable (the ``rope_inv_freq`` and ``qkv_bias`` the loader
+wrote), so a checkpoint's values reach prefill as they reach decode.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from ..errors import BuildError, DagbuildError
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 #: Dims the prefill spec takes from the decode plan.
 SHARED_DIMS = ("batch", "cache_batch", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "layers", "max_seq")
-#: Buffers bound from the decode executable when it has them (weights, KV cache, RoPE frequencies).
+#: Dims taken from the decode plan when it has them (the GEMV launch shape of the LM head), else the spec's.
+LAUNCH_DIMS = ("sms", "gemv_blocks_per_sm", "gemv_shared")
+#: The model's float constants: the decode plan's values, always.
+SHARED_CONSTS = ("rms_eps", "attn_scale")
+#: Buffers bound from the decode executable (weights, KV cache, RoPE table, Q/K/V biases): all of them.
 SHARED_BUFFERS = ("embed_tokens", "attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down", "final_norm",
-                  "lm_head", "k_cache", "v_cache", "rope_inv_freq")
-#: RoPE theta the shipped specs bake in (dagbuild.llama.weights refuses checkpoints with another).
-ROPE_THETA = 10000.0
+                  "lm_head", "rope_inv_freq", "qkv_bias", "k_cache", "v_cache")
 
 
 def prefill_spec():
@@ -38,13 +42,21 @@ def prefill_spec():
 
 
 def prefill_overrides(decode_plan: Any) -> dict[str, Any]:
-    """The prefill spec's dims and weight type for a decode plan (same model, batch and cache)."""
-    missing = [b for b in ("wqkv", "w_gate_up", "k_cache", "v_cache") if b not in decode_plan.buffers]
+    """The prefill spec's dims, consts and weight type for a decode plan (same model, batch and cache)."""
+    missing = [b for b in SHARED_BUFFERS if b not in decode_plan.buffers]
     if missing:
         raise BuildError(f"graph {decode_plan.name!r} has no buffer {missing[0]!r}: prefill graphs pair with the "
-                         "fused decode spec (specs/llama_decode_fused.yaml: packed wqkv and w_gate_up); "
-                         "prefill this one position at a time", buffer=missing[0])
-    return {**{d: decode_plan.dims[d] for d in SHARED_DIMS}, "wt": decode_plan.types["wt"]}
+                         "fused decode spec (specs/llama_decode_fused.yaml: packed wqkv and w_gate_up, the RoPE "
+                         "table and Q/K/V biases); prefill this one position at a time", buffer=missing[0])
+    consts = getattr(decode_plan, "consts", None) or {}
+    absent = [c for c in SHARED_CONSTS if c not in consts]
+    if absent:
+        raise BuildError(f"graph {decode_plan.name!r} has no const {absent[0]!r}: prefill graphs take the model's "
+                         f"constants ({', '.join(SHARED_CONSTS)}) from the decode plan; prefill this one position "
+                         "at a time")
+    return {**{d: decode_plan.dims[d] for d in SHARED_DIMS},
+            **{d: decode_plan.dims[d] for d in LAUNCH_DIMS if d in decode_plan.dims},
+            **{c: float(consts[c]) for c in SHARED_CONSTS}, "wt": decode_plan.types["wt"]}
 
 
 def plan_chunks(lengths: Sequence[int], buckets: Sequence[int]) -> list[tuple[int, int]]:
@@ -77,23 +89,11 @@ class Prefiller:
             raise BuildError(f"prefill buckets must be ≥ 1, got {wanted}")
         self.buckets = [b for b in wanted if b <= max_seq] or [max_seq]
         self.decode = decode_exe
-        bound = {name: decode_exe.buffers[name] for name in SHARED_BUFFERS if name in decode_exe.buffers}
+        bound = {name: decode_exe.buffers[name] for name in SHARED_BUFFERS}
         t0 = time.perf_counter()
         self.pool = GraphPool(spec or prefill_spec(), {"seq": self.buckets}, overrides=self.overrides, bound=bound,
                               eager=eager, backend=decode_exe.backend, concurrent=False)
         self.build_s = time.perf_counter() - t0
-        try:
-            if "rope_inv_freq" not in bound:  # the decode graph has none yet: ours, written here
-                import cupy
-
-                from .reference import rope_inv_freq
-
-                inv = rope_inv_freq(int(self.dims["head_dim"]), ROPE_THETA)
-                self.pool.arena["rope_inv_freq"][...] = cupy.asarray(inv)
-                cupy.cuda.Device().synchronize()
-        except BaseException:
-            self.pool.close()
-            raise
 
     def chunks(self, lengths: Sequence[int]) -> list[tuple[int, int]]:
         return plan_chunks(lengths, self.buckets)

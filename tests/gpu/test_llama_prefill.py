@@ -2,7 +2,10 @@
 prefill through the fused decode graph and against HF transformers.
 
 fp32 tiny config, batch 4 with 3 uneven prompts (row 3 is all padding), prompt-length buckets 16/32/64 so
-that the 300-token prompt runs in 5 chunks and the others end inside chunks of other buckets."""
+that the 300-token prompt runs in 5 chunks and the others end inside chunks of other buckets; the KV-cache
+check runs with Q/K/V biases and non-default consts (they must reach prefill as they reach decode). Families
+through HF's own classes (Qwen2 biases + head_dim 128 + GQA, Llama 3 head_dim 128 with a tied head), and the
+kernels alone for head_dim 32/64/96/128 against the float64 references."""
 
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [rng.integers(0, vocab, n).tolist() for n in LENGTHS]
 
 
-def _plan(wt: str = "f32", batch: int = 4):
-    return llama_plan({**TINY, "wt": wt, "batch": batch, "cache_batch": batch},
+def _plan(wt: str = "f32", batch: int = 4, **consts: float):
+    return llama_plan({**TINY, "wt": wt, "batch": batch, "cache_batch": batch, **consts},
                       spec_path=shipped_spec("llama_decode_fused.yaml"))
 
 
@@ -55,16 +58,22 @@ def _per_position_cache(exe, prompts):
 
 
 def test_prefill_kv_cache_matches_per_position_and_padding_writes_nothing(modules):
-    with Executable(_plan(), modules=modules) as exe:
+    """Both paths read the same rope_inv_freq table and qkv_bias (random here) and the plan's consts (not the
+    spec defaults), so the caches agree to the GEMM-vs-GEMV rounding of O(1) values."""
+    import cupy
+
+    with Executable(_plan(rms_eps=1e-6, attn_scale=0.1), modules=modules) as exe:
         random_weights(exe, 5, std=0.1)
+        bias = exe.buffers["qkv_bias"]
+        bias[...] = cupy.random.RandomState(3).standard_normal(bias.shape, dtype=cupy.float32) * cupy.float32(0.3)
+        cupy.cuda.Device().synchronize()
         prompts = _prompts(exe.plan.dims["vocab"])
         k_ref, v_ref = _per_position_cache(exe, prompts)
         with Prefiller(exe, BUCKETS) as pf:
             assert [b for _, b in pf.chunks(LENGTHS)] == [64, 64, 64, 64, 64]
             assert [b for _, b in pf.chunks((1, 45))] == [64]
             assert [b for _, b in pf.chunks((1, 20))] == [32]
-            import cupy
-
+            assert pf.pool.get(seq=64).plan.consts == {"rms_eps": 1e-6, "attn_scale": 0.1}
             exe.buffers["k_cache"].fill(SENTINEL)
             exe.buffers["v_cache"].fill(SENTINEL)
             cupy.cuda.Device().synchronize()
@@ -153,24 +162,115 @@ def test_prefiller_refuses_the_unfused_spec_and_long_prompts(modules):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Families through HF's own classes: Q/K/V biases, head_dim 128, GQA, consts from the config
+# ---------------------------------------------------------------------------------------------------------
+
+FAMILY_LENGTHS = (3, 40, 70)  # buckets 16/32: chunks (0, 32), (32, 32), (64, 16)
+FAMILY_BUCKETS = (16, 32)
+FAMILY_NEW = 10
+FAMILY_MAX_SEQ = 128
+
+
+def _family_config(transformers, name: str):
+    base = dict(vocab_size=1000, intermediate_size=1024, num_hidden_layers=2, max_position_embeddings=512)
+    if name == "qwen2_bias_hd128_gqa2":  # head_dim 128 = hidden / heads; biases; eps 1e-6
+        return transformers.Qwen2Config(**base, hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
+                                        rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False)
+    if name == "llama3_hd128_gqa4_tied":  # head_dim 128 != hidden / heads; llama3 RoPE; tied; odd vocab
+        return transformers.LlamaConfig(**{**base, "vocab_size": 1003}, hidden_size=256, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=128, rms_norm_eps=1e-5,
+                                        rope_theta=500000.0, tie_word_embeddings=True,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 64})
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("family", ["qwen2_bias_hd128_gqa2", "llama3_hd128_gqa4_tied"])
+def test_prefill_families_match_hf_and_positions(modules, family):
+    """fp32, batch 3 with uneven prompts in chunks of two buckets: prefill-then-decode tokens equal HF's
+    full-sequence greedy tokens and the per-position path's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    from dagbuild.llama.config import from_hf
+    from dagbuild.llama.weights import random_hf_model, shares_head, tied_bound
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    model = random_hf_model(config=_family_config(transformers, family), dtype="f32", seed=77, std=0.1,
+                            attn_implementation="eager")
+    try:
+        m = from_hf(model.config)
+        assert m.dims["head_dim"] == 128 and m.dims["heads"] > m.dims["kv_heads"]
+        rng = np.random.default_rng(5)
+        prompts = [rng.integers(0, m.dims["vocab"], n).tolist() for n in FAMILY_LENGTHS]
+        plan = llama_plan({**m.overrides(), "wt": "f32", "batch": 3, "max_seq": FAMILY_MAX_SEQ},
+                          shipped_spec("llama_decode_fused.yaml"))
+        with Executable(plan, modules=modules, bound=tied_bound(plan) if m.tied else None) as exe:
+            assert shares_head(exe) == m.tied
+            load_state_dict(exe, model.state_dict(), model.config)
+            if m.qkv_bias:
+                assert float(abs(exe.buffers["qkv_bias"]).max()) > 0
+            dec = LlamaDecoder(exe)
+            positions = dec.generate(prompts, FAMILY_NEW).tokens
+            with Prefiller(exe, FAMILY_BUCKETS) as pf:
+                assert [b for _, b in pf.chunks(FAMILY_LENGTHS)] == [32, 32, 16]
+                assert pf.pool.get(seq=16).plan.consts == pytest.approx(m.consts, rel=1e-7)
+                gen = dec.generate(prompts, FAMILY_NEW, prefill=pf)
+        with torch.inference_mode():
+            for r, p in enumerate(prompts):
+                ids = torch.tensor([p], dtype=torch.long, device="cuda")
+                hf = []
+                for _ in range(FAMILY_NEW):
+                    t = int(torch.argmax(model(input_ids=ids, use_cache=False).logits[0, -1]))
+                    hf.append(t)
+                    ids = torch.cat([ids, ids.new_tensor([[t]])], dim=1)
+                assert gen.tokens[r] == hf, f"{family} row {r}: prefill graphs {gen.tokens[r]}, HF {hf}"
+        assert gen.tokens == positions, f"prefill graphs {gen.tokens} vs per-position {positions}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # kernels/llama_prefill.cu alone, against dagbuild.llama.reference (float64)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seq,prefix", [(1, 0), (37, 0), (64, 100), (130, 7)])
-def test_rope_and_attention_kernels_match_reference(seq, prefix):
-    """Two rows (row 1 padded past half its positions): RoPE + KV write, then causal attention over the
-    prefix (random cache content) and the chunk, against the decode references applied per query."""
+@pytest.fixture(scope="module")
+def prefill_module():
     cp = pytest.importorskip("cupy")
-    from dagbuild.llama import reference as ref
     from dagbuild.sources import read_kernel_source
 
     src = read_kernel_source(shipped_spec("llama_prefill.yaml").parent.parent / "kernels" / "llama_prefill.cu")
     mod = cp.RawModule(code=src, options=("--std=c++17",))
-    heads, kv, d, max_seq, batch = 4, 2, 64, 256, 2
-    rng = np.random.default_rng(seq * 1000 + prefix)
+    mod.get_function("rope_kv_prefill")  # compile once for the module's tests
+    return mod
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("seq,prefix", [(1, 0), (37, 0), (64, 100), (130, 7)])
+def test_rope_and_attention_kernels_match_reference(prefill_module, head_dim, seq, prefix):
+    """Two rows (row 1 padded past half its positions): bias + RoPE + KV write, then causal attention over
+    the prefix (random cache content) and the chunk, against the decode references applied per query; the
+    block is 64 * ceil_div(head_dim, 64) threads, as the spec launches it."""
+    import cupy as cp
+
+    from dagbuild.llama import reference as ref
+
+    mod = prefill_module
+    heads, kv, d, max_seq, batch = 4, 2, head_dim, 256, 2
+    scale = float(d) ** -0.5
+    rng = np.random.default_rng(seq * 1000 + prefix + d)
     width = (heads + 2 * kv) * d
     qkv = rng.standard_normal((batch * seq, width)).astype(np.float32)
+    bias = (0.5 * rng.standard_normal(width)).astype(np.float32)
     kc = rng.standard_normal((batch, kv, max_seq, d)).astype(np.float32)
     vc = rng.standard_normal((batch, kv, max_seq, d)).astype(np.float32)
     pos = np.full((batch, seq), -1, np.int32)
@@ -179,14 +279,15 @@ def test_rope_and_attention_kernels_match_reference(seq, prefix):
     inv = ref.rope_inv_freq(d, 10000.0)
     g_qkv, g_kc, g_vc, g_pos = cp.asarray(qkv), cp.asarray(kc), cp.asarray(vc), cp.asarray(pos)
     i32 = np.int32
-    mod.get_function("rope_kv_prefill")((batch * seq,), (128,), (g_qkv, g_kc, g_vc, g_pos, cp.asarray(inv), i32(heads),
-                                                                 i32(kv), i32(d), i32(max_seq), i32(seq)))
+    mod.get_function("rope_kv_prefill")((batch * seq,), (128,), (g_qkv, g_kc, g_vc, g_pos, cp.asarray(bias),
+                                                                 cp.asarray(inv), i32(heads), i32(kv), i32(d),
+                                                                 i32(max_seq), i32(seq)))
     out = cp.full((batch * seq, heads * d), np.nan, np.float32)
-    mod.get_function("attn_prefill_f32")(((seq + 63) // 64, heads, batch), (64,),
-                                         (g_qkv, g_kc, g_vc, g_pos, out, i32(heads), i32(kv), i32(max_seq), i32(seq),
-                                          np.float32(0.125)))
+    mod.get_function("attn_prefill_f32")(((seq + 63) // 64, heads, batch), (64 * -(-d // 64),),
+                                         (g_qkv, g_kc, g_vc, g_pos, out, i32(heads), i32(kv), i32(d), i32(max_seq),
+                                          i32(seq), np.float32(scale)))
     got_q, got_k, got_v, got = g_qkv.get(), g_kc.get(), g_vc.get(), out.get()
-    # reference: RoPE + append per position, in order
+    # reference: bias, RoPE and append per position, in order
     rk, rv = kc.astype(np.float64), vc.astype(np.float64)
     rq = qkv.astype(np.float64).copy()
     for b in range(batch):
@@ -197,11 +298,11 @@ def test_rope_and_attention_kernels_match_reference(seq, prefix):
             r = b * seq + t
             row = qkv[r]
             qo, kk, vv = ref.rope_append(row[: heads * d], row[heads * d: (heads + kv) * d], row[(heads + kv) * d:],
-                                         rk[b:b + 1], rv[b:b + 1], [p], heads, kv, d, max_seq, 10000.0)
+                                         bias, inv, rk[b:b + 1], rv[b:b + 1], [p], heads, kv, d, max_seq)
             rq[r, : heads * d] = qo.reshape(-1)
             rk[b], rv[b] = kk[0], vv[0]
     np.testing.assert_allclose(got_k, rk, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got_v, rv, rtol=0, atol=0)
+    np.testing.assert_array_equal(got_v, rv.astype(np.float32))  # v + bias: one f32 add
     valid = (pos.reshape(-1) >= 0)
     np.testing.assert_allclose(got_q[valid, : heads * d], rq[valid, : heads * d], rtol=1e-5, atol=1e-5)
     for b in range(batch):
@@ -211,6 +312,6 @@ def test_rope_and_attention_kernels_match_reference(seq, prefix):
                 assert (got[r] == 0).all(), f"padded query ({b}, {t}) wrote non-zeros"
                 continue
             want = ref.attention(rq[r, : heads * d], rk[b:b + 1], rv[b:b + 1], [int(pos[b, t])], heads, kv, d,
-                                 max_seq, 0.125)
+                                 max_seq, scale)
             np.testing.assert_allclose(got[r], want.reshape(-1), rtol=2e-5, atol=2e-5,
-                                       err_msg=f"query ({b}, {t}) at position {pos[b, t]}")
+                                       err_msg=f"query ({b}, {t}) at position {pos[b, t]}, head_dim {d}")
