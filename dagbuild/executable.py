@@ -286,7 +286,8 @@ class Executable:
             added[n.id] = h
             self._copies.setdefault(n.id, []).append(self._loops.get(n.id + suffix, h))
             self.handles.setdefault(n.id, h)
-            self._named[n.id + suffix] = h
+            if not (isinstance(n.op, LoopOp) and self.loop_mode != "conditional"):
+                self._named[n.id + suffix] = h  # an unrolled loop is no driver node: its joins are named lp#i
         for u, v in programmatic:
             if u in added and v in added:
                 try:

@@ -81,7 +81,8 @@ def test_prefill_kv_cache_matches_per_position_and_padding_writes_nothing(module
             k, v = exe.buffers["k_cache"].get(), exe.buffers["v_cache"].get()
         for r, n in enumerate(LENGTHS):
             for got, ref, what in ((k, k_ref, "k"), (v, v_ref, "v")):
-                np.testing.assert_allclose(got[:, r, :, :n], ref[:, r, :, :n], rtol=2e-5, atol=1e-5,
+                # atol: 2.0e-5 seen on the H200 where a 0.01 result cancels O(1) terms (GEMM vs GEMV order)
+                np.testing.assert_allclose(got[:, r, :, :n], ref[:, r, :, :n], rtol=2e-5, atol=5e-5,
                                            err_msg=f"{what} cache of row {r} (prompt of {n})")
                 assert (got[:, r, :, n:] == SENTINEL).all(), f"padding wrote {what} cache of row {r} past {n}"
         assert (k[:, 3] == SENTINEL).all() and (v[:, 3] == SENTINEL).all(), "an all-padding row wrote KV"
