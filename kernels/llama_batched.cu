@@ -66,6 +66,8 @@
 #define MM_HAS_MMA 0
 #endif
 
+#if DB_CUDA  // the MMA engine is CUDA only (HIP: every entry runs the GEMV engine, below)
+
 template <typename T>
 struct MmaType;
 template <>
@@ -441,6 +443,15 @@ __device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw,
         mm_run<T, 1, NORM>(job, w, nw, x, k, batch, eps);
 }
 
+#else  // HIP: no mma.sync; the batch-1 GEMV engine (correct at any grid and shared memory size)
+
+template <typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                        float eps) {
+    fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
+}
+#endif
+
 // ---- the entries: f16/bf16 run the MMA engine, f32 the GEMV engine of llama_fused.cu -----------------------
 
 template <typename T>
@@ -537,14 +548,15 @@ extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
 #define AB_MAX_GROUP 16
 #define AB_MAX_HD 128
 #define AB_LD (AB_MAX_HD + 4)
+#define AB_ALIGN16 __attribute__((aligned(16)))
 
 extern "C" __global__ void __launch_bounds__(AB_THREADS)
     attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
                         float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
                         int max_seq, int chunk, float scale) {
-    __shared__ __align__(16) float ks[AB_TK * AB_LD];
-    __shared__ __align__(16) float vs[AB_TK * AB_LD];
-    __shared__ __align__(16) float qs[AB_MAX_GROUP * AB_MAX_HD];
+    __shared__ AB_ALIGN16 float ks[AB_TK * AB_LD];
+    __shared__ AB_ALIGN16 float vs[AB_TK * AB_LD];
+    __shared__ AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
     __shared__ float ps[AB_MAX_GROUP * AB_TK];
     __shared__ float corr_s[AB_MAX_GROUP], m_s[AB_MAX_GROUP], l_s[AB_MAX_GROUP];
     __shared__ int s_last;
