@@ -766,6 +766,9 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
                    path=(*path, "after"), field="after", once=("after", path))
     try:
         if isinstance(node, KernelNode):
+            variant = None
+            if node.variants:
+                node, variant = _choose_variant(node, env, programs)
             kernel = kernels.get(node.kernel)
             key = (id(node), kernel_keys.get(node.kernel))
             compiled = programs.get(key)
@@ -774,7 +777,12 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
                     raise _Fallback
                 op = compiled[1].run(kernel, buffers, env)
             except _Fallback:
-                op = _bind_kernel_node(node, kernel, buffers, spec, env)  # checks all, names culprits
+                try:
+                    op = _bind_kernel_node(node, kernel, buffers, spec, env)  # checks all, names culprits
+                except NodeError as e:
+                    if variant is not None:
+                        raise _variant_error(e, variant, node) from None
+                    raise
                 programs[key] = (node, _CompiledBinding.of(node, kernel))  # node kept: its id stays its
         else:
             if node.launch == "programmatic":
@@ -798,6 +806,33 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
                        path=(*path, *e.field), field=".".join(map(str, e.field)) or None)
         return None
     return PlanNode(node_id, order, path, op, frames, after, scope)
+
+
+def _choose_variant(node: KernelNode, env, programs: dict) -> tuple[KernelNode, int | None]:
+    """The node as its first variant whose ``when`` holds makes it (or the node itself, and None). The
+    effective nodes are made once per spec node and kept in ``programs``, so compiled bindings key on them."""
+    for i, v in enumerate(node.variants):
+        try:
+            hold = expr.evaluate(v.when, env)
+        except expr.ExprError as err:
+            raise NodeError(err.code, f"variants[{i}].when: {err}", field=("variants", i, "when")) from None
+        if not hold:
+            continue
+        key = ("variant", id(node), i)
+        made = programs.get(key)
+        if made is None:
+            fields = {"kernel": v.kernel, "args": {**node.args, **v.args}, "variants": []}
+            fields |= {k: getattr(v, k) for k in ("grid", "block", "shared", "launch") if getattr(v, k) is not None}
+            made = programs[key] = (node, node.model_copy(update=fields))  # node kept: its id stays unique
+        return made[1], i
+    return node, None
+
+
+def _variant_error(e: NodeError, i: int, node: KernelNode) -> NodeError:
+    """A chosen variant's binding error, naming the variant (and its field where it set that field)."""
+    own = e.field[:1] and e.field[0] in ("kernel", "grid", "block", "shared", "launch", "args")
+    field = ("variants", i, *e.field) if own else e.field
+    return NodeError(e.code, f"variants[{i}] (kernel {node.kernel!r}): {e}", buffer=e.buffer, field=field)
 
 
 def _kind(node: Any) -> str:

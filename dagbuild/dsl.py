@@ -75,12 +75,16 @@ class SpecBuilder:
 
     def launch(self, id: str, kernel: str, *, grid: Sequence[Expr], block: Sequence[Expr],
                args: dict[str, Expr], shared: Expr = 0, after: Sequence[str] = (),
-               launch: str | None = None) -> SpecBuilder:
+               launch: str | None = None, variants: Sequence[dict] = ()) -> SpecBuilder:
+        """A kernel node. ``variants``: ``[{"when": "batch >= 8", "kernel": ..., "grid": ..., ...}]``, the
+        first whose ``when`` holds for the bound dims replaces the kernel and launch shape."""
         node = {"id": id, "kernel": kernel, "grid": list(grid), "block": list(block), "args": dict(args)}
         if shared != 0:
             node["shared"] = shared
         if launch is not None:
             node["launch"] = launch
+        if variants:
+            node["variants"] = [dict(v) for v in variants]
         return self._node(node, after)
 
     def check(self, expr: str, message: str) -> SpecBuilder:

@@ -69,6 +69,9 @@ class GraphPool:
         self._closed = False
         self.arena: Arena | None = None
         self._first: Executable | None = None  # the largest bucket's executable: others derive from it
+        # built graphs by kernel choice (variants pick kernels by dims): a bucket derives from one that runs
+        # the same kernel in every node, so set-params never swaps a node's function
+        self._sources: dict[tuple, Executable] = {}
         try:
             import cupy
 
@@ -135,14 +138,17 @@ class GraphPool:
             self._build(self.largest)
         t0 = time.perf_counter()
         p = self.plan_for(key)
-        source = None
-        if self._first is not None and self.method == "derive" and p.edges == self._first.plan.edges and \
-                [n.id for n in p.nodes] == [n.id for n in self._first.plan.nodes]:
-            source = self._first
+        kernels = _kernel_choice(p)
+        source = self._sources.get(kernels)
+        if not (source is not None and self.method == "derive" and p.edges == source.plan.edges and
+                [n.id for n in p.nodes] == [n.id for n in source.plan.nodes]):
+            source = None
         exe = Executable(p, self.options, backend=self.backend, bound={**self.arena, **self.bound},
                          modules=self.modules, stream=self.stream, derive_from=source)
         if self._first is None:
             self._first = exe
+        if source is None:
+            self._sources.setdefault(kernels, exe)
         self.executables[key] = exe
         self.build_ms[key] = (time.perf_counter() - t0) * 1e3
         return exe
@@ -186,12 +192,16 @@ class GraphPool:
         if self._closed:
             return
         self._closed = True
+        owners = {id(e) for e in getattr(self, "_sources", {}).values()}
         first = getattr(self, "_first", None)
-        for exe in list(self.executables.values()):
-            if exe is not first:
-                exe.close()
         if first is not None:
-            first.close()
+            owners.add(id(first))
+        for exe in list(self.executables.values()):
+            if id(exe) not in owners:  # derived ones first: they instantiate their source's graph
+                exe.close()
+        for exe in list(self.executables.values()):
+            if id(exe) in owners:
+                exe.close()
         self.executables.clear()
         if self.arena is not None:
             self.arena.close()
@@ -203,6 +213,11 @@ class GraphPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _kernel_choice(p: Plan) -> tuple:
+    """Which kernel each kernel node runs (variants choose by dims): equal tuples can share a graph."""
+    return tuple(getattr(n.op, "kernel", None) for n in p.nodes)
 
 
 def _has_child(nodes) -> bool:
@@ -230,7 +245,7 @@ def _flow_fixed(spec: GraphSpec, bucketed: set[str]) -> bool:
                 continue
             texts: list = []
             if isinstance(n, KernelNode):
-                texts = list(n.args.values())
+                texts = list(n.args.values()) + [a for v in n.variants for a in v.args.values()]
             elif isinstance(n, MemcpyNode):
                 texts = [n.memcpy.src, n.memcpy.dst]
             elif isinstance(n, MemsetNode):

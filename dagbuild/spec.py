@@ -84,12 +84,28 @@ class _NodeBase(_Model):
         return v
 
 
+class KernelVariant(_Model):
+    """Another kernel and launch shape for a kernel node, chosen by the dims (e.g. a tensor-core GEMM for
+    ``batch >= 8``): each bucket of a pool binds the kernel that suits it, validated like any node."""
+
+    when: StrictStr = Field(description="condition over dims (and repeat vars), e.g. \"batch >= 8\"")
+    kernel: str
+    grid: list[Expr] | None = Field(None, description="default: the node's grid")
+    block: list[Expr] | None = Field(None, description="default: the node's block")
+    shared: Expr | None = Field(None, description="default: the node's shared")
+    args: dict[str, Expr] = Field(default_factory=dict, description="args added to or replacing the node's")
+    launch: Literal["plain", "programmatic"] | None = None
+
+
 class KernelNode(_NodeBase):
     kernel: str
     grid: list[Expr]
     block: list[Expr]
     shared: Expr = 0
     args: dict[str, Expr] = Field(default_factory=dict)
+    variants: list[KernelVariant] = Field(
+        default_factory=list, description="the first variant whose `when` holds replaces kernel, grid, block, "
+        "shared (and adds args); none holds: the node's own kernel")
 
 
 class MemcpyArgs(_Model):

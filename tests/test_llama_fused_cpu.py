@@ -162,7 +162,8 @@ def test_fused_spec_has_what_the_runner_needs():
                  "wo", "w_down", "final_norm", "lm_head"):
         assert name in plan.buffers, name
     unfused = llama_plan({})
-    launch_shape = {"attn_chunk", "sms", "gemv_blocks_per_sm", "gemv_shared"}  # the fused kernels' own tuning dims
+    launch_shape = {"attn_chunk", "sms", "gemv_blocks_per_sm", "gemv_shared",  # the fused kernels' own tuning dims
+                    "mma_batch", "mma_cluster", "mma_shared", "attn_batch", "attn_min_keys"}  # and the batched ones
     assert {k: v for k, v in plan.dims.items() if k not in launch_shape} == \
         {k: v for k, v in unfused.dims.items() if k not in launch_shape}
 

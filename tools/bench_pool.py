@@ -37,7 +37,7 @@ def free_bytes() -> int:
     return cupy.cuda.runtime.memGetInfo()[0]
 
 
-def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
+def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: str) -> dict:
     """Run one method in this process; device memory is read with memGetInfo around the graph builds."""
     import cupy
 
@@ -47,10 +47,11 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool) -> dict:
 
     cupy.cuda.set_allocator(None)  # plain cudaMalloc/cudaFree: memGetInfo sees exactly what is held
     cupy.cuda.set_pinned_memory_allocator(None)
-    spec = load_spec(ROOT / "specs" / "llama_decode.yaml")
+    spec = load_spec(spec_path)
     overrides = {"cache_batch": max(sizes), "max_seq": max_seq}
     # warm the compile caches (CuPy's and dagbuild's PTX cache): compiling is not graph building
-    GraphPool(spec, {"batch": [1]}, overrides={**overrides, "cache_batch": 1}).close()
+    warm = sorted({1, min(8, max(sizes))})  # both sides of the fused spec's variants (GEMV, MMA)
+    GraphPool(spec, {"batch": warm}, overrides={**overrides, "cache_batch": warm[-1]}).close()
     f0 = free_bytes()
     pool = GraphPool(spec, {"batch": sizes}, overrides=overrides, eager=False,
                      method="fresh" if method == "fresh" else "derive", concurrent=method != "serial")
@@ -112,18 +113,21 @@ def main() -> int:
     ap.add_argument("--max-seq", type=int, default=64)
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--spec", default=str(ROOT / "specs" / "llama_decode.yaml"),
+                    help="e.g. specs/llama_decode_fused.yaml (its batch variants pick kernels per bucket)")
     ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = sizes_for(args.buckets)
     if args.only:
-        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile)))
+        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile, args.spec)))
         return 0
     import cupy
 
     results = {"buckets": len(sizes), "sizes": sizes,
                "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
     for m in METHODS:
-        cmd = [sys.executable, __file__, "--only", m, "--buckets", args.buckets, "--max-seq", str(args.max_seq)]
+        cmd = [sys.executable, __file__, "--only", m, "--buckets", args.buckets, "--max-seq", str(args.max_seq),
+               "--spec", args.spec]
         if args.profile and m == "serial":
             cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

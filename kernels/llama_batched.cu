@@ -1,0 +1,702 @@
+// dagbuild: batched decode kernels (issue 15): tensor-core projections that read each weight tile once per step
+// for every batch row, and decode attention that reads each KV head once for its whole query group.
+//
+// One NVRTC module. It includes kernels/llama_fused.cu (the batch-1 kernels) for two things only: the epilogue
+// jobs (QkvJob, SwigluJob, RowsJob: RoPE + KV append, SiLU*up, residual add / plain store), so both paths write
+// exactly the same way, and the GEMV engine, which the _f32 entries below run (f32 weights have no tensor-core
+// path here: fp32 models keep the batch-1 arithmetic at every batch, bit for bit).
+//
+// Entries (the params are those of the batch-1 entries, so a spec swaps kernel and launch shape by dims):
+//   qkv_rope_mma_<wt>, gemv_res_mma_<wt>, gemv_norm_mma_<wt>, gate_up_silu_mma_<wt>   wt = f16 | bf16 | f32
+//   attn_decode_batched (params of attn_decode)
+// kernels/llama_batched.md has the launch table and the reasoning.
+
+#include "llama_fused.cu"
+
+// ------------------------------------------------------------------------------------------------------------
+// The MMA engine: Y[b, row] = sum_k W[row, k] * x[b, k] for all batch rows, weights streamed once per row tile.
+//
+// * Tiles: a tile is MM_PAIRS row pairs (the jobs' pairs: RoPE partners, gate/up rows, rows 2g/2g+1) = MM_MT
+//   weight rows. Shared row s of a tile holds pair (s / 16) * 8 + s % 8, its first row when s % 16 < 8, else its
+//   second: so in an m16 MMA fragment a thread's rows gid and gid + 8 are the two rows of one pair, and the
+//   epilogue has both values of its pair in registers (no shuffles, no staging).
+// * Warps: 8 = 4 warp rows (32 weight rows: two m16 tiles) x 2 warp columns (NT n8 tiles each), a pass covers
+//   PW = 16 * NT batch rows (NT = 1, 2, 4 by batch: 16, 32, 64 rows); larger batches run ceil(batch / 64)
+//   passes per tile, re-reading the tile's weights from L2.
+// * Clusters (sm_90): the MMA_CLUSTER blocks of a thread-block cluster split K; each reduces its partial sums
+//   into the fragments of the warps it owns, reading the other blocks' partials from distributed shared memory
+//   in rank order (deterministic), then runs the epilogue. Without clusters (cluster size 1) a block does all K.
+//   Clusters loop over tiles: cluster c takes tiles c, c + nclusters, ...
+// * Stages: items (tile, pass, k-tile of MM_KT) stream through a ring of S stages (S from the launch's dynamic
+//   shared memory, 2..MM_MAX_STAGES): the weight k-tile (f16/bf16 rows, 16-byte cp.async) and the x k-tile (f32,
+//   16-byte cp.async). The first S - 1 weight k-tiles are issued BEFORE griddepcontrol.wait (weights only), the
+//   x k-tiles after it. Per item: the block converts x (times the RMSNorm weight when NORM, summing x^2 for the
+//   norm) into an f16/bf16 buffer, then every warp runs ldmatrix + mma.sync.m16n8k16 (f32 accumulation).
+// * Epilogue: y0, y1 of pair g for batch row b go to the job's epi (scaled by rsqrt(mean(x^2) + eps) when NORM),
+//   exactly as the GEMV engine's epilogue; rows past npairs and batch rows past batch are not written.
+// Numerics: activations are rounded to the weight type (f16: 11-bit, bf16: 8-bit significand) before the
+// products, which are exact in f32; sums in f32 in mma order. The RMSNorm scale is applied to the f32 result.
+// Shared memory (dynamic): [ssum PW floats (256 B)][red (clusters)][xh PW x MM_HLD][S x (W MM_MT x MM_WLD,
+// x PW x MM_XLD)]. Requirements: k % 8 == 0; weights, norm, x 16-byte aligned; blockDim 256; dynamic shared
+// memory for 2 stages at least (mm_smem_bytes); grid a multiple of the cluster size.
+// ------------------------------------------------------------------------------------------------------------
+
+#define MM_THREADS 256
+#define MM_MT 128
+#define MM_PAIRS 64
+#define MM_KT 64
+#define MM_WLD (MM_KT + 8)  // halves per weight row in shared memory (144 B: ldmatrix rows hit distinct banks)
+#define MM_HLD (MM_KT + 8)  // halves per converted x row
+#define MM_XLD (MM_KT + 4)  // floats per staged f32 x row
+#define MM_MAX_STAGES 6
+#ifndef MMA_CLUSTER
+#define MMA_CLUSTER 8  // blocks per cluster on sm_90 (the spec's grid must be a multiple: dim mma_cluster)
+#endif
+
+#if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#define MM_HAS_CLUSTER 1
+#define MM_CLUSTER_ATTR __cluster_dims__(MMA_CLUSTER, 1, 1)
+#else
+#define MM_HAS_CLUSTER 0
+#define MM_CLUSTER_ATTR
+#endif
+#if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+#define MM_HAS_MMA 1
+#else
+#define MM_HAS_MMA 0
+#endif
+
+#if DB_CUDA  // the MMA engine is CUDA only (HIP: every entry runs the GEMV engine, below)
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<db_f16> {
+    static __device__ __forceinline__ unsigned int pack(float a, float b) {  // a in the low half
+        const __half2 h = __floats2half2_rn(a, b);
+        return *reinterpret_cast<const unsigned int*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                                               unsigned int b1) {
+#if MM_HAS_MMA
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+        __trap();
+#endif
+    }
+};
+template <>
+struct MmaType<db_bf16> {
+    static __device__ __forceinline__ unsigned int pack(float a, float b) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+        return *reinterpret_cast<const unsigned int*>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                                               unsigned int b1) {
+#if MM_HAS_MMA
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+        __trap();
+#endif
+    }
+};
+
+__device__ __forceinline__ void mm_ldmatrix_x4(unsigned int (&r)[4], const void* p) {
+#if MM_HAS_MMA
+    const unsigned int a = (unsigned int)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void mm_ldmatrix_x2(unsigned int& r0, unsigned int& r1, const void* p) {
+#if MM_HAS_MMA
+    const unsigned int a = (unsigned int)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(a));
+#else
+    __trap();
+#endif
+}
+
+// cp.async.wait_group needs an immediate: wait until at most n groups are in flight (n <= MM_MAX_STAGES)
+__device__ __forceinline__ void mm_cp_wait(int n) {
+    switch (n) {
+        case 0: db_cp_wait<0>(); break;
+        case 1: db_cp_wait<1>(); break;
+        case 2: db_cp_wait<2>(); break;
+        case 3: db_cp_wait<3>(); break;
+        case 4: db_cp_wait<4>(); break;
+        default: db_cp_wait<5>(); break;
+    }
+}
+
+// Cluster geometry and distributed shared memory (sm_90); one block per "cluster" elsewhere.
+struct MmCluster {
+    int rank, size, id, count;
+};
+__device__ __forceinline__ MmCluster mm_cluster() {
+#if MM_HAS_CLUSTER
+    unsigned int r, n, c, nc;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+    asm("mov.u32 %0, %%clusterid.x;" : "=r"(c));
+    asm("mov.u32 %0, %%nclusterid.x;" : "=r"(nc));
+    return MmCluster{(int)r, (int)n, (int)c, (int)nc};
+#else
+    return MmCluster{0, 1, (int)blockIdx.x, (int)gridDim.x};
+#endif
+}
+__device__ __forceinline__ void mm_cluster_sync() {  // every thread of every block of the cluster
+#if MM_HAS_CLUSTER
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+// the address of `p` (this block's shared memory) in block `rank` of the cluster
+__device__ __forceinline__ unsigned int mm_remote(const void* p, int rank) {
+#if MM_HAS_CLUSTER
+    unsigned int out;
+    const unsigned int a = (unsigned int)__cvta_generic_to_shared(p);
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(a), "r"(rank));
+    return out;
+#else
+    return (unsigned int)__cvta_generic_to_shared(p);
+#endif
+}
+__device__ __forceinline__ float4 mm_ld_remote4(unsigned int a) {
+    float4 v;
+#if MM_HAS_CLUSTER
+    asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(a) : "memory");
+#else
+    asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(a) : "memory");
+#endif
+    return v;
+}
+__device__ __forceinline__ float mm_ld_remote(unsigned int a) {
+    float v;
+#if MM_HAS_CLUSTER
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
+#else
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
+#endif
+    return v;
+}
+
+// Bytes of one ring stage and of the fixed part, for a pass of pw batch rows (host formula: llama_batched.md).
+__device__ __forceinline__ unsigned int mm_stage_bytes(int pw) {
+    return (unsigned int)(MM_MT * MM_WLD * 2 + pw * MM_XLD * 4);
+}
+__device__ __forceinline__ unsigned int mm_fixed_bytes(int pw, int nt, bool cluster) {
+    return 256u + (cluster ? (unsigned int)(8 * 32 * 8 * nt * 4) : 0u) + (unsigned int)(pw * MM_HLD * 2);
+}
+
+template <typename T, int NT, bool NORM, typename Job>
+__device__ __forceinline__ void mm_run(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                       float eps) {
+    constexpr int PW = 16 * NT;                    // batch rows per pass
+    constexpr int TPR = MM_THREADS / PW;           // converting threads per x row
+    constexpr int KPT = MM_KT / TPR;               // k per converting thread (4, 8 or 16)
+    extern __shared__ uint4 mm_smem[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(mm_smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int wr = warp >> 1, wc = warp & 1;
+    const MmCluster cl = mm_cluster();
+    const bool clustered = cl.size > 1;
+    const unsigned int dyn = fw_dynamic_smem();
+    const unsigned int fixed = mm_fixed_bytes(PW, NT, clustered);
+    const int S = dyn > fixed ? min(MM_MAX_STAGES, (int)((dyn - fixed) / mm_stage_bytes(PW))) : 0;
+    if (S < 2) __trap();  // the launch gave too little shared memory (see mm_smem_bytes)
+
+    float* ssum = reinterpret_cast<float*>(smem);                                        // [PW] (<= 64)
+    float* red = reinterpret_cast<float*>(smem + 256);                                   // [8][32][8 * NT]
+    unsigned short* xh = reinterpret_cast<unsigned short*>(smem + fixed - PW * MM_HLD * 2);  // [PW][MM_HLD]
+    unsigned char* ring = smem + fixed;
+
+    const int ktiles = (k + MM_KT - 1) / MM_KT;
+    const int per = (ktiles + cl.size - 1) / cl.size;
+    const int kb = min(cl.rank * per, ktiles), ke = min(kb + per, ktiles);
+    const int nk = max(ke - kb, 1);  // an empty range still runs one all-zero item (the cluster stays in step)
+    const int npass = (batch + PW - 1) / PW;
+    const int ntiles = (job.npairs + MM_PAIRS - 1) / MM_PAIRS;
+    const int mine = cl.id < ntiles ? (ntiles - 1 - cl.id) / cl.count + 1 : 0;
+    const int total = mine * npass * nk;
+
+    auto decode = [&](int i, int& tile, int& pass, int& kt, bool& live) {
+        const int per_tile = npass * nk;
+        const int t = i / per_tile, rem = i - t * per_tile;
+        pass = rem / nk;
+        const int j = rem - pass * nk;
+        tile = cl.id + t * cl.count;
+        kt = kb + j;
+        live = kt < ke;
+    };
+    auto issue_w = [&](int i) {
+        if (i < total) {
+            int tile, pass, kt;
+            bool live;
+            decode(i, tile, pass, kt, live);
+            unsigned short* dst = reinterpret_cast<unsigned short*>(ring + (i % S) * mm_stage_bytes(PW));
+#pragma unroll
+            for (int q = 0; q < MM_MT * (MM_KT / 8) / MM_THREADS; ++q) {
+                const int c = tid + q * MM_THREADS, s = c >> 3, ch = c & 7;
+                const int g = tile * MM_PAIRS + (s >> 4) * 8 + (s & 7);
+                const int kk = kt * MM_KT + ch * 8;
+                const bool ok = live && g < job.npairs && kk < k;
+                int r0 = 0, r1 = 0;
+                if (g < job.npairs) job.rows(g, r0, r1);
+                const T* src = ok ? w + (size_t)((s & 15) < 8 ? r0 : r1) * (size_t)k + kk : w;
+                db_cp_async16(dst + s * MM_WLD + ch * 8, src, ok);
+            }
+        }
+    };
+    auto issue_x = [&](int i) {
+        if (i < total) {
+            int tile, pass, kt;
+            bool live;
+            decode(i, tile, pass, kt, live);
+            float* dst = reinterpret_cast<float*>(ring + (i % S) * mm_stage_bytes(PW) + MM_MT * MM_WLD * 2);
+#pragma unroll
+            for (int q = 0; q < PW * (MM_KT / 4) / MM_THREADS; ++q) {
+                const int c = tid + q * MM_THREADS, r = c >> 4, ch = c & 15;
+                const int b = pass * PW + r, kk = kt * MM_KT + ch * 4;
+                const bool ok = live && b < batch && kk < k;
+                db_cp_async16(dst + r * MM_XLD + ch * 4, ok ? x + (size_t)b * (size_t)k + kk : x, ok);
+            }
+        }
+    };
+
+    // before the wait: weights only (the first S - 1 weight k-tiles); then the x k-tiles of the same items
+    // (one commit group each; in the loop one group per item, so "item i landed" is always wait_group S - 2)
+    for (int i = 0; i < S - 1; ++i) {
+        issue_w(i);
+        db_cp_commit();
+    }
+    PDL_WAIT();
+    for (int i = 0; i < S - 1; ++i) {
+        issue_x(i);
+        db_cp_commit();
+    }
+
+    float acc[2][NT][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
+    float ss = 0.0f;  // this thread's share of sum(x^2) of its x row (NORM)
+    const int xr = tid / TPR, xseg = tid % TPR;
+
+    for (int i = 0; i < total; ++i) {
+        int tile, pass, kt;
+        bool live;
+        decode(i, tile, pass, kt, live);
+        mm_cp_wait(S - 2);  // item i has landed (this thread's copies)
+        __syncthreads();    // ... everyone's; and item i - 1's slot and xh are free
+        issue_w(i + S - 1);  // refill the slot of item i - 1: weights and x of item i + S - 1, one group
+        issue_x(i + S - 1);
+        db_cp_commit();
+        // convert this item's x k-tile (times the norm weight) to the MMA type; sum x^2 for the norm
+        {
+            const float* xs = reinterpret_cast<const float*>(ring + (i % S) * mm_stage_bytes(PW) + MM_MT * MM_WLD * 2);
+            const float* src = xs + xr * MM_XLD + xseg * KPT;
+            unsigned int* dst = reinterpret_cast<unsigned int*>(xh + xr * MM_HLD + xseg * KPT);
+#pragma unroll
+            for (int e = 0; e < KPT; e += 2) {
+                float a = src[e], c = src[e + 1];
+                if constexpr (NORM) {
+                    ss = fmaf(a, a, ss);
+                    ss = fmaf(c, c, ss);
+                    const int kk = kt * MM_KT + xseg * KPT + e;
+                    if (live && kk < k) {  // k % 8 == 0: kk + 1 < k too
+                        a *= to_float(db_ldg(nw + kk));
+                        c *= to_float(db_ldg(nw + kk + 1));
+                    }
+                }
+                dst[e / 2] = MmaType<T>::pack(a, c);
+            }
+        }
+        __syncthreads();
+        // the MMAs: warp (wr, wc) x its two m16 tiles x NT n8 tiles, 4 k16 steps
+        {
+            const unsigned short* ws = reinterpret_cast<const unsigned short*>(ring + (i % S) * mm_stage_bytes(PW));
+#pragma unroll
+            for (int ks = 0; ks < MM_KT / 16; ++ks) {
+                unsigned int a[2][4];
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    const int row = wr * 32 + m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    mm_ldmatrix_x4(a[m], ws + row * MM_WLD + ks * 16 + (lane >> 4) * 8);
+                }
+#pragma unroll
+                for (int j = 0; j < NT; j += 2) {
+                    unsigned int b[4];
+                    const int q = lane >> 3;
+                    if (NT == 1) {
+                        const int n = wc * NT * 8 + (lane & 7);
+                        mm_ldmatrix_x2(b[0], b[1], xh + n * MM_HLD + ks * 16 + (q & 1) * 8);
+                        b[2] = b[3] = 0u;
+                    } else {
+                        const int n = wc * NT * 8 + (j + (q >> 1)) * 8 + (lane & 7);
+                        mm_ldmatrix_x4(b, xh + n * MM_HLD + ks * 16 + (q & 1) * 8);
+                    }
+#pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        MmaType<T>::mma(acc[m][j], a[m], b[0], b[1]);
+                        if (NT > 1) MmaType<T>::mma(acc[m][j + 1 < NT ? j + 1 : j], a[m], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        const bool last = (i + 1) % nk == 0;  // the (tile, pass)'s last k-tile on this block
+        if (!last) continue;
+
+        // sum(x^2) of each pass row over this block's k range -> ssum
+        if constexpr (NORM) {
+#pragma unroll
+            for (int o = TPR / 2; o > 0; o >>= 1) ss += db_shfl_xor(ss, o);
+            if (xseg == 0) ssum[xr] = ss;
+            ss = 0.0f;
+        }
+        if (clustered) {  // partials out, cluster barrier, reduce in rank order
+            float4* mine4 = reinterpret_cast<float4*>(red + (warp * 32 + lane) * 8 * NT);
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+                    mine4[m * NT + j] = make_float4(acc[m][j][0], acc[m][j][1], acc[m][j][2], acc[m][j][3]);
+        }
+        mm_cluster_sync();  // a plain __syncthreads without clusters (ssum)
+        const bool reducer = warp % cl.size == cl.rank;
+        if (reducer) {
+            if (clustered) {
+#pragma unroll
+                for (int m = 0; m < 2; ++m)
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
+                for (int r = 0; r < cl.size; ++r) {
+                    const unsigned int base = mm_remote(red + (warp * 32 + lane) * 8 * NT, r);
+#pragma unroll
+                    for (int m = 0; m < 2; ++m)
+#pragma unroll
+                        for (int j = 0; j < NT; ++j) {
+                            const float4 v = mm_ld_remote4(base + (unsigned int)((m * NT + j) * 16));
+                            acc[m][j][0] += v.x;
+                            acc[m][j][1] += v.y;
+                            acc[m][j][2] += v.z;
+                            acc[m][j][3] += v.w;
+                        }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int bl = wc * NT * 8 + j * 8 + 2 * tig + e;  // batch row within the pass
+                    const int b = pass * PW + bl;
+                    float scale = 1.0f;
+                    if constexpr (NORM) {
+                        float s2 = 0.0f;
+                        for (int r = 0; r < cl.size; ++r) s2 += mm_ld_remote(mm_remote(ssum + bl, r));
+                        scale = rsqrtf(s2 / (float)k + eps);
+                    }
+#pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        const int g = tile * MM_PAIRS + (wr * 2 + m) * 8 + gid;
+                        if (g < job.npairs && b < batch) {
+                            const typename Job::Pre pre = job.pre(g, b);
+                            job.epi(g, b, acc[m][j][e] * scale, acc[m][j][2 + e] * scale, pre);
+                        }
+                    }
+                }
+        }
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
+        if (clustered) mm_cluster_sync();  // every block has read every partial before they are overwritten
+    }
+    db_cp_wait<0>();  // no copy outlives the kernel (the tail groups are empty)
+}
+
+template <typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                        float eps) {
+    if (batch > 32)
+        mm_run<T, 4, NORM>(job, w, nw, x, k, batch, eps);
+    else if (batch > 16)
+        mm_run<T, 2, NORM>(job, w, nw, x, k, batch, eps);
+    else
+        mm_run<T, 1, NORM>(job, w, nw, x, k, batch, eps);
+}
+
+#else  // HIP: no mma.sync; the batch-1 GEMV engine (correct at any grid and shared memory size)
+
+template <typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                        float eps) {
+    fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
+}
+#endif
+
+// ---- the entries: f16/bf16 run the MMA engine, f32 the GEMV engine of llama_fused.cu -----------------------
+
+template <typename T>
+__device__ __forceinline__ void qkv_mma_impl(const T* w, const T* norm, const float* x, float* q, float* k_cache,
+                                             float* v_cache, const int* pos, const float* bias,
+                                             const float* inv_freq, int hidden, int heads, int kv_heads,
+                                             int head_dim, int max_seq, int batch, float eps) {
+    PDL_LAUNCH_DEPENDENTS();
+    const QkvJob job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
+                     (heads + 2 * kv_heads) * (head_dim / 2)};
+    mm_gemm<T, true>(job, w, norm, x, hidden, batch, eps);
+}
+
+template <typename T>
+__device__ __forceinline__ void gate_up_mma_impl(const T* w, const T* norm, const float* x, float* act, int ffn,
+                                                 int hidden, int batch, float eps) {
+    PDL_LAUNCH_DEPENDENTS();
+    mm_gemm<T, true>(SwigluJob{act, ffn, ffn}, w, norm, x, hidden, batch, eps);
+}
+
+template <typename T, bool NORM, bool ADD>
+__device__ __forceinline__ void rows_mma_impl(const T* w, const T* norm, const float* x, float* y, int n, int k,
+                                              int batch, float eps) {
+    PDL_LAUNCH_DEPENDENTS();
+    mm_gemm<T, NORM>(RowsJob<ADD>{y, n, (n + 1) / 2}, w, norm, x, k, batch, eps);
+}
+
+#define DEFINE_MMA(SUFFIX, T)                                                                               \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR                            \
+        qkv_rope_mma_##SUFFIX(const T* w, const T* norm, const float* x, float* q, float* k_cache,          \
+                              float* v_cache, const int* pos, const float* bias, const float* inv_freq,     \
+                              int hidden, int heads, int kv_heads, int head_dim, int max_seq, int batch,    \
+                              float eps) {                                                                  \
+        qkv_mma_impl<T>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads, kv_heads,      \
+                        head_dim, max_seq, batch, eps);                                                     \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR                            \
+        gate_up_silu_mma_##SUFFIX(const T* w, const T* norm, const float* x, float* act, int ffn,           \
+                                  int hidden, int batch, float eps) {                                       \
+        gate_up_mma_impl<T>(w, norm, x, act, ffn, hidden, batch, eps);                                      \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR                            \
+        gemv_res_mma_##SUFFIX(const T* w, const float* x, float* y, int n, int k, int batch) {              \
+        rows_mma_impl<T, false, true>(w, nullptr, x, y, n, k, batch, 0.0f);                                 \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR                            \
+        gemv_norm_mma_##SUFFIX(const T* w, const T* norm, const float* x, float* y, int n, int k, int batch, \
+                               float eps) {                                                                 \
+        rows_mma_impl<T, true, false>(w, norm, x, y, n, k, batch, eps);                                     \
+    }
+DEFINE_MMA(f16, db_f16)
+DEFINE_MMA(bf16, db_bf16)
+
+// f32 weights: the batch-1 GEMV engine (any grid, any dynamic shared memory), so fp32 rows match batch 1 exactly
+extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
+    qkv_rope_mma_f32(const float* w, const float* norm, const float* x, float* q, float* k_cache, float* v_cache,
+                     const int* pos, const float* bias, const float* inv_freq, int hidden, int heads, int kv_heads,
+                     int head_dim, int max_seq, int batch, float eps) {
+    qkv_rope_impl<float>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads, kv_heads, head_dim,
+                         max_seq, batch, eps);
+}
+extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
+    gate_up_silu_mma_f32(const float* w, const float* norm, const float* x, float* act, int ffn, int hidden,
+                         int batch, float eps) {
+    gate_up_impl<float>(w, norm, x, act, ffn, hidden, batch, eps);
+}
+extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
+    gemv_res_mma_f32(const float* w, const float* x, float* y, int n, int k, int batch) {
+    gemv_rows_impl<float, false, true>(w, nullptr, x, y, n, k, batch, 0.0f);
+}
+extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
+    gemv_norm_mma_f32(const float* w, const float* norm, const float* x, float* y, int n, int k, int batch,
+                      float eps) {
+    gemv_rows_impl<float, true, false>(w, norm, x, y, n, k, batch, eps);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// attn_decode_batched: decode attention for many rows, one block per (row, kv head, split), the whole query
+// group of the kv head in the block, so each K/V byte is read once per step (attn_decode reads it once per query
+// head). Params as attn_decode; grid [batch * kv_heads, splits], block [256].
+// Splits are sized by the real length: row b has L = min(pos[b] + 1, max_seq) keys, cut into
+// nlive = min(splits, ceil_div(L, chunk)) splits of ceil_div(L, nlive) keys (chunk: the fewest keys worth a
+// split); blocks past nlive return. K and V tiles of AB_TK keys go through shared memory (16-byte cp.async);
+// per tile: scores of every (head, key) (8 lanes per key, all heads at once), a per-head online softmax (warp
+// h % 8 owns head h), then p.V with one output element per thread per head. nlive == 1: the block writes
+// out; else partials (o, m, l) per head to part_o/part_ml and the last block of the row's kv head (a counter,
+// counters[b * heads + kvh * group], left at zero) combines them, as attn_decode. L <= 0: split 0 writes zeros.
+// Requirements: heads / kv_heads <= AB_MAX_GROUP; head_dim % 8 == 0, <= 128; splits (gridDim.y) <= the third
+// axis of part_o / part_ml; q, caches 16-byte aligned.
+// ------------------------------------------------------------------------------------------------------------
+
+#define AB_THREADS 256
+#define AB_TK 32
+#define AB_MAX_GROUP 16
+#define AB_MAX_HD 128
+#define AB_LD (AB_MAX_HD + 4)
+#define AB_ALIGN16 __attribute__((aligned(16)))
+
+extern "C" __global__ void __launch_bounds__(AB_THREADS)
+    attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
+                        float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
+                        int max_seq, int chunk, float scale) {
+    __shared__ AB_ALIGN16 float ks[AB_TK * AB_LD];
+    __shared__ AB_ALIGN16 float vs[AB_TK * AB_LD];
+    __shared__ AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
+    __shared__ float ps[AB_MAX_GROUP * AB_TK];
+    __shared__ float corr_s[AB_MAX_GROUP], m_s[AB_MAX_GROUP], l_s[AB_MAX_GROUP];
+    __shared__ int s_last;
+    PDL_LAUNCH_DEPENDENTS();
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int G = heads / kv_heads;
+    const int b = blockIdx.x / kv_heads, kvh = blockIdx.x - b * kv_heads, s = blockIdx.y;
+    const int h0 = kvh * G;  // first query head of the group
+    const int hd = head_dim, d8 = hd / 8;
+    PDL_WAIT();
+    const int L = min(pos[b] + 1, max_seq);
+    if (L <= 0) {  // padding row: zeros
+        if (s == 0)
+            for (int e = tid; e < G * hd; e += AB_THREADS) out[((size_t)b * heads + h0) * hd + e] = 0.0f;
+        return;
+    }
+    const int nlive = min((int)gridDim.y, (L + chunk - 1) / chunk);
+    if (s >= nlive) return;
+    const int per = (L + nlive - 1) / nlive;
+    const int start = s * per, end = min(L, start + per);
+    for (int e = tid; e < G * hd; e += AB_THREADS) qs[e] = db_ldcg(q + ((size_t)b * heads + h0) * hd + e);
+
+    const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)hd;
+    const int key = tid >> 3, seg = tid & 7;  // scores: 8 lanes per key, each d8 dims of every head
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};  // heads warp and warp + 8 (warp-uniform)
+    float acc[(AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS];  // p.V: element tid + i * 256 of [G][hd]
+#pragma unroll
+    for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) acc[i] = 0.0f;
+
+    for (int t0 = start; t0 < end; t0 += AB_TK) {
+        const int nt = min(AB_TK, end - t0);
+        // K and V of the tile: 16-byte copies, rows past nt zero-filled
+        for (int c = tid; c < AB_TK * (hd / 4); c += AB_THREADS) {
+            const int r = c / (hd / 4), ch = c - r * (hd / 4);
+            const bool ok = r < nt;
+            const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * 4;
+            db_cp_async16(ks + r * AB_LD + ch * 4, k_cache + off, ok);
+            db_cp_async16(vs + r * AB_LD + ch * 4, v_cache + off, ok);
+        }
+        db_cp_commit();
+        db_cp_wait<0>();
+        __syncthreads();
+        // scores
+        {
+            float dot[AB_MAX_GROUP];
+#pragma unroll
+            for (int h = 0; h < AB_MAX_GROUP; ++h) dot[h] = 0.0f;
+            for (int d = seg * d8; d < seg * d8 + d8; ++d) {
+                const float kv = ks[key * AB_LD + d];
+#pragma unroll
+                for (int h = 0; h < AB_MAX_GROUP; ++h)
+                    if (h < G) dot[h] = fmaf(qs[h * hd + d], kv, dot[h]);
+            }
+#pragma unroll
+            for (int h = 0; h < AB_MAX_GROUP; ++h) {
+                if (h < G) {
+                    float v = dot[h];
+                    v += db_shfl_xor(v, 4);
+                    v += db_shfl_xor(v, 2);
+                    v += db_shfl_xor(v, 1);
+                    if ((h & 7) == seg) ps[h * AB_TK + key] = key < nt ? scale * v : NEG_INF;
+                }
+            }
+        }
+        __syncthreads();
+        // online softmax: warp w owns heads w and w + 8 (AB_TK == 32: one key per lane)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int h = warp + 8 * u;
+            if (h < G) {
+                const float sc = ps[h * AB_TK + lane];
+                const float m_new = fmaxf(m_run[u], db_warp_max(sc));  // finite: the tile has >= 1 key
+                const float p = lane < nt ? expf(sc - m_new) : 0.0f;
+                const float c = expf(m_run[u] - m_new);  // 0 on the first tile
+                l_run[u] = l_run[u] * c + db_warp_sum(p);
+                m_run[u] = m_new;
+                ps[h * AB_TK + lane] = p;
+                if (lane == 0) corr_s[h] = c;
+            }
+        }
+        __syncthreads();
+        // p.V
+#pragma unroll
+        for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) {
+            const int e = tid + i * AB_THREADS, h = e / hd, d = e - h * hd;
+            if (h < G) {
+                float a = acc[i] * corr_s[h];
+                for (int t = 0; t < nt; ++t) a = fmaf(ps[h * AB_TK + t], vs[t * AB_LD + d], a);
+                acc[i] = a;
+            }
+        }
+        __syncthreads();  // ks, vs, ps are rewritten by the next tile
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+        const int h = warp + 8 * u;
+        if (h < G && lane == 0) {
+            m_s[h] = m_run[u];
+            l_s[h] = l_run[u];
+        }
+    }
+    __syncthreads();
+    const int splits = gridDim.y;
+    if (nlive == 1) {
+#pragma unroll
+        for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) {
+            const int e = tid + i * AB_THREADS, h = e / hd;
+            if (h < G) out[((size_t)b * heads + h0) * hd + e] = acc[i] / l_s[h];
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) {
+        const int e = tid + i * AB_THREADS, h = e / hd, d = e - h * hd;
+        if (h < G) part_o[(((size_t)b * heads + h0 + h) * splits + s) * hd + d] = acc[i];
+    }
+    if (tid < G) {
+        const size_t row = ((size_t)b * heads + h0 + tid) * splits + s;
+        part_ml[row * 2 + 0] = m_s[tid];
+        part_ml[row * 2 + 1] = l_s[tid];
+    }
+    __threadfence();
+    __syncthreads();
+    int* counter = counters + (size_t)b * heads + h0;
+    if (tid == 0) s_last = atomicAdd(counter, 1) == nlive - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int e = tid; e < G * hd; e += AB_THREADS) {
+        const int h = e / hd, d = e - h * hd;
+        const size_t row0 = ((size_t)b * heads + h0 + h) * splits;
+        float M = NEG_INF;
+        for (int t = 0; t < nlive; ++t) M = fmaxf(M, db_ldcg(part_ml + (row0 + t) * 2));
+        float num = 0.0f, den = 0.0f;
+        for (int t = 0; t < nlive; ++t) {
+            const float wgt = expf(db_ldcg(part_ml + (row0 + t) * 2) - M);
+            num = fmaf(wgt, db_ldcg(part_o + (row0 + t) * hd + d), num);
+            den = fmaf(wgt, db_ldcg(part_ml + (row0 + t) * 2 + 1), den);
+        }
+        out[((size_t)b * heads + h0 + h) * hd + d] = num / den;
+    }
+    if (tid == 0) *counter = 0;
+}

@@ -1,0 +1,343 @@
+"""kernels/llama_batched.cu on the GPU: the MMA projections against float64 NumPy at odd shapes (batch rows not
+a multiple of 8 or 16, row counts not a multiple of the 128-row tile, k tails, k shorter than a cluster's
+split), attn_decode_batched against the reference attention, and the fused decode pool: every batch bucket
+decodes each row as batch 1 does (fp32 tiny config: the same tokens at every bucket 1..256; f16 TinyLlama shape:
+the same tokens up to an fp16 near-tie, logits within fp16 rounding).
+
+The MMA kernels round activations to the weight type before the products (f16: 11-bit, bf16: 8-bit
+significand), so they are checked tightly against a float64 reference that rounds x the same way, and loosely
+against the exact one. Outputs are poisoned with NaN and guarded past their end; KV caches start random.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dagbuild.llama import reference as ref
+from dagbuild.llama import weights as W
+from dagbuild.sources import read_kernel_source
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "kernels" / "llama_batched.cu"
+FUSED_SPEC = ROOT / "specs" / "llama_decode_fused.yaml"
+TINY = yaml.safe_load((ROOT / "specs" / "configs" / "llama_tiny.yaml").read_text())
+TINYLLAMA = yaml.safe_load((ROOT / "specs" / "configs" / "tinyllama.yaml").read_text())
+CLUSTER, SHARED = 8, 185600  # the spec's mma_cluster and mma_shared
+FP16_NEAR_TIE = 0.05  # as tests/gpu/test_llama_hf.py
+GUARD = 67
+EPS = 1e-5
+i32, f32 = np.int32, np.float32
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return pytest.importorskip("cupy")
+
+
+@pytest.fixture(scope="module")
+def mod(cp):
+    return cp.RawModule(code=read_kernel_source(SRC), options=("--std=c++17", f"-DMMA_CLUSTER={CLUSTER}"))
+
+
+def rng_for(*key) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def weights(rng, shape, wt, scale=1.0, offset=0.0):
+    a = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+    if wt == "f32":
+        return a, a.astype(np.float64)
+    if wt == "f16":
+        h = a.astype(np.float16)
+        return h, h.astype(np.float64)
+    bits = ref.f32_to_bf16(a)
+    return bits, ref.bf16_to_f32(bits).astype(np.float64)
+
+
+def quant(a, wt) -> np.ndarray:
+    """f32 values rounded to the weight type (what the MMA engine feeds the tensor cores), as float64."""
+    a = np.asarray(a, np.float32)
+    if wt == "f32":
+        return a.astype(np.float64)
+    if wt == "f16":
+        return a.astype(np.float16).astype(np.float64)
+    return ref.bf16_to_f32(ref.f32_to_bf16(a)).astype(np.float64)
+
+
+def activations(rng, batch, k):
+    return (rng.standard_normal((batch, k)) * rng.uniform(0.1, 10.0, (batch, 1))).astype(np.float32)
+
+
+def mma_inputs(x, norm32, wt):
+    """(h_exact, h_as_the_kernel_sees_it): the normalised (or plain) activations in float64."""
+    x64 = x.astype(np.float64)
+    if norm32 is None:
+        return x64, quant(x, wt)
+    g = norm32.astype(np.float64) if wt == "f32" else (norm32.astype(np.float64) if wt == "f16" else
+                                                       ref.bf16_to_f32(norm32).astype(np.float64))
+    r = 1.0 / np.sqrt(np.mean(x64 * x64, axis=1, keepdims=True) + EPS)
+    gx = (x.astype(np.float32) * g.astype(np.float32)).astype(np.float32)
+    return r * x64 * g, r * quant(gx, wt)
+
+
+def out_buffer(cp, count, fill=np.nan, head=None):
+    host = np.full(count + GUARD, fill, dtype=np.float32)
+    if head is not None:
+        host[:count] = np.asarray(head, np.float32).reshape(-1)
+    return cp.asarray(host)
+
+
+def fetch(buf, count):
+    host = buf.get()
+    assert np.all(np.isnan(host[count:])), "kernel wrote past the end of its output"
+    out = host[:count].astype(np.float64)
+    assert np.all(np.isfinite(out)), "output has NaN/inf (an element left unwritten?)"
+    return out
+
+
+def rel_err(out, expect) -> float:
+    out, expect = np.asarray(out, np.float64).reshape(-1), np.asarray(expect, np.float64).reshape(-1)
+    return float(np.linalg.norm(out - expect) / np.linalg.norm(expect))
+
+
+def launch(cp, mod, name, pairs, args):
+    """The spec's launch shape: clusters of CLUSTER blocks, as many as the 128-row tiles (up to 16)."""
+    tiles = -(-pairs // 64)
+    clusters = min(tiles, 16)
+    fn = mod.get_function(name)
+    fn.max_dynamic_shared_size_bytes = SHARED
+    fn((CLUSTER * clusters,), (256,), args, shared_mem=SHARED)
+
+
+# tight: against the reference that rounds x as the kernel does; loose: against the exact reference
+TIGHT = {"f32": 2e-5, "f16": 2e-5, "bf16": 2e-5}
+LOOSE = {"f32": 2e-5, "f16": 2e-3, "bf16": 1.5e-2}
+WTYPES = ("f16", "bf16", "f32")
+ROWS_CASES = [(8, 2048, 2048), (13, 37, 264), (37, 2047, 520), (64, 300, 8), (72, 129, 1032), (130, 1000, 136),
+              (256, 64, 2048), (9, 32000, 256)]
+
+
+@pytest.mark.parametrize("wt", WTYPES)
+@pytest.mark.parametrize("variant", ["res", "norm"])
+@pytest.mark.parametrize("batch,n,k", ROWS_CASES)
+def test_gemv_res_and_norm_mma(cp, mod, wt, variant, batch, n, k):
+    rng = rng_for("rows", wt, variant, batch, n, k)
+    w, w64 = weights(rng, (n, k), wt)
+    x = activations(rng, batch, k)
+    if variant == "res":
+        y0 = (rng.standard_normal((batch, n)) * 10).astype(np.float32)
+        y = out_buffer(cp, batch * n, head=y0)
+        launch(cp, mod, f"gemv_res_mma_{wt}", (n + 1) // 2,
+               (cp.asarray(w), cp.asarray(x), y, i32(n), i32(k), i32(batch)))
+        exact, seen = mma_inputs(x, None, wt)
+        got = fetch(y, batch * n).reshape(batch, n) - y0  # the residual is added in f32: compare the products
+        expect_t, expect_l = seen @ w64.T, exact @ w64.T
+        tight = np.linalg.norm(got - expect_t) / np.linalg.norm(expect_t)
+        assert tight < 1e-4, tight  # the residual's f32 rounding dominates here
+    else:
+        norm, _ = weights(rng, (k,), wt, 0.1, 1.0)
+        y = out_buffer(cp, batch * n)
+        launch(cp, mod, f"gemv_norm_mma_{wt}", (n + 1) // 2,
+               (cp.asarray(w), cp.asarray(norm), cp.asarray(x), y, i32(n), i32(k), i32(batch), f32(EPS)))
+        exact, seen = mma_inputs(x, norm, wt)
+        got = fetch(y, batch * n).reshape(batch, n)
+        expect_t, expect_l = seen @ w64.T, exact @ w64.T
+        assert rel_err(got, expect_t) < TIGHT[wt]
+    assert rel_err(got, expect_l) < LOOSE[wt]
+
+
+GATE_UP_CASES = [(8, 5632, 2048), (11, 37, 264), (33, 100, 8), (64, 688, 256), (100, 9, 1032)]
+
+
+@pytest.mark.parametrize("wt", WTYPES)
+@pytest.mark.parametrize("batch,ffn,hidden", GATE_UP_CASES)
+def test_gate_up_silu_mma(cp, mod, wt, batch, ffn, hidden):
+    rng = rng_for("gate_up", wt, batch, ffn, hidden)
+    gate, gate64 = weights(rng, (ffn, hidden), wt)
+    up, up64 = weights(rng, (ffn, hidden), wt)
+    norm, _ = weights(rng, (hidden,), wt, 0.1, 1.0)
+    x = activations(rng, batch, hidden)
+    act = out_buffer(cp, batch * ffn)
+    launch(cp, mod, f"gate_up_silu_mma_{wt}", ffn,
+           (cp.asarray(W.pack_gate_up(gate, up)), cp.asarray(norm), cp.asarray(x), act, i32(ffn), i32(hidden),
+            i32(batch), f32(EPS)))
+    exact, seen = mma_inputs(x, norm, wt)
+    got = fetch(act, batch * ffn)
+    for h, tol in ((seen, TIGHT[wt] * 5), (exact, LOOSE[wt] * 2)):  # silu(g) * u: relative errors add up
+        expect = ref.silu_mul(h @ gate64.T, h @ up64.T, batch * ffn)
+        assert rel_err(got, expect) < tol
+
+
+QKV_CASES = [(8, 32, 4, 64, 2048), (9, 4, 2, 64, 256), (17, 3, 1, 32, 264), (64, 8, 8, 128, 1032),
+             (70, 14, 2, 64, 136)]
+
+
+@pytest.mark.parametrize("wt", WTYPES)
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,hidden", QKV_CASES)
+def test_qkv_rope_mma(cp, mod, wt, batch, heads, kv_heads, head_dim, hidden):
+    rng = rng_for("qkv", wt, batch, heads, kv_heads, head_dim, hidden)
+    max_seq = 40
+    wq, wq64 = weights(rng, (heads * head_dim, hidden), wt)
+    wk, wk64 = weights(rng, (kv_heads * head_dim, hidden), wt)
+    wv, wv64 = weights(rng, (kv_heads * head_dim, hidden), wt)
+    norm, _ = weights(rng, (hidden,), wt, 0.1, 1.0)
+    x = activations(rng, batch, hidden)
+    cache_shape = (batch + 1, kv_heads, max_seq, head_dim)
+    kc = rng.standard_normal(cache_shape).astype(np.float32)
+    vc = rng.standard_normal(cache_shape).astype(np.float32)
+    pos = rng.integers(0, max_seq, batch).astype(np.int32)
+    pos[0], pos[1], pos[2] = max_seq - 1, -1, 0
+    rows = (heads + 2 * kv_heads) * head_dim
+    bias = (0.5 * rng.standard_normal(rows)).astype(np.float32)
+    inv_freq = ref.rope_inv_freq(head_dim, 10000.0)
+    q = out_buffer(cp, batch * heads * head_dim)
+    kc_d, vc_d = cp.asarray(kc), cp.asarray(vc)
+    launch(cp, mod, f"qkv_rope_mma_{wt}", rows // 2,
+           (cp.asarray(W.pack_qkv(wq, wk, wv)), cp.asarray(norm), cp.asarray(x), q, kc_d, vc_d, cp.asarray(pos),
+            cp.asarray(bias), cp.asarray(inv_freq), i32(hidden), i32(heads), i32(kv_heads), i32(head_dim),
+            i32(max_seq), i32(batch), f32(EPS)))
+    written = np.zeros(cache_shape, bool)
+    for b, p in enumerate(pos):
+        if 0 <= p < max_seq:
+            written[b, :, p] = True
+    got_q, kc_got, vc_got = fetch(q, batch * heads * head_dim), kc_d.get(), vc_d.get()
+    assert np.array_equal(kc_got[~written], kc[~written]), "k_cache changed outside the appended slots"
+    assert np.array_equal(vc_got[~written], vc[~written]), "v_cache changed outside the appended slots"
+    for h, tol in zip(mma_inputs(x, norm, wt)[::-1], (TIGHT[wt] * 5, LOOSE[wt]), strict=True):
+        q_ref, kc_ref, vc_ref = ref.rope_append(h @ wq64.T, h @ wk64.T, h @ wv64.T, bias, inv_freq, kc, vc, pos,
+                                                heads, kv_heads, head_dim, max_seq)
+        assert rel_err(got_q, q_ref) < tol
+        assert rel_err(kc_got[written], kc_ref[written]) < tol
+        assert rel_err(vc_got[written], vc_ref[written]) < tol
+
+
+ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits
+    (8, 32, 4, 64, 300, 32, 8),
+    (5, 8, 2, 128, 600, 64, 3),
+    (3, 14, 2, 64, 129, 16, 9),
+    (64, 4, 4, 32, 50, 32, 1),
+    (2, 16, 1, 96, 2100, 32, 40),
+]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,max_seq,chunk,splits", ATTN_CASES)
+def test_attn_decode_batched(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, splits):
+    scale = head_dim ** -0.5
+    counters = cp.zeros(batch * heads + GUARD, np.int32)
+    for launch_no in range(2):  # the second launch checks that the first left its counters at zero
+        rng = rng_for("attn", batch, heads, kv_heads, head_dim, max_seq, chunk, launch_no)
+        q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
+        kc = rng.standard_normal((batch, kv_heads, max_seq, head_dim)).astype(np.float32)
+        vc = rng.standard_normal((batch, kv_heads, max_seq, head_dim)).astype(np.float32)
+        pos = rng.integers(0, max_seq, batch).astype(np.int32)
+        pos[0] = max_seq - 1 if launch_no == 0 else min(max_seq - 1, chunk)
+        if batch > 1:
+            pos[1] = -1
+        if batch > 2:
+            pos[2] = 0
+        part_o = cp.full(batch * heads * splits * head_dim, np.nan, np.float32)
+        part_ml = cp.full(batch * heads * splits * 2, np.nan, np.float32)
+        out = out_buffer(cp, batch * heads * head_dim)
+        mod.get_function("attn_decode_batched")(
+            (batch * kv_heads, splits), (256,),
+            (cp.asarray(q), cp.asarray(kc), cp.asarray(vc), cp.asarray(pos), part_o, part_ml, counters, out,
+             i32(heads), i32(kv_heads), i32(head_dim), i32(max_seq), i32(chunk), f32(scale)))
+        got = fetch(out, batch * heads * head_dim).reshape(batch, heads, head_dim)
+        live = pos >= 0
+        expect = ref.attention(q[live], kc[live], vc[live], pos[live], heads, kv_heads, head_dim, max_seq, scale)
+        assert rel_err(got[live], expect) < 1e-5
+        assert np.all(got[~live] == 0), "a padding row's attention output must be zeros"
+        assert np.all(counters.get() == 0), "attn_decode_batched must leave its counters at zero"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pool: every bucket decodes each row as batch 1 does
+# ----------------------------------------------------------------------------------------------------------
+
+BUCKETS = [1, 2, 4, *range(8, 257, 8)]
+
+
+def _run_rows(exe, prompts, steps):
+    """Greedy tokens of rows 0..len(prompts)-1 of ``exe`` (its KV row r is sequence r), and each step's logits."""
+    from dagbuild.llama.decode import LlamaDecoder
+
+    dec = LlamaDecoder(exe)
+    rows = len(prompts)
+    current = [p[0] for p in prompts]
+    toks: list[list[int]] = [[] for _ in range(rows)]
+    logits = []
+    for t in range(steps):
+        nxt = dec.step(current, [t] * rows)
+        logits.append(exe.buffers["logits"][:rows].get().astype(np.float64))
+        for r in range(rows):
+            if t + 1 < len(prompts[r]):
+                current[r] = prompts[r][t + 1]
+            else:
+                toks[r].append(int(nxt[r]))
+                current[r] = int(nxt[r])
+    return toks, logits
+
+
+def test_fp32_every_bucket_matches_batch_one(cp):
+    from dagbuild.llama.weights import random_weights
+    from dagbuild.load import load_spec
+    from dagbuild.pool import GraphPool
+
+    dims = {**TINY, "wt": "f32", "max_seq": 16, "cache_batch": 256}
+    rng = np.random.default_rng(11)
+    prompts = [list(map(int, rng.integers(0, dims["vocab"], 3))) for _ in range(256)]
+    steps = 7
+    with GraphPool(load_spec(FUSED_SPEC), {"batch": BUCKETS}, overrides=dims) as pool:
+        random_weights(pool.get(batch=256), 5)
+        one = pool.get(batch=1)
+        assert one.plan.nodes[3].op.kernel == "qkv"
+        reference = [_run_rows(one, [p], steps) for p in prompts]  # batch 1, one sequence at a time
+        for bucket in BUCKETS[1:]:
+            exe = pool.get(batch=bucket)
+            toks, logits = _run_rows(exe, prompts[:bucket], steps)
+            for r in range(bucket):
+                assert toks[r] == reference[r][0][0], (bucket, r)
+                for t in range(steps):
+                    assert rel_err(logits[t][r], reference[r][1][t][0]) < 1e-5, (bucket, r, t)
+
+
+def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp):
+    """TinyLlama shape, f16 weights: rows of buckets 8, 24 and 64 (MMA projections, batched attention) against
+    batch 1 (GEMVs): the same greedy tokens until an fp16 near-tie of batch 1's own logits (top two closer than
+    FP16_NEAR_TIE), logits within fp16 rounding of the activations."""
+    from dagbuild.llama.weights import random_weights
+    from dagbuild.load import load_spec
+    from dagbuild.pool import GraphPool
+
+    dims = {k: v for k, v in TINYLLAMA.items() if k != "wt"} | {"wt": "f16", "max_seq": 32, "cache_batch": 64}
+    rng = np.random.default_rng(12)
+    prompts = [list(map(int, rng.integers(0, dims["vocab"], 4))) for _ in range(64)]
+    steps = 12
+    with GraphPool(load_spec(FUSED_SPEC), {"batch": [1, 8, 24, 64]}, overrides=dims) as pool:
+        random_weights(pool.get(batch=64), 3)
+        reference = [_run_rows(pool.get(batch=1), [p], steps) for p in prompts]
+        ties = 0
+        for bucket in (8, 24, 64):
+            toks, logits = _run_rows(pool.get(batch=bucket), prompts[:bucket], steps)
+            for r in range(bucket):
+                ref_toks, ref_logits = reference[r]
+                for t in range(steps):
+                    assert rel_err(logits[t][r], ref_logits[t][0]) < 2e-2, (bucket, r, t)
+                    j = t - (len(prompts[r]) - 1)
+                    if j < 0:
+                        continue
+                    if toks[r][j] != ref_toks[0][j]:
+                        row = ref_logits[t][0]
+                        gap = row[ref_toks[0][j]] - row[toks[r][j]]
+                        assert gap <= FP16_NEAR_TIE, f"bucket {bucket} row {r} step {t}: not a near-tie ({gap})"
+                        ties += 1
+                        break  # the sequences part here
+                    # the same token: the steps after it compare like-for-like
+        print(f"f16 TinyLlama buckets 8/24/64: {ties} rows parted at near-ties")
