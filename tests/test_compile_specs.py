@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import pytest
 from conftest import SPECS
+from helpers import needs_nvrtc
 
 from dagbuild.cli import main
-
-
-def _nvrtc_reason() -> str | None:
-    try:
-        from dagbuild.kernels import nvrtc_version
-
-        nvrtc_version()
-    except Exception as e:
-        return f"NVRTC unavailable ({e}); pip install 'dagbuild[nvrtc]'"
-    return None
-
-
-needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
 
 SPEC_FILES = sorted(p.name for p in SPECS.glob("*.yaml"))
 

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import needs_nvrtc, nvrtc_reason
 
 from dagbuild import kernels
 from dagbuild.errors import CompileError, DagbuildError, Issue, SpecError
-
-
-def _nvrtc_unavailable() -> str | None:
-    try:
-        kernels._nvrtc()
-    except DagbuildError as e:
-        return str(e)
-    return None
-
-
-needs_nvrtc = pytest.mark.skipif(_nvrtc_unavailable() is not None, reason=f"NVRTC unavailable: {_nvrtc_unavailable()}")
 
 SOURCE = r"""
 #include <cuda_fp16.h>
@@ -41,8 +31,8 @@ extern "C" __global__ void no_params() {}
 
 @pytest.fixture(scope="module")
 def ptx() -> str:
-    if _nvrtc_unavailable():
-        pytest.skip(f"NVRTC unavailable: {_nvrtc_unavailable()}")
+    if nvrtc_reason():
+        pytest.skip(str(nvrtc_reason()))
     return kernels.compile_ptx(SOURCE, "demo")
 
 

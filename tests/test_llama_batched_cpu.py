@@ -8,6 +8,7 @@ import re
 
 import pytest
 from conftest import KERNELS, SPECS
+from helpers import entry_bodies, needs_nvrtc, nvrtc_reason, ptxas_resources
 
 from dagbuild import kernels
 from dagbuild.bind import bind
@@ -29,24 +30,11 @@ MINE = {**{f"{k}_{wt}": v for k, v in MMA_PARAMS.items() for wt in ("f32", "f16"
         "attn_decode_batched": [P, P, P, P, P, P, P, P, N, N, N, N, N, F]}
 
 
-def _nvrtc_reason() -> str | None:
-    try:
-        kernels.nvrtc_version()
-    except Exception as e:
-        return f"NVRTC unavailable ({e})"
-    return None
-
-
-needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
-
-
 @pytest.fixture(scope="module")
 def bodies() -> dict[str, str]:
-    if _nvrtc_reason():
-        pytest.skip(str(_nvrtc_reason()))
-    ptx = kernels.compile_ptx(read_kernel_source(SRC), "llama_batched")
-    parts = re.split(r"\.visible\s+\.entry\s+", ptx)[1:]
-    return {p.split("(", 1)[0]: p for p in parts}
+    if nvrtc_reason():
+        pytest.skip(str(nvrtc_reason()))
+    return entry_bodies(kernels.compile_ptx(read_kernel_source(SRC), "llama_batched"))
 
 
 @needs_nvrtc
@@ -80,22 +68,9 @@ def test_pdl_contract_and_clusters(bodies):
 
 @needs_nvrtc
 def test_ptxas_no_spills():
-    nvrtc = kernels._nvrtc()
-    inc = kernels.cuda_include_dir()
-    opts = [b"--std=c++17", b"-arch=sm_90", b"-Xptxas=-v"] + ([f"-I{inc}".encode()] if inc else [])
-    err, prog = nvrtc.nvrtcCreateProgram(read_kernel_source(SRC).encode(), b"llama_batched.cu", 0, [], [])
-    try:
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        log = kernels._program_log(nvrtc, prog)
-        if int(err) != 0:
-            pytest.skip(f"NVRTC cannot build sm_90 machine code here: {log[:200]}")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-    props = dict((n, rest) for n, *rest in re.findall(
-        r"Function properties for (\w+)\s*\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
-        r"(\d+) bytes spill loads\s*\n.*?Used (\d+) registers", log, re.S))
+    props = ptxas_resources(read_kernel_source(SRC), "llama_batched")
     for name in MINE:
-        stack, st, ld, regs = map(int, props[name])
+        stack, st, ld, regs, _ = props[name]
         assert (stack, st, ld) == (0, 0, 0), name
         assert regs <= 255, (name, regs)
 

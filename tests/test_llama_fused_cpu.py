@@ -11,23 +11,13 @@ import numpy as np
 import pytest
 import yaml
 from conftest import KERNELS, SPECS
+from helpers import entry_bodies, needs_nvrtc, nvrtc_reason, ptxas_resources
 
 from dagbuild import kernels
 from dagbuild.cli import main
 from dagbuild.llama import weights as W
 from dagbuild.llama.decode import llama_plan
 from dagbuild.sources import read_kernel_source
-
-
-def _nvrtc_reason() -> str | None:
-    try:
-        kernels.nvrtc_version()
-    except Exception as e:
-        return f"NVRTC unavailable ({e})"
-    return None
-
-
-needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
 
 SRC = KERNELS / "llama_fused.cu"
 FUSED = SPECS / "llama_decode_fused.yaml"
@@ -49,15 +39,9 @@ ENTRIES = {**{f"{k}_{wt}": v for k, v in GEMV_PARAMS.items() for wt in WTYPES}, 
 
 @pytest.fixture(scope="module")
 def ptx() -> str:
-    if _nvrtc_reason():
-        pytest.skip(str(_nvrtc_reason()))
+    if nvrtc_reason():
+        pytest.skip(str(nvrtc_reason()))
     return kernels.compile_ptx(read_kernel_source(SRC), "llama_fused")
-
-
-def _bodies(ptx: str) -> dict[str, str]:
-    """Each .entry's text up to the next .entry."""
-    parts = re.split(r"\.visible\s+\.entry\s+", ptx)[1:]
-    return {p.split("(", 1)[0]: p for p in parts}
 
 
 @needs_nvrtc
@@ -70,7 +54,7 @@ def test_every_entry_with_its_params(ptx):
 
 @needs_nvrtc
 def test_every_entry_waits_and_triggers(ptx):
-    for name, body in _bodies(ptx).items():
+    for name, body in entry_bodies(ptx).items():
         assert "griddepcontrol.wait" in body, name
         assert "griddepcontrol.launch_dependents" in body, name
         assert ".local" not in body, f"{name} uses local memory"
@@ -78,7 +62,7 @@ def test_every_entry_waits_and_triggers(ptx):
 
 @needs_nvrtc
 def test_gemvs_stream_weights_16_bytes_at_a_time_and_only_weights_before_the_wait(ptx):
-    for name, body in _bodies(ptx).items():
+    for name, body in entry_bodies(ptx).items():
         if not any(name.startswith(k) for k in GEMV_PARAMS):
             continue
         # staged: 16-byte cp.async copies into the shared ring; the fallback without a ring: 16-byte read-only
@@ -96,39 +80,20 @@ def test_gemvs_stream_weights_16_bytes_at_a_time_and_only_weights_before_the_wai
 
 @needs_nvrtc
 def test_nothing_touches_memory_before_the_wait_in_the_other_kernels(ptx):
-    for name, body in _bodies(ptx).items():
+    for name, body in entry_bodies(ptx).items():
         if name in OTHER_PARAMS:
             head = body.split("griddepcontrol.wait", 1)[0]
             assert not re.findall(r"\b(?:ld|st|atom|red)\.global", head), name
 
 
-def _cubin_report() -> str:
-    """ptxas' resource report (-Xptxas=-v) of the module built for sm_90 by NVRTC."""
-    nvrtc = kernels._nvrtc()
-    inc = kernels.cuda_include_dir()
-    opts = [b"--std=c++17", b"-arch=sm_90", b"-Xptxas=-v"] + ([f"-I{inc}".encode()] if inc else [])
-    err, prog = nvrtc.nvrtcCreateProgram(read_kernel_source(SRC).encode(), b"llama_fused.cu", 0, [], [])
-    try:
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        log = kernels._program_log(nvrtc, prog)
-        if int(err) != 0:
-            pytest.skip(f"NVRTC cannot build sm_90 machine code here: {log[:200]}")
-        return log
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-
-
 @needs_nvrtc
 def test_ptxas_no_spills_no_stack_and_register_budget():
-    report = _cubin_report()
-    props = re.findall(r"Function properties for (\w+)\s*\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                       r"(\d+) bytes spill loads\s*\n.*?Used (\d+) registers", report, re.S)
-    seen = {name for name, *_ in props}
-    assert seen == set(ENTRIES)
-    for name, stack, st, ld, regs in props:
-        assert (int(stack), int(st), int(ld)) == (0, 0, 0), name
+    props = ptxas_resources(read_kernel_source(SRC), "llama_fused")
+    assert set(props) == set(ENTRIES)
+    for name, (stack, st, ld, regs, _) in props.items():
+        assert (stack, st, ld) == (0, 0, 0), name
         # two 256-thread GEMV blocks per SM (__launch_bounds__(256, 2)): at most 128 registers
-        assert int(regs) <= 128, (name, regs)
+        assert regs <= 128, (name, regs)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import KERNELS, SPECS
+from helpers import needs_nvrtc, ptxas_resources
 
 from dagbuild import kernels, plan
 from dagbuild.errors import BuildError, SpecError
@@ -127,15 +128,6 @@ def test_the_spec_no_longer_needs_heads_times_head_dim_to_be_hidden():
 # ---- the kernels through NVRTC ------------------------------------------------------------------------------
 
 
-def _nvrtc_reason() -> str | None:
-    try:
-        kernels.nvrtc_version()
-    except Exception as e:
-        return f"NVRTC unavailable ({e})"
-    return None
-
-
-needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
 SRC = KERNELS / "llama_prefill.cu"
 P, N, L, F = ".u64", ".u32", ".u64", ".f32"  # pointer, i32, i64, f32 in PTX .param lists
 ENTRIES = {
@@ -160,24 +152,12 @@ def test_every_entry_with_its_params_and_no_local_memory():
 
 @needs_nvrtc
 def test_ptxas_no_spills_and_static_shared_memory_under_48k():
-    nvrtc = kernels._nvrtc()
-    inc = kernels.cuda_include_dir()
-    opts = [b"--std=c++17", b"-arch=sm_90", b"-Xptxas=-v"] + ([f"-I{inc}".encode()] if inc else [])
-    err, prog = nvrtc.nvrtcCreateProgram(read_kernel_source(SRC).encode(), b"llama_prefill.cu", 0, [], [])
-    try:
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        report = kernels._program_log(nvrtc, prog)
-        if int(err) != 0:
-            pytest.skip(f"NVRTC cannot build sm_90 machine code here: {report[:200]}")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-    props = re.findall(r"Function properties for (\w+)\s*\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                       r"(\d+) bytes spill loads\s*\n[^\n]*?Used (\d+) registers([^\n]*)", report, re.S)
-    assert {name for name, *_ in props} == set(ENTRIES)
-    for name, stack, st, ld, regs, rest in props:
-        assert (int(stack), int(st), int(ld)) == (0, 0, 0), name
+    props = ptxas_resources(read_kernel_source(SRC), "llama_prefill")
+    assert set(props) == set(ENTRIES)
+    for name, (stack, st, ld, regs, rest) in props.items():
+        assert (stack, st, ld) == (0, 0, 0), name
         smem = re.search(r"(\d+) bytes smem", rest)
         assert smem is None or int(smem.group(1)) <= 48 * 1024, (name, rest)
         if name.startswith("attn_prefill"):
             # 128-thread blocks (head_dim > 64): the 255-register ceiling is the only limit; stay clear of it
-            assert int(regs) <= 240, (name, regs)
+            assert regs <= 240, (name, regs)

@@ -9,11 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import SPECS
+from helpers import issues_of, line, needs_nvrtc
 
 import dagbuild
 from dagbuild.buffers import BufferMap
 from dagbuild.dot import to_dot
-from dagbuild.errors import BuildError, SpecError
+from dagbuild.errors import BuildError
 from dagbuild.executable import ExecOptions, Executable
 from dagbuild.ir import LOOP_ENTER, LOOP_NEXT, LoopOp
 from dagbuild.load import parse_spec
@@ -58,16 +59,6 @@ GOOD = """\
 
 def spec_text(body: str, head: str = HEAD) -> str:
     return head + textwrap.dedent(body).lstrip("\n")
-
-
-def issues_of(text: str):
-    with pytest.raises(SpecError) as info:
-        plan(parse_spec(text, base_dir=SPECS))
-    return info.value.issues
-
-
-def line(text: str, needle: str) -> int:
-    return next(i + 1 for i, ln in enumerate(text.splitlines()) if needle in ln)
 
 
 # ---- format and analysis --------------------------------------------------------------------------------
@@ -267,13 +258,10 @@ def test_dot_draws_the_body_as_a_cluster_headed_by_the_loop():
 # ---- the loop kernels through NVRTC -----------------------------------------------------------------------
 
 
+@needs_nvrtc
 def test_loop_kernels_compile_and_match_their_signatures():
     from dagbuild import kernels
 
-    try:
-        kernels._nvrtc()
-    except Exception as e:
-        pytest.skip(f"NVRTC unavailable: {e}")
     p = plan(parse_spec(spec_text(GOOD), base_dir=SPECS))
     report = kernels.check_plan(p, "sm_90")
     assert report[LOOP_ENTER]["entry"] == "loop_enter" and report[LOOP_NEXT]["params"] == 4

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 from conftest import KERNELS
+from helpers import needs_nvrtc
 
 from dagbuild import kernels
-from dagbuild.errors import DagbuildError
 from dagbuild.sources import read_kernel_source
 
-
-def _reason() -> str | None:
-    try:
-        kernels.nvrtc_version()
-    except DagbuildError as e:
-        return str(e)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_reason() is not None, reason=f"NVRTC unavailable: {_reason()}")
+pytestmark = needs_nvrtc
 
 KERNEL = r"""
 extern "C" __global__ void pdl(const db_bf16* w, db_bf16* o, db_f16* h, float* y) {

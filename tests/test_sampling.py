@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import KERNELS
+from helpers import needs_nvrtc
 
 from dagbuild.errors import DagbuildError
 from dagbuild.llama import sampling as smp
@@ -90,14 +91,11 @@ def test_bad_settings_are_refused(bad):
         smp.Sampling(**bad)
 
 
+@needs_nvrtc
 def test_sampling_kernel_compiles_with_its_signature():
     from dagbuild import kernels
     from dagbuild.sources import read_kernel_source
 
-    try:
-        kernels._nvrtc()
-    except DagbuildError as e:
-        pytest.skip(f"NVRTC unavailable: {e}")
     source = read_kernel_source(KERNELS / "sampling.cu")
     ptx = kernels.compile_ptx(source, "sampling", arch="sm_90")
     from dagbuild.bind import parse_param

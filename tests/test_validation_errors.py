@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 from conftest import SPECS
+from helpers import issues_of, line
 
 from dagbuild.errors import Issue, SpecError
 from dagbuild.load import from_dict, parse_spec
@@ -40,19 +41,6 @@ EMPTY = HEAD.replace("nodes:\n", "nodes: []\n")
 
 def spec_text(body: str, head: str = HEAD) -> str:
     return head + textwrap.dedent(body).lstrip("\n")
-
-
-def line(text: str, needle: str, nth: int = 1) -> int:
-    """1-based line of the ``nth`` line of ``text`` containing ``needle``."""
-    hits = [i + 1 for i, ln in enumerate(text.splitlines()) if needle in ln]
-    assert len(hits) >= nth, f"{needle!r} not in spec text"
-    return hits[nth - 1]
-
-
-def issues_of(text: str, overrides: dict | None = None) -> list[Issue]:
-    with pytest.raises(SpecError) as info:
-        plan(parse_spec(text, base_dir=SPECS), overrides)
-    return info.value.issues
 
 
 def only(text: str, overrides: dict | None = None) -> Issue:
