@@ -289,16 +289,17 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     return from_hf(_read_json(cfg, "config.json"), gen, where=str(cfg))
 
 
-def check_plan(model: ModelConfig, dims: Mapping[str, int], consts: Mapping[str, float],
+def check_plan(model: ModelConfig, dims: Mapping[str, int], consts: Mapping[str, float] | None,
                where: str = "the checkpoint") -> None:
-    """The plan was built for this model: every dim and const equal, max_seq within what the model allows."""
+    """The plan was built for this model: every dim and const equal (``consts`` None: dims only), max_seq
+    within what the model allows."""
     for dim, name in HF_DIM_FIELDS.items():
         if dim not in dims:
             raise DagbuildError(f"the graph has no dim {dim!r}: not a Llama decode graph")
         if model.dims[dim] != dims[dim]:
             raise DagbuildError(f"{where}: config.json has {name} = {model.dims[dim]} (dim {dim!r}), but the graph "
                                 f"was built with {dim} = {dims[dim]}; build it with --set {dim}={model.dims[dim]}")
-    for name, want in model.consts.items():
+    for name, want in model.consts.items() if consts is not None else ():
         if name not in consts:
             raise DagbuildError(f"the graph has no const {name!r}: its {name} cannot follow the checkpoint")
         if not math.isclose(consts[name], want, rel_tol=1e-6):
