@@ -25,8 +25,6 @@ RUNNERS = {"llama_decode": "dagbuild.llama.run:run_cli"}
 #: ``dagbuild dot -o FILE`` without ``--format``: the format from the file's suffix.
 FORMAT_BY_SUFFIX = {".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
 
-
-
 #: A decimal float as ``--set`` takes one for a const (``1e-6``, ``0.125``); anything else stays a string.
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")
 
@@ -142,8 +140,7 @@ def _float_in(low: float, high: float, what: str, low_open: bool = False):
 
 def _looping(args) -> bool:
     """Whether ``run`` decodes through the loop (K tokens per launch, sampling on the device)."""
-    return (getattr(args, "tokens_per_launch", None) is not None or getattr(args, "temperature", 0.0) > 0
-            or getattr(args, "eos", -1) >= 0)
+    return args.tokens_per_launch is not None or args.temperature > 0 or args.eos >= 0
 
 
 def _check_run_args(args) -> None:
@@ -160,9 +157,9 @@ def _check_run_args(args) -> None:
         if args.random_weights is not None:
             raise UsageError("give --weights DIR or --random-weights SEED, not both")
     if args.prompt is not None:
-        folder = Path(args.weights) if args.weights else None
-        folder = folder.parent if folder is not None and folder.is_file() else folder
-        if folder is None or not (folder / "tokenizer.json").is_file():
+        from .llama.weights import checkpoint_folder
+
+        if not args.weights or not (checkpoint_folder(args.weights) / "tokenizer.json").is_file():
             raise UsageError("--prompt TEXT is tokenized with the checkpoint's tokenizer.json: give --weights DIR "
                              "of a checkpoint that has one, or token ids with --prompt-ids 1,2,3")
         if importlib.util.find_spec("tokenizers") is None:
@@ -224,6 +221,18 @@ def _plan(args, model=None):
     from .plan import plan
 
     return plan(_load(args.spec), {**(model.overrides() if model is not None else {}), **overrides_of(args)})
+
+
+def _model_plan(args, path: str | None, where: str):
+    """(the HF model at ``path``, or None; the spec's plan for it, checked against it: ``where`` names the
+    config in a refusal)."""
+    model = _hf_model(path)
+    p = _plan(args, model)
+    if model is not None:
+        from .llama.config import check_plan
+
+        check_plan(model, p.dims, p.consts, where=where)
+    return model, p
 
 
 def _gpu_problem() -> str | None:
@@ -310,12 +319,7 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    model = _hf_model(args.hf_config)
-    p = _plan(args, model)
-    if model is not None:
-        from .llama.config import check_plan
-
-        check_plan(model, p.dims, p.consts, where=str(args.hf_config))
+    model, p = _model_plan(args, args.hf_config, str(args.hf_config))
     print(format_summary(p.summary))
     if model is not None:
         from .llama.footprint import footprint
@@ -392,14 +396,10 @@ def cmd_run(args) -> int:
     from .dot import to_dot
 
     _check_run_args(args)
-    model = _hf_model(args.weights)
-    p = _plan(args, model)
-    if model is not None:
-        from .llama.config import check_plan
-
-        check_plan(model, p.dims, p.consts, where=f"checkpoint {args.weights!r}")
+    _, p = _model_plan(args, args.weights, f"checkpoint {args.weights!r}")
     runner = _runner(p)
-    if runner == "llama_decode" and _looping(args):
+    looping = runner == "llama_decode" and _looping(args)
+    if looping:
         from .llama.loop import looped_plan
 
         p = looped_plan(p, args.tokens_per_launch or 1)
@@ -410,7 +410,7 @@ def cmd_run(args) -> int:
         print(format_summary(p.summary))
         print(f"\nvalid; wrote the reduced DAG to {dot_path} (render: dot -Tsvg {dot_path} -o {dot_path.stem}.svg)")
         print(f"\nNo GPU here: {problem}.")
-        if runner == "llama_decode" and _looping(args):
+        if looping:
             print(f"On a GPU (pip install 'dagbuild[cuda13]'), this command builds the graph above: the decode step "
                   f"in a loop node (a CUDA WHILE conditional node) of up to {p.dims['steps']} steps per launch, "
                   "with sampling, token feedback and stopping on the device; it loads weights, runs the prompt "

@@ -1,46 +1,41 @@
-"""``dagbuild run specs/llama_decode.yaml``: build, load weights, decode greedily, report speed.
+"""``dagbuild run`` of a Llama decode spec: build, load weights, run the prompt, decode, report speed.
 
 With ``--weights DIR`` the plan already carries the checkpoint's dims, dtype and consts (the CLI planned it
 from config.json); here the prompt is tokenized (``--prompt TEXT``, through the chat template with
 ``--chat``) or taken as ids, the memory need is checked against the device's free memory, the graph is built
-(a tied LM head shares the embedding table's buffer), the checkpoint is loaded, and decoding streams text
-and stops at the checkpoint's EOS ids.
+(a tied LM head shares the embedding table's buffer) and the checkpoint (or random weights) loaded. Then
+either greedy decoding, one launch per token after the prompt ran through prefill graphs (the fused spec) or
+the decode graph one position at a time, streaming text and stopping at the checkpoint's EOS ids; or, for a
+looped plan (``--tokens-per-launch``, sampling, ``--eos``), K steps per launch sampled on the device.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from ..errors import DagbuildError
-from ..plan import Plan
+from ..plan import Plan, plan
 from .decode import LlamaDecoder, _progress
 
 DEFAULT_PROMPT_IDS = "1,15043,29892,590,1024,338,263,1243"
 
 
-def _folder(weights: str) -> Path:
-    p = Path(weights)
-    return p.parent if p.is_file() else p
-
-
 def run_cli(p: Plan, args: Any) -> int:
     from ..executable import Executable
-    from ..plan import plan
     from . import weights
     from .config import read_hf_config
     from .footprint import check_fits, footprint
 
     if p.dims["cache_batch"] < p.dims["batch"]:
         p = plan(p.spec, {**p.dims, **p.types, **p.consts, "cache_batch": p.dims["batch"]})
-    model = read_hf_config(_folder(args.weights)) if args.weights else None
+    model = read_hf_config(weights.checkpoint_folder(args.weights)) if args.weights else None
     text = None
     if args.prompt is not None:
         from .text import Text
 
-        text = Text(_folder(args.weights))
+        text = Text(weights.checkpoint_folder(args.weights))
         prompt = text.encode(args.prompt, chat=args.chat)
         if not prompt:
             raise DagbuildError(f"--prompt {args.prompt!r} has no tokens")
@@ -70,20 +65,14 @@ def run_cli(p: Plan, args: Any) -> int:
     with Executable(p, bound=weights.tied_bound(p) if tied else None) as exe:
         build_ms = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
-        if args.weights:
-            weights.load_checkpoint(exe, args.weights)
-            source = args.weights
-        else:
-            seed = args.random_weights if args.random_weights is not None else 0
-            weights.random_weights(exe, seed)
-            source = f"random weights (seed {seed})"
+        source = _load_weights(exe, args)
         load_s = time.perf_counter() - t1
         dec = LlamaDecoder(exe)
         rows = p.dims["batch"]
         arch = f"{model.architecture}, " if model is not None else ""
         print(f"{p.name}: {len(p.nodes)} nodes in one graph, built in {build_ms:.1f} ms; "
               f"{source} loaded in {load_s:.2f} s; {arch}batch {rows}, wt={p.types.get('wt')}", flush=True)
-        prefiller = _prefiller(exe, getattr(args, "prefill", "graph"))
+        prefiller = _prefiller(exe, args.prefill)
         on_token = None
         if text is not None:
             from .text import Stream
@@ -118,6 +107,19 @@ def run_cli(p: Plan, args: Any) -> int:
     return 0
 
 
+def _load_weights(exe: Any, args: Any) -> str:
+    """``--weights DIR`` (an HF checkpoint) or ``--random-weights SEED`` (seed 0 by default) into ``exe``;
+    returns what was loaded, for the report."""
+    from . import weights
+
+    if args.weights:
+        weights.load_checkpoint(exe, args.weights)
+        return args.weights
+    seed = args.random_weights if args.random_weights is not None else 0
+    weights.random_weights(exe, seed)
+    return f"random weights (seed {seed})"
+
+
 def _prefiller(exe: Any, mode: str) -> Any:
     """Prefill graphs for ``exe`` when asked for and its spec pairs with them (the fused one), else None."""
     if mode != "graph":
@@ -148,13 +150,7 @@ def run_loop_cli(p: Plan, args: Any, prompt: list[int], tied: bool, stops: set[i
     t0 = time.perf_counter()
     with Executable(p, bound=weights.tied_bound(p) if tied else None) as exe:
         build_ms = (time.perf_counter() - t0) * 1e3
-        if args.weights:
-            weights.load_checkpoint(exe, args.weights)
-            source = args.weights
-        else:
-            seed = args.random_weights if args.random_weights is not None else 0
-            weights.random_weights(exe, seed)
-            source = f"random weights (seed {seed})"
+        source = _load_weights(exe, args)
         dec = LoopDecoder(exe)
         how = "greedy" if samplings[0].greedy else (f"temperature {args.temperature}, top-k {args.top_k}, "
                                                     f"top-p {args.top_p}, seed {args.seed} + row")

@@ -43,6 +43,7 @@ __all__ = [
     "RawBF16",
     "WeightsError",
     "check_config_dims",
+    "checkpoint_folder",
     "convert",
     "dims_from_hf_config",
     "hf_config_kwargs",
@@ -143,14 +144,7 @@ def check_config_dims(config: Any, dims: Mapping[str, int], where: str = "the ch
     """:func:`dims_from_hf_config`, then every dim compared with a graph's ``dims`` (and its max_seq with the
     model's sliding window / dynamic RoPE); returns the config's dims."""
     m = from_hf(config)
-    for dim, name in HF_DIM_FIELDS.items():
-        if dim not in dims:
-            raise DagbuildError(f"the graph has no dim {dim!r}: not a Llama decode graph")
-        if m.dims[dim] != dims[dim]:
-            raise DagbuildError(f"{where}: config.json has {name} = {m.dims[dim]} (dim {dim!r}), but the graph was "
-                                f"built with {dim} = {dims[dim]}; build it with --set {dim}={m.dims[dim]}")
-    if "max_seq" in dims:
-        m.check_max_seq(int(dims["max_seq"]), where)
+    check_plan(m, dims, None, where)
     return {**m.dims, "wt": m.wt}
 
 
@@ -608,6 +602,13 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray | RawBF16]:
     return out
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """The folder of a checkpoint (config.json, tokenizer.json, ...): ``path`` itself, or a ``.safetensors``
+    file's folder."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint: those ``model.safetensors.index.json`` names (sharded), else
     ``model.safetensors``, else every ``*.safetensors`` of the directory (``path`` may be one file). Other
@@ -653,7 +654,7 @@ def load_checkpoint(exe: Any, path: str | Path) -> list[tuple[str, str, int | No
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"checkpoint {str(path)!r} does not exist")
-    folder = path.parent if path.is_file() else path
+    folder = checkpoint_folder(path)
     model = None
     if (folder / "config.json").is_file():
         model = read_hf_config(folder)
