@@ -300,6 +300,16 @@ def chain(cp, bw: float, positions: list[int], log: list, chunks: list[int] | No
 
     fused_spec = ROOT / "specs" / "llama_decode_fused.yaml"
     modules = ModuleCache()
+
+    def ready(exe, pos: int, fill: bool = True) -> None:
+        """Random weights (seed 0) unless ``fill`` is False, token 1 at position ``pos``, one launch: the KV
+        cache then holds that position, and the timed launches that follow repeat it."""
+        if fill:
+            fill_weights(exe, 0)
+        exe.buffers["tokens_host"][:] = 1
+        exe.buffers["pos_host"][:] = pos
+        exe.launch(sync=True)
+
     for model, (dims, wt) in MODELS.items():
         over = {**dims, "wt": wt, "batch": 1, "max_seq": 512}
         plan = llama_plan(over, fused_spec)
@@ -314,10 +324,7 @@ def chain(cp, bw: float, positions: list[int], log: list, chunks: list[int] | No
         be = get_backend("auto")
         rows = {}
         with Executable(plan, backend=be, modules=modules) as exe:  # programmatic edges where the spec says
-            fill_weights(exe, 0)
-            exe.buffers["tokens_host"][:] = 1
-            exe.buffers["pos_host"][:] = pos
-            exe.launch(sync=True)
+            ready(exe, pos)
             stream = exe.stream
             # the layers alone
             order = [n for n in plan.topological() if n.id.split(".")[0] in LAYER_KINDS]
@@ -337,8 +344,7 @@ def chain(cp, bw: float, positions: list[int], log: list, chunks: list[int] | No
             rows["whole step, fused, PDL (host: launch + wait)"] = host_ms(exe)
             logits_pdl = exe.buffers["logits"].get()
             for other in positions[1:]:  # longer contexts: more attention splits (and the combine)
-                exe.buffers["pos_host"][:] = other
-                exe.launch(sync=True)
+                ready(exe, other, fill=False)
                 graph, ex = chain_graph(be, launches, True, stream.ptr)
                 rows[f"layers, explicit PDL edges, position {other}"] = time_graph(
                     cp, lambda ex=ex, be=be, s=stream: be.launch(ex, s.ptr), stream, 20)
@@ -347,26 +353,17 @@ def chain(cp, bw: float, positions: list[int], log: list, chunks: list[int] | No
                 rows[f"whole step, fused, PDL (device), position {other}"] = device_us_per_launch(exe, 50) / 1e3
         for chunk in chunks or []:  # other attention split sizes
             with Executable(llama_plan({**over, "attn_chunk": chunk}, fused_spec), modules=modules) as exe:
-                fill_weights(exe, 0)
-                exe.buffers["tokens_host"][:] = 1
-                for p in positions:
-                    exe.buffers["pos_host"][:] = p
-                    exe.launch(sync=True)
+                for k, p in enumerate(positions):
+                    ready(exe, p, fill=k == 0)
                     rows[f"whole step, fused, PDL (device), attn_chunk {chunk}, position {p}"] = \
                         device_us_per_launch(exe, 50) / 1e3
         with Executable(plan, ExecOptions(programmatic=False), modules=modules) as exe:
-            fill_weights(exe, 0)
-            exe.buffers["tokens_host"][:] = 1
-            exe.buffers["pos_host"][:] = pos
-            exe.launch(sync=True)
+            ready(exe, pos)
             rows["whole step, fused, plain edges (device)"] = device_us_per_launch(exe, 50) / 1e3
             rows["whole step, fused, plain edges (host)"] = host_ms(exe)
             logits_plain = exe.buffers["logits"].get()
         with Executable(llama_plan(over, shipped_spec("llama_decode.yaml")), modules=modules) as exe:
-            fill_weights(exe, 0)
-            exe.buffers["tokens_host"][:] = 1
-            exe.buffers["pos_host"][:] = pos
-            exe.launch(sync=True)
+            ready(exe, pos)
             rows["whole step, unfused spec (device)"] = device_us_per_launch(exe, 50) / 1e3
             rows["whole step, unfused spec (host)"] = host_ms(exe)
             logits_unfused = exe.buffers["logits"].get()
