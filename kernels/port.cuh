@@ -143,40 +143,40 @@ __device__ __forceinline__ T db_shfl_xor(T v, int o) {
 #endif
 }
 
-__device__ __forceinline__ float db_warp_sum(float v) {
-    for (int o = warpSize >> 1; o > 0; o >>= 1) v += db_shfl_xor(v, o);
+// The reductions' operators: a butterfly over the warp, then one value per warp through shared memory.
+struct DbSum {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct DbMax {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename Op>
+__device__ __forceinline__ float db_warp_reduce(float v, Op op) {
+    for (int o = warpSize >> 1; o > 0; o >>= 1) v = op(v, db_shfl_xor(v, o));
     return v;
 }
 
-__device__ __forceinline__ float db_warp_max(float v) {
-    for (int o = warpSize >> 1; o > 0; o >>= 1) v = fmaxf(v, db_shfl_xor(v, o));
-    return v;
-}
+__device__ __forceinline__ float db_warp_sum(float v) { return db_warp_reduce(v, DbSum{}); }
+__device__ __forceinline__ float db_warp_max(float v) { return db_warp_reduce(v, DbMax{}); }
 
 // Block-wide sum / max, result returned to every thread. `sh` holds one float per warp (DB_MAX_WARPS
 // entries cover 1024 threads at warpSize 32 and any block at warpSize 64). Starts with a barrier so `sh`
 // may be reused by consecutive calls. blockDim.x must be a multiple of warpSize.
-__device__ __forceinline__ float db_block_sum(float v, float* sh) {
+template <typename Op>
+__device__ __forceinline__ float db_block_reduce(float v, float* sh, Op op) {
     const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
-    v = db_warp_sum(v);
+    v = db_warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     float r = sh[0];
-    for (int w = 1; w < nwarps; ++w) r += sh[w];
+    for (int w = 1; w < nwarps; ++w) r = op(r, sh[w]);
     return r;
 }
 
-__device__ __forceinline__ float db_block_max(float v, float* sh) {
-    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize, nwarps = blockDim.x / warpSize;
-    v = db_warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float r = sh[0];
-    for (int w = 1; w < nwarps; ++w) r = fmaxf(r, sh[w]);
-    return r;
-}
+__device__ __forceinline__ float db_block_sum(float v, float* sh) { return db_block_reduce(v, sh, DbSum{}); }
+__device__ __forceinline__ float db_block_max(float v, float* sh) { return db_block_reduce(v, sh, DbMax{}); }
 
 // ------------------------------------------------------------------------------------------------------------
 // Programmatic dependent launch (CUDA sm_90+ only)
