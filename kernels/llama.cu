@@ -11,6 +11,7 @@
 // See kernels/llama.md for the launch table (grid/block formulas) and requirements.
 
 #include "port.cuh"
+#include "llama_common.cuh"  // WeightPack, rope_sincos, silu_f, argmax_merge
 
 // ------------------------------------------------------------------------------------------------------------
 // embed_<wt>: x[b, :] = float(table[tokens[b], :])        grid [batch], block [256]
@@ -97,46 +98,6 @@ DEFINE_RMSNORM(bf16, db_bf16)
 // slower there). Left to its heuristics ptxas picked 128 or 175 registers depending on how the bound was
 // spelled; 175 (one block per SM) was 40% slower at batch 1.
 #define GEMV_MIN_BLOCKS 2
-
-template <typename T>
-struct WeightPack;  // a 16-byte pack of weights, unpacked to VEC floats
-
-template <>
-struct WeightPack<float> {
-    static constexpr int VEC = 4;
-    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
-        f[0] = __uint_as_float(u.x);
-        f[1] = __uint_as_float(u.y);
-        f[2] = __uint_as_float(u.z);
-        f[3] = __uint_as_float(u.w);
-    }
-};
-
-template <>
-struct WeightPack<db_f16> {
-    static constexpr int VEC = 8;
-    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
-        const unsigned int v[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {  // little endian: element 2i is the low half
-            f[2 * i] = db_f16_bits_to_float(v[i] & 0xffffu);
-            f[2 * i + 1] = db_f16_bits_to_float(v[i] >> 16);
-        }
-    }
-};
-
-template <>
-struct WeightPack<db_bf16> {
-    static constexpr int VEC = 8;
-    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
-        const unsigned int v[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {  // bf16 -> f32 is exact: the bf16 bits are the high half of the f32
-            f[2 * i] = __uint_as_float(v[i] << 16);
-            f[2 * i + 1] = __uint_as_float(v[i] & 0xffff0000u);
-        }
-    }
-};
 
 // Warp reduce-scatter of V per-lane values (V a power of two). Step with offset o: lanes with bit o set keep
 // (and sum with their partner) the upper half of their values, the others the lower half. After the steps,
@@ -437,17 +398,6 @@ DEFINE_GEMVW(bf16, db_bf16)
 // writes nothing to the cache).
 // ------------------------------------------------------------------------------------------------------------
 
-// sin/cos of an f32 angle without local memory: cosf/sinf carry a Payne-Hanek slow path whose 32-byte
-// stack array makes the driver reserve local memory per graph (~8 MiB per executable on a 132-SM GPU).
-// Reduce to [-pi, pi] in double (exact to ~1e-16 * |f|), then the hardware approximation (abs error
-// < 2^-21 on that range): within 4e-7 of HF's cos/sin.
-__device__ __forceinline__ void rope_sincos(float f, float* s, float* c) {
-    const double d = (double)f;
-    const double turns = rint(d * 0.15915494309189535);
-    const float r = (float)fma(-turns, 6.283185307179586, d);
-    __sincosf(r, s, c);
-}
-
 extern "C" __global__ void __launch_bounds__(1024)
     rope_append(float* q, const float* k, const float* v, const float* bias, const float* inv_freq,
                 float* k_cache, float* v_cache, const int* pos, int heads, int kv_heads, int head_dim,
@@ -651,8 +601,6 @@ extern "C" __global__ void __launch_bounds__(1024)
 // aligned and the 4 are in range, else scalar (so any n and any alignment work).
 // ------------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
-
 extern "C" __global__ void __launch_bounds__(1024)
     silu_mul(const float* gate, const float* up, float* out, int n) {
     const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
@@ -679,13 +627,6 @@ extern "C" __global__ void __launch_bounds__(1024)
 // shuffle reduction of (value, index) pairs preferring the lower index on ties, then the warps' pairs
 // through shared memory (32 slots: blockDim.x / warpSize <= 32). NaN is not handled.
 // ------------------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ void argmax_merge(float& bv, int& bi, float ov, int oi) {
-    if (ov > bv || (ov == bv && oi < bi)) {
-        bv = ov;
-        bi = oi;
-    }
-}
 
 extern "C" __global__ void __launch_bounds__(1024) argmax(const float* logits, int* out, int vocab) {
     __shared__ float sv[DB_MAX_WARPS];

@@ -21,6 +21,7 @@
 // loads, never through the read-only (ld.global.nc) path: it is written while this grid may already run.
 
 #include "port.cuh"
+#include "llama_common.cuh"  // WeightPack, rope_sincos, silu_f, argmax_merge
 
 #define NEG_INF DB_NEG_INF
 // griddepcontrol.launch_dependents / .wait on CUDA sm_90+, no-ops elsewhere (HIP has no programmatic launch)
@@ -28,62 +29,9 @@
 #define PDL_WAIT() DB_GRID_WAIT()
 
 // ------------------------------------------------------------------------------------------------------------
-// Small helpers (as in kernels/llama.cu)
+// Small helpers: to_float, db_shfl_xor, db_warp_sum/max, db_block_sum/max in kernels/port.cuh; WeightPack,
+// rope_sincos, silu_f, argmax_merge in kernels/llama_common.cuh (shared with kernels/llama.cu)
 // ------------------------------------------------------------------------------------------------------------
-
-// to_float, db_shfl_xor, db_warp_sum/max, db_block_sum/max: kernels/port.cuh
-
-// A 16-byte pack of weights, unpacked to VEC floats.
-template <typename T>
-struct WeightPack;
-
-template <>
-struct WeightPack<float> {
-    static constexpr int VEC = 4;
-    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
-        f[0] = __uint_as_float(u.x);
-        f[1] = __uint_as_float(u.y);
-        f[2] = __uint_as_float(u.z);
-        f[3] = __uint_as_float(u.w);
-    }
-};
-
-template <>
-struct WeightPack<db_f16> {
-    static constexpr int VEC = 8;
-    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
-        const unsigned int v[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {  // little endian: element 2i is the low half
-            f[2 * i] = db_f16_bits_to_float(v[i] & 0xffffu);
-            f[2 * i + 1] = db_f16_bits_to_float(v[i] >> 16);
-        }
-    }
-};
-
-template <>
-struct WeightPack<db_bf16> {
-    static constexpr int VEC = 8;
-    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
-        const unsigned int v[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {  // bf16 -> f32 is exact: the bf16 bits are the high half of the f32
-            f[2 * i] = __uint_as_float(v[i] << 16);
-            f[2 * i + 1] = __uint_as_float(v[i] & 0xffff0000u);
-        }
-    }
-};
-
-// sin/cos of an f32 angle without local memory (see kernels/llama.cu: cosf/sinf's slow path has a stack
-// array): reduce to [-pi, pi] in double, then the hardware approximation (abs error < 2^-21 there).
-__device__ __forceinline__ void rope_sincos(float f, float* s, float* c) {
-    const double d = (double)f;
-    const double turns = rint(d * 0.15915494309189535);
-    const float r = (float)fma(-turns, 6.283185307179586, d);
-    __sincosf(r, s, c);
-}
-
-__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 
 // ------------------------------------------------------------------------------------------------------------
 // The GEMV engine: a warp streams a list of weight-row PAIRS (row0, row1) through a shared-memory ring.
@@ -703,13 +651,6 @@ DEFINE_EMBED(bf16, db_bf16)
 // argmax_pdl: out[b] = lowest index of the max of logits[b, :vocab].     grid [batch], block [1024]
 // As argmax in llama.cu, with the PDL trigger and wait. NaN is not handled.
 // ------------------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ void argmax_merge(float& bv, int& bi, float ov, int oi) {
-    if (ov > bv || (ov == bv && oi < bi)) {
-        bv = ov;
-        bi = oi;
-    }
-}
 
 extern "C" __global__ void __launch_bounds__(1024) argmax_pdl(const float* logits, int* out, int vocab) {
     __shared__ float sv[32];

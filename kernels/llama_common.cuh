@@ -1,0 +1,66 @@
+// dagbuild: helpers the Llama kernel files share (kernels/llama.cu, kernels/llama_fused.cu and what includes
+// them). Include after port.cuh, with the quoted form (dagbuild.sources inlines it once).
+
+#include "port.cuh"
+
+template <typename T>
+struct WeightPack;  // a 16-byte pack of weights, unpacked to VEC floats
+
+template <>
+struct WeightPack<float> {
+    static constexpr int VEC = 4;
+    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
+        f[0] = __uint_as_float(u.x);
+        f[1] = __uint_as_float(u.y);
+        f[2] = __uint_as_float(u.z);
+        f[3] = __uint_as_float(u.w);
+    }
+};
+
+template <>
+struct WeightPack<db_f16> {
+    static constexpr int VEC = 8;
+    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
+        const unsigned int v[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // little endian: element 2i is the low half
+            f[2 * i] = db_f16_bits_to_float(v[i] & 0xffffu);
+            f[2 * i + 1] = db_f16_bits_to_float(v[i] >> 16);
+        }
+    }
+};
+
+template <>
+struct WeightPack<db_bf16> {
+    static constexpr int VEC = 8;
+    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
+        const unsigned int v[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // bf16 -> f32 is exact: the bf16 bits are the high half of the f32
+            f[2 * i] = __uint_as_float(v[i] << 16);
+            f[2 * i + 1] = __uint_as_float(v[i] & 0xffff0000u);
+        }
+    }
+};
+
+// sin/cos of an f32 angle without local memory: cosf/sinf carry a Payne-Hanek slow path whose 32-byte
+// stack array makes the driver reserve local memory per graph (~8 MiB per executable on a 132-SM GPU).
+// Reduce to [-pi, pi] in double (exact to ~1e-16 * |f|), then the hardware approximation (abs error
+// < 2^-21 on that range): within 4e-7 of HF's cos/sin.
+__device__ __forceinline__ void rope_sincos(float f, float* s, float* c) {
+    const double d = (double)f;
+    const double turns = rint(d * 0.15915494309189535);
+    const float r = (float)fma(-turns, 6.283185307179586, d);
+    __sincosf(r, s, c);
+}
+
+// SiLU in f32, as HF's silu: g * sigmoid(g) = g / (1 + exp(-g)).
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+
+// argmax's pair merge: the larger value, the lower index on ties (torch.argmax's first maximum).
+__device__ __forceinline__ void argmax_merge(float& bv, int& bi, float ov, int oi) {
+    if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+    }
+}
