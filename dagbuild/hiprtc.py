@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dagbuild.errors import CompileError, DagbuildError, Issue, SpecError
+from dagbuild.kernels import compare_params, missing_entry_message
 
 __all__ = [
     "HIPRTC_INSTALL_HINT",
@@ -501,15 +502,6 @@ def _arg_text(a: dict) -> str:
     return f"{a.get('.value_kind', '?')}, {a.get('.size', '?')} bytes"
 
 
-def _missing_entry_message(entry: str, entries: Sequence[str], kernel: str | None) -> str:
-    where = f"kernel {kernel!r}: " if kernel else ""
-    there = ", ".join(repr(e) for e in entries) or "none"
-    hint = ""
-    if any(e.startswith("_Z") and entry in e for e in entries):
-        hint = ' (its name looks C++-mangled: declare the kernel extern "C")'
-    return f"{where}entry {entry!r} is not in the code object{hint}; entries there: {there}"
-
-
 def check_signature_hip(kernel: str, entry: str, params: Sequence[tuple[str, str]],
                         code_object: bytes) -> list[Issue]:
     """Compare a kernel's declared params, ``(name, kind)`` pairs with kind in :data:`KINDS_HIP`, with
@@ -519,53 +511,24 @@ def check_signature_hip(kernel: str, entry: str, params: Sequence[tuple[str, str
     :func:`dagbuild.kernels.check_signature` words them; empty when they agree."""
     kernels = code_object_kernels(code_object)
     if entry not in kernels:
-        return [Issue(code="signature", message=_missing_entry_message(entry, list(kernels), kernel))]
-    args = _visible_args(kernels[entry])
-    where = f"kernel {kernel!r} (entry {entry!r})"
-    issues: list[Issue] = []
+        return [Issue(code="signature", message=missing_entry_message(entry, list(kernels), kernel, "the code object"))]
+    return compare_params(kernel, entry, params, _visible_args(kernels[entry]), ("code-object", "argument"),
+                          _arg_text, _hip_arg_problem)
 
-    if len(params) != len(args):
-        n, m = len(params), len(args)
-        if n > m:
-            pname, pkind = params[m]
-            first = f"first declared param without a code-object counterpart: {pname!r} ({pkind}, #{m})"
-            fld: str | None = pname
-        else:
-            first = f"first code-object argument not declared: #{n} ({_arg_text(args[n])})"
-            fld = None
-        issues.append(Issue(
-            code="signature",
-            message=f"{where}: {n} param(s) declared but the code-object entry takes {m}; {first}",
-            field=fld,
-        ))
 
-    for i, ((pname, kind), arg) in enumerate(zip(params, args, strict=False)):
-        vkind, size = arg.get(".value_kind"), arg.get(".size")
-        if kind not in KINDS_HIP:
-            issues.append(Issue(
-                code="signature",
-                message=f"{where}: param {pname!r} (#{i}) has unknown kind {kind!r}; "
-                f"expected one of {', '.join(KINDS_HIP)} (code-object argument: {_arg_text(arg)})",
-                field=pname,
-            ))
-            continue
-        want_kind, want_size = KINDS_HIP[kind]
-        if vkind == "by_value" and size not in (4, 8):
-            issues.append(Issue(
-                code="signature",
-                message=f"{where}: param {pname!r} (#{i}) is declared {kind} but the code-object argument is "
-                f"an aggregate passed by value ({_arg_text(arg)}), which dagbuild does not support; "
-                f"pass a pointer or scalars instead",
-                field=pname,
-            ))
-        elif vkind != want_kind or size != want_size:
-            issues.append(Issue(
-                code="signature",
-                message=f"{where}: param {pname!r} (#{i}) is declared {kind} (code object: {want_kind}, "
-                f"{want_size} bytes) but the code-object argument is {_arg_text(arg)}",
-                field=pname,
-            ))
-    return issues
+def _hip_arg_problem(kind: str, arg: dict) -> str | None:
+    vkind, size = arg.get(".value_kind"), arg.get(".size")
+    if kind not in KINDS_HIP:
+        return (f"has unknown kind {kind!r}; expected one of {', '.join(KINDS_HIP)} (code-object argument: "
+                f"{_arg_text(arg)})")
+    want_kind, want_size = KINDS_HIP[kind]
+    if vkind == "by_value" and size not in (4, 8):
+        return (f"is declared {kind} but the code-object argument is an aggregate passed by value "
+                f"({_arg_text(arg)}), which dagbuild does not support; pass a pointer or scalars instead")
+    if vkind != want_kind or size != want_size:
+        return (f"is declared {kind} (code object: {want_kind}, {want_size} bytes) but the code-object argument "
+                f"is {_arg_text(arg)}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------

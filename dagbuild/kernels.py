@@ -19,7 +19,7 @@ import hashlib
 import importlib.util
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,21 +258,62 @@ def ptx_entry_params(ptx: str, entry: str) -> list[str]:
     """
     entries = ptx_entries(ptx)
     if entry not in entries:
-        raise SpecError(Issue(code="signature", message=_missing_entry_message(entry, entries)))
+        raise SpecError(Issue(code="signature", message=missing_entry_message(entry, entries)))
     return entries[entry]
 
 
-def _missing_entry_message(entry: str, entries: dict[str, list[str]], kernel: str | None = None) -> str:
+def missing_entry_message(entry: str, entries: Sequence[str], kernel: str | None = None,
+                          compiled: str = "the PTX") -> str:
+    """Why ``entry`` is not among the ``entries`` of ``compiled`` code (the PTX, the code object), with the
+    usual cause named when it shows (a C++-mangled name: no extern "C")."""
     where = f"kernel {kernel!r}: " if kernel else ""
     there = ", ".join(repr(e) for e in entries) or "none"
     hint = ""
     if any(e.startswith("_Z") and entry in e for e in entries):
         hint = ' (its name looks C++-mangled: declare the kernel extern "C")'
-    return f"{where}entry {entry!r} is not in the PTX{hint}; entries there: {there}"
+    return f"{where}entry {entry!r} is not in {compiled}{hint}; entries there: {there}"
 
 
 def _ptx_type_ok(kind: str, ptx_type: str) -> bool:
     return ptx_type in KINDS.get(kind, frozenset())
+
+
+def compare_params(kernel: str, entry: str, params: Sequence[tuple[str, str]], found: Sequence[Any],
+                   what: tuple[str, str], text: Callable[[Any], str],
+                   problem: Callable[[str, Any], str | None]) -> list[Issue]:
+    """The declared ``(name, kind)`` params against the arguments ``found`` in a compiled entry (``what``:
+    ``("PTX", "param")``, ``("code-object", "argument")``; ``text(arg)`` shows one): the count, then each param, where
+    ``problem(kind, arg)`` says what is wrong with it (after "param 'x' (#i) ") or returns None. One Issue
+    (code ``signature``, ``field`` = the param's name) per problem; the CUDA and HIP checks word alike."""
+    where = f"kernel {kernel!r} (entry {entry!r})"
+    issues: list[Issue] = []
+    if len(params) != len(found):
+        n, m = len(params), len(found)
+        if n > m:
+            pname, pkind = params[m]
+            first = f"first declared param without a {what[0]} counterpart: {pname!r} ({pkind}, #{m})"
+            fld: str | None = pname
+        else:
+            first = f"first {what[0]} {what[1]} not declared: #{n} ({text(found[n])})"
+            fld = None
+        issues.append(Issue(code="signature", field=fld,
+                            message=f"{where}: {n} param(s) declared but the {what[0]} entry takes {m}; {first}"))
+    for i, ((pname, kind), arg) in enumerate(zip(params, found, strict=False)):
+        bad = problem(kind, arg)
+        if bad:
+            issues.append(Issue(code="signature", message=f"{where}: param {pname!r} (#{i}) {bad}", field=pname))
+    return issues
+
+
+def _ptx_param_problem(kind: str, ptype: str) -> str | None:
+    if kind not in KINDS:
+        return f"has unknown kind {kind!r}; expected one of {', '.join(KINDS)} (PTX type {ptype})"
+    if ptype.endswith("]"):
+        return (f"is declared {kind} but the PTX param is an aggregate passed by value ({ptype}), which dagbuild "
+                "does not support; pass a pointer or scalars instead")
+    if not _ptx_type_ok(kind, ptype):
+        return f"is declared {kind} (PTX {'/'.join(sorted(KINDS[kind]))}) but the PTX param is {ptype}"
+    return None
 
 
 def check_signature(kernel: str, entry: str, params: Sequence[tuple[str, str]], ptx: str) -> list[Issue]:
@@ -282,59 +323,9 @@ def check_signature(kernel: str, entry: str, params: Sequence[tuple[str, str]], 
     ``signature``, ``field`` = the param's name) per problem; empty when they agree."""
     entries = ptx_entries(ptx)
     if entry not in entries:
-        return [Issue(code="signature", message=_missing_entry_message(entry, entries, kernel))]
-    ptypes = entries[entry]
-    where = f"kernel {kernel!r} (entry {entry!r})"
-    issues: list[Issue] = []
-
-    if len(params) != len(ptypes):
-        n, m = len(params), len(ptypes)
-        if n > m:
-            pname, pkind = params[m]
-            first = f"first declared param without a PTX counterpart: {pname!r} ({pkind}, #{m})"
-            fld: str | None = pname
-        else:
-            first = f"first PTX param not declared: #{n} ({ptypes[n]})"
-            fld = None
-        issues.append(
-            Issue(
-                code="signature",
-                message=f"{where}: {n} param(s) declared but the PTX entry takes {m}; {first}",
-                field=fld,
-            )
-        )
-
-    for i, ((pname, kind), ptype) in enumerate(zip(params, ptypes, strict=False)):
-        if kind not in KINDS:
-            issues.append(
-                Issue(
-                    code="signature",
-                    message=f"{where}: param {pname!r} (#{i}) has unknown kind {kind!r}; "
-                    f"expected one of {', '.join(KINDS)} (PTX type {ptype})",
-                    field=pname,
-                )
-            )
-        elif ptype.endswith("]"):
-            issues.append(
-                Issue(
-                    code="signature",
-                    message=f"{where}: param {pname!r} (#{i}) is declared {kind} but the PTX param is "
-                    f"an aggregate passed by value ({ptype}), which dagbuild does not support; "
-                    f"pass a pointer or scalars instead",
-                    field=pname,
-                )
-            )
-        elif not _ptx_type_ok(kind, ptype):
-            expect = "/".join(sorted(KINDS[kind]))
-            issues.append(
-                Issue(
-                    code="signature",
-                    message=f"{where}: param {pname!r} (#{i}) is declared {kind} (PTX {expect}) "
-                    f"but the PTX param is {ptype}",
-                    field=pname,
-                )
-            )
-    return issues
+        return [Issue(code="signature", message=missing_entry_message(entry, entries, kernel))]
+    return compare_params(kernel, entry, params, entries[entry], ("PTX", "param"), str,
+                          _ptx_param_problem)
 
 
 # ----------------------------------------------------------------------------------------------------
