@@ -64,3 +64,41 @@ __device__ __forceinline__ void argmax_merge(float& bv, int& bi, float ov, int o
         bi = oi;
     }
 }
+
+// out[blockIdx.x] = the lowest index of the max of row blockIdx.x of logits [rows, vocab]: a strided coalesced
+// scan (strict '>' keeps each thread's earliest index), a shuffle reduction of (value, index) pairs preferring
+// the lower index, then the warps' pairs through shared memory. blockDim.x <= DB_MAX_WARPS * warpSize.
+__device__ __forceinline__ void argmax_row(const float* logits, int* out, int vocab) {
+    __shared__ float sv[DB_MAX_WARPS];
+    __shared__ int si[DB_MAX_WARPS];
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const float* row = logits + (size_t)blockIdx.x * (size_t)vocab;
+    float bv = DB_NEG_INF;
+    int bi = 0x7fffffff;
+    if (tid < vocab) {
+        bv = row[tid];
+        bi = tid;
+    }
+    for (int i = tid + nthreads; i < vocab; i += nthreads) {
+        const float v = row[i];
+        if (v > bv) {
+            bv = v;
+            bi = i;
+        }
+    }
+    for (int o = warpSize >> 1; o > 0; o >>= 1) {
+        const float ov = db_shfl_xor(bv, o);
+        const int oi = db_shfl_xor(bi, o);
+        argmax_merge(bv, bi, ov, oi);
+    }
+    const int lane = tid % warpSize, warp = tid / warpSize, nwarps = nthreads / warpSize;
+    if (lane == 0) {
+        sv[warp] = bv;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        for (int w = 1; w < nwarps; ++w) argmax_merge(bv, bi, sv[w], si[w]);
+        out[blockIdx.x] = bi;
+    }
+}

@@ -653,38 +653,7 @@ DEFINE_EMBED(bf16, db_bf16)
 // ------------------------------------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(1024) argmax_pdl(const float* logits, int* out, int vocab) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
     PDL_LAUNCH_DEPENDENTS();
     PDL_WAIT();
-    const int tid = threadIdx.x, nthreads = blockDim.x;
-    const float* row = logits + (size_t)blockIdx.x * (size_t)vocab;
-    float bv = NEG_INF;
-    int bi = 0x7fffffff;
-    if (tid < vocab) {
-        bv = row[tid];
-        bi = tid;
-    }
-    for (int i = tid + nthreads; i < vocab; i += nthreads) {
-        const float v = row[i];
-        if (v > bv) {
-            bv = v;
-            bi = i;
-        }
-    }
-    for (int o = warpSize >> 1; o > 0; o >>= 1) {
-        const float ov = db_shfl_xor(bv, o);
-        const int oi = db_shfl_xor(bi, o);
-        argmax_merge(bv, bi, ov, oi);
-    }
-    const int lane = tid % warpSize, warp = tid / warpSize, nwarps = nthreads / warpSize;
-    if (lane == 0) {
-        sv[warp] = bv;
-        si[warp] = bi;
-    }
-    __syncthreads();
-    if (tid == 0) {
-        for (int w = 1; w < nwarps; ++w) argmax_merge(bv, bi, sv[w], si[w]);
-        out[blockIdx.x] = bi;
-    }
+    argmax_row(logits, out, vocab);
 }
