@@ -42,6 +42,7 @@
 // ------------------------------------------------------------------------------------------------------------
 
 #define MM_THREADS 256
+#define MV_THREADS 256  // the MV engine's block (below)
 #define MM_MT 128
 #define MM_PAIRS 64
 #define MM_KT 64
@@ -443,6 +444,245 @@ __device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw,
         mm_run<T, 1, NORM>(job, w, nw, x, k, batch, eps);
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// The MV engine (batch 2..64): a weight-stationary tensor-core GEMV. The weights are the MMA's A operand, the
+// batch rows its n8 columns, so a warp streams weight rows exactly as the batch-1 GEMV engine does (lane-private
+// cp.async ring, filled before griddepcontrol.wait) and one mma.sync does the work of 16 rows x 16 k x 8 batch
+// rows: the step stays bound by the weight bytes up to ~64 rows, where the MMA engine's tiles pay off.
+//
+// * Tiles: a tile is 8 row pairs (the jobs' pairs). Lane (gid, tig) of a warp copies the pair tile * 8 + gid:
+//   its first row as A-fragment row gid, its second as row gid + 8, so a thread's accumulators hold both rows of
+//   one pair for two batch rows and the batch-1 epilogues run unchanged from registers.
+// * K order: a ROUND is 32 k. In round r lane (gid, tig) copies 16 bytes of each of its rows at k = 32r + 8tig
+//   and feeds them to two m16n8k16 steps (words 0,1 to the first, 2,3 to the second); the x fragment of batch row
+//   n is the same 16 bytes of x row n (8tig + 4s .. + 3 for step s). The logical k order inside an MMA differs
+//   from memory order identically for A and B, so the sums are those of the plain dot products.
+// * Warps: the 8 warps of a block split K (warp w: rounds [w R / 8, (w + 1) R / 8)); blocks stride over tiles
+//   (any grid is correct). After a tile's last round the warps' partials go through shared memory, warp j sums
+//   n8 column j over the warps in order (deterministic) and runs the epilogue; two barriers per tile.
+// * Ring: items of MV_U rounds (2 KB per warp), S stages (2..MV_MAX_STAGES, from what the launch's dynamic
+//   shared memory leaves); the first S items are issued before griddepcontrol.wait, so the weights of a block's
+//   first tile stream while the previous kernel finishes; items run on across tiles and passes.
+// * x: after the wait the block stages its batch rows (PB = 8 NT of them, NT n8 columns: the largest power of two
+//   up to 8 that covers the batch and fits) as f16/bf16 in shared memory, times the RMSNorm weight when NORM
+//   (sum of x^2 in f32, the rsqrt applied to the f32 result as the MMA engine does), zero past k and past the
+//   batch; rows are padded so the 16-byte fragment loads of a quarter warp hit distinct banks. Batches over PB
+//   run in passes (each pass re-reads the weights).
+// Shared memory (dynamic): [ring S x MV_STAGE_BYTES][red NT x 4 KB][ssum 256 B][xs PB x mv_xstride(k)].
+// Requirements: k % 8 == 0; weights and x 16-byte aligned; blockDim 256; shared memory for S = 2 at NT = 1.
+// ------------------------------------------------------------------------------------------------------------
+
+#define MV_U 2                                          // rounds per ring item
+#define MV_STAGE_BYTES (MV_U * 2 * MV_THREADS * 16)     // one item of every warp: 16 KB
+#define MV_MAX_STAGES 6
+#define MV_MAX_NT 8
+
+__device__ __forceinline__ int mv_kpad(int k) { return (k + 31) & ~31; }
+// bytes per staged x row: k padded to a round, plus 64 B where that is a multiple of 128 (bank spread)
+__device__ __forceinline__ unsigned int mv_xstride(int k) {
+    const unsigned int b = 2u * (unsigned int)mv_kpad(k);
+    return b % 128u == 0u ? b + 64u : b;
+}
+__device__ __forceinline__ unsigned int mv_fixed_bytes(int nt, int k) {
+    return (unsigned int)nt * 4096u + 256u + 8u * (unsigned int)nt * mv_xstride(k);
+}
+__device__ __forceinline__ void mv_cp_wait(int n) {  // at most n groups in flight (n <= MV_MAX_STAGES)
+    switch (n) {
+        case 0: db_cp_wait<0>(); break;
+        case 1: db_cp_wait<1>(); break;
+        case 2: db_cp_wait<2>(); break;
+        case 3: db_cp_wait<3>(); break;
+        case 4: db_cp_wait<4>(); break;
+        case 5: db_cp_wait<5>(); break;
+        default: db_cp_wait<6>(); break;
+    }
+}
+
+template <typename T, int NT, bool NORM, typename Job>
+__device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                       float eps, int S, unsigned char* smem) {
+    constexpr int PB = 8 * NT;  // batch rows per pass
+    constexpr int SLOT = MV_U * 2 * 32;  // uint4 cells of one warp's ring slot
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const unsigned int xstride = mv_xstride(k);
+    uint4* ring = reinterpret_cast<uint4*>(smem) + warp * S * SLOT + lane;
+    float4* red = reinterpret_cast<float4*>(smem + S * MV_STAGE_BYTES);  // [8 warps][NT][32 lanes]
+    float* ssum = reinterpret_cast<float*>(smem + S * MV_STAGE_BYTES + NT * 4096);  // [PB]
+    unsigned char* xs = smem + S * MV_STAGE_BYTES + NT * 4096 + 256;               // [PB][xstride]
+
+    const int R = mv_kpad(k) / 32;
+    const int rb = warp * R / 8, re = (warp + 1) * R / 8;  // this warp's rounds
+    const int C = (re - rb + MV_U - 1) / MV_U;              // items per tile (0 when k < 8 rounds)
+    const int ntiles = (job.npairs + 7) / 8;
+    const int mine = (int)blockIdx.x < ntiles ? (ntiles - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
+    const int npass = (batch + PB - 1) / PB;
+    const int total = npass * mine * C;
+
+    auto issue = [&](int i) {  // item i -> slot i % S; one commit group per call (empty past the end)
+        if (i < total) {
+            const int t = i / C, c = i - t * C;
+            const int tile = (int)blockIdx.x + (t % mine) * (int)gridDim.x;
+            const int g = tile * 8 + gid;
+            const bool gok = g < job.npairs;
+            int r0 = 0, r1 = 0;
+            if (gok) job.rows(g, r0, r1);
+            uint4* dst = ring + (i % S) * SLOT;
+#pragma unroll
+            for (int u = 0; u < MV_U; ++u) {
+                const int r = rb + c * MV_U + u, e = r * 32 + tig * 8;
+                const bool ok = gok && r < re && e < k;
+                db_cp_async16(dst + (2 * u) * 32, ok ? w + (size_t)r0 * (size_t)k + e : w, ok);
+                db_cp_async16(dst + (2 * u + 1) * 32, ok ? w + (size_t)r1 * (size_t)k + e : w, ok);
+            }
+        }
+        db_cp_commit();
+    };
+    // x rows b0 .. b0 + PB - 1 -> xs (times the norm weight), sum of x^2 -> ssum. Warp w: rows w, w + 8, ...;
+    // 8 k per lane per iteration, G iterations' loads in flight.
+    auto stage = [&](int b0) {
+        constexpr int G = NORM ? 4 : 8;  // loads in flight per lane (registers: 128 at two blocks per SM)
+        const int IT = (mv_kpad(k) + 255) / 256;  // iterations per row
+        const int n_it = NT * IT;
+        float ss = 0.0f;
+        for (int base = 0; base < n_it; base += G) {
+            float4 va[G], vb[G];
+            uint4 gv[G];
+#pragma unroll
+            for (int u = 0; u < G; ++u) {
+                const int it = base + u, rl = it / IT, e = (it - rl * IT) * 256 + lane * 8;
+                const int b = b0 + warp + 8 * rl;
+                va[u] = vb[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                gv[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (it < n_it && b < batch && e < k) {
+                    const float4* p = reinterpret_cast<const float4*>(x + (size_t)b * (size_t)k + e);
+                    va[u] = db_ldcg(p);
+                    vb[u] = db_ldcg(p + 1);
+                    if constexpr (NORM) gv[u] = __ldg(reinterpret_cast<const uint4*>(nw + e));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < G; ++u) {
+                const int it = base + u;
+                if (it >= n_it) break;  // warp-uniform
+                const int rl = it / IT, j = it - rl * IT, e = j * 256 + lane * 8;
+                float f[8] = {va[u].x, va[u].y, va[u].z, va[u].w, vb[u].x, vb[u].y, vb[u].z, vb[u].w};
+                if constexpr (NORM) {
+                    float gf[8];
+                    WeightPack<T>::unpack(gv[u], gf);
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) {
+                        ss = fmaf(f[q], f[q], ss);
+                        f[q] *= gf[q];
+                    }
+                }
+                if (e < mv_kpad(k)) {
+                    uint4 h;
+                    h.x = MmaType<T>::pack(f[0], f[1]);
+                    h.y = MmaType<T>::pack(f[2], f[3]);
+                    h.z = MmaType<T>::pack(f[4], f[5]);
+                    h.w = MmaType<T>::pack(f[6], f[7]);
+                    *reinterpret_cast<uint4*>(xs + (warp + 8 * rl) * xstride + 2u * (unsigned int)e) = h;
+                }
+                if (j == IT - 1) {
+                    if constexpr (NORM) ss = db_warp_sum(ss);
+                    if (lane == 0) ssum[warp + 8 * rl] = ss;
+                    ss = 0.0f;
+                }
+            }
+        }
+    };
+
+    for (int i = 0; i < S; ++i) issue(i);  // weights only, before the wait
+    PDL_WAIT();
+
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    int i = 0;
+    for (int p = 0; p < npass; ++p) {
+        const int b0 = p * PB;
+        stage(b0);  // (the previous pass's readers of xs passed the tile's closing barrier)
+        __syncthreads();
+        for (int t = 0; t < mine; ++t) {
+            const int tile = (int)blockIdx.x + t * (int)gridDim.x;
+            const int g = tile * 8 + gid;
+            // the epilogue's inputs, loaded while the tile streams (warp j runs batch column j's epilogue)
+            const int bl = warp * 8 + 2 * tig;  // batch row (within the pass) of this lane's first column
+            for (int c = 0; c < C; ++c, ++i) {
+                mv_cp_wait(S - 1);  // item i has landed (groups complete in order)
+                const uint4* src = ring + (i % S) * SLOT;
+#pragma unroll
+                for (int u = 0; u < MV_U; ++u) {
+                    const int r = rb + c * MV_U + u;
+                    if (r >= re) break;  // warp-uniform
+                    const uint4 wa = src[(2 * u) * 32], wb = src[(2 * u + 1) * 32];
+                    const unsigned int a0[4] = {wa.x, wb.x, wa.y, wb.y};
+                    const unsigned int a1[4] = {wa.z, wb.z, wa.w, wb.w};
+                    const unsigned char* xr = xs + (unsigned int)gid * xstride + 2u * (unsigned int)(r * 32 + tig * 8);
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        const uint4 xv = *reinterpret_cast<const uint4*>(xr + (unsigned int)(8 * j) * xstride);
+                        MmaType<T>::mma(acc[j], a0, xv.x, xv.y);
+                        MmaType<T>::mma(acc[j], a1, xv.z, xv.w);
+                    }
+                }
+                issue(i + S);  // refill the slot just consumed
+            }
+            // the tile's partials: through shared memory, summed in warp order by warp j for column j
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                red[(warp * NT + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+            }
+            __syncthreads();
+            if (warp < NT && g < job.npairs) {
+                float4 s = red[warp * 32 + lane];
+#pragma unroll
+                for (int ww = 1; ww < 8; ++ww) {
+                    const float4 v = red[(ww * NT + warp) * 32 + lane];
+                    s.x += v.x;
+                    s.y += v.y;
+                    s.z += v.z;
+                    s.w += v.w;
+                }
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int b = b0 + bl + e;
+                    if (b < batch) {
+                        const float scale = NORM ? rsqrtf(ssum[bl + e] / (float)k + eps) : 1.0f;
+                        job.epi(g, b, (e ? s.y : s.x) * scale, (e ? s.w : s.z) * scale, job.pre(g, b));
+                    }
+                }
+            }
+            __syncthreads();  // red (and, after the last tile, xs) may be overwritten
+        }
+    }
+    db_cp_wait<0>();  // no copy outlives the kernel (the tail groups are empty)
+}
+
+// NT: the fewest n8 columns (a power of two, <= MV_MAX_NT) covering the batch, halved until x fits beside a
+// two-stage ring; the ring takes what is left (up to MV_MAX_STAGES stages).
+template <typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mv_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                        float eps) {
+    extern __shared__ uint4 mv_smem[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(mv_smem);
+    const unsigned int dyn = fw_dynamic_smem();
+    int nt = 1;
+    while (nt < MV_MAX_NT && 8 * nt < batch) nt *= 2;
+    while (nt > 1 && mv_fixed_bytes(nt, k) + 2u * MV_STAGE_BYTES > dyn) nt /= 2;
+    const unsigned int fixed = mv_fixed_bytes(nt, k);
+    const int S = dyn > fixed ? min(MV_MAX_STAGES, (int)((dyn - fixed) / MV_STAGE_BYTES)) : 0;
+    if (S < 2) __trap();  // the launch gave too little shared memory (kernels/llama_batched.md: mv_shared)
+    switch (nt) {
+        case 1: mv_run<T, 1, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        case 2: mv_run<T, 2, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        case 4: mv_run<T, 4, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        default: mv_run<T, 8, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+    }
+}
+
 #else  // HIP: no mma.sync; the batch-1 GEMV engine (correct at any grid and shared memory size)
 
 template <typename T, bool NORM, typename Job>
@@ -450,83 +690,105 @@ __device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw,
                                         float eps) {
     fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
 }
+template <typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mv_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                        float eps) {
+    fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
+}
 #endif
 
-// ---- the entries: f16/bf16 run the MMA engine, f32 the GEMV engine of llama_fused.cu -----------------------
+// ---- the entries: f16/bf16 run the MMA engine (_mma) or the MV engine (_mv), f32 the GEMV engine ------------
 
-template <typename T>
-__device__ __forceinline__ void qkv_mma_impl(const T* w, const T* norm, const float* x, float* q, float* k_cache,
-                                             float* v_cache, const int* pos, const float* bias,
-                                             const float* inv_freq, int hidden, int heads, int kv_heads,
-                                             int head_dim, int max_seq, int batch, float eps) {
+#define ENGINE_MMA 0
+#define ENGINE_MV 1
+template <int ENGINE, typename T, bool NORM, typename Job>
+__device__ __forceinline__ void tc_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                        float eps) {
+    if constexpr (ENGINE == ENGINE_MV)
+        mv_gemm<T, NORM>(job, w, nw, x, k, batch, eps);
+    else
+        mm_gemm<T, NORM>(job, w, nw, x, k, batch, eps);
+}
+
+template <int ENGINE, typename T>
+__device__ __forceinline__ void qkv_tc_impl(const T* w, const T* norm, const float* x, float* q, float* k_cache,
+                                            float* v_cache, const int* pos, const float* bias,
+                                            const float* inv_freq, int hidden, int heads, int kv_heads,
+                                            int head_dim, int max_seq, int batch, float eps) {
     PDL_LAUNCH_DEPENDENTS();
     const QkvJob job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
                      (heads + 2 * kv_heads) * (head_dim / 2)};
-    mm_gemm<T, true>(job, w, norm, x, hidden, batch, eps);
+    tc_gemm<ENGINE, T, true>(job, w, norm, x, hidden, batch, eps);
 }
 
-template <typename T>
-__device__ __forceinline__ void gate_up_mma_impl(const T* w, const T* norm, const float* x, float* act, int ffn,
-                                                 int hidden, int batch, float eps) {
+template <int ENGINE, typename T>
+__device__ __forceinline__ void gate_up_tc_impl(const T* w, const T* norm, const float* x, float* act, int ffn,
+                                                int hidden, int batch, float eps) {
     PDL_LAUNCH_DEPENDENTS();
-    mm_gemm<T, true>(SwigluJob{act, ffn, ffn}, w, norm, x, hidden, batch, eps);
+    tc_gemm<ENGINE, T, true>(SwigluJob{act, ffn, ffn}, w, norm, x, hidden, batch, eps);
 }
 
-template <typename T, bool NORM, bool ADD>
-__device__ __forceinline__ void rows_mma_impl(const T* w, const T* norm, const float* x, float* y, int n, int k,
-                                              int batch, float eps) {
+template <int ENGINE, typename T, bool NORM, bool ADD>
+__device__ __forceinline__ void rows_tc_impl(const T* w, const T* norm, const float* x, float* y, int n, int k,
+                                             int batch, float eps) {
     PDL_LAUNCH_DEPENDENTS();
-    mm_gemm<T, NORM>(RowsJob<ADD>{y, n, (n + 1) / 2}, w, norm, x, k, batch, eps);
+    tc_gemm<ENGINE, T, NORM>(RowsJob<ADD>{y, n, (n + 1) / 2}, w, norm, x, k, batch, eps);
 }
 
-#define DEFINE_MMA(SUFFIX, T)                                                                               \
-    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR                            \
-        qkv_rope_mma_##SUFFIX(const T* w, const T* norm, const float* x, float* q, float* k_cache,          \
-                              float* v_cache, const int* pos, const float* bias, const float* inv_freq,     \
-                              int hidden, int heads, int kv_heads, int head_dim, int max_seq, int batch,    \
-                              float eps) {                                                                  \
-        qkv_mma_impl<T>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads, kv_heads,      \
-                        head_dim, max_seq, batch, eps);                                                     \
+// NAME: mma | mv; ATTRS: launch bounds and (MMA) the cluster shape
+#define DEFINE_TC(NAME, ENGINE, ATTRS, SUFFIX, T)                                                           \
+    extern "C" __global__ void ATTRS qkv_rope_##NAME##_##SUFFIX(                                           \
+        const T* w, const T* norm, const float* x, float* q, float* k_cache, float* v_cache, const int* pos, \
+        const float* bias, const float* inv_freq, int hidden, int heads, int kv_heads, int head_dim,         \
+        int max_seq, int batch, float eps) {                                                                 \
+        qkv_tc_impl<ENGINE, T>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads,         \
+                               kv_heads, head_dim, max_seq, batch, eps);                                     \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR                            \
-        gate_up_silu_mma_##SUFFIX(const T* w, const T* norm, const float* x, float* act, int ffn,           \
-                                  int hidden, int batch, float eps) {                                       \
-        gate_up_mma_impl<T>(w, norm, x, act, ffn, hidden, batch, eps);                                      \
+    extern "C" __global__ void ATTRS gate_up_silu_##NAME##_##SUFFIX(const T* w, const T* norm, const float* x, \
+                                                                     float* act, int ffn, int hidden,         \
+                                                                     int batch, float eps) {                  \
+        gate_up_tc_impl<ENGINE, T>(w, norm, x, act, ffn, hidden, batch, eps);                               \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR                            \
-        gemv_res_mma_##SUFFIX(const T* w, const float* x, float* y, int n, int k, int batch) {              \
-        rows_mma_impl<T, false, true>(w, nullptr, x, y, n, k, batch, 0.0f);                                 \
+    extern "C" __global__ void ATTRS gemv_res_##NAME##_##SUFFIX(const T* w, const float* x, float* y, int n,  \
+                                                                 int k, int batch) {                          \
+        rows_tc_impl<ENGINE, T, false, true>(w, nullptr, x, y, n, k, batch, 0.0f);                          \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR                            \
-        gemv_norm_mma_##SUFFIX(const T* w, const T* norm, const float* x, float* y, int n, int k, int batch, \
-                               float eps) {                                                                 \
-        rows_mma_impl<T, true, false>(w, norm, x, y, n, k, batch, eps);                                     \
+    extern "C" __global__ void ATTRS gemv_norm_##NAME##_##SUFFIX(const T* w, const T* norm, const float* x,  \
+                                                                  float* y, int n, int k, int batch,         \
+                                                                  float eps) {                               \
+        rows_tc_impl<ENGINE, T, true, false>(w, norm, x, y, n, k, batch, eps);                              \
     }
-DEFINE_MMA(f16, db_f16)
-DEFINE_MMA(bf16, db_bf16)
+#define MMA_ATTRS __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR
+#define MV_ATTRS __launch_bounds__(MV_THREADS, 2)
+DEFINE_TC(mma, ENGINE_MMA, MMA_ATTRS, f16, db_f16)
+DEFINE_TC(mma, ENGINE_MMA, MMA_ATTRS, bf16, db_bf16)
+DEFINE_TC(mv, ENGINE_MV, MV_ATTRS, f16, db_f16)
+DEFINE_TC(mv, ENGINE_MV, MV_ATTRS, bf16, db_bf16)
 
 // f32 weights: the batch-1 GEMV engine (any grid, any dynamic shared memory), so fp32 rows match batch 1 exactly
-extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
-    qkv_rope_mma_f32(const float* w, const float* norm, const float* x, float* q, float* k_cache, float* v_cache,
-                     const int* pos, const float* bias, const float* inv_freq, int hidden, int heads, int kv_heads,
-                     int head_dim, int max_seq, int batch, float eps) {
-    qkv_rope_impl<float>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads, kv_heads, head_dim,
-                         max_seq, batch, eps);
-}
-extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
-    gate_up_silu_mma_f32(const float* w, const float* norm, const float* x, float* act, int ffn, int hidden,
-                         int batch, float eps) {
-    gate_up_impl<float>(w, norm, x, act, ffn, hidden, batch, eps);
-}
-extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
-    gemv_res_mma_f32(const float* w, const float* x, float* y, int n, int k, int batch) {
-    gemv_rows_impl<float, false, true>(w, nullptr, x, y, n, k, batch, 0.0f);
-}
-extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1)
-    gemv_norm_mma_f32(const float* w, const float* norm, const float* x, float* y, int n, int k, int batch,
-                      float eps) {
-    gemv_rows_impl<float, true, false>(w, norm, x, y, n, k, batch, eps);
-}
+#define DEFINE_TC_F32(NAME)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1) qkv_rope_##NAME##_f32(                       \
+        const float* w, const float* norm, const float* x, float* q, float* k_cache, float* v_cache,         \
+        const int* pos, const float* bias, const float* inv_freq, int hidden, int heads, int kv_heads,       \
+        int head_dim, int max_seq, int batch, float eps) {                                                   \
+        qkv_rope_impl<float>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads, kv_heads, \
+                             head_dim, max_seq, batch, eps);                                                 \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1) gate_up_silu_##NAME##_f32(                   \
+        const float* w, const float* norm, const float* x, float* act, int ffn, int hidden, int batch,       \
+        float eps) {                                                                                         \
+        gate_up_impl<float>(w, norm, x, act, ffn, hidden, batch, eps);                                      \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1) gemv_res_##NAME##_f32(                       \
+        const float* w, const float* x, float* y, int n, int k, int batch) {                                 \
+        gemv_rows_impl<float, false, true>(w, nullptr, x, y, n, k, batch, 0.0f);                            \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(FW_BLOCK, 1) gemv_norm_##NAME##_f32(                      \
+        const float* w, const float* norm, const float* x, float* y, int n, int k, int batch, float eps) {   \
+        gemv_rows_impl<float, true, false>(w, norm, x, y, n, k, batch, eps);                                \
+    }
+DEFINE_TC_F32(mma)
+DEFINE_TC_F32(mv)
 
 // ------------------------------------------------------------------------------------------------------------
 // attn_decode_batched: decode attention for many rows, one block per (row, kv head, split), the whole query

@@ -20,13 +20,15 @@ from dagbuild.sources import read_kernel_source
 SRC = KERNELS / "llama_batched.cu"
 FUSED = SPECS / "llama_decode_fused.yaml"
 P, N, F = ".u64", ".u32", ".f32"
-MMA_PARAMS = {
-    "qkv_rope_mma": [P, P, P, P, P, P, P, P, P, N, N, N, N, N, N, F],
-    "gate_up_silu_mma": [P, P, P, P, N, N, N, F],
-    "gemv_res_mma": [P, P, P, N, N, N],
-    "gemv_norm_mma": [P, P, P, P, N, N, N, F],
+PROJ_PARAMS = {
+    "qkv_rope": [P, P, P, P, P, P, P, P, P, N, N, N, N, N, N, F],
+    "gate_up_silu": [P, P, P, P, N, N, N, F],
+    "gemv_res": [P, P, P, N, N, N],
+    "gemv_norm": [P, P, P, P, N, N, N, F],
 }
-MINE = {**{f"{k}_{wt}": v for k, v in MMA_PARAMS.items() for wt in ("f32", "f16", "bf16")},
+MMA_PARAMS = {f"{k}_mma": v for k, v in PROJ_PARAMS.items()}
+MV_PARAMS = {f"{k}_mv": v for k, v in PROJ_PARAMS.items()}
+MINE = {**{f"{k}_{wt}": v for k, v in (MMA_PARAMS | MV_PARAMS).items() for wt in ("f32", "f16", "bf16")},
         "attn_decode_batched": [P, P, P, P, P, P, P, P, N, N, N, N, N, F]}
 
 
@@ -63,6 +65,11 @@ def test_pdl_contract_and_clusters(bodies):
             assert f"mma.sync.aligned.m16n8k16.row.col.f32.{wt}.{wt}.f32" in body, (k, wt)
             assert "ldmatrix.sync.aligned" in body and "mapa.shared::cluster" in body, (k, wt)
             assert re.search(r"\.reqnctapercluster 8, 1, 1", body), (k, wt)
+        for k in MV_PARAMS:  # weights as A straight from the ring (no ldmatrix), no clusters, two blocks per SM
+            body = bodies[f"{k}_{wt}"]
+            assert f"mma.sync.aligned.m16n8k16.row.col.f32.{wt}.{wt}.f32" in body, (k, wt)
+            assert "ldmatrix" not in body and ".reqnctapercluster" not in body, (k, wt)
+            assert re.search(r"\.minnctapersm 2", body), (k, wt)
         assert ".reqnctapercluster" not in bodies["gemv_res_mma_f32"]
 
 
@@ -77,31 +84,52 @@ def test_ptxas_no_spills():
 
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_buckets_choose_their_kernels(wt):
+    """batch 1: the GEMV engine; 2..127: the MV engine (two blocks per SM up to mv_small_batch, except the
+    down projection, whose ffn-wide x rows need one); 128 up: the MMA engine in clusters of 8."""
     spec, programs = load_spec(FUSED), {}
-    for batch in [1, 2, 4, *range(8, 257, 8)]:
+    for batch in [1, 2, 3, 4, *range(8, 257, 8)]:
         p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt}, programs)
         assert not issues, issues
         chosen = {n.id.split(".")[0]: n.op for n in p.nodes if hasattr(n.op, "kernel")}
-        big = batch >= 8
-        assert chosen["qkv"].kernel == ("qkv_mma" if big else "qkv")
-        assert chosen["o_proj"].kernel == chosen["down_proj"].kernel == ("gemv_res_mma" if big else "gemv_res")
-        assert chosen["gate_up"].kernel == ("gate_up_mma" if big else "gate_up")
-        assert chosen["lm_head"].kernel == ("gemv_norm_mma" if big else "gemv_norm")
-        assert chosen["attn"].kernel == ("attn_batched" if big else "attn")
-        if big:
-            for key in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head"):
+        engine = "" if batch == 1 else "_mv" if batch < 128 else "_mma"
+        assert chosen["qkv"].kernel == "qkv" + engine
+        assert chosen["o_proj"].kernel == chosen["down_proj"].kernel == "gemv_res" + engine
+        assert chosen["gate_up"].kernel == "gate_up" + engine
+        assert chosen["lm_head"].kernel == "gemv_norm" + engine
+        assert chosen["attn"].kernel == ("attn_batched" if batch >= 8 else "attn")
+        projections = ("qkv", "o_proj", "gate_up", "down_proj", "lm_head")
+        if engine == "_mma":
+            for key in projections:
                 op = chosen[key]
                 assert op.grid[0] % 8 == 0 and op.block == (256, 1, 1) and op.shared == 185600, key
             assert p.kernels["qkv_mma"].entry == f"qkv_rope_mma_{wt}"
+        if engine == "_mv":
+            for key in projections:
+                op, two = chosen[key], batch <= 16 and key != "down_proj"
+                assert op.shared == (115712 if two else 232448), (batch, key)
+                assert op.grid[0] <= (2 if two else 1) * 132 and op.block == (256, 1, 1), (batch, key)
+            assert chosen["o_proj"].grid[0] == 128  # one block per 16-row tile: 1024 row pairs, 8 per tile
+            assert p.kernels["gate_up_mv"].entry == f"gate_up_silu_mv_{wt}"
+        if batch >= 8:
             attn = chosen["attn"]
             assert attn.grid[0] == batch * 4 and attn.grid[1] <= 8
             assert {a.param.name: a.value for a in attn.args}["chunk"] == 32
 
 
+def test_mv_variant_skipped_where_x_does_not_fit():
+    """An ffn too wide for 8 staged x rows beside a two-stage ring in mv_shared_max: the down projection falls
+    back to the GEMV engine instead of trapping on the GPU."""
+    p, issues = bind(load_spec(FUSED), {"batch": 8, "cache_batch": 8, "ffn": 14336}, {})
+    assert not issues, issues
+    chosen = {n.id.split(".")[0]: n.op.kernel for n in p.nodes if hasattr(n.op, "kernel")}
+    assert chosen["down_proj"] == "gemv_res" and chosen["gate_up"] == "gate_up_mv"
+
+
 def test_dot_and_threshold_dim():
-    plan = llama_plan({"batch": 64, "layers": 2}, FUSED)
+    plan = llama_plan({"batch": 128, "layers": 2}, FUSED)
     dot = to_dot(plan)
     assert "gemv_res_mma" in dot and "attn_batched" in dot
+    assert "gemv_res_mv" in to_dot(llama_plan({"batch": 64, "layers": 2}, FUSED))
     plan = llama_plan({"batch": 64, "layers": 2, "mma_batch": 128, "attn_batch": 128}, FUSED)
     assert "gemv_res_mma" not in to_dot(plan) and "attn_batched" not in to_dot(plan)
 
@@ -112,4 +140,4 @@ def test_fused_spec_compiles_with_variants(capsys):
 
     assert main(["compile", str(FUSED), "--set", "wt=bf16"]) == 0
     out = capsys.readouterr().out
-    assert "qkv_rope_mma_bf16 ok" in out and "attn_decode_batched ok" in out
+    assert "qkv_rope_mma_bf16 ok" in out and "qkv_rope_mv_bf16 ok" in out and "attn_decode_batched ok" in out

@@ -153,18 +153,20 @@ def gemv_grid(pairs: int, sms: int, per_sm: int | None) -> int:
 
 
 def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict, wt: str, batch: int,
-                   weights: list, rs, per_sm: int | None = 1, ring: int = RING) -> tuple[list, list, list]:
+                   weights: list, rs, per_sm: int | None = 1, ring: int = RING,
+                   engine: str = "", blocks: int | None = None) -> tuple[list, list, list]:
     """CALLS launches of one fused GEMV role, rotating over `weights`: (CuPy (fn, grid, block, args) tuples,
-    dagbuild backend (func, grid, block, shared, args) tuples, the arrays they use)."""
+    dagbuild backend (func, grid, block, shared, args) tuples, the arrays they use). ``engine``: "" (the GEMV
+    engine), "mma" or "mv" (kernels/llama_batched.cu, ``blocks`` blocks)."""
     from dagbuild.llama.weights import convert
 
     i32, f32 = np.int32, np.float32
-    fn = mod.get_function(f"{entry}_{wt}")
-    fn.max_dynamic_shared_size_bytes = RING
+    fn = mod.get_function(f"{entry}_{engine}_{wt}" if engine else f"{entry}_{wt}")
+    fn.max_dynamic_shared_size_bytes = max(ring, 1)
     func = int(fn.kernel.ptr)
     sms = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
     pairs = (rows + 1) // 2
-    grid = (gemv_grid(pairs, sms, per_sm),)
+    grid = (blocks or gemv_grid(pairs, sms, per_sm),)
     keep = []
 
     def arr(shape, scale=1.0, offset=0.0, dtype=cp.float32):
@@ -211,6 +213,66 @@ def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict
             vals.append((kind, int(v.data.ptr) if kind == "ptr" else (float(v) if kind == "f32" else int(v))))
         be_calls.append((func, grid, (256,), ring, vals))
     return cupy_calls, be_calls, keep
+
+
+MMA_SHARED, MV_SHARED, MV_SHARED_MAX, CLUSTER = 185600, 115712, 232448, 8  # the spec's mma/mv launch dims
+
+
+def mv_fits(k: int, shared: int) -> bool:
+    """The MV engine's smallest layout (8 batch rows, a two-stage ring) fits ``shared`` bytes at this k."""
+    kp = -(-k // 32) * 32
+    stride = 2 * kp + (64 if (2 * kp) % 128 == 0 else 0)
+    return 4096 + 256 + 8 * stride + 2 * 16384 <= shared
+
+
+def batched(cp, batches: list[int], bw: float, log: list) -> None:
+    """The batch >= 2 engines side by side, PDL chains of CALLS calls from DRAM: the GEMV engine (spec launch),
+    the MMA engine (clusters, spec launch) and the MV engine at two blocks per SM (mv_shared) and one (the
+    maximum shared memory)."""
+    from dagbuild.backends import get_backend
+
+    be = get_backend("auto")
+    mod = cp.RawModule(code=read_kernel_source(ROOT / "kernels" / "llama_batched.cu"),
+                       options=("--std=c++17", f"-DMMA_CLUSTER={CLUSTER}"))
+    mod.compile()
+    sms = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
+    stream = cp.cuda.Stream(non_blocking=True)
+    rs = cp.random.RandomState(7)
+    print(f"\n{'model':<13}{'kernel':<9}{'shape':>13} {'batch':>5} | PDL chain, µs per call (% of copy)", flush=True)
+    for model, (dims, wt) in MODELS.items():
+        for role, (entry, rows, k) in gemv_shapes(dims).items():
+            wbytes = rows * k * 2
+            copies = max(2, -(-3 * l2 // wbytes))
+            weights = [random_weights(cp, (rows, k), wt, rs) for _ in range(copies)]
+            pairs = (rows + 1) // 2
+            tiles128, tiles16 = -(-pairs // 64), -(-pairs // 8)
+            mma_blocks = CLUSTER * -(-tiles128 // -(-tiles128 // (sms // CLUSTER)))
+            configs = {"gemv": ("", RING, gemv_grid(pairs, sms, 2)),
+                       "mma": ("mma", MMA_SHARED, mma_blocks)}
+            for tag, shared, per_sm in (("mv 2/SM", MV_SHARED, 2), ("mv 1/SM", MV_SHARED_MAX, 1)):
+                if mv_fits(k, shared):
+                    configs[tag] = ("mv", shared, -(-tiles16 // -(-tiles16 // (per_sm * sms))))
+            for batch in batches:
+                cells = []
+                for tag, (engine, shared, blocks) in configs.items():
+                    _, be_calls, keep = fused_launches(cp, mod, role, entry, rows, k, dims, wt, batch, weights,
+                                                       rs, ring=shared, engine=engine, blocks=blocks)
+                    with stream:
+                        graph, ex = chain_graph(be, be_calls, True, stream.ptr)
+                        us = time_graph(cp, lambda ex=ex: be.launch(ex, stream.ptr), stream) * 1e3 / CALLS
+                        be.exec_destroy(ex)
+                        be.graph_destroy(graph)
+                    stream.synchronize()
+                    gbs = wbytes / us / 1e3
+                    cells.append(f"{tag} {us:7.2f} ({100 * gbs / bw:3.0f}%)")
+                    log.append({"model": model, "wt": wt, "kernel": role, "engine": tag, "rows": rows, "k": k,
+                                "batch": batch, "mode": "pdl", "us": us, "GBps": gbs, "of_copy": gbs / bw,
+                                "grid": blocks, "shared": shared})
+                    del keep, be_calls
+                print(f"{model:<13}{role:<9}{rows:>6}x{k:<6} {batch:>5} | " + " | ".join(cells), flush=True)
+            del weights
+            cp.get_default_memory_pool().free_all_blocks()
 
 
 def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
@@ -399,6 +461,7 @@ def main() -> int:
     ap.add_argument("--fused", action="store_true", help="the kernels/llama_fused.cu GEMVs")
     ap.add_argument("--variants", action="store_true", help="with --fused: other launch shapes (batch 1 and 8)")
     ap.add_argument("--chain", action="store_true", help="the fused layers back to back, and whole steps")
+    ap.add_argument("--batched", action="store_true", help="GEMV vs MMA vs MV engines at batches >= 2")
     ap.add_argument("--wt", default="f16", help="weight type of --legacy")
     ap.add_argument("--batches", default=None, help="batch sizes (legacy 1,4,8; fused 1,2,4,8,16,64)")
     ap.add_argument("--pos", default="100,400", help="decode positions of --chain (default 100,400; the first "
@@ -406,7 +469,7 @@ def main() -> int:
     ap.add_argument("--chunks", default="", help="with --chain: also these attn_chunk values (e.g. 64,128)")
     ap.add_argument("--json", help="write every figure to this file")
     args = ap.parse_args()
-    if not (args.legacy or args.fused or args.chain):
+    if not (args.legacy or args.fused or args.chain or args.batched):
         args.legacy = True
     dev = cp.cuda.runtime.getDeviceProperties(0)
     bw = copy_bandwidth()["GBps"]
@@ -420,6 +483,8 @@ def main() -> int:
         chain(cp, bw, [int(p) for p in args.pos.split(",")], log, [int(c) for c in args.chunks.split(",") if c])
     if args.fused:
         fused(cp, [int(b) for b in (args.batches or "1,2,4,8,16,64").split(",")], bw, args.variants, log)
+    if args.batched:
+        batched(cp, [int(b) for b in (args.batches or "2,4,8,16,32,64,128").split(",")], bw, log)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev["name"].decode(), "copy_GBps": bw, "rows": log},
                                               indent=1))

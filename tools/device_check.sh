@@ -55,6 +55,8 @@ PY
       timeout 240 python3 tools/bench_loop.py --json "$OUT/bench_loop.json" 2>&1 | tail -30 ;;
     prefill)  # issue 11
       timeout 200 python3 tools/bench_prefill.py --json "$OUT/bench_prefill.json" 2>&1 | tail -12 ;;
+    engines)  # issue 15: GEMV vs MMA vs MV engines per projection and batch
+      timeout 400 python3 tools/bench_gemv.py --batched --json "$OUT/bench_engines.json" 2>&1 | tee "$OUT/bench_engines.log" | tail -80 ;;
     batch)  # issue 15
       timeout 300 python3 tools/bench_batch.py --json "$OUT/bench_batch.json" --png "$OUT/bench_batch.png" 2>&1 | tail -30 ;;
     sanitize_fused)

@@ -30,6 +30,8 @@ FUSED_SPEC = ROOT / "specs" / "llama_decode_fused.yaml"
 TINY = yaml.safe_load((ROOT / "specs" / "configs" / "llama_tiny.yaml").read_text())
 TINYLLAMA = yaml.safe_load((ROOT / "specs" / "configs" / "tinyllama.yaml").read_text())
 CLUSTER, SHARED = 8, 185600  # the spec's mma_cluster and mma_shared
+MV_SHARED, MV_SMALL = 232448, 115712  # the spec's mv_shared_max and mv_shared
+ENGINES = ("mma", "mv")
 FP16_NEAR_TIE = 0.05  # as tests/gpu/test_llama_hf.py
 GUARD = 67
 EPS = 1e-5
@@ -107,34 +109,40 @@ def rel_err(out, expect) -> float:
     return float(np.linalg.norm(out - expect) / np.linalg.norm(expect))
 
 
-def launch(cp, mod, name, pairs, args):
-    """The spec's launch shape: clusters of CLUSTER blocks, as many as the 128-row tiles (up to 16)."""
-    tiles = -(-pairs // 64)
-    clusters = min(tiles, 16)
+def launch(cp, mod, name, pairs, args, shared=None):
+    """The spec's launch shapes. MMA engine (_mma_): clusters of CLUSTER blocks, as many as the 128-row tiles
+    (up to 16). MV engine (_mv_): one block per 16-row tile, at most two per SM (shared: MV_SHARED, or what
+    the test passes to force smaller passes and rings)."""
     fn = mod.get_function(name)
-    fn.max_dynamic_shared_size_bytes = SHARED
-    fn((CLUSTER * clusters,), (256,), args, shared_mem=SHARED)
+    if "_mv_" in name:
+        grid, smem = min(-(-pairs // 8), 2 * cp.cuda.Device().attributes["MultiProcessorCount"]), shared or MV_SHARED
+    else:
+        grid, smem = CLUSTER * min(-(-pairs // 64), 16), SHARED
+    fn.max_dynamic_shared_size_bytes = smem
+    fn((grid,), (256,), args, shared_mem=smem)
 
 
 # tight: against the reference that rounds x as the kernel does; loose: against the exact reference
 TIGHT = {"f32": 2e-5, "f16": 2e-5, "bf16": 2e-5}
 LOOSE = {"f32": 2e-5, "f16": 2e-3, "bf16": 1.5e-2}
 WTYPES = ("f16", "bf16", "f32")
-ROWS_CASES = [(8, 2048, 2048), (13, 37, 264), (37, 2047, 520), (64, 300, 8), (72, 129, 1032), (130, 1000, 136),
+ROWS_CASES = [(2, 2048, 2048), (3, 130, 5632), (8, 2048, 2048),
+              (13, 37, 264), (37, 2047, 520), (64, 300, 8), (72, 129, 1032), (130, 1000, 136),
               (256, 64, 2048), (9, 32000, 256)]
 
 
 @pytest.mark.parametrize("wt", WTYPES)
 @pytest.mark.parametrize("variant", ["res", "norm"])
 @pytest.mark.parametrize("batch,n,k", ROWS_CASES)
-def test_gemv_res_and_norm_mma(cp, mod, wt, variant, batch, n, k):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gemv_res_and_norm_mma(cp, mod, engine, wt, variant, batch, n, k):
     rng = rng_for("rows", wt, variant, batch, n, k)
     w, w64 = weights(rng, (n, k), wt)
     x = activations(rng, batch, k)
     if variant == "res":
         y0 = (rng.standard_normal((batch, n)) * 10).astype(np.float32)
         y = out_buffer(cp, batch * n, head=y0)
-        launch(cp, mod, f"gemv_res_mma_{wt}", (n + 1) // 2,
+        launch(cp, mod, f"gemv_res_{engine}_{wt}", (n + 1) // 2,
                (cp.asarray(w), cp.asarray(x), y, i32(n), i32(k), i32(batch)))
         exact, seen = mma_inputs(x, None, wt)
         got = fetch(y, batch * n).reshape(batch, n) - y0  # the residual is added in f32: compare the products
@@ -144,7 +152,7 @@ def test_gemv_res_and_norm_mma(cp, mod, wt, variant, batch, n, k):
     else:
         norm, _ = weights(rng, (k,), wt, 0.1, 1.0)
         y = out_buffer(cp, batch * n)
-        launch(cp, mod, f"gemv_norm_mma_{wt}", (n + 1) // 2,
+        launch(cp, mod, f"gemv_norm_{engine}_{wt}", (n + 1) // 2,
                (cp.asarray(w), cp.asarray(norm), cp.asarray(x), y, i32(n), i32(k), i32(batch), f32(EPS)))
         exact, seen = mma_inputs(x, norm, wt)
         got = fetch(y, batch * n).reshape(batch, n)
@@ -153,19 +161,40 @@ def test_gemv_res_and_norm_mma(cp, mod, wt, variant, batch, n, k):
     assert rel_err(got, expect_l) < LOOSE[wt]
 
 
+@pytest.mark.parametrize("wt", ("f16", "bf16"))
+@pytest.mark.parametrize("batch,n,k", [(64, 520, 2048), (29, 77, 1032), (40, 2050, 8)])
+def test_mv_passes_with_little_shared_memory(cp, mod, wt, batch, n, k):
+    """The MV engine with two blocks' worth of shared memory (mv_shared): batches over what x fits in run in
+    passes, and the ring shrinks to what is left; the sums stay those of the full launch, bit for bit."""
+    rng = rng_for("mv passes", wt, batch, n, k)
+    w, w64 = weights(rng, (n, k), wt)
+    norm, _ = weights(rng, (k,), wt, 0.1, 1.0)
+    x = activations(rng, batch, k)
+    outs = []
+    for shared in (MV_SMALL, MV_SHARED):
+        y = out_buffer(cp, batch * n)
+        launch(cp, mod, f"gemv_norm_mv_{wt}", (n + 1) // 2,
+               (cp.asarray(w), cp.asarray(norm), cp.asarray(x), y, i32(n), i32(k), i32(batch), f32(EPS)), shared)
+        outs.append(fetch(y, batch * n))
+    assert np.array_equal(outs[0], outs[1])
+    exact, seen = mma_inputs(x, norm, wt)
+    assert rel_err(outs[0], (seen @ w64.T).reshape(-1)) < TIGHT[wt]
+
+
 GATE_UP_CASES = [(8, 5632, 2048), (11, 37, 264), (33, 100, 8), (64, 688, 256), (100, 9, 1032)]
 
 
 @pytest.mark.parametrize("wt", WTYPES)
 @pytest.mark.parametrize("batch,ffn,hidden", GATE_UP_CASES)
-def test_gate_up_silu_mma(cp, mod, wt, batch, ffn, hidden):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gate_up_silu_mma(cp, mod, engine, wt, batch, ffn, hidden):
     rng = rng_for("gate_up", wt, batch, ffn, hidden)
     gate, gate64 = weights(rng, (ffn, hidden), wt)
     up, up64 = weights(rng, (ffn, hidden), wt)
     norm, _ = weights(rng, (hidden,), wt, 0.1, 1.0)
     x = activations(rng, batch, hidden)
     act = out_buffer(cp, batch * ffn)
-    launch(cp, mod, f"gate_up_silu_mma_{wt}", ffn,
+    launch(cp, mod, f"gate_up_silu_{engine}_{wt}", ffn,
            (cp.asarray(W.pack_gate_up(gate, up)), cp.asarray(norm), cp.asarray(x), act, i32(ffn), i32(hidden),
             i32(batch), f32(EPS)))
     exact, seen = mma_inputs(x, norm, wt)
@@ -181,7 +210,8 @@ QKV_CASES = [(8, 32, 4, 64, 2048), (9, 4, 2, 64, 256), (17, 3, 1, 32, 264), (64,
 
 @pytest.mark.parametrize("wt", WTYPES)
 @pytest.mark.parametrize("batch,heads,kv_heads,head_dim,hidden", QKV_CASES)
-def test_qkv_rope_mma(cp, mod, wt, batch, heads, kv_heads, head_dim, hidden):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_qkv_rope_mma(cp, mod, engine, wt, batch, heads, kv_heads, head_dim, hidden):
     rng = rng_for("qkv", wt, batch, heads, kv_heads, head_dim, hidden)
     max_seq = 40
     wq, wq64 = weights(rng, (heads * head_dim, hidden), wt)
@@ -199,7 +229,7 @@ def test_qkv_rope_mma(cp, mod, wt, batch, heads, kv_heads, head_dim, hidden):
     inv_freq = ref.rope_inv_freq(head_dim, 10000.0)
     q = out_buffer(cp, batch * heads * head_dim)
     kc_d, vc_d = cp.asarray(kc), cp.asarray(vc)
-    launch(cp, mod, f"qkv_rope_mma_{wt}", rows // 2,
+    launch(cp, mod, f"qkv_rope_{engine}_{wt}", rows // 2,
            (cp.asarray(W.pack_qkv(wq, wk, wv)), cp.asarray(norm), cp.asarray(x), q, kc_d, vc_d, cp.asarray(pos),
             cp.asarray(bias), cp.asarray(inv_freq), i32(hidden), i32(heads), i32(kv_heads), i32(head_dim),
             i32(max_seq), i32(batch), f32(EPS)))
