@@ -868,11 +868,18 @@ def _bind_loop(node: LoopNode, node_id: str, buffers: dict, spec, env) -> LoopOp
             raise NodeError("arg_mismatch", f"loop until {node.loop.until!r} must be one {' or '.join(UNTIL_DTYPES)} "
                              f"element of device memory (the loop kernels read it), but it is {until.nbytes} bytes "
                              f"of {b.memory} {b.dtype}", buffer=until.buffer, field=("loop", "until"))
+    try:
+        unroll = expr.evaluate_int(node.loop.unroll, env)
+    except expr.ExprError as err:
+        raise NodeError(err.code, f"loop unroll: {err}", field=("loop", "unroll")) from None
+    if unroll < 1 or count % unroll:
+        raise NodeError("out_of_bounds", f"loop unroll = {unroll} must be ≥ 1 and divide max = {count} (the body "
+                        "runs unroll times per iteration, never more than max times in all)", field=("loop", "unroll"))
     if not node.nodes:
         raise NodeError("schema", "loop body is empty: give it `nodes`", field=("nodes",))
     name = f"{node_id}.iter"
     buffers[name] = PlanBuffer(name, "i32", (1,), "device", frozenset())
-    return LoopOp(count, until, view_at(buffers[name], name, None))
+    return LoopOp(count, until, view_at(buffers[name], name, None), unroll=unroll)
 
 
 def finish_loops(nodes: list[PlanNode], issues: _Issues, spec) -> list[PlanNode]:

@@ -122,12 +122,16 @@ class SpecBuilder:
             self._stack.pop()
 
     @contextlib.contextmanager
-    def loop(self, id: str, *, max: Expr, until: str | None = None, after: Sequence[str] = ()) -> Iterator[None]:
+    def loop(self, id: str, *, max: Expr, until: str | None = None, unroll: Expr = 1,
+             after: Sequence[str] = ()) -> Iterator[None]:
         """``with g.loop("decode", max="steps", until="done"):`` — nodes added inside form the loop's body
-        (YAML's ``loop`` node): it runs up to ``max`` times in one launch, until ``until[0]`` is non-zero."""
+        (YAML's ``loop`` node): it runs up to ``max`` times in one launch, until ``until[0]`` is non-zero
+        (``unroll`` body copies per conditional-node iteration)."""
         args: dict[str, Any] = {"max": max}
         if until is not None:
             args["until"] = until
+        if unroll != 1:
+            args["unroll"] = unroll
         body: list = []
         self._node({"id": id, "loop": args, "nodes": body}, after)
         self._stack.append(body)

@@ -309,7 +309,13 @@ class Executable:
             self._loops[n.id + suffix] = ln
             self._bodies.append(ln.body)
             self._named[f"{n.id}{suffix}.enter"] = ln.enter
-            added, _ = self._add_scope(ln.body, n.id, [], suffix)
+            first: list = []
+            for i in range(op.unroll):  # copies in a row, each after the one before (an empty node joins them)
+                copy = suffix if op.unroll == 1 else f"{suffix}~{i}"
+                added, ends = self._add_scope(ln.body, n.id, first, copy)
+                if i + 1 < op.unroll:
+                    first = [be.add_empty(ln.body, ends)]
+                    self._named[f"{n.id}{copy}"] = first[0]
             until = op.until
             writers = [h for i, h in added.items()
                        if until is not None and any(w and v.overlaps(until) for v, w in self._nodes[i].accesses())]
@@ -552,7 +558,9 @@ class Executable:
     def driver_graph(self) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
         """What the driver holds: node name → node type, and edge (src, dst) → ``plain``/``programmatic``,
         over the top graph and every loop body. Names are node ids; a loop adds ``<id>.enter`` and (in its
-        body) ``<id>.next``; an unrolled loop's copies are ``<id>#<i>`` and its joins ``<loop>#<i>``."""
+        body) ``<id>.next``; an unrolled loop's copies are ``<id>#<i>`` and its joins ``<loop>#<i>``; the copies
+        of a body that a conditional loop runs ``unroll`` times per iteration are ``<id>~<i>``, their joins
+        ``<loop>~<i>``."""
         self._alive()
         be = self.backend
         by_handle = {be.node_id(h): i for i, h in self._named.items()}

@@ -243,12 +243,14 @@ class LoopOp:
     counter: View
     body: tuple[str, ...] = ()  # ids of the nodes directly in the body, in list order
     access: tuple[tuple[View, bool], ...] = ()
+    unroll: int = 1  # body copies per WHILE iteration (divides max)
 
     def accesses(self) -> tuple[tuple[View, bool], ...]:
         return self.access
 
     def label(self) -> str:
-        return f"loop ≤ {self.max}" + (f" until {self.until.label}" if self.until else "")
+        return (f"loop ≤ {self.max}" + (f" ({self.unroll} per iteration)" if self.unroll > 1 else "")
+                + (f" until {self.until.label}" if self.until else ""))
 
 
 #: The internal kernels of a loop (kernels/loop.cu): set the WHILE node's condition before and after each

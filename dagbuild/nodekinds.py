@@ -145,7 +145,7 @@ KINDS: dict[type, NodeKind] = {
         eager=_child_eager),
     LoopOp: NodeKind(  # an unrolled loop compiles no loop kernels: their functions are then 0
         params=lambda op, ptr, funcs: (funcs.get(LOOP_ENTER, 0), funcs.get(LOOP_NEXT, 0),
-                                       ptr(op.until) if op.until else 0, ptr(op.counter), op.max),
+                                       ptr(op.until) if op.until else 0, ptr(op.counter), op.max // op.unroll),
         add=_loop_add,
         set=_loop_set,
         eager=None,

@@ -172,10 +172,14 @@ class RepeatBlock(_Model):
 class LoopArgs(_Model):
     """``max``: iterations at most (an integer expression ≥ 1); ``until``: a one-element i32/u32 device
     buffer (or view) that the body writes; the loop ends when it is non-zero (checked before every
-    iteration). Without ``until`` the body runs exactly ``max`` times."""
+    iteration). Without ``until`` the body runs exactly ``max`` times. ``unroll``: body copies per
+    conditional-node iteration (a divisor of ``max``): the driver's per-iteration cost is paid once per
+    ``unroll`` runs of the body; the copies after a stop run, so (as in the unrolled fallback) the body's
+    kernels must do nothing once ``until`` is set."""
 
     max: Expr
     until: StrictStr | None = None
+    unroll: Expr = 1
 
 
 class LoopNode(_NodeBase):

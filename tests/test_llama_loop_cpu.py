@@ -56,7 +56,7 @@ def test_looped_spec_refuses_bad_inputs():
 def test_looped_dot_has_the_loop_cluster():
     p = looped_plan(plan(load_spec(SPECS / "llama_decode_fused.yaml"), TINY), 8)
     dot = to_dot(p)
-    assert 'label="loop decode: loop ≤ 8 until state[1]"' in dot and '"sample" -> "decode"' in dot
+    assert 'label="loop decode: loop ≤ 8 (4 per iteration) until state[1]"' in dot and '"sample" -> "decode"' in dot
 
 
 def test_cli_run_without_gpu_writes_the_looped_dag(tmp_path, capsys, monkeypatch):

@@ -213,6 +213,9 @@ def test_after_across_a_loop_boundary_is_an_error():
     ("loop: {max: 0, until: done}", "out_of_bounds", "must be ≥ 1"),
     ("loop: {max: nope, until: done}", "unknown_reference", "nope"),
     ("loop: {max: K, until: nothing}", "unknown_reference", "nothing"),
+    ("loop: {max: 6, until: done, unroll: 4}", "out_of_bounds", "divide max = 6"),
+    ("loop: {max: K, until: done, unroll: 0}", "out_of_bounds", "unroll = 0"),
+    ("loop: {max: K, until: done, unroll: U}", "unknown_reference", "U"),
 ])
 def test_loop_args_errors(bad, code, needle):
     text = spec_text(GOOD.replace("loop: {max: K, until: done}", bad))
@@ -376,6 +379,27 @@ def test_conditional_build_enter_while_body_next():
     be.sets.clear()
     exe._push(exe.node("decode"))
     assert [s[0] for s in be.sets] == [enter, exe._named["decode.next"]]
+
+
+def test_conditional_build_with_copies_per_iteration():
+    """unroll: 2 puts two copies of the body in the WHILE node's body graph, joined by an empty node; loop_next
+    follows the last copy's writers of `until` and counts iterations (max / unroll)."""
+    p = plan(parse_spec(spec_text(GOOD.replace("loop: {max: K, until: done}",
+                                               "loop: {max: K, until: done, unroll: 2}")), base_dir=SPECS))
+    be = RecordingBackend()
+    exe = recorded(p, be)
+    n, named = be.nodes, exe._named
+    names = {h: name for name, h in named.items()}
+    in_body = sorted(names[h] for h, v in n.items() if v["graph"] == exe._bodies[0])
+    assert in_body == ["decode.next", "decode~0", "s1~0", "s1~1", "s2~0", "s2~1", "sc~0", "sc~1"]
+    assert n[named["s1~0"]]["deps"] == [] and n[named["s1~1"]]["deps"] == [named["decode~0"]]
+    assert sorted(names[d] for d in n[named["decode~0"]]["deps"]) == ["s2~0", "sc~0"]
+    nxt = n[named["decode.next"]]
+    assert sorted(names[d] for d in nxt["deps"]) == ["s1~1", "s2~1"] and nxt["what"][1][-1] == ("i32", 4)
+    assert n[named["decode.enter"]]["what"][1][-1] == ("i32", 4)
+    exe.update("sc", args={"a": 2.0})
+    assert sorted(s[0] for s in be.sets) == sorted(exe._copies["sc"]) and len(exe._copies["sc"]) == 2
+    assert "loop ≤ 8 (2 per iteration) until done" in to_dot(p)
 
 
 def test_unrolled_build_chains_max_copies():

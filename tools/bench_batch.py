@@ -3,7 +3,8 @@
 
 For each context (default 128 and 2048 positions already in the cache) and batch B:
   dagbuild: the fused decode spec as an explicit GraphPool with one bucket per batch (the kernels each bucket's
-      variants choose: GEMVs below mma_batch, tensor-core MMA projections and batched attention above);
+      variants choose: the GEMV engine at batch 1, the MV engine from mv_batch, the MMA engine from mma_batch,
+      batched attention from attn_batch);
       a step = write B tokens and positions, launch, wait, read B next tokens (host-observed).
   HF: LlamaForCausalLM (sdpa) with a StaticCache of batch B, one decode step captured by torch.cuda.graph and
       replayed (tokens and positions copied into static tensors first).
@@ -14,7 +15,7 @@ Both run the same random model of the config's shape (f16). Prints a table, writ
 against batch (matplotlib; skipped with a message when absent).
 
   python3 tools/bench_batch.py [--config specs/configs/tinyllama.yaml] [--batches 1,2,4,...] [--contexts 128,2048]
-                               [--steps 30] [--json batch.json] [--png batch.png] [--no-hf]
+                               [--steps 30] [--json batch.json] [--png batch.png] [--no-hf] [--set DIM=VALUE ...]
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="bench_batch.json")
     ap.add_argument("--png", default="bench_batch.png")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="DIM=VALUE",
+                    help="override a spec dim (e.g. mv_batch=1 to run the MV engine at batch 1)")
     args = ap.parse_args(argv)
     batches = sorted({int(b) for b in args.batches.split(",")})
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -200,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     dims = {k: v for k, v in yaml.safe_load(Path(args.config).read_text()).items() if k != "wt"}
     max_seq = max(contexts) + args.warmup + args.steps + 8
     overrides = {**dims, "wt": "f16", "max_seq": max_seq, "cache_batch": max(batches)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = int(value)
     torch = None
     if not args.no_hf:
         import torch  # noqa: F811

@@ -484,7 +484,7 @@ def main() -> int:
     if args.fused:
         fused(cp, [int(b) for b in (args.batches or "1,2,4,8,16,64").split(",")], bw, args.variants, log)
     if args.batched:
-        batched(cp, [int(b) for b in (args.batches or "2,4,8,16,32,64,128").split(",")], bw, log)
+        batched(cp, [int(b) for b in (args.batches or "1,2,4,8,16,32,64,128,256").split(",")], bw, log)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev["name"].decode(), "copy_GBps": bw, "rows": log},
                                               indent=1))

@@ -10,7 +10,8 @@ For each config (tiny, TinyLlama shape), batch (1, 8) and spec (unfused, fused),
   device    per step, device time of back-to-back launches (CUDA events, no host round trip between):
             the single-step graph, the looped graph at K = 64 as a WHILE node and unrolled (the same nodes
             without the conditional node and its two loop kernels).
-  overhead  loop overhead per iteration = (WHILE K=64 - unrolled K=64) / 64 in µs: what the conditional
+  overhead  loop overhead per step = (WHILE K=64 - unrolled K=64) / 64 in µs (at the default 4 steps per WHILE
+            iteration, and at 1; with how many body edges the driver kept programmatic): what the conditional
             node and its loop kernels cost per step on the device; also (WHILE K=64) / 64 - single.
 
 Every mode decodes the same positions (STEPS steps from position 0), so attention costs the same; the
@@ -80,13 +81,25 @@ def single_step(p: Any, steps: int, warmup: int) -> tuple[list[list[int]], list[
         return out, ms[warmup:], cupy.cuda.get_elapsed_time(start, end) * 1e3 / steps
 
 
-def looped(p: Any, k: int, steps: int, mode: str = "auto") -> tuple[list[list[int]], list[float], float]:
+def body_edges(exe: Any) -> str:
+    """How many edges between kernels of the loop body the driver holds as programmatic, of how many."""
+    kinds, edges = exe.driver_graph()
+    scoped = {n.id for n in exe.plan.nodes if n.scope is not None}
+    inner = [kind for (u, v), kind in edges.items()
+             if u.split("~")[0].split("#")[0] in scoped and v.split("~")[0].split("#")[0] in scoped]
+    return f"{sum(k == 'programmatic' for k in inner)}/{len(inner)}"
+
+
+def looped(p: Any, k: int, steps: int, mode: str = "auto", unroll: int | None = None,
+           info: dict | None = None) -> tuple[list[list[int]], list[float], float]:
     """Tokens, host ms per step per launch, device µs per step (launches of K steps back to back)."""
     import cupy
 
-    lp = looped_plan(p, k)
+    lp = looped_plan(p, k, unroll)
     rows = p.dims["batch"]
     with Executable(lp, ExecOptions(loops=mode)) as exe:
+        if info is not None:
+            info["body_programmatic_edges"] = body_edges(exe)
         random_weights(exe, 0)
         dec = LoopDecoder(exe)
         for _ in range(2):  # the first pass warms up
@@ -121,8 +134,12 @@ def run(config: str, spec: str, batch: int, ks: tuple[int, ...], steps: int) -> 
                           "same_tokens": toks == ref}
     if 64 in ks:
         _, _, dev_unrolled = looped(p, 64, steps, mode="unroll")
+        info: dict[str, Any] = {}
+        _, _, dev_u1 = looped(p, 64, steps, unroll=1, info=info)
         row["unrolled64_device_us"] = dev_unrolled
         row["overhead_us_per_iteration"] = row["loop"][64]["device_us"] - dev_unrolled
+        row["overhead_us_per_iteration_unroll1"] = dev_u1 - dev_unrolled
+        row["body_programmatic_edges"] = info["body_programmatic_edges"]
         row["loop64_minus_single_us"] = row["loop"][64]["device_us"] - dev
     return row
 
@@ -135,8 +152,10 @@ def show(r: dict[str, Any]) -> None:
         print(f"  {k:>3}  {v['ms_per_step']:>9.4f}  {v['speedup']:>8.2f}  {r['batch'] * 1e3 / v['ms_per_step']:>9.0f}"
               f"  {v['device_us']:>14.1f}  {v['same_tokens']}")
     if "overhead_us_per_iteration" in r:
-        print(f"  loop overhead per iteration (WHILE K=64 − unrolled K=64, device): "
-              f"{r['overhead_us_per_iteration']:.2f} µs; WHILE K=64 − single-step graph: "
+        print(f"  loop overhead per step (WHILE K=64 − unrolled K=64, device): "
+              f"{r['overhead_us_per_iteration']:.2f} µs at 4 steps per WHILE iteration, "
+              f"{r['overhead_us_per_iteration_unroll1']:.2f} µs at 1 (body edges programmatic in the driver: "
+              f"{r['body_programmatic_edges']}); WHILE K=64 − single-step graph: "
               f"{r['loop64_minus_single_us']:.2f} µs per step")
 
 

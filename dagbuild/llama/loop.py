@@ -5,7 +5,7 @@ position advance and stopping on the device (``kernels/sampling.cu``).
 whatever dims they gain) and builds, as a new GraphSpec:
 
     upload tokens, positions, per-row control (ctl) and sampling settings (cfg); zero the loop state
-    loop decode {max: steps, until: state[1]}:
+    loop decode {max: steps, until: state[1], unroll: 4 (or 2, 1: a divisor of steps)}:
         the base step's nodes but its host copies and its argmax (embed ... LM head)
         sample: pick, feed back, advance, record in ring[step], stop rows, set state[1] when all stopped
     download the ring [steps, batch] and the row state to pinned memory
@@ -65,12 +65,23 @@ def _sampling_source(data: dict, base: GraphSpec) -> str:
     return str(data_root() / "kernels" / "sampling.cu")
 
 
-def looped_spec(base: GraphSpec, tokens_per_launch: int) -> GraphSpec:
-    """The base decode step as ``tokens_per_launch`` steps per launch (see the module docstring)."""
+def default_unroll(tokens_per_launch: int) -> int:
+    """Steps per WHILE iteration: the driver's per-iteration cost (~4-7 µs on an H200) is paid once per this
+    many steps; 4 where it divides K (the graph stays small), else 2 or 1."""
+    return next(u for u in (4, 2, 1) if tokens_per_launch % u == 0)
+
+
+def looped_spec(base: GraphSpec, tokens_per_launch: int, unroll: int | None = None) -> GraphSpec:
+    """The base decode step as ``tokens_per_launch`` steps per launch (see the module docstring), ``unroll``
+    steps per iteration of the loop's conditional node (default :func:`default_unroll`; it must divide K)."""
     from ..load import from_dict
 
     if isinstance(tokens_per_launch, bool) or not isinstance(tokens_per_launch, int) or tokens_per_launch < 1:
         raise DagbuildError(f"tokens_per_launch must be an integer ≥ 1, got {tokens_per_launch!r}")
+    unroll = default_unroll(tokens_per_launch) if unroll is None else unroll
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1 or tokens_per_launch % unroll:
+        raise DagbuildError(f"unroll must be an integer ≥ 1 dividing tokens_per_launch = {tokens_per_launch}, "
+                            f"got {unroll!r}")
     data = base.to_dict()
     missing = [b for b in BASE_NEEDS if b not in data.get("buffers", {})]
     if missing:
@@ -113,7 +124,8 @@ def looped_spec(base: GraphSpec, tokens_per_launch: int) -> GraphSpec:
         copy("upload_tokens", "tokens", "tokens_host"), copy("upload_pos", "pos", "pos_host"),
         copy("upload_ctl", "ctl", "ctl_host"), copy("upload_cfg", "cfg", "cfg_host"),
         {"id": "reset_state", "memset": {"dst": "state", "value": 0}},
-        {"id": LOOP_ID, "loop": {"max": "steps", "until": f"state[{STATE_DONE}]"}, "nodes": [*body, sample]},
+        {"id": LOOP_ID, "loop": {"max": "steps", "until": f"state[{STATE_DONE}]", "unroll": unroll},
+         "nodes": [*body, sample]},
         copy("download_ring", "ring_host", "ring"), copy("download_tokens", "tokens_host", "tokens"),
         copy("download_pos", "pos_host", "pos"), copy("download_ctl", "ctl_host", "ctl"),
         copy("download_state", "state_host", "state"),
@@ -121,11 +133,11 @@ def looped_spec(base: GraphSpec, tokens_per_launch: int) -> GraphSpec:
     return from_dict(data, base_dir=base.base_dir)
 
 
-def looped_plan(p: Any, tokens_per_launch: int) -> Any:
+def looped_plan(p: Any, tokens_per_launch: int, unroll: int | None = None) -> Any:
     """:func:`looped_spec` of a bound decode plan's spec, bound with the same dims and types."""
     from ..plan import plan
 
-    return plan(looped_spec(p.spec, tokens_per_launch), {**p.dims, **p.types, **p.consts})
+    return plan(looped_spec(p.spec, tokens_per_launch, unroll), {**p.dims, **p.types, **p.consts})
 
 
 @dataclass

@@ -94,6 +94,18 @@ def test_loop_runs_until_set_or_max(mode, K, limit):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("unroll, limit", [(2, 5), (4, 5), (4, 8), (8, 20)])
+def test_copies_per_iteration_stop_where_one_copy_does(mode, unroll, limit):
+    """unroll copies of the body per WHILE iteration: the copies after the stop do nothing (the tick kernel
+    checks `done`), so the count is the same as one copy per iteration."""
+    body = TICK_LOOP.replace("loop: {max: K, until: done}", f"loop: {{max: K, until: done, unroll: {unroll}}}")
+    with build(plan(spec(body), K=8, limit=limit), options=ExecOptions(loops=mode)) as exe:
+        for _ in range(2):
+            assert _count(exe) == min(8, limit)
+        assert list(exe.buffers["trace"].get()[:min(8, limit)]) == list(range(1, min(8, limit) + 1))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_until_set_before_the_loop_runs_no_iteration(mode):
     body = TICK_LOOP.replace("- id: lp", "- {id: preset, memset: {dst: done, value: 1}}\n- id: lp")
     with build(plan(spec(body)), options=ExecOptions(loops=mode)) as exe:
