@@ -216,18 +216,31 @@ def _load(path: str):
     return load_spec(path)
 
 
-def _plan(args, model=None):
-    """The spec's plan: an HF model's dims, wt and consts (``model``), then --config, then --set on top."""
+def _plan(args, model=None, device: dict | None = None):
+    """The spec's plan: an HF model's dims, wt and consts (``model``), then the GPU's (``device``), then
+    --config, then --set on top."""
     from .plan import plan
 
-    return plan(_load(args.spec), {**(model.overrides() if model is not None else {}), **overrides_of(args)})
+    return plan(_load(args.spec), {**(model.overrides() if model is not None else {}), **(device or {}),
+                                   **overrides_of(args)})
 
 
-def _model_plan(args, path: str | None, where: str):
+def _device_dims(args) -> dict:
+    """Dims the spec declares that describe the GPU this command runs on: ``sms`` (the SM count the fused
+    kernels' grids are sized for; the spec's default is an H100/H200's 132). Empty without a GPU."""
+    spec = _load(args.spec)
+    if "sms" not in spec.dims or _gpu_problem() is not None:
+        return {}
+    import cupy
+
+    return {"sms": int(cupy.cuda.Device().attributes["MultiProcessorCount"])}
+
+
+def _model_plan(args, path: str | None, where: str, device: dict | None = None):
     """(the HF model at ``path``, or None; the spec's plan for it, checked against it: ``where`` names the
     config in a refusal)."""
     model = _hf_model(path)
-    p = _plan(args, model)
+    p = _plan(args, model, device)
     if model is not None:
         from .llama.config import check_plan
 
@@ -396,7 +409,7 @@ def cmd_run(args) -> int:
     from .dot import to_dot
 
     _check_run_args(args)
-    _, p = _model_plan(args, args.weights, f"checkpoint {args.weights!r}")
+    _, p = _model_plan(args, args.weights, f"checkpoint {args.weights!r}", _device_dims(args))
     runner = _runner(p)
     looping = runner == "llama_decode" and _looping(args)
     if looping:

@@ -376,3 +376,30 @@ def test_config_duplicate_keys_are_refused(tmp_path, capsys):
     path.write_text("steps: 2\nsteps: 3\n")
     assert main(["validate", CHAIN, "--config", str(path)]) == 2
     assert "duplicate key 'steps'" in capsys.readouterr().err
+
+
+def _fake_cupy(monkeypatch, sms: int) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    device = SimpleNamespace(attributes={"MultiProcessorCount": sms})
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(cuda=SimpleNamespace(Device=lambda: device)))
+
+
+FUSED = str(SPECS / "llama_decode_fused.yaml")
+
+
+def test_run_sizes_the_fused_grids_for_the_gpus_sm_count(gpu, monkeypatch):
+    """`sms` comes from the GPU (a 114-SM H100 PCIe here) unless --set names it; specs without it get nothing."""
+    _fake_cupy(monkeypatch, 114)
+    args = argparse.Namespace(spec=FUSED, config=None, set=[])
+    assert cli._device_dims(args) == {"sms": 114}
+    assert cli._plan(args, device=cli._device_dims(args)).dims["sms"] == 114
+    args = argparse.Namespace(spec=FUSED, config=None, set=["sms=100"])
+    assert cli._plan(args, device=cli._device_dims(args)).dims["sms"] == 100
+    assert cli._device_dims(argparse.Namespace(spec=LLAMA, config=None, set=[])) == {}
+
+
+def test_no_gpu_no_device_dims(no_gpu):
+    args = argparse.Namespace(spec=FUSED, config=None, set=[])
+    assert cli._device_dims(args) == {} and cli._plan(args).dims["sms"] == 132
