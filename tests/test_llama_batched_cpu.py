@@ -84,28 +84,30 @@ def test_ptxas_no_spills():
 
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_buckets_choose_their_kernels(wt):
-    """batch 1: the GEMV engine; 2..127: the MV engine (two blocks per SM up to mv_small_batch, except the
-    down projection, whose ffn-wide x rows need one); 128 up: the MMA engine in clusters of 8."""
+    """batch 1: the GEMV engine; from 2: the MV engine (two blocks per SM up to mv_small_batch, except the down
+    projection, whose ffn-wide x rows need one), but the down projection from mma_batch (32): the MMA engine in
+    clusters of 8."""
     spec, programs = load_spec(FUSED), {}
     for batch in [1, 2, 3, 4, *range(8, 257, 8)]:
         p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt}, programs)
         assert not issues, issues
         chosen = {n.id.split(".")[0]: n.op for n in p.nodes if hasattr(n.op, "kernel")}
-        engine = "" if batch == 1 else "_mv" if batch < 128 else "_mma"
+        engine = "" if batch == 1 else "_mv"
         assert chosen["qkv"].kernel == "qkv" + engine
-        assert chosen["o_proj"].kernel == chosen["down_proj"].kernel == "gemv_res" + engine
+        assert chosen["o_proj"].kernel == "gemv_res" + engine
+        assert chosen["down_proj"].kernel == "gemv_res" + ("_mma" if batch >= 32 else engine)
         assert chosen["gate_up"].kernel == "gate_up" + engine
         assert chosen["lm_head"].kernel == "gemv_norm" + engine
         assert chosen["attn"].kernel == ("attn_batched" if batch >= 8 else "attn")
-        projections = ("qkv", "o_proj", "gate_up", "down_proj", "lm_head")
-        if engine == "_mma":
-            for key in projections:
-                op = chosen[key]
-                assert op.grid[0] % 8 == 0 and op.block == (256, 1, 1) and op.shared == 185600, key
-            assert p.kernels["qkv_mma"].entry == f"qkv_rope_mma_{wt}"
-        if engine == "_mv":
-            for key in projections:
-                op, two = chosen[key], batch <= 16 and key != "down_proj"
+        if batch >= 32:
+            op = chosen["down_proj"]
+            assert op.grid[0] % 8 == 0 and op.block == (256, 1, 1) and op.shared == 185600
+            assert p.kernels["gemv_res_mma"].entry == f"gemv_res_mma_{wt}"
+        if engine:
+            for key in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head"):
+                op, two = chosen[key], batch <= 8 and key != "down_proj"
+                if op.kernel.endswith("_mma"):
+                    continue
                 assert op.shared == (115712 if two else 232448), (batch, key)
                 assert op.grid[0] <= (2 if two else 1) * 132 and op.block == (256, 1, 1), (batch, key)
             assert chosen["o_proj"].grid[0] == 128  # one block per 16-row tile: 1024 row pairs, 8 per tile
@@ -126,10 +128,9 @@ def test_mv_variant_skipped_where_x_does_not_fit():
 
 
 def test_dot_and_threshold_dim():
-    plan = llama_plan({"batch": 128, "layers": 2}, FUSED)
+    plan = llama_plan({"batch": 64, "layers": 2}, FUSED)
     dot = to_dot(plan)
-    assert "gemv_res_mma" in dot and "attn_batched" in dot
-    assert "gemv_res_mv" in to_dot(llama_plan({"batch": 64, "layers": 2}, FUSED))
+    assert "gemv_res_mma" in dot and "gemv_res_mv" in dot and "attn_batched" in dot
     plan = llama_plan({"batch": 64, "layers": 2, "mma_batch": 128, "attn_batch": 128}, FUSED)
     assert "gemv_res_mma" not in to_dot(plan) and "attn_batched" not in to_dot(plan)
 
@@ -140,4 +141,4 @@ def test_fused_spec_compiles_with_variants(capsys):
 
     assert main(["compile", str(FUSED), "--set", "wt=bf16"]) == 0
     out = capsys.readouterr().out
-    assert "qkv_rope_mma_bf16 ok" in out and "qkv_rope_mv_bf16 ok" in out and "attn_decode_batched ok" in out
+    assert "gemv_res_mma_bf16 ok" in out and "qkv_rope_mv_bf16 ok" in out and "attn_decode_batched ok" in out
