@@ -42,7 +42,7 @@
 // ------------------------------------------------------------------------------------------------------------
 
 #define MM_THREADS 256
-#define MV_THREADS 256  // the MV engine's block (below)
+#define MV_THREADS 512  // the MV engine's largest block (below): 256 or 512 threads
 #define MM_MT 128
 #define MM_PAIRS 64
 #define MM_KT 64
@@ -457,7 +457,7 @@ __device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw,
 //   and feeds them to two m16n8k16 steps (words 0,1 to the first, 2,3 to the second); the x fragment of batch row
 //   n is the same 16 bytes of x row n (8tig + 4s .. + 3 for step s). The logical k order inside an MMA differs
 //   from memory order identically for A and B, so the sums are those of the plain dot products.
-// * Warps: the 8 warps of a block split K (warp w: rounds [w R / 8, (w + 1) R / 8)); blocks stride over tiles
+// * Warps: the NW warps of a block (8 or 16) split K (warp w: rounds [w R / NW, (w + 1) R / NW)); blocks stride over tiles
 //   (any grid is correct). After a tile's last round the warps' partials go through shared memory, warp j sums
 //   n8 column j over the warps in order (deterministic) and runs the epilogue; two barriers per tile.
 // * Ring: items of MV_U rounds (2 KB per warp), S stages (2..MV_MAX_STAGES, from what the launch's dynamic
@@ -468,12 +468,12 @@ __device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw,
 //   (sum of x^2 in f32, the rsqrt applied to the f32 result as the MMA engine does), zero past k and past the
 //   batch; rows are padded so the 16-byte fragment loads of a quarter warp hit distinct banks. Batches over PB
 //   run in passes (each pass re-reads the weights).
-// Shared memory (dynamic): [ring S x MV_STAGE_BYTES][red NT x 4 KB][ssum 256 B][xs PB x mv_xstride(k)].
-// Requirements: k % 8 == 0; weights and x 16-byte aligned; blockDim 256; shared memory for S = 2 at NT = 1.
+// Shared memory (dynamic): [ring S x stage (64 B per thread)][red NT x NW x 512 B][ssum 256 B][xs PB x mv_xstride(k)].
+// Requirements: k % 8 == 0; weights and x 16-byte aligned; blockDim 256 or 512; shared memory for S = 2 at NT = 1.
 // ------------------------------------------------------------------------------------------------------------
 
 #define MV_U 2                                          // rounds per ring item
-#define MV_STAGE_BYTES (MV_U * 2 * MV_THREADS * 16)     // one item of every warp: 16 KB
+#define MV_STAGE_BYTES(threads) (MV_U * 2 * (threads) * 16)  // one item of every warp: 16 KB at 256 threads
 #define MV_MAX_STAGES 6
 #define MV_MAX_NT 8
 
@@ -483,8 +483,8 @@ __device__ __forceinline__ unsigned int mv_xstride(int k) {
     const unsigned int b = 2u * (unsigned int)mv_kpad(k);
     return b % 128u == 0u ? b + 64u : b;
 }
-__device__ __forceinline__ unsigned int mv_fixed_bytes(int nt, int k) {
-    return (unsigned int)nt * 4096u + 256u + 8u * (unsigned int)nt * mv_xstride(k);
+__device__ __forceinline__ unsigned int mv_fixed_bytes(int nt, int nw, int k) {
+    return (unsigned int)(nt * nw) * 512u + 256u + 8u * (unsigned int)nt * mv_xstride(k);
 }
 __device__ __forceinline__ void mv_cp_wait(int n) {  // at most n groups in flight (n <= MV_MAX_STAGES)
     switch (n) {
@@ -507,12 +507,14 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
     const int gid = lane >> 2, tig = lane & 3;
     const unsigned int xstride = mv_xstride(k);
     uint4* ring = reinterpret_cast<uint4*>(smem) + warp * S * SLOT + lane;
-    float4* red = reinterpret_cast<float4*>(smem + S * MV_STAGE_BYTES);  // [8 warps][NT][32 lanes]
-    float* ssum = reinterpret_cast<float*>(smem + S * MV_STAGE_BYTES + NT * 4096);  // [PB]
-    unsigned char* xs = smem + S * MV_STAGE_BYTES + NT * 4096 + 256;               // [PB][xstride]
+    const int NW = (int)blockDim.x >> 5;
+    const unsigned int ring_bytes = (unsigned int)S * MV_STAGE_BYTES(blockDim.x);
+    float4* red = reinterpret_cast<float4*>(smem + ring_bytes);                      // [NW warps][NT][32 lanes]
+    float* ssum = reinterpret_cast<float*>(smem + ring_bytes + NT * NW * 512);       // [PB]
+    unsigned char* xs = smem + ring_bytes + NT * NW * 512 + 256;                     // [PB][xstride]
 
     const int R = mv_kpad(k) / 32;
-    const int rb = warp * R / 8, re = (warp + 1) * R / 8;  // this warp's rounds
+    const int rb = warp * R / NW, re = (warp + 1) * R / NW;  // this warp's rounds
     const int C = (re - rb + MV_U - 1) / MV_U;              // items per tile (0 when k < 8 rounds)
     const int ntiles = (job.npairs + 7) / 8;
     const int mine = (int)blockIdx.x < ntiles ? (ntiles - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
@@ -538,12 +540,12 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
         }
         db_cp_commit();
     };
-    // x rows b0 .. b0 + PB - 1 -> xs (times the norm weight), sum of x^2 -> ssum. Warp w: rows w, w + 8, ...;
+    // x rows b0 .. b0 + PB - 1 -> xs (times the norm weight), sum of x^2 -> ssum. Warp w: rows w, w + NW, ...;
     // 8 k per lane per iteration, G iterations' loads in flight.
     auto stage = [&](int b0) {
         constexpr int G = NORM ? 4 : 8;  // loads in flight per lane (registers: 128 at two blocks per SM)
         const int IT = (mv_kpad(k) + 255) / 256;  // iterations per row
-        const int n_it = NT * IT;
+        const int n_it = (PB + NW - 1) / NW * IT;  // this warp's rows (some warps have none when NW > PB)
         float ss = 0.0f;
         for (int base = 0; base < n_it; base += G) {
             float4 va[G], vb[G];
@@ -551,10 +553,10 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
 #pragma unroll
             for (int u = 0; u < G; ++u) {
                 const int it = base + u, rl = it / IT, e = (it - rl * IT) * 256 + lane * 8;
-                const int b = b0 + warp + 8 * rl;
+                const int b = b0 + warp + NW * rl;
                 va[u] = vb[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 gv[u] = make_uint4(0u, 0u, 0u, 0u);
-                if (it < n_it && b < batch && e < k) {
+                if (it < n_it && warp + NW * rl < PB && b < batch && e < k) {
                     const float4* p = reinterpret_cast<const float4*>(x + (size_t)b * (size_t)k + e);
                     va[u] = db_ldcg(p);
                     vb[u] = db_ldcg(p + 1);
@@ -576,17 +578,19 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
                         f[q] *= gf[q];
                     }
                 }
+                const int row = warp + NW * rl;
+                if (row >= PB) break;  // warp-uniform: this warp's rows are done
                 if (e < mv_kpad(k)) {
                     uint4 h;
                     h.x = MmaType<T>::pack(f[0], f[1]);
                     h.y = MmaType<T>::pack(f[2], f[3]);
                     h.z = MmaType<T>::pack(f[4], f[5]);
                     h.w = MmaType<T>::pack(f[6], f[7]);
-                    *reinterpret_cast<uint4*>(xs + (warp + 8 * rl) * xstride + 2u * (unsigned int)e) = h;
+                    *reinterpret_cast<uint4*>(xs + row * xstride + 2u * (unsigned int)e) = h;
                 }
                 if (j == IT - 1) {
                     if constexpr (NORM) ss = db_warp_sum(ss);
-                    if (lane == 0) ssum[warp + 8 * rl] = ss;
+                    if (lane == 0) ssum[row] = ss;
                     ss = 0.0f;
                 }
             }
@@ -639,7 +643,7 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
             if (warp < NT && g < job.npairs) {
                 float4 s = red[warp * 32 + lane];
 #pragma unroll
-                for (int ww = 1; ww < 8; ++ww) {
+                for (int ww = 1; ww < NW; ++ww) {
                     const float4 v = red[(ww * NT + warp) * 32 + lane];
                     s.x += v.x;
                     s.y += v.y;
@@ -671,9 +675,11 @@ __device__ __forceinline__ void mv_gemm(const Job& job, const T* w, const T* nw,
     const unsigned int dyn = fw_dynamic_smem();
     int nt = 1;
     while (nt < MV_MAX_NT && 8 * nt < batch) nt *= 2;
-    while (nt > 1 && mv_fixed_bytes(nt, k) + 2u * MV_STAGE_BYTES > dyn) nt /= 2;
-    const unsigned int fixed = mv_fixed_bytes(nt, k);
-    const int S = dyn > fixed ? min(MV_MAX_STAGES, (int)((dyn - fixed) / MV_STAGE_BYTES)) : 0;
+    const int warps = (int)blockDim.x >> 5;
+    const unsigned int stage = MV_STAGE_BYTES(blockDim.x);
+    while (nt > 1 && mv_fixed_bytes(nt, warps, k) + 2u * stage > dyn) nt /= 2;
+    const unsigned int fixed = mv_fixed_bytes(nt, warps, k);
+    const int S = dyn > fixed ? min(MV_MAX_STAGES, (int)((dyn - fixed) / stage)) : 0;
     if (S < 2) __trap();  // the launch gave too little shared memory (kernels/llama_batched.md: mv_shared)
     switch (nt) {
         case 1: mv_run<T, 1, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
@@ -759,7 +765,7 @@ __device__ __forceinline__ void rows_tc_impl(const T* w, const T* norm, const fl
         rows_tc_impl<ENGINE, T, true, false>(w, norm, x, y, n, k, batch, eps);                              \
     }
 #define MMA_ATTRS __launch_bounds__(MM_THREADS, 1) MM_CLUSTER_ATTR
-#define MV_ATTRS __launch_bounds__(MV_THREADS, 2)
+#define MV_ATTRS __launch_bounds__(MV_THREADS, 1)  // 128 registers: two 256-thread blocks or one 512 per SM
 DEFINE_TC(mma, ENGINE_MMA, MMA_ATTRS, f16, db_f16)
 DEFINE_TC(mma, ENGINE_MMA, MMA_ATTRS, bf16, db_bf16)
 DEFINE_TC(mv, ENGINE_MV, MV_ATTRS, f16, db_f16)

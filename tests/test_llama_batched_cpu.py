@@ -69,7 +69,7 @@ def test_pdl_contract_and_clusters(bodies):
             body = bodies[f"{k}_{wt}"]
             assert f"mma.sync.aligned.m16n8k16.row.col.f32.{wt}.{wt}.f32" in body, (k, wt)
             assert "ldmatrix" not in body and ".reqnctapercluster" not in body, (k, wt)
-            assert re.search(r"\.minnctapersm 2", body), (k, wt)
+            assert re.search(r"\.maxntid 512, 1, 1", body), (k, wt)  # 256- or 512-thread blocks
         assert ".reqnctapercluster" not in bodies["gemv_res_mma_f32"]
 
 

@@ -154,7 +154,7 @@ def gemv_grid(pairs: int, sms: int, per_sm: int | None) -> int:
 
 def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict, wt: str, batch: int,
                    weights: list, rs, per_sm: int | None = 1, ring: int = RING,
-                   engine: str = "", blocks: int | None = None) -> tuple[list, list, list]:
+                   engine: str = "", blocks: int | None = None, threads: int = 256) -> tuple[list, list, list]:
     """CALLS launches of one fused GEMV role, rotating over `weights`: (CuPy (fn, grid, block, args) tuples,
     dagbuild backend (func, grid, block, shared, args) tuples, the arrays they use). ``engine``: "" (the GEMV
     engine), "mma" or "mv" (kernels/llama_batched.cu, ``blocks`` blocks)."""
@@ -207,22 +207,22 @@ def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict
     for i in range(CALLS):
         w = weights[i % len(weights)]
         args = (w, *rest)
-        cupy_calls.append((fn, grid, (256,), args, ring))
+        cupy_calls.append((fn, grid, (threads,), args, ring))
         vals = [("ptr", int(w.data.ptr))]
         for kind, v in zip(kinds, rest, strict=True):
             vals.append((kind, int(v.data.ptr) if kind == "ptr" else (float(v) if kind == "f32" else int(v))))
-        be_calls.append((func, grid, (256,), ring, vals))
+        be_calls.append((func, grid, (threads,), ring, vals))
     return cupy_calls, be_calls, keep
 
 
 MMA_SHARED, MV_SHARED, MV_SHARED_MAX, CLUSTER = 185600, 115712, 232448, 8  # the spec's mma/mv launch dims
 
 
-def mv_fits(k: int, shared: int) -> bool:
+def mv_fits(k: int, shared: int, threads: int = 256) -> bool:
     """The MV engine's smallest layout (8 batch rows, a two-stage ring) fits ``shared`` bytes at this k."""
     kp = -(-k // 32) * 32
     stride = 2 * kp + (64 if (2 * kp) % 128 == 0 else 0)
-    return 4096 + 256 + 8 * stride + 2 * 16384 <= shared
+    return threads // 32 * 512 + 256 + 8 * stride + 2 * 64 * threads <= shared
 
 
 def batched(cp, batches: list[int], bw: float, log: list) -> None:
@@ -248,16 +248,18 @@ def batched(cp, batches: list[int], bw: float, log: list) -> None:
             pairs = (rows + 1) // 2
             tiles128, tiles16 = -(-pairs // 64), -(-pairs // 8)
             mma_blocks = CLUSTER * -(-tiles128 // -(-tiles128 // (sms // CLUSTER)))
-            configs = {"gemv": ("", RING, gemv_grid(pairs, sms, 2)),
-                       "mma": ("mma", MMA_SHARED, mma_blocks)}
-            for tag, shared, per_sm in (("mv 2/SM", MV_SHARED, 2), ("mv 1/SM", MV_SHARED_MAX, 1)):
-                if mv_fits(k, shared):
-                    configs[tag] = ("mv", shared, -(-tiles16 // -(-tiles16 // (per_sm * sms))))
+            configs = {"gemv": ("", RING, gemv_grid(pairs, sms, 2), 256),
+                       "mma": ("mma", MMA_SHARED, mma_blocks, 256)}
+            for tag, shared, per_sm, threads in (("mv 2/SM", MV_SHARED, 2, 256), ("mv 1/SM", MV_SHARED_MAX, 1, 256),
+                                                 ("mv 512t", MV_SHARED_MAX, 1, 512)):
+                if mv_fits(k, shared, threads):
+                    configs[tag] = ("mv", shared, -(-tiles16 // -(-tiles16 // (per_sm * sms))), threads)
             for batch in batches:
                 cells = []
-                for tag, (engine, shared, blocks) in configs.items():
+                for tag, (engine, shared, blocks, threads) in configs.items():
                     _, be_calls, keep = fused_launches(cp, mod, role, entry, rows, k, dims, wt, batch, weights,
-                                                       rs, ring=shared, engine=engine, blocks=blocks)
+                                                       rs, ring=shared, engine=engine, blocks=blocks,
+                                                       threads=threads)
                     with stream:
                         graph, ex = chain_graph(be, be_calls, True, stream.ptr)
                         us = time_graph(cp, lambda ex=ex: be.launch(ex, stream.ptr), stream) * 1e3 / CALLS

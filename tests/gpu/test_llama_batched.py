@@ -31,7 +31,7 @@ TINY = yaml.safe_load((ROOT / "specs" / "configs" / "llama_tiny.yaml").read_text
 TINYLLAMA = yaml.safe_load((ROOT / "specs" / "configs" / "tinyllama.yaml").read_text())
 CLUSTER, SHARED = 8, 185600  # the spec's mma_cluster and mma_shared
 MV_SHARED, MV_SMALL = 232448, 115712  # the spec's mv_shared_max and mv_shared
-ENGINES = ("mma", "mv")
+ENGINES = ("mma", "mv", "mv512")
 FP16_NEAR_TIE = 0.05  # as tests/gpu/test_llama_hf.py
 GUARD = 67
 EPS = 1e-5
@@ -112,14 +112,15 @@ def rel_err(out, expect) -> float:
 def launch(cp, mod, name, pairs, args, shared=None):
     """The spec's launch shapes. MMA engine (_mma_): clusters of CLUSTER blocks, as many as the 128-row tiles
     (up to 16). MV engine (_mv_): one block per 16-row tile, at most two per SM (shared: MV_SHARED, or what
-    the test passes to force smaller passes and rings)."""
-    fn = mod.get_function(name)
-    if "_mv_" in name:
+    the test passes to force smaller passes and rings); "_mv512_": the same kernel in 512-thread blocks."""
+    threads = 512 if "_mv512_" in name else 256
+    fn = mod.get_function(name.replace("_mv512_", "_mv_"))
+    if "_mv" in name:
         grid, smem = min(-(-pairs // 8), 2 * cp.cuda.Device().attributes["MultiProcessorCount"]), shared or MV_SHARED
     else:
         grid, smem = CLUSTER * min(-(-pairs // 64), 16), SHARED
     fn.max_dynamic_shared_size_bytes = smem
-    fn((grid,), (256,), args, shared_mem=smem)
+    fn((grid,), (threads,), args, shared_mem=smem)
 
 
 # tight: against the reference that rounds x as the kernel does; loose: against the exact reference
@@ -171,12 +172,13 @@ def test_mv_passes_with_little_shared_memory(cp, mod, wt, batch, n, k):
     norm, _ = weights(rng, (k,), wt, 0.1, 1.0)
     x = activations(rng, batch, k)
     outs = []
-    for shared in (MV_SMALL, MV_SHARED):
+    for engine, shared in (("mv", MV_SMALL), ("mv", MV_SHARED), ("mv512", MV_SHARED)):
         y = out_buffer(cp, batch * n)
-        launch(cp, mod, f"gemv_norm_mv_{wt}", (n + 1) // 2,
+        launch(cp, mod, f"gemv_norm_{engine}_{wt}", (n + 1) // 2,
                (cp.asarray(w), cp.asarray(norm), cp.asarray(x), y, i32(n), i32(k), i32(batch), f32(EPS)), shared)
         outs.append(fetch(y, batch * n))
-    assert np.array_equal(outs[0], outs[1])
+    assert np.array_equal(outs[0], outs[1])  # 512 threads split K 16 ways: other sums, checked below
+    assert rel_err(outs[2], (mma_inputs(x, norm, wt)[1] @ w64.T).reshape(-1)) < TIGHT[wt]
     exact, seen = mma_inputs(x, norm, wt)
     assert rel_err(outs[0], (seen @ w64.T).reshape(-1)) < TIGHT[wt]
 
