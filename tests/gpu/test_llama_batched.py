@@ -114,6 +114,8 @@ def launch(cp, mod, name, pairs, args, shared=None):
     (up to 16). MV engine (_mv_): one block per 16-row tile, at most two per SM (shared: MV_SHARED, or what
     the test passes to force smaller passes and rings); "_mv512_": the same kernel in 512-thread blocks."""
     threads = 512 if "_mv512_" in name else 256
+    if threads == 512 and name.endswith("_f32"):
+        pytest.skip("f32 weights run the GEMV engine (at most 256 threads a block), not the MV engine")
     fn = mod.get_function(name.replace("_mv512_", "_mv_"))
     if "_mv" in name:
         grid, smem = min(-(-pairs // 8), 2 * cp.cuda.Device().attributes["MultiProcessorCount"]), shared or MV_SHARED
