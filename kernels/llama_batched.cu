@@ -130,7 +130,7 @@ __device__ __forceinline__ void mm_ldmatrix_x2(unsigned int& r0, unsigned int& r
 #endif
 }
 
-// cp.async.wait_group needs an immediate: wait until at most n groups are in flight (n <= MM_MAX_STAGES)
+// cp.async.wait_group needs an immediate: wait until at most n groups are in flight (n <= 5; both engines)
 __device__ __forceinline__ void mm_cp_wait(int n) {
     switch (n) {
         case 0: db_cp_wait<0>(); break;
@@ -486,17 +486,6 @@ __device__ __forceinline__ unsigned int mv_xstride(int k) {
 __device__ __forceinline__ unsigned int mv_fixed_bytes(int nt, int nw, int k) {
     return (unsigned int)(nt * nw) * 512u + 256u + 8u * (unsigned int)nt * mv_xstride(k);
 }
-__device__ __forceinline__ void mv_cp_wait(int n) {  // at most n groups in flight (n <= MV_MAX_STAGES)
-    switch (n) {
-        case 0: db_cp_wait<0>(); break;
-        case 1: db_cp_wait<1>(); break;
-        case 2: db_cp_wait<2>(); break;
-        case 3: db_cp_wait<3>(); break;
-        case 4: db_cp_wait<4>(); break;
-        case 5: db_cp_wait<5>(); break;
-        default: db_cp_wait<6>(); break;
-    }
-}
 
 template <typename T, int NT, bool NORM, typename Job>
 __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
@@ -614,7 +603,7 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
             // the epilogue's inputs, loaded while the tile streams (warp j runs batch column j's epilogue)
             const int bl = warp * 8 + 2 * tig;  // batch row (within the pass) of this lane's first column
             for (int c = 0; c < C; ++c, ++i) {
-                mv_cp_wait(S - 1);  // item i has landed (groups complete in order)
+                mm_cp_wait(S - 1);  // item i has landed (groups complete in order)
                 const uint4* src = ring + (i % S) * SLOT;
 #pragma unroll
                 for (int u = 0; u < MV_U; ++u) {
