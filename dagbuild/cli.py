@@ -216,19 +216,19 @@ def _load(path: str):
     return load_spec(path)
 
 
-def _plan(args, model=None, device: dict | None = None):
-    """The spec's plan: an HF model's dims, wt and consts (``model``), then the GPU's (``device``), then
-    --config, then --set on top."""
+def _plan(args, model=None, device: bool = False):
+    """The spec's plan: an HF model's dims, wt and consts (``model``), then the GPU's (``device``: see
+    :func:`_device_dims`), then --config, then --set on top."""
     from .plan import plan
 
-    return plan(_load(args.spec), {**(model.overrides() if model is not None else {}), **(device or {}),
-                                   **overrides_of(args)})
+    spec = _load(args.spec)
+    return plan(spec, {**(model.overrides() if model is not None else {}), **(_device_dims(spec) if device else {}),
+                       **overrides_of(args)})
 
 
-def _device_dims(args) -> dict:
+def _device_dims(spec) -> dict:
     """Dims the spec declares that describe the GPU this command runs on: ``sms`` (the SM count the fused
     kernels' grids are sized for; the spec's default is an H100/H200's 132). Empty without a GPU."""
-    spec = _load(args.spec)
     if "sms" not in spec.dims or _gpu_problem() is not None:
         return {}
     import cupy
@@ -236,7 +236,7 @@ def _device_dims(args) -> dict:
     return {"sms": int(cupy.cuda.Device().attributes["MultiProcessorCount"])}
 
 
-def _model_plan(args, path: str | None, where: str, device: dict | None = None):
+def _model_plan(args, path: str | None, where: str, device: bool = False):
     """(the HF model at ``path``, or None; the spec's plan for it, checked against it: ``where`` names the
     config in a refusal)."""
     model = _hf_model(path)
@@ -409,7 +409,7 @@ def cmd_run(args) -> int:
     from .dot import to_dot
 
     _check_run_args(args)
-    _, p = _model_plan(args, args.weights, f"checkpoint {args.weights!r}", _device_dims(args))
+    _, p = _model_plan(args, args.weights, f"checkpoint {args.weights!r}", device=True)
     runner = _runner(p)
     looping = runner == "llama_decode" and _looping(args)
     if looping:

@@ -309,26 +309,29 @@ class Executable:
             self._loops[n.id + suffix] = ln
             self._bodies.append(ln.body)
             self._named[f"{n.id}{suffix}.enter"] = ln.enter
-            first: list = []
-            for i in range(op.unroll):  # copies in a row, each after the one before (an empty node joins them)
-                copy = suffix if op.unroll == 1 else f"{suffix}~{i}"
-                added, ends = self._add_scope(ln.body, n.id, first, copy)
-                if i + 1 < op.unroll:
-                    first = [be.add_empty(ln.body, ends)]
-                    self._named[f"{n.id}{copy}"] = first[0]
+            copies = [suffix] if op.unroll == 1 else [f"{suffix}~{i}" for i in range(op.unroll)]
+            added, _ = self._add_copies(ln.body, n, [], copies, join_last=False)
             until = op.until
             writers = [h for i, h in added.items()
                        if until is not None and any(w and v.overlaps(until) for v, w in self._nodes[i].accesses())]
             kind.finish(be, ln, writers, p)
             self._named[f"{n.id}{suffix}.next"] = ln.next
             return ln.node
-        first = deps
-        for i in range(op.max):
-            _, ends = self._add_scope(graph, n.id, first, f"{suffix}#{i}")
-            join = be.add_empty(graph, ends)
-            self._named[f"{n.id}{suffix}#{i}"] = join
-            first = [join]
+        _, first = self._add_copies(graph, n, deps, [f"{suffix}#{i}" for i in range(op.max)], join_last=True)
         return first[0]
+
+    def _add_copies(self, graph: Any, n: PlanNode, first: list, copies: list[str],
+                    join_last: bool) -> tuple[dict[str, Any], list]:
+        """A loop's body once per name in ``copies``, in a row: an empty node ``<loop><copy>`` joins each copy's
+        ends and the next copy waits for it (the last copy too when ``join_last``). Returns the last copy's
+        handles and what a successor waits for."""
+        added: dict[str, Any] = {}
+        for i, copy in enumerate(copies):
+            added, ends = self._add_scope(graph, n.id, first, copy)
+            if join_last or i + 1 < len(copies):
+                first = [self.backend.add_empty(graph, ends)]
+                self._named[f"{n.id}{copy}"] = first[0]
+        return added, first
 
     def _derive(self, source: Executable) -> None:
         """Instantiate ``source``'s graph again and set only the parameters that differ."""

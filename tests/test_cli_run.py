@@ -393,13 +393,13 @@ def test_run_sizes_the_fused_grids_for_the_gpus_sm_count(gpu, monkeypatch):
     """`sms` comes from the GPU (a 114-SM H100 PCIe here) unless --set names it; specs without it get nothing."""
     _fake_cupy(monkeypatch, 114)
     args = argparse.Namespace(spec=FUSED, config=None, set=[])
-    assert cli._device_dims(args) == {"sms": 114}
-    assert cli._plan(args, device=cli._device_dims(args)).dims["sms"] == 114
+    assert cli._device_dims(cli._load(FUSED)) == {"sms": 114}
+    assert cli._plan(args, device=True).dims["sms"] == 114
     args = argparse.Namespace(spec=FUSED, config=None, set=["sms=100"])
-    assert cli._plan(args, device=cli._device_dims(args)).dims["sms"] == 100
-    assert cli._device_dims(argparse.Namespace(spec=LLAMA, config=None, set=[])) == {}
+    assert cli._plan(args, device=True).dims["sms"] == 100
+    assert cli._device_dims(cli._load(LLAMA)) == {}
 
 
 def test_no_gpu_no_device_dims(no_gpu):
     args = argparse.Namespace(spec=FUSED, config=None, set=[])
-    assert cli._device_dims(args) == {} and cli._plan(args).dims["sms"] == 132
+    assert cli._device_dims(cli._load(FUSED)) == {} and cli._plan(args, device=True).dims["sms"] == 132
