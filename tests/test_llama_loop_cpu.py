@@ -9,7 +9,7 @@ from conftest import SPECS
 from dagbuild.cli import main
 from dagbuild.dot import to_dot
 from dagbuild.errors import DagbuildError
-from dagbuild.llama.loop import looped_plan, looped_spec
+from dagbuild.llama.loop import default_unroll, looped_plan, looped_spec
 from dagbuild.load import load_spec, parse_spec
 from dagbuild.plan import plan
 
@@ -51,6 +51,10 @@ def test_looped_spec_refuses_bad_inputs():
         looped_spec(load_spec(SPECS / "chain.yaml"), 4)
     with pytest.raises(DagbuildError, match="already has"):
         looped_spec(looped_spec(base, 2), 2)
+    for bad in (3, 0, 2.0, True):  # steps per WHILE iteration must divide K = 16
+        with pytest.raises(DagbuildError, match="unroll must be an integer ≥ 1 dividing tokens_per_launch = 16"):
+            looped_spec(base, 16, bad)
+    assert [default_unroll(k) for k in (1, 2, 6, 7, 16, 64)] == [1, 2, 2, 1, 4, 4]
 
 
 def test_looped_dot_has_the_loop_cluster():
