@@ -10,8 +10,8 @@ STAGES=${STAGES:-"tests bench pool"}
 for stage in $STAGES; do
   case $stage in
     tests)
-      timeout 420 python3 -m pytest -m gpu -q -p no:cacheprovider -rf "$@" tests/gpu > "$OUT/pytest.log" 2>&1
-      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -40 ;;
+      timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider -rf --durations=25 "$@" tests/gpu > "$OUT/pytest.log" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" "$OUT/pytest.log" | tail -60 ;;
     hfnote)
       timeout 200 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_llama_hf.py -k "fp16 or fp32" 2>&1 \
         | grep -i "fp16\|fp32\|passed\|failed" | tail -15 ;;
