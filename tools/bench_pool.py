@@ -50,7 +50,8 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: s
     spec = load_spec(spec_path)
     overrides = {"cache_batch": max(sizes), "max_seq": max_seq}
     # warm the compile caches (CuPy's and dagbuild's PTX cache): compiling is not graph building
-    warm = sorted({1, min(8, max(sizes))})  # both sides of the fused spec's variants (GEMV, MMA)
+    # every side of the fused spec's variants (GEMV engine, MV engine at 2 and 1 blocks per SM, MMA engine)
+    warm = sorted({n for n in (1, 2, 16, 32) if n <= max(sizes)} | {min(sizes)})
     GraphPool(spec, {"batch": warm}, overrides={**overrides, "cache_batch": warm[-1]}).close()
     f0 = free_bytes()
     pool = GraphPool(spec, {"batch": sizes}, overrides=overrides, eager=False,

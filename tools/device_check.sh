@@ -30,6 +30,8 @@ PY
       ;;
     pool)
       timeout 300 python3 tools/bench_pool.py --json "$OUT/bench_pool.json" 2>&1 | tail -12 ;;
+    poolfused)  # issue 15: 67 buckets of the fused spec, each with the kernel its variants pick
+      timeout 400 python3 tools/bench_pool.py --spec specs/llama_decode_fused.yaml --json "$OUT/bench_pool_fused.json" 2>&1 | tail -12 ;;
     cli)
       timeout 200 python3 -m dagbuild.cli run specs/llama_decode.yaml --tokens 48 --no-progress 2>&1 | tail -8
       timeout 120 python3 -m dagbuild.cli run specs/llama_decode.yaml --config specs/configs/llama_tiny.yaml \
@@ -59,6 +61,10 @@ PY
       timeout 400 python3 tools/bench_gemv.py --batched --json "$OUT/bench_engines.json" 2>&1 | tee "$OUT/bench_engines.log" | tail -80 ;;
     batch)  # issue 15
       timeout 300 python3 tools/bench_batch.py --json "$OUT/bench_batch.json" --png "$OUT/bench_batch.png" 2>&1 | tail -30 ;;
+    timeline)  # issues 8/10/15: per-node increments of the fused step (CUPTI through torch.profiler)
+      timeout 120 python3 tools/timeline.py --json "$OUT/timeline_tinyllama_b1.json" 2>&1 | tail -12
+      timeout 120 python3 tools/timeline.py --config specs/configs/llama_tiny.yaml --json "$OUT/timeline_tiny_b1.json" 2>&1 | tail -12
+      timeout 150 python3 tools/timeline.py --set batch=8 --set cache_batch=8 --json "$OUT/timeline_tinyllama_b8.json" 2>&1 | tail -12 ;;
     sanitize_fused)
       for tool in memcheck racecheck synccheck; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \
