@@ -792,10 +792,12 @@ DEFINE_TC_F32(mv)
 // Splits are sized by the real length: row b has L = min(pos[b] + 1, max_seq) keys, cut into
 // nlive = min(splits, ceil_div(L, chunk)) splits of ceil_div(L, nlive) keys (chunk: the fewest keys worth a
 // split); blocks past nlive return. K and V tiles of AB_TK keys go through shared memory (16-byte cp.async);
-// per tile: scores of every (head, key) (8 lanes per key, all heads at once), a per-head online softmax (warp
-// h % 8 owns head h), then p.V with one output element per thread per head. nlive == 1: the block writes
-// out; else partials (o, m, l) per head to part_o/part_ml and the last block of the row's kv head (a counter,
-// counters[b * heads + kvh * group], left at zero) combines them, as attn_decode. L <= 0: split 0 writes zeros.
+// split 0 (live whenever the row is, starting at key 0) copies q and its first tile together with the pos load,
+// the others after it (one round trip fewer where one split does the work); per tile: scores of every (head,
+// key) (8 lanes per key, all heads at once), a per-head online softmax (warp h % 8 owns head h), then p.V with
+// one output element per thread per head. nlive == 1: the block writes out; else partials (o, m, l) per head to
+// part_o/part_ml and the last block of the row's kv head (a counter, counters[b * heads + kvh * group], left at
+// zero) combines them with attn_combine, as attn_decode. L <= 0: split 0 writes zeros.
 // Requirements: heads / kv_heads <= AB_MAX_GROUP; head_dim % 8 == 0, <= 128; splits (gridDim.y) <= the third
 // axis of part_o / part_ml; q, caches 16-byte aligned.
 // ------------------------------------------------------------------------------------------------------------
@@ -823,9 +825,33 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     const int b = blockIdx.x / kv_heads, kvh = blockIdx.x - b * kv_heads, s = blockIdx.y;
     const int h0 = kvh * G;  // first query head of the group
     const int hd = head_dim, d8 = hd / 8;
+    const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)hd;
+    const float* qg = q + ((size_t)b * heads + h0) * hd;
+    // K and V rows [t0, t0 + AB_TK) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
+    auto copy_tile = [&](int t0, int nt) {
+        for (int c = tid; c < AB_TK * (hd / 4); c += AB_THREADS) {
+            const int r = c / (hd / 4), ch = c - r * (hd / 4);
+            const bool ok = r < nt;
+            const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * 4;
+            db_cp_async16(ks + r * AB_LD + ch * 4, k_cache + off, ok);
+            db_cp_async16(vs + r * AB_LD + ch * 4, v_cache + off, ok);
+        }
+    };
+    auto copy_q = [&]() {
+        for (int c = tid; c < G * hd / 4; c += AB_THREADS) db_cp_async16(qs + 4 * c, qg + 4 * c, true);
+    };
     PDL_WAIT();
+    // split 0 is live whenever the row is and starts at key 0: it copies q and its first tile together with
+    // the pos load (one round trip; keys past the row's length are masked below)
+    const bool early = s == 0;
+    if (early) {
+        copy_q();
+        copy_tile(0, min(AB_TK, max_seq));
+    }
+    db_cp_commit();
     const int L = min(pos[b] + 1, max_seq);
     if (L <= 0) {  // padding row: zeros
+        db_cp_wait<0>();
         if (s == 0)
             for (int e = tid; e < G * hd; e += AB_THREADS) out[((size_t)b * heads + h0) * hd + e] = 0.0f;
         return;
@@ -834,9 +860,8 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     if (s >= nlive) return;
     const int per = (L + nlive - 1) / nlive;
     const int start = s * per, end = min(L, start + per);
-    for (int e = tid; e < G * hd; e += AB_THREADS) qs[e] = db_ldcg(q + ((size_t)b * heads + h0) * hd + e);
+    if (!early) copy_q();  // with the first tile's copies below
 
-    const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)hd;
     const int key = tid >> 3, seg = tid & 7;  // scores: 8 lanes per key, each d8 dims of every head
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};  // heads warp and warp + 8 (warp-uniform)
     float acc[(AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS];  // p.V: element tid + i * 256 of [G][hd]
@@ -845,14 +870,8 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
 
     for (int t0 = start; t0 < end; t0 += AB_TK) {
         const int nt = min(AB_TK, end - t0);
-        // K and V of the tile: 16-byte copies, rows past nt zero-filled
-        for (int c = tid; c < AB_TK * (hd / 4); c += AB_THREADS) {
-            const int r = c / (hd / 4), ch = c - r * (hd / 4);
-            const bool ok = r < nt;
-            const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * 4;
-            db_cp_async16(ks + r * AB_LD + ch * 4, k_cache + off, ok);
-            db_cp_async16(vs + r * AB_LD + ch * 4, v_cache + off, ok);
-        }
+        // K and V of the tile (split 0's first tile is in flight already: its rows past nt are never read)
+        if (!(early && t0 == 0)) copy_tile(t0, nt);
         db_cp_commit();
         db_cp_wait<0>();
         __syncthreads();
@@ -942,18 +961,6 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    for (int e = tid; e < G * hd; e += AB_THREADS) {
-        const int h = e / hd, d = e - h * hd;
-        const size_t row0 = ((size_t)b * heads + h0 + h) * splits;
-        float M = NEG_INF;
-        for (int t = 0; t < nlive; ++t) M = fmaxf(M, db_ldcg(part_ml + (row0 + t) * 2));
-        float num = 0.0f, den = 0.0f;
-        for (int t = 0; t < nlive; ++t) {
-            const float wgt = expf(db_ldcg(part_ml + (row0 + t) * 2) - M);
-            num = fmaf(wgt, db_ldcg(part_o + (row0 + t) * hd + d), num);
-            den = fmaf(wgt, db_ldcg(part_ml + (row0 + t) * 2 + 1), den);
-        }
-        out[((size_t)b * heads + h0 + h) * hd + d] = num / den;
-    }
+    attn_combine(part_o, part_ml, out, (size_t)b * heads + h0, G, splits, nlive, hd, ks, AB_TK * AB_LD);
     if (tid == 0) *counter = 0;
 }

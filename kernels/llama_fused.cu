@@ -466,20 +466,83 @@ DEFINE_GEMV_ROWS(f16, db_f16)
 DEFINE_GEMV_ROWS(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
+// attn_combine: the last live split of `nh` consecutive (row, head) rows row0 .. row0 + nh - 1 merges their
+// nlive partials: out[row, e] = sum_t exp(m_t - M) o_t[e] / sum_t exp(m_t - M) l_t, M = max_t m_t (t in split
+// order, so the result is deterministic). part_o [rows, splits, hd], part_ml [rows, splits, 2]. When every
+// partial fits `sbuf` (16-byte aligned, sbuf_floats floats) they are loaded in ONE round trip into shared memory
+// first; else each thread reads them from L2 as it goes. Every thread of the block calls it (it has a barrier).
+// ------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void attn_combine(const float* part_o, const float* part_ml, float* out, size_t row0,
+                                             int nh, int splits, int nlive, int hd, float* sbuf, int sbuf_floats) {
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int n_o = nh * nlive * hd, n_ml = nh * nlive * 2;
+    if (n_o + n_ml <= sbuf_floats) {
+        const int hd4 = hd / 4;
+        float4* so4 = reinterpret_cast<float4*>(sbuf);
+        float* sml = sbuf + n_o;
+#pragma unroll 4
+        for (int e = tid; e < nh * nlive * hd4; e += nthreads) {
+            const int ht = e / hd4, c = e - ht * hd4, h = ht / nlive, t = ht - h * nlive;
+            so4[e] = db_ldcg(reinterpret_cast<const float4*>(part_o + ((row0 + h) * splits + t) * hd) + c);
+        }
+#pragma unroll 4
+        for (int e = tid; e < n_ml; e += nthreads) {
+            const int ht = e >> 1, h = ht / nlive, t = ht - h * nlive;
+            sml[e] = db_ldcg(part_ml + ((row0 + h) * splits + t) * 2 + (e & 1));
+        }
+        __syncthreads();
+        for (int e = tid; e < nh * hd; e += nthreads) {
+            const int h = e / hd, d = e - h * hd;
+            const float* m = sml + h * nlive * 2;
+            const float* o = sbuf + (size_t)h * nlive * hd + d;
+            float M = NEG_INF;
+            for (int t = 0; t < nlive; ++t) M = fmaxf(M, m[2 * t]);
+            float num = 0.0f, den = 0.0f;
+            for (int t = 0; t < nlive; ++t) {
+                const float wgt = expf(m[2 * t] - M);
+                num = fmaf(wgt, o[t * hd], num);
+                den = fmaf(wgt, m[2 * t + 1], den);
+            }
+            out[(row0 + h) * hd + d] = num / den;
+        }
+        return;
+    }
+    for (int e = tid; e < nh * hd; e += nthreads) {
+        const int h = e / hd, d = e - h * hd;
+        const float* ml = part_ml + (row0 + h) * splits * 2;
+        const float* po = part_o + (row0 + h) * splits * hd + d;
+        float M = NEG_INF;
+        for (int t = 0; t < nlive; ++t) M = fmaxf(M, db_ldcg(ml + 2 * t));
+        float num = 0.0f, den = 0.0f;
+        for (int t = 0; t < nlive; ++t) {
+            const float wgt = expf(db_ldcg(ml + 2 * t) - M);
+            num = fmaf(wgt, db_ldcg(po + (size_t)t * hd), num);
+            den = fmaf(wgt, db_ldcg(ml + 2 * t + 1), den);
+        }
+        out[(row0 + h) * hd + d] = num / den;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
 // attn_decode: split-sequence decode attention with the combine in the same kernel.
 //                                           grid [batch*heads, ceil_div(max_seq, chunk)], block [256]
 // Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = min(pos[b] + 1, max_seq), of kv head
 // h / (heads / kv_heads). Only the live splits, nlive = ceil_div(L, chunk), do work; the others return after
-// reading pos. Dependent global round trips after the wait: (pos, q), then the tile's K and V together
-// (ATTN_UNROLL keys per lane group: 128 keys per tile at head_dim 64 and 256 threads), then the partials' combine.
-// Per tile: scores by lane groups of LPK lanes per key (shuffle sums: every lane of the group holds the
-// same bits), written once to shared memory; one barrier; then every thread takes the tile's max and the sum
-// of exp from shared memory itself (no block reductions) and accumulates p * V for its own keys (online
-// softmax across tiles). The key groups' p.V partials are summed through shared memory at the end.
+// reading pos. A decode step's attention is a latency chain (a few KB per head at short contexts), so it is
+// built to take few dependent round trips after the wait:
+// * Split 0 is live whenever the row is, so it loads its first tile's K and V together with pos and q (keys
+//   [0, tile) within max_seq; those past L are zeroed once pos is known): one round trip. Other splits load
+//   (pos, q), then their K and V (ATTN_UNROLL keys per lane group: 128 keys per tile at head_dim 64 and 256
+//   threads). At positions below one tile (and chunk), attention is that one round trip.
+// * Per tile: scores by lane groups of LPK lanes per key (shuffle sums: every lane of the group holds the same
+//   bits), written once to shared memory; one barrier; every warp then reduces the tile's max and sum of exp
+//   itself (lanes over keys, shuffles: the same bits in every warp) and each thread accumulates p * V for its
+//   own keys (online softmax across tiles). The key groups' p.V partials are summed through shared memory.
 // * nlive == 1: the block writes out = o / l itself (no scratch, no counter).
 // * nlive > 1: each live block writes its (o, m, l) to part_o/part_ml, fences, and bumps counters[b*heads+h];
-//   the block that brings it to nlive combines the nlive partials (L2 loads) into out and resets the counter
-//   to 0 for the next launch. counters must be zero before the first launch (a fresh buffer is).
+//   the block that brings it to nlive combines the partials (attn_combine: one round trip) into out and resets
+//   the counter to 0 for the next launch. counters must be zero before the first launch (a fresh buffer is).
 // * L <= 0 (padding row, pos < 0): split 0 writes zeros.
 // out [batch, heads*head_dim]; part_o [batch, heads, splits, head_dim]; part_ml [batch, heads, splits, 2].
 // Requirements: head_dim % 4 == 0, 4 <= head_dim <= 4 * warpSize; kv_heads divides heads; chunk >= 1;
@@ -493,11 +556,11 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     attn_decode(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
                 float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim, int max_seq,
                 int chunk, float scale) {
-    __shared__ float sp[ATTN_UNROLL * ATTN_BLOCK];  // the tile's scaled scores
-    __shared__ float4 sacc[ATTN_BLOCK];             // p.V partials of the key groups, summed at the end
+    __shared__ __align__(16) float sp[ATTN_UNROLL * ATTN_BLOCK];  // the tile's scaled scores; the combine's
+    __shared__ float4 sacc[ATTN_BLOCK];                           // p.V partials of the key groups
     __shared__ int s_last;
     PDL_LAUNCH_DEPENDENTS();
-    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const int tid = threadIdx.x, nthreads = blockDim.x, ws = warpSize, lane = tid % ws;
     const int bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
     const int s = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
@@ -507,10 +570,25 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
     const int tile = ATTN_UNROLL * n_sg;  // keys per tile
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)head_dim;
+    const float4* kc4 = reinterpret_cast<const float4*>(k_cache + kv_base);
+    const float4* vc4 = reinterpret_cast<const float4*>(v_cache + kv_base);
     PDL_WAIT();
-    // q and pos are independent loads: issue both before using either
+    // q, pos and (split 0) the first tile's K and V are independent loads: all issued before any is used
     const float4 qv = (sc4 < d4) ? db_ldca(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
-    const int L = min(pos[b] + 1, max_seq);
+    const int p = pos[b];
+    const bool early = s == 0;
+    float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
+#pragma unroll
+    for (int u = 0; u < ATTN_UNROLL; ++u) {
+        const int kk = u * n_sg + sg;
+        kv[u] = vv[u] = zero4;
+        if (early && kk < max_seq && sc4 < d4) {
+            kv[u] = db_ldcg(kc4 + (size_t)kk * d4 + sc4);
+            vv[u] = db_ldcg(vc4 + (size_t)kk * d4 + sc4);
+        }
+    }
+    const int L = min(p + 1, max_seq);
     const int nlive = L > 0 ? (L + chunk - 1) / chunk : 0;
     float4* out4 = reinterpret_cast<float4*>(out + (size_t)bh * head_dim);
     if (nlive == 0) {
@@ -521,22 +599,22 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const int start = s * chunk;
     const int end = min(start + chunk, L);
 
-    const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)head_dim;
-    const float4* kc4 = reinterpret_cast<const float4*>(k_cache + kv_base);
-    const float4* vc4 = reinterpret_cast<const float4*>(v_cache + kv_base);
-
     float m = NEG_INF, l = 0.0f;
     float4 acc = zero4;
     for (int t0 = start; t0 < end; t0 += tile) {
         const int nt = min(tile, end - t0);
-        float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; ++u) {  // K and V of the lane group's keys: one round trip
             const int kk = u * n_sg + sg;
-            kv[u] = vv[u] = zero4;
-            if (kk < nt && sc4 < d4) {
-                kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
-                vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
+            const bool in = kk < nt && sc4 < d4;
+            if (early && t0 == start) {  // loaded with pos: zero the keys past this tile's end
+                if (!in) kv[u] = vv[u] = zero4;
+            } else {
+                kv[u] = vv[u] = zero4;
+                if (in) {
+                    kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
+                    vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
+                }
             }
         }
         float dot[ATTN_UNROLL];
@@ -552,11 +630,13 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
             if (kk < nt && sc4 == 0) sp[kk] = scale * dot[u];
         }
         __syncthreads();
+        // the tile's max and sum of exp, reduced by every warp on its own (the same bits in every warp)
         float mt = NEG_INF;
-        for (int j = 0; j < nt; ++j) mt = fmaxf(mt, sp[j]);
-        const float m_new = fmaxf(m, mt);  // finite: the tile has >= 1 key
+        for (int j = lane; j < nt; j += ws) mt = fmaxf(mt, sp[j]);
+        const float m_new = fmaxf(m, db_warp_max(mt));  // finite: the tile has >= 1 key
         float psum = 0.0f;
-        for (int j = 0; j < nt; ++j) psum += expf(sp[j] - m_new);
+        for (int j = lane; j < nt; j += ws) psum += expf(sp[j] - m_new);
+        psum = db_warp_sum(psum);
         const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
         l = l * corr + psum;
         m = m_new;
@@ -568,11 +648,11 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
         for (int u = 0; u < ATTN_UNROLL; ++u) {
             const int kk = u * n_sg + sg;
             if (kk < nt) {
-                const float p = expf(sp[kk] - m_new);
-                acc.x = fmaf(p, vv[u].x, acc.x);
-                acc.y = fmaf(p, vv[u].y, acc.y);
-                acc.z = fmaf(p, vv[u].z, acc.z);
-                acc.w = fmaf(p, vv[u].w, acc.w);
+                const float pk = expf(sp[kk] - m_new);
+                acc.x = fmaf(pk, vv[u].x, acc.x);
+                acc.y = fmaf(pk, vv[u].y, acc.y);
+                acc.z = fmaf(pk, vv[u].z, acc.z);
+                acc.w = fmaf(pk, vv[u].w, acc.w);
             }
         }
         __syncthreads();  // sp is rewritten by the next tile
@@ -607,19 +687,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     __syncthreads();
     if (!s_last) return;
     __threadfence();  // every other live block's partials are visible to this one
-    const float* ml = part_ml + (size_t)bh * splits * 2;
-    const float* po = part_o + (size_t)bh * splits * head_dim;
-    float M = NEG_INF;
-    for (int t = 0; t < nlive; ++t) M = fmaxf(M, db_ldcg(ml + 2 * t));
-    for (int e = tid; e < head_dim; e += nthreads) {
-        float num = 0.0f, den = 0.0f;
-        for (int t = 0; t < nlive; ++t) {
-            const float wgt = expf(db_ldcg(ml + 2 * t) - M);
-            num = fmaf(wgt, db_ldcg(po + (size_t)t * head_dim + e), num);
-            den = fmaf(wgt, db_ldcg(ml + 2 * t + 1), den);
-        }
-        out[(size_t)bh * head_dim + e] = num / den;
-    }
+    attn_combine(part_o, part_ml, out, (size_t)bh, 1, splits, nlive, head_dim, sp, ATTN_UNROLL * ATTN_BLOCK);
     if (tid == 0) counters[bh] = 0;  // every live block has counted: ready for the next launch
 }
 
