@@ -813,13 +813,14 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
                         float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
                         int max_seq, int chunk, float scale) {
-    __shared__ AB_ALIGN16 float ks[AB_TK * AB_LD];
-    __shared__ AB_ALIGN16 float vs[AB_TK * AB_LD];
+    __shared__ AB_ALIGN16 float kvs[2 * AB_TK * AB_LD];  // the K tile, then the V tile; the combine's partials
+    float* ks = kvs;
+    float* vs = kvs + AB_TK * AB_LD;
     __shared__ AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
     __shared__ float ps[AB_MAX_GROUP * AB_TK];
     __shared__ float corr_s[AB_MAX_GROUP], m_s[AB_MAX_GROUP], l_s[AB_MAX_GROUP];
     __shared__ int s_last;
-    PDL_LAUNCH_DEPENDENTS();
+    if (ATTN_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int G = heads / kv_heads;
     const int b = blockIdx.x / kv_heads, kvh = blockIdx.x - b * kv_heads, s = blockIdx.y;
@@ -873,6 +874,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
         // K and V of the tile (split 0's first tile is in flight already: its rows past nt are never read)
         if (!(early && t0 == 0)) copy_tile(t0, nt);
         db_cp_commit();
+        if (ATTN_TRIGGER == 1 && t0 == start) PDL_LAUNCH_DEPENDENTS();
         db_cp_wait<0>();
         __syncthreads();
         // scores
@@ -926,6 +928,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
         }
         __syncthreads();  // ks, vs, ps are rewritten by the next tile
     }
+    if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
         const int h = warp + 8 * u;
@@ -961,6 +964,6 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    attn_combine(part_o, part_ml, out, (size_t)b * heads + h0, G, splits, nlive, hd, ks, AB_TK * AB_LD);
+    attn_combine(part_o, part_ml, out, (size_t)b * heads + h0, G, splits, nlive, hd, kvs, 2 * AB_TK * AB_LD);
     if (tid == 0) *counter = 0;
 }

@@ -468,59 +468,72 @@ DEFINE_GEMV_ROWS(bf16, db_bf16)
 // ------------------------------------------------------------------------------------------------------------
 // attn_combine: the last live split of `nh` consecutive (row, head) rows row0 .. row0 + nh - 1 merges their
 // nlive partials: out[row, e] = sum_t exp(m_t - M) o_t[e] / sum_t exp(m_t - M) l_t, M = max_t m_t (t in split
-// order, so the result is deterministic). part_o [rows, splits, hd], part_ml [rows, splits, 2]. When every
-// partial fits `sbuf` (16-byte aligned, sbuf_floats floats) they are loaded in ONE round trip into shared memory
-// first; else each thread reads them from L2 as it goes. Every thread of the block calls it (it has a barrier).
+// order, so the result is deterministic). part_o [rows, splits, hd], part_ml [rows, splits, 2].
+// The partials go through `sbuf` (shared memory, 16-byte aligned, sbuf_floats floats): every (m, l) and the
+// first chunk of o partials in ONE round trip, further chunks one round trip each (their sums kept in sbuf), so
+// a long context's combine is a few round trips, not one per split. Without room for one split's o partials
+// each thread reads them from L2 as it goes. Every thread of the block calls it (it has barriers).
 // ------------------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ void attn_combine(const float* part_o, const float* part_ml, float* out, size_t row0,
                                              int nh, int splits, int nlive, int hd, float* sbuf, int sbuf_floats) {
-    const int tid = threadIdx.x, nthreads = blockDim.x;
-    const int n_o = nh * nlive * hd, n_ml = nh * nlive * 2;
-    if (n_o + n_ml <= sbuf_floats) {
-        const int hd4 = hd / 4;
-        float4* so4 = reinterpret_cast<float4*>(sbuf);
-        float* sml = sbuf + n_o;
-#pragma unroll 4
-        for (int e = tid; e < nh * nlive * hd4; e += nthreads) {
-            const int ht = e / hd4, c = e - ht * hd4, h = ht / nlive, t = ht - h * nlive;
-            so4[e] = db_ldcg(reinterpret_cast<const float4*>(part_o + ((row0 + h) * splits + t) * hd) + c);
-        }
-#pragma unroll 4
-        for (int e = tid; e < n_ml; e += nthreads) {
-            const int ht = e >> 1, h = ht / nlive, t = ht - h * nlive;
-            sml[e] = db_ldcg(part_ml + ((row0 + h) * splits + t) * 2 + (e & 1));
-        }
-        __syncthreads();
-        for (int e = tid; e < nh * hd; e += nthreads) {
+    const int tid = threadIdx.x, nthreads = blockDim.x, hd4 = hd / 4;
+    const int n_ml = nh * nlive * 2, n_out = nh * hd;
+    const int lead = (n_ml + n_out + 3) & ~3;  // [(m, l) of every split][running sums][a chunk of o partials]
+    const int per_chunk = sbuf_floats > lead ? (sbuf_floats - lead) / n_out : 0;  // splits per chunk
+    if (per_chunk == 0) {
+        for (int e = tid; e < n_out; e += nthreads) {
             const int h = e / hd, d = e - h * hd;
-            const float* m = sml + h * nlive * 2;
-            const float* o = sbuf + (size_t)h * nlive * hd + d;
+            const float* ml = part_ml + (row0 + h) * splits * 2;
+            const float* po = part_o + (row0 + h) * splits * hd + d;
             float M = NEG_INF;
-            for (int t = 0; t < nlive; ++t) M = fmaxf(M, m[2 * t]);
+            for (int t = 0; t < nlive; ++t) M = fmaxf(M, db_ldcg(ml + 2 * t));
             float num = 0.0f, den = 0.0f;
             for (int t = 0; t < nlive; ++t) {
-                const float wgt = expf(m[2 * t] - M);
-                num = fmaf(wgt, o[t * hd], num);
-                den = fmaf(wgt, m[2 * t + 1], den);
+                const float wgt = expf(db_ldcg(ml + 2 * t) - M);
+                num = fmaf(wgt, db_ldcg(po + (size_t)t * hd), num);
+                den = fmaf(wgt, db_ldcg(ml + 2 * t + 1), den);
             }
             out[(row0 + h) * hd + d] = num / den;
         }
         return;
     }
-    for (int e = tid; e < nh * hd; e += nthreads) {
-        const int h = e / hd, d = e - h * hd;
-        const float* ml = part_ml + (row0 + h) * splits * 2;
-        const float* po = part_o + (row0 + h) * splits * hd + d;
-        float M = NEG_INF;
-        for (int t = 0; t < nlive; ++t) M = fmaxf(M, db_ldcg(ml + 2 * t));
-        float num = 0.0f, den = 0.0f;
-        for (int t = 0; t < nlive; ++t) {
-            const float wgt = expf(db_ldcg(ml + 2 * t) - M);
-            num = fmaf(wgt, db_ldcg(po + (size_t)t * hd), num);
-            den = fmaf(wgt, db_ldcg(ml + 2 * t + 1), den);
+    float* sml = sbuf;
+    float* snum = sbuf + n_ml;
+    float* so = sbuf + lead;
+    for (int t0 = 0; t0 < nlive; t0 += per_chunk) {  // uniform across the block
+        const int tn = min(per_chunk, nlive - t0);
+        if (t0 == 0) {
+#pragma unroll 4
+            for (int e = tid; e < n_ml; e += nthreads) {
+                const int ht = e >> 1, h = ht / nlive, t = ht - h * nlive;
+                sml[e] = db_ldcg(part_ml + ((row0 + h) * splits + t) * 2 + (e & 1));
+            }
         }
-        out[(row0 + h) * hd + d] = num / den;
+#pragma unroll 4
+        for (int e = tid; e < nh * tn * hd4; e += nthreads) {
+            const int ht = e / hd4, c = e - ht * hd4, h = ht / tn, t = ht - h * tn;
+            reinterpret_cast<float4*>(so)[e] =
+                db_ldcg(reinterpret_cast<const float4*>(part_o + ((row0 + h) * splits + t0 + t) * hd) + c);
+        }
+        __syncthreads();
+        const bool last = t0 + tn >= nlive;
+        for (int e = tid; e < n_out; e += nthreads) {  // element e is this thread's in every chunk
+            const int h = e / hd, d = e - h * hd;
+            const float* m = sml + h * nlive * 2;
+            float M = NEG_INF;
+            for (int t = 0; t < nlive; ++t) M = fmaxf(M, m[2 * t]);
+            float num = t0 == 0 ? 0.0f : snum[e];
+            for (int t = 0; t < tn; ++t) num = fmaf(expf(m[2 * (t0 + t)] - M), so[(h * tn + t) * hd + d], num);
+            if (!last) {
+                snum[e] = num;
+                continue;
+            }
+            float den = 0.0f;
+            for (int t = 0; t < nlive; ++t) den = fmaf(expf(m[2 * t] - M), m[2 * t + 1], den);
+            out[(row0 + h) * hd + d] = num / den;
+        }
+        if (!last) __syncthreads();  // the next chunk rewrites so
     }
 }
 
@@ -541,8 +554,9 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 //   own keys (online softmax across tiles). The key groups' p.V partials are summed through shared memory.
 // * nlive == 1: the block writes out = o / l itself (no scratch, no counter).
 // * nlive > 1: each live block writes its (o, m, l) to part_o/part_ml, fences, and bumps counters[b*heads+h];
-//   the block that brings it to nlive combines the partials (attn_combine: one round trip) into out and resets
-//   the counter to 0 for the next launch. counters must be zero before the first launch (a fresh buffer is).
+//   the block that brings it to nlive combines the partials (attn_combine: one round trip per chunk of them)
+//   into out and resets the counter to 0 for the next launch. counters must be zero before the first launch (a
+//   fresh buffer is).
 // * L <= 0 (padding row, pos < 0): split 0 writes zeros.
 // out [batch, heads*head_dim]; part_o [batch, heads, splits, head_dim]; part_ml [batch, heads, splits, 2].
 // Requirements: head_dim % 4 == 0, 4 <= head_dim <= 4 * warpSize; kv_heads divides heads; chunk >= 1;
@@ -551,6 +565,11 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 
 #define ATTN_BLOCK 256
 #define ATTN_UNROLL 8  // keys per lane group whose K and V loads are in flight together
+// When the attention kernels let the next kernel launch (whose blocks then prefetch its weights, sharing DRAM
+// with attention's K/V loads): 0 at the start, 1 once the first tile's K/V loads are issued, 2 after the tiles
+#ifndef ATTN_TRIGGER
+#define ATTN_TRIGGER 0
+#endif
 
 extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     attn_decode(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
@@ -559,7 +578,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     __shared__ __align__(16) float sp[ATTN_UNROLL * ATTN_BLOCK];  // the tile's scaled scores; the combine's
     __shared__ float4 sacc[ATTN_BLOCK];                           // p.V partials of the key groups
     __shared__ int s_last;
-    PDL_LAUNCH_DEPENDENTS();
+    if (ATTN_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
     const int tid = threadIdx.x, nthreads = blockDim.x, ws = warpSize, lane = tid % ws;
     const int bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
     const int s = blockIdx.y;
@@ -617,6 +636,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
                 }
             }
         }
+        if (ATTN_TRIGGER == 1 && t0 == start) PDL_LAUNCH_DEPENDENTS();
         float dot[ATTN_UNROLL];
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] = qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
@@ -657,6 +677,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
         }
         __syncthreads();  // sp is rewritten by the next tile
     }
+    if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     sacc[tid] = acc;
     __syncthreads();
     float4 o = zero4;

@@ -257,7 +257,8 @@ ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits
     (5, 8, 2, 128, 600, 64, 3),
     (3, 14, 2, 64, 129, 16, 9),
     (64, 4, 4, 32, 50, 32, 1),
-    (2, 16, 1, 96, 2100, 32, 40),
+    (2, 16, 1, 96, 2100, 32, 40),  # 16 heads of 96 per kv head: the combine reads 3 splits per chunk
+    (3, 8, 2, 64, 4096, 32, 64),  # 64 splits: 3 chunks
 ]
 
 

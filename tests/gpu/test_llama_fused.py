@@ -212,6 +212,9 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, max_seq, chunk
     (4, 2, 96, 150, 64),
     (2, 2, 8, 40, 7),
     (32, 4, 64, 512, 64),
+    (4, 2, 64, 3000, 32),  # 94 splits: the combine reads its partials in 4 chunks
+    (2, 1, 128, 2048, 16),  # 128 splits of head_dim 128: 10 chunks
+    (1, 1, 8, 8192, 8),  # 1024 splits: more (m, l) pairs than shared memory holds, read from L2 as it goes
 ]
 
 
