@@ -64,8 +64,7 @@ PY
     timeline)  # issues 8/10/15: per-node increments of the fused step (CUPTI through torch.profiler)
       timeout 120 python3 tools/timeline.py --json "$OUT/timeline_tinyllama_b1.json" 2>&1 | tail -12
       timeout 120 python3 tools/timeline.py --config specs/configs/llama_tiny.yaml --json "$OUT/timeline_tiny_b1.json" 2>&1 | tail -12
-      timeout 150 python3 tools/timeline.py --set batch=8 --set cache_batch=8 --json "$OUT/timeline_tinyllama_b8.json" 2>&1 | tail -12
-      timeout 120 python3 tools/timeline.py --config specs/configs/llama_tiny.yaml --loop 16 --json "$OUT/timeline_tiny_loop16.json" 2>&1 | tail -14 ;;
+      timeout 150 python3 tools/timeline.py --set batch=8 --set cache_batch=8 --json "$OUT/timeline_tinyllama_b8.json" 2>&1 | tail -12 ;;
     sanitize_fused)
       for tool in memcheck racecheck synccheck; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \

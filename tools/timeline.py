@@ -88,59 +88,6 @@ def idle_us(launch: list[dict[str, float]]) -> float:
     return idle
 
 
-def main_loop(args) -> int:
-    """The looped graph: the body's kernels per step, grouped by kernel entry (copies of one node share it)."""
-    import torch
-
-    from dagbuild.llama.loop import LoopDecoder, looped_plan
-
-    torch.cuda.init()
-    dims = {**yaml.safe_load(Path(args.config).read_text()), **parse_set(args.set)}
-    dims["max_seq"] = max(int(dims.get("max_seq", 0)), args.pos + 2 * args.loop + 2)
-    plan = llama_plan(dims, args.spec)
-    lp = looped_plan(plan, args.loop)
-    rows = plan.dims["batch"]
-    with Executable(lp) as exe:
-        random_weights(exe, 0)
-        dec = LoopDecoder(exe)
-        prompts = [[1 + r] * args.pos for r in range(rows)]
-        dec.generate(prompts, args.loop)  # warm-up: prefill to pos, then K steps
-        dec.start(prompts, 10 * args.loop)
-        while not dec._out[0]:  # the prompt's launches, up to the first generated token
-            dec.launch()
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            exe.launch(exe.stream)
-            exe.stream.synchronize()
-    events = sorted(({"name": e.name, "start": e.time_range.start, "end": e.time_range.end} for e in prof.events()
-                     if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
-                     and "memset" not in e.name.lower()), key=lambda k: k["start"])
-    if not events:
-        print("no kernel events traced (CUPTI unavailable?)")
-        return 1
-    by: dict[str, dict[str, Any]] = {}
-    prev_end = events[0]["start"]
-    for e in events:
-        r = by.setdefault(e["name"], {"kernel": e["name"], "count": 0, "inc_us": 0.0, "span_us": 0.0})
-        r["count"] += 1
-        r["inc_us"] += e["end"] - prev_end
-        r["span_us"] += e["end"] - e["start"]
-        prev_end = max(prev_end, e["end"])
-    total = events[-1]["end"] - events[0]["start"]
-    print(f"{torch.cuda.get_device_name()} · {Path(args.spec).name} · {Path(args.config).name} "
-          f"{parse_set(args.set) or ''} · looped, K = {args.loop} · one launch: {total:.1f} µs, "
-          f"{total / args.loop:.2f} µs per step, exposed gaps {idle_us(events) / args.loop:.2f} µs per step")
-    print(f"{'kernel':<28}{'per step':>9}{'inc µs/step':>13}{'span µs each':>14}")
-    for r in sorted(by.values(), key=lambda r: -r["inc_us"]):
-        print(f"{r['kernel']:<28}{r['count'] / args.loop:>9.2f}{r['inc_us'] / args.loop:>13.2f}"
-              f"{r['span_us'] / r['count']:>14.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "args": vars(args),
-                                               "launch_us": total, "kernels": list(by.values())}, indent=1))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", default=str(ROOT / "specs" / "llama_decode_fused.yaml"))
@@ -149,12 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pos", type=int, default=100, help="every row's position (KV entries before it are used)")
     ap.add_argument("--reps", type=int, default=20, help="traced launches (default 20)")
     ap.add_argument("--plain", action="store_true", help="plain edges instead of programmatic ones")
-    ap.add_argument("--loop", type=int, metavar="K", help="trace the looped decode graph (K steps per launch, "
-                    "dagbuild.llama.loop) instead: per kernel entry, from one launch of K steps")
     ap.add_argument("--json", help="write the per-node and per-kind rows here")
     args = ap.parse_args(argv)
-    if args.loop:
-        return main_loop(args)
 
     import torch
 
