@@ -871,7 +871,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
 
     for (int t0 = start; t0 < end; t0 += AB_TK) {
         const int nt = min(AB_TK, end - t0);
-        // K and V of the tile (split 0's first tile is in flight already: its rows past nt are never read)
+        // K and V of the tile (split 0's first tile is in flight already: its rows past nt are masked like zeros)
         if (!(early && t0 == 0)) copy_tile(t0, nt);
         db_cp_commit();
         if (ATTN_TRIGGER == 1 && t0 == start) PDL_LAUNCH_DEPENDENTS();
