@@ -30,6 +30,11 @@ PY
       ;;
     pool)
       timeout 300 python3 tools/bench_pool.py --json "$OUT/bench_pool.json" 2>&1 | tail -12 ;;
+    attnbatch)  # issue 15 / 8 experiment: the batched attention (one block per KV head) below batch 8
+      for ab in 8 1; do
+        timeout 200 python3 tools/bench_batch.py --no-hf --contexts 128,2048 --batches 1,2,4 --steps 10 \
+          --set attn_batch=$ab --json "$OUT/attn_batch_$ab.json" --png "$OUT/attn_batch_$ab.png" 2>&1 | tail -12
+      done ;;
     poolfused)  # issue 15: 67 buckets of the fused spec, each with the kernel its variants pick
       timeout 400 python3 tools/bench_pool.py --spec specs/llama_decode_fused.yaml --json "$OUT/bench_pool_fused.json" 2>&1 | tail -12 ;;
     cli)
