@@ -50,6 +50,7 @@ from dagbuild.llama.config import from_hf, read_hf_config  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
 from dagbuild.llama.weights import (  # noqa: E402
     load_state_dict,
+    matrix_bytes,
     random_hf_model,
     random_weights,
     tied_bound,
@@ -59,7 +60,6 @@ from dagbuild.llama.weights import (  # noqa: E402
 DEFAULT_CONFIGS = ("specs/configs/llama_tiny.yaml", "specs/configs/tinyllama.yaml")
 FUSED_SPEC = ROOT / "specs" / "llama_decode_fused.yaml"
 #: weight matrices (packed ones too): a kernel reading one of them gets its achieved bandwidth reported
-MATRICES = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", "wqkv", "w_gate_up"}
 SPIN_SRC = r"""
 extern "C" __global__ void dagbuild_spin(long long cycles) {
     long long t0 = clock64();
@@ -306,8 +306,7 @@ def kernel_times(cp, exe, copy_gbps: float, min_launches: int = 100) -> list[dic
         n0 = by_id[items[0][0]]
         row: dict[str, Any] = {"kind": kind, "nodes": len(items), "kernel": getattr(n0.op, "kernel", n0.kind),
                                "us_per_node": us, "us_per_step": us * len(items)}
-        wbytes = sum(a.view.nbytes for a in getattr(n0.op, "args", ()) if a.view is not None
-                     and a.view.buffer in MATRICES)
+        wbytes = matrix_bytes(n0.op)
         if wbytes >= 1 << 20:  # a matrix-reading kernel (GEMV): its weight bandwidth
             row["weight_bytes"] = wbytes
             row["GBps"] = wbytes / (us * 1e-6) / 1e9

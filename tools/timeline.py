@@ -33,9 +33,7 @@ sys.path.insert(0, str(ROOT))
 from dagbuild.bench import copy_bandwidth, device_us_per_launch  # noqa: E402
 from dagbuild.executable import ExecOptions, Executable  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
-from dagbuild.llama.weights import random_weights  # noqa: E402
-
-MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head", "wq", "wk", "wv", "w_gate", "w_up")
+from dagbuild.llama.weights import matrix_bytes, random_weights  # noqa: E402
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -52,14 +50,12 @@ def kernel_nodes(plan) -> list[tuple[str, str, int]]:
     for n in plan.topological():
         if n.kind != "kernel":
             continue
-        wbytes = sum(a.view.nbytes for a in getattr(n.op, "args", ()) if a.view is not None
-                     and a.view.buffer in MATRICES)
-        rows.append((n.id, plan.kernels[n.op.kernel].entry, wbytes))
+        rows.append((n.id, plan.kernels[n.op.kernel].entry, matrix_bytes(n.op)))
     return rows
 
 
-def trace(torch, exe, reps: int) -> list[list[dict[str, float]]]:
-    """Kernel events (name, start, end in µs) of `reps` launches, split per launch by the first kernel."""
+def trace(torch, exe, reps: int) -> list[dict[str, float]]:
+    """Kernel events (name, start, end in µs) of `reps` back-to-back launches, in start order."""
     from torch.profiler import ProfilerActivity, profile
 
     stream = exe.stream

@@ -75,6 +75,8 @@ NORM_BUFFERS = ("attn_norm", "mlp_norm", "final_norm")
 #: wqkv[l] = [wq[l]; wk[l]; wv[l]] (rows concatenated); w_gate_up[l] rows interleaved: 2j = w_gate[l][j],
 #: 2j+1 = w_up[l][j].
 PACKED_BUFFERS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+#: the weight matrices a decode step streams (the GEMV traffic that bandwidth figures are measured against)
+MATRIX_BUFFERS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", *PACKED_BUFFERS})
 _PACKED_IN = {role: packed for packed, roles in PACKED_BUFFERS.items() for role in roles}
 
 #: The decode specs' default consts and RoPE (the random-weights demo model's).
@@ -232,6 +234,11 @@ def _check_weight_buffers(plan: Any) -> None:
         if got != want:
             raise WeightsError(f"graph {name!r}: packed buffer {packed!r} has shape {list(got)}, but "
                                f"{' + '.join(roles)} need {list(want)}")
+
+
+def matrix_bytes(op: Any) -> int:
+    """Bytes of weight matrices a plan node's kernel reads (0 for other nodes): its share of a step's floor."""
+    return sum(a.view.nbytes for a in getattr(op, "args", ()) if a.view is not None and a.view.buffer in MATRIX_BUFFERS)
 
 
 def weight_buffer_names(plan: Any) -> list[str]:
