@@ -710,6 +710,7 @@ __device__ __forceinline__ void qkv_tc_impl(const T* w, const T* norm, const flo
                                             float* v_cache, const int* pos, const float* bias,
                                             const float* inv_freq, int hidden, int heads, int kv_heads,
                                             int head_dim, int max_seq, int batch, float eps) {
+    DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
     const QkvJob job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
                      (heads + 2 * kv_heads) * (head_dim / 2)};
@@ -719,6 +720,7 @@ __device__ __forceinline__ void qkv_tc_impl(const T* w, const T* norm, const flo
 template <int ENGINE, typename T>
 __device__ __forceinline__ void gate_up_tc_impl(const T* w, const T* norm, const float* x, float* act, int ffn,
                                                 int hidden, int batch, float eps) {
+    DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
     tc_gemm<ENGINE, T, true>(SwigluJob{act, ffn, ffn}, w, norm, x, hidden, batch, eps);
 }
@@ -726,6 +728,7 @@ __device__ __forceinline__ void gate_up_tc_impl(const T* w, const T* norm, const
 template <int ENGINE, typename T, bool NORM, bool ADD>
 __device__ __forceinline__ void rows_tc_impl(const T* w, const T* norm, const float* x, float* y, int n, int k,
                                              int batch, float eps) {
+    DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
     tc_gemm<ENGINE, T, NORM>(RowsJob<ADD>{y, n, (n + 1) / 2}, w, norm, x, k, batch, eps);
 }
@@ -820,6 +823,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     __shared__ float ps[AB_MAX_GROUP * AB_TK];
     __shared__ float corr_s[AB_MAX_GROUP], m_s[AB_MAX_GROUP], l_s[AB_MAX_GROUP];
     __shared__ int s_last;
+    DB_TRACE_BLOCK();
     if (ATTN_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int G = heads / kv_heads;

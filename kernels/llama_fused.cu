@@ -26,7 +26,11 @@
 #define NEG_INF DB_NEG_INF
 // griddepcontrol.launch_dependents / .wait on CUDA sm_90+, no-ops elsewhere (HIP has no programmatic launch)
 #define PDL_LAUNCH_DEPENDENTS() DB_GRID_TRIGGER()
-#define PDL_WAIT() DB_GRID_WAIT()
+#define PDL_WAIT()      \
+    do {                \
+        DB_GRID_WAIT(); \
+        DB_TRACE_WAITED(); \
+    } while (0)
 
 // ------------------------------------------------------------------------------------------------------------
 // Small helpers: to_float, db_shfl_xor, db_warp_sum/max, db_block_sum/max in kernels/port.cuh; WeightPack,
@@ -61,7 +65,9 @@
 // ------------------------------------------------------------------------------------------------------------
 
 #define FW_BLOCK 256
-#define FW_MIN_BLOCKS 2
+#ifndef FW_MIN_BLOCKS
+#define FW_MIN_BLOCKS 2  // __launch_bounds__ minimum blocks per SM: caps registers at 65536 / (256 * this)
+#endif
 #define FW_U 4
 #define FW_STAGES 2
 #define FW_MAX_NB 4
@@ -210,6 +216,7 @@ __device__ __forceinline__ void fw_chunk(const Job& job, const T* w, const T* nw
     }
     db_cp_wait<S>();  // the norm weight's group has landed (the ring's S groups may still be in flight)
     __syncthreads();  // ... and every thread's share of it, and of x, is visible to the block
+    if (first) DB_TRACE_MARK(1);
     const float4* xsrc = x_staged ? xs : x4;
     const uint4* gsrc = g_staged ? gs : reinterpret_cast<const uint4*>(nw);
 
@@ -239,6 +246,7 @@ __device__ __forceinline__ void fw_chunk(const Job& job, const T* w, const T* nw
         }
         issue(i + S);  // refill the slot just consumed (its values were used above: no write-after-read race)
         if (c == C - 1) {  // the pair is complete: reduce, epilogue, reset
+            DB_TRACE_MARK(2);
             float y0 = 0.0f, y1 = 0.0f, s2 = 0.0f;
 #pragma unroll
             for (int bb = 0; bb < NB; ++bb) {
@@ -356,6 +364,7 @@ __device__ __forceinline__ void qkv_rope_impl(const T* w, const T* norm, const f
                                               float* v_cache, const int* pos, const float* bias,
                                               const float* inv_freq, int hidden, int heads, int kv_heads,
                                               int head_dim, int max_seq, int batch, float eps) {
+    DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
     const QkvJob job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
                      (heads + 2 * kv_heads) * (head_dim / 2)};
@@ -400,6 +409,7 @@ struct SwigluJob {
 template <typename T>
 __device__ __forceinline__ void gate_up_impl(const T* w, const T* norm, const float* x, float* act, int ffn,
                                              int hidden, int batch, float eps) {
+    DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
     fw_gemv<T, true>(SwigluJob{act, ffn, ffn}, w, norm, x, hidden, batch, eps);
 }
@@ -447,6 +457,7 @@ struct RowsJob {
 template <typename T, bool NORM, bool ADD>
 __device__ __forceinline__ void gemv_rows_impl(const T* w, const T* norm, const float* x, float* y, int n, int k,
                                                int batch, float eps) {
+    DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
     fw_gemv<T, NORM>(RowsJob<ADD>{y, n, (n + 1) / 2}, w, norm, x, k, batch, eps);
 }
@@ -564,7 +575,12 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 // ------------------------------------------------------------------------------------------------------------
 
 #define ATTN_BLOCK 256
+#ifndef ATTN_UNROLL
 #define ATTN_UNROLL 8  // keys per lane group whose K and V loads are in flight together
+#endif
+#ifndef ATTN_SHORT_ONE_SPLIT
+#define ATTN_SHORT_ONE_SPLIT 1  // a context of at most one tile runs as one split: no combine (0: split by chunk)
+#endif
 // When the attention kernels let the next kernel launch (whose blocks then prefetch its weights, sharing DRAM
 // with attention's K/V loads): 0 at the start, 1 once the first tile's K/V loads are issued, 2 after the tiles
 #ifndef ATTN_TRIGGER
@@ -578,6 +594,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     __shared__ __align__(16) float sp[ATTN_UNROLL * ATTN_BLOCK];  // the tile's scaled scores; the combine's
     __shared__ float4 sacc[ATTN_BLOCK];                           // p.V partials of the key groups
     __shared__ int s_last;
+    DB_TRACE_BLOCK();
     if (ATTN_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
     const int tid = threadIdx.x, nthreads = blockDim.x, ws = warpSize, lane = tid % ws;
     const int bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
@@ -608,7 +625,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
         }
     }
     const int L = min(p + 1, max_seq);
-    const int nlive = L > 0 ? (L + chunk - 1) / chunk : 0;
+    int nlive = L > 0 ? (L + chunk - 1) / chunk : 0;
+    if (ATTN_SHORT_ONE_SPLIT && L <= tile) nlive = min(nlive, 1);  // split 0's early tile holds every key
     float4* out4 = reinterpret_cast<float4*>(out + (size_t)bh * head_dim);
     if (nlive == 0) {
         if (s == 0 && tid < d4) out4[tid] = zero4;
@@ -616,7 +634,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     }
     if (s >= nlive) return;
     const int start = s * chunk;
-    const int end = min(start + chunk, L);
+    const int end = nlive == 1 ? L : min(start + chunk, L);
 
     float m = NEG_INF, l = 0.0f;
     float4 acc = zero4;
@@ -650,6 +668,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
             if (kk < nt && sc4 == 0) sp[kk] = scale * dot[u];
         }
         __syncthreads();
+        DB_TRACE_MARK(1);
         // the tile's max and sum of exp, reduced by every warp on its own (the same bits in every warp)
         float mt = NEG_INF;
         for (int j = lane; j < nt; j += ws) mt = fmaxf(mt, sp[j]);
@@ -691,6 +710,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
             o.w += t.w;
         }
     }
+    DB_TRACE_MARK(2);
     if (nlive == 1) {  // the only live split: normalise and write the output directly
         if (tid < d4) out4[tid] = make_float4(o.x / l, o.y / l, o.z / l, o.w / l);
         return;
@@ -719,6 +739,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
 
 template <typename T>
 __device__ __forceinline__ void embed_impl(const T* __restrict__ table, const int* tokens, float* x, int hidden) {
+    DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
     PDL_WAIT();
     const int b = blockIdx.x;
@@ -742,6 +763,7 @@ DEFINE_EMBED(bf16, db_bf16)
 // ------------------------------------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(1024) argmax_pdl(const float* logits, int* out, int vocab) {
+    DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
     PDL_WAIT();
     argmax_row(logits, out, vocab);

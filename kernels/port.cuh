@@ -194,6 +194,73 @@ __device__ __forceinline__ float db_block_max(float v, float* sh) { return db_bl
     } while (0)
 #endif
 
+// Block trace (diagnostics, tools/blocktrace.py): compiled with -DDB_BLOCKTRACE, a kernel that opens with
+// DB_TRACE_BLOCK() appends one record per warp to db_trace_buf (set by the host through the module's globals):
+// [start, past the grid-dependency wait (DB_TRACE_WAITED), mark 1, mark 2, exit, smid << 32 | block << 8 | warp,
+// 0, 0], %globaltimer nanoseconds, 0 where a point was not reached; DB_TRACE_MARK(1 or 2) stamps a kernel's own
+// points of interest. Lane 0 takes its slot with an atomic whose result is first used at the exit, so the trace
+// adds no round trip to the kernel's path. Without -DDB_BLOCKTRACE the macros are empty.
+#if defined(DB_BLOCKTRACE) && DB_CUDA
+__device__ unsigned long long* db_trace_buf;
+__device__ unsigned int db_trace_cap;
+__device__ unsigned int* db_trace_n;  // shared by every module of the graph: one order of records
+__shared__ unsigned long long db_trace_t[3][32];  // per warp: waited, mark 1, mark 2
+
+__device__ __forceinline__ unsigned long long db_globaltimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    return t;
+}
+
+__device__ __forceinline__ unsigned int db_trace_warp() {
+    return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) / warpSize;
+}
+
+struct DbBlockTrace {
+    unsigned long long t0;
+    unsigned int slot = 0xffffffffu;
+    __device__ DbBlockTrace() : t0(db_globaltimer()) {
+        if (threadIdx.x % warpSize == 0) {
+            slot = atomicAdd(db_trace_n, 1u);
+            for (int i = 0; i < 3; ++i) db_trace_t[i][db_trace_warp()] = 0;
+        }
+    }
+    __device__ static void mark(int i) {  // 0: waited; 1, 2: the kernel's marks (the first time reached)
+        if (threadIdx.x % warpSize == 0 && db_trace_t[i][db_trace_warp()] == 0)
+            db_trace_t[i][db_trace_warp()] = db_globaltimer();
+    }
+    __device__ ~DbBlockTrace() {
+        if (threadIdx.x % warpSize != 0) return;
+        const unsigned long long t4 = db_globaltimer();
+        if (slot >= db_trace_cap) return;
+        unsigned int smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        const unsigned int w = db_trace_warp();
+        const unsigned long long block = blockIdx.x + gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
+        unsigned long long* r = db_trace_buf + 8 * (size_t)slot;
+        r[0] = t0;
+        r[1] = db_trace_t[0][w];
+        r[2] = db_trace_t[1][w];
+        r[3] = db_trace_t[2][w];
+        r[4] = t4;
+        r[5] = ((unsigned long long)smid << 32) | (block << 8) | w;
+    }
+};
+#define DB_TRACE_BLOCK() DbBlockTrace db_block_trace_
+#define DB_TRACE_WAITED() DbBlockTrace::mark(0)
+#define DB_TRACE_MARK(i) DbBlockTrace::mark(i)
+#else
+#define DB_TRACE_BLOCK() \
+    do {                 \
+    } while (0)
+#define DB_TRACE_WAITED() \
+    do {                  \
+    } while (0)
+#define DB_TRACE_MARK(i) \
+    do {                 \
+    } while (0)
+#endif
+
 // ------------------------------------------------------------------------------------------------------------
 // Cache-hinted loads of produced data
 // ------------------------------------------------------------------------------------------------------------

@@ -215,6 +215,10 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, max_seq, chunk
     (4, 2, 64, 3000, 32),  # 94 splits: the combine reads its partials in 4 chunks
     (2, 1, 128, 2048, 16),  # 128 splits of head_dim 128: 10 chunks
     (1, 1, 8, 8192, 8),  # 1024 splits: more (m, l) pairs than shared memory holds, read from L2 as it goes
+    # a context of at most one tile (64 keys at head_dim 64 and 128 threads) runs as one split whatever the chunk
+    (4, 2, 64, 64, 8),  # pos 63: 64 keys, one split (8 by chunk)
+    (4, 2, 64, 65, 8),  # pos 64: 65 keys, one past the tile: 9 splits and the combine
+    (8, 2, 64, 300, 16),  # pos 16 on the second launch: 17 keys in one split
 ]
 
 
