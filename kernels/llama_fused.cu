@@ -26,9 +26,9 @@
 #define NEG_INF DB_NEG_INF
 // griddepcontrol.launch_dependents / .wait on CUDA sm_90+, no-ops elsewhere (HIP has no programmatic launch)
 #define PDL_LAUNCH_DEPENDENTS() DB_GRID_TRIGGER()
-#define PDL_WAIT()      \
-    do {                \
-        DB_GRID_WAIT(); \
+#define PDL_WAIT()         \
+    do {                   \
+        DB_GRID_WAIT();    \
         DB_TRACE_WAITED(); \
     } while (0)
 
@@ -553,7 +553,8 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 //                                           grid [batch*heads, ceil_div(max_seq, chunk)], block [256]
 // Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = min(pos[b] + 1, max_seq), of kv head
 // h / (heads / kv_heads). Only the live splits, nlive = ceil_div(L, chunk), do work; the others return after
-// reading pos. A decode step's attention is a latency chain (a few KB per head at short contexts), so it is
+// reading pos. A context of at most one tile runs as one split (nlive = 1, keys [0, L)) whatever the chunk:
+// split 0 loads that tile with pos anyway, and more splits would only add the combine's round trips. A decode step's attention is a latency chain (a few KB per head at short contexts), so it is
 // built to take few dependent round trips after the wait:
 // * Split 0 is live whenever the row is, so it loads its first tile's K and V together with pos and q (keys
 //   [0, tile) within max_seq; those past L are zeroed once pos is known): one round trip. Other splits load

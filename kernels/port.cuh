@@ -196,9 +196,9 @@ __device__ __forceinline__ float db_block_max(float v, float* sh) { return db_bl
 
 // Block trace (diagnostics, tools/blocktrace.py): compiled with -DDB_BLOCKTRACE, a kernel that opens with
 // DB_TRACE_BLOCK() appends one record per warp to db_trace_buf (set by the host through the module's globals):
-// [start, past the grid-dependency wait (DB_TRACE_WAITED), mark 1, mark 2, exit, smid << 32 | block << 8 | warp,
-// 0, 0], %globaltimer nanoseconds, 0 where a point was not reached; DB_TRACE_MARK(1 or 2) stamps a kernel's own
-// points of interest. Lane 0 takes its slot with an atomic whose result is first used at the exit, so the trace
+// [start, past the grid-dependency wait (DB_TRACE_WAITED), mark 1, mark 2, exit, smid << 32 | block << 8 | warp],
+// %globaltimer nanoseconds, 0 where a point was not reached; DB_TRACE_MARK(1 or 2) stamps a kernel's own points
+// of interest. Lane 0 takes its slot with an atomic whose result is first used at the exit, so the trace
 // adds no round trip to the kernel's path. Without -DDB_BLOCKTRACE the macros are empty.
 #if defined(DB_BLOCKTRACE) && DB_CUDA
 __device__ unsigned long long* db_trace_buf;
@@ -237,7 +237,7 @@ struct DbBlockTrace {
         asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
         const unsigned int w = db_trace_warp();
         const unsigned long long block = blockIdx.x + gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
-        unsigned long long* r = db_trace_buf + 8 * (size_t)slot;
+        unsigned long long* r = db_trace_buf + 6 * (size_t)slot;
         r[0] = t0;
         r[1] = db_trace_t[0][w];
         r[2] = db_trace_t[1][w];

@@ -48,7 +48,7 @@ from dagbuild.llama.weights import random_weights  # noqa: E402
 TRACE_OPTION = "-DDB_BLOCKTRACE"
 FIELDS = ("first_start", "last_start", "waited", "mark1", "mark2", "end", "after_wait")
 WIDTHS = (10, 9, 8, 8, 8, 8, 11)
-RECORD = 8  # u64 per warp record (kernels/port.cuh, DbBlockTrace)
+RECORD = 6  # u64 per warp record (kernels/port.cuh, DbBlockTrace)
 
 
 def traced_plan(plan, defines: tuple[str, ...] = ()) -> None:
@@ -112,7 +112,7 @@ class TraceBuffers:
     def records(self) -> list[tuple[int, ...]]:
         """(start, waited, mark 1, mark 2, exit, smid << 32 | block << 8 | warp) per warp."""
         n = min(int(self.count.get()[0]), self.cap)
-        return [tuple(int(v) for v in row[:6]) for row in self.buf[:n].get()]
+        return [tuple(int(v) for v in row) for row in self.buf[:n].get()]
 
 
 def split_nodes(records, blocks: list[tuple[str, int, int]]) -> list[dict[str, Any]] | None:
