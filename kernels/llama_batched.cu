@@ -824,7 +824,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     __shared__ float corr_s[AB_MAX_GROUP], m_s[AB_MAX_GROUP], l_s[AB_MAX_GROUP];
     __shared__ int s_last;
     DB_TRACE_BLOCK();
-    if (ATTN_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
+    if (ATTN_BATCHED_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int G = heads / kv_heads;
     const int b = blockIdx.x / kv_heads, kvh = blockIdx.x - b * kv_heads, s = blockIdx.y;
@@ -878,7 +878,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
         // K and V of the tile (split 0's first tile is in flight already: its rows past nt are masked like zeros)
         if (!(early && t0 == 0)) copy_tile(t0, nt);
         db_cp_commit();
-        if (ATTN_TRIGGER == 1 && t0 == start) PDL_LAUNCH_DEPENDENTS();
+        if (ATTN_BATCHED_TRIGGER == 1 && t0 == start) PDL_LAUNCH_DEPENDENTS();
         db_cp_wait<0>();
         __syncthreads();
         // scores
@@ -932,7 +932,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
         }
         __syncthreads();  // ks, vs, ps are rewritten by the next tile
     }
-    if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
+    if (ATTN_BATCHED_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
         const int h = warp + 8 * u;

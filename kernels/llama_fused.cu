@@ -583,9 +583,15 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #define ATTN_SHORT_ONE_SPLIT 1  // a context of at most one tile runs as one split: no combine (0: split by chunk)
 #endif
 // When the attention kernels let the next kernel launch (whose blocks then prefetch its weights, sharing DRAM
-// with attention's K/V loads): 0 at the start, 1 once the first tile's K/V loads are issued, 2 after the tiles
+// with attention's K/V loads): 0 at the start, 1 once the first tile's K/V loads are issued, 2 after the tiles.
+// attn_decode: 1 (H200, TinyLlama batch 1, two runs: -1.6 / -1.7 % a step at position 100, even at 400: its K/V
+// requests queue ahead of o_proj's 8 MB weight prefetch); attn_decode_batched: ATTN_BATCHED_TRIGGER, 0 (not
+// measured otherwise).
 #ifndef ATTN_TRIGGER
-#define ATTN_TRIGGER 0
+#define ATTN_TRIGGER 1
+#endif
+#ifndef ATTN_BATCHED_TRIGGER
+#define ATTN_BATCHED_TRIGGER 0
 #endif
 
 extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
