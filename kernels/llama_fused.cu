@@ -71,6 +71,12 @@
 #define FW_U 4
 #define FW_STAGES 2
 #define FW_MAX_NB 4
+// x staging: float4 loads in flight per thread. At 2, a 256-thread block stages 2048 floats (k = 2048, batch 1)
+// in one round trip but the down projection's 5632 in three (H200 blocktrace: x staged 2.5 µs after the wait,
+// against ~1 µs for k = 2048). 6 would make it one; not yet measured, so the default stays 2.
+#ifndef FW_X_INFLIGHT
+#define FW_X_INFLIGHT 2
+#endif
 // ring bytes of a block of `threads` threads (64 KB at 256)
 #define FW_RING(threads) (FW_STAGES * FW_U * 2 * (threads) * 16)
 
@@ -193,10 +199,11 @@ __device__ __forceinline__ void fw_chunk(const Job& job, const T* w, const T* nw
     int xoff[NB];
     if (x_staged) {
         __syncthreads();  // the previous chunk's readers of xs are done
-        for (int e0 = threadIdx.x; e0 < NB * k4; e0 += 2 * nthreads) {  // 2 loads in flight per thread
-            float4 t[2];
+        // FW_X_INFLIGHT loads in flight per thread: each pass is one dependent L2 round trip
+        for (int e0 = threadIdx.x; e0 < NB * k4; e0 += FW_X_INFLIGHT * nthreads) {
+            float4 t[FW_X_INFLIGHT];
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
+            for (int j = 0; j < FW_X_INFLIGHT; ++j) {
                 const int e = e0 + j * nthreads;
                 if (e < NB * k4) {
                     const int r = e / k4;
@@ -204,7 +211,7 @@ __device__ __forceinline__ void fw_chunk(const Job& job, const T* w, const T* nw
                 }
             }
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
+            for (int j = 0; j < FW_X_INFLIGHT; ++j) {
                 if (e0 + j * nthreads < NB * k4) xs[e0 + j * nthreads] = t[j];
             }
         }
