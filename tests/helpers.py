@@ -1,12 +1,15 @@
 """Helpers several test files share (importable as ``helpers``: pytest puts tests/ on sys.path for conftest.py).
 
-Two groups, each written once so a fix reaches every test that uses it: spec text's issues and lines, and
-NVRTC and ptxas reports (CPU).
+Written once so a fix reaches every test that uses it: spec text's issues and lines, NVRTC and ptxas reports
+(CPU), and the scripts of tools/ loaded as modules.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from conftest import SPECS
@@ -79,3 +82,15 @@ def ptxas_resources(source: str, name: str) -> dict[str, tuple[int, int, int, in
         nvrtc.nvrtcDestroyProgram(prog)
     return {n: (int(stack), int(st), int(ld), int(regs), rest)
             for n, stack, st, ld, regs, rest in _PTXAS_ENTRY.findall(log)}
+
+
+# ---- tools/ -------------------------------------------------------------------------------------------------
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import needs_nvrtc
+from helpers import load_tool, needs_nvrtc
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def blocktrace():
-    spec = importlib.util.spec_from_file_location("blocktrace", ROOT / "tools" / "blocktrace.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("blocktrace")
 
 
 def rec(start: int, waited: int, end: int, sm: int, block: int, warp: int = 0, marks=(0, 0)) -> tuple[int, ...]:

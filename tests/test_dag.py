@@ -3,12 +3,12 @@ the summary, and the 1,000-node case."""
 
 from __future__ import annotations
 
-import importlib.util
 import textwrap
 
 import networkx as nx
 import pytest
-from conftest import ROOT, SPECS
+from conftest import SPECS
+from helpers import load_tool
 
 from dagbuild.bind import bind
 from dagbuild.dag import full_graph, infer_edges, max_width
@@ -294,15 +294,8 @@ def test_max_width(edges, width):
 # --- the 1,000-node case ---------------------------------------------------------------------------------------------
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_validate", ROOT / "tools" / "bench_validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_thousand_node_spec_validates():
-    bench = _bench_module()
+    bench = load_tool("bench_validate")
     p = bench.validate(bench.spec_text(64))
     s = p.summary
     assert s["nodes"] == 64 * bench.NODES_PER_LAYER + 4 == 1028

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def timeline():
-    spec = importlib.util.spec_from_file_location("timeline", ROOT / "tools" / "timeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("timeline")
 
 
 def test_exposed_gaps_are_the_time_no_kernel_runs(timeline):
@@ -42,3 +39,13 @@ def test_kernel_nodes_of_the_fused_tinyllama_step(timeline):
     assert nodes[:3] == [("embed", "embed_pdl_f16", 0), ("qkv.0", "qkv_rope_f16", 2560 * 2048 * 2),
                          ("attn.0", "attn_decode", 0)]
     assert nodes[-2] == ("lm_head", "gemv_norm_f16", 32000 * 2048 * 2)
+
+
+def test_step_args_bind_the_spec_with_overrides(timeline):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    timeline.add_step_args(ap, 3, "launches")
+    args = ap.parse_args(["--set", "batch=4", "--set", "cache_batch=4", "--pos", "7"])
+    plan = timeline.step_plan(args)
+    assert (plan.dims["batch"], plan.dims["hidden"], args.pos, args.reps) == (4, 2048, 7, 3)

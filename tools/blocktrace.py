@@ -32,18 +32,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from timeline import parse_set  # noqa: E402
+from timeline import add_step_args, parse_set, prime, step_plan  # noqa: E402
 
 from dagbuild.bench import device_us_per_launch  # noqa: E402
 from dagbuild.executable import ExecOptions, Executable  # noqa: E402
-from dagbuild.llama.decode import llama_plan  # noqa: E402
-from dagbuild.llama.weights import random_weights  # noqa: E402
 
 TRACE_OPTION = "-DDB_BLOCKTRACE"
 FIELDS = ("first_start", "last_start", "waited", "mark1", "mark2", "end", "after_wait")
@@ -156,11 +152,7 @@ def timer_step_ns(records) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spec", default=str(ROOT / "specs" / "llama_decode_fused.yaml"))
-    ap.add_argument("--config", default=str(ROOT / "specs" / "configs" / "tinyllama.yaml"))
-    ap.add_argument("--set", action="append", default=[], metavar="DIM=V", help="override a dim (e.g. batch=8)")
-    ap.add_argument("--pos", type=int, default=100, help="every row's position (KV entries before it are used)")
-    ap.add_argument("--reps", type=int, default=5, help="traced launches (default 5; medians over them)")
+    add_step_args(ap, 5, "traced launches (default 5; medians over them)")
     ap.add_argument("--layer", type=int, default=10, help="the layer whose nodes are listed one by one")
     ap.add_argument("--define", action="append", default=[], metavar="NAME=V",
                     help="compile every kernel with -DNAME=V too (e.g. ATTN_UNROLL=4)")
@@ -169,21 +161,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import cupy
 
-    dims = dict(yaml.safe_load(Path(args.config).read_text()))
-    plan = llama_plan({**dims, **parse_set(args.set)}, args.spec)
+    plan = step_plan(args)
     traced_plan(plan, tuple(args.define))
     blocks = kernel_blocks(plan)
     launches = []
     with Executable(plan, ExecOptions(programmatic=True)) as exe:
-        random_weights(exe, 0)
-        b = plan.dims["batch"]
-        exe.buffers["tokens_host"][:b] = 1
-        exe.buffers["pos_host"][:b] = args.pos
-        tb = TraceBuffers(cupy, exe, cap=2 * sum(nb * nw for _, nb, nw in blocks) + 1024)
-        for _ in range(5):
-            exe.launch(exe.stream)
-        exe.stream.synchronize()
-        untraced_us = device_us_per_launch(exe, 50)  # records off (the counter and barrier stay)
+        tb = TraceBuffers(cupy, exe, cap=2 * sum(nb * nw for _, nb, nw in blocks) + 1024)  # before any launch
+        prime(exe, plan, args.pos)
+        untraced_us = device_us_per_launch(exe, 50)  # records off (each warp's slot atomic stays)
         resources = kernel_resources(plan, exe)
         resolution = 0
         for _ in range(args.reps):

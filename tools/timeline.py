@@ -44,6 +44,32 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def add_step_args(ap: argparse.ArgumentParser, reps: int, reps_help: str) -> None:
+    """The arguments of a traced decode step, shared with tools/blocktrace.py."""
+    ap.add_argument("--spec", default=str(ROOT / "specs" / "llama_decode_fused.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "specs" / "configs" / "tinyllama.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="DIM=V", help="override a dim (e.g. batch=8)")
+    ap.add_argument("--pos", type=int, default=100, help="every row's position (KV entries before it are used)")
+    ap.add_argument("--reps", type=int, default=reps, help=reps_help)
+
+
+def step_plan(args: argparse.Namespace):
+    """The plan of ``--spec`` at ``--config``'s dims with the ``--set`` overrides."""
+    dims = yaml.safe_load(Path(args.config).read_text())
+    return llama_plan({**dims, **parse_set(args.set)}, args.spec)
+
+
+def prime(exe: Executable, plan, pos: int) -> None:
+    """Random weights, token 1 and position ``pos`` in every row, and a few launches to warm up."""
+    random_weights(exe, 0)
+    b = plan.dims["batch"]
+    exe.buffers["tokens_host"][:b] = 1
+    exe.buffers["pos_host"][:b] = pos
+    for _ in range(5):
+        exe.launch(exe.stream)
+    exe.stream.synchronize()
+
+
 def kernel_nodes(plan) -> list[tuple[str, str, int]]:
     """(node id, kernel entry, weight bytes) of every kernel node, in the plan's topological order."""
     rows = []
@@ -86,11 +112,7 @@ def idle_us(launch: list[dict[str, float]]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spec", default=str(ROOT / "specs" / "llama_decode_fused.yaml"))
-    ap.add_argument("--config", default=str(ROOT / "specs" / "configs" / "tinyllama.yaml"))
-    ap.add_argument("--set", action="append", default=[], metavar="DIM=V", help="override a dim (e.g. batch=8)")
-    ap.add_argument("--pos", type=int, default=100, help="every row's position (KV entries before it are used)")
-    ap.add_argument("--reps", type=int, default=20, help="traced launches (default 20)")
+    add_step_args(ap, 20, "traced launches (default 20)")
     ap.add_argument("--plain", action="store_true", help="plain edges instead of programmatic ones")
     ap.add_argument("--json", help="write the per-node and per-kind rows here")
     args = ap.parse_args(argv)
@@ -98,20 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.cuda.init()
-    dims = {k: v for k, v in yaml.safe_load(Path(args.config).read_text()).items()}
-    overrides = {**dims, **parse_set(args.set)}
-    plan = llama_plan(overrides, args.spec)
-    d = plan.dims
+    plan = step_plan(args)
     nodes = kernel_nodes(plan)
     copy = copy_bandwidth()
     with Executable(plan, ExecOptions(programmatic=not args.plain)) as exe:
-        random_weights(exe, 0)
-        b = d["batch"]
-        exe.buffers["tokens_host"][:b] = 1
-        exe.buffers["pos_host"][:b] = args.pos
-        for _ in range(5):
-            exe.launch(exe.stream)
-        exe.stream.synchronize()
+        prime(exe, plan, args.pos)
         untraced_us = device_us_per_launch(exe, 50)
         launches = split_launches(trace(torch, exe, args.reps), len(nodes))
     if not launches:
