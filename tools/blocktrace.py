@@ -6,8 +6,10 @@ kernel's blocks are resident (prefetching weights), how long after its producer 
 how long its own work after the wait takes. This tool compiles the spec's kernels with ``-DDB_BLOCKTRACE``
 (kernels/port.cuh: a kernel opening with ``DB_TRACE_BLOCK()`` appends [start, waited, exit, SM] per warp,
 ``%globaltimer`` ns) and launches the graph once per ``--reps``. Records are ordered by start; the blocks of
-node N+1 all start after every block of node N has started (every kernel triggers its dependents at its
-start), so the records split into nodes by their warp counts in the plan's order.
+node N+1 all start after every block of node N has started (a programmatic dependent launches only once each
+block of its producer has triggered or exited), so the records split into nodes by their warp counts in the
+plan's order. That holds for a graph whose kernels form one programmatic chain (the fused spec); the tool
+says so and stops when the counts disagree.
 
 Per node, relative to the previous node's last block exit (E):
   first / last start   how early the node's blocks are resident (negative: before E)
@@ -90,8 +92,13 @@ class TraceBuffers:
         self.buf = cupy.zeros((cap, RECORD), dtype=cupy.uint64)
         self.count = cupy.zeros(1, dtype=cupy.uint32)
         self.globals = []
-        for module in exe.modules.modules.values():
-            g = {name: module.get_global(name) for name in ("db_trace_buf", "db_trace_cap", "db_trace_n")}
+        for key, module in exe.modules.modules.items():
+            try:
+                g = {name: module.get_global(name) for name in ("db_trace_buf", "db_trace_cap", "db_trace_n")}
+            except Exception as e:  # CuPy raises its driver error: say which kernels lack the trace
+                names = sorted(k.name for k in exe.plan.kernels.values() if (k.source, k.options) == key)
+                raise SystemExit(f"kernels {', '.join(names)}: their source has no block-trace globals (include "
+                                 f"kernels/port.cuh and open each kernel with DB_TRACE_BLOCK()): {e}") from e
             self.globals.append(g)
             self._set(g["db_trace_buf"], cupy.uint64, self.buf.data.ptr)
             self._set(g["db_trace_n"], cupy.uint64, self.count.data.ptr)
@@ -180,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             resolution = timer_step_ns(recs)
             rows = split_nodes(recs, blocks)
             if rows is None:
-                print(f"trace has {len(recs)} warp records, the plan {sum(nb * nw for _, nb, nw in blocks)} "
-                      "warps: not split")
+                print(f"trace has {len(recs)} warp records, the plan {sum(nb * nw for _, nb, nw in blocks)} warps: "
+                      "not split (every kernel must open with DB_TRACE_BLOCK() and be a link of one programmatic "
+                      "chain)")
                 return 1
             launches.append(rows)
     name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
