@@ -71,9 +71,11 @@
 #define FW_U 4
 #define FW_STAGES 2
 #define FW_MAX_NB 4
-// x staging: float4 loads in flight per thread. At 2, a 256-thread block stages 2048 floats (k = 2048, batch 1)
-// in one round trip but the down projection's 5632 in three (H200 blocktrace: x staged 2.5 µs after the wait,
-// against ~1 µs for k = 2048). 6 would make it one; not yet measured, so the default stays 2.
+// x staging of the GEMVs without a norm (o_proj, down): float4 loads in flight per thread. At 2, a 256-thread
+// block stages 2048 floats (k = 2048, batch 1) in one round trip but the down projection's 5632 in three (H200
+// blocktrace: x staged 2.5 µs after the wait, against ~1 µs for k = 2048). 6 makes it one and, by ptxas, still
+// fits gemv_res in 124 registers without spills (the norm GEMVs would spill, so they keep 2); not yet measured
+// on a GPU, so the default stays 2.
 #ifndef FW_X_INFLIGHT
 #define FW_X_INFLIGHT 2
 #endif
@@ -199,11 +201,12 @@ __device__ __forceinline__ void fw_chunk(const Job& job, const T* w, const T* nw
     int xoff[NB];
     if (x_staged) {
         __syncthreads();  // the previous chunk's readers of xs are done
-        // FW_X_INFLIGHT loads in flight per thread: each pass is one dependent L2 round trip
-        for (int e0 = threadIdx.x; e0 < NB * k4; e0 += FW_X_INFLIGHT * nthreads) {
-            float4 t[FW_X_INFLIGHT];
+        // XI loads in flight per thread: each pass is one dependent L2 round trip
+        constexpr int XI = NORM ? 2 : FW_X_INFLIGHT;
+        for (int e0 = threadIdx.x; e0 < NB * k4; e0 += XI * nthreads) {
+            float4 t[XI];
 #pragma unroll
-            for (int j = 0; j < FW_X_INFLIGHT; ++j) {
+            for (int j = 0; j < XI; ++j) {
                 const int e = e0 + j * nthreads;
                 if (e < NB * k4) {
                     const int r = e / k4;
@@ -211,7 +214,7 @@ __device__ __forceinline__ void fw_chunk(const Job& job, const T* w, const T* nw
                 }
             }
 #pragma unroll
-            for (int j = 0; j < FW_X_INFLIGHT; ++j) {
+            for (int j = 0; j < XI; ++j) {
                 if (e0 + j * nthreads < NB * k4) xs[e0 + j * nthreads] = t[j];
             }
         }

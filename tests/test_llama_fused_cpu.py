@@ -96,6 +96,15 @@ def test_ptxas_no_spills_no_stack_and_register_budget():
         assert regs <= 128, (name, regs)
 
 
+@needs_nvrtc
+def test_x_staging_knob_keeps_the_projection_gemvs_unspilled():
+    # -DFW_X_INFLIGHT=6 (down's 5632-wide x in one round trip) applies to gemv_res only; it must still fit
+    props = ptxas_resources("#define FW_X_INFLIGHT 6\n" + read_kernel_source(SRC), "llama_fused_x6")
+    for name, (stack, st, ld, regs, _) in props.items():
+        assert (stack, st, ld) == (0, 0, 0), name
+        assert regs <= 128, (name, regs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the spec
 # ----------------------------------------------------------------------------------------------------------
