@@ -72,7 +72,9 @@ PY
       timeout 150 python3 tools/timeline.py --set batch=8 --set cache_batch=8 --json "$OUT/timeline_tinyllama_b8.json" 2>&1 | tail -12 ;;
     blocktrace)  # issue 8: per block of every node, residency, wait release and exit (-DDB_BLOCKTRACE)
       timeout 120 python3 tools/blocktrace.py --json "$OUT/blocktrace_tinyllama_b1.json" 2>&1 | tail -32
-      timeout 120 python3 tools/blocktrace.py --pos 400 --json "$OUT/blocktrace_tinyllama_b1_pos400.json" 2>&1 | tail -32 ;;
+      timeout 120 python3 tools/blocktrace.py --pos 400 --json "$OUT/blocktrace_tinyllama_b1_pos400.json" 2>&1 | tail -32
+      # the next knob to measure: down's 5632-wide x staged in one round trip instead of three
+      timeout 120 python3 tools/blocktrace.py --define FW_X_INFLIGHT=6 --json "$OUT/blocktrace_x6.json" 2>&1 | tail -32 ;;
     sanitize_fused)
       for tool in memcheck racecheck synccheck; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \
