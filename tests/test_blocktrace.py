@@ -35,7 +35,10 @@ def test_records_split_into_nodes_by_grid_in_start_order(blocktrace):
     assert b["waited"] == pytest.approx(1.5) and b["end"] == pytest.approx(4.0)
     assert b["after_wait"] == pytest.approx(9.0 - 5.6)
     assert b["mark1"] == pytest.approx(2.0) and b["mark2"] != b["mark2"]  # a mark no warp reached: NaN
-    assert blocktrace.split_nodes(records, [("a", 2, 1), ("b", 2, 1)]) is None  # counts disagree: no guessing
+    assert blocktrace.split_nodes(records, [("a", 2, 1), ("b", 2, 1)]) is None
+    line = blocktrace.row_text("b", [b, {**b, "end": 6.0}])
+    assert len(line) == len(blocktrace.HEADER) and line.split()[:4] == ["b", "3", "3", "1"]
+    assert line.split()[-2] == "5.00"  # the median end of the two rows  # counts disagree: no guessing
 
 
 def test_timer_step_is_the_smallest_positive_difference(blocktrace):

@@ -157,6 +157,17 @@ def timer_step_ns(records) -> int:
     return min(diffs) if diffs else 0
 
 
+HEADER = (f"{'node':<14}{'blocks':>7}{'SMs':>5}{'max/SM':>7}{'first st':>10}{'last st':>9}{'waited':>8}"
+          f"{'mark 1':>8}{'mark 2':>8}{'end':>8}{'after wait':>11}")
+
+
+def row_text(label: str, rows: list[dict[str, Any]]) -> str:
+    """One table line: the first row's placement (blocks, SMs, blocks per SM), the medians of the times."""
+    r0 = rows[0]
+    return (f"{label:<14}{r0['blocks']:>7}{r0['sms']:>5}{r0['max_per_sm']:>7}"
+            + "".join(f"{statistics.median(r[f] for r in rows):>{w}.2f}" for f, w in zip(FIELDS, WIDTHS, strict=True)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(ap, 5, "traced launches (default 5; medians over them)")
@@ -202,28 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     for kind, text in resources.items():
         print(f"  {kind:<12}{text}")
 
-    def med(node_rows: list[dict[str, Any]], key: str) -> float:
-        return statistics.median(r[key] for r in node_rows)
-
-    hdr = (f"{'node':<14}{'blocks':>7}{'SMs':>5}{'max/SM':>7}{'first st':>10}{'last st':>9}{'waited':>8}"
-           f"{'mark 1':>8}{'mark 2':>8}{'end':>8}{'after wait':>11}")
     kinds: dict[str, list[dict[str, Any]]] = {}
     for rows in launches:
         for r in rows:
             kinds.setdefault(r["id"].split(".")[0], []).append(r)
     print("\nper kind, µs relative to the previous node's last exit (medians over layers and launches):")
-    print(hdr)
+    print(HEADER)
     for kind, rs in kinds.items():
-        print(f"{kind:<14}{rs[0]['blocks']:>7}{rs[0]['sms']:>5}{rs[0]['max_per_sm']:>7}"
-              + "".join(f"{med(rs, f):>{w}.2f}" for f, w in zip(FIELDS, WIDTHS, strict=True)))
+        print(row_text(kind, rs))
     layer = [i for i, r in enumerate(launches[0]) if r["id"].endswith(f".{args.layer}")]
     if layer:
         print(f"\nlayer {args.layer}, node by node (medians over launches):")
-        print(hdr)
+        print(HEADER)
         for i in layer:
-            rs = [rows[i] for rows in launches]
-            print(f"{rs[0]['id']:<14}{rs[0]['blocks']:>7}{rs[0]['sms']:>5}{rs[0]['max_per_sm']:>7}"
-                  + "".join(f"{med(rs, f):>{w}.2f}" for f, w in zip(FIELDS, WIDTHS, strict=True)))
+            print(row_text(launches[0][i]["id"], [rows[i] for rows in launches]))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "args": vars(args), "timer_step_ns": resolution,
                                                "untraced_us": untraced_us, "resources": resources,
