@@ -669,9 +669,9 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
         except expr.ExprError as err:
             issues.add(err.code, f"repeat {var!r}: count: {err}", once=("count", path), **where)
             continue
-        if count <= 0:
+        if count < 0:  # 0 is a switch: the block's nodes are left out (e.g. one kernel or five per layer)
             shown = f"{node.repeat.count!r} = {count}" if isinstance(node.repeat.count, str) else str(count)
-            issues.add("out_of_bounds", f"repeat {var!r}: count = {shown}, must be ≥ 1", once=("count", path),
+            issues.add("out_of_bounds", f"repeat {var!r}: count = {shown}, must be ≥ 0", once=("count", path),
                        **where)
             continue
         if var in env:

@@ -163,7 +163,8 @@ class RepeatArgs(_Model):
 
 
 class RepeatBlock(_Model):
-    """Expands ``nodes`` ``count`` times with ``var`` = 0..count-1; ids use ``{var}``."""
+    """Expands ``nodes`` ``count`` times with ``var`` = 0..count-1; ids use ``{var}``. A count of 0 leaves the
+    block out, so a dim can choose between two sets of nodes."""
 
     repeat: RepeatArgs
     nodes: list[Node]

@@ -184,7 +184,7 @@ def test_set_dim_needs_an_integer(capsys):
 
 
 def test_set_that_makes_the_spec_invalid(capsys):
-    assert run(["validate", CHAIN, "--set", "steps=0", "--json"]) == 1
+    assert run(["validate", CHAIN, "--set", "steps=-1", "--json"]) == 1
     (e,) = json.loads(capsys.readouterr().out)["errors"]
     assert e["code"] == "out_of_bounds" and e["field"] == "repeat.count"
 

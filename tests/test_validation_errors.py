@@ -386,6 +386,22 @@ def test_unknown_name_in_repeat_count():
     assert issue.line == line(text, "count: layers")
 
 
+def test_repeat_count_zero_leaves_the_block_out_and_negative_is_refused():
+    text = spec_text("""
+        - id: first
+          empty: {}
+        - repeat: {var: l, count: "n - 256"}
+          nodes:
+            - id: "a.{l}"
+              empty: {}
+        """)
+    assert [node.id for node in plan(parse_spec(text, base_dir=SPECS)).nodes] == ["first"]
+    bad = text.replace('"n - 256"', '"n - 300"')
+    issue = only(bad)
+    assert issue.code == "out_of_bounds" and issue.field == "repeat.count"
+    assert "'n - 300' = -44, must be ≥ 0" in issue.message and issue.line == line(bad, "count:")
+
+
 def test_missing_kernel_source_file():
     text = spec_text(kernel_node()).replace("../kernels/basic.cu", "../kernels/missing.cu")
     issue = only(text)
@@ -540,8 +556,8 @@ def test_memcpy_same_size_different_dtypes_is_fine():
     assert p.nodes[0].op.count == 1024 and p.nodes[0].op.direction == "D2D"
 
 
-@pytest.mark.parametrize("count", ["0", '"n - 300"'])
-def test_repeat_count_not_positive(count):
+@pytest.mark.parametrize("count", ["-1", '"n - 300"'])
+def test_repeat_count_negative(count):  # 0 leaves the block out: test_repeat_count_zero_leaves_the_block_out...
     text = spec_text(f"""
         - repeat:
             var: l
