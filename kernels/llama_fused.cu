@@ -604,6 +604,103 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #define ATTN_BATCHED_TRIGGER 0
 #endif
 
+// Online softmax of one query over keys [start, end) of one KV head (kc4, vc4: its rows of d4 float4s), by every
+// thread of the block (it has barriers). Lane group sg = tid / lpk (lpk: a power of two >= d4) holds keys
+// u * n_sg + sg of each tile of ATTN_UNROLL * n_sg keys in kv/vv, its lane sc4 the head's float4 sc4 (qv: that
+// float4 of the query). On entry kv/vv hold the first tile's keys when `preloaded` (those past its end are zeroed
+// here). Per tile: scores by lane groups (shuffle sums: every lane of the group holds the same bits), written once
+// to sp; one barrier; every warp reduces the tile's max and sum of exp itself (the same bits in every warp) and
+// each thread accumulates p * V for its own keys (online softmax across tiles); the key groups' p.V partials are
+// summed through sacc. Returns o = sum_j exp(s_j - m) v_j (unnormalised; in threads tid < d4) and m, l (every
+// thread). sp: ATTN_UNROLL * blockDim floats, sacc: blockDim float4s (shared). `trigger`: launch dependents once
+// the first tile's loads are issued; `mark`: block-trace mark 1 once the first tile is scored.
+__device__ __forceinline__ float4 attn_span(const float4& qv, const float4* kc4, const float4* vc4, int d4, int start,
+                                            int end, float scale, bool preloaded, bool trigger, bool mark,
+                                            float4 (&kv)[ATTN_UNROLL], float4 (&vv)[ATTN_UNROLL], float* sp,
+                                            float4* sacc, float& m, float& l) {
+    const int tid = threadIdx.x, nthreads = blockDim.x, ws = warpSize, lane = tid % ws;
+    int lpk = 1;
+    while (lpk < d4) lpk <<= 1;
+    const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
+    const int tile = ATTN_UNROLL * n_sg;
+    const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    m = NEG_INF;
+    l = 0.0f;
+    float4 acc = zero4;
+    for (int t0 = start; t0 < end; t0 += tile) {
+        const int nt = min(tile, end - t0);
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {  // K and V of the lane group's keys: one round trip
+            const int kk = u * n_sg + sg;
+            const bool in = kk < nt && sc4 < d4;
+            if (preloaded && t0 == start) {  // loaded with pos: zero the keys past this tile's end
+                if (!in) kv[u] = vv[u] = zero4;
+            } else {
+                kv[u] = vv[u] = zero4;
+                if (in) {
+                    kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
+                    vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
+                }
+            }
+        }
+        if (trigger && t0 == start) PDL_LAUNCH_DEPENDENTS();
+        float dot[ATTN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] = qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
+        for (int o = lpk >> 1; o > 0; o >>= 1) {
+#pragma unroll
+            for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
+        }
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            const int kk = u * n_sg + sg;
+            if (kk < nt && sc4 == 0) sp[kk] = scale * dot[u];
+        }
+        __syncthreads();
+        if (mark) DB_TRACE_MARK(1);
+        // the tile's max and sum of exp, reduced by every warp on its own (the same bits in every warp)
+        float mt = NEG_INF;
+        for (int j = lane; j < nt; j += ws) mt = fmaxf(mt, sp[j]);
+        const float m_new = fmaxf(m, db_warp_max(mt));  // finite: the tile has >= 1 key
+        float psum = 0.0f;
+        for (int j = lane; j < nt; j += ws) psum += expf(sp[j] - m_new);
+        psum = db_warp_sum(psum);
+        const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
+        l = l * corr + psum;
+        m = m_new;
+        acc.x *= corr;
+        acc.y *= corr;
+        acc.z *= corr;
+        acc.w *= corr;
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            const int kk = u * n_sg + sg;
+            if (kk < nt) {
+                const float pk = expf(sp[kk] - m_new);
+                acc.x = fmaf(pk, vv[u].x, acc.x);
+                acc.y = fmaf(pk, vv[u].y, acc.y);
+                acc.z = fmaf(pk, vv[u].z, acc.z);
+                acc.w = fmaf(pk, vv[u].w, acc.w);
+            }
+        }
+        __syncthreads();  // sp is rewritten by the next tile
+    }
+    sacc[tid] = acc;
+    __syncthreads();
+    float4 o = zero4;
+    if (tid < d4) {
+        o = sacc[tid];
+        for (int g = 1; g < n_sg; ++g) {
+            const float4 t = sacc[g * lpk + tid];
+            o.x += t.x;
+            o.y += t.y;
+            o.z += t.z;
+            o.w += t.w;
+        }
+    }
+    return o;
+}
+
 extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     attn_decode(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
                 float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim, int max_seq,
@@ -613,7 +710,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     __shared__ int s_last;
     DB_TRACE_BLOCK();
     if (ATTN_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
-    const int tid = threadIdx.x, nthreads = blockDim.x, ws = warpSize, lane = tid % ws;
+    const int tid = threadIdx.x, nthreads = blockDim.x;
     const int bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
     const int s = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
@@ -653,80 +750,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const int start = s * chunk;
     const int end = nlive == 1 ? L : min(start + chunk, L);
 
-    float m = NEG_INF, l = 0.0f;
-    float4 acc = zero4;
-    for (int t0 = start; t0 < end; t0 += tile) {
-        const int nt = min(tile, end - t0);
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) {  // K and V of the lane group's keys: one round trip
-            const int kk = u * n_sg + sg;
-            const bool in = kk < nt && sc4 < d4;
-            if (early && t0 == start) {  // loaded with pos: zero the keys past this tile's end
-                if (!in) kv[u] = vv[u] = zero4;
-            } else {
-                kv[u] = vv[u] = zero4;
-                if (in) {
-                    kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
-                    vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
-                }
-            }
-        }
-        if (ATTN_TRIGGER == 1 && t0 == start) PDL_LAUNCH_DEPENDENTS();
-        float dot[ATTN_UNROLL];
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] = qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
-        for (int o = lpk >> 1; o > 0; o >>= 1) {
-#pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
-        }
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) {
-            const int kk = u * n_sg + sg;
-            if (kk < nt && sc4 == 0) sp[kk] = scale * dot[u];
-        }
-        __syncthreads();
-        DB_TRACE_MARK(1);
-        // the tile's max and sum of exp, reduced by every warp on its own (the same bits in every warp)
-        float mt = NEG_INF;
-        for (int j = lane; j < nt; j += ws) mt = fmaxf(mt, sp[j]);
-        const float m_new = fmaxf(m, db_warp_max(mt));  // finite: the tile has >= 1 key
-        float psum = 0.0f;
-        for (int j = lane; j < nt; j += ws) psum += expf(sp[j] - m_new);
-        psum = db_warp_sum(psum);
-        const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
-        l = l * corr + psum;
-        m = m_new;
-        acc.x *= corr;
-        acc.y *= corr;
-        acc.z *= corr;
-        acc.w *= corr;
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) {
-            const int kk = u * n_sg + sg;
-            if (kk < nt) {
-                const float pk = expf(sp[kk] - m_new);
-                acc.x = fmaf(pk, vv[u].x, acc.x);
-                acc.y = fmaf(pk, vv[u].y, acc.y);
-                acc.z = fmaf(pk, vv[u].z, acc.z);
-                acc.w = fmaf(pk, vv[u].w, acc.w);
-            }
-        }
-        __syncthreads();  // sp is rewritten by the next tile
-    }
+    float m, l;
+    const float4 o = attn_span(qv, kc4, vc4, d4, start, end, scale, early, ATTN_TRIGGER == 1, true, kv, vv, sp,
+                               sacc, m, l);
     if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
-    sacc[tid] = acc;
-    __syncthreads();
-    float4 o = zero4;
-    if (tid < d4) {
-        o = sacc[tid];
-        for (int g = 1; g < n_sg; ++g) {
-            const float4 t = sacc[g * lpk + tid];
-            o.x += t.x;
-            o.y += t.y;
-            o.z += t.z;
-            o.w += t.w;
-        }
-    }
     DB_TRACE_MARK(2);
     if (nlive == 1) {  // the only live split: normalise and write the output directly
         if (tid < d4) out4[tid] = make_float4(o.x / l, o.y / l, o.z / l, o.w / l);

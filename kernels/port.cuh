@@ -178,6 +178,14 @@ __device__ __forceinline__ float db_block_reduce(float v, float* sh, Op op) {
 __device__ __forceinline__ float db_block_sum(float v, float* sh) { return db_block_reduce(v, sh, DbSum{}); }
 __device__ __forceinline__ float db_block_max(float v, float* sh) { return db_block_reduce(v, sh, DbMax{}); }
 
+// Abort the kernel (the launch fails with an error at the next synchronize) where a precondition the host checks
+// first does not hold: never a hang, never a silent wrong result.
+#if DB_CUDA
+#define DB_TRAP() __trap()
+#else
+#define DB_TRAP() __builtin_trap()
+#endif
+
 // ------------------------------------------------------------------------------------------------------------
 // Programmatic dependent launch (CUDA sm_90+ only)
 // ------------------------------------------------------------------------------------------------------------
