@@ -340,7 +340,8 @@ def fused_executable(overrides, modules, programmatic=True):
     exe = Executable(llama_plan(overrides, FUSED_SPEC), ExecOptions(programmatic=programmatic), modules=modules)
     _, edges = exe.driver_graph()
     n_prog = sum(kind == "programmatic" for kind in edges.values())
-    assert n_prog >= 5 * overrides.get("layers", 22) if programmatic else n_prog == 0
+    per_layer = 1 if overrides.get("layer_kernel") and overrides.get("batch", 1) == 1 else 5
+    assert n_prog >= per_layer * overrides.get("layers", 22) if programmatic else n_prog == 0
     return exe
 
 
@@ -395,3 +396,71 @@ def test_fused_tinyllama_shape_random_weights_match_unfused(cp, modules):
             logits[name] = (gen.tokens[0], np.array(seen, np.float64))
         assert logits["fused"][0] == logits["plain"][0]
         assert rel_err(logits["fused"][1], logits["plain"][1]) < 2e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The persistent layer kernel (kernels/llama_layer.cu, layer_kernel: 1 at batch 1)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wt,sms,chunk,heads", [("f32", 132, 32, 4), ("f32", 11, 16, 16), ("f16", 132, 64, 4),
+                                                 ("bf16", 40, 8, 4)],
+                         ids=["f32-132", "f32-11blocks", "f16-132", "bf16-40"])
+def test_layer_kernel_matches_five_node_layers_and_numpy(cp, modules, wt, sms, chunk, heads):
+    """One node per layer: logits and tokens as the five-node fused graph's over 70 positions (attention split
+    by `chunk`, up to 9 splits at 40 blocks; with 11 blocks for 16 heads a block runs two attention units and
+    up to 126 weight rows a phase), f32 also against the float64 model; KV caches equal after the run."""
+    from dagbuild.llama.decode import llama_plan
+
+    dims = {**TINY, "wt": wt, "batch": 1, "attn_chunk": chunk, "sms": sms, "max_seq": 96, "heads": heads}
+    state = hf_state(llama_plan(dims, FUSED_SPEC), 11)
+    with fused_executable({**dims, "layer_kernel": 1}, modules) as layer, \
+            fused_executable({**dims, "layer_kernel": 0}, modules) as five:
+        assert sum(n.id.startswith("layer.") for n in layer.plan.nodes) == dims["layers"]
+        for exe in (layer, five):
+            W.load_state_dict(exe, state)
+            exe.buffers["k_cache"].fill(0)
+            exe.buffers["v_cache"].fill(0)
+        kc = np.zeros((dims["layers"], dims["kv_heads"], dims["max_seq"], dims["head_dim"]))
+        vc = np.zeros_like(kc)
+        tokens = np.random.default_rng(2).integers(0, dims["vocab"], 70)
+        tol = 1e-5 if wt == "f32" else 2e-3
+        for t in range(70):
+            got = {}
+            for name, exe in (("layer", layer), ("five", five)):
+                exe.buffers["tokens_host"][:] = tokens[t]
+                exe.buffers["pos_host"][:] = t
+                exe.launch(sync=True)
+                got[name] = (exe.buffers["logits"].get().astype(np.float64)[0], int(exe.buffers["next_host"][0]))
+            assert rel_err(got["layer"][0], got["five"][0]) < tol, t
+            if wt == "f32":
+                assert got["layer"][1] == got["five"][1], t
+                expect = numpy_step(state, dims, int(tokens[t]), t, kc, vc)
+                assert rel_err(got["layer"][0], expect) < 1e-4, t
+        for buf in ("k_cache", "v_cache"):
+            assert rel_err(layer.buffers[buf].get(), five.buffers[buf].get()) < tol, buf
+
+
+def test_layer_kernel_padding_row_and_tinyllama_tokens(cp, modules):
+    """TinyLlama shape, f16, random weights: greedy tokens as the five-node graph's over 24 steps; a padding
+    position (-1) writes no KV entry."""
+    from dagbuild.llama.decode import LlamaDecoder
+
+    dims = {"wt": "f16", "batch": 1, "max_seq": 128}
+    with fused_executable({**dims, "layer_kernel": 1}, modules) as layer, \
+            fused_executable({**dims, "layer_kernel": 0}, modules) as five:
+        out = {}
+        for name, exe in (("layer", layer), ("five", five)):
+            W.random_weights(exe, 3)
+            seen = []
+            keep = lambda done, total, e=exe, s=seen: s.append(e.buffers["logits"].get())  # noqa: E731
+            gen = LlamaDecoder(exe).generate([[1, 500, 7000, 31999]], 24, on_step=keep)
+            out[name] = (gen.tokens[0], np.array(seen, np.float64))
+        assert out["layer"][0] == out["five"][0]
+        assert rel_err(out["layer"][1], out["five"][1]) < 2e-3
+        before = layer.buffers["k_cache"].get()
+        layer.buffers["tokens_host"][:] = 5
+        layer.buffers["pos_host"][:] = -1
+        layer.launch(sync=True)
+        assert np.array_equal(layer.buffers["k_cache"].get(), before)
+        assert np.all(np.isfinite(layer.buffers["logits"].get()))

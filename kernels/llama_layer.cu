@@ -1,0 +1,637 @@
+// dagbuild: one Llama decode layer as ONE persistent kernel node (issue 8).
+//
+// Why: with a kernel per projection the weight stream stops at every grid boundary. What a kernel can prefetch
+// before its grid-dependency wait is what its resident blocks' buffers hold, and its blocks become resident only
+// as the previous kernel's blocks leave, so each of a layer's five boundaries costs a drain and a ramp
+// (kernels/llama_fused.md, "What holds the step back"). Here one grid of `sms` blocks runs the whole layer:
+//
+//   A  RMSNorm + packed QKV GEMV + RoPE + KV append     (QkvJob)       | arrive A
+//   -  attention: (head, split) units, partials to part_o / part_ml    | wait A; arrive T; wait T
+//   B  O projection + residual, attention combine in its x staging      (RowsJob<true>) | arrive/wait B
+//   C  RMSNorm + packed gate/up GEMV + SiLU * up                        (SwigluJob)     | arrive/wait C
+//   D  down projection + residual                                        (RowsJob<true>)
+//
+// and between phases blocks meet at arrival counters (sync[0..3] of this layer, zeroed by a memset node each
+// step) instead of kernel boundaries. The weights do not depend on anything, so each block streams ITS weight
+// rows of all four GEMV phases, in order, through one ring of shared-memory slots filled by TMA bulk copies
+// (cp.async.bulk + mbarrier): the ring runs ahead across the phase boundaries and the attention, and the next
+// phase's weights land while this phase waits on its latency chain. The first slots are issued before
+// griddepcontrol.wait, so they stream while the previous layer's kernel finishes (two layer blocks fit an SM:
+// __launch_bounds__(256, 2) and ~107 KiB of shared memory each).
+//
+// * Work split: a GEMV phase of P row pairs (the jobs' pairs, as the GEMV engine's) gives block b the pairs
+//   [P b / G, P (b + 1) / G). A stage is up to 4 pairs (8 rows) of one k chunk, at most LY_SLOT bytes: 2 pairs
+//   of 2048-wide f16 rows, or one pair of a 5632-wide row in two k chunks. Each row of a stage is one bulk copy.
+// * Math: warp w of the block takes (row, part) = divmod(w, wpr) of each stage (wpr = 8 / rows per stage: the
+//   warps per row), its lanes stride over the part's 16-byte packs against x in shared memory (f32; times the
+//   RMSNorm weight in phases A and C), a warp sum, and lane 0 keeps the sum per (row, part) in shared memory
+//   (the same warp for the same (row, part) in every k chunk). At the phase's end one thread per pair adds the
+//   parts in order (deterministic), scales by rsqrt(mean(x^2) + eps) (A, C) and runs the job's epilogue.
+// * Ring: slot s % nslot holds stage s; its full barrier counts the TMA bytes; when the eighth warp is done
+//   with a slot (a shared counter) that warp's lane 0 issues stage s + nslot into it.
+// * Attention: units (head h, split t) of keys [L t / n, L (t + 1) / n), n = min(ceil(L / chunk), max_splits,
+//   G / heads), L = pos + 1; unit u runs on block u % G (attn_span of kernels/llama_fused.cu); each writes its
+//   unnormalised o and (m, l). Phase B's x staging combines them (every block, for every head: one round trip).
+// * Produced data (x, q, the KV cache, partials, act) is read through L2 (ld.global.cg): written by other
+//   blocks of this grid, it must not come from a stale L1 line.
+// Without sm_90 (HIP, older archs) the phases read their weights straight from global memory; all else holds.
+// Requirements: batch 1 (row 0 of x); blockDim 256; every block resident at once (grid <= SMs x 2, checked by
+// a bounded spin that traps); hidden, ffn, heads * head_dim multiples of 8; at most LY_MAX_ROWS weight rows
+// per block and phase; head_dim as attn_decode; dynamic shared memory >= ly_fixed + 2 slots.
+// ------------------------------------------------------------------------------------------------------------
+
+#include "llama_fused.cu"
+
+#define LY_BLOCK 256
+#define LY_WARPS (LY_BLOCK / 32)
+#ifndef LY_SLOT
+#define LY_SLOT 16384  // bytes of one ring slot
+#endif
+#ifndef LY_GROUPS
+#define LY_GROUPS 2  // warp groups: group g takes the stages s with s % LY_GROUPS == g (independent pipelines)
+#endif
+#define LY_GROUP_WARPS (LY_WARPS / LY_GROUPS)
+#define LY_MAX_SLOTS 8
+#define LY_MAX_PAIRS 2     // pairs per stage (every warp of a group holds a partial sum of each row)
+#define LY_MAX_ROWS 256    // weight rows of one block in one phase
+#define LY_MAX_CELLS 1024  // partial sums of one block in one phase: rows x k chunks x warps per row
+#ifndef LY_X_INFLIGHT
+#define LY_X_INFLIGHT 4  // float4 loads per thread in flight when staging x, act or the attention partials
+#endif
+#ifndef LY_SPIN_LIMIT
+#define LY_SPIN_LIMIT (1u << 26)  // polls of an arrival counter before the kernel traps (a grid too large to be resident)
+#endif
+
+// tools/blocktrace.py marks: 0 = (phase A done, attention barrier passed), 1 = (B barrier passed, C barrier passed),
+// 2 = (A's x staged, A's last stage consumed), 3 = (C's x staged, C's last stage consumed)
+#ifndef LY_MARKS
+#define LY_MARKS 0
+#endif
+
+#if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#define LY_TMA 1
+#else
+#define LY_TMA 0
+#endif
+
+// ---- ring primitives (sm_90: mbarrier + cp.async.bulk) ------------------------------------------------------
+
+__device__ __forceinline__ unsigned int ly_saddr(const void* p) {
+#if LY_TMA
+    return (unsigned int)__cvta_generic_to_shared(p);
+#else
+    return 0u;
+#endif
+}
+
+__device__ __forceinline__ void ly_bar_init(unsigned long long* bar) {
+#if LY_TMA
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(ly_saddr(bar)) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void ly_bar_init_fence() {
+#if LY_TMA
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// the one arrival of a slot's use, expecting `bytes` of TMA writes
+__device__ __forceinline__ void ly_bar_expect(unsigned long long* bar, unsigned int bytes) {
+#if LY_TMA
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(ly_saddr(bar)), "r"(bytes)
+                 : "memory");
+#endif
+}
+
+__device__ __forceinline__ void ly_bar_wait(unsigned long long* bar, unsigned int parity) {
+#if LY_TMA
+    unsigned int done;
+    do {
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(ly_saddr(bar)), "r"(parity)
+            : "memory");
+    } while (!done);
+#endif
+}
+
+__device__ __forceinline__ void ly_bulk_copy(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
+#if LY_TMA
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     ly_saddr(dst)),
+                 "l"(src), "r"(bytes), "r"(ly_saddr(bar))
+                 : "memory");
+#endif
+}
+
+// ---- arrival counters between phases -----------------------------------------------------------------------
+
+// Thread 0 of every block: this block's writes are visible device-wide, then counted.
+__device__ __forceinline__ void ly_arrive(int* ctr) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(ctr, 1);
+    }
+}
+
+// Every thread: returns once `n` blocks have arrived (their writes are then visible to this block's L2 loads).
+// A block that polls LY_SPIN_LIMIT times traps (an error at the next synchronize, not a hang): some block of the
+// grid never became resident.
+__device__ __forceinline__ void ly_wait(int* ctr, int n) {
+    if (threadIdx.x == 0) {
+        unsigned int polls = 0;
+        while (true) {
+            int v;
+#if DB_CUDA
+            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
+#else
+            v = __hip_atomic_load(ctr, __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
+#endif
+            if (v >= n) break;
+            if (++polls == LY_SPIN_LIMIT) DB_TRAP();  // not every block is resident: a grid too large
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// ---- the stage plan ----------------------------------------------------------------------------------------
+
+// One GEMV phase of this block: pairs [p0, p0 + np), stages of ps pairs x nc k chunks of kl elements.
+struct LyPhase {
+    const unsigned char* w;  // the matrix, rows k elements of `size` bytes
+    int k, p0, np, ps, nc, kl, nstages;
+};
+
+__device__ __forceinline__ LyPhase ly_phase(const void* w, int npairs, int k, int size) {
+    LyPhase P;
+    P.w = reinterpret_cast<const unsigned char*>(w);
+    P.k = k;
+    const int G = gridDim.x, b = blockIdx.x;
+    P.p0 = (int)((long long)npairs * b / G);
+    P.np = (int)((long long)npairs * (b + 1) / G) - P.p0;
+    const int pair_bytes = 2 * k * size;
+    P.ps = max(1, min(LY_MAX_PAIRS, LY_SLOT / pair_bytes));
+    const int kmax = (LY_SLOT / (2 * size)) & ~7;  // elements of one row chunk when a stage is one pair
+    P.nc = P.ps == 1 ? (k + kmax - 1) / kmax : 1;
+    P.kl = ((k + P.nc - 1) / P.nc + 7) & ~7;
+    P.nstages = (P.np + P.ps - 1) / P.ps * P.nc;
+    return P;
+}
+
+// Stage s's place in its phase: first pair pa, pairs pn, k chunk c (elements kc0 .. kc0 + kn).
+struct LyStage {
+    int ph, pa, pn, c, kc0, kn;
+};
+
+__device__ __forceinline__ LyStage ly_stage(const LyPhase* phases, int s) {
+    LyStage t;
+    t.ph = 0;
+    while (t.ph < 3 && s >= phases[t.ph].nstages) s -= phases[t.ph++].nstages;
+    const LyPhase& P = phases[t.ph];
+    const int grp = s / P.nc;
+    t.c = s - grp * P.nc;
+    t.pa = P.p0 + grp * P.ps;
+    t.pn = min(P.ps, P.p0 + P.np - t.pa);
+    t.kc0 = t.c * P.kl;
+    t.kn = min(P.kl, P.k - t.kc0);
+    return t;
+}
+
+// The jobs of the four phases (kernels/llama_fused.cu), and the weight rows of a pair in phase ph.
+struct LyJobs {
+    QkvJob qkv;
+    RowsJob<true> o;
+    SwigluJob gate_up;
+    RowsJob<true> down;
+    __device__ __forceinline__ void rows(int ph, int g, int& r0, int& r1) const {
+        if (ph == 0)
+            qkv.rows(g, r0, r1);
+        else if (ph == 1)
+            o.rows(g, r0, r1);
+        else if (ph == 2)
+            gate_up.rows(g, r0, r1);
+        else
+            down.rows(g, r0, r1);
+    }
+};
+
+// ---- the shared-memory layout (dynamic) ---------------------------------------------------------------------
+// [ring nslot x LY_SLOT][full barriers LY_MAX_SLOTS x 8 B][slot counters LY_MAX_SLOTS x 4 B][phases 4 x LyPhase]
+// [misc 64 B][parts LY_MAX_CELLS floats][xs xs_floats floats (norm weights in its tail)]
+#define LY_HEAD (LY_MAX_SLOTS * 8 + LY_MAX_SLOTS * 4 + 4 * 64 + 64)
+
+// xs holds x (hidden or qdim floats), attention's scratch, or act (ffn floats); the two RMSNorm weights sit in
+// its tail (from ly_norm_off, 16-byte aligned), which only phase D's act overwrites.
+__device__ __forceinline__ int ly_norm_off(int hidden, int qdim) {
+    const int attn = ATTN_UNROLL * LY_BLOCK + 4 * LY_BLOCK;  // attn_span's scores and p.V partials
+    return (max(max(hidden, qdim), attn) + 3) & ~3;
+}
+
+__device__ __forceinline__ int ly_xs_floats(int hidden, int ffn, int qdim, int size) {
+    return max(ffn, ly_norm_off(hidden, qdim) + (2 * hidden * size + 15) / 16 * 4);
+}
+
+struct LyRing {
+    unsigned char* slots;
+    unsigned long long* full;
+    int* done;
+    LyPhase* phases;
+    float* misc;
+    float* parts;
+    float* xs;
+    int nslot, total, norm_off;
+};
+
+template <typename T>
+struct LyLayer {
+    LyJobs jobs;
+    LyRing ring;
+
+    // Stage s -> slot s % nslot: the expected bytes, then one bulk copy per row (one thread).
+    __device__ __forceinline__ void issue(int s) const {
+#if LY_TMA
+        if (s >= ring.total) return;
+        const LyStage t = ly_stage(ring.phases, s);
+        const LyPhase& P = ring.phases[t.ph];
+        const int slot = s % ring.nslot;
+        const unsigned int row_bytes = (unsigned int)t.kn * sizeof(T);
+        unsigned char* dst = ring.slots + (size_t)slot * LY_SLOT;
+        ly_bar_expect(ring.full + slot, 2u * (unsigned int)t.pn * row_bytes);
+        for (int j = 0; j < t.pn; ++j) {
+            int r[2];
+            jobs.rows(t.ph, t.pa + j, r[0], r[1]);
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                ly_bulk_copy(dst + (size_t)(2 * j + e) * P.kl * sizeof(T),
+                             P.w + ((size_t)r[e] * P.k + t.kc0) * sizeof(T), row_bytes, ring.full + slot);
+        }
+#endif
+    }
+
+    // This warp is done with stage s: the last warp of its group to say so refills the slot with stage s + nslot.
+    __device__ __forceinline__ void release(int s) const {
+#if LY_TMA
+        __syncwarp();
+        if (threadIdx.x % 32 == 0) {
+            __threadfence_block();  // this warp's reads of the slot are done before it counts
+            const int slot = s % ring.nslot;
+            if (atomicAdd(ring.done + slot, 1) == LY_GROUP_WARPS - 1) {
+                ring.done[slot] = 0;
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                issue(s + ring.nslot);
+            }
+        }
+#endif
+    }
+
+    // Phase ph (stages s .. s + nstages - 1): the dot products of this block's pairs against x in shared memory,
+    // then one thread per pair adds the parts and runs the epilogue. Warp group g takes the stages with
+    // s % LY_GROUPS == g (nslot is a multiple of LY_GROUPS, so a slot always serves one group and its waits see
+    // each use's phase in order); its warp gw takes part gw of the stage's k chunk for every row of the stage, so
+    // each x element is read from shared memory once per stage (not once per row), and writes one cell per (row,
+    // k chunk, part), once.
+    template <typename Job>
+    __device__ __forceinline__ int gemv(int ph, int s, const Job& job, float scale_rms) const {
+        constexpr int VEC = WeightPack<T>::VEC, RMAX = 2 * LY_MAX_PAIRS;
+        const LyPhase& P = ring.phases[ph];
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        const int group = warp / LY_GROUP_WARPS, gw = warp - group * LY_GROUP_WARPS;
+        const int s_end = s + P.nstages;
+        const float4* xs4 = reinterpret_cast<const float4*>(ring.xs);
+        for (int si = s + (group - s % LY_GROUPS + LY_GROUPS) % LY_GROUPS; si < s_end; si += LY_GROUPS) {
+            const LyStage t = ly_stage(ring.phases, si);
+            const int rows = 2 * t.pn;
+            const uint4* wrow[RMAX];
+#pragma unroll
+            for (int r = 0; r < RMAX; ++r) {
+#if LY_TMA
+                wrow[r] = reinterpret_cast<const uint4*>(ring.slots + (size_t)(si % ring.nslot) * LY_SLOT +
+                                                         (size_t)min(r, rows - 1) * P.kl * sizeof(T));
+#else
+                int rr[2];
+                jobs.rows(ph, t.pa + min(r, rows - 1) / 2, rr[0], rr[1]);
+                wrow[r] = reinterpret_cast<const uint4*>(P.w + ((size_t)rr[r & 1] * P.k + t.kc0) * sizeof(T));
+#endif
+            }
+#if LY_TMA
+            ly_bar_wait(ring.full + si % ring.nslot, (unsigned int)(si / ring.nslot) & 1u);
+#endif
+            const int packs = t.kn / VEC, per = (packs + LY_GROUP_WARPS - 1) / LY_GROUP_WARPS;
+            const int pk0 = gw * per, pk1 = min(packs, pk0 + per);
+            // x of this chunk: f16/bf16 weights read x as two planes of float4s (elements 8p..8p+3 and
+            // 8p+4..8p+7 of pack p, see put_x), so a warp's 16-byte loads are contiguous
+            const float4* xa = VEC == 8 ? xs4 + t.kc0 / 8 : xs4 + t.kc0 / 4;
+            const float4* xb = xs4 + P.k / 8 + t.kc0 / 8;
+            float acc[RMAX];
+#pragma unroll
+            for (int r = 0; r < RMAX; ++r) acc[r] = 0.0f;
+            for (int p = pk0 + lane; p < pk1; p += 32) {
+                float xv[VEC];
+                const float4 a = xa[p];
+                xv[0] = a.x;
+                xv[1] = a.y;
+                xv[2] = a.z;
+                xv[3] = a.w;
+                if constexpr (VEC == 8) {
+                    const float4 b = xb[p];
+                    xv[4] = b.x;
+                    xv[5] = b.y;
+                    xv[6] = b.z;
+                    xv[7] = b.w;
+                }
+#pragma unroll
+                for (int r = 0; r < RMAX; ++r) {
+                    if (r < rows) {
+                        float f[VEC];
+#if LY_TMA
+                        WeightPack<T>::unpack(wrow[r][p], f);
+#else
+                        WeightPack<T>::unpack(db_ldg(wrow[r] + p), f);
+#endif
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) acc[r] = fmaf(f[e], xv[e], acc[r]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < RMAX; ++r) {
+                if (r < rows) {
+                    const float sum = db_warp_sum(acc[r]);
+                    if (lane == 0)
+                        ring.parts[((2 * (t.pa - P.p0) + r) * P.nc + t.c) * LY_GROUP_WARPS + gw] = sum;
+                }
+            }
+            release(si);
+        }
+        __syncthreads();  // every cell of every pair is in ring.parts
+        if ((LY_MARKS == 2 && ph == 0) || (LY_MARKS == 3 && ph == 2)) DB_TRACE_MARK(2);
+        const int ncell = P.nc * LY_GROUP_WARPS;
+        for (int j = threadIdx.x; j < P.np; j += blockDim.x) {
+            float y[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float* cell = ring.parts + (2 * j + e) * ncell;
+                float v = cell[0];
+                for (int c = 1; c < ncell; ++c) v += cell[c];
+                y[e] = v * scale_rms;
+            }
+            const int g = P.p0 + j;
+            job.epi(g, 0, y[0], y[1], job.pre(g, 0));
+        }
+        return s_end;
+    }
+
+    // x's float4 number f (elements 4f..4f+3) of a k-wide vector into xs, in the layout gemv reads: f16/bf16
+    // weights (8 per pack) two planes, even float4s then odd ones; f32 weights in order
+    __device__ __forceinline__ void put_x(int f, int k, const float4& v) const {
+        float4* xs4 = reinterpret_cast<float4*>(ring.xs);
+        if constexpr (WeightPack<T>::VEC == 8)
+            xs4[(f & 1) * (k / 8) + (f >> 1)] = v;
+        else
+            xs4[f] = v;
+    }
+
+    // xs = x[0, :k] * norm (f32; the norm weight from its copy in xs's tail at `noff` floats), and the RMS scale
+    // rsqrt(mean(x^2) + eps) (a block sum in a fixed order). LY_X_INFLIGHT float4 loads per thread in flight.
+    __device__ __forceinline__ float stage_norm(const float* x, int noff, int k, float eps) const {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        float4* xs4 = reinterpret_cast<float4*>(ring.xs);
+        const T* g = reinterpret_cast<const T*>(ring.xs + noff);
+        const int k4 = k / 4, nt = blockDim.x;
+        float ss = 0.0f;
+        for (int e0 = threadIdx.x; e0 < k4; e0 += LY_X_INFLIGHT * nt) {
+            float4 v[LY_X_INFLIGHT];
+#pragma unroll
+            for (int j = 0; j < LY_X_INFLIGHT; ++j)
+                if (e0 + j * nt < k4) v[j] = db_ldcg(x4 + e0 + j * nt);
+#pragma unroll
+            for (int j = 0; j < LY_X_INFLIGHT; ++j) {
+                const int e = e0 + j * nt;
+                if (e < k4) {
+                    ss = fmaf(v[j].x, v[j].x, ss);
+                    ss = fmaf(v[j].y, v[j].y, ss);
+                    ss = fmaf(v[j].z, v[j].z, ss);
+                    ss = fmaf(v[j].w, v[j].w, ss);
+                    put_x(e, k, make_float4(v[j].x * to_float(g[4 * e]), v[j].y * to_float(g[4 * e + 1]),
+                                            v[j].z * to_float(g[4 * e + 2]), v[j].w * to_float(g[4 * e + 3])));
+                }
+            }
+        }
+        const float total = db_block_sum(ss, ring.misc);  // its barriers also publish xs
+        return rsqrtf(total / (float)k + eps);
+    }
+
+    // xs = v[:k] (f32, produced by this grid)
+    __device__ __forceinline__ void stage_copy(const float* v, int k) const {
+        const float4* v4 = reinterpret_cast<const float4*>(v);
+        float4* xs4 = reinterpret_cast<float4*>(ring.xs);
+        const int k4 = k / 4, nt = blockDim.x;
+        for (int e0 = threadIdx.x; e0 < k4; e0 += LY_X_INFLIGHT * nt) {
+            float4 t[LY_X_INFLIGHT];
+#pragma unroll
+            for (int j = 0; j < LY_X_INFLIGHT; ++j)
+                if (e0 + j * nt < k4) t[j] = db_ldcg(v4 + e0 + j * nt);
+#pragma unroll
+            for (int j = 0; j < LY_X_INFLIGHT; ++j)
+                if (e0 + j * nt < k4) put_x(e0 + j * nt, k, t[j]);
+        }
+        __syncthreads();
+    }
+
+    // xs[:heads * hd] = the attention output, combined from the nsplit partials of each head: every (m, l) into
+    // shared memory (ring.parts, free between phases) in one round trip, then the o partials of LY_X_INFLIGHT
+    // splits per round trip.
+    __device__ __forceinline__ void stage_attention(const float* part_o, const float* part_ml, int heads, int hd,
+                                                    int nsplit, int max_splits) const {
+        const int nt = blockDim.x, hd4 = hd / 4;
+        float* sml = ring.parts;
+        for (int e = threadIdx.x; e < heads * nsplit * 2; e += nt) {
+            const int h = e / (2 * nsplit), r = e - h * 2 * nsplit;
+            sml[e] = db_ldcg(part_ml + (size_t)h * max_splits * 2 + r);
+        }
+        __syncthreads();
+        float4* xs4 = reinterpret_cast<float4*>(ring.xs);
+        const float4* po4 = reinterpret_cast<const float4*>(part_o);
+        for (int e = threadIdx.x; e < heads * hd4; e += nt) {
+            const int h = e / hd4, d4 = e - h * hd4;
+            const float* ml = sml + h * nsplit * 2;
+            float M = NEG_INF;
+            for (int t = 0; t < nsplit; ++t) M = fmaxf(M, ml[2 * t]);
+            float4 num = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            float den = 0.0f;
+            for (int t0 = 0; t0 < nsplit; t0 += LY_X_INFLIGHT) {
+                float4 v[LY_X_INFLIGHT];
+#pragma unroll
+                for (int u = 0; u < LY_X_INFLIGHT; ++u)
+                    if (t0 + u < nsplit) v[u] = db_ldcg(po4 + ((size_t)h * max_splits + t0 + u) * hd4 + d4);
+#pragma unroll
+                for (int u = 0; u < LY_X_INFLIGHT; ++u) {
+                    if (t0 + u < nsplit) {
+                        const float w = expf(ml[2 * (t0 + u)] - M);
+                        num.x = fmaf(w, v[u].x, num.x);
+                        num.y = fmaf(w, v[u].y, num.y);
+                        num.z = fmaf(w, v[u].z, num.z);
+                        num.w = fmaf(w, v[u].w, num.w);
+                        den = fmaf(w, ml[2 * (t0 + u) + 1], den);
+                    }
+                }
+            }
+            put_x(e, heads * hd, nsplit > 0 ? make_float4(num.x / den, num.y / den, num.z / den, num.w / den)
+                                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+        }
+        __syncthreads();
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_norm, const T* wo, const T* mlp_norm,
+                                                  const T* w_gate_up, const T* w_down, float* x, float* q,
+                                                  float* k_cache, float* v_cache, const int* pos, const float* bias,
+                                                  const float* inv_freq, float* part_o, float* part_ml, float* act,
+                                                  int* sync, int hidden, int heads, int kv_heads, int head_dim,
+                                                  int ffn, int max_seq, int chunk, int max_splits, float eps,
+                                                  float scale) {
+    extern __shared__ __align__(128) unsigned char ly_smem[];
+    DB_TRACE_BLOCK();
+    PDL_LAUNCH_DEPENDENTS();  // the next layer's blocks may take the other half of each SM and prefetch
+    const int tid = threadIdx.x, G = gridDim.x;
+    const int qdim = heads * head_dim, nqkv = heads + 2 * kv_heads;
+    const int xs_floats = ly_xs_floats(hidden, ffn, qdim, sizeof(T));
+    const unsigned int fixed = LY_HEAD + LY_MAX_CELLS * 4 + (unsigned int)xs_floats * 4u;
+    LyLayer<T> L;
+    L.jobs.qkv = QkvJob{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
+                        nqkv * (head_dim / 2)};
+    L.jobs.o = RowsJob<true>{x, hidden, hidden / 2};
+    L.jobs.gate_up = SwigluJob{act, ffn, ffn};
+    L.jobs.down = RowsJob<true>{x, hidden, hidden / 2};
+    const unsigned int dyn = fw_dynamic_smem();
+    L.ring.nslot = LY_TMA && dyn >= fixed ? min(LY_MAX_SLOTS, (int)((dyn - fixed) / LY_SLOT)) / LY_GROUPS * LY_GROUPS : 0;
+    if ((LY_TMA && L.ring.nslot < LY_GROUPS) || (!LY_TMA && dyn < fixed)) DB_TRAP();  // the spec checks this first
+    unsigned char* head = ly_smem + (size_t)L.ring.nslot * LY_SLOT;
+    L.ring.slots = ly_smem;
+    L.ring.full = reinterpret_cast<unsigned long long*>(head);
+    L.ring.done = reinterpret_cast<int*>(head + LY_MAX_SLOTS * 8);
+    L.ring.phases = reinterpret_cast<LyPhase*>(head + LY_MAX_SLOTS * 12);
+    L.ring.misc = reinterpret_cast<float*>(head + LY_MAX_SLOTS * 12 + 4 * 64);
+    L.ring.parts = reinterpret_cast<float*>(head + LY_HEAD);
+    L.ring.xs = L.ring.parts + LY_MAX_CELLS;
+    L.ring.norm_off = ly_norm_off(hidden, qdim);
+    if (tid == 0) {
+        L.ring.phases[0] = ly_phase(wqkv, L.jobs.qkv.npairs, hidden, sizeof(T));
+        L.ring.phases[1] = ly_phase(wo, L.jobs.o.npairs, qdim, sizeof(T));
+        L.ring.phases[2] = ly_phase(w_gate_up, ffn, hidden, sizeof(T));
+        L.ring.phases[3] = ly_phase(w_down, L.jobs.down.npairs, ffn, sizeof(T));
+        for (int ph = 0; ph < 4; ++ph) {  // the spec checks rows; cells follow for its shapes
+            const LyPhase& P = L.ring.phases[ph];
+            if (2 * P.np > LY_MAX_ROWS || 2 * P.np * P.nc * LY_GROUP_WARPS > LY_MAX_CELLS) DB_TRAP();
+        }
+        for (int i = 0; i < LY_MAX_SLOTS; ++i) {
+            ly_bar_init(L.ring.full + i);
+            L.ring.done[i] = 0;
+        }
+        ly_bar_init_fence();
+    }
+    __syncthreads();
+    L.ring.total = 0;
+    for (int ph = 0; ph < 4; ++ph) L.ring.total += L.ring.phases[ph].nstages;
+    if (tid == 0) {  // weights only, before the wait: they stream while the previous kernel finishes
+        for (int s = 0; s < L.ring.nslot; ++s) L.issue(s);
+    }
+    {  // both RMSNorm weights into xs's tail (16-byte copies; the group is waited for after the wait)
+        const int n16 = hidden * (int)sizeof(T) / 16;
+        uint4* dst = reinterpret_cast<uint4*>(L.ring.xs + L.ring.norm_off);
+        for (int e = tid; e < 2 * n16; e += blockDim.x)
+            db_cp_async16(dst + e, reinterpret_cast<const uint4*>(e < n16 ? attn_norm : mlp_norm) + (e % n16), true);
+        db_cp_commit();
+    }
+    PDL_WAIT();
+    int* ctr = sync;  // [4]: A done, attention done, B done, C done
+
+    // A: RMSNorm + QKV + RoPE + KV append
+    int s = 0;
+    db_cp_wait<0>();
+    __syncthreads();  // the norm weights are in shared memory
+    const int gnorm = hidden * (int)sizeof(T) / 4;  // floats between the two norm weights
+    float r = L.stage_norm(x, L.ring.norm_off, hidden, eps);
+    if (LY_MARKS == 2) DB_TRACE_MARK(1);
+    s = L.gemv(0, s, L.jobs.qkv, r);
+    if (LY_MARKS == 0) DB_TRACE_MARK(1);
+    ly_arrive(ctr + 0);
+
+    // attention units (head, split) on blocks u % G; the others go on to wait for them
+    const int p = pos[0];
+    const int len = min(p + 1, max_seq);
+    const int nsplit = len > 0 ? max(1, min(min((len + chunk - 1) / chunk, max_splits), max(1, G / heads))) : 0;
+    if ((int)blockIdx.x < heads * nsplit) {
+        ly_wait(ctr + 0, G);
+        float* sp = L.ring.xs;
+        float4* sacc = reinterpret_cast<float4*>(L.ring.xs + ATTN_UNROLL * LY_BLOCK);
+        const int d4 = head_dim / 4;
+        int lpk = 1;
+        while (lpk < d4) lpk <<= 1;
+        const int sc4 = tid % lpk;
+        for (int u = blockIdx.x; u < heads * nsplit; u += G) {
+            const int h = u / nsplit, t = u - h * nsplit;
+            const int kvh = h / (heads / kv_heads);
+            const size_t kv_base = (size_t)kvh * (size_t)max_seq * (size_t)head_dim;
+            const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const float4 qv = sc4 < d4 ? db_ldcg(reinterpret_cast<const float4*>(q + (size_t)h * head_dim) + sc4) : zero4;
+            float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
+            float m, l;
+            const float4 o = attn_span(qv, reinterpret_cast<const float4*>(k_cache + kv_base),
+                                       reinterpret_cast<const float4*>(v_cache + kv_base), d4,
+                                       (int)((long long)len * t / nsplit), (int)((long long)len * (t + 1) / nsplit),
+                                       scale, false, false, false, kv, vv, sp, sacc, m, l);
+            const size_t row = (size_t)h * max_splits + t;
+            if (tid < d4) reinterpret_cast<float4*>(part_o + row * head_dim)[tid] = o;
+            if (tid == 0) {
+                part_ml[2 * row] = m;
+                part_ml[2 * row + 1] = l;
+            }
+            __syncthreads();  // sp and sacc are reused by the next unit
+        }
+    }
+    ly_arrive(ctr + 1);
+    ly_wait(ctr + 1, G);
+    if (LY_MARKS == 0) DB_TRACE_MARK(2);
+
+    // B: O projection + residual; its x is the attention output, combined from the partials here
+    L.stage_attention(part_o, part_ml, heads, head_dim, nsplit, max_splits);
+    s = L.gemv(1, s, L.jobs.o, 1.0f);
+    ly_arrive(ctr + 2);
+    ly_wait(ctr + 2, G);
+    if (LY_MARKS == 1) DB_TRACE_MARK(1);
+
+    // C: RMSNorm + gate/up + SiLU * up
+    r = L.stage_norm(x, L.ring.norm_off + gnorm, hidden, eps);
+    if (LY_MARKS == 3) DB_TRACE_MARK(1);
+    s = L.gemv(2, s, L.jobs.gate_up, r);
+    ly_arrive(ctr + 3);
+    ly_wait(ctr + 3, G);
+    if (LY_MARKS == 1) DB_TRACE_MARK(2);
+
+    // D: down projection + residual
+    L.stage_copy(act, ffn);
+    L.gemv(3, s, L.jobs.down, 1.0f);
+}
+
+// decode_layer_<wt>: one decode layer, batch 1.                 grid [sms], block [256], dynamic shared memory
+// ly_fixed + nslot * LY_SLOT bytes (2..8 slots); see the top of this file.
+#define DEFINE_DECODE_LAYER(SUFFIX, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(LY_BLOCK, 2) decode_layer_##SUFFIX(                        \
+        const T* wqkv, const T* attn_norm, const T* wo, const T* mlp_norm, const T* w_gate_up,               \
+        const T* w_down, float* x, float* q, float* k_cache, float* v_cache, const int* pos,                 \
+        const float* bias, const float* inv_freq, float* part_o, float* part_ml, float* act, int* sync,      \
+        int hidden, int heads, int kv_heads, int head_dim, int ffn, int max_seq, int chunk, int max_splits,  \
+        float eps, float scale) {                                                                            \
+        decode_layer_impl<T>(wqkv, attn_norm, wo, mlp_norm, w_gate_up, w_down, x, q, k_cache, v_cache, pos, \
+                             bias, inv_freq, part_o, part_ml, act, sync, hidden, heads, kv_heads, head_dim,  \
+                             ffn, max_seq, chunk, max_splits, eps, scale);                                   \
+    }
+DEFINE_DECODE_LAYER(f32, float)
+DEFINE_DECODE_LAYER(f16, db_f16)
+DEFINE_DECODE_LAYER(bf16, db_bf16)

@@ -1,0 +1,114 @@
+"""kernels/llama_layer.cu (one decode layer as one persistent kernel node) and the fused spec's `layer_kernel`
+switch without a GPU: NVRTC compile of every entry with the params the spec declares, the PDL contract in the
+PTX (before griddepcontrol.wait only weight copies: TMA bulk copies into the ring, cp.async of the norm weights),
+two blocks per SM by ptxas (at most 128 registers, no local memory), the graph it binds to, and the checks."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from conftest import KERNELS, SPECS
+from helpers import entry_bodies, needs_nvrtc, nvrtc_reason, ptxas_resources
+
+from dagbuild import kernels
+from dagbuild.dot import to_dot
+from dagbuild.errors import SpecError
+from dagbuild.llama.decode import llama_plan
+from dagbuild.sources import read_kernel_source
+
+SRC = KERNELS / "llama_layer.cu"
+FUSED = SPECS / "llama_decode_fused.yaml"
+TINY = yaml.safe_load((SPECS / "configs" / "llama_tiny.yaml").read_text())
+P, N, F = ".u64", ".u32", ".f32"
+LAYER_PARAMS = [P] * 17 + [N] * 8 + [F, F]
+ENTRIES = [f"decode_layer_{wt}" for wt in ("f32", "f16", "bf16")]
+
+
+@pytest.fixture(scope="module")
+def ptx() -> str:
+    if nvrtc_reason():
+        pytest.skip(str(nvrtc_reason()))
+    return kernels.compile_ptx(read_kernel_source(SRC), "llama_layer")
+
+
+@needs_nvrtc
+def test_entries_and_params(ptx):
+    entries = kernels.ptx_entries(ptx)
+    for name in ENTRIES:
+        assert [t.replace(".s32", ".u32").replace(".b32", ".u32") for t in entries[name]] == LAYER_PARAMS, name
+
+
+@needs_nvrtc
+def test_only_weight_copies_before_the_wait(ptx):
+    bodies = entry_bodies(ptx)
+    for name in ENTRIES:
+        body = bodies[name]
+        assert body.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in body, name
+        head, tail = body.split("griddepcontrol.wait", 1)
+        ops = set(re.findall(r"\b((?:ld|st|atom|red|prefetch)\.global(?:\.\w+)*|cp\.async[\w.:]*)", head))
+        assert ops == {"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes",
+                       "cp.async.cg.shared.global", "cp.async.commit_group"}, (name, ops)
+        # the ring: slots refilled by bulk copies after the wait too, each use waited for by its parity
+        assert "mbarrier.try_wait.parity.shared::cta.b64" in tail and "cp.async.bulk" in tail, name
+        assert "fence.proxy.async.shared::cta" in tail, name  # generic reads of a slot before its refill
+        # produced data after the wait: through L2 (other blocks of this grid write it), arrivals acquire
+        assert "ld.global.cg" in tail and "ld.acquire.gpu.global" in tail, name
+        assert "trap;" in tail, name  # a grid that cannot be resident traps instead of hanging
+
+
+@needs_nvrtc
+def test_two_blocks_per_sm_and_no_local_memory():
+    src = read_kernel_source(SRC)
+    for define in ("", "#define DB_BLOCKTRACE\n#define LY_MARKS 3\n", "#define LY_GROUPS 1\n"):
+        props = ptxas_resources(define + src, "llama_layer")
+        for name in ENTRIES:
+            stack, st, ld, regs, _ = props[name]
+            assert (stack, st, ld) == (0, 0, 0), (define, name, props[name])
+            assert regs <= 128, (define, name, regs)  # __launch_bounds__(256, 2): the next layer's block fits
+
+
+def test_layer_kernel_switch_binds_one_node_per_layer():
+    five = llama_plan({"batch": 1}, FUSED)
+    one = llama_plan({"batch": 1, "layer_kernel": 1}, FUSED)
+    layers = one.dims["layers"]
+    assert not any(n.id.startswith(("layer.", "zero_layer_sync")) for n in five.nodes)
+    ids = [n.id for n in one.nodes]
+    assert [i for i in ids if i.startswith("layer.")] == [f"layer.{i}" for i in range(layers)]
+    assert "zero_layer_sync.0" in ids and not any(i.startswith(("qkv.", "attn.", "down_proj.")) for i in ids)
+    assert len(ids) == len(five.nodes) - 5 * layers + layers + 1
+    node = next(n for n in one.nodes if n.id == "layer.3").op
+    assert one.kernels[node.kernel].entry == "decode_layer_f16"
+    assert node.grid == (132, 1, 1) and node.block == (256, 1, 1)
+    # f16, TinyLlama: ring 4 x 16 KiB + (parts, barriers, x / act, norm weights at their f32 size): two a SM
+    assert node.shared == 4512 + 4 * 7168 + 4 * 16384 and 2 * (node.shared + 1024) <= 233472
+    # every layer kernel follows the previous one programmatically; the memset zeroes the arrival counters
+    dot = to_dot(one)
+    assert dot.count("programmatic") >= layers
+    assert '"zero_layer_sync.0" -> "layer.0"' in dot
+    # batch > 1 keeps the five nodes a layer whatever layer_kernel says
+    batched = llama_plan({"batch": 4, "cache_batch": 4, "layer_kernel": 1}, FUSED)
+    assert not any(n.id.startswith("layer.") for n in batched.nodes)
+    assert sum(n.id.startswith("qkv.") for n in batched.nodes) == layers
+
+
+def test_layer_kernel_shapes_it_cannot_take_are_refused_by_name():
+    with pytest.raises(SpecError, match="layer_kernel: a block of the layer kernel keeps at most 1024 partial sums"):
+        llama_plan({**TINY, "batch": 1, "layer_kernel": 1, "sms": 4}, FUSED)
+    with pytest.raises(SpecError, match="layer_kernel: a block of the layer kernel keeps at most 1024 partial sums"):
+        llama_plan({"batch": 1, "layer_kernel": 1, "ffn": 32768}, FUSED)  # down: 8 pairs x 16 chunks
+    with pytest.raises(SpecError, match="layer_slots must be 2, 4, 6 or 8"):
+        llama_plan({"batch": 1, "layer_kernel": 1, "layer_slots": 5}, FUSED)
+    llama_plan({**TINY, "batch": 1, "layer_kernel": 1, "sms": 11, "heads": 16}, FUSED)  # the GPU test's 11 blocks
+    # the same dims are fine with the five-node layers
+    llama_plan({**TINY, "batch": 1, "layer_kernel": 0, "sms": 4}, FUSED)
+
+
+def test_layer_kernel_in_the_loop_body():
+    """K tokens per launch: the counters' memset runs in the loop body, before each step's layer kernels."""
+    from dagbuild.llama.loop import looped_plan
+
+    lp = looped_plan(llama_plan({"batch": 1, "layer_kernel": 1}, FUSED), 16)
+    scope = {n.id: n.scope for n in lp.nodes}
+    assert scope["zero_layer_sync.0"] == scope["layer.0"] == scope["sample"] is not None
