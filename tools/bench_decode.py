@@ -8,6 +8,9 @@ Modes (ms per token, host-observed: write the token, run the step, wait, read th
   (c) dagbuild eager: the plan's kernels launched one by one from Python (CuPy), then a sync.
   (d) dagbuild captured: the same launch sequence stream-captured once (CuPy), replayed per token.
   (e) dagbuild explicit: dagbuild's explicitly built graph (Executable.launch).
+  (f), (g) the fused spec (specs/llama_decode_fused.yaml, five kernel nodes a layer) with plain and with
+      programmatic edges; (h) the same spec with layer_kernel 1: one persistent kernel node a layer
+      (kernels/llama_layer.cu).
   floor: bytes of weights read per token / the device-to-device copy bandwidth (bytes read + written per
       second, best of several copies of a 1 GiB buffer).
 
@@ -401,11 +404,14 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
         del modes
     if FUSED_SPEC.is_file() and not args.no_fused:
         fplan = llama_plan({**dims, "wt": wt, "batch": 1, **seq}, spec_path=FUSED_SPEC)
+        lplan = llama_plan({**dims, "wt": wt, "batch": 1, **seq, "layer_kernel": 1}, spec_path=FUSED_SPEC)
         result["fused_nodes"] = len(fplan.nodes)
-        for name, opts in (("(f) dagbuild fused, plain edges", ExecOptions(programmatic=False)),
-                           ("(g) dagbuild fused + programmatic edges", ExecOptions())):
+        result["layer_kernel_nodes"] = len(lplan.nodes)
+        for name, opts, p in (("(f) dagbuild fused, plain edges", ExecOptions(programmatic=False), fplan),
+                              ("(g) dagbuild fused + programmatic edges", ExecOptions(), fplan),
+                              ("(h) dagbuild fused, one kernel a layer", ExecOptions(), lplan)):
             try:
-                with Executable(fplan, opts, bound=tied_bound(fplan) if tied else None) as exe:
+                with Executable(p, opts, bound=tied_bound(p) if tied else None) as exe:
                     if model is not None:
                         load_state_dict(exe, model.state_dict(), mconf)
                     else:
@@ -449,7 +455,8 @@ def report(r: dict[str, Any], copy: dict[str, float], device: str) -> str:
                  f"({r['explicit_graph_device_ms'] / r['floor_ms']:.1f} x floor)")
     for name, m in sorted(r["modes"].items()):
         if "device_ms" in m:
-            lines.append(f"{name}: {r.get('fused_nodes')} nodes, device time back to back {m['device_ms']:.4f} "
+            nodes = r.get("layer_kernel_nodes") if name.startswith("(h)") else r.get("fused_nodes")
+            lines.append(f"{name}: {nodes} nodes, device time back to back {m['device_ms']:.4f} "
                          f"ms/step ({m['device_ms'] / r['floor_ms']:.2f} x floor)")
     if r.get("dagbuild_modes_agree") is not None:
         lines.append(f"dagbuild modes produce identical tokens: {r['dagbuild_modes_agree']}")

@@ -75,6 +75,21 @@ PY
       timeout 120 python3 tools/blocktrace.py --pos 400 --json "$OUT/blocktrace_tinyllama_b1_pos400.json" 2>&1 | tail -32
       # the next knob to measure: down's 5632-wide x staged in one round trip instead of three
       timeout 120 python3 tools/blocktrace.py --define FW_X_INFLIGHT=6 --json "$OUT/blocktrace_x6.json" 2>&1 | tail -32 ;;
+    layer)  # issue 8: one persistent kernel a layer (kernels/llama_layer.cu) against the five-node layers
+      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_llama_fused.py -k layer_kernel 2>&1 | tail -4
+      for lk in 0 1; do
+        timeout 120 python3 tools/timeline.py --set layer_kernel=$lk --json "$OUT/timeline_layer$lk.json" 2>&1 | tail -10
+      done
+      # where a layer's time goes: marks 0 (A done, attention barrier), 2 (A: x staged, stages consumed),
+      # 3 (C: x staged, stages consumed), 1 (B and C barriers)
+      for m in 0 2 3 1; do
+        timeout 120 python3 tools/blocktrace.py --set layer_kernel=1 --define LY_MARKS=$m 2>&1 | grep -E "^step|^layer "
+      done
+      for tool in memcheck racecheck synccheck; do
+        timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \
+          tools/sanitize_decode.py --spec specs/llama_decode_fused.yaml --batch 1 --set layer_kernel=1 > "$OUT/sanitize_layer_$tool.log" 2>&1
+        echo "compute-sanitizer $tool, layer kernel: exit $?"; tail -2 "$OUT/sanitize_layer_$tool.log"
+      done ;;
     sanitize_fused)
       for tool in memcheck racecheck synccheck; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \

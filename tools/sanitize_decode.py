@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=3)
     ap.add_argument("--spec", default="specs/llama_decode.yaml",
                     help="decode spec (specs/llama_decode_fused.yaml: the programmatic graph)")
+    ap.add_argument("--set", action="append", default=[], metavar="DIM=V",
+                    help="override a dim (e.g. layer_kernel=1 with --batch 1)")
     args = ap.parse_args(argv)
+    sets = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
 
     import cupy
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from dagbuild.llama.weights import random_weights
 
     dims = yaml.safe_load((ROOT / "specs" / "configs" / "llama_tiny.yaml").read_text())
-    plan = llama_plan({**dims, "wt": args.wt, "max_seq": args.max_seq, "batch": args.batch}, ROOT / args.spec)
+    plan = llama_plan({**dims, "wt": args.wt, "max_seq": args.max_seq, "batch": args.batch, **sets}, ROOT / args.spec)
     prompt = [1, 17, 300, 42]
     with Executable(plan) as exe:
         random_weights(exe, seed=0)
