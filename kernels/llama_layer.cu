@@ -68,6 +68,23 @@
 #define LY_MARKS 0
 #endif
 
+// Knobs for the next measurements (tools/blocktrace.py --define NAME=V; the defaults are what the GPU tests ran):
+// LY_PROXY_FENCE 1: fence.proxy.async before a slot's refill (generic reads, then async-proxy writes); 0 leaves it
+//   to the slot counter's ordering, as CUTLASS's TMA pipelines do with their empty barriers.
+// LY_TRIGGER: when the next layer may launch (and its blocks prefetch, sharing DRAM with this layer): 0 at the
+//   start, 2 when phase C starts, 3 when phase D starts.
+// LY_DIAG 1 (timing only, the results are WRONG): the stages are waited for and released but not multiplied, so
+//   a phase's time is the ring's and the barriers' alone.
+#ifndef LY_PROXY_FENCE
+#define LY_PROXY_FENCE 1
+#endif
+#ifndef LY_TRIGGER
+#define LY_TRIGGER 0
+#endif
+#ifndef LY_DIAG
+#define LY_DIAG 0
+#endif
+
 #if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
 #define LY_TMA 1
 #else
@@ -281,7 +298,7 @@ struct LyLayer {
             const int slot = s % ring.nslot;
             if (atomicAdd(ring.done + slot, 1) == LY_GROUP_WARPS - 1) {
                 ring.done[slot] = 0;
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                if (LY_PROXY_FENCE) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
                 issue(s + ring.nslot);
             }
         }
@@ -329,7 +346,7 @@ struct LyLayer {
             float acc[RMAX];
 #pragma unroll
             for (int r = 0; r < RMAX; ++r) acc[r] = 0.0f;
-            for (int p = pk0 + lane; p < pk1; p += 32) {
+            for (int p = pk0 + lane; p < (LY_DIAG == 1 ? pk0 : pk1); p += 32) {
                 float xv[VEC];
                 const float4 a = xa[p];
                 xv[0] = a.x;
@@ -497,7 +514,7 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
                                                   float scale) {
     extern __shared__ __align__(128) unsigned char ly_smem[];
     DB_TRACE_BLOCK();
-    PDL_LAUNCH_DEPENDENTS();  // the next layer's blocks may take the other half of each SM and prefetch
+    if (LY_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();  // the next layer's blocks may take the other half of each SM
     const int tid = threadIdx.x, G = gridDim.x;
     const int qdim = heads * head_dim, nqkv = heads + 2 * kv_heads;
     const int xs_floats = ly_xs_floats(hidden, ffn, qdim, sizeof(T));
@@ -607,6 +624,7 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     if (LY_MARKS == 1) DB_TRACE_MARK(1);
 
     // C: RMSNorm + gate/up + SiLU * up
+    if (LY_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     r = L.stage_norm(x, L.ring.norm_off + gnorm, hidden, eps);
     if (LY_MARKS == 3) DB_TRACE_MARK(1);
     s = L.gemv(2, s, L.jobs.gate_up, r);
@@ -615,6 +633,7 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     if (LY_MARKS == 1) DB_TRACE_MARK(2);
 
     // D: down projection + residual
+    if (LY_TRIGGER == 3) PDL_LAUNCH_DEPENDENTS();
     L.stage_copy(act, ffn);
     L.gemv(3, s, L.jobs.down, 1.0f);
 }

@@ -85,6 +85,11 @@ PY
       for m in 0 2 3 1; do
         timeout 120 python3 tools/blocktrace.py --set layer_kernel=1 --define LY_MARKS=$m 2>&1 | grep -E "^step|^layer "
       done
+      # the knobs of kernels/llama_layer.cu: no proxy fence, the next layer launched at C or D, no math (timing)
+      for knob in LY_PROXY_FENCE=0 LY_TRIGGER=2 LY_TRIGGER=3 LY_DIAG=1; do
+        echo "== $knob"
+        timeout 120 python3 tools/blocktrace.py --set layer_kernel=1 --define LY_MARKS=2 --define $knob 2>&1 | grep -E "^step|^layer "
+      done
       for tool in memcheck racecheck synccheck; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \
           tools/sanitize_decode.py --spec specs/llama_decode_fused.yaml --batch 1 --set layer_kernel=1 > "$OUT/sanitize_layer_$tool.log" 2>&1
