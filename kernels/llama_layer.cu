@@ -17,27 +17,32 @@
 // (cp.async.bulk + mbarrier): the ring runs ahead across the phase boundaries and the attention, and the next
 // phase's weights land while this phase waits on its latency chain. The first slots are issued before
 // griddepcontrol.wait, so they stream while the previous layer's kernel finishes (two layer blocks fit an SM:
-// __launch_bounds__(256, 2) and ~107 KiB of shared memory each).
+// __launch_bounds__(256, 2), at most 128 registers, and ~96 KiB of shared memory each at 4 slots).
 //
 // * Work split: a GEMV phase of P row pairs (the jobs' pairs, as the GEMV engine's) gives block b the pairs
-//   [P b / G, P (b + 1) / G). A stage is up to 4 pairs (8 rows) of one k chunk, at most LY_SLOT bytes: 2 pairs
+//   [P b / G, P (b + 1) / G). A stage is up to LY_MAX_PAIRS pairs of one k chunk, at most LY_SLOT bytes: 2 pairs
 //   of 2048-wide f16 rows, or one pair of a 5632-wide row in two k chunks. Each row of a stage is one bulk copy.
-// * Math: warp w of the block takes (row, part) = divmod(w, wpr) of each stage (wpr = 8 / rows per stage: the
-//   warps per row), its lanes stride over the part's 16-byte packs against x in shared memory (f32; times the
-//   RMSNorm weight in phases A and C), a warp sum, and lane 0 keeps the sum per (row, part) in shared memory
-//   (the same warp for the same (row, part) in every k chunk). At the phase's end one thread per pair adds the
-//   parts in order (deterministic), scales by rsqrt(mean(x^2) + eps) (A, C) and runs the job's epilogue.
-// * Ring: slot s % nslot holds stage s; its full barrier counts the TMA bytes; when the eighth warp is done
-//   with a slot (a shared counter) that warp's lane 0 issues stage s + nslot into it.
+// * Ring: slot s % nslot holds stage s; its full mbarrier counts the TMA bytes. Two warp groups take alternate
+//   stages (nslot is a multiple of LY_GROUPS, so a slot serves one group and each use's parity is waited for in
+//   order); when the last warp of the group is done with a slot (a shared counter), its lane 0 issues stage
+//   s + nslot into it.
+// * Math: warp gw of the group takes part gw of the stage's k chunk for every row of the stage (x read from
+//   shared memory once a stage), its lanes stride over 16-byte packs against x (f32; times the RMSNorm weight
+//   in phases A and C; for f16/bf16 weights in two float4 planes so a warp's loads are contiguous), a warp sum
+//   per row, and lane 0 writes one cell per (row, k chunk, part). At the phase's end one thread per pair adds
+//   its cells in order (deterministic), scales by rsqrt(mean(x^2) + eps) (A, C) and runs the job's epilogue.
 // * Attention: units (head h, split t) of keys [L t / n, L (t + 1) / n), n = min(ceil(L / chunk), max_splits,
 //   G / heads), L = pos + 1; unit u runs on block u % G (attn_span of kernels/llama_fused.cu); each writes its
-//   unnormalised o and (m, l). Phase B's x staging combines them (every block, for every head: one round trip).
+//   unnormalised o and (m, l). Phase B's x staging combines them (every block, for every head).
 // * Produced data (x, q, the KV cache, partials, act) is read through L2 (ld.global.cg): written by other
 //   blocks of this grid, it must not come from a stale L1 line.
 // Without sm_90 (HIP, older archs) the phases read their weights straight from global memory; all else holds.
-// Requirements: batch 1 (row 0 of x); blockDim 256; every block resident at once (grid <= SMs x 2, checked by
-// a bounded spin that traps); hidden, ffn, heads * head_dim multiples of 8; at most LY_MAX_ROWS weight rows
-// per block and phase; head_dim as attn_decode; dynamic shared memory >= ly_fixed + 2 slots.
+// Requirements: batch 1 (row 0 of x); blockDim 256; every block resident at once (grid <= what fits the card,
+// else a bounded spin traps); hidden, ffn, heads * head_dim multiples of 8; at most LY_MAX_ROWS weight rows and
+// LY_MAX_CELLS partial sums per block and phase (the spec's checks); head_dim as attn_decode; dynamic shared
+// memory for the fixed part and LY_GROUPS slots at least (the spec's `shared`).
+// Measured (kernels/llama_fused.md): correct, but slower than the five nodes a layer of llama_fused.cu: its
+// stages are consumed at about half the rate a SM's share of DRAM would allow.
 // ------------------------------------------------------------------------------------------------------------
 
 #include "llama_fused.cu"
@@ -54,7 +59,7 @@
 #define LY_MAX_SLOTS 8
 #define LY_MAX_PAIRS 2     // pairs per stage (every warp of a group holds a partial sum of each row)
 #define LY_MAX_ROWS 256    // weight rows of one block in one phase
-#define LY_MAX_CELLS 1024  // partial sums of one block in one phase: rows x k chunks x warps per row
+#define LY_MAX_CELLS 1024  // partial sums of one block in one phase: rows x k chunks x warps of a group
 #ifndef LY_X_INFLIGHT
 #define LY_X_INFLIGHT 4  // float4 loads per thread in flight when staging x, act or the attention partials
 #endif
