@@ -99,6 +99,8 @@ def test_layer_kernel_shapes_it_cannot_take_are_refused_by_name():
         llama_plan({**TINY, "batch": 1, "layer_kernel": 1, "sms": 4}, FUSED)
     with pytest.raises(SpecError, match="layer_kernel: a block of the layer kernel keeps at most 1024 partial sums"):
         llama_plan({"batch": 1, "layer_kernel": 1, "ffn": 32768}, FUSED)  # down: 8 pairs x 16 chunks
+    with pytest.raises(SpecError, match="layer_kernel must be 0"):
+        llama_plan({"batch": 1, "layer_kernel": 2}, FUSED)
     with pytest.raises(SpecError, match="layer_slots must be 2, 4, 6 or 8"):
         llama_plan({"batch": 1, "layer_kernel": 1, "layer_slots": 5}, FUSED)
     llama_plan({**TINY, "batch": 1, "layer_kernel": 1, "sms": 11, "heads": 16}, FUSED)  # the GPU test's 11 blocks
