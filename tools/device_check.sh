@@ -86,6 +86,10 @@ PY
         timeout 120 python3 tools/blocktrace.py --set layer_kernel=1 --define LY_MARKS=$m 2>&1 | grep -E "^step|^layer "
       done
       # the knobs of kernels/llama_layer.cu: no proxy fence, the next layer launched at C or D, no math (timing)
+      for slots in 6 8; do  # bytes in flight: 4 slots are ~48 KiB a SM while one is read
+        echo "== layer_slots $slots"
+        timeout 120 python3 tools/blocktrace.py --set layer_kernel=1 --set layer_slots=$slots --define LY_MARKS=3 2>&1 | grep -E "^step|^layer "
+      done
       for knob in LY_PROXY_FENCE=0 LY_TRIGGER=2 LY_TRIGGER=3 LY_DIAG=1; do
         echo "== $knob"
         timeout 120 python3 tools/blocktrace.py --set layer_kernel=1 --define LY_MARKS=2 --define $knob 2>&1 | grep -E "^step|^layer "
