@@ -421,7 +421,6 @@ struct LyLayer {
     // rsqrt(mean(x^2) + eps) (a block sum in a fixed order). LY_X_INFLIGHT float4 loads per thread in flight.
     __device__ __forceinline__ float stage_norm(const float* x, int noff, int k, float eps) const {
         const float4* x4 = reinterpret_cast<const float4*>(x);
-        float4* xs4 = reinterpret_cast<float4*>(ring.xs);
         const T* g = reinterpret_cast<const T*>(ring.xs + noff);
         const int k4 = k / 4, nt = blockDim.x;
         float ss = 0.0f;
@@ -450,7 +449,6 @@ struct LyLayer {
     // xs = v[:k] (f32, produced by this grid)
     __device__ __forceinline__ void stage_copy(const float* v, int k) const {
         const float4* v4 = reinterpret_cast<const float4*>(v);
-        float4* xs4 = reinterpret_cast<float4*>(ring.xs);
         const int k4 = k / 4, nt = blockDim.x;
         for (int e0 = threadIdx.x; e0 < k4; e0 += LY_X_INFLIGHT * nt) {
             float4 t[LY_X_INFLIGHT];
@@ -476,7 +474,6 @@ struct LyLayer {
             sml[e] = db_ldcg(part_ml + (size_t)h * max_splits * 2 + r);
         }
         __syncthreads();
-        float4* xs4 = reinterpret_cast<float4*>(ring.xs);
         const float4* po4 = reinterpret_cast<const float4*>(part_o);
         for (int e = threadIdx.x; e < heads * hd4; e += nt) {
             const int h = e / hd4, d4 = e - h * hd4;
