@@ -333,6 +333,17 @@ def numpy_step(state, dims, token, p, kc, vc):
     return ref.gemv(s["lm_head.weight"], ref.rmsnorm(x, s["model.norm.weight"], hid, EPS), d["vocab"], hid, 1)[0]
 
 
+def load_with_empty_caches(exes, state, dims):
+    """The HF-named state into each executable, its KV caches zeroed; returns zeroed float64 caches
+    [layers, kv_heads, max_seq, head_dim] (k, v) for numpy_step."""
+    for exe in exes:
+        W.load_state_dict(exe, state)
+        exe.buffers["k_cache"].fill(0)
+        exe.buffers["v_cache"].fill(0)
+    kc = np.zeros((dims["layers"], dims["kv_heads"], dims["max_seq"], dims["head_dim"]))
+    return kc, np.zeros_like(kc)
+
+
 def fused_executable(overrides, modules, programmatic=True):
     from dagbuild.executable import ExecOptions, Executable
     from dagbuild.llama.decode import llama_plan
@@ -354,12 +365,7 @@ def test_fused_graph_matches_unfused_graph_and_numpy(cp, modules, programmatic):
     state = hf_state(llama_plan(dims, FUSED_SPEC), 7)
     with fused_executable(dims, modules, programmatic) as fused, \
             Executable(llama_plan(dims), modules=modules) as plain:
-        for exe in (fused, plain):
-            W.load_state_dict(exe, state)
-            exe.buffers["k_cache"].fill(0)
-            exe.buffers["v_cache"].fill(0)
-        kc = np.zeros((dims["layers"], dims["kv_heads"], dims["max_seq"], dims["head_dim"]))
-        vc = np.zeros_like(kc)
+        kc, vc = load_with_empty_caches((fused, plain), state, dims)
         rng = np.random.default_rng(1)
         tokens = rng.integers(0, dims["vocab"], 70)
         for t in range(70):
@@ -417,12 +423,7 @@ def test_layer_kernel_matches_five_node_layers_and_numpy(cp, modules, wt, sms, c
     with fused_executable({**dims, "layer_kernel": 1}, modules) as layer, \
             fused_executable({**dims, "layer_kernel": 0}, modules) as five:
         assert sum(n.id.startswith("layer.") for n in layer.plan.nodes) == dims["layers"]
-        for exe in (layer, five):
-            W.load_state_dict(exe, state)
-            exe.buffers["k_cache"].fill(0)
-            exe.buffers["v_cache"].fill(0)
-        kc = np.zeros((dims["layers"], dims["kv_heads"], dims["max_seq"], dims["head_dim"]))
-        vc = np.zeros_like(kc)
+        kc, vc = load_with_empty_caches((layer, five), state, dims)
         tokens = np.random.default_rng(2).integers(0, dims["vocab"], 70)
         tol = 1e-5 if wt == "f32" else 2e-3
         for t in range(70):
