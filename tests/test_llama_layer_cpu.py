@@ -115,3 +115,19 @@ def test_layer_kernel_in_the_loop_body():
     lp = looped_plan(llama_plan({"batch": 1, "layer_kernel": 1}, FUSED), 16)
     scope = {n.id: n.scope for n in lp.nodes}
     assert scope["zero_layer_sync.0"] == scope["layer.0"] == scope["sample"] is not None
+
+
+@pytest.mark.parametrize("config", ["tinyllama", "llama32_1b", "llama_tiny"])
+@pytest.mark.parametrize("wt", ["f16", "bf16", "f32"])
+def test_spec_shared_memory_gives_the_kernel_its_slots(config, wt):
+    """The spec's `shared` against the kernel's own layout (llama_layer.cu: LY_HEAD, LY_MAX_CELLS, xs with the
+    norm weights in its tail): `layer_slots` slots for every weight type, and two blocks a SM."""
+    dims = yaml.safe_load((SPECS / "configs" / f"{config}.yaml").read_text())
+    p = llama_plan({**dims, "wt": wt, "batch": 1, "layer_kernel": 1}, FUSED)
+    d, size = p.dims, {"f16": 2, "bf16": 2, "f32": 4}[wt]
+    shared = next(n for n in p.nodes if n.id == "layer.0").op.shared
+    norm_off = (max(d["hidden"], d["heads"] * d["head_dim"], 8 * 256 + 4 * 256) + 3) & ~3
+    xs_floats = max(d["ffn"], norm_off + (2 * d["hidden"] * size + 15) // 16 * 4)
+    fixed = (8 * 8 + 8 * 4 + 4 * 64 + 64) + 1024 * 4 + 4 * xs_floats
+    assert min(8, (shared - fixed) // 16384) // 2 * 2 == d["layer_slots"]
+    assert 2 * (shared + 1024) <= 233472  # two blocks a SM: 228 KiB, 1 KiB reserved a block
