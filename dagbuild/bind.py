@@ -307,7 +307,7 @@ def _bind_kernels(spec: GraphSpec, types: dict[str, str], issues: _Issues, cache
         source, path = _read_source(name, decl, spec, issues, cache)
         if ok:
             out[name] = PlanKernel(name, entry, tuple(params), source, path, tuple(decl.options), decl.launch,
-                                   spec.line_of(("kernels", name)))
+                                   spec.line_of(("kernels", name)), decl.resident)
     return out
 
 

@@ -110,6 +110,7 @@ class Executable:
             arch = f"sm_{''.join(map(str, self.limits['compute_capability']))}" if options.check_signatures else None
             self.loop_mode = self._loop_mode()
             self._compile(arch)
+            self._check_resident()
             self._allocate(bound or {})
             if not options.build_graph:
                 return
@@ -167,6 +168,28 @@ class Executable:
         for name, need in shared_need.items():
             if need > DEFAULT_SHARED_LIMIT:
                 self.backend.set_max_dynamic_shared(self._funcs[name], need)
+
+    def _resident_problem(self, op: KernelOp) -> str | None:
+        """Why a launch of ``op`` cannot have every block resident at once, if its kernel needs that
+        (``resident: true``: its blocks wait for each other, so a block left waiting for a free SM would hang)."""
+        if not self.plan.kernels[op.kernel].resident:
+            return None
+        sms = self.limits.get("multiprocessor_count")
+        per_sm = self.backend.max_active_blocks(self._funcs[op.kernel], op.threads, op.shared)
+        blocks = math.prod(op.grid)
+        if per_sm is None or not sms or blocks <= per_sm * sms:
+            return None
+        return (f"its {blocks} blocks wait for each other (kernel {op.kernel!r} is resident: true), but the device "
+                f"holds {per_sm} of them a SM x {sms} SMs = {per_sm * sms} at once: make the grid smaller")
+
+    def _check_resident(self) -> None:
+        issues = []
+        for n in self.plan.nodes:
+            if isinstance(n.op, KernelOp) and (bad := self._resident_problem(n.op)):
+                issues.append(Issue("launch_config", f"node {n.id!r}: {bad}", nodes=(n.id,),
+                                    line=self.plan.spec.line_of(n.path)))
+        if issues:
+            raise SpecError(issues)
 
     def _allocate(self, bound: Mapping[str, Any]) -> None:
         for name in bound:
@@ -517,7 +540,10 @@ class Executable:
                              node=n.id, code="launch_config")
         if sh > DEFAULT_SHARED_LIMIT:
             self.backend.set_max_dynamic_shared(self._funcs[op.kernel], sh)
-        return replace(op, args=tuple(new_args), grid=g, block=b, shared=sh)
+        new = replace(op, args=tuple(new_args), grid=g, block=b, shared=sh)
+        if bad := self._resident_problem(new):
+            raise BuildError(f"node {n.id!r}: {bad}", node=n.id, code="launch_config")
+        return new
 
     def rebind(self, buffer: str, array: Any) -> None:
         """Point every node that uses ``buffer`` at ``array`` (same dtype, same byte size)."""

@@ -83,6 +83,7 @@ class PlanKernel:
     options: tuple[str, ...]
     launch: Launch = "plain"  # how its nodes wait for producer kernels, unless a node says otherwise
     line: int | None = None  # YAML line of its declaration
+    resident: bool = False  # every block of a launch must be resident at once (its blocks wait for each other)
 
 
 @dataclass(frozen=True)

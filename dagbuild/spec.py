@@ -18,6 +18,7 @@ from pydantic import (
     Discriminator,
     Field,
     PrivateAttr,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -49,6 +50,9 @@ class KernelDecl(_Model):
     launch: Literal["plain", "programmatic"] = Field(
         "plain", description="programmatic: the kernel calls griddepcontrol.wait (in every block, before it "
         "touches data another node writes), so edges from producer kernels may be programmatic")
+    resident: StrictBool = Field(
+        False, description="true: the kernel's blocks wait for each other (a persistent grid), so every block of "
+        "a launch must be resident at once; the builder refuses a grid larger than the device holds")
 
     @model_validator(mode="after")
     def _one_source(self) -> KernelDecl:

@@ -131,3 +131,33 @@ def test_spec_shared_memory_gives_the_kernel_its_slots(config, wt):
     fixed = (8 * 8 + 8 * 4 + 4 * 64 + 64) + 1024 * 4 + 4 * xs_floats
     assert min(8, (shared - fixed) // 16384) // 2 * 2 == d["layer_slots"]
     assert 2 * (shared + 1024) <= 233472  # two blocks a SM: 228 KiB, 1 KiB reserved a block
+
+
+def test_resident_kernels_are_declared_and_checked_against_the_device():
+    """`resident: true` reaches the plan; the executable refuses a grid of such a kernel that the device cannot
+    hold at once (checked here with a stand-in backend: the occupancy the driver would report)."""
+    from dagbuild.executable import Executable
+
+    p = llama_plan({"batch": 1, "layer_kernel": 1}, FUSED)
+    assert p.kernels["layer"].resident and not p.kernels["qkv"].resident
+
+    class Device:  # what CudaBackend.max_active_blocks would say
+        def __init__(self, per_sm):
+            self.per_sm = per_sm
+
+        def max_active_blocks(self, func, threads, shared):
+            assert (func, threads) == ("f", 256)
+            return self.per_sm
+
+    exe = Executable.__new__(Executable)  # no GPU: only the check's inputs
+    exe.plan, exe.limits, exe._funcs = p, {"multiprocessor_count": 132}, {"layer": "f"}
+    node = next(n for n in p.nodes if n.id == "layer.0")
+    for per_sm, ok in ((2, True), (1, True), (None, True), (0, False)):
+        exe.backend = Device(per_sm)
+        assert (exe._resident_problem(node.op) is None) == ok, per_sm
+    exe.backend = Device(0)
+    with pytest.raises(SpecError) as err:
+        exe._check_resident()
+    assert err.value.codes == ["launch_config"] * p.dims["layers"]
+    assert "node 'layer.0': its 132 blocks wait for each other" in str(err.value)
+    assert "holds 0 of them a SM x 132 SMs = 0" in str(err.value)

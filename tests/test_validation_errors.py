@@ -402,6 +402,14 @@ def test_repeat_count_zero_leaves_the_block_out_and_negative_is_refused():
     assert "'n - 300' = -44, must be ≥ 0" in issue.message and issue.line == line(bad, "count:")
 
 
+def test_resident_must_be_a_bool():
+    text = spec_text(kernel_node()).replace("    entry: scale\n", "    entry: scale\n    resident: yes please\n")
+    issue = only(text)
+    assert issue.code == "schema" and "resident" in issue.field and issue.line == line(text, "resident:")
+    ok = plan(parse_spec(text.replace("yes please", "true"), base_dir=SPECS))
+    assert ok.kernels["scale"].resident
+
+
 def test_missing_kernel_source_file():
     text = spec_text(kernel_node()).replace("../kernels/basic.cu", "../kernels/missing.cu")
     issue = only(text)

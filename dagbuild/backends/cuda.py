@@ -296,6 +296,15 @@ class CudaBackend:
             self._drv.cuFuncSetAttribute(self._drv.CUfunction(init_value=int(func)), attr, int(nbytes)),
         )
 
+    def max_active_blocks(self, func: int, threads: int, shared: int) -> int | None:
+        """How many blocks of ``func`` one SM holds at once with ``threads`` threads and ``shared`` bytes of
+        dynamic shared memory (registers, shared memory and block limits); None where the driver cannot say."""
+        call = getattr(self._drv, "cuOccupancyMaxActiveBlocksPerMultiprocessor", None)
+        if call is None:
+            return None
+        return int(self._check("cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                               call(self._drv.CUfunction(init_value=int(func)), int(threads), int(shared))))
+
     def mem_get_info(self) -> tuple[int, int]:
         """(free, total) device memory in bytes."""
         free, total = self._check("cuMemGetInfo", self._drv.cuMemGetInfo())

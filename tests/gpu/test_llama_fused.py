@@ -465,3 +465,16 @@ def test_layer_kernel_padding_row_and_tinyllama_tokens(cp, modules):
         layer.launch(sync=True)
         assert np.array_equal(layer.buffers["k_cache"].get(), before)
         assert np.all(np.isfinite(layer.buffers["logits"].get()))
+
+
+def test_layer_kernel_grid_the_device_cannot_hold_is_refused(cp, modules):
+    """`resident: true`: a layer-kernel grid larger than the device holds at once (the driver's occupancy x SMs)
+    is refused at build time naming the node, instead of spinning until the kernel traps."""
+    from dagbuild.errors import SpecError
+    from dagbuild.executable import Executable
+    from dagbuild.llama.decode import llama_plan
+
+    dims = {**TINY, "wt": "f16", "batch": 1, "layer_kernel": 1, "sms": 4096}
+    with pytest.raises(SpecError) as err:
+        Executable(llama_plan(dims, FUSED_SPEC), modules=modules)
+    assert set(err.value.codes) == {"launch_config"} and "node 'layer.0': its 4096 blocks" in str(err.value)
