@@ -183,9 +183,14 @@ class Executable:
                 f"holds {per_sm} of them a SM x {sms} SMs = {per_sm * sms} at once: make the grid smaller")
 
     def _check_resident(self) -> None:
-        issues = []
+        issues, seen = [], {}  # one occupancy query per launch shape (a layer kernel repeats one per layer)
         for n in self.plan.nodes:
-            if isinstance(n.op, KernelOp) and (bad := self._resident_problem(n.op)):
+            if not isinstance(n.op, KernelOp):
+                continue
+            shape = (n.op.kernel, n.op.grid, n.op.block, n.op.shared)
+            if shape not in seen:
+                seen[shape] = self._resident_problem(n.op)
+            if bad := seen[shape]:
                 issues.append(Issue("launch_config", f"node {n.id!r}: {bad}", nodes=(n.id,),
                                     line=self.plan.spec.line_of(n.path)))
         if issues:

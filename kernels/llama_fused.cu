@@ -564,8 +564,9 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 // Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = min(pos[b] + 1, max_seq), of kv head
 // h / (heads / kv_heads). Only the live splits, nlive = ceil_div(L, chunk), do work; the others return after
 // reading pos. A context of at most one tile runs as one split (nlive = 1, keys [0, L)) whatever the chunk:
-// split 0 loads that tile with pos anyway, and more splits would only add the combine's round trips. A decode step's attention is a latency chain (a few KB per head at short contexts), so it is
-// built to take few dependent round trips after the wait:
+// split 0 loads that tile with pos anyway, and more splits would only add the combine's round trips. A decode
+// step's attention is a latency chain (a few KB per head at short contexts), so it is built to take few
+// dependent round trips after the wait:
 // * Split 0 is live whenever the row is, so it loads its first tile's K and V together with pos and q (keys
 //   [0, tile) within max_seq; those past L are zeroed once pos is known): one round trip. Other splits load
 //   (pos, q), then their K and V (ATTN_UNROLL keys per lane group: 128 keys per tile at head_dim 64 and 256

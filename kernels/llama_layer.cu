@@ -64,7 +64,7 @@
 #define LY_X_INFLIGHT 4  // float4 loads per thread in flight when staging x, act or the attention partials
 #endif
 #ifndef LY_SPIN_LIMIT
-#define LY_SPIN_LIMIT (1u << 26)  // polls of an arrival counter before the kernel traps (a grid too large to be resident)
+#define LY_SPIN_LIMIT (1u << 26)  // polls of an arrival counter before the kernel traps (a grid not all resident)
 #endif
 
 // tools/blocktrace.py marks: 0 = (phase A done, attention barrier passed), 1 = (B barrier passed, C barrier passed),
@@ -528,7 +528,8 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     L.jobs.gate_up = SwigluJob{act, ffn, ffn};
     L.jobs.down = RowsJob<true>{x, hidden, hidden / 2};
     const unsigned int dyn = fw_dynamic_smem();
-    L.ring.nslot = LY_TMA && dyn >= fixed ? min(LY_MAX_SLOTS, (int)((dyn - fixed) / LY_SLOT)) / LY_GROUPS * LY_GROUPS : 0;
+    L.ring.nslot =
+        LY_TMA && dyn >= fixed ? min(LY_MAX_SLOTS, (int)((dyn - fixed) / LY_SLOT)) / LY_GROUPS * LY_GROUPS : 0;
     if ((LY_TMA && L.ring.nslot < LY_GROUPS) || (!LY_TMA && dyn < fixed)) DB_TRAP();  // the spec checks this first
     unsigned char* head = ly_smem + (size_t)L.ring.nslot * LY_SLOT;
     L.ring.slots = ly_smem;
@@ -598,7 +599,8 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
             const int kvh = h / (heads / kv_heads);
             const size_t kv_base = (size_t)kvh * (size_t)max_seq * (size_t)head_dim;
             const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            const float4 qv = sc4 < d4 ? db_ldcg(reinterpret_cast<const float4*>(q + (size_t)h * head_dim) + sc4) : zero4;
+            const float4 qv =
+                sc4 < d4 ? db_ldcg(reinterpret_cast<const float4*>(q + (size_t)h * head_dim) + sc4) : zero4;
             float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
             float m, l;
             const float4 o = attn_span(qv, reinterpret_cast<const float4*>(k_cache + kv_base),

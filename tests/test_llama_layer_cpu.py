@@ -145,8 +145,11 @@ def test_resident_kernels_are_declared_and_checked_against_the_device():
         def __init__(self, per_sm):
             self.per_sm = per_sm
 
+        calls = 0
+
         def max_active_blocks(self, func, threads, shared):
             assert (func, threads) == ("f", 256)
+            Device.calls += 1
             return self.per_sm
 
     exe = Executable.__new__(Executable)  # no GPU: only the check's inputs
@@ -155,9 +158,10 @@ def test_resident_kernels_are_declared_and_checked_against_the_device():
     for per_sm, ok in ((2, True), (1, True), (None, True), (0, False)):
         exe.backend = Device(per_sm)
         assert (exe._resident_problem(node.op) is None) == ok, per_sm
-    exe.backend = Device(0)
+    exe.backend, Device.calls = Device(0), 0
     with pytest.raises(SpecError) as err:
         exe._check_resident()
+    assert Device.calls == 1  # one query for the 22 nodes of one launch shape
     assert err.value.codes == ["launch_config"] * p.dims["layers"]
     assert "node 'layer.0': its 132 blocks wait for each other" in str(err.value)
     assert "holds 0 of them a SM x 132 SMs = 0" in str(err.value)
