@@ -1,4 +1,4 @@
-// dagbuild: one Llama decode layer as ONE persistent kernel node (issue 8).
+// dagbuild: Llama decode layers as ONE persistent kernel node (issue 8): one layer a node, or the whole stack.
 //
 // Why: with a kernel per projection the weight stream stops at every grid boundary. What a kernel can prefetch
 // before its grid-dependency wait is what its resident blocks' buffers hold, and its blocks become resident only
@@ -18,6 +18,10 @@
 // phase's weights land while this phase waits on its latency chain. The first slots are issued before
 // griddepcontrol.wait, so they stream while the previous layer's kernel finishes (two layer blocks fit an SM:
 // __launch_bounds__(256, 2), at most 128 registers, and ~96 KiB of shared memory each at 4 slots).
+// With `layers` > 1 one grid runs layers 0..layers-1 in turn (a fifth counter a layer: the residual x is whole
+// before the next layer's norm), and the ring's stage numbers run on across layers: with one block a SM and a
+// ring of up to 12 slots (192 KiB a SM in flight) the next layer's weights land while this layer waits on its
+// attention and barriers, and no grid boundary drains the stream anywhere in the stack.
 //
 // * Work split: a GEMV phase of P row pairs (the jobs' pairs, as the GEMV engine's) gives block b the pairs
 //   [P b / G, P (b + 1) / G). A stage is up to LY_MAX_PAIRS pairs of one k chunk, at most LY_SLOT bytes: 2 pairs
@@ -37,12 +41,14 @@
 // * Produced data (x, q, the KV cache, partials, act) is read through L2 (ld.global.cg): written by other
 //   blocks of this grid, it must not come from a stale L1 line.
 // Without sm_90 (HIP, older archs) the phases read their weights straight from global memory; all else holds.
-// Requirements: batch 1 (row 0 of x); blockDim 256; every block resident at once (grid <= what fits the card,
+// Requirements: batch 1 (row 0 of x); blockDim 256; the stack's buffers with layer 0 first (weights, norms,
+// bias and counters packed by layer; the KV cache kv_stride elements a layer); every block resident at once (grid <= what fits the card,
 // else a bounded spin traps); hidden, ffn, heads * head_dim multiples of 8; at most LY_MAX_ROWS weight rows and
 // LY_MAX_CELLS partial sums per block and phase (the spec's checks); head_dim as attn_decode; dynamic shared
 // memory for the fixed part and LY_GROUPS slots at least (the spec's `shared`).
-// Measured (kernels/llama_fused.md): correct, but slower than the five nodes a layer of llama_fused.cu: its
-// stages are consumed at about half the rate a SM's share of DRAM would allow.
+// Measured (kernels/llama_fused.md): one layer a node is correct, but slower than the five nodes a layer of
+// llama_fused.cu: its stages are consumed at about half the rate a SM's share of DRAM would allow, with at most
+// ~48 KiB a SM in flight. The whole stack (layers > 1) is compiled and bound on the CPU, not yet run on a GPU.
 // ------------------------------------------------------------------------------------------------------------
 
 #include "llama_fused.cu"
@@ -56,7 +62,7 @@
 #define LY_GROUPS 2  // warp groups: group g takes the stages s with s % LY_GROUPS == g (independent pipelines)
 #endif
 #define LY_GROUP_WARPS (LY_WARPS / LY_GROUPS)
-#define LY_MAX_SLOTS 8
+#define LY_MAX_SLOTS 16  // 8 at two blocks a SM, up to 12 at one (the whole stack: layers > 1)
 #define LY_MAX_PAIRS 2     // pairs per stage (every warp of a group holds a partial sum of each row)
 #define LY_MAX_ROWS 256    // weight rows of one block in one phase
 #define LY_MAX_CELLS 1024  // partial sums of one block in one phase: rows x k chunks x warps of a group
@@ -184,13 +190,15 @@ __device__ __forceinline__ void ly_wait(int* ctr, int n) {
 
 // One GEMV phase of this block: pairs [p0, p0 + np), stages of ps pairs x nc k chunks of kl elements.
 struct LyPhase {
-    const unsigned char* w;  // the matrix, rows k elements of `size` bytes
+    const unsigned char* w;  // layer 0's matrix, rows k elements of `size` bytes
+    size_t lstride;          // bytes from one layer's matrix to the next
     int k, p0, np, ps, nc, kl, nstages;
 };
 
 __device__ __forceinline__ LyPhase ly_phase(const void* w, int npairs, int k, int size) {
     LyPhase P;
     P.w = reinterpret_cast<const unsigned char*>(w);
+    P.lstride = (size_t)2 * npairs * k * size;
     P.k = k;
     const int G = gridDim.x, b = blockIdx.x;
     P.p0 = (int)((long long)npairs * b / G);
@@ -265,7 +273,7 @@ struct LyRing {
     float* misc;
     float* parts;
     float* xs;
-    int nslot, total, norm_off;
+    int nslot, per_layer, total, norm_off;  // stages: one layer's, all layers' (stage s is layer s / per_layer's)
 };
 
 template <typename T>
@@ -277,8 +285,10 @@ struct LyLayer {
     __device__ __forceinline__ void issue(int s) const {
 #if LY_TMA
         if (s >= ring.total) return;
-        const LyStage t = ly_stage(ring.phases, s);
+        const int layer = s / ring.per_layer;
+        const LyStage t = ly_stage(ring.phases, s - layer * ring.per_layer);
         const LyPhase& P = ring.phases[t.ph];
+        const unsigned char* w = P.w + (size_t)layer * P.lstride;
         const int slot = s % ring.nslot;
         const unsigned int row_bytes = (unsigned int)t.kn * sizeof(T);
         unsigned char* dst = ring.slots + (size_t)slot * LY_SLOT;
@@ -289,7 +299,7 @@ struct LyLayer {
 #pragma unroll
             for (int e = 0; e < 2; ++e)
                 ly_bulk_copy(dst + (size_t)(2 * j + e) * P.kl * sizeof(T),
-                             P.w + ((size_t)r[e] * P.k + t.kc0) * sizeof(T), row_bytes, ring.full + slot);
+                             w + ((size_t)r[e] * P.k + t.kc0) * sizeof(T), row_bytes, ring.full + slot);
         }
 #endif
     }
@@ -310,22 +320,23 @@ struct LyLayer {
 #endif
     }
 
-    // Phase ph (stages s .. s + nstages - 1): the dot products of this block's pairs against x in shared memory,
+    // Phase ph of layer `layer` (stages s .. s + nstages - 1): the dot products of this block's pairs against x in shared memory,
     // then one thread per pair adds the parts and runs the epilogue. Warp group g takes the stages with
     // s % LY_GROUPS == g (nslot is a multiple of LY_GROUPS, so a slot always serves one group and its waits see
     // each use's phase in order); its warp gw takes part gw of the stage's k chunk for every row of the stage, so
     // each x element is read from shared memory once per stage (not once per row), and writes one cell per (row,
     // k chunk, part), once.
     template <typename Job>
-    __device__ __forceinline__ int gemv(int ph, int s, const Job& job, float scale_rms) const {
+    __device__ __forceinline__ int gemv(int layer, int ph, int s, const Job& job, float scale_rms) const {
         constexpr int VEC = WeightPack<T>::VEC, RMAX = 2 * LY_MAX_PAIRS;
         const LyPhase& P = ring.phases[ph];
+        const int base = layer * ring.per_layer;
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
         const int group = warp / LY_GROUP_WARPS, gw = warp - group * LY_GROUP_WARPS;
         const int s_end = s + P.nstages;
         const float4* xs4 = reinterpret_cast<const float4*>(ring.xs);
         for (int si = s + (group - s % LY_GROUPS + LY_GROUPS) % LY_GROUPS; si < s_end; si += LY_GROUPS) {
-            const LyStage t = ly_stage(ring.phases, si);
+            const LyStage t = ly_stage(ring.phases, si - base);
             const int rows = 2 * t.pn;
             const uint4* wrow[RMAX];
 #pragma unroll
@@ -336,7 +347,8 @@ struct LyLayer {
 #else
                 int rr[2];
                 jobs.rows(ph, t.pa + min(r, rows - 1) / 2, rr[0], rr[1]);
-                wrow[r] = reinterpret_cast<const uint4*>(P.w + ((size_t)rr[r & 1] * P.k + t.kc0) * sizeof(T));
+                wrow[r] = reinterpret_cast<const uint4*>(P.w + (size_t)layer * P.lstride +
+                                                         ((size_t)rr[r & 1] * P.k + t.kc0) * sizeof(T));
 #endif
             }
 #if LY_TMA
@@ -506,6 +518,10 @@ struct LyLayer {
     }
 };
 
+// The layers [0, layers) of the stack, one after the other, in one grid: layer l's weights, norms, KV cache, bias
+// and arrival counters are layer 0's plus l strides (the matrices' from their shapes, the cache's kv_stride
+// elements, the bias's nqkv * head_dim floats, the counters' 5 ints). The ring's stage numbers run on across
+// the layers, so the next layer's weights stream in while this one waits on its attention and its barriers.
 template <typename T>
 __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_norm, const T* wo, const T* mlp_norm,
                                                   const T* w_gate_up, const T* w_down, float* x, float* q,
@@ -513,7 +529,7 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
                                                   const float* inv_freq, float* part_o, float* part_ml, float* act,
                                                   int* sync, int hidden, int heads, int kv_heads, int head_dim,
                                                   int ffn, int max_seq, int chunk, int max_splits, float eps,
-                                                  float scale) {
+                                                  float scale, int layers, long long kv_stride) {
     extern __shared__ __align__(128) unsigned char ly_smem[];
     DB_TRACE_BLOCK();
     if (LY_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();  // the next layer's blocks may take the other half of each SM
@@ -521,9 +537,15 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     const int qdim = heads * head_dim, nqkv = heads + 2 * kv_heads;
     const int xs_floats = ly_xs_floats(hidden, ffn, qdim, sizeof(T));
     const unsigned int fixed = LY_HEAD + LY_MAX_CELLS * 4 + (unsigned int)xs_floats * 4u;
+    const int qkv_pairs = nqkv * (head_dim / 2);
+    // layer l's QKV epilogue: its KV cache and bias (the rows of a pair, which the ring's issue() asks every job
+    // for, do not depend on the layer)
+    auto qkv_job = [&](int l) {
+        return QkvJob{q,        k_cache + (size_t)l * kv_stride, v_cache + (size_t)l * kv_stride, pos,
+                      bias + (size_t)l * nqkv * head_dim, inv_freq, heads, kv_heads, head_dim, max_seq, qkv_pairs};
+    };
     LyLayer<T> L;
-    L.jobs.qkv = QkvJob{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
-                        nqkv * (head_dim / 2)};
+    L.jobs.qkv = qkv_job(0);
     L.jobs.o = RowsJob<true>{x, hidden, hidden / 2};
     L.jobs.gate_up = SwigluJob{act, ffn, ffn};
     L.jobs.down = RowsJob<true>{x, hidden, hidden / 2};
@@ -541,7 +563,7 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     L.ring.xs = L.ring.parts + LY_MAX_CELLS;
     L.ring.norm_off = ly_norm_off(hidden, qdim);
     if (tid == 0) {
-        L.ring.phases[0] = ly_phase(wqkv, L.jobs.qkv.npairs, hidden, sizeof(T));
+        L.ring.phases[0] = ly_phase(wqkv, qkv_pairs, hidden, sizeof(T));
         L.ring.phases[1] = ly_phase(wo, L.jobs.o.npairs, qdim, sizeof(T));
         L.ring.phases[2] = ly_phase(w_gate_up, ffn, hidden, sizeof(T));
         L.ring.phases[3] = ly_phase(w_down, L.jobs.down.npairs, ffn, sizeof(T));
@@ -556,104 +578,123 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
         ly_bar_init_fence();
     }
     __syncthreads();
-    L.ring.total = 0;
-    for (int ph = 0; ph < 4; ++ph) L.ring.total += L.ring.phases[ph].nstages;
+    L.ring.per_layer = 0;
+    for (int ph = 0; ph < 4; ++ph) L.ring.per_layer += L.ring.phases[ph].nstages;
+    L.ring.total = L.ring.per_layer * layers;
     if (tid == 0) {  // weights only, before the wait: they stream while the previous kernel finishes
         for (int s = 0; s < L.ring.nslot; ++s) L.issue(s);
     }
-    {  // both RMSNorm weights into xs's tail (16-byte copies; the group is waited for after the wait)
-        const int n16 = hidden * (int)sizeof(T) / 16;
+    // layer l's two RMSNorm weights into xs's tail (16-byte copies; waited for before its phase A)
+    const int n16 = hidden * (int)sizeof(T) / 16;
+    auto load_norms = [&](int l) {
         uint4* dst = reinterpret_cast<uint4*>(L.ring.xs + L.ring.norm_off);
+        const T* an = attn_norm + (size_t)l * hidden;
+        const T* mn = mlp_norm + (size_t)l * hidden;
         for (int e = tid; e < 2 * n16; e += blockDim.x)
-            db_cp_async16(dst + e, reinterpret_cast<const uint4*>(e < n16 ? attn_norm : mlp_norm) + (e % n16), true);
+            db_cp_async16(dst + e, reinterpret_cast<const uint4*>(e < n16 ? an : mn) + (e % n16), true);
         db_cp_commit();
-    }
+    };
+    load_norms(0);
     PDL_WAIT();
-    int* ctr = sync;  // [4]: A done, attention done, B done, C done
 
-    // A: RMSNorm + QKV + RoPE + KV append
-    int s = 0;
-    db_cp_wait<0>();
-    __syncthreads();  // the norm weights are in shared memory
-    const int gnorm = hidden * (int)sizeof(T) / 4;  // floats between the two norm weights
-    float r = L.stage_norm(x, L.ring.norm_off, hidden, eps);
-    if (LY_MARKS == 2) DB_TRACE_MARK(1);
-    s = L.gemv(0, s, L.jobs.qkv, r);
-    if (LY_MARKS == 0) DB_TRACE_MARK(1);
-    ly_arrive(ctr + 0);
-
-    // attention units (head, split) on blocks u % G; the others go on to wait for them
     const int p = pos[0];
     const int len = min(p + 1, max_seq);
     const int nsplit = len > 0 ? max(1, min(min((len + chunk - 1) / chunk, max_splits), max(1, G / heads))) : 0;
-    if ((int)blockIdx.x < heads * nsplit) {
-        ly_wait(ctr + 0, G);
-        float* sp = L.ring.xs;
-        float4* sacc = reinterpret_cast<float4*>(L.ring.xs + ATTN_UNROLL * LY_BLOCK);
-        const int d4 = head_dim / 4;
-        int lpk = 1;
-        while (lpk < d4) lpk <<= 1;
-        const int sc4 = tid % lpk;
-        for (int u = blockIdx.x; u < heads * nsplit; u += G) {
-            const int h = u / nsplit, t = u - h * nsplit;
-            const int kvh = h / (heads / kv_heads);
-            const size_t kv_base = (size_t)kvh * (size_t)max_seq * (size_t)head_dim;
-            const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            const float4 qv =
-                sc4 < d4 ? db_ldcg(reinterpret_cast<const float4*>(q + (size_t)h * head_dim) + sc4) : zero4;
-            float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
-            float m, l;
-            const float4 o = attn_span(qv, reinterpret_cast<const float4*>(k_cache + kv_base),
-                                       reinterpret_cast<const float4*>(v_cache + kv_base), d4,
-                                       (int)((long long)len * t / nsplit), (int)((long long)len * (t + 1) / nsplit),
-                                       scale, false, false, false, kv, vv, sp, sacc, m, l);
-            const size_t row = (size_t)h * max_splits + t;
-            if (tid < d4) reinterpret_cast<float4*>(part_o + row * head_dim)[tid] = o;
-            if (tid == 0) {
-                part_ml[2 * row] = m;
-                part_ml[2 * row + 1] = l;
+    const int gnorm = hidden * (int)sizeof(T) / 4;  // floats between the two norm weights
+    int s = 0;
+    for (int l = 0; l < layers; ++l) {
+        int* ctr = sync + 5 * l;  // A done, attention done, B done, C done, D done (the next layer's x)
+        L.jobs.qkv = qkv_job(l);
+        const float* kc = L.jobs.qkv.k_cache;
+        const float* vc = L.jobs.qkv.v_cache;
+
+        // A: RMSNorm + QKV + RoPE + KV append
+        db_cp_wait<0>();
+        __syncthreads();  // the norm weights are in shared memory
+        float r = L.stage_norm(x, L.ring.norm_off, hidden, eps);
+        if (LY_MARKS == 2) DB_TRACE_MARK(1);
+        s = L.gemv(l, 0, s, L.jobs.qkv, r);
+        if (LY_MARKS == 0) DB_TRACE_MARK(1);
+        ly_arrive(ctr + 0);
+
+        // attention units (head, split) on blocks u % G; the others go on to wait for them
+        if ((int)blockIdx.x < heads * nsplit) {
+            ly_wait(ctr + 0, G);
+            float* sp = L.ring.xs;
+            float4* sacc = reinterpret_cast<float4*>(L.ring.xs + ATTN_UNROLL * LY_BLOCK);
+            const int d4 = head_dim / 4;
+            int lpk = 1;
+            while (lpk < d4) lpk <<= 1;
+            const int sc4 = tid % lpk;
+            for (int u = blockIdx.x; u < heads * nsplit; u += G) {
+                const int h = u / nsplit, t = u - h * nsplit;
+                const int kvh = h / (heads / kv_heads);
+                const size_t kv_base = (size_t)kvh * (size_t)max_seq * (size_t)head_dim;
+                const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                const float4 qv =
+                    sc4 < d4 ? db_ldcg(reinterpret_cast<const float4*>(q + (size_t)h * head_dim) + sc4) : zero4;
+                float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
+                float m, lsum;
+                const float4 o = attn_span(qv, reinterpret_cast<const float4*>(kc + kv_base),
+                                           reinterpret_cast<const float4*>(vc + kv_base), d4,
+                                           (int)((long long)len * t / nsplit),
+                                           (int)((long long)len * (t + 1) / nsplit), scale, false, false, false, kv,
+                                           vv, sp, sacc, m, lsum);
+                const size_t row = (size_t)h * max_splits + t;
+                if (tid < d4) reinterpret_cast<float4*>(part_o + row * head_dim)[tid] = o;
+                if (tid == 0) {
+                    part_ml[2 * row] = m;
+                    part_ml[2 * row + 1] = lsum;
+                }
+                __syncthreads();  // sp and sacc are reused by the next unit
             }
-            __syncthreads();  // sp and sacc are reused by the next unit
+        }
+        ly_arrive(ctr + 1);
+        ly_wait(ctr + 1, G);
+        if (LY_MARKS == 0) DB_TRACE_MARK(2);
+
+        // B: O projection + residual; its x is the attention output, combined from the partials here
+        L.stage_attention(part_o, part_ml, heads, head_dim, nsplit, max_splits);
+        s = L.gemv(l, 1, s, L.jobs.o, 1.0f);
+        ly_arrive(ctr + 2);
+        ly_wait(ctr + 2, G);
+        if (LY_MARKS == 1) DB_TRACE_MARK(1);
+
+        // C: RMSNorm + gate/up + SiLU * up
+        if (LY_TRIGGER == 2 && l == layers - 1) PDL_LAUNCH_DEPENDENTS();
+        r = L.stage_norm(x, L.ring.norm_off + gnorm, hidden, eps);
+        if (LY_MARKS == 3) DB_TRACE_MARK(1);
+        s = L.gemv(l, 2, s, L.jobs.gate_up, r);
+        ly_arrive(ctr + 3);
+        ly_wait(ctr + 3, G);
+        if (LY_MARKS == 1) DB_TRACE_MARK(2);
+
+        // D: down projection + residual
+        if (LY_TRIGGER == 3 && l == layers - 1) PDL_LAUNCH_DEPENDENTS();
+        L.stage_copy(act, ffn);
+        s = L.gemv(l, 3, s, L.jobs.down, 1.0f);
+        if (l + 1 < layers) {  // act is read (gemv's barrier): the next norms may overwrite xs's tail
+            load_norms(l + 1);
+            ly_arrive(ctr + 4);
+            ly_wait(ctr + 4, G);  // every block's residual rows are in x
         }
     }
-    ly_arrive(ctr + 1);
-    ly_wait(ctr + 1, G);
-    if (LY_MARKS == 0) DB_TRACE_MARK(2);
-
-    // B: O projection + residual; its x is the attention output, combined from the partials here
-    L.stage_attention(part_o, part_ml, heads, head_dim, nsplit, max_splits);
-    s = L.gemv(1, s, L.jobs.o, 1.0f);
-    ly_arrive(ctr + 2);
-    ly_wait(ctr + 2, G);
-    if (LY_MARKS == 1) DB_TRACE_MARK(1);
-
-    // C: RMSNorm + gate/up + SiLU * up
-    if (LY_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
-    r = L.stage_norm(x, L.ring.norm_off + gnorm, hidden, eps);
-    if (LY_MARKS == 3) DB_TRACE_MARK(1);
-    s = L.gemv(2, s, L.jobs.gate_up, r);
-    ly_arrive(ctr + 3);
-    ly_wait(ctr + 3, G);
-    if (LY_MARKS == 1) DB_TRACE_MARK(2);
-
-    // D: down projection + residual
-    if (LY_TRIGGER == 3) PDL_LAUNCH_DEPENDENTS();
-    L.stage_copy(act, ffn);
-    L.gemv(3, s, L.jobs.down, 1.0f);
 }
 
-// decode_layer_<wt>: one decode layer, batch 1.                 grid [sms], block [256], dynamic shared memory
-// ly_fixed + nslot * LY_SLOT bytes (2..8 slots); see the top of this file.
+// decode_layer_<wt>: decode layers [0, layers) of a stack, batch 1.      grid [sms], block [256], dynamic shared
+// memory ly_fixed + nslot * LY_SLOT bytes; see the top of this file. One layer a node (layers = 1) leaves room
+// for the next layer's block on each SM (2..8 slots); the whole stack in one node takes one block a SM and a
+// deeper ring (up to 12 slots at TinyLlama's shapes).
 #define DEFINE_DECODE_LAYER(SUFFIX, T)                                                                       \
     extern "C" __global__ void __launch_bounds__(LY_BLOCK, 2) decode_layer_##SUFFIX(                        \
         const T* wqkv, const T* attn_norm, const T* wo, const T* mlp_norm, const T* w_gate_up,               \
         const T* w_down, float* x, float* q, float* k_cache, float* v_cache, const int* pos,                 \
         const float* bias, const float* inv_freq, float* part_o, float* part_ml, float* act, int* sync,      \
         int hidden, int heads, int kv_heads, int head_dim, int ffn, int max_seq, int chunk, int max_splits,  \
-        float eps, float scale) {                                                                            \
+        float eps, float scale, int layers, long long kv_stride) {                                           \
         decode_layer_impl<T>(wqkv, attn_norm, wo, mlp_norm, w_gate_up, w_down, x, q, k_cache, v_cache, pos, \
                              bias, inv_freq, part_o, part_ml, act, sync, hidden, heads, kv_heads, head_dim,  \
-                             ffn, max_seq, chunk, max_splits, eps, scale);                                   \
+                             ffn, max_seq, chunk, max_splits, eps, scale, layers, kv_stride);                \
     }
 DEFINE_DECODE_LAYER(f32, float)
 DEFINE_DECODE_LAYER(f16, db_f16)

@@ -1,7 +1,8 @@
-"""kernels/llama_layer.cu (one decode layer as one persistent kernel node) and the fused spec's `layer_kernel`
-switch without a GPU: NVRTC compile of every entry with the params the spec declares, the PDL contract in the
-PTX (before griddepcontrol.wait only weight copies: TMA bulk copies into the ring, cp.async of the norm weights),
-two blocks per SM by ptxas (at most 128 registers, no local memory), the graph it binds to, and the checks."""
+"""kernels/llama_layer.cu (decode layers as one persistent kernel node: one a node, or the whole stack) and the
+fused spec's `layer_kernel` switch without a GPU: NVRTC compile of every entry with the params the spec declares,
+the PDL contract in the PTX (before griddepcontrol.wait only weight copies: TMA bulk copies into the ring,
+cp.async of the norm weights), two blocks per SM by ptxas (at most 128 registers, no local memory), the graph it
+binds to, and the checks."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ SRC = KERNELS / "llama_layer.cu"
 FUSED = SPECS / "llama_decode_fused.yaml"
 TINY = yaml.safe_load((SPECS / "configs" / "llama_tiny.yaml").read_text())
 P, N, F = ".u64", ".u32", ".f32"
-LAYER_PARAMS = [P] * 17 + [N] * 8 + [F, F]
+LAYER_PARAMS = [P] * 17 + [N] * 8 + [F, F, N, ".u64"]  # ... eps, scale, layers, kv_stride
 ENTRIES = [f"decode_layer_{wt}" for wt in ("f32", "f16", "bf16")]
 
 
@@ -83,7 +84,8 @@ def test_layer_kernel_switch_binds_one_node_per_layer():
     assert one.kernels[node.kernel].entry == "decode_layer_f16"
     assert node.grid == (132, 1, 1) and node.block == (256, 1, 1)
     # f16, TinyLlama: ring 4 x 16 KiB + (parts, barriers, x / act, norm weights at their f32 size): two a SM
-    assert node.shared == 4512 + 4 * 7168 + 4 * 16384 and 2 * (node.shared + 1024) <= 233472
+    assert node.shared == 4608 + 4 * 7168 + 4 * 16384 and 2 * (node.shared + 1024) <= 233472
+    assert {a.param.name: a.value for a in node.args}["layers"] == 1
     # every layer kernel follows the previous one programmatically; the memset zeroes the arrival counters
     dot = to_dot(one)
     assert dot.count("programmatic") >= layers
@@ -94,13 +96,42 @@ def test_layer_kernel_switch_binds_one_node_per_layer():
     assert sum(n.id.startswith("qkv.") for n in batched.nodes) == layers
 
 
+def test_whole_stack_binds_one_node_over_the_stacked_buffers():
+    """layer_kernel: 2 runs every layer in one node: whole weight / cache / counter buffers, the layer count and
+    the cache's layer stride as args, one block a SM with stack_slots slots; batch > 1 keeps five nodes a layer."""
+    five = llama_plan({"batch": 1}, FUSED)
+    stack = llama_plan({"batch": 1, "layer_kernel": 2}, FUSED)
+    d = stack.dims
+    ids = [n.id for n in stack.nodes]
+    assert ids == ["upload_tokens", "upload_pos", "embed", "zero_layer_sync.0", "layers.0", "lm_head", "argmax",
+                   "download"]
+    node = next(n for n in stack.nodes if n.id == "layers.0").op
+    args = {a.param.name: a for a in node.args}
+    assert args["layers"].value == d["layers"]
+    assert args["kv_stride"].value == d["cache_batch"] * d["kv_heads"] * d["max_seq"] * d["head_dim"]
+    for name in ("wqkv", "wo", "w_gate_up", "w_down", "attn_norm", "mlp_norm", "k_cache", "v_cache", "sync", "bias"):
+        buf = {"sync": "layer_sync", "bias": "qkv_bias"}.get(name, name)
+        assert args[name].view.buffer == buf, name
+        assert args[name].view.nbytes == stack.buffers[buf].nbytes, name  # the whole stack, not one layer
+    assert node.grid == (132, 1, 1) and node.shared == 4608 + 4 * 7168 + 12 * 16384 <= 232448
+    assert len(ids) == len(five.nodes) - 5 * d["layers"] + 2
+    assert '"zero_layer_sync.0" -> "layers.0"' in to_dot(stack)
+    batched = llama_plan({"batch": 4, "cache_batch": 4, "layer_kernel": 2}, FUSED)
+    assert sum(n.id.startswith("qkv.") for n in batched.nodes) == d["layers"]
+    with pytest.raises(SpecError, match="stack_slots must be even, 2 to 16"):
+        llama_plan({"batch": 1, "layer_kernel": 2, "stack_slots": 7}, FUSED)
+    with pytest.raises(SpecError, match="stack_slots: the whole-stack kernel's ring and its fixed part exceed 227 KiB"):
+        llama_plan({"batch": 1, "layer_kernel": 2, "ffn": 8192}, FUSED)  # Llama-3.2-1B's ffn takes 10 slots
+    llama_plan({"batch": 1, "layer_kernel": 2, "ffn": 8192, "stack_slots": 10}, FUSED)
+
+
 def test_layer_kernel_shapes_it_cannot_take_are_refused_by_name():
     with pytest.raises(SpecError, match="layer_kernel: a block of the layer kernel keeps at most 1024 partial sums"):
         llama_plan({**TINY, "batch": 1, "layer_kernel": 1, "sms": 4}, FUSED)
     with pytest.raises(SpecError, match="layer_kernel: a block of the layer kernel keeps at most 1024 partial sums"):
         llama_plan({"batch": 1, "layer_kernel": 1, "ffn": 32768}, FUSED)  # down: 8 pairs x 16 chunks
     with pytest.raises(SpecError, match="layer_kernel must be 0"):
-        llama_plan({"batch": 1, "layer_kernel": 2}, FUSED)
+        llama_plan({"batch": 1, "layer_kernel": 3}, FUSED)
     with pytest.raises(SpecError, match="layer_slots must be 2, 4, 6 or 8"):
         llama_plan({"batch": 1, "layer_kernel": 1, "layer_slots": 5}, FUSED)
     llama_plan({**TINY, "batch": 1, "layer_kernel": 1, "sms": 11, "heads": 16}, FUSED)  # the GPU test's 11 blocks
@@ -128,9 +159,14 @@ def test_spec_shared_memory_gives_the_kernel_its_slots(config, wt):
     shared = next(n for n in p.nodes if n.id == "layer.0").op.shared
     norm_off = (max(d["hidden"], d["heads"] * d["head_dim"], 8 * 256 + 4 * 256) + 3) & ~3
     xs_floats = max(d["ffn"], norm_off + (2 * d["hidden"] * size + 15) // 16 * 4)
-    fixed = (8 * 8 + 8 * 4 + 4 * 64 + 64) + 1024 * 4 + 4 * xs_floats
-    assert min(8, (shared - fixed) // 16384) // 2 * 2 == d["layer_slots"]
+    fixed = (16 * 8 + 16 * 4 + 4 * 64 + 64) + 1024 * 4 + 4 * xs_floats
+    assert min(16, (shared - fixed) // 16384) // 2 * 2 == d["layer_slots"]
     assert 2 * (shared + 1024) <= 233472  # two blocks a SM: 228 KiB, 1 KiB reserved a block
+    # the whole stack in one node: stack_slots slots (as many as fit 227 KiB; an ffn of 8192 takes 10)
+    slots = 12 if d["ffn"] <= 5632 else 10
+    p = llama_plan({**dims, "wt": wt, "batch": 1, "layer_kernel": 2, "stack_slots": slots}, FUSED)
+    shared = next(n for n in p.nodes if n.id == "layers.0").op.shared
+    assert min(16, (shared - fixed) // 16384) // 2 * 2 == slots and shared <= 232448
 
 
 def test_resident_kernels_are_declared_and_checked_against_the_device():

@@ -10,7 +10,7 @@ Modes (ms per token, host-observed: write the token, run the step, wait, read th
   (e) dagbuild explicit: dagbuild's explicitly built graph (Executable.launch).
   (f), (g) the fused spec (specs/llama_decode_fused.yaml, five kernel nodes a layer) with plain and with
       programmatic edges; (h) the same spec with layer_kernel 1: one persistent kernel node a layer
-      (kernels/llama_layer.cu).
+      (kernels/llama_layer.cu); (i) layer_kernel 2: one such kernel node for the whole stack of layers.
   floor: bytes of weights read per token / the device-to-device copy bandwidth (bytes read + written per
       second, best of several copies of a 1 GiB buffer).
 
@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dagbuild.bench import copy_bandwidth, device_us_per_launch, launch_modes  # noqa: E402
+from dagbuild.errors import SpecError  # noqa: E402
 from dagbuild.executable import ExecOptions, Executable  # noqa: E402
 from dagbuild.llama.config import from_hf, read_hf_config  # noqa: E402
 from dagbuild.llama.decode import llama_plan  # noqa: E402
@@ -407,9 +408,12 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
         lplan = llama_plan({**dims, "wt": wt, "batch": 1, **seq, "layer_kernel": 1}, spec_path=FUSED_SPEC)
         result["fused_nodes"] = len(fplan.nodes)
         result["layer_kernel_nodes"] = len(lplan.nodes)
+        splan = stack_plan({**dims, "wt": wt, "batch": 1, **seq})
+        result["stack_kernel_nodes"] = len(splan.nodes)
         for name, opts, p in (("(f) dagbuild fused, plain edges", ExecOptions(programmatic=False), fplan),
                               ("(g) dagbuild fused + programmatic edges", ExecOptions(), fplan),
-                              ("(h) dagbuild fused, one kernel a layer", ExecOptions(), lplan)):
+                              ("(h) dagbuild fused, one kernel a layer", ExecOptions(), lplan),
+                              ("(i) dagbuild fused, one kernel for all layers", ExecOptions(), splan)):
             try:
                 with Executable(p, opts, bound=tied_bound(p) if tied else None) as exe:
                     if model is not None:
@@ -438,6 +442,18 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
     return result
 
 
+def stack_plan(dims: dict[str, Any]) -> Any:
+    """The fused spec with the whole stack in one kernel node and the deepest ring that fits (12 slots at
+    TinyLlama's shapes, fewer for a wider ffn)."""
+    for slots in (12, 10, 8, 6, 4, 2):
+        try:
+            return llama_plan({**dims, "layer_kernel": 2, "stack_slots": slots}, spec_path=FUSED_SPEC)
+        except SpecError as e:
+            if "stack_slots" not in str(e) or slots == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def report(r: dict[str, Any], copy: dict[str, float], device: str) -> str:
     d = r["dims"]
     lines = [f"== {Path(r['config']).stem}: hidden {d['hidden']}, layers {d['layers']}, heads {d['heads']}/"
@@ -455,7 +471,8 @@ def report(r: dict[str, Any], copy: dict[str, float], device: str) -> str:
                  f"({r['explicit_graph_device_ms'] / r['floor_ms']:.1f} x floor)")
     for name, m in sorted(r["modes"].items()):
         if "device_ms" in m:
-            nodes = r.get("layer_kernel_nodes") if name.startswith("(h)") else r.get("fused_nodes")
+            nodes = {"(h)": r.get("layer_kernel_nodes"), "(i)": r.get("stack_kernel_nodes")}.get(
+                name[:3], r.get("fused_nodes"))
             lines.append(f"{name}: {nodes} nodes, device time back to back {m['device_ms']:.4f} "
                          f"ms/step ({m['device_ms'] / r['floor_ms']:.2f} x floor)")
     if r.get("dagbuild_modes_agree") is not None:

@@ -99,6 +99,30 @@ PY
           tools/sanitize_decode.py --spec specs/llama_decode_fused.yaml --batch 1 --set layer_kernel=1 > "$OUT/sanitize_layer_$tool.log" 2>&1
         echo "compute-sanitizer $tool, layer kernel: exit $?"; tail -2 "$OUT/sanitize_layer_$tool.log"
       done ;;
+    stack)  # issue 8: the whole stack of layers as one persistent kernel (layer_kernel 2) against the five nodes
+      # first a step of it alone (a hang would trap after the spin limit: fail fast), then its GPU tests
+      timeout 120 python3 tools/timeline.py --set layer_kernel=2 --json "$OUT/timeline_stack.json" 2>&1 | tail -12
+      timeout 120 python3 tools/timeline.py --set layer_kernel=0 --json "$OUT/timeline_five.json" 2>&1 | tail -12
+      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_llama_fused.py -k layer_kernel 2>&1 | tail -4
+      for pos in 400; do
+        for lk in 0 2; do
+          timeout 120 python3 tools/timeline.py --set layer_kernel=$lk --pos $pos 2>&1 | grep -E "^step|untraced" | head -3
+        done
+      done
+      # the ring's depth (bytes in flight a SM), then the knobs: no math (ring and barriers alone), no proxy
+      # fence, four warp groups of two warps
+      for slots in 8 10; do
+        echo "== stack_slots $slots"
+        timeout 120 python3 tools/timeline.py --set layer_kernel=2 --set stack_slots=$slots 2>&1 | grep -E "^step|untraced" | head -3
+      done
+      for knob in LY_DIAG=1 LY_PROXY_FENCE=0 LY_GROUPS=4; do
+        echo "== $knob"
+        timeout 120 python3 tools/blocktrace.py --set layer_kernel=2 --define $knob 2>&1 | grep -E "^step|^layers" | head -4
+      done
+      timeout 300 python3 tools/bench_decode.py --config specs/configs/tinyllama.yaml --no-kernels 2>&1 | tail -16
+      timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 python3 \
+        tools/sanitize_decode.py --spec specs/llama_decode_fused.yaml --batch 1 --set layer_kernel=2 > "$OUT/sanitize_stack.log" 2>&1
+      echo "compute-sanitizer memcheck, whole stack: exit $?"; tail -2 "$OUT/sanitize_stack.log" ;;
     sanitize_fused)
       for tool in memcheck racecheck synccheck; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \

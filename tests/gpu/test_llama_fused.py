@@ -351,8 +351,9 @@ def fused_executable(overrides, modules, programmatic=True):
     exe = Executable(llama_plan(overrides, FUSED_SPEC), ExecOptions(programmatic=programmatic), modules=modules)
     _, edges = exe.driver_graph()
     n_prog = sum(kind == "programmatic" for kind in edges.values())
-    per_layer = 1 if overrides.get("layer_kernel") and overrides.get("batch", 1) == 1 else 5
-    assert n_prog >= per_layer * overrides.get("layers", 22) if programmatic else n_prog == 0
+    lk = overrides.get("layer_kernel", 0) if overrides.get("batch", 1) == 1 else 0
+    expect = 2 if lk == 2 else (1 if lk == 1 else 5) * overrides.get("layers", 22)  # embed -> stack -> lm_head
+    assert n_prog >= expect if programmatic else n_prog == 0
     return exe
 
 
@@ -405,24 +406,28 @@ def test_fused_tinyllama_shape_random_weights_match_unfused(cp, modules):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The persistent layer kernel (kernels/llama_layer.cu, layer_kernel: 1 at batch 1)
+# The persistent layer kernel (kernels/llama_layer.cu at batch 1): one a layer (layer_kernel: 1) or one for the
+# whole stack (layer_kernel: 2, its ring running on across the layers)
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lk", [1, 2], ids=["layer", "stack"])
 @pytest.mark.parametrize("wt,sms,chunk,heads", [("f32", 132, 32, 4), ("f32", 11, 16, 16), ("f16", 132, 64, 4),
                                                  ("bf16", 40, 8, 4)],
                          ids=["f32-132", "f32-11blocks", "f16-132", "bf16-40"])
-def test_layer_kernel_matches_five_node_layers_and_numpy(cp, modules, wt, sms, chunk, heads):
-    """One node per layer: logits and tokens as the five-node fused graph's over 70 positions (attention split
-    by `chunk`, up to 9 splits at 40 blocks; with 11 blocks for 16 heads a block runs two attention units and
-    up to 126 weight rows a phase), f32 also against the float64 model; KV caches equal after the run."""
+def test_layer_kernel_matches_five_node_layers_and_numpy(cp, modules, wt, sms, chunk, heads, lk):
+    """One node per layer or one for the stack: logits and tokens as the five-node fused graph's over 70
+    positions (attention split by `chunk`, up to 9 splits at 40 blocks; with 11 blocks for 16 heads a block runs
+    two attention units and up to 126 weight rows a phase), f32 also against the float64 model; KV caches equal
+    after the run."""
     from dagbuild.llama.decode import llama_plan
 
     dims = {**TINY, "wt": wt, "batch": 1, "attn_chunk": chunk, "sms": sms, "max_seq": 96, "heads": heads}
     state = hf_state(llama_plan(dims, FUSED_SPEC), 11)
-    with fused_executable({**dims, "layer_kernel": 1}, modules) as layer, \
+    with fused_executable({**dims, "layer_kernel": lk}, modules) as layer, \
             fused_executable({**dims, "layer_kernel": 0}, modules) as five:
-        assert sum(n.id.startswith("layer.") for n in layer.plan.nodes) == dims["layers"]
+        kernel_nodes = sum(n.id.startswith(("layer.", "layers.")) for n in layer.plan.nodes)
+        assert kernel_nodes == (dims["layers"] if lk == 1 else 1)
         kc, vc = load_with_empty_caches((layer, five), state, dims)
         tokens = np.random.default_rng(2).integers(0, dims["vocab"], 70)
         tol = 1e-5 if wt == "f32" else 2e-3
@@ -442,13 +447,14 @@ def test_layer_kernel_matches_five_node_layers_and_numpy(cp, modules, wt, sms, c
             assert rel_err(layer.buffers[buf].get(), five.buffers[buf].get()) < tol, buf
 
 
-def test_layer_kernel_padding_row_and_tinyllama_tokens(cp, modules):
+@pytest.mark.parametrize("lk", [1, 2], ids=["layer", "stack"])
+def test_layer_kernel_padding_row_and_tinyllama_tokens(cp, modules, lk):
     """TinyLlama shape, f16, random weights: greedy tokens as the five-node graph's over 24 steps; a padding
     position (-1) writes no KV entry."""
     from dagbuild.llama.decode import LlamaDecoder
 
     dims = {"wt": "f16", "batch": 1, "max_seq": 128}
-    with fused_executable({**dims, "layer_kernel": 1}, modules) as layer, \
+    with fused_executable({**dims, "layer_kernel": lk}, modules) as layer, \
             fused_executable({**dims, "layer_kernel": 0}, modules) as five:
         out = {}
         for name, exe in (("layer", layer), ("five", five)):
@@ -478,3 +484,7 @@ def test_layer_kernel_grid_the_device_cannot_hold_is_refused(cp, modules):
     with pytest.raises(SpecError) as err:
         Executable(llama_plan(dims, FUSED_SPEC), modules=modules)
     assert set(err.value.codes) == {"launch_config"} and "node 'layer.0': its 4096 blocks" in str(err.value)
+    # the whole stack at one block a SM: twice the SMs is refused too
+    with pytest.raises(SpecError) as err:
+        Executable(llama_plan({**dims, "layer_kernel": 2, "sms": 264}, FUSED_SPEC), modules=modules)
+    assert "node 'layers.0': its 264 blocks" in str(err.value)
