@@ -84,6 +84,8 @@
 //   to the slot counter's ordering, as CUTLASS's TMA pipelines do with their empty barriers.
 // LY_TRIGGER: when the next layer may launch (and its blocks prefetch, sharing DRAM with this layer): 0 at the
 //   start, 2 when phase C starts, 3 when phase D starts.
+// LY_L2_AHEAD N > nslot: each issue also asks L2 for stage s + N's rows (cp.async.bulk.prefetch.L2), a second,
+//   deeper window of bytes in flight that needs no shared memory (the stack at 12 slots: try 24).
 // LY_DIAG 1 (timing only, the results are WRONG): the stages are waited for and released but not multiplied, so
 //   a phase's time is the ring's and the barriers' alone.
 #ifndef LY_PROXY_FENCE
@@ -91,6 +93,9 @@
 #endif
 #ifndef LY_TRIGGER
 #define LY_TRIGGER 0
+#endif
+#ifndef LY_L2_AHEAD
+#define LY_L2_AHEAD 0
 #endif
 #ifndef LY_DIAG
 #define LY_DIAG 0
@@ -151,6 +156,13 @@ __device__ __forceinline__ void ly_bulk_copy(void* dst, const void* src, unsigne
                      ly_saddr(dst)),
                  "l"(src), "r"(bytes), "r"(ly_saddr(bar))
                  : "memory");
+#endif
+}
+
+// bytes at src (a multiple of 16) into L2, no shared memory, nothing to wait for
+__device__ __forceinline__ void ly_prefetch_l2(const void* src, unsigned int bytes) {
+#if LY_TMA
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 #endif
 }
 
@@ -281,26 +293,41 @@ struct LyLayer {
     LyJobs jobs;
     LyRing ring;
 
-    // Stage s -> slot s % nslot: the expected bytes, then one bulk copy per row (one thread).
-    __device__ __forceinline__ void issue(int s) const {
-#if LY_TMA
-        if (s >= ring.total) return;
+    // Stage s's weight rows (s < ring.total): first `all(bytes)` with the stage's bytes, then `row(offset in the
+    // slot, source, bytes)` for each of its rows.
+    template <typename All, typename Row>
+    __device__ __forceinline__ void stage_rows(int s, All&& all, Row&& row) const {
         const int layer = s / ring.per_layer;
         const LyStage t = ly_stage(ring.phases, s - layer * ring.per_layer);
         const LyPhase& P = ring.phases[t.ph];
         const unsigned char* w = P.w + (size_t)layer * P.lstride;
-        const int slot = s % ring.nslot;
         const unsigned int row_bytes = (unsigned int)t.kn * sizeof(T);
-        unsigned char* dst = ring.slots + (size_t)slot * LY_SLOT;
-        ly_bar_expect(ring.full + slot, 2u * (unsigned int)t.pn * row_bytes);
+        all(2u * (unsigned int)t.pn * row_bytes);
         for (int j = 0; j < t.pn; ++j) {
             int r[2];
             jobs.rows(t.ph, t.pa + j, r[0], r[1]);
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-                ly_bulk_copy(dst + (size_t)(2 * j + e) * P.kl * sizeof(T),
-                             w + ((size_t)r[e] * P.k + t.kc0) * sizeof(T), row_bytes, ring.full + slot);
+                row((size_t)(2 * j + e) * P.kl * sizeof(T), w + ((size_t)r[e] * P.k + t.kc0) * sizeof(T), row_bytes);
         }
+    }
+
+    // Stage s -> slot s % nslot: the expected bytes, then one bulk copy per row (one thread). With LY_L2_AHEAD,
+    // stage s + LY_L2_AHEAD's rows are asked into L2 as well (its slot copy is issued LY_L2_AHEAD - nslot stages
+    // later and then reads L2), so a ring stalled by attention or a barrier still keeps DRAM busy.
+    __device__ __forceinline__ void issue(int s) const {
+#if LY_TMA
+        if (s >= ring.total) return;
+        const int slot = s % ring.nslot;
+        unsigned char* dst = ring.slots + (size_t)slot * LY_SLOT;
+        unsigned long long* bar = ring.full + slot;
+        stage_rows(
+            s, [&](unsigned int bytes) { ly_bar_expect(bar, bytes); },
+            [&](size_t off, const unsigned char* src, unsigned int bytes) { ly_bulk_copy(dst + off, src, bytes, bar); });
+        if (LY_L2_AHEAD > 0 && s + LY_L2_AHEAD < ring.total)
+            stage_rows(
+                s + LY_L2_AHEAD, [](unsigned int) {},
+                [](size_t, const unsigned char* src, unsigned int bytes) { ly_prefetch_l2(src, bytes); });
 #endif
     }
 
