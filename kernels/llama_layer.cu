@@ -456,37 +456,10 @@ struct LyLayer {
             xs4[f] = v;
     }
 
-    // xs = x[0, :k] * norm (f32; the norm weight from its copy in xs's tail at `noff` floats), and the RMS scale
-    // rsqrt(mean(x^2) + eps) (a block sum in a fixed order). LY_X_INFLIGHT float4 loads per thread in flight.
-    __device__ __forceinline__ float stage_norm(const float* x, int noff, int k, float eps) const {
-        const float4* x4 = reinterpret_cast<const float4*>(x);
-        const T* g = reinterpret_cast<const T*>(ring.xs + noff);
-        const int k4 = k / 4, nt = blockDim.x;
-        float ss = 0.0f;
-        for (int e0 = threadIdx.x; e0 < k4; e0 += LY_X_INFLIGHT * nt) {
-            float4 v[LY_X_INFLIGHT];
-#pragma unroll
-            for (int j = 0; j < LY_X_INFLIGHT; ++j)
-                if (e0 + j * nt < k4) v[j] = db_ldcg(x4 + e0 + j * nt);
-#pragma unroll
-            for (int j = 0; j < LY_X_INFLIGHT; ++j) {
-                const int e = e0 + j * nt;
-                if (e < k4) {
-                    ss = fmaf(v[j].x, v[j].x, ss);
-                    ss = fmaf(v[j].y, v[j].y, ss);
-                    ss = fmaf(v[j].z, v[j].z, ss);
-                    ss = fmaf(v[j].w, v[j].w, ss);
-                    put_x(e, k, make_float4(v[j].x * to_float(g[4 * e]), v[j].y * to_float(g[4 * e + 1]),
-                                            v[j].z * to_float(g[4 * e + 2]), v[j].w * to_float(g[4 * e + 3])));
-                }
-            }
-        }
-        const float total = db_block_sum(ss, ring.misc);  // its barriers also publish xs
-        return rsqrtf(total / (float)k + eps);
-    }
-
-    // xs = v[:k] (f32, produced by this grid)
-    __device__ __forceinline__ void stage_copy(const float* v, int k) const {
+    // f(e, v[4e .. 4e + 3]) for this thread's float4s of v[:k] (produced by this grid: read through L2), with
+    // LY_X_INFLIGHT loads per thread in flight before any is used
+    template <typename F>
+    __device__ __forceinline__ void each_float4(const float* v, int k, F&& f) const {
         const float4* v4 = reinterpret_cast<const float4*>(v);
         const int k4 = k / 4, nt = blockDim.x;
         for (int e0 = threadIdx.x; e0 < k4; e0 += LY_X_INFLIGHT * nt) {
@@ -496,8 +469,30 @@ struct LyLayer {
                 if (e0 + j * nt < k4) t[j] = db_ldcg(v4 + e0 + j * nt);
 #pragma unroll
             for (int j = 0; j < LY_X_INFLIGHT; ++j)
-                if (e0 + j * nt < k4) put_x(e0 + j * nt, k, t[j]);
+                if (e0 + j * nt < k4) f(e0 + j * nt, t[j]);
         }
+    }
+
+    // xs = x[0, :k] * norm (f32; the norm weight from its copy in xs's tail at `noff` floats), and the RMS scale
+    // rsqrt(mean(x^2) + eps) (a block sum in a fixed order)
+    __device__ __forceinline__ float stage_norm(const float* x, int noff, int k, float eps) const {
+        const T* g = reinterpret_cast<const T*>(ring.xs + noff);
+        float ss = 0.0f;
+        each_float4(x, k, [&](int e, const float4& v) {
+            ss = fmaf(v.x, v.x, ss);
+            ss = fmaf(v.y, v.y, ss);
+            ss = fmaf(v.z, v.z, ss);
+            ss = fmaf(v.w, v.w, ss);
+            put_x(e, k, make_float4(v.x * to_float(g[4 * e]), v.y * to_float(g[4 * e + 1]),
+                                    v.z * to_float(g[4 * e + 2]), v.w * to_float(g[4 * e + 3])));
+        });
+        const float total = db_block_sum(ss, ring.misc);  // its barriers also publish xs
+        return rsqrtf(total / (float)k + eps);
+    }
+
+    // xs = v[:k] (f32, produced by this grid)
+    __device__ __forceinline__ void stage_copy(const float* v, int k) const {
+        each_float4(v, k, [&](int e, const float4& t) { put_x(e, k, t); });
         __syncthreads();
     }
 
