@@ -140,13 +140,14 @@ def test_layer_kernel_shapes_it_cannot_take_are_refused_by_name():
     llama_plan({**TINY, "batch": 1, "layer_kernel": 0, "sms": 4}, FUSED)
 
 
-def test_layer_kernel_in_the_loop_body():
+@pytest.mark.parametrize("lk,node", [(1, "layer.0"), (2, "layers.0")])
+def test_layer_kernel_in_the_loop_body(lk, node):
     """K tokens per launch: the counters' memset runs in the loop body, before each step's layer kernels."""
     from dagbuild.llama.loop import looped_plan
 
-    lp = looped_plan(llama_plan({"batch": 1, "layer_kernel": 1}, FUSED), 16)
+    lp = looped_plan(llama_plan({"batch": 1, "layer_kernel": lk}, FUSED), 16)
     scope = {n.id: n.scope for n in lp.nodes}
-    assert scope["zero_layer_sync.0"] == scope["layer.0"] == scope["sample"] is not None
+    assert scope["zero_layer_sync.0"] == scope[node] == scope["sample"] is not None
 
 
 @pytest.mark.parametrize("config", ["tinyllama", "llama32_1b", "llama_tiny"])
