@@ -64,7 +64,7 @@ def test_two_blocks_per_sm_and_no_local_memory():
     src = read_kernel_source(SRC)
     for define in ("", "#define DB_BLOCKTRACE\n#define LY_MARKS 3\n", "#define LY_GROUPS 1\n",
                    "#define LY_PROXY_FENCE 0\n#define LY_TRIGGER 3\n", "#define LY_DIAG 1\n",
-                   "#define LY_GROUPS 4\n#define LY_L2_AHEAD 24\n"):  # the knobs
+                   "#define LY_GROUPS 4\n#define LY_L2_AHEAD 24\n", "#define LY_X_INFLIGHT 8\n"):  # the knobs
         props = ptxas_resources(define + src, "llama_layer")
         for name in ENTRIES:
             stack, st, ld, regs, _ = props[name]
