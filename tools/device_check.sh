@@ -109,6 +109,8 @@ PY
           timeout 120 python3 tools/timeline.py --set layer_kernel=$lk --pos $pos 2>&1 | grep -E "^step|untraced" | head -3
         done
       done
+      ;;
+    stackknobs)  # (one device call each: stack, stackknobs, stackbench)
       # the ring's depth (bytes in flight a SM), then the knobs: no math (ring and barriers alone), no proxy
       # fence, four warp groups of two warps, an L2 prefetch 12 / 20 stages beyond the ring, x and act staged
       # in one round trip (8 float4 loads a thread in flight; 6 spills)
@@ -120,6 +122,8 @@ PY
         echo "== $knob"
         timeout 120 python3 tools/blocktrace.py --set layer_kernel=2 --define $knob 2>&1 | grep -E "^step|^layers" | head -4
       done
+      ;;
+    stackbench)
       timeout 300 python3 tools/bench_decode.py --config specs/configs/tinyllama.yaml --no-kernels 2>&1 | tail -16
       timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 python3 \
         tools/sanitize_decode.py --spec specs/llama_decode_fused.yaml --batch 1 --set layer_kernel=2 > "$OUT/sanitize_stack.log" 2>&1
