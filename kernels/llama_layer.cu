@@ -42,10 +42,10 @@
 //   blocks of this grid, it must not come from a stale L1 line.
 // Without sm_90 (HIP, older archs) the phases read their weights straight from global memory; all else holds.
 // Requirements: batch 1 (row 0 of x); blockDim 256; the stack's buffers with layer 0 first (weights, norms,
-// bias and counters packed by layer; the KV cache kv_stride elements a layer); every block resident at once (grid <= what fits the card,
-// else a bounded spin traps); hidden, ffn, heads * head_dim multiples of 8; at most LY_MAX_ROWS weight rows and
-// LY_MAX_CELLS partial sums per block and phase (the spec's checks); head_dim as attn_decode; dynamic shared
-// memory for the fixed part and LY_GROUPS slots at least (the spec's `shared`).
+// bias and counters packed by layer; the KV cache kv_stride elements a layer); every block resident at once
+// (grid <= what fits the card, else a bounded spin traps); hidden, ffn, heads * head_dim multiples of 8; at
+// most LY_MAX_ROWS weight rows and LY_MAX_CELLS partial sums per block and phase (the spec's checks); head_dim
+// as attn_decode; dynamic shared memory for the fixed part and LY_GROUPS slots at least (the spec's `shared`).
 // Measured (kernels/llama_fused.md): one layer a node is correct, but slower than the five nodes a layer of
 // llama_fused.cu: its stages are consumed at about half the rate a SM's share of DRAM would allow, with at most
 // ~48 KiB a SM in flight. The whole stack (layers > 1) is compiled and bound on the CPU, not yet run on a GPU.
@@ -323,7 +323,9 @@ struct LyLayer {
         unsigned long long* bar = ring.full + slot;
         stage_rows(
             s, [&](unsigned int bytes) { ly_bar_expect(bar, bytes); },
-            [&](size_t off, const unsigned char* src, unsigned int bytes) { ly_bulk_copy(dst + off, src, bytes, bar); });
+            [&](size_t off, const unsigned char* src, unsigned int bytes) {
+                ly_bulk_copy(dst + off, src, bytes, bar);
+            });
         if (LY_L2_AHEAD > 0 && s + LY_L2_AHEAD < ring.total)
             stage_rows(
                 s + LY_L2_AHEAD, [](unsigned int) {},
@@ -347,8 +349,8 @@ struct LyLayer {
 #endif
     }
 
-    // Phase ph of layer `layer` (stages s .. s + nstages - 1): the dot products of this block's pairs against x in shared memory,
-    // then one thread per pair adds the parts and runs the epilogue. Warp group g takes the stages with
+    // Phase ph of layer `layer` (stages s .. s + nstages - 1): the dot products of this block's pairs against x in
+    // shared memory, then one thread per pair adds the parts and runs the epilogue. Warp group g takes the stages with
     // s % LY_GROUPS == g (nslot is a multiple of LY_GROUPS, so a slot always serves one group and its waits see
     // each use's phase in order); its warp gw takes part gw of the stage's k chunk for every row of the stage, so
     // each x element is read from shared memory once per stage (not once per row), and writes one cell per (row,
