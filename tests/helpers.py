@@ -52,6 +52,15 @@ def nvrtc_reason() -> str | None:
 needs_nvrtc = pytest.mark.skipif(nvrtc_reason() is not None, reason=str(nvrtc_reason()))
 
 
+def ptx_or_skip(source: str, name: str) -> str:
+    """The PTX of `source` by NVRTC (the NVRTC tests' module fixtures), or a skip saying why it cannot compile."""
+    from dagbuild import kernels
+
+    if nvrtc_reason():
+        pytest.skip(str(nvrtc_reason()))
+    return kernels.compile_ptx(source, name)
+
+
 def entry_bodies(ptx: str) -> dict[str, str]:
     """Each ``.entry``'s PTX text up to the next ``.entry``, by entry name."""
     parts = re.split(r"\.visible\s+\.entry\s+", ptx)[1:]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import needs_nvrtc, nvrtc_reason
+from helpers import needs_nvrtc, ptx_or_skip
 
 from dagbuild import kernels
 from dagbuild.errors import CompileError, DagbuildError, Issue, SpecError
@@ -31,9 +31,7 @@ extern "C" __global__ void no_params() {}
 
 @pytest.fixture(scope="module")
 def ptx() -> str:
-    if nvrtc_reason():
-        pytest.skip(str(nvrtc_reason()))
-    return kernels.compile_ptx(SOURCE, "demo")
+    return ptx_or_skip(SOURCE, "demo")
 
 
 # -- compile ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import KERNELS, SPECS
-from helpers import entry_bodies, needs_nvrtc, nvrtc_reason, ptxas_resources
+from helpers import entry_bodies, needs_nvrtc, ptx_or_skip, ptxas_resources
 
 from dagbuild import kernels
 from dagbuild.cli import main
@@ -39,9 +39,7 @@ ENTRIES = {**{f"{k}_{wt}": v for k, v in GEMV_PARAMS.items() for wt in WTYPES}, 
 
 @pytest.fixture(scope="module")
 def ptx() -> str:
-    if nvrtc_reason():
-        pytest.skip(str(nvrtc_reason()))
-    return kernels.compile_ptx(read_kernel_source(SRC), "llama_fused")
+    return ptx_or_skip(read_kernel_source(SRC), "llama_fused")
 
 
 @needs_nvrtc

@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 from conftest import KERNELS, SPECS
-from helpers import entry_bodies, needs_nvrtc, nvrtc_reason, ptxas_resources
+from helpers import entry_bodies, needs_nvrtc, ptx_or_skip, ptxas_resources
 
 from dagbuild import kernels
 from dagbuild.dot import to_dot
@@ -29,9 +29,7 @@ ENTRIES = [f"decode_layer_{wt}" for wt in ("f32", "f16", "bf16")]
 
 @pytest.fixture(scope="module")
 def ptx() -> str:
-    if nvrtc_reason():
-        pytest.skip(str(nvrtc_reason()))
-    return kernels.compile_ptx(read_kernel_source(SRC), "llama_layer")
+    return ptx_or_skip(read_kernel_source(SRC), "llama_layer")
 
 
 @needs_nvrtc
