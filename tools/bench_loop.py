@@ -20,6 +20,8 @@ tokens of every loop mode are checked equal to the single-step tokens.
   python3 tools/bench_loop.py                                    # everything (a few minutes)
   python3 tools/bench_loop.py --configs specs/configs/llama_tiny.yaml --batches 1 --specs llama_decode.yaml
   python3 tools/bench_loop.py --json loop.json
+  python3 tools/bench_loop.py --specs llama_decode_fused.yaml --batches 1 --set layer_kernel=2 --set sms=32
+                                                                 # the body's layers as one kernel node
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from dagbuild.executable import ExecOptions, Executable  # noqa: E402
 from dagbuild.llama.decode import LlamaDecoder, llama_plan  # noqa: E402
 from dagbuild.llama.loop import LoopDecoder, looped_plan  # noqa: E402
 from dagbuild.llama.weights import random_weights  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+from timeline import parse_set  # noqa: E402
 
 CONFIGS = ("specs/configs/llama_tiny.yaml", "specs/configs/tinyllama.yaml")
 SPECS = ("llama_decode.yaml", "llama_decode_fused.yaml")
@@ -119,13 +124,15 @@ def looped(p: Any, k: int, steps: int, mode: str = "auto", unroll: int | None = 
         return gen.tokens, per_step or [gen.ms_per_step], device_us
 
 
-def run(config: str, spec: str, batch: int, ks: tuple[int, ...], steps: int) -> dict[str, Any]:
+def run(config: str, spec: str, batch: int, ks: tuple[int, ...], steps: int,
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     dims = yaml.safe_load((ROOT / config).read_text())
-    dims = {**dims, "batch": batch, "max_seq": max(int(dims.get("max_seq", 0)), steps + 2)}
+    dims = {**dims, **(overrides or {}), "batch": batch, "max_seq": max(int(dims.get("max_seq", 0)), steps + 2)}
     p = llama_plan(dims, ROOT / "specs" / spec)
     ref, ms, dev = single_step(p, steps, warmup=10)
     single = statistics.median(ms)
     row: dict[str, Any] = {"config": Path(config).stem, "spec": spec, "batch": batch, "nodes": len(p.nodes),
+                           "set": overrides or {},
                            "single_ms": single, "single_device_us": dev, "loop": {}}
     for k in ks:
         toks, per_step, dev_k = looped(p, k, steps)
@@ -145,8 +152,8 @@ def run(config: str, spec: str, batch: int, ks: tuple[int, ...], steps: int) -> 
 
 
 def show(r: dict[str, Any]) -> None:
-    print(f"\n{r['config']} / {r['spec']} / batch {r['batch']} ({r['nodes']} nodes a step): single-step "
-          f"{r['single_ms']:.4f} ms/step host, {r['single_device_us']:.1f} µs device")
+    print(f"\n{r['config']} / {r['spec']} / batch {r['batch']} {r['set'] or ''} ({r['nodes']} nodes a step): "
+          f"single-step {r['single_ms']:.4f} ms/step host, {r['single_device_us']:.1f} µs device")
     print(f"  {'K':>3}  {'ms/step':>9}  {'× single':>8}  {'tokens/s':>9}  {'device µs/step':>14}  same tokens")
     for k, v in r["loop"].items():
         print(f"  {k:>3}  {v['ms_per_step']:>9.4f}  {v['speedup']:>8.2f}  {r['batch'] * 1e3 / v['ms_per_step']:>9.0f}"
@@ -167,7 +174,10 @@ def main() -> int:
     ap.add_argument("--ks", nargs="+", type=int, default=list(KS))
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--set", action="append", default=[], metavar="DIM=V",
+                    help="override a dim of every config (e.g. layer_kernel=2); batch and max_seq stay the tool's")
     args = ap.parse_args()
+    overrides = parse_set(args.set)
     import cupy
 
     print(f"device: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
@@ -175,7 +185,7 @@ def main() -> int:
     for config in args.configs:
         for spec in args.specs:
             for batch in args.batches:
-                r = run(config, spec, batch, tuple(args.ks), args.steps)
+                r = run(config, spec, batch, tuple(args.ks), args.steps, overrides)
                 show(r)
                 rows.append(r)
     if args.json:

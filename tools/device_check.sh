@@ -60,6 +60,13 @@ PY
         --steps 50 --json "$OUT/bench_llama2_7b_8l.json" 2>&1 | tail -14 ;;
     loop)  # issue 10
       timeout 240 python3 tools/bench_loop.py --json "$OUT/bench_loop.json" 2>&1 | tail -30 ;;
+    loopstack)  # issue 10 with the body's layers as one kernel node (layer_kernel 2): tiny config, batch 1;
+      # a smaller grid (sms 32, 16) makes each of the stack's grid-wide barriers cheaper
+      for sets in "--set layer_kernel=0" "--set layer_kernel=2" "--set layer_kernel=2 --set sms=32" \
+                  "--set layer_kernel=2 --set sms=16"; do
+        timeout 150 python3 tools/bench_loop.py --configs specs/configs/llama_tiny.yaml --specs llama_decode_fused.yaml \
+          --batches 1 --ks 1 16 64 $sets 2>&1 | tail -8
+      done ;;
     prefill)  # issue 11
       timeout 200 python3 tools/bench_prefill.py --json "$OUT/bench_prefill.json" 2>&1 | tail -12 ;;
     engines)  # issue 15: GEMV vs MMA vs MV engines per projection and batch
