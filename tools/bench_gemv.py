@@ -228,7 +228,9 @@ def mv_fits(k: int, shared: int, threads: int = 256) -> bool:
 def batched(cp, batches: list[int], bw: float, log: list) -> None:
     """The batch >= 2 engines side by side, PDL chains of CALLS calls from DRAM: the GEMV engine (spec launch),
     the MMA engine (clusters, spec launch) and the MV engine at two blocks per SM (mv_shared) and one (the
-    maximum shared memory)."""
+    maximum shared memory), and from 16 rows at one block on half the SMs: every MV block stages all its batch
+    rows of x from L2, so a call moves grid * batch * k * 4 bytes of x (69 MB for TinyLlama's QKV at 64 rows on
+    132 blocks, 6.6x its weights), which half the grid halves."""
     from dagbuild.backends import get_backend
 
     be = get_backend("auto")
@@ -254,9 +256,13 @@ def batched(cp, batches: list[int], bw: float, log: list) -> None:
                                                  ("mv 512t", MV_SHARED_MAX, 1, 512)):
                 if mv_fits(k, shared, threads):
                     configs[tag] = ("mv", shared, -(-tiles16 // -(-tiles16 // (per_sm * sms))), threads)
+            if "mv 1/SM" in configs:  # half the SMs: half the x rows staged from L2 (G * batch * k * 4 bytes a call)
+                configs["mv ½SMs"] = ("mv", MV_SHARED_MAX, -(-tiles16 // -(-tiles16 // (sms // 2))), 256)
             for batch in batches:
                 cells = []
                 for tag, (engine, shared, blocks, threads) in configs.items():
+                    if tag == "mv ½SMs" and batch < 16:
+                        continue
                     _, be_calls, keep = fused_launches(cp, mod, role, entry, rows, k, dims, wt, batch, weights,
                                                        rs, ring=shared, engine=engine, blocks=blocks,
                                                        threads=threads)
