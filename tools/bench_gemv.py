@@ -462,8 +462,6 @@ def host_ms(exe, steps: int = 100) -> float:
 
 
 def main() -> int:
-    import cupy as cp
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--legacy", action="store_true", help="the kernels/llama.cu GEMVs (the default)")
     ap.add_argument("--fused", action="store_true", help="the kernels/llama_fused.cu GEMVs")
@@ -477,6 +475,8 @@ def main() -> int:
     ap.add_argument("--chunks", default="", help="with --chain: also these attn_chunk values (e.g. 64,128)")
     ap.add_argument("--json", help="write every figure to this file")
     args = ap.parse_args()
+    import cupy as cp
+
     if not (args.legacy or args.fused or args.chain or args.batched):
         args.legacy = True
     dev = cp.cuda.runtime.getDeviceProperties(0)

@@ -1,0 +1,31 @@
+"""The benchmark tools parse their arguments on a machine without a GPU: they run only on a lent device, so an
+import or an argument that breaks is otherwise found there, at the cost of device time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# every tool with an argument parser (the probes take a case name, not options)
+TOOLS = sorted(p.name for p in (ROOT / "tools").glob("*.py") if not p.name.startswith("probe_"))
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tool_help_needs_no_gpu(tool):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+
+
+def test_device_check_stages_parse():
+    """tools/device_check.sh is valid bash, and the stages the notes name are there."""
+    script = ROOT / "tools" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    text = script.read_text()
+    for stage in ("tests", "stack", "stackknobs", "stackbench", "loopstack", "engines", "batch", "loop"):
+        assert f"\n    {stage})" in text, stage
