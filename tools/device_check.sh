@@ -71,6 +71,8 @@ PY
       timeout 200 python3 tools/bench_prefill.py --json "$OUT/bench_prefill.json" 2>&1 | tail -12 ;;
     engines)  # issue 15: GEMV vs MMA vs MV engines per projection and batch
       timeout 400 python3 tools/bench_gemv.py --batched --json "$OUT/bench_engines.json" 2>&1 | tee "$OUT/bench_engines.log" | tail -80 ;;
+    mvgrid)  # issue 15: is the MV engine bound by the x rows every block stages? (mv ½SMs: half the x bytes)
+      timeout 300 python3 tools/bench_gemv.py --batched --batches 16,32,64 --json "$OUT/bench_mvgrid.json" 2>&1 | tail -24 ;;
     batch)  # issue 15
       timeout 300 python3 tools/bench_batch.py --json "$OUT/bench_batch.json" --png "$OUT/bench_batch.png" 2>&1 | tail -30 ;;
     timeline)  # issues 8/10/15: per-node increments of the fused step (CUPTI through torch.profiler)
