@@ -4,8 +4,11 @@ Two compile paths:
 
 * :func:`compile_ptx` runs NVRTC through ``cuda.bindings.nvrtc`` and returns PTX. It needs no GPU, so
   ``dagbuild validate``/``compile`` and the CPU tests use it to check a spec's kernel declarations.
-* :func:`load_module` compiles with CuPy (``cupy.RawModule``) for the device that is current and loads
-  the module; :func:`function_handle` then gives the integer ``CUfunction`` that graph kernel nodes take.
+* :func:`load_module` loads a module for the device that is current: the cubin of :func:`module_image`
+  (one NVRTC compile gives the cubin and the PTX the checks read, both kept on disk, so a cache filled on a
+  machine without a GPU by ``tools/prebuild.py`` serves a GPU machine), or CuPy's own compile where NVRTC
+  or the cache directory is missing; :func:`function_handle` then gives the integer ``CUfunction`` that
+  graph kernel nodes take.
 
 :func:`ptx_entry_params`, :func:`check_signature` and :func:`waits_programmatically` are pure text
 processing of PTX. :func:`check_plan` runs every check of a plan on the CPU (``dagbuild compile``);
@@ -15,8 +18,10 @@ processing of PTX. :func:`check_plan` runs every check of a plan on the CPU (``d
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -34,10 +39,12 @@ __all__ = [
     "ModuleCache",
     "check_plan",
     "check_signature",
+    "compile_cubin",
     "compile_ptx",
     "cuda_include_dir",
     "function_handle",
     "load_module",
+    "module_image",
     "nvrtc_version",
     "ptx_entries",
     "ptx_entry_params",
@@ -119,11 +126,12 @@ def cuda_include_dir() -> str | None:
 _ARCH_RE = re.compile(r"^(?:sm|compute)_(\d{2,3})([af]?)$")
 
 
-def _arch_option(arch: str) -> str:
+def _arch_option(arch: str, real: bool = False) -> str:
+    """``-arch=compute_XX`` (PTX only), or with ``real`` ``-arch=sm_XX`` (PTX and a cubin)."""
     m = _ARCH_RE.match(arch.strip())
     if not m:
         raise DagbuildError(f"bad GPU architecture {arch!r}: expected e.g. 'sm_90', 'sm_90a' or 'compute_80'")
-    return f"-arch=compute_{m.group(1)}{m.group(2)}"
+    return f"-arch={'sm' if real else 'compute'}_{m.group(1)}{m.group(2)}"
 
 
 def supported_archs() -> list[int]:
@@ -157,8 +165,20 @@ def compile_ptx(source: str, kernel: str, arch: str = "sm_90", options: Sequence
     from ``arch``, ``-I`` to the CUDA headers (``cuda_fp16.h``/``cuda_bf16.h``) when found, then
     ``options``. Raises CompileError(kernel, log) with NVRTC's full log on failure.
     """
+    return _compile(source, kernel, arch, options, cubin=False)[0]
+
+
+def compile_cubin(source: str, kernel: str, arch: str = "sm_90", options: Sequence[str] = ()) -> tuple[str, bytes]:
+    """(PTX, cubin) of one NVRTC compile for the real architecture ``arch`` (``-arch=sm_XX``; no GPU needed):
+    the device code a GPU loads and the PTX its signature checks read, for the price of one compile."""
+    ptx, cubin = _compile(source, kernel, arch, options, cubin=True)
+    assert cubin is not None
+    return ptx, cubin
+
+
+def _compile(source: str, kernel: str, arch: str, options: Sequence[str], cubin: bool) -> tuple[str, bytes | None]:
     nvrtc = _nvrtc()
-    opts = ["--std=c++17", _arch_option(arch)]
+    opts = ["--std=c++17", _arch_option(arch, real=cubin)]
     inc = cuda_include_dir()
     if inc is not None:
         opts.append(f"-I{inc}")
@@ -174,16 +194,22 @@ def compile_ptx(source: str, kernel: str, arch: str = "sm_90", options: Sequence
         if int(err) != 0:
             head = f"{_nvrtc_error(nvrtc, err)} (options: {' '.join(opts)})"
             raise CompileError(kernel, f"{log.rstrip()}\n{head}" if log.strip() else head)
-        err, size = nvrtc.nvrtcGetPTXSize(prog)
-        if int(err) != 0:
-            raise CompileError(kernel, f"nvrtcGetPTXSize failed: {_nvrtc_error(nvrtc, err)}")
-        buf = b" " * size
-        (err,) = nvrtc.nvrtcGetPTX(prog, buf)
-        if int(err) != 0:
-            raise CompileError(kernel, f"nvrtcGetPTX failed: {_nvrtc_error(nvrtc, err)}")
-        return _text(buf)
+        ptx = _text(_nvrtc_output(nvrtc, prog, kernel, "PTX"))
+        return ptx, _nvrtc_output(nvrtc, prog, kernel, "CUBIN") if cubin else None
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _nvrtc_output(nvrtc: Any, prog: Any, kernel: str, what: str) -> bytes:
+    """The PTX or CUBIN of a compiled program, as bytes."""
+    err, size = getattr(nvrtc, f"nvrtcGet{what}Size")(prog)
+    if int(err) != 0 or size == 0:
+        raise CompileError(kernel, f"nvrtcGet{what}Size failed: {_nvrtc_error(nvrtc, err)} (size {size})")
+    buf = b" " * size
+    (err,) = getattr(nvrtc, f"nvrtcGet{what}")(prog, buf)
+    if int(err) != 0:
+        raise CompileError(kernel, f"nvrtcGet{what} failed: {_nvrtc_error(nvrtc, err)}")
+    return buf
 
 
 def _program_log(nvrtc: Any, prog: Any) -> str:
@@ -334,10 +360,12 @@ def check_signature(kernel: str, entry: str, params: Sequence[tuple[str, str]], 
 
 
 def load_module(source: str, kernel: str, options: Sequence[str] = ()) -> Any:
-    """Compile ``source`` with CuPy for the current device and load it; returns the ``cupy.RawModule``.
+    """Compile ``source`` for the current device and load it; returns the ``cupy.RawModule``.
 
-    Compiles with ``--std=c++17`` plus ``options`` and forces compilation now, so a bad kernel fails
-    here with CompileError(kernel, log) rather than at first use.
+    Compiles with ``--std=c++17`` plus ``options``, now, so a bad kernel fails here with
+    CompileError(kernel, log) rather than at first use. The cubin comes from :func:`module_image` (one
+    NVRTC compile for the cubin and the PTX the signature checks read, both cached on disk); where NVRTC or
+    the cache is missing, or the driver refuses the cached cubin, CuPy compiles the source instead.
     """
     try:
         import cupy
@@ -347,6 +375,15 @@ def load_module(source: str, kernel: str, options: Sequence[str] = ()) -> Any:
         ) from e
     from cupy.cuda.compiler import CompileException
 
+    image = _device_image(cupy, source, kernel, tuple(options))
+    if image is not None:
+        module = cupy.RawModule(path=str(image))
+        try:
+            module.compile()  # loads the cubin
+            return module
+        except cupy.cuda.driver.CUDADriverError as e:  # e.g. a cubin of a newer toolkit than this driver
+            logging.getLogger("dagbuild").warning("kernel %r: the driver refused the cached cubin %s (%s); "
+                                                  "CuPy compiles the source instead", kernel, image.name, e)
     module = cupy.RawModule(code=source, options=("--std=c++17", *options))
     try:
         module.compile()
@@ -355,6 +392,20 @@ def load_module(source: str, kernel: str, options: Sequence[str] = ()) -> Any:
     except cupy.cuda.driver.CUDADriverError as e:  # e.g. cuModuleLoadData refusing the image
         raise DriverError("cuModuleLoadData", str(e), kernel=kernel) from e
     return module
+
+
+def _device_image(cupy: Any, source: str, kernel: str, options: tuple[str, ...]) -> Path | None:
+    """The cached cubin for the current device, or None where this NVRTC cannot make it (not installed, an
+    arch it does not know) or nothing can be cached."""
+    if cache_dir() is None:
+        return None
+    try:
+        arch = f"sm_{cupy.cuda.Device().compute_capability}"
+        if int(arch[3:]) not in supported_archs():
+            return None
+    except Exception:
+        return None
+    return module_image(source, kernel, arch, options)  # a CompileError here is the kernel's
 
 
 def function_handle(module: Any, entry: str, kernel: str | None = None) -> int:
@@ -410,36 +461,78 @@ _PTX_CACHE: dict[tuple, str] = {}
 
 
 def cache_dir() -> Path | None:
-    """Where PTX for signature checks is kept between runs (``DAGBUILD_CACHE_DIR``; empty disables)."""
+    """Where compiled kernels (PTX for the signature checks, cubins for the GPU) are kept between runs
+    (``DAGBUILD_CACHE_DIR``; empty disables)."""
     env = os.environ.get("DAGBUILD_CACHE_DIR")
     if env == "":
         return None
     return Path(env) if env else Path.home() / ".cache" / "dagbuild"
 
 
+def _digest(source: str, arch: str, options: Sequence[str]) -> str:
+    """The cache name of one compile. NVRTC's major version is part of it, its minor version is not: a
+    cubin of one CUDA major loads on every driver of that major (minor version compatibility), and the
+    params a PTX declares do not change between minor releases, so a cache filled with one toolkit serves
+    a machine with another minor release (tools/prebuild.py)."""
+    key = (source, arch, tuple(options), nvrtc_version()[0])
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+
+
+def _load_cached(root: Path | None, name: str) -> bytes | None:
+    try:
+        return (root / name).read_bytes() if root is not None else None
+    except OSError:
+        return None
+
+
+def _store_cached(root: Path | None, name: str, data: bytes) -> bool:
+    """Write atomically (a reader never sees half a file); False where the directory is not writable (a
+    read-only home only costs a recompile next time)."""
+    if root is None:
+        return False
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(root / name)
+        return True
+    except OSError:
+        return False
+
+
 def plan_ptx(source: str, kernel: str, arch: str, options: tuple[str, ...]) -> str:
     """PTX of a kernel source, compiled once per source/arch/options in this process (whichever spec
-    kernel asks first names it in errors), and kept on disk between runs."""
-    key = (source, arch, options)
+    kernel asks first names it in errors), and kept on disk (gzip) between runs."""
+    key = (source, arch, tuple(options))
     if key in _PTX_CACHE:
         return _PTX_CACHE[key]
-    digest = hashlib.sha256(repr((source, arch, options, nvrtc_version())).encode()).hexdigest()[:32]
     root = cache_dir()
-    path = root / f"{digest}.ptx" if root else None
-    if path is not None and path.is_file():
-        ptx = path.read_text()
+    name = f"{_digest(source, arch, options)}.ptx.gz"
+    data = _load_cached(root, name)
+    if data is not None:
+        ptx = gzip.decompress(data).decode()
     else:
         ptx = compile_ptx(source, kernel, arch=arch, options=options)
-        if path is not None:
-            try:
-                root.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(ptx)
-                tmp.replace(path)
-            except OSError:
-                pass  # a read-only home only costs a recompile next time
+        _store_cached(root, name, gzip.compress(ptx.encode(), 6))
     _PTX_CACHE[key] = ptx
     return ptx
+
+
+def module_image(source: str, kernel: str, arch: str, options: Sequence[str] = ()) -> Path | None:
+    """The cubin of ``source`` for ``arch`` (e.g. ``sm_90``) in :func:`cache_dir`, compiled where it is not
+    there yet, together with its PTX (which :func:`plan_ptx` then finds); None without a writable cache
+    directory. Needs NVRTC, no GPU: ``tools/prebuild.py`` fills a cache for a GPU machine to use."""
+    root = cache_dir()
+    if root is None:
+        return None
+    digest = _digest(source, arch, options)
+    path = root / f"{digest}.cubin"
+    if path.is_file():
+        return path
+    ptx, cubin = compile_cubin(source, kernel, arch, options)
+    _PTX_CACHE[(source, arch, tuple(options))] = ptx
+    _store_cached(root, f"{digest}.ptx.gz", gzip.compress(ptx.encode(), 6))
+    return path if _store_cached(root, path.name, cubin) else None
 
 
 def check_kernel(k: PlanKernel, arch: str) -> list[Issue]:

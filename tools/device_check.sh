@@ -5,6 +5,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# compiled kernels made here by tools/prebuild.py (carry .kcache): a fresh machine then compiles nothing
+if [ -d .kcache ] && [ -z "${DAGBUILD_CACHE_DIR+x}" ]; then export DAGBUILD_CACHE_DIR=$PWD/.kcache; fi
+echo "kernel cache: ${DAGBUILD_CACHE_DIR:-~/.cache/dagbuild} ($(ls "${DAGBUILD_CACHE_DIR:-$HOME/.cache/dagbuild}" 2>/dev/null | grep -c cubin) cubins)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 STAGES=${STAGES:-"tests bench pool"}
 for stage in $STAGES; do

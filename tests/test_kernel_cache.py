@@ -1,0 +1,136 @@
+"""The compiled-kernel cache on the CPU: one NVRTC compile gives the cubin a GPU loads and the PTX the checks
+read, both kept on disk under one name that a machine with another NVRTC minor release finds too; load_module
+takes the cached cubin and falls back to CuPy's compile where the driver refuses it (a stand-in CuPy here)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from dagbuild import kernels
+
+pytest.importorskip("cuda.bindings.nvrtc")
+try:
+    kernels.nvrtc_version()
+except Exception as e:  # noqa: BLE001 - any reason NVRTC cannot load is a reason to skip
+    pytest.skip(f"NVRTC is not loadable: {e}", allow_module_level=True)
+
+SOURCE = 'extern "C" __global__ void twice(const float* x, float* y, int n) {\n' \
+         '    int i = blockIdx.x * blockDim.x + threadIdx.x;\n    if (i < n) y[i] = 2.0f * x[i];\n}\n'
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGBUILD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_PTX_CACHE", {})
+    return tmp_path
+
+
+def no_compile(*_a, **_k):
+    raise AssertionError("compiled although the cache holds it")
+
+
+def test_one_compile_gives_the_cubin_and_the_ptx_of_the_checks():
+    ptx, cubin = kernels.compile_cubin(SOURCE, "twice", "sm_90")
+    assert cubin[:4] == b"\x7fELF"
+    assert kernels.ptx_entry_params(ptx, "twice") == kernels.ptx_entry_params(
+        kernels.compile_ptx(SOURCE, "twice", "sm_90"), "twice")
+
+
+def test_module_image_is_compiled_once_and_its_ptx_serves_the_signature_check(cache, monkeypatch):
+    image = kernels.module_image(SOURCE, "twice", "sm_90", ("-DUNUSED=1",))
+    assert image is not None and image.parent == cache and image.read_bytes()[:4] == b"\x7fELF"
+    assert sorted(p.suffixes[-1] for p in cache.iterdir()) == [".cubin", ".gz"]
+    monkeypatch.setattr(kernels, "compile_cubin", no_compile)
+    monkeypatch.setattr(kernels, "compile_ptx", no_compile)
+    assert kernels.module_image(SOURCE, "twice", "sm_90", ("-DUNUSED=1",)) == image
+    monkeypatch.setattr(kernels, "_PTX_CACHE", {})  # a fresh process: the PTX comes from the disk
+    ptx = kernels.plan_ptx(SOURCE, "twice", "sm_90", ("-DUNUSED=1",))
+    assert len(kernels.ptx_entry_params(ptx, "twice")) == 3
+    with pytest.raises(AssertionError, match="compiled although"):  # other options: another module
+        kernels.module_image(SOURCE, "twice", "sm_90", ())
+
+
+def test_the_cache_name_holds_nvrtc_major_not_minor(monkeypatch):
+    names = {}
+    for version in ((13, 0), (13, 5), (12, 9)):
+        monkeypatch.setattr(kernels, "nvrtc_version", lambda v=version: v)
+        names[version] = kernels._digest(SOURCE, "sm_90", ())
+    assert names[(13, 0)] == names[(13, 5)] != names[(12, 9)]
+    assert kernels._digest(SOURCE, "sm_90", ()) != kernels._digest(SOURCE, "sm_80", ())
+    assert kernels._digest(SOURCE, "sm_90", ()) != kernels._digest(SOURCE + " ", "sm_90", ())
+
+
+def test_without_a_cache_directory_nothing_is_written(monkeypatch):
+    monkeypatch.setenv("DAGBUILD_CACHE_DIR", "")
+    assert kernels.module_image(SOURCE, "twice", "sm_90") is None
+
+
+def fake_cupy(refuse_path: bool) -> types.ModuleType:
+    """A stand-in for the CuPy that load_module uses: RawModule(path=) or (code=), Device().compute_capability."""
+    class DriverError(Exception):
+        pass
+
+    class CompileException(Exception):
+        pass
+
+    class RawModule:
+        made: list[tuple[str, object]] = []
+
+        def __init__(self, *, code=None, path=None, options=()):
+            self.how = ("path", path) if path is not None else ("code", options)
+            RawModule.made.append(self.how)
+
+        def compile(self):
+            if self.how[0] == "path" and refuse_path:
+                raise DriverError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+
+    cupy = types.ModuleType("cupy")
+    cupy.RawModule = RawModule
+    cupy.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(compute_capability="90"),
+                                      driver=types.SimpleNamespace(CUDADriverError=DriverError))
+    compiler = types.ModuleType("cupy.cuda.compiler")
+    compiler.CompileException = CompileException
+    return cupy, compiler
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["cubin", "driver-refuses"])
+def test_load_module_loads_the_cached_cubin_else_compiles_with_cupy(cache, monkeypatch, refuse, caplog):
+    cupy, compiler = fake_cupy(refuse)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cupy.cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.compiler", compiler)
+    module = kernels.load_module(SOURCE, "twice", ("-DX=1",))
+    made = cupy.RawModule.made
+    assert made[0][0] == "path" and Path(made[0][1]).parent == cache
+    if refuse:
+        assert made[1] == ("code", ("--std=c++17", "-DX=1")) and module.how == made[1]
+        assert "refused the cached cubin" in caplog.text
+    else:
+        assert len(made) == 1 and module.how == made[0]
+
+
+def test_load_module_compiles_with_cupy_without_a_cache(monkeypatch):
+    cupy, compiler = fake_cupy(False)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cupy.cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.compiler", compiler)
+    monkeypatch.setenv("DAGBUILD_CACHE_DIR", "")
+    kernels.load_module(SOURCE, "twice")
+    assert cupy.RawModule.made == [("code", ("--std=c++17",))]
+
+
+def test_prebuild_names_every_module_of_the_shipped_specs():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import prebuild
+    finally:
+        sys.path.pop(0)
+    mods = prebuild.modules()
+    sources = [src for src, _ in mods]
+    assert len(mods) == len(set(mods)) >= 8
+    assert any("decode_layer_impl" in s for s in sources)  # the layer kernel
+    assert any(opts == ("-DMMA_CLUSTER=8",) for _, opts in mods)  # the batched module as the spec builds it
