@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from dagbuild.bench import copy_bandwidth  # noqa: E402
+from dagbuild.kernels import load_module  # noqa: E402
 from dagbuild.sources import read_kernel_source  # noqa: E402
 
 SHAPES = {"q/o_proj": (2048, 2048), "k/v_proj": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632),
@@ -68,7 +69,7 @@ def time_graph(cp, launch, stream, reps: int = REPS) -> float:
 
 
 def legacy(cp, wt: str, batches: list[int], bw: float) -> None:
-    mod = cp.RawModule(code=read_kernel_source(ROOT / "kernels" / "llama.cu"), options=("--std=c++17",))
+    mod = load_module(read_kernel_source(ROOT / "kernels" / "llama.cu"), "llama")
     dt = {"f16": np.float16, "f32": np.float32, "bf16": np.uint16}[wt]
     s, e = cp.cuda.Event(), cp.cuda.Event()
     l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
@@ -115,10 +116,8 @@ def legacy(cp, wt: str, batches: list[int], bw: float) -> None:
 
 
 def fused_module(cp, *defines: str):
-    opts = ("--std=c++17", *(f"-D{d}" for d in defines))
-    mod = cp.RawModule(code=read_kernel_source(ROOT / "kernels" / "llama_fused.cu"), options=opts)
-    mod.compile()
-    return mod
+    return load_module(read_kernel_source(ROOT / "kernels" / "llama_fused.cu"), "llama_fused",
+                       tuple(f"-D{d}" for d in defines))
 
 
 def gemv_shapes(dims: dict) -> dict[str, tuple[str, int, int]]:
@@ -234,9 +233,8 @@ def batched(cp, batches: list[int], bw: float, log: list) -> None:
     from dagbuild.backends import get_backend
 
     be = get_backend("auto")
-    mod = cp.RawModule(code=read_kernel_source(ROOT / "kernels" / "llama_batched.cu"),
-                       options=("--std=c++17", f"-DMMA_CLUSTER={CLUSTER}"))
-    mod.compile()
+    mod = load_module(read_kernel_source(ROOT / "kernels" / "llama_batched.cu"), "llama_batched",
+                      (f"-DMMA_CLUSTER={CLUSTER}",))
     sms = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
     l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
     stream = cp.cuda.Stream(non_blocking=True)

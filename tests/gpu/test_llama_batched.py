@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
 from dagbuild.llama import weights as W
 from dagbuild.sources import read_kernel_source
@@ -45,7 +46,7 @@ def cp():
 
 @pytest.fixture(scope="module")
 def mod(cp):
-    return cp.RawModule(code=read_kernel_source(SRC), options=("--std=c++17", f"-DMMA_CLUSTER={CLUSTER}"))
+    return load_module(read_kernel_source(SRC), "llama_batched", (f"-DMMA_CLUSTER={CLUSTER}",))
 
 
 def rng_for(*key) -> np.random.Generator:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
 from dagbuild.llama import weights as W
 from dagbuild.sources import read_kernel_source
@@ -47,7 +48,7 @@ def modules(cp):
 
 @pytest.fixture(scope="module")
 def mod(cp):
-    return cp.RawModule(code=read_kernel_source(KERNEL_SRC), options=("--std=c++17",))
+    return load_module(read_kernel_source(KERNEL_SRC), "llama_fused")
 
 
 def rng_for(*key) -> np.random.Generator:

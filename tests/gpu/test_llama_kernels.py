@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
 from dagbuild.sources import read_kernel_source
 
@@ -31,7 +32,7 @@ def cp():
 
 @pytest.fixture(scope="module")
 def mod(cp):
-    return cp.RawModule(code=read_kernel_source(KERNEL_SRC), options=("--std=c++17",))
+    return load_module(read_kernel_source(KERNEL_SRC), "llama")
 
 
 def rng_for(*key) -> np.random.Generator:

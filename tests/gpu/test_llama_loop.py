@@ -14,6 +14,7 @@ import yaml
 
 from dagbuild.errors import DagbuildError
 from dagbuild.executable import ExecOptions, Executable
+from dagbuild.kernels import load_module
 from dagbuild.llama import sampling as smp
 from dagbuild.llama import weights as W
 from dagbuild.llama.decode import LlamaDecoder, llama_plan
@@ -203,7 +204,7 @@ def _logits(seed: int) -> np.ndarray:
 def test_philox_kernel_matches_random123():
     import cupy
 
-    mod = cupy.RawModule(code=read_kernel_source(ROOT / "kernels" / "sampling.cu"), options=("--std=c++17",))
+    mod = load_module(read_kernel_source(ROOT / "kernels" / "sampling.cu"), "sampling")
     fn = mod.get_function("philox_outputs")
     rng = np.random.default_rng(0)
     ctr = rng.integers(0, 2**32, size=(300, 4), dtype=np.uint64).astype(np.uint32)

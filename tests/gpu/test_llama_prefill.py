@@ -18,7 +18,7 @@ from conftest import SPECS
 
 from dagbuild.data import shipped_spec
 from dagbuild.executable import Executable
-from dagbuild.kernels import ModuleCache
+from dagbuild.kernels import ModuleCache, load_module
 from dagbuild.llama.decode import LlamaDecoder, llama_plan
 from dagbuild.llama.prefill import Prefiller
 from dagbuild.llama.weights import load_state_dict, random_weights
@@ -246,11 +246,11 @@ def test_prefill_families_match_hf_and_positions(modules, family):
 
 @pytest.fixture(scope="module")
 def prefill_module():
-    cp = pytest.importorskip("cupy")
+    pytest.importorskip("cupy")
     from dagbuild.sources import read_kernel_source
 
     src = read_kernel_source(shipped_spec("llama_prefill.yaml").parent.parent / "kernels" / "llama_prefill.cu")
-    mod = cp.RawModule(code=src, options=("--std=c++17",))
+    mod = load_module(src, "llama_prefill")
     mod.get_function("rope_kv_prefill")  # compile once for the module's tests
     return mod
 
