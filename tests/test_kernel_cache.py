@@ -134,3 +134,16 @@ def test_prebuild_names_every_module_of_the_shipped_specs():
     assert len(mods) == len(set(mods)) >= 8
     assert any("decode_layer_impl" in s for s in sources)  # the layer kernel
     assert any(opts == ("-DMMA_CLUSTER=8",) for _, opts in mods)  # the batched module as the spec builds it
+
+
+def test_prebuild_names_what_blocktrace_compiles_for_each_knob():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import prebuild
+    finally:
+        sys.path.pop(0)
+    mods = prebuild.traced_modules({"layer_kernel": 2}, ["LY_DIAG=1"])
+    options = sorted(opts for _, opts in mods)
+    # the step's two modules (llama_fused.cu for embed, LM head and argmax; llama_layer.cu for the stack), each
+    # with the trace alone and with the knob
+    assert options == [("-DDB_BLOCKTRACE",)] * 2 + [("-DDB_BLOCKTRACE", "-DLY_DIAG=1")] * 2

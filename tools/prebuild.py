@@ -7,6 +7,8 @@ see dagbuild.kernels.module_image) with every module of every spec in specs/ at 
 decode specs' loop kernels included, so that a GPU machine given the directory loads them at once:
 
   python3 tools/prebuild.py --cache .kcache                 # here, once per change of a kernel source
+  python3 tools/prebuild.py --cache .kcache --trace --trace-set layer_kernel=2 --trace-define LY_DIAG=1
+                                                            # and what blocktrace.py compiles for those knobs
   DAGBUILD_CACHE_DIR=$PWD/.kcache python3 -m pytest -m gpu  # there (the device tool: carry .kcache)
 
 A module is keyed by its source text, options, arch and NVRTC's major version, so a stale entry is never
@@ -45,6 +47,27 @@ def modules() -> dict[tuple[str, tuple[str, ...]], str]:
     return out
 
 
+def traced_modules(sets: dict, defines: list[str]) -> dict[tuple[str, tuple[str, ...]], str]:
+    """The modules tools/blocktrace.py compiles for the fused TinyLlama step at ``sets``: the block trace
+    alone, then with each of ``defines`` (one at a time, as tools/device_check.sh's knob stages run them);
+    only the kernels the step's nodes use."""
+    import yaml
+    from blocktrace import traced_plan
+    from timeline import step_plan
+
+    out: dict[tuple[str, tuple[str, ...]], str] = {}
+    for variant in [(), *((d,) for d in defines)]:
+        args = argparse.Namespace(spec=str(ROOT / "specs" / "llama_decode_fused.yaml"),
+                                  config=str(ROOT / "specs" / "configs" / "tinyllama.yaml"),
+                                  set=[f"{k}={yaml.safe_dump(v).strip()}" for k, v in sets.items()])
+        p = step_plan(args)
+        traced_plan(p, variant)
+        for name in sorted({n.op.kernel for n in p.nodes if n.kind == "kernel"}):
+            k = p.kernels[name]
+            out.setdefault((k.source, tuple(k.options)), k.name)
+    return out
+
+
 def build(job: tuple[str, tuple[str, ...], str, str]) -> tuple[str, float, int, bool]:
     """One module into the cache: (kernel name, seconds, cubin bytes, compiled now)."""
     from dagbuild import kernels
@@ -67,12 +90,24 @@ def main() -> int:
     ap.add_argument("--arch", default="sm_90", help="the GPU architecture (default sm_90: H100, H200)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="modules compiled at once")
     ap.add_argument("--clean", action="store_true", help="first remove cached files no current module names")
+    ap.add_argument("--trace", action="store_true",
+                    help="also what tools/blocktrace.py compiles for the fused TinyLlama step (at --trace-set)")
+    ap.add_argument("--trace-set", action="append", default=[], metavar="DIM=V",
+                    help="a dim of the traced step (e.g. layer_kernel=2)")
+    ap.add_argument("--trace-define", action="append", default=[], metavar="NAME=V",
+                    help="with --trace: the trace with -DNAME=V too, one variant each (e.g. LY_DIAG=1)")
     args = ap.parse_args()
     os.environ["DAGBUILD_CACHE_DIR"] = str(Path(args.cache).resolve())
     from dagbuild import kernels
 
     kernels.check_arch(args.arch)
     todo = modules()
+    if args.trace or args.trace_define:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from timeline import parse_set
+
+        todo |= {key: name for key, name in traced_modules(parse_set(args.trace_set), args.trace_define).items()
+                 if key not in todo}
     root = Path(os.environ["DAGBUILD_CACHE_DIR"])
     if args.clean and root.is_dir():
         keep = {kernels._digest(src, args.arch, opts) for src, opts in todo}
