@@ -53,13 +53,18 @@
 #ifndef MMA_CLUSTER
 #define MMA_CLUSTER 8  // blocks per cluster on sm_90 (the spec's grid must be a multiple: dim mma_cluster)
 #endif
+#ifndef MVC_CLUSTER
+#define MVC_CLUSTER 4  // the MVC engine's blocks per cluster (the spec's grid must be a multiple: dim mvc_cluster)
+#endif
 
 #if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
 #define MM_HAS_CLUSTER 1
 #define MM_CLUSTER_ATTR __cluster_dims__(MMA_CLUSTER, 1, 1)
+#define MVC_CLUSTER_ATTR __cluster_dims__(MVC_CLUSTER, 1, 1)
 #else
 #define MM_HAS_CLUSTER 0
 #define MM_CLUSTER_ATTR
+#define MVC_CLUSTER_ATTR
 #endif
 #if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
 #define MM_HAS_MMA 1
@@ -678,6 +683,229 @@ __device__ __forceinline__ void mv_gemm(const Job& job, const T* w, const T* nw,
     }
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// The MVC engine (batch 16 and up, sm_90): the MV engine with the K of every tile split over the MVC_CLUSTER
+// blocks of a thread-block cluster. Why: every MV block stages all batch rows of x, a call moves
+// grid * batch * k * 4 bytes of x out of L2 (6-8x the weights at 64 rows, kernels/llama_batched.md); here a
+// block stages its k / c of them, and x no longer fits in fewer passes only at c times the k.
+// * Cluster cl takes the tiles (8 row pairs, as MV) cl, cl + nclusters, ...; its block of rank r the rounds
+//   [R r / c, R (r + 1) / c) of every tile (R: k in rounds of 32). Warp w takes whole tiles: tile w of each
+//   group of NW tiles, over all of the block's rounds (splitting K over the warps as well would leave a warp a
+//   round or two a tile, and a tile's reduction would cost more than its weights).
+// * A group of NW tiles: each warp streams its tile through its lane-private cp.async ring (the MV engine's
+//   items, running on across groups and passes; the first S issued before griddepcontrol.wait) and multiplies it
+//   against the staged x slice; its accumulators go to shared memory; cluster barrier; fragment f (tile f / NT
+//   of the group, n8 column f % NT) is summed by a warp of rank f % c over the c blocks' partials in rank order
+//   through distributed shared memory (deterministic; the sum of x^2 likewise, NORM), and its epilogue runs
+//   from registers as in the MV engine; cluster barrier (the partials and, after a pass, x may be overwritten).
+// Shared memory: the MV engine's layout for a k of ceil(R / c) rounds. Requirements: as the MV engine, and a
+// grid of whole clusters (any count: clusters stride over the tiles).
+// ------------------------------------------------------------------------------------------------------------
+
+template <typename T, int NT, bool NORM, typename Job>
+__device__ __forceinline__ void mvc_run(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                        float eps, int S, unsigned char* smem) {
+    constexpr int PB = 8 * NT;
+    constexpr int SLOT = MV_U * 2 * 32;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int NW = (int)blockDim.x >> 5;
+    const MmCluster cl = mm_cluster();
+    const int R = mv_kpad(k) / 32;
+    const int kr0 = R * cl.rank / cl.size, kr1 = R * (cl.rank + 1) / cl.size;  // this block's rounds
+    const int k0 = kr0 * 32, kl = max(0, min(k, kr1 * 32) - k0);              // its k: k0 .. k0 + kl
+    const unsigned int xstride = mv_xstride((R + cl.size - 1) / cl.size * 32);
+    uint4* ring = reinterpret_cast<uint4*>(smem) + warp * S * SLOT + lane;
+    const unsigned int ring_bytes = (unsigned int)S * MV_STAGE_BYTES(blockDim.x);
+    float4* part = reinterpret_cast<float4*>(smem + ring_bytes);                  // [NW tiles][NT][32 lanes]
+    float* ssum = reinterpret_cast<float*>(smem + ring_bytes + NT * NW * 512);    // [PB]
+    unsigned char* xs = smem + ring_bytes + NT * NW * 512 + 256;                  // [PB][xstride]
+
+    const int C = (kr1 - kr0 + MV_U - 1) / MV_U;  // items per tile
+    const int ntiles = (job.npairs + 7) / 8;
+    const int mine = cl.id < ntiles ? (ntiles - 1 - cl.id) / cl.count + 1 : 0;  // this cluster's tiles
+    const int groups = (mine + NW - 1) / NW;
+    const int wt = mine > warp ? (mine - 1 - warp) / NW + 1 : 0;  // this warp's tiles (of groups 0 .. wt - 1)
+    const int npass = (batch + PB - 1) / PB;
+    const int total = npass * wt * C;  // this warp's items
+
+    auto issue = [&](int i) {  // item i of this warp -> its slot i % S; one commit group per call
+        if (i < total) {
+            const int it = i % (wt * C), t = it / C, c = it - t * C;
+            const int tile = cl.id + (t * NW + warp) * cl.count;
+            const int g = tile * 8 + gid;
+            const bool gok = g < job.npairs;
+            int r0 = 0, r1 = 0;
+            if (gok) job.rows(g, r0, r1);
+            uint4* dst = ring + (i % S) * SLOT;
+#pragma unroll
+            for (int u = 0; u < MV_U; ++u) {
+                const int r = kr0 + c * MV_U + u, e = r * 32 + tig * 8;
+                const bool ok = gok && r < kr1 && e < k;
+                db_cp_async16(dst + (2 * u) * 32, ok ? w + (size_t)r0 * (size_t)k + e : w, ok);
+                db_cp_async16(dst + (2 * u + 1) * 32, ok ? w + (size_t)r1 * (size_t)k + e : w, ok);
+            }
+        }
+        db_cp_commit();
+    };
+    // x rows b0 .. b0 + PB - 1, elements k0 .. k0 + kl, -> xs (times the norm weight; zero past kl and past
+    // the batch), this slice's sum of x^2 -> ssum. Warp w: rows w, w + NW, ...; G iterations' loads in flight.
+    auto stage = [&](int b0) {
+        constexpr int G = NORM ? 4 : 8;
+        const int kp = (kr1 - kr0) * 32;  // the slice in whole rounds
+        const int IT = (kp + 255) / 256;
+        const int n_it = (PB + NW - 1) / NW * IT;
+        if (IT == 0)  // no rounds on this block (k under c rounds): its share of every sum is zero
+            for (int r = threadIdx.x; r < PB; r += blockDim.x) ssum[r] = 0.0f;
+        float ss = 0.0f;
+        for (int base = 0; base < n_it; base += G) {
+            float4 va[G], vb[G];
+            uint4 gv[G];
+#pragma unroll
+            for (int u = 0; u < G; ++u) {
+                const int it = base + u, rl = it / IT, e = (it - rl * IT) * 256 + lane * 8;
+                const int b = b0 + warp + NW * rl;
+                va[u] = vb[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                gv[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (it < n_it && warp + NW * rl < PB && b < batch && e < kl) {
+                    const float4* p = reinterpret_cast<const float4*>(x + (size_t)b * (size_t)k + k0 + e);
+                    va[u] = db_ldcg(p);
+                    vb[u] = db_ldcg(p + 1);
+                    if constexpr (NORM) gv[u] = __ldg(reinterpret_cast<const uint4*>(nw + k0 + e));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < G; ++u) {
+                const int it = base + u;
+                if (it >= n_it) break;  // warp-uniform
+                const int rl = it / IT, j = it - rl * IT, e = j * 256 + lane * 8;
+                float f[8] = {va[u].x, va[u].y, va[u].z, va[u].w, vb[u].x, vb[u].y, vb[u].z, vb[u].w};
+                if constexpr (NORM) {
+                    float gf[8];
+                    WeightPack<T>::unpack(gv[u], gf);
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) {
+                        ss = fmaf(f[q], f[q], ss);
+                        f[q] *= gf[q];
+                    }
+                }
+                const int row = warp + NW * rl;
+                if (row >= PB) break;  // warp-uniform
+                if (e < kp) {
+                    uint4 h;
+                    h.x = MmaType<T>::pack(f[0], f[1]);
+                    h.y = MmaType<T>::pack(f[2], f[3]);
+                    h.z = MmaType<T>::pack(f[4], f[5]);
+                    h.w = MmaType<T>::pack(f[6], f[7]);
+                    *reinterpret_cast<uint4*>(xs + row * xstride + 2u * (unsigned int)e) = h;
+                }
+                if (j == IT - 1) {
+                    if constexpr (NORM) ss = db_warp_sum(ss);
+                    if (lane == 0) ssum[row] = ss;
+                    ss = 0.0f;
+                }
+            }
+        }
+    };
+
+    for (int i = 0; i < S; ++i) issue(i);  // weights only, before the wait
+    PDL_WAIT();
+
+    float acc[NT][4];
+    int i = 0;
+    for (int p = 0; p < npass; ++p) {
+        const int b0 = p * PB;
+        stage(b0);  // (the previous pass's readers of xs and ssum passed its last cluster barrier)
+        __syncthreads();
+        for (int q = 0; q < groups; ++q) {
+#pragma unroll
+            for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+            if (q < wt) {  // this warp's tile of group q
+                for (int c = 0; c < C; ++c, ++i) {
+                    mm_cp_wait(S - 1);  // item i has landed (groups complete in order)
+                    const uint4* src = ring + (i % S) * SLOT;
+#pragma unroll
+                    for (int u = 0; u < MV_U; ++u) {
+                        const int r = kr0 + c * MV_U + u;
+                        if (r >= kr1) break;  // warp-uniform
+                        const uint4 wa = src[(2 * u) * 32], wb = src[(2 * u + 1) * 32];
+                        const unsigned int a0[4] = {wa.x, wb.x, wa.y, wb.y};
+                        const unsigned int a1[4] = {wa.z, wb.z, wa.w, wb.w};
+                        const unsigned char* xr =
+                            xs + (unsigned int)gid * xstride + 2u * (unsigned int)((r - kr0) * 32 + tig * 8);
+#pragma unroll
+                        for (int j = 0; j < NT; ++j) {
+                            const uint4 xv = *reinterpret_cast<const uint4*>(xr + (unsigned int)(8 * j) * xstride);
+                            MmaType<T>::mma(acc[j], a0, xv.x, xv.y);
+                            MmaType<T>::mma(acc[j], a1, xv.z, xv.w);
+                        }
+                    }
+                    issue(i + S);  // refill the slot just consumed
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                part[(warp * NT + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+            mm_cluster_sync();  // every block's partials (and ssum) are visible to the cluster
+            const int nfrag = min(NW, mine - q * NW) * NT;
+            for (int f = cl.rank + cl.size * warp; f < nfrag; f += cl.size * NW) {
+                const int tq = f / NT, j = f - tq * NT;
+                float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                for (int r = 0; r < cl.size; ++r) {
+                    const float4 v = mm_ld_remote4(mm_remote(part + (tq * NT + j) * 32 + lane, r));
+                    s.x += v.x;
+                    s.y += v.y;
+                    s.z += v.z;
+                    s.w += v.w;
+                }
+                const int g = (cl.id + (q * NW + tq) * cl.count) * 8 + gid;
+                if (g < job.npairs) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int bl = j * 8 + 2 * tig + e, b = b0 + bl;  // batch row (within the pass)
+                        if (b < batch) {
+                            float scale = 1.0f;
+                            if constexpr (NORM) {
+                                float s2 = 0.0f;
+                                for (int r = 0; r < cl.size; ++r) s2 += mm_ld_remote(mm_remote(ssum + bl, r));
+                                scale = rsqrtf(s2 / (float)k + eps);
+                            }
+                            job.epi(g, b, (e ? s.y : s.x) * scale, (e ? s.w : s.z) * scale, job.pre(g, b));
+                        }
+                    }
+                }
+            }
+            mm_cluster_sync();  // every block has read every partial before they are overwritten
+        }
+    }
+    db_cp_wait<0>();  // no copy outlives the kernel (the tail groups are empty)
+}
+
+// NT as mv_gemm, for a k of ceil(R / c) rounds (the largest slice of a cluster's blocks).
+template <typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mvc_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                         float eps) {
+    extern __shared__ uint4 mv_smem[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(mv_smem);
+    const unsigned int dyn = fw_dynamic_smem();
+    const int c = mm_cluster().size, R = mv_kpad(k) / 32;
+    const int kslice = (R + c - 1) / c * 32;
+    int nt = 1;
+    while (nt < MV_MAX_NT && 8 * nt < batch) nt *= 2;
+    const int warps = (int)blockDim.x >> 5;
+    const unsigned int stage = MV_STAGE_BYTES(blockDim.x);
+    while (nt > 1 && mv_fixed_bytes(nt, warps, kslice) + 2u * stage > dyn) nt /= 2;
+    const unsigned int fixed = mv_fixed_bytes(nt, warps, kslice);
+    const int S = dyn > fixed ? min(MV_MAX_STAGES, (int)((dyn - fixed) / stage)) : 0;
+    if (S < 2) __trap();  // the launch gave too little shared memory (kernels/llama_batched.md: mv_shared)
+    switch (nt) {
+        case 1: mvc_run<T, 1, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        case 2: mvc_run<T, 2, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        case 4: mvc_run<T, 4, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        default: mvc_run<T, 8, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+    }
+}
+
 #else  // HIP: no mma.sync; the batch-1 GEMV engine (correct at any grid and shared memory size)
 
 template <typename T, bool NORM, typename Job>
@@ -690,17 +918,25 @@ __device__ __forceinline__ void mv_gemm(const Job& job, const T* w, const T* nw,
                                         float eps) {
     fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
 }
+template <typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mvc_gemm(const Job& job, const T* w, const T* nw, const float* x, int k,
+                                         int batch, float eps) {
+    fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
+}
 #endif
 
 // ---- the entries: f16/bf16 run the MMA engine (_mma) or the MV engine (_mv), f32 the GEMV engine ------------
 
 #define ENGINE_MMA 0
 #define ENGINE_MV 1
+#define ENGINE_MVC 2
 template <int ENGINE, typename T, bool NORM, typename Job>
 __device__ __forceinline__ void tc_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
                                         float eps) {
     if constexpr (ENGINE == ENGINE_MV)
         mv_gemm<T, NORM>(job, w, nw, x, k, batch, eps);
+    else if constexpr (ENGINE == ENGINE_MVC)
+        mvc_gemm<T, NORM>(job, w, nw, x, k, batch, eps);
     else
         mm_gemm<T, NORM>(job, w, nw, x, k, batch, eps);
 }
@@ -762,6 +998,9 @@ DEFINE_TC(mma, ENGINE_MMA, MMA_ATTRS, f16, db_f16)
 DEFINE_TC(mma, ENGINE_MMA, MMA_ATTRS, bf16, db_bf16)
 DEFINE_TC(mv, ENGINE_MV, MV_ATTRS, f16, db_f16)
 DEFINE_TC(mv, ENGINE_MV, MV_ATTRS, bf16, db_bf16)
+#define MVC_ATTRS __launch_bounds__(MV_THREADS, 1) MVC_CLUSTER_ATTR
+DEFINE_TC(mvc, ENGINE_MVC, MVC_ATTRS, f16, db_f16)
+DEFINE_TC(mvc, ENGINE_MVC, MVC_ATTRS, bf16, db_bf16)
 
 // f32 weights: the batch-1 GEMV engine (any grid, any dynamic shared memory), so fp32 rows match batch 1 exactly
 #define DEFINE_TC_F32(NAME)                                                                                 \
@@ -787,6 +1026,7 @@ DEFINE_TC(mv, ENGINE_MV, MV_ATTRS, bf16, db_bf16)
     }
 DEFINE_TC_F32(mma)
 DEFINE_TC_F32(mv)
+DEFINE_TC_F32(mvc)
 
 // ------------------------------------------------------------------------------------------------------------
 // attn_decode_batched: decode attention for many rows, one block per (row, kv head, split), the whole query

@@ -28,7 +28,8 @@ PROJ_PARAMS = {
 }
 MMA_PARAMS = {f"{k}_mma": v for k, v in PROJ_PARAMS.items()}
 MV_PARAMS = {f"{k}_mv": v for k, v in PROJ_PARAMS.items()}
-MINE = {**{f"{k}_{wt}": v for k, v in (MMA_PARAMS | MV_PARAMS).items() for wt in ("f32", "f16", "bf16")},
+MVC_PARAMS = {f"{k}_mvc": v for k, v in PROJ_PARAMS.items()}
+MINE = {**{f"{k}_{wt}": v for k, v in (MMA_PARAMS | MV_PARAMS | MVC_PARAMS).items() for wt in ("f32", "f16", "bf16")},
         "attn_decode_batched": [P, P, P, P, P, P, P, P, N, N, N, N, N, F]}
 
 
@@ -70,7 +71,14 @@ def test_pdl_contract_and_clusters(bodies):
             assert f"mma.sync.aligned.m16n8k16.row.col.f32.{wt}.{wt}.f32" in body, (k, wt)
             assert "ldmatrix" not in body and ".reqnctapercluster" not in body, (k, wt)
             assert re.search(r"\.maxntid 512, 1, 1", body), (k, wt)  # 256- or 512-thread blocks
+        for k in MVC_PARAMS:  # the MV engine's streaming in clusters of 4 (MVC_CLUSTER) that split K
+            body = bodies[f"{k}_{wt}"]
+            assert f"mma.sync.aligned.m16n8k16.row.col.f32.{wt}.{wt}.f32" in body, (k, wt)
+            assert "ldmatrix" not in body and "mapa.shared::cluster" in body, (k, wt)
+            assert re.search(r"\.reqnctapercluster 4, 1, 1", body) and re.search(r"\.maxntid 512, 1, 1", body)
+            assert "barrier.cluster.arrive" in body and "ld.shared::cluster" in body, (k, wt)
         assert ".reqnctapercluster" not in bodies["gemv_res_mma_f32"]
+        assert ".reqnctapercluster" not in bodies["gemv_res_mvc_f32"]  # f32: the GEMV engine
 
 
 @needs_nvrtc
@@ -116,6 +124,32 @@ def test_buckets_choose_their_kernels(wt):
             attn = chosen["attn"]
             assert attn.grid[0] == batch * 4 and attn.grid[1] <= 8
             assert {a.param.name: a.value for a in attn.args}["chunk"] == 32
+
+
+def test_mvc_engine_from_mvc_batch_in_whole_clusters():
+    """mvc_batch (0: off) switches every projection and the LM head to the MVC engine from that batch: grids of
+    whole clusters of mvc_cluster blocks, at most sms blocks, one block per SM (mv_shared_max)."""
+    spec, programs = load_spec(FUSED), {}
+    projections = ("qkv", "o_proj", "gate_up", "down_proj", "lm_head")
+    for batch in (1, 8, 15, 16, 64, 256):
+        p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": "f16", "mvc_batch": 16}, programs)
+        assert not issues, issues
+        chosen = {n.id.split(".")[0]: n.op for n in p.nodes if hasattr(n.op, "kernel")}
+        for key in projections:
+            op = chosen[key]
+            assert op.kernel.endswith("_mvc") == (batch >= 16), (batch, key, op.kernel)
+            if batch >= 16:
+                assert op.grid[0] % 4 == 0 and 4 <= op.grid[0] <= 132 and op.shared == 232448, (batch, key, op.grid)
+    assert chosen["qkv"].grid[0] == 128  # 160 tiles over 32 clusters of 4: 5 tiles each
+    p, issues = bind(spec, {"batch": 64, "cache_batch": 64, "wt": "f16"}, {})
+    assert not issues and not any(str(getattr(n.op, "kernel", "")).endswith("_mvc") for n in p.nodes)
+
+
+@pytest.mark.parametrize("sets,word", [({"mvc_cluster": 9}, "mvc_cluster"),
+                                       ({"mvc_cluster": 8, "sms": 4}, "mvc_cluster"), ({"mvc_batch": -1}, "mvc_batch")])
+def test_mvc_dims_are_checked(sets, word):
+    _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "mvc_batch": 16, **sets}, {})
+    assert issues and issues[0].code == "check" and word in issues[0].message, issues
 
 
 def test_mv_variant_skipped_where_x_does_not_fit():

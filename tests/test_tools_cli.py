@@ -27,5 +27,5 @@ def test_device_check_stages_parse():
     script = ROOT / "tools" / "device_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     text = script.read_text()
-    for stage in ("tests", "stack", "stackknobs", "stackbench", "loopstack", "mvgrid", "engines", "batch", "loop"):
+    for stage in ("tests", "stack", "stackknobs", "stackbench", "loopstack", "mvc", "engines", "batch", "loop"):
         assert f"\n    {stage})" in text, stage

@@ -156,7 +156,7 @@ def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict
                    engine: str = "", blocks: int | None = None, threads: int = 256) -> tuple[list, list, list]:
     """CALLS launches of one fused GEMV role, rotating over `weights`: (CuPy (fn, grid, block, args) tuples,
     dagbuild backend (func, grid, block, shared, args) tuples, the arrays they use). ``engine``: "" (the GEMV
-    engine), "mma" or "mv" (kernels/llama_batched.cu, ``blocks`` blocks)."""
+    engine), "mma", "mv" or "mvc" (kernels/llama_batched.cu, ``blocks`` blocks)."""
     from dagbuild.llama.weights import convert
 
     i32, f32 = np.int32, np.float32
@@ -215,6 +215,7 @@ def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict
 
 
 MMA_SHARED, MV_SHARED, MV_SHARED_MAX, CLUSTER = 185600, 115712, 232448, 8  # the spec's mma/mv launch dims
+MVC_CLUSTER = 4  # the spec's mvc_cluster
 
 
 def mv_fits(k: int, shared: int, threads: int = 256) -> bool:
@@ -227,9 +228,10 @@ def mv_fits(k: int, shared: int, threads: int = 256) -> bool:
 def batched(cp, batches: list[int], bw: float, log: list) -> None:
     """The batch >= 2 engines side by side, PDL chains of CALLS calls from DRAM: the GEMV engine (spec launch),
     the MMA engine (clusters, spec launch) and the MV engine at two blocks per SM (mv_shared) and one (the
-    maximum shared memory), and from 16 rows at one block on half the SMs: every MV block stages all its batch
-    rows of x from L2, so a call moves grid * batch * k * 4 bytes of x (69 MB for TinyLlama's QKV at 64 rows on
-    132 blocks, 6.6x its weights), which half the grid halves."""
+    maximum shared memory), and from 16 rows at one block on half the SMs and the MVC engine: every MV block
+    stages all its batch rows of x from L2, so a call moves grid * batch * k * 4 bytes of x (69 MB for
+    TinyLlama's QKV at 64 rows on 132 blocks, 6.6x its weights), which half the grid halves and the MVC engine's
+    clusters of 4 divide by 4."""
     from dagbuild.backends import get_backend
 
     be = get_backend("auto")
@@ -256,10 +258,13 @@ def batched(cp, batches: list[int], bw: float, log: list) -> None:
                     configs[tag] = ("mv", shared, -(-tiles16 // -(-tiles16 // (per_sm * sms))), threads)
             if "mv 1/SM" in configs:  # half the SMs: half the x rows staged from L2 (G * batch * k * 4 bytes a call)
                 configs["mv ½SMs"] = ("mv", MV_SHARED_MAX, -(-tiles16 // -(-tiles16 // (sms // 2))), 256)
+            # the MVC engine: K split over clusters of MVC_CLUSTER blocks (each stages k / MVC_CLUSTER of x)
+            configs["mvc"] = ("mvc", MV_SHARED_MAX,
+                              MVC_CLUSTER * -(-tiles16 // -(-tiles16 // (sms // MVC_CLUSTER))), 256)
             for batch in batches:
                 cells = []
                 for tag, (engine, shared, blocks, threads) in configs.items():
-                    if tag == "mv ½SMs" and batch < 16:
+                    if tag in ("mv ½SMs", "mvc") and batch < 16:
                         continue
                     _, be_calls, keep = fused_launches(cp, mod, role, entry, rows, k, dims, wt, batch, weights,
                                                        rs, ring=shared, engine=engine, blocks=blocks,

@@ -74,8 +74,15 @@ PY
       timeout 200 python3 tools/bench_prefill.py --json "$OUT/bench_prefill.json" 2>&1 | tail -12 ;;
     engines)  # issue 15: GEMV vs MMA vs MV engines per projection and batch
       timeout 400 python3 tools/bench_gemv.py --batched --json "$OUT/bench_engines.json" 2>&1 | tee "$OUT/bench_engines.log" | tail -80 ;;
-    mvgrid)  # issue 15: is the MV engine bound by the x rows every block stages? (mv ½SMs: half the x bytes)
-      timeout 300 python3 tools/bench_gemv.py --batched --batches 16,32,64 --json "$OUT/bench_mvgrid.json" 2>&1 | tail -24 ;;
+    mvc)  # issue 15: is the MV engine bound by the x rows every block stages? The MVC engine (K split over
+      # clusters of 4: a quarter of the x bytes) against NumPy first, then the engines at 16-64 rows (mv ½SMs: half
+      # the x bytes), then whole steps with and without it
+      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_llama_batched.py -k mvc 2>&1 | tail -4
+      timeout 200 python3 tools/bench_gemv.py --batched --batches 16,32,64 --json "$OUT/bench_mvc.json" 2>&1 | tail -32
+      for m in 0 16; do
+        timeout 150 python3 tools/bench_batch.py --no-hf --contexts 128 --batches 16,64 --steps 10 --set mvc_batch=$m \
+          --json "$OUT/batch_mvc$m.json" --png "$OUT/batch_mvc$m.png" 2>&1 | tail -6
+      done ;;
     batch)  # issue 15
       timeout 300 python3 tools/bench_batch.py --json "$OUT/bench_batch.json" --png "$OUT/bench_batch.png" 2>&1 | tail -30 ;;
     timeline)  # issues 8/10/15: per-node increments of the fused step (CUPTI through torch.profiler)

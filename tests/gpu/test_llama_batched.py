@@ -32,7 +32,8 @@ TINY = yaml.safe_load((ROOT / "specs" / "configs" / "llama_tiny.yaml").read_text
 TINYLLAMA = yaml.safe_load((ROOT / "specs" / "configs" / "tinyllama.yaml").read_text())
 CLUSTER, SHARED = 8, 185600  # the spec's mma_cluster and mma_shared
 MV_SHARED, MV_SMALL = 232448, 115712  # the spec's mv_shared_max and mv_shared
-ENGINES = ("mma", "mv", "mv512")
+MVC_CLUSTER = 4  # the spec's mvc_cluster (MVC_CLUSTER in the kernel)
+ENGINES = ("mma", "mv", "mv512", "mvc")
 FP16_NEAR_TIE = 0.05  # as tests/gpu/test_llama_hf.py
 GUARD = 67
 EPS = 1e-5
@@ -113,13 +114,17 @@ def rel_err(out, expect) -> float:
 def launch(cp, mod, name, pairs, args, shared=None):
     """The spec's launch shapes. MMA engine (_mma_): clusters of CLUSTER blocks, as many as the 128-row tiles
     (up to 16). MV engine (_mv_): one block per 16-row tile, at most two per SM (shared: MV_SHARED, or what
-    the test passes to force smaller passes and rings); "_mv512_": the same kernel in 512-thread blocks."""
+    the test passes to force smaller passes and rings); "_mv512_": the same kernel in 512-thread blocks. MVC
+    engine (_mvc_): clusters of MVC_CLUSTER blocks splitting K, one cluster per tile up to the SMs."""
     threads = 512 if "_mv512_" in name else 256
     if threads == 512 and name.endswith("_f32"):
         pytest.skip("f32 weights run the GEMV engine (at most 256 threads a block), not the MV engine")
     fn = mod.get_function(name.replace("_mv512_", "_mv_"))
-    if "_mv" in name:
-        grid, smem = min(-(-pairs // 8), 2 * cp.cuda.Device().attributes["MultiProcessorCount"]), shared or MV_SHARED
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    if "_mvc_" in name:  # whole clusters, as many as the 16-row tiles (clusters stride over more)
+        grid, smem = MVC_CLUSTER * min(-(-pairs // 8), sms // MVC_CLUSTER), shared or MV_SHARED
+    elif "_mv" in name:
+        grid, smem = min(-(-pairs // 8), 2 * sms), shared or MV_SHARED
     else:
         grid, smem = CLUSTER * min(-(-pairs // 64), 16), SHARED
     fn.max_dynamic_shared_size_bytes = smem
@@ -168,19 +173,22 @@ def test_gemv_res_and_norm_mma(cp, mod, engine, wt, variant, batch, n, k):
 @pytest.mark.parametrize("wt", ("f16", "bf16"))
 @pytest.mark.parametrize("batch,n,k", [(64, 520, 2048), (29, 77, 1032), (40, 2050, 8)])
 def test_mv_passes_with_little_shared_memory(cp, mod, wt, batch, n, k):
-    """The MV engine with two blocks' worth of shared memory (mv_shared): batches over what x fits in run in
-    passes, and the ring shrinks to what is left; the sums stay those of the full launch, bit for bit."""
+    """The MV and MVC engines with two blocks' worth of shared memory (mv_shared): batches over what x fits in
+    run in passes, and the ring shrinks to what is left; the sums stay those of the full launch, bit for bit."""
     rng = rng_for("mv passes", wt, batch, n, k)
     w, w64 = weights(rng, (n, k), wt)
     norm, _ = weights(rng, (k,), wt, 0.1, 1.0)
     x = activations(rng, batch, k)
     outs = []
-    for engine, shared in (("mv", MV_SMALL), ("mv", MV_SHARED), ("mv512", MV_SHARED)):
+    for engine, shared in (("mv", MV_SMALL), ("mv", MV_SHARED), ("mv512", MV_SHARED), ("mvc", MV_SMALL),
+                           ("mvc", MV_SHARED)):
         y = out_buffer(cp, batch * n)
         launch(cp, mod, f"gemv_norm_{engine}_{wt}", (n + 1) // 2,
                (cp.asarray(w), cp.asarray(norm), cp.asarray(x), y, i32(n), i32(k), i32(batch), f32(EPS)), shared)
         outs.append(fetch(y, batch * n))
     assert np.array_equal(outs[0], outs[1])  # 512 threads split K 16 ways: other sums, checked below
+    assert np.array_equal(outs[3], outs[4])  # MVC: K split over the cluster, passes as MV
+    assert rel_err(outs[3], (mma_inputs(x, norm, wt)[1] @ w64.T).reshape(-1)) < TIGHT[wt]
     assert rel_err(outs[2], (mma_inputs(x, norm, wt)[1] @ w64.T).reshape(-1)) < TIGHT[wt]
     exact, seen = mma_inputs(x, norm, wt)
     assert rel_err(outs[0], (seen @ w64.T).reshape(-1)) < TIGHT[wt]
@@ -348,15 +356,17 @@ def test_fp32_every_bucket_matches_batch_one(cp):
                     assert rel_err(logits[t][r], reference[r][1][t][0]) < 1e-5, (bucket, r, t)
 
 
-def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp):
-    """TinyLlama shape, f16 weights: rows of buckets 8, 24 and 64 (MMA projections, batched attention) against
-    batch 1 (GEMVs): the same greedy tokens until an fp16 near-tie of batch 1's own logits (top two closer than
-    FP16_NEAR_TIE), logits within fp16 rounding of the activations."""
+@pytest.mark.parametrize("mvc_batch", [0, 16], ids=["mv-mma", "mvc"])
+def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch):
+    """TinyLlama shape, f16 weights: rows of buckets 8, 24 and 64 (MV/MMA projections, or the MVC engine from 16
+    rows; batched attention) against batch 1 (GEMVs): the same greedy tokens until an fp16 near-tie of batch 1's
+    own logits (top two closer than FP16_NEAR_TIE), logits within fp16 rounding of the activations."""
     from dagbuild.llama.weights import random_weights
     from dagbuild.load import load_spec
     from dagbuild.pool import GraphPool
 
-    dims = {k: v for k, v in TINYLLAMA.items() if k != "wt"} | {"wt": "f16", "max_seq": 32, "cache_batch": 64}
+    dims = {k: v for k, v in TINYLLAMA.items() if k != "wt"} | {"wt": "f16", "max_seq": 32, "cache_batch": 64,
+                                                                "mvc_batch": mvc_batch}
     rng = np.random.default_rng(12)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 4))) for _ in range(64)]
     steps = 12
@@ -380,4 +390,4 @@ def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp):
                         ties += 1
                         break  # the sequences part here
                     # the same token: the steps after it compare like-for-like
-        print(f"f16 TinyLlama buckets 8/24/64: {ties} rows parted at near-ties")
+        print(f"f16 TinyLlama buckets 8/24/64 (mvc_batch {mvc_batch}): {ties} rows parted at near-ties")
