@@ -492,6 +492,108 @@ __device__ __forceinline__ unsigned int mv_fixed_bytes(int nt, int nw, int k) {
     return (unsigned int)(nt * nw) * 512u + 256u + 8u * (unsigned int)nt * mv_xstride(k);
 }
 
+// ---- pieces of the MV and MVC engines ---------------------------------------------------------------------
+
+// One ring item: lane (gid, tig) copies 16 bytes of each of pair g's two rows for the rounds r .. r + MV_U - 1
+// below r_end into its slot dst (zeros past k, past r_end, and for g past the pairs). No commit.
+template <typename T, typename Job>
+__device__ __forceinline__ void mv_copy_item(const Job& job, const T* w, int k, int g, int r, int r_end, int tig,
+                                             uint4* dst) {
+    const bool gok = g < job.npairs;
+    int r0 = 0, r1 = 0;
+    if (gok) job.rows(g, r0, r1);
+#pragma unroll
+    for (int u = 0; u < MV_U; ++u) {
+        const int ru = r + u, e = ru * 32 + tig * 8;
+        const bool ok = gok && ru < r_end && e < k;
+        db_cp_async16(dst + (2 * u) * 32, ok ? w + (size_t)r0 * (size_t)k + e : w, ok);
+        db_cp_async16(dst + (2 * u + 1) * 32, ok ? w + (size_t)r1 * (size_t)k + e : w, ok);
+    }
+}
+
+// One landed ring item (src) against the staged x: words 0-1 / 2-3 of each round's 16 bytes feed two m16n8k16
+// steps; xr is this lane's x row (gid) at round r, its n8 column j 8 * j rows further (xstride bytes a row).
+template <typename T, int NT>
+__device__ __forceinline__ void mv_mma_item(const uint4* src, const unsigned char* xr, unsigned int xstride, int r,
+                                            int r_end, float (&acc)[NT][4]) {
+#pragma unroll
+    for (int u = 0; u < MV_U; ++u) {
+        if (r + u >= r_end) break;  // warp-uniform
+        const uint4 wa = src[(2 * u) * 32], wb = src[(2 * u + 1) * 32];
+        const unsigned int a0[4] = {wa.x, wb.x, wa.y, wb.y};
+        const unsigned int a1[4] = {wa.z, wb.z, wa.w, wb.w};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const unsigned char* xj = xr + 64u * (unsigned int)u + (unsigned int)(8 * j) * xstride;
+            const uint4 xv = *reinterpret_cast<const uint4*>(xj);
+            MmaType<T>::mma(acc[j], a0, xv.x, xv.y);
+            MmaType<T>::mma(acc[j], a1, xv.z, xv.w);
+        }
+    }
+}
+
+// x rows b0 .. b0 + 8 NT - 1, elements k0 .. k0 + kl of each (rows k apart in x), into xs as f16/bf16 (rows of
+// xstride bytes, kp elements: zero past kl and past the batch), times the norm weight when NORM, and each row's
+// sum of x^2 (in f32) into ssum. Warp w: rows w, w + NW, ...; 8 k per lane per iteration, G iterations' loads in
+// flight (registers: 128 at two blocks per SM).
+template <typename T, int NT, bool NORM>
+__device__ __forceinline__ void mv_stage_x(const float* x, const T* nw, int k, int k0, int kl, int kp, int batch,
+                                           int b0, unsigned char* xs, unsigned int xstride, float* ssum) {
+    constexpr int PB = 8 * NT, G = NORM ? 4 : 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, NW = (int)blockDim.x >> 5;
+    const int IT = (kp + 255) / 256;           // iterations per row
+    const int n_it = (PB + NW - 1) / NW * IT;  // this warp's rows (some warps have none when NW > PB)
+    float ss = 0.0f;
+    for (int base = 0; base < n_it; base += G) {
+        float4 va[G], vb[G];
+        uint4 gv[G];
+#pragma unroll
+        for (int u = 0; u < G; ++u) {
+            const int it = base + u, rl = it / IT, e = (it - rl * IT) * 256 + lane * 8;
+            const int b = b0 + warp + NW * rl;
+            va[u] = vb[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            gv[u] = make_uint4(0u, 0u, 0u, 0u);
+            if (it < n_it && warp + NW * rl < PB && b < batch && e < kl) {
+                const float4* p = reinterpret_cast<const float4*>(x + (size_t)b * (size_t)k + k0 + e);
+                va[u] = db_ldcg(p);
+                vb[u] = db_ldcg(p + 1);
+                if constexpr (NORM) gv[u] = __ldg(reinterpret_cast<const uint4*>(nw + k0 + e));
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < G; ++u) {
+            const int it = base + u;
+            if (it >= n_it) break;  // warp-uniform
+            const int rl = it / IT, j = it - rl * IT, e = j * 256 + lane * 8;
+            float f[8] = {va[u].x, va[u].y, va[u].z, va[u].w, vb[u].x, vb[u].y, vb[u].z, vb[u].w};
+            if constexpr (NORM) {
+                float gf[8];
+                WeightPack<T>::unpack(gv[u], gf);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    ss = fmaf(f[q], f[q], ss);
+                    f[q] *= gf[q];
+                }
+            }
+            const int row = warp + NW * rl;
+            if (row >= PB) break;  // warp-uniform: this warp's rows are done
+            if (e < kp) {
+                uint4 h;
+                h.x = MmaType<T>::pack(f[0], f[1]);
+                h.y = MmaType<T>::pack(f[2], f[3]);
+                h.z = MmaType<T>::pack(f[4], f[5]);
+                h.w = MmaType<T>::pack(f[6], f[7]);
+                *reinterpret_cast<uint4*>(xs + row * xstride + 2u * (unsigned int)e) = h;
+            }
+            if (j == IT - 1) {
+                if constexpr (NORM) ss = db_warp_sum(ss);
+                if (lane == 0) ssum[row] = ss;
+                ss = 0.0f;
+            }
+        }
+    }
+}
+
 template <typename T, int NT, bool NORM, typename Job>
 __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
                                        float eps, int S, unsigned char* smem) {
@@ -519,78 +621,10 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
         if (i < total) {
             const int t = i / C, c = i - t * C;
             const int tile = (int)blockIdx.x + (t % mine) * (int)gridDim.x;
-            const int g = tile * 8 + gid;
-            const bool gok = g < job.npairs;
-            int r0 = 0, r1 = 0;
-            if (gok) job.rows(g, r0, r1);
-            uint4* dst = ring + (i % S) * SLOT;
-#pragma unroll
-            for (int u = 0; u < MV_U; ++u) {
-                const int r = rb + c * MV_U + u, e = r * 32 + tig * 8;
-                const bool ok = gok && r < re && e < k;
-                db_cp_async16(dst + (2 * u) * 32, ok ? w + (size_t)r0 * (size_t)k + e : w, ok);
-                db_cp_async16(dst + (2 * u + 1) * 32, ok ? w + (size_t)r1 * (size_t)k + e : w, ok);
-            }
+            mv_copy_item(job, w, k, tile * 8 + gid, rb + c * MV_U, re, tig, ring + (i % S) * SLOT);
         }
         db_cp_commit();
     };
-    // x rows b0 .. b0 + PB - 1 -> xs (times the norm weight), sum of x^2 -> ssum. Warp w: rows w, w + NW, ...;
-    // 8 k per lane per iteration, G iterations' loads in flight.
-    auto stage = [&](int b0) {
-        constexpr int G = NORM ? 4 : 8;  // loads in flight per lane (registers: 128 at two blocks per SM)
-        const int IT = (mv_kpad(k) + 255) / 256;  // iterations per row
-        const int n_it = (PB + NW - 1) / NW * IT;  // this warp's rows (some warps have none when NW > PB)
-        float ss = 0.0f;
-        for (int base = 0; base < n_it; base += G) {
-            float4 va[G], vb[G];
-            uint4 gv[G];
-#pragma unroll
-            for (int u = 0; u < G; ++u) {
-                const int it = base + u, rl = it / IT, e = (it - rl * IT) * 256 + lane * 8;
-                const int b = b0 + warp + NW * rl;
-                va[u] = vb[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                gv[u] = make_uint4(0u, 0u, 0u, 0u);
-                if (it < n_it && warp + NW * rl < PB && b < batch && e < k) {
-                    const float4* p = reinterpret_cast<const float4*>(x + (size_t)b * (size_t)k + e);
-                    va[u] = db_ldcg(p);
-                    vb[u] = db_ldcg(p + 1);
-                    if constexpr (NORM) gv[u] = __ldg(reinterpret_cast<const uint4*>(nw + e));
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < G; ++u) {
-                const int it = base + u;
-                if (it >= n_it) break;  // warp-uniform
-                const int rl = it / IT, j = it - rl * IT, e = j * 256 + lane * 8;
-                float f[8] = {va[u].x, va[u].y, va[u].z, va[u].w, vb[u].x, vb[u].y, vb[u].z, vb[u].w};
-                if constexpr (NORM) {
-                    float gf[8];
-                    WeightPack<T>::unpack(gv[u], gf);
-#pragma unroll
-                    for (int q = 0; q < 8; ++q) {
-                        ss = fmaf(f[q], f[q], ss);
-                        f[q] *= gf[q];
-                    }
-                }
-                const int row = warp + NW * rl;
-                if (row >= PB) break;  // warp-uniform: this warp's rows are done
-                if (e < mv_kpad(k)) {
-                    uint4 h;
-                    h.x = MmaType<T>::pack(f[0], f[1]);
-                    h.y = MmaType<T>::pack(f[2], f[3]);
-                    h.z = MmaType<T>::pack(f[4], f[5]);
-                    h.w = MmaType<T>::pack(f[6], f[7]);
-                    *reinterpret_cast<uint4*>(xs + row * xstride + 2u * (unsigned int)e) = h;
-                }
-                if (j == IT - 1) {
-                    if constexpr (NORM) ss = db_warp_sum(ss);
-                    if (lane == 0) ssum[row] = ss;
-                    ss = 0.0f;
-                }
-            }
-        }
-    };
-
     for (int i = 0; i < S; ++i) issue(i);  // weights only, before the wait
     PDL_WAIT();
 
@@ -600,7 +634,8 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
     int i = 0;
     for (int p = 0; p < npass; ++p) {
         const int b0 = p * PB;
-        stage(b0);  // (the previous pass's readers of xs passed the tile's closing barrier)
+        mv_stage_x<T, NT, NORM>(x, nw, k, 0, k, mv_kpad(k), batch, b0, xs, xstride, ssum);  // (the previous pass's
+        // readers of xs passed the tile's closing barrier)
         __syncthreads();
         for (int t = 0; t < mine; ++t) {
             const int tile = (int)blockIdx.x + t * (int)gridDim.x;
@@ -609,22 +644,10 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
             const int bl = warp * 8 + 2 * tig;  // batch row (within the pass) of this lane's first column
             for (int c = 0; c < C; ++c, ++i) {
                 mm_cp_wait(S - 1);  // item i has landed (groups complete in order)
-                const uint4* src = ring + (i % S) * SLOT;
-#pragma unroll
-                for (int u = 0; u < MV_U; ++u) {
-                    const int r = rb + c * MV_U + u;
-                    if (r >= re) break;  // warp-uniform
-                    const uint4 wa = src[(2 * u) * 32], wb = src[(2 * u + 1) * 32];
-                    const unsigned int a0[4] = {wa.x, wb.x, wa.y, wb.y};
-                    const unsigned int a1[4] = {wa.z, wb.z, wa.w, wb.w};
-                    const unsigned char* xr = xs + (unsigned int)gid * xstride + 2u * (unsigned int)(r * 32 + tig * 8);
-#pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        const uint4 xv = *reinterpret_cast<const uint4*>(xr + (unsigned int)(8 * j) * xstride);
-                        MmaType<T>::mma(acc[j], a0, xv.x, xv.y);
-                        MmaType<T>::mma(acc[j], a1, xv.z, xv.w);
-                    }
-                }
+                const int r = rb + c * MV_U;
+                mv_mma_item<T, NT>(ring + (i % S) * SLOT,
+                                   xs + (unsigned int)gid * xstride + 2u * (unsigned int)(r * 32 + tig * 8), xstride,
+                                   r, re, acc);
                 issue(i + S);  // refill the slot just consumed
             }
             // the tile's partials: through shared memory, summed in warp order by warp j for column j
@@ -657,30 +680,6 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
         }
     }
     db_cp_wait<0>();  // no copy outlives the kernel (the tail groups are empty)
-}
-
-// NT: the fewest n8 columns (a power of two, <= MV_MAX_NT) covering the batch, halved until x fits beside a
-// two-stage ring; the ring takes what is left (up to MV_MAX_STAGES stages).
-template <typename T, bool NORM, typename Job>
-__device__ __forceinline__ void mv_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
-                                        float eps) {
-    extern __shared__ uint4 mv_smem[];
-    unsigned char* smem = reinterpret_cast<unsigned char*>(mv_smem);
-    const unsigned int dyn = fw_dynamic_smem();
-    int nt = 1;
-    while (nt < MV_MAX_NT && 8 * nt < batch) nt *= 2;
-    const int warps = (int)blockDim.x >> 5;
-    const unsigned int stage = MV_STAGE_BYTES(blockDim.x);
-    while (nt > 1 && mv_fixed_bytes(nt, warps, k) + 2u * stage > dyn) nt /= 2;
-    const unsigned int fixed = mv_fixed_bytes(nt, warps, k);
-    const int S = dyn > fixed ? min(MV_MAX_STAGES, (int)((dyn - fixed) / stage)) : 0;
-    if (S < 2) __trap();  // the launch gave too little shared memory (kernels/llama_batched.md: mv_shared)
-    switch (nt) {
-        case 1: mv_run<T, 1, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
-        case 2: mv_run<T, 2, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
-        case 4: mv_run<T, 4, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
-        default: mv_run<T, 8, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
-    }
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -733,79 +732,9 @@ __device__ __forceinline__ void mvc_run(const Job& job, const T* w, const T* nw,
         if (i < total) {
             const int it = i % (wt * C), t = it / C, c = it - t * C;
             const int tile = cl.id + (t * NW + warp) * cl.count;
-            const int g = tile * 8 + gid;
-            const bool gok = g < job.npairs;
-            int r0 = 0, r1 = 0;
-            if (gok) job.rows(g, r0, r1);
-            uint4* dst = ring + (i % S) * SLOT;
-#pragma unroll
-            for (int u = 0; u < MV_U; ++u) {
-                const int r = kr0 + c * MV_U + u, e = r * 32 + tig * 8;
-                const bool ok = gok && r < kr1 && e < k;
-                db_cp_async16(dst + (2 * u) * 32, ok ? w + (size_t)r0 * (size_t)k + e : w, ok);
-                db_cp_async16(dst + (2 * u + 1) * 32, ok ? w + (size_t)r1 * (size_t)k + e : w, ok);
-            }
+            mv_copy_item(job, w, k, tile * 8 + gid, kr0 + c * MV_U, kr1, tig, ring + (i % S) * SLOT);
         }
         db_cp_commit();
-    };
-    // x rows b0 .. b0 + PB - 1, elements k0 .. k0 + kl, -> xs (times the norm weight; zero past kl and past
-    // the batch), this slice's sum of x^2 -> ssum. Warp w: rows w, w + NW, ...; G iterations' loads in flight.
-    auto stage = [&](int b0) {
-        constexpr int G = NORM ? 4 : 8;
-        const int kp = (kr1 - kr0) * 32;  // the slice in whole rounds
-        const int IT = (kp + 255) / 256;
-        const int n_it = (PB + NW - 1) / NW * IT;
-        if (IT == 0)  // no rounds on this block (k under c rounds): its share of every sum is zero
-            for (int r = threadIdx.x; r < PB; r += blockDim.x) ssum[r] = 0.0f;
-        float ss = 0.0f;
-        for (int base = 0; base < n_it; base += G) {
-            float4 va[G], vb[G];
-            uint4 gv[G];
-#pragma unroll
-            for (int u = 0; u < G; ++u) {
-                const int it = base + u, rl = it / IT, e = (it - rl * IT) * 256 + lane * 8;
-                const int b = b0 + warp + NW * rl;
-                va[u] = vb[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                gv[u] = make_uint4(0u, 0u, 0u, 0u);
-                if (it < n_it && warp + NW * rl < PB && b < batch && e < kl) {
-                    const float4* p = reinterpret_cast<const float4*>(x + (size_t)b * (size_t)k + k0 + e);
-                    va[u] = db_ldcg(p);
-                    vb[u] = db_ldcg(p + 1);
-                    if constexpr (NORM) gv[u] = __ldg(reinterpret_cast<const uint4*>(nw + k0 + e));
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < G; ++u) {
-                const int it = base + u;
-                if (it >= n_it) break;  // warp-uniform
-                const int rl = it / IT, j = it - rl * IT, e = j * 256 + lane * 8;
-                float f[8] = {va[u].x, va[u].y, va[u].z, va[u].w, vb[u].x, vb[u].y, vb[u].z, vb[u].w};
-                if constexpr (NORM) {
-                    float gf[8];
-                    WeightPack<T>::unpack(gv[u], gf);
-#pragma unroll
-                    for (int q = 0; q < 8; ++q) {
-                        ss = fmaf(f[q], f[q], ss);
-                        f[q] *= gf[q];
-                    }
-                }
-                const int row = warp + NW * rl;
-                if (row >= PB) break;  // warp-uniform
-                if (e < kp) {
-                    uint4 h;
-                    h.x = MmaType<T>::pack(f[0], f[1]);
-                    h.y = MmaType<T>::pack(f[2], f[3]);
-                    h.z = MmaType<T>::pack(f[4], f[5]);
-                    h.w = MmaType<T>::pack(f[6], f[7]);
-                    *reinterpret_cast<uint4*>(xs + row * xstride + 2u * (unsigned int)e) = h;
-                }
-                if (j == IT - 1) {
-                    if constexpr (NORM) ss = db_warp_sum(ss);
-                    if (lane == 0) ssum[row] = ss;
-                    ss = 0.0f;
-                }
-            }
-        }
     };
 
     for (int i = 0; i < S; ++i) issue(i);  // weights only, before the wait
@@ -815,7 +744,10 @@ __device__ __forceinline__ void mvc_run(const Job& job, const T* w, const T* nw,
     int i = 0;
     for (int p = 0; p < npass; ++p) {
         const int b0 = p * PB;
-        stage(b0);  // (the previous pass's readers of xs and ssum passed its last cluster barrier)
+        // (the previous pass's readers of xs and ssum passed its last cluster barrier)
+        if (kr1 == kr0)  // no rounds on this block (k under c rounds): its share of every sum is zero
+            for (int r = threadIdx.x; r < PB; r += blockDim.x) ssum[r] = 0.0f;
+        mv_stage_x<T, NT, NORM>(x, nw, k, k0, kl, (kr1 - kr0) * 32, batch, b0, xs, xstride, ssum);
         __syncthreads();
         for (int q = 0; q < groups; ++q) {
 #pragma unroll
@@ -823,23 +755,10 @@ __device__ __forceinline__ void mvc_run(const Job& job, const T* w, const T* nw,
             if (q < wt) {  // this warp's tile of group q
                 for (int c = 0; c < C; ++c, ++i) {
                     mm_cp_wait(S - 1);  // item i has landed (groups complete in order)
-                    const uint4* src = ring + (i % S) * SLOT;
-#pragma unroll
-                    for (int u = 0; u < MV_U; ++u) {
-                        const int r = kr0 + c * MV_U + u;
-                        if (r >= kr1) break;  // warp-uniform
-                        const uint4 wa = src[(2 * u) * 32], wb = src[(2 * u + 1) * 32];
-                        const unsigned int a0[4] = {wa.x, wb.x, wa.y, wb.y};
-                        const unsigned int a1[4] = {wa.z, wb.z, wa.w, wb.w};
-                        const unsigned char* xr =
-                            xs + (unsigned int)gid * xstride + 2u * (unsigned int)((r - kr0) * 32 + tig * 8);
-#pragma unroll
-                        for (int j = 0; j < NT; ++j) {
-                            const uint4 xv = *reinterpret_cast<const uint4*>(xr + (unsigned int)(8 * j) * xstride);
-                            MmaType<T>::mma(acc[j], a0, xv.x, xv.y);
-                            MmaType<T>::mma(acc[j], a1, xv.z, xv.w);
-                        }
-                    }
+                    const int r = kr0 + c * MV_U;
+                    mv_mma_item<T, NT>(ring + (i % S) * SLOT,
+                                       xs + (unsigned int)gid * xstride + 2u * (unsigned int)((r - kr0) * 32 + tig * 8),
+                                       xstride, r, kr1, acc);
                     issue(i + S);  // refill the slot just consumed
                 }
             }
@@ -881,28 +800,42 @@ __device__ __forceinline__ void mvc_run(const Job& job, const T* w, const T* nw,
     db_cp_wait<0>();  // no copy outlives the kernel (the tail groups are empty)
 }
 
-// NT as mv_gemm, for a k of ceil(R / c) rounds (the largest slice of a cluster's blocks).
-template <typename T, bool NORM, typename Job>
-__device__ __forceinline__ void mvc_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
-                                         float eps) {
+template <bool CLUSTER, typename T, int NT, bool NORM, typename Job>
+__device__ __forceinline__ void mv_engine_nt(const Job& job, const T* w, const T* nw, const float* x, int k,
+                                             int batch, float eps, int S, unsigned char* smem) {
+    if constexpr (CLUSTER)
+        mvc_run<T, NT, NORM>(job, w, nw, x, k, batch, eps, S, smem);
+    else
+        mv_run<T, NT, NORM>(job, w, nw, x, k, batch, eps, S, smem);
+}
+
+// NT: the fewest n8 columns (a power of two, <= MV_MAX_NT) covering the batch, halved until x fits beside a
+// two-stage ring; the ring takes what is left (up to MV_MAX_STAGES stages). x is k wide for the MV engine, and for
+// the MVC engine (CLUSTER) the largest k slice of a cluster's blocks (ceil(R / c) rounds).
+template <bool CLUSTER, typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mv_engine(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                          float eps) {
     extern __shared__ uint4 mv_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(mv_smem);
     const unsigned int dyn = fw_dynamic_smem();
-    const int c = mm_cluster().size, R = mv_kpad(k) / 32;
-    const int kslice = (R + c - 1) / c * 32;
+    int xk = k;
+    if constexpr (CLUSTER) {
+        const int c = mm_cluster().size, R = mv_kpad(k) / 32;
+        xk = (R + c - 1) / c * 32;
+    }
     int nt = 1;
     while (nt < MV_MAX_NT && 8 * nt < batch) nt *= 2;
     const int warps = (int)blockDim.x >> 5;
     const unsigned int stage = MV_STAGE_BYTES(blockDim.x);
-    while (nt > 1 && mv_fixed_bytes(nt, warps, kslice) + 2u * stage > dyn) nt /= 2;
-    const unsigned int fixed = mv_fixed_bytes(nt, warps, kslice);
+    while (nt > 1 && mv_fixed_bytes(nt, warps, xk) + 2u * stage > dyn) nt /= 2;
+    const unsigned int fixed = mv_fixed_bytes(nt, warps, xk);
     const int S = dyn > fixed ? min(MV_MAX_STAGES, (int)((dyn - fixed) / stage)) : 0;
     if (S < 2) __trap();  // the launch gave too little shared memory (kernels/llama_batched.md: mv_shared)
     switch (nt) {
-        case 1: mvc_run<T, 1, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
-        case 2: mvc_run<T, 2, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
-        case 4: mvc_run<T, 4, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
-        default: mvc_run<T, 8, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        case 1: mv_engine_nt<CLUSTER, T, 1, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        case 2: mv_engine_nt<CLUSTER, T, 2, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        case 4: mv_engine_nt<CLUSTER, T, 4, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
+        default: mv_engine_nt<CLUSTER, T, 8, NORM>(job, w, nw, x, k, batch, eps, S, smem); break;
     }
 }
 
@@ -913,14 +846,9 @@ __device__ __forceinline__ void mm_gemm(const Job& job, const T* w, const T* nw,
                                         float eps) {
     fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
 }
-template <typename T, bool NORM, typename Job>
-__device__ __forceinline__ void mv_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
-                                        float eps) {
-    fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
-}
-template <typename T, bool NORM, typename Job>
-__device__ __forceinline__ void mvc_gemm(const Job& job, const T* w, const T* nw, const float* x, int k,
-                                         int batch, float eps) {
+template <bool CLUSTER, typename T, bool NORM, typename Job>
+__device__ __forceinline__ void mv_engine(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
+                                          float eps) {
     fw_gemv<T, NORM>(job, w, nw, x, k, batch, eps);
 }
 #endif
@@ -933,10 +861,8 @@ __device__ __forceinline__ void mvc_gemm(const Job& job, const T* w, const T* nw
 template <int ENGINE, typename T, bool NORM, typename Job>
 __device__ __forceinline__ void tc_gemm(const Job& job, const T* w, const T* nw, const float* x, int k, int batch,
                                         float eps) {
-    if constexpr (ENGINE == ENGINE_MV)
-        mv_gemm<T, NORM>(job, w, nw, x, k, batch, eps);
-    else if constexpr (ENGINE == ENGINE_MVC)
-        mvc_gemm<T, NORM>(job, w, nw, x, k, batch, eps);
+    if constexpr (ENGINE == ENGINE_MV || ENGINE == ENGINE_MVC)
+        mv_engine<ENGINE == ENGINE_MVC, T, NORM>(job, w, nw, x, k, batch, eps);
     else
         mm_gemm<T, NORM>(job, w, nw, x, k, batch, eps);
 }
