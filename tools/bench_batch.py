@@ -246,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                     row["hf_ms"] = hf_step_ms(torch, model, bb, ctx, args.warmup, args.steps)
                     torch.cuda.empty_cache()
                 rows.append(row)
+                engines = [k for k in row["kernels"] if k.endswith(("_mv", "_mvc", "_mma", "_batched"))]
                 print(f"context {ctx} batch {bb}: dagbuild {row['dagbuild_ms']:.3f} ms"
-                      + (f", HF {row['hf_ms']:.3f} ms" if "hf_ms" in row else ""), file=sys.stderr)
+                      + (f", HF {row['hf_ms']:.3f} ms" if "hf_ms" in row else "")
+                      + (f" ({', '.join(engines)})" if engines else ""), file=sys.stderr)
             r["contexts"][str(ctx)] = rows
     print(report(r))
     print(f"pool build ({len(batches)} buckets): {r['pool_build_s']:.2f} s")
