@@ -69,7 +69,7 @@ def test_without_a_cache_directory_nothing_is_written(monkeypatch):
     assert kernels.module_image(SOURCE, "twice", "sm_90") is None
 
 
-def fake_cupy(refuse_path: bool) -> types.ModuleType:
+def fake_cupy(refuse_path: bool) -> tuple[types.ModuleType, types.ModuleType]:
     """A stand-in for the CuPy that load_module uses: RawModule(path=) or (code=), Device().compute_capability."""
     class DriverError(Exception):
         pass
