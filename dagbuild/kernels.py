@@ -507,14 +507,17 @@ def plan_ptx(source: str, kernel: str, arch: str, options: tuple[str, ...]) -> s
     if key in _PTX_CACHE:
         return _PTX_CACHE[key]
     root = cache_dir()
-    name = f"{_digest(source, arch, options)}.ptx.gz"
-    data = _load_cached(root, name)
+    data = _load_cached(root, f"{_digest(source, arch, options)}.ptx.gz")
     if data is not None:
-        ptx = gzip.decompress(data).decode()
-    else:
-        ptx = compile_ptx(source, kernel, arch=arch, options=options)
-        _store_cached(root, name, gzip.compress(ptx.encode(), 6))
-    _PTX_CACHE[key] = ptx
+        _PTX_CACHE[key] = gzip.decompress(data).decode()
+        return _PTX_CACHE[key]
+    return _keep_ptx(root, source, arch, options, compile_ptx(source, kernel, arch=arch, options=options))
+
+
+def _keep_ptx(root: Path | None, source: str, arch: str, options: Sequence[str], ptx: str) -> str:
+    """A compile's PTX into this process's cache and (gzip) the directory's, where plan_ptx looks."""
+    _PTX_CACHE[(source, arch, tuple(options))] = ptx
+    _store_cached(root, f"{_digest(source, arch, options)}.ptx.gz", gzip.compress(ptx.encode(), 6))
     return ptx
 
 
@@ -530,8 +533,7 @@ def module_image(source: str, kernel: str, arch: str, options: Sequence[str] = (
     if path.is_file():
         return path
     ptx, cubin = compile_cubin(source, kernel, arch, options)
-    _PTX_CACHE[(source, arch, tuple(options))] = ptx
-    _store_cached(root, f"{digest}.ptx.gz", gzip.compress(ptx.encode(), 6))
+    _keep_ptx(root, source, arch, options, ptx)
     return path if _store_cached(root, path.name, cubin) else None
 
 

@@ -61,6 +61,15 @@ def ptx_or_skip(source: str, name: str) -> str:
     return kernels.compile_ptx(source, name)
 
 
+def entry_param_types(ptx: str) -> dict[str, list[str]]:
+    """Each ``.entry``'s param types with signedness dropped (``.s32``/``.b32`` read ``.u32``, 64-bit ones
+    ``.u64``): what a spec's declared params are checked against."""
+    from dagbuild import kernels
+
+    same = {".s32": ".u32", ".b32": ".u32", ".s64": ".u64", ".b64": ".u64"}
+    return {name: [same.get(t, t) for t in types] for name, types in kernels.ptx_entries(ptx).items()}
+
+
 def entry_bodies(ptx: str) -> dict[str, str]:
     """Each ``.entry``'s PTX text up to the next ``.entry``, by entry name."""
     parts = re.split(r"\.visible\s+\.entry\s+", ptx)[1:]

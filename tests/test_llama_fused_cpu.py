@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import yaml
 from conftest import KERNELS, SPECS
-from helpers import entry_bodies, needs_nvrtc, ptx_or_skip, ptxas_resources
+from helpers import entry_bodies, entry_param_types, needs_nvrtc, ptx_or_skip, ptxas_resources
 
-from dagbuild import kernels
 from dagbuild.cli import main
 from dagbuild.llama import weights as W
 from dagbuild.llama.decode import llama_plan
@@ -44,10 +43,10 @@ def ptx() -> str:
 
 @needs_nvrtc
 def test_every_entry_with_its_params(ptx):
-    entries = kernels.ptx_entries(ptx)
+    entries = entry_param_types(ptx)
     assert set(entries) == set(ENTRIES)
     for name, params in ENTRIES.items():
-        assert [t.replace(".s32", ".u32").replace(".b32", ".u32") for t in entries[name]] == params, name
+        assert entries[name] == params, name
 
 
 @needs_nvrtc

@@ -11,9 +11,8 @@ import re
 import pytest
 import yaml
 from conftest import KERNELS, SPECS
-from helpers import entry_bodies, needs_nvrtc, ptx_or_skip, ptxas_resources
+from helpers import entry_bodies, entry_param_types, needs_nvrtc, ptx_or_skip, ptxas_resources
 
-from dagbuild import kernels
 from dagbuild.dot import to_dot
 from dagbuild.errors import SpecError
 from dagbuild.llama.decode import llama_plan
@@ -34,9 +33,9 @@ def ptx() -> str:
 
 @needs_nvrtc
 def test_entries_and_params(ptx):
-    entries = kernels.ptx_entries(ptx)
+    entries = entry_param_types(ptx)
     for name in ENTRIES:
-        assert [t.replace(".s32", ".u32").replace(".b32", ".u32") for t in entries[name]] == LAYER_PARAMS, name
+        assert entries[name] == LAYER_PARAMS, name
 
 
 @needs_nvrtc

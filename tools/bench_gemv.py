@@ -218,6 +218,11 @@ MMA_SHARED, MV_SHARED, MV_SHARED_MAX, CLUSTER = 185600, 115712, 232448, 8  # the
 MVC_CLUSTER = 4  # the spec's mvc_cluster
 
 
+def spread(units: int, slots: int) -> int:
+    """How many of at most ``slots`` blocks (or clusters) take ``units`` tiles evenly: the spec's grids."""
+    return -(-units // -(-units // slots))
+
+
 def mv_fits(k: int, shared: int, threads: int = 256) -> bool:
     """The MV engine's smallest layout (8 batch rows, a two-stage ring) fits ``shared`` bytes at this k."""
     kp = -(-k // 32) * 32
@@ -249,18 +254,17 @@ def batched(cp, batches: list[int], bw: float, log: list) -> None:
             weights = [random_weights(cp, (rows, k), wt, rs) for _ in range(copies)]
             pairs = (rows + 1) // 2
             tiles128, tiles16 = -(-pairs // 64), -(-pairs // 8)
-            mma_blocks = CLUSTER * -(-tiles128 // -(-tiles128 // (sms // CLUSTER)))
+            mma_blocks = CLUSTER * spread(tiles128, sms // CLUSTER)
             configs = {"gemv": ("", RING, gemv_grid(pairs, sms, 2), 256),
                        "mma": ("mma", MMA_SHARED, mma_blocks, 256)}
             for tag, shared, per_sm, threads in (("mv 2/SM", MV_SHARED, 2, 256), ("mv 1/SM", MV_SHARED_MAX, 1, 256),
                                                  ("mv 512t", MV_SHARED_MAX, 1, 512)):
                 if mv_fits(k, shared, threads):
-                    configs[tag] = ("mv", shared, -(-tiles16 // -(-tiles16 // (per_sm * sms))), threads)
+                    configs[tag] = ("mv", shared, spread(tiles16, per_sm * sms), threads)
             if "mv 1/SM" in configs:  # half the SMs: half the x rows staged from L2 (G * batch * k * 4 bytes a call)
-                configs["mv ½SMs"] = ("mv", MV_SHARED_MAX, -(-tiles16 // -(-tiles16 // (sms // 2))), 256)
+                configs["mv ½SMs"] = ("mv", MV_SHARED_MAX, spread(tiles16, sms // 2), 256)
             # the MVC engine: K split over clusters of MVC_CLUSTER blocks (each stages k / MVC_CLUSTER of x)
-            configs["mvc"] = ("mvc", MV_SHARED_MAX,
-                              MVC_CLUSTER * -(-tiles16 // -(-tiles16 // (sms // MVC_CLUSTER))), 256)
+            configs["mvc"] = ("mvc", MV_SHARED_MAX, MVC_CLUSTER * spread(tiles16, sms // MVC_CLUSTER), 256)
             for batch in batches:
                 cells = []
                 for tag, (engine, shared, blocks, threads) in configs.items():
