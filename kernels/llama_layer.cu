@@ -66,6 +66,12 @@
 #define LY_MAX_PAIRS 2     // pairs per stage (every warp of a group holds a partial sum of each row)
 #define LY_MAX_ROWS 256    // weight rows of one block in one phase
 #define LY_MAX_CELLS 1024  // partial sums of one block in one phase: rows x k chunks x warps of a group
+#ifndef LY_TABLE
+#define LY_TABLE 0  // stages of a layer kept in shared memory as a table (16 B each, at most 160: the room the spec
+#endif              // leaves); later ones, and all at 0, are worked out per use (see LyRec)
+#if LY_TABLE > 160
+#error "LY_TABLE: at most 160 stages (the room LY_HEAD and the spec's shared memory keep for the table)"
+#endif
 #ifndef LY_X_INFLIGHT
 #define LY_X_INFLIGHT 4  // float4 loads per thread in flight when staging x, act or the attention partials
 #endif
@@ -86,6 +92,10 @@
 //   start, 2 when phase C starts, 3 when phase D starts.
 // LY_L2_AHEAD N > nslot: each issue also asks L2 for stage s + N's rows (cp.async.bulk.prefetch.L2), a second,
 //   deeper window of bytes in flight that needs no shared memory (the stack at 12 slots: try 24).
+// LY_TABLE N (<= 160): the first N stages of a layer as a table in shared memory, so issuing a stage (one lane,
+//   after the last warp of a group releases its slot) and reading its place is one 16-byte load instead of
+//   ly_stage's chain of divisions and shared loads: on the H100 the kernel's prologue (12 issues) took ~10.7 us
+//   and LY_L2_AHEAD's second stage_rows a stage added ~0.6 us a stage, so the issue is on the ring's critical path.
 // LY_DIAG 1 (timing only, the results are WRONG): the stages are waited for and released but not multiplied, so
 //   a phase's time is the ring's and the barriers' alone.
 #ifndef LY_PROXY_FENCE
@@ -243,6 +253,14 @@ __device__ __forceinline__ LyStage ly_stage(const LyPhase* phases, int s) {
     return t;
 }
 
+// Stage i of a layer as a table entry (16 B): what ly_stage works out (a chain of divisions and shared loads,
+// ~0.8 us for one thread on an H100: the issuing lane's stall, once a stage) read back with one load, and the
+// weight rows of its pairs (row[2 j + e]: pair j's row e).
+struct __align__(16) LyRec {
+    unsigned short info, pa, kc0, kn;  // info: ph | pn << 2 | c << 4
+    unsigned short row[2 * LY_MAX_PAIRS];
+};
+
 // The jobs of the four phases (kernels/llama_fused.cu), and the weight rows of a pair in phase ph.
 struct LyJobs {
     QkvJob qkv;
@@ -263,8 +281,8 @@ struct LyJobs {
 
 // ---- the shared-memory layout (dynamic) ---------------------------------------------------------------------
 // [ring nslot x LY_SLOT][full barriers LY_MAX_SLOTS x 8 B][slot counters LY_MAX_SLOTS x 4 B][phases 4 x LyPhase]
-// [misc 64 B][parts LY_MAX_CELLS floats][xs xs_floats floats (norm weights in its tail)]
-#define LY_HEAD (LY_MAX_SLOTS * 8 + LY_MAX_SLOTS * 4 + 4 * 64 + 64)
+// [misc 64 B][stage table LY_TABLE x 16 B][parts LY_MAX_CELLS floats][xs xs_floats floats (norm weights in its tail)]
+#define LY_HEAD (LY_MAX_SLOTS * 8 + LY_MAX_SLOTS * 4 + 4 * 64 + 64 + 160 * 16)  // room for LY_TABLE <= 160
 
 // xs holds x (hidden or qdim floats), attention's scratch, or act (ffn floats); the two RMSNorm weights sit in
 // its tail (from ly_norm_off, 16-byte aligned), which only phase D's act overwrites.
@@ -282,10 +300,12 @@ struct LyRing {
     unsigned long long* full;
     int* done;
     LyPhase* phases;
+    LyRec* table;  // stages 0 .. min(per_layer, LY_TABLE) - 1 of a layer
     float* misc;
     float* parts;
     float* xs;
     int nslot, per_layer, total, norm_off;  // stages: one layer's, all layers' (stage s is layer s / per_layer's)
+    int table_n;  // stages of a layer in the table (0 where a row, pair or k does not fit its 16 bits)
 };
 
 template <typename T>
@@ -295,21 +315,77 @@ struct LyLayer {
 
     // Stage s's weight rows (s < ring.total): first `all(bytes)` with the stage's bytes, then `row(offset in the
     // slot, source, bytes)` for each of its rows.
+    // Stage i of a layer (0 <= i < per_layer): from the table, else worked out; with `rows`, its weight rows too
+    __device__ __forceinline__ LyStage stage_at(int i, int* rows) const {
+        LyStage t;
+        if (LY_TABLE > 0 && i < ring.table_n) {
+            const LyRec r = ring.table[i];
+            t.ph = r.info & 3;
+            t.pn = (r.info >> 2) & 3;
+            t.c = r.info >> 4;
+            t.pa = r.pa;
+            t.kc0 = r.kc0;
+            t.kn = r.kn;
+            if (rows != nullptr)
+#pragma unroll
+                for (int e = 0; e < 2 * LY_MAX_PAIRS; ++e) rows[e] = r.row[e];
+            return t;
+        }
+        t = ly_stage(ring.phases, i);
+        if (rows != nullptr)
+#pragma unroll
+            for (int j = 0; j < LY_MAX_PAIRS; ++j)
+                if (j < t.pn) jobs.rows(t.ph, t.pa + j, rows[2 * j], rows[2 * j + 1]);
+        return t;
+    }
+
+    // The table: every thread a share of the entries (before any stage is issued or read)
+    __device__ __forceinline__ void fill_table() const {
+        for (int i = threadIdx.x; LY_TABLE > 0 && i < ring.table_n; i += blockDim.x) {
+            const LyStage t = ly_stage(ring.phases, i);
+            LyRec r;
+            r.info = (unsigned short)(t.ph | t.pn << 2 | t.c << 4);
+            r.pa = (unsigned short)t.pa;
+            r.kc0 = (unsigned short)t.kc0;
+            r.kn = (unsigned short)t.kn;
+#pragma unroll
+            for (int j = 0; j < LY_MAX_PAIRS; ++j) {  // unrolled: r stays in registers
+                int r0 = 0, r1 = 0;
+                if (j < t.pn) jobs.rows(t.ph, t.pa + j, r0, r1);
+                r.row[2 * j] = (unsigned short)r0;
+                r.row[2 * j + 1] = (unsigned short)r1;
+            }
+            ring.table[i] = r;
+        }
+    }
+
     template <typename All, typename Row>
     __device__ __forceinline__ void stage_rows(int s, All&& all, Row&& row) const {
         const int layer = s / ring.per_layer;
+#if LY_TABLE > 0
+        int r[2 * LY_MAX_PAIRS];
+        const LyStage t = stage_at(s - layer * ring.per_layer, r);
+#else
         const LyStage t = ly_stage(ring.phases, s - layer * ring.per_layer);
+#endif
         const LyPhase& P = ring.phases[t.ph];
         const unsigned char* w = P.w + (size_t)layer * P.lstride;
         const unsigned int row_bytes = (unsigned int)t.kn * sizeof(T);
         all(2u * (unsigned int)t.pn * row_bytes);
+#if LY_TABLE > 0
+#pragma unroll
+        for (int j = 0; j < 2 * LY_MAX_PAIRS; ++j)  // unrolled: r stays in registers
+            if (j < 2 * t.pn)
+                row((size_t)j * P.kl * sizeof(T), w + ((size_t)r[j] * P.k + t.kc0) * sizeof(T), row_bytes);
+#else
         for (int j = 0; j < t.pn; ++j) {
-            int r[2];
-            jobs.rows(t.ph, t.pa + j, r[0], r[1]);
+            int rr[2];
+            jobs.rows(t.ph, t.pa + j, rr[0], rr[1]);
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-                row((size_t)(2 * j + e) * P.kl * sizeof(T), w + ((size_t)r[e] * P.k + t.kc0) * sizeof(T), row_bytes);
+                row((size_t)(2 * j + e) * P.kl * sizeof(T), w + ((size_t)rr[e] * P.k + t.kc0) * sizeof(T), row_bytes);
         }
+#endif
     }
 
     // Stage s -> slot s % nslot: the expected bytes, then one bulk copy per row (one thread). With LY_L2_AHEAD,
@@ -365,7 +441,7 @@ struct LyLayer {
         const int s_end = s + P.nstages;
         const float4* xs4 = reinterpret_cast<const float4*>(ring.xs);
         for (int si = s + (group - s % LY_GROUPS + LY_GROUPS) % LY_GROUPS; si < s_end; si += LY_GROUPS) {
-            const LyStage t = ly_stage(ring.phases, si - base);
+            const LyStage t = stage_at(si - base, nullptr);
             const int rows = 2 * t.pn;
             const uint4* wrow[RMAX];
 #pragma unroll
@@ -583,6 +659,7 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     L.ring.done = reinterpret_cast<int*>(head + LY_MAX_SLOTS * 8);
     L.ring.phases = reinterpret_cast<LyPhase*>(head + LY_MAX_SLOTS * 12);
     L.ring.misc = reinterpret_cast<float*>(head + LY_MAX_SLOTS * 12 + 4 * 64);
+    L.ring.table = reinterpret_cast<LyRec*>(head + LY_MAX_SLOTS * 12 + 4 * 64 + 64);
     L.ring.parts = reinterpret_cast<float*>(head + LY_HEAD);
     L.ring.xs = L.ring.parts + LY_MAX_CELLS;
     L.ring.norm_off = ly_norm_off(hidden, qdim);
@@ -605,6 +682,10 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     L.ring.per_layer = 0;
     for (int ph = 0; ph < 4; ++ph) L.ring.per_layer += L.ring.phases[ph].nstages;
     L.ring.total = L.ring.per_layer * layers;
+    L.ring.table_n = max(max(nqkv * head_dim, 2 * ffn), max(max(hidden, qdim), ffn)) < 65536
+                         ? min(L.ring.per_layer, LY_TABLE) : 0;
+    L.fill_table();
+    __syncthreads();
     if (tid == 0) {  // weights only, before the wait: they stream while the previous kernel finishes
         for (int s = 0; s < L.ring.nslot; ++s) L.issue(s);
     }
