@@ -67,10 +67,10 @@
 #define LY_MAX_ROWS 256    // weight rows of one block in one phase
 #define LY_MAX_CELLS 1024  // partial sums of one block in one phase: rows x k chunks x warps of a group
 #ifndef LY_TABLE
-#define LY_TABLE 0  // stages of a layer kept in shared memory as a table (16 B each, at most 160: the room the spec
+#define LY_TABLE 0  // stages of a layer kept in shared memory as a table (16 B each, at most 112: the room the spec
 #endif              // leaves); later ones, and all at 0, are worked out per use (see LyRec)
-#if LY_TABLE > 160
-#error "LY_TABLE: at most 160 stages (the room LY_HEAD and the spec's shared memory keep for the table)"
+#if LY_TABLE > 112
+#error "LY_TABLE: at most 112 stages (the room LY_HEAD and the spec's shared memory keep for the table)"
 #endif
 #ifndef LY_X_INFLIGHT
 #define LY_X_INFLIGHT 4  // float4 loads per thread in flight when staging x, act or the attention partials
@@ -92,7 +92,7 @@
 //   start, 2 when phase C starts, 3 when phase D starts.
 // LY_L2_AHEAD N > nslot: each issue also asks L2 for stage s + N's rows (cp.async.bulk.prefetch.L2), a second,
 //   deeper window of bytes in flight that needs no shared memory (the stack at 12 slots: try 24).
-// LY_TABLE N (<= 160): the first N stages of a layer as a table in shared memory, so issuing a stage (one lane,
+// LY_TABLE N (<= 112): the first N stages of a layer as a table in shared memory, so issuing a stage (one lane,
 //   after the last warp of a group releases its slot) and reading its place is one 16-byte load instead of
 //   ly_stage's chain of divisions and shared loads: on the H100 the kernel's prologue (12 issues) took ~10.7 us
 //   and LY_L2_AHEAD's second stage_rows a stage added ~0.6 us a stage, so the issue is on the ring's critical path.
@@ -282,7 +282,7 @@ struct LyJobs {
 // ---- the shared-memory layout (dynamic) ---------------------------------------------------------------------
 // [ring nslot x LY_SLOT][full barriers LY_MAX_SLOTS x 8 B][slot counters LY_MAX_SLOTS x 4 B][phases 4 x LyPhase]
 // [misc 64 B][stage table LY_TABLE x 16 B][parts LY_MAX_CELLS floats][xs xs_floats floats (norm weights in its tail)]
-#define LY_HEAD (LY_MAX_SLOTS * 8 + LY_MAX_SLOTS * 4 + 4 * 64 + 64 + 160 * 16)  // room for LY_TABLE <= 160
+#define LY_HEAD (LY_MAX_SLOTS * 8 + LY_MAX_SLOTS * 4 + 4 * 64 + 64 + 112 * 16)  // room for LY_TABLE <= 112
 
 // xs holds x (hidden or qdim floats), attention's scratch, or act (ffn floats); the two RMSNorm weights sit in
 // its tail (from ly_norm_off, 16-byte aligned), which only phase D's act overwrites.

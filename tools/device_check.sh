@@ -137,7 +137,7 @@ PY
         echo "== stack_slots $slots"
         timeout 120 python3 tools/timeline.py --set layer_kernel=2 --set stack_slots=$slots 2>&1 | grep -E "^step|untraced" | head -3
       done
-      for knob in LY_TABLE=160 LY_DIAG=1 LY_PROXY_FENCE=0 LY_GROUPS=4 LY_L2_AHEAD=24 LY_L2_AHEAD=32 LY_X_INFLIGHT=8; do
+      for knob in LY_TABLE=112 LY_DIAG=1 LY_PROXY_FENCE=0 LY_GROUPS=4 LY_L2_AHEAD=24 LY_L2_AHEAD=32 LY_X_INFLIGHT=8; do
         echo "== $knob"
         timeout 120 python3 tools/blocktrace.py --set layer_kernel=2 --define $knob 2>&1 | grep -E "^step|^layers" | head -4
       done
