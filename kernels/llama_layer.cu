@@ -253,9 +253,9 @@ __device__ __forceinline__ LyStage ly_stage(const LyPhase* phases, int s) {
     return t;
 }
 
-// Stage i of a layer as a table entry (16 B): what ly_stage works out (a chain of divisions and shared loads,
-// ~0.8 us for one thread on an H100: the issuing lane's stall, once a stage) read back with one load, and the
-// weight rows of its pairs (row[2 j + e]: pair j's row e).
+// Stage i of a layer as a table entry (16 B): what ly_stage works out (a chain of divisions and shared loads;
+// ~0.8 us for one thread on an H100, inferred from the block trace: the issuing lane's stall, once a stage),
+// read back with one load, and the weight rows of its pairs (row[2 j + e]: pair j's row e).
 struct __align__(16) LyRec {
     unsigned short info, pa, kc0, kn;  // info: ph | pn << 2 | c << 4
     unsigned short row[2 * LY_MAX_PAIRS];
@@ -300,7 +300,7 @@ struct LyRing {
     unsigned long long* full;
     int* done;
     LyPhase* phases;
-    LyRec* table;  // stages 0 .. min(per_layer, LY_TABLE) - 1 of a layer
+    LyRec* table;  // stages 0 .. table_n - 1 of a layer (with LY_TABLE > 0)
     float* misc;
     float* parts;
     float* xs;
@@ -313,8 +313,6 @@ struct LyLayer {
     LyJobs jobs;
     LyRing ring;
 
-    // Stage s's weight rows (s < ring.total): first `all(bytes)` with the stage's bytes, then `row(offset in the
-    // slot, source, bytes)` for each of its rows.
     // Stage i of a layer (0 <= i < per_layer): from the table, else worked out; with `rows`, its weight rows too
     __device__ __forceinline__ LyStage stage_at(int i, int* rows) const {
         LyStage t;
@@ -359,6 +357,8 @@ struct LyLayer {
         }
     }
 
+    // Stage s's weight rows (s < ring.total): first `all(bytes)` with the stage's bytes, then `row(offset in the
+    // slot, source, bytes)` for each of its rows.
     template <typename All, typename Row>
     __device__ __forceinline__ void stage_rows(int s, All&& all, Row&& row) const {
         const int layer = s / ring.per_layer;
