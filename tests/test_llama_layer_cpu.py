@@ -202,3 +202,13 @@ def test_resident_kernels_are_declared_and_checked_against_the_device():
     assert err.value.codes == ["launch_config"] * p.dims["layers"]
     assert "node 'layer.0': its 132 blocks wait for each other" in str(err.value)
     assert "holds 0 of them a SM x 132 SMs = 0" in str(err.value)
+
+
+@needs_nvrtc
+def test_a_stage_table_beyond_its_room_is_refused_by_name():
+    """LY_TABLE above the 112 entries LY_HEAD (and the spec's `shared`) keep for it: a compile error naming it."""
+    from dagbuild.errors import CompileError
+    from dagbuild.kernels import compile_ptx
+
+    with pytest.raises(CompileError, match="LY_TABLE"):
+        compile_ptx("#define LY_TABLE 113\n" + read_kernel_source(SRC), "llama_layer")
