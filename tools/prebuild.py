@@ -49,14 +49,15 @@ def modules() -> dict[tuple[str, tuple[str, ...]], str]:
 
 def traced_modules(sets: dict, defines: list[str]) -> dict[tuple[str, tuple[str, ...]], str]:
     """The modules tools/blocktrace.py compiles for the fused TinyLlama step at ``sets``: the block trace
-    alone, then with each of ``defines`` (one at a time, as tools/device_check.sh's knob stages run them);
+    alone, then with each of ``defines`` (one variant each, as tools/device_check.sh's knob stages run them;
+    ``A=1,B=2`` is one variant with both);
     only the kernels the step's nodes use."""
     import yaml
     from blocktrace import traced_plan
     from timeline import step_plan
 
     out: dict[tuple[str, tuple[str, ...]], str] = {}
-    for variant in [(), *((d,) for d in defines)]:
+    for variant in [(), *(tuple(d.split(",")) for d in defines)]:
         args = argparse.Namespace(spec=str(ROOT / "specs" / "llama_decode_fused.yaml"),
                                   config=str(ROOT / "specs" / "configs" / "tinyllama.yaml"),
                                   set=[f"{k}={yaml.safe_dump(v).strip()}" for k, v in sets.items()])
@@ -95,7 +96,8 @@ def main() -> int:
     ap.add_argument("--trace-set", action="append", default=[], metavar="DIM=V",
                     help="a dim of the traced step (e.g. layer_kernel=2)")
     ap.add_argument("--trace-define", action="append", default=[], metavar="NAME=V",
-                    help="with --trace: the trace with -DNAME=V too, one variant each (e.g. LY_DIAG=1)")
+                    help="with --trace: the trace with -DNAME=V too, one variant each (e.g. LY_DIAG=1; "
+                         "LY_TABLE=112,LY_GROUPS=4 is one variant with both)")
     args = ap.parse_args()
     os.environ["DAGBUILD_CACHE_DIR"] = str(Path(args.cache).resolve())
     from dagbuild import kernels
