@@ -494,22 +494,62 @@ __device__ __forceinline__ unsigned int mv_fixed_bytes(int nt, int nw, int k) {
 
 // ---- pieces of the MV and MVC engines ---------------------------------------------------------------------
 
-// One ring item: lane (gid, tig) copies 16 bytes of each of pair g's two rows for the rounds r .. r + MV_U - 1
-// below r_end into its slot dst (zeros past k, past r_end, and for g past the pairs). No commit.
-template <typename T, typename Job>
-__device__ __forceinline__ void mv_copy_item(const Job& job, const T* w, int k, int g, int r, int r_end, int tig,
+// One ring item: lane (gid, tig) copies 16 bytes of each of its pair's two rows w0, w1 (nullptr: a pair past the
+// last, zeros) for the rounds r .. r + MV_U - 1 below r_end into its slot dst (zeros past k and past r_end). w is
+// any valid address (the source of a zero fill). No commit.
+template <typename T>
+__device__ __forceinline__ void mv_copy_item(const T* w, const T* w0, const T* w1, int k, int r, int r_end, int tig,
                                              uint4* dst) {
-    const bool gok = g < job.npairs;
-    int r0 = 0, r1 = 0;
-    if (gok) job.rows(g, r0, r1);
 #pragma unroll
     for (int u = 0; u < MV_U; ++u) {
         const int ru = r + u, e = ru * 32 + tig * 8;
-        const bool ok = gok && ru < r_end && e < k;
-        db_cp_async16(dst + (2 * u) * 32, ok ? w + (size_t)r0 * (size_t)k + e : w, ok);
-        db_cp_async16(dst + (2 * u + 1) * 32, ok ? w + (size_t)r1 * (size_t)k + e : w, ok);
+        const bool ok = w0 != nullptr && ru < r_end && e < k;
+        db_cp_async16(dst + (2 * u) * 32, ok ? w0 + e : w, ok);
+        db_cp_async16(dst + (2 * u + 1) * 32, ok ? w1 + e : w, ok);
     }
 }
+
+// The MV engine's ring items of a warp, in issue order: tile t of `tiles` (tile number first + t * step; t wraps to
+// 0 after the last, for the next pass), k item c of C (rounds r0 + c * MV_U .. below r_end). Counted on without
+// divisions, the pair's weight rows worked out once a tile (element offsets: few registers). Why: the engine is
+// bound by its warps' instruction latency (8 warps a SM), and Nsight Compute (H100, QKV at 64 rows) found over
+// half of its instructions integer index arithmetic against 2 % HMMAs; this and mv_stage_x's counters took
+// 5-17 % off its calls at 2-64 rows. (The MVC engine, off by default, keeps its per-item arithmetic: its
+// registers are at the limit.)
+struct MvGeom {
+    int C, tiles, first, step, r0, r_end;
+};
+#define MV_NO_PAIR 0xffffffffu
+struct MvStream {
+    int left;  // items still to issue
+    int t = 0, c = 0;
+    unsigned int o0 = 0u, o1 = 0u;  // this lane's pair's rows (element offsets; o0 == MV_NO_PAIR: none, zeros)
+    // the next item into `dst` (one commit group; empty once none is left)
+    template <typename T, typename Job>
+    __device__ __forceinline__ void issue(const Job& job, const T* w, int k, const MvGeom& m, int gid, int tig,
+                                          uint4* dst) {
+        if (left > 0) {
+            if (c == 0) {  // a new tile: this lane's pair's rows
+                const int g = (m.first + t * m.step) * 8 + gid;
+                o0 = MV_NO_PAIR;
+                o1 = 0u;
+                if (g < job.npairs) {
+                    int a, b;
+                    job.rows(g, a, b);
+                    o0 = (unsigned int)a * (unsigned int)k;
+                    o1 = (unsigned int)b * (unsigned int)k;
+                }
+            }
+            mv_copy_item(w, o0 != MV_NO_PAIR ? w + o0 : nullptr, w + o1, k, m.r0 + c * MV_U, m.r_end, tig, dst);
+            --left;
+            if (++c == m.C) {
+                c = 0;
+                if (++t == m.tiles) t = 0;
+            }
+        }
+        db_cp_commit();
+    }
+};
 
 // One landed ring item (src) against the staged x: words 0-1 / 2-3 of each round's 16 bytes feed two m16n8k16
 // steps; xr is this lane's x row (gid) at round r, its n8 column j 8 * j rows further (xstride bytes a row).
@@ -535,36 +575,43 @@ __device__ __forceinline__ void mv_mma_item(const uint4* src, const unsigned cha
 // x rows b0 .. b0 + 8 NT - 1, elements k0 .. k0 + kl of each (rows k apart in x), into xs as f16/bf16 (rows of
 // xstride bytes, kp elements: zero past kl and past the batch), times the norm weight when NORM, and each row's
 // sum of x^2 (in f32) into ssum. Warp w: rows w, w + NW, ...; 8 k per lane per iteration, G iterations' loads in
-// flight (registers: 128 at two blocks per SM).
+// flight (registers: 128 at two blocks per SM). Requires kp > 0.
 template <typename T, int NT, bool NORM>
 __device__ __forceinline__ void mv_stage_x(const float* x, const T* nw, int k, int k0, int kl, int kp, int batch,
                                            int b0, unsigned char* xs, unsigned int xstride, float* ssum) {
     constexpr int PB = 8 * NT, G = NORM ? 4 : 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, NW = (int)blockDim.x >> 5;
-    const int IT = (kp + 255) / 256;           // iterations per row
-    const int n_it = (PB + NW - 1) / NW * IT;  // this warp's rows (some warps have none when NW > PB)
+    const int IT = (kp + 255) / 256;      // iterations per row
+    const int nrl = warp < PB ? (PB - 1 - warp) / NW + 1 : 0;  // this warp's rows warp + NW rl (none: NW > PB)
     float ss = 0.0f;
-    for (int base = 0; base < n_it; base += G) {
+    int rl0 = 0, j0 = 0;  // (row, iteration) of the group's first load: counted on, never divided
+    while (rl0 < nrl) {
         float4 va[G], vb[G];
         uint4 gv[G];
+        int rl = rl0, j = j0;
 #pragma unroll
         for (int u = 0; u < G; ++u) {
-            const int it = base + u, rl = it / IT, e = (it - rl * IT) * 256 + lane * 8;
+            const int e = j * 256 + lane * 8;
             const int b = b0 + warp + NW * rl;
             va[u] = vb[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             gv[u] = make_uint4(0u, 0u, 0u, 0u);
-            if (it < n_it && warp + NW * rl < PB && b < batch && e < kl) {
+            if (rl < nrl && b < batch && e < kl) {
                 const float4* p = reinterpret_cast<const float4*>(x + (size_t)b * (size_t)k + k0 + e);
                 va[u] = db_ldcg(p);
                 vb[u] = db_ldcg(p + 1);
                 if constexpr (NORM) gv[u] = __ldg(reinterpret_cast<const uint4*>(nw + k0 + e));
             }
+            if (++j == IT) {
+                j = 0;
+                ++rl;
+            }
         }
+        rl = rl0;  // the same (row, iteration) sequence again, for the uses
+        j = j0;
 #pragma unroll
         for (int u = 0; u < G; ++u) {
-            const int it = base + u;
-            if (it >= n_it) break;  // warp-uniform
-            const int rl = it / IT, j = it - rl * IT, e = j * 256 + lane * 8;
+            const int e = j * 256 + lane * 8;
+            if (rl >= nrl) break;  // warp-uniform
             float f[8] = {va[u].x, va[u].y, va[u].z, va[u].w, vb[u].x, vb[u].y, vb[u].z, vb[u].w};
             if constexpr (NORM) {
                 float gf[8];
@@ -576,7 +623,6 @@ __device__ __forceinline__ void mv_stage_x(const float* x, const T* nw, int k, i
                 }
             }
             const int row = warp + NW * rl;
-            if (row >= PB) break;  // warp-uniform: this warp's rows are done
             if (e < kp) {
                 uint4 h;
                 h.x = MmaType<T>::pack(f[0], f[1]);
@@ -590,7 +636,13 @@ __device__ __forceinline__ void mv_stage_x(const float* x, const T* nw, int k, i
                 if (lane == 0) ssum[row] = ss;
                 ss = 0.0f;
             }
+            if (++j == IT) {
+                j = 0;
+                ++rl;
+            }
         }
+        rl0 = rl;  // the next group starts where this one ended (a break leaves rl >= nrl: it was the last)
+        j0 = j;
     }
 }
 
@@ -615,23 +667,16 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
     const int ntiles = (job.npairs + 7) / 8;
     const int mine = (int)blockIdx.x < ntiles ? (ntiles - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
     const int npass = (batch + PB - 1) / PB;
-    const int total = npass * mine * C;
-
-    auto issue = [&](int i) {  // item i -> slot i % S; one commit group per call (empty past the end)
-        if (i < total) {
-            const int t = i / C, c = i - t * C;
-            const int tile = (int)blockIdx.x + (t % mine) * (int)gridDim.x;
-            mv_copy_item(job, w, k, tile * 8 + gid, rb + c * MV_U, re, tig, ring + (i % S) * SLOT);
-        }
-        db_cp_commit();
-    };
-    for (int i = 0; i < S; ++i) issue(i);  // weights only, before the wait
+    // items (pass, tile t of mine, k item c of C) in order: tile blockIdx.x + t * gridDim.x
+    const MvGeom geom{C, mine, (int)blockIdx.x, (int)gridDim.x, rb, re};
+    MvStream items{npass * mine * C};
+    for (int i = 0; i < S; ++i) items.issue(job, w, k, geom, gid, tig, ring + i * SLOT);  // weights only, before the wait
     PDL_WAIT();
 
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    int i = 0;
+    int slot = 0;  // the slot of the next item to consume (item i: i % S)
     for (int p = 0; p < npass; ++p) {
         const int b0 = p * PB;
         mv_stage_x<T, NT, NORM>(x, nw, k, 0, k, mv_kpad(k), batch, b0, xs, xstride, ssum);  // (the previous pass's
@@ -642,13 +687,14 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
             const int g = tile * 8 + gid;
             // the epilogue's inputs, loaded while the tile streams (warp j runs batch column j's epilogue)
             const int bl = warp * 8 + 2 * tig;  // batch row (within the pass) of this lane's first column
-            for (int c = 0; c < C; ++c, ++i) {
-                mm_cp_wait(S - 1);  // item i has landed (groups complete in order)
+            for (int c = 0; c < C; ++c) {
+                mm_cp_wait(S - 1);  // this item has landed (groups complete in order)
                 const int r = rb + c * MV_U;
-                mv_mma_item<T, NT>(ring + (i % S) * SLOT,
+                mv_mma_item<T, NT>(ring + slot * SLOT,
                                    xs + (unsigned int)gid * xstride + 2u * (unsigned int)(r * 32 + tig * 8), xstride,
                                    r, re, acc);
-                issue(i + S);  // refill the slot just consumed
+                items.issue(job, w, k, geom, gid, tig, ring + slot * SLOT);  // refill the slot just consumed (item i + S)
+                slot = slot + 1 == S ? 0 : slot + 1;
             }
             // the tile's partials: through shared memory, summed in warp order by warp j for column j
 #pragma unroll
@@ -667,7 +713,7 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
                     s.z += v.z;
                     s.w += v.w;
                 }
-#pragma unroll
+#pragma unroll 1  // (unrolled, the QKV epilogue's two rows spill beside the item stream's registers)
                 for (int e = 0; e < 2; ++e) {
                     const int b = b0 + bl + e;
                     if (b < batch) {
@@ -731,8 +777,11 @@ __device__ __forceinline__ void mvc_run(const Job& job, const T* w, const T* nw,
     auto issue = [&](int i) {  // item i of this warp -> its slot i % S; one commit group per call
         if (i < total) {
             const int it = i % (wt * C), t = it / C, c = it - t * C;
-            const int tile = cl.id + (t * NW + warp) * cl.count;
-            mv_copy_item(job, w, k, tile * 8 + gid, kr0 + c * MV_U, kr1, tig, ring + (i % S) * SLOT);
+            const int g = (cl.id + (t * NW + warp) * cl.count) * 8 + gid;
+            int r0 = 0, r1 = 0;
+            if (g < job.npairs) job.rows(g, r0, r1);
+            mv_copy_item(w, g < job.npairs ? w + (size_t)r0 * k : nullptr, w + (size_t)r1 * k, k, kr0 + c * MV_U, kr1,
+                         tig, ring + (i % S) * SLOT);
         }
         db_cp_commit();
     };
@@ -747,7 +796,8 @@ __device__ __forceinline__ void mvc_run(const Job& job, const T* w, const T* nw,
         // (the previous pass's readers of xs and ssum passed its last cluster barrier)
         if (kr1 == kr0)  // no rounds on this block (k under c rounds): its share of every sum is zero
             for (int r = threadIdx.x; r < PB; r += blockDim.x) ssum[r] = 0.0f;
-        mv_stage_x<T, NT, NORM>(x, nw, k, k0, kl, (kr1 - kr0) * 32, batch, b0, xs, xstride, ssum);
+        else  // (mv_stage_x needs kp > 0)
+            mv_stage_x<T, NT, NORM>(x, nw, k, k0, kl, (kr1 - kr0) * 32, batch, b0, xs, xstride, ssum);
         __syncthreads();
         for (int q = 0; q < groups; ++q) {
 #pragma unroll
