@@ -142,8 +142,12 @@ def test_prebuild_names_what_blocktrace_compiles_for_each_knob():
         import prebuild
     finally:
         sys.path.pop(0)
-    mods = prebuild.traced_modules({"layer_kernel": 2}, ["LY_DIAG=1"])
+    mods = prebuild.traced_modules({"layer_kernel": 2}, ["LY_DIAG=1", "LY_DIAG=1,LY_PROXY_FENCE=0"])
     options = sorted(opts for _, opts in mods)
-    # the step's two modules (llama_fused.cu for embed, LM head and argmax; llama_layer.cu for the stack), each
-    # with the trace alone and with the knob
-    assert options == [("-DDB_BLOCKTRACE",)] * 2 + [("-DDB_BLOCKTRACE", "-DLY_DIAG=1")] * 2
+    # the step's two modules (llama_fused.cu for embed, LM head and argmax; llama_layer.cu for the stack, whose
+    # spec kernel passes -DLY_GROUPS=4), each with the trace alone, with the knob, and with both knobs of a
+    # comma-joined variant
+    trace, diag, both = ("-DDB_BLOCKTRACE",), ("-DLY_DIAG=1",), ("-DLY_DIAG=1", "-DLY_PROXY_FENCE=0")
+    stack = ("-DLY_GROUPS=4",)
+    assert options == sorted([trace, trace + diag, trace + both,
+                              stack + trace, stack + trace + diag, stack + trace + both])

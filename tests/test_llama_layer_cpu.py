@@ -61,12 +61,15 @@ def test_two_blocks_per_sm_and_no_local_memory():
     src = read_kernel_source(SRC)
     for define in ("", "#define DB_BLOCKTRACE\n#define LY_MARKS 3\n", "#define LY_GROUPS 1\n",
                    "#define LY_PROXY_FENCE 0\n#define LY_TRIGGER 3\n", "#define LY_DIAG 1\n",
-                   "#define LY_GROUPS 4\n#define LY_L2_AHEAD 24\n", "#define LY_X_INFLIGHT 8\n",
-                   "#define LY_TABLE 112\n"):  # the knobs
+                   "#define LY_GROUPS 4\n#define LY_L2_AHEAD 24\n", "#define LY_TABLE 0\n#define LY_X_INFLIGHT 8\n",
+                   "#define LY_TABLE 0\n", "#define LY_GROUPS 4\n"):  # the knobs (the spec's stack: LY_GROUPS 4)
         props = ptxas_resources(define + src, "llama_layer")
         for name in ENTRIES:
             stack, st, ld, regs, _ = props[name]
-            assert (stack, st, ld) == (0, 0, 0), (define, name, props[name])
+            # a block-trace build (tools/blocktrace.py, diagnostics) may keep one 8-byte value on the stack beside
+            # the stage table; every build that decodes has no local memory
+            allowed = 8 if "DB_BLOCKTRACE" in define else 0
+            assert stack <= allowed and st <= allowed and ld <= allowed, (define, name, props[name])
             assert regs <= 128, (define, name, regs)  # __launch_bounds__(256, 2): the next layer's block fits
 
 
@@ -118,11 +121,13 @@ def test_whole_stack_binds_one_node_over_the_stacked_buffers():
     assert '"zero_layer_sync.0" -> "layers.0"' in to_dot(stack)
     batched = llama_plan({"batch": 4, "cache_batch": 4, "layer_kernel": 2}, FUSED)
     assert sum(n.id.startswith("qkv.") for n in batched.nodes) == d["layers"]
-    with pytest.raises(SpecError, match="stack_slots must be even, 2 to 16"):
-        llama_plan({"batch": 1, "layer_kernel": 2, "stack_slots": 7}, FUSED)
+    assert stack.kernels["layer_stack"].options[-1] == "-DLY_GROUPS=4"  # four warp groups: slots by fours
+    for slots in (7, 10):
+        with pytest.raises(SpecError, match="stack_slots must be 4, 8, 12 or 16"):
+            llama_plan({"batch": 1, "layer_kernel": 2, "stack_slots": slots}, FUSED)
     with pytest.raises(SpecError, match="stack_slots: the whole-stack kernel's ring and its fixed part exceed 227 KiB"):
-        llama_plan({"batch": 1, "layer_kernel": 2, "ffn": 8192}, FUSED)  # Llama-3.2-1B's ffn takes 10 slots
-    llama_plan({"batch": 1, "layer_kernel": 2, "ffn": 8192, "stack_slots": 10}, FUSED)
+        llama_plan({"batch": 1, "layer_kernel": 2, "ffn": 8192}, FUSED)  # Llama-3.2-1B's ffn takes 8 slots
+    llama_plan({"batch": 1, "layer_kernel": 2, "ffn": 8192, "stack_slots": 8}, FUSED)
 
 
 def test_layer_kernel_shapes_it_cannot_take_are_refused_by_name():
@@ -163,11 +168,12 @@ def test_spec_shared_memory_gives_the_kernel_its_slots(config, wt):
     fixed = (16 * 8 + 16 * 4 + 4 * 64 + 64 + 112 * 16) + 1024 * 4 + 4 * xs_floats
     assert min(16, (shared - fixed) // 16384) // 2 * 2 == d["layer_slots"]
     assert 2 * (shared + 1024) <= 233472  # two blocks a SM: 228 KiB, 1 KiB reserved a block
-    # the whole stack in one node: stack_slots slots (as many as fit 227 KiB; an ffn of 8192 takes 10)
-    slots = 12 if d["ffn"] <= 5632 else 10
+    # the whole stack in one node: stack_slots slots (a multiple of its four warp groups, as many as fit 227 KiB;
+    # an ffn of 8192 takes 8)
+    slots = 12 if d["ffn"] <= 5632 else 8
     p = llama_plan({**dims, "wt": wt, "batch": 1, "layer_kernel": 2, "stack_slots": slots}, FUSED)
     shared = next(n for n in p.nodes if n.id == "layers.0").op.shared
-    assert min(16, (shared - fixed) // 16384) // 2 * 2 == slots and shared <= 232448
+    assert min(16, (shared - fixed) // 16384) // 4 * 4 == slots and shared <= 232448
 
 
 def test_resident_kernels_are_declared_and_checked_against_the_device():

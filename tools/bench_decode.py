@@ -444,12 +444,12 @@ def bench_config(cp, path: Path, args, copy: dict[str, float]) -> dict[str, Any]
 
 def stack_plan(dims: dict[str, Any]) -> Any:
     """The fused spec with the whole stack in one kernel node and the deepest ring that fits (12 slots at
-    TinyLlama's shapes, fewer for a wider ffn)."""
-    for slots in (12, 10, 8, 6, 4, 2):
+    TinyLlama's shapes, fewer for a wider ffn; a multiple of the kernel's four warp groups)."""
+    for slots in (12, 8, 4):
         try:
             return llama_plan({**dims, "layer_kernel": 2, "stack_slots": slots}, spec_path=FUSED_SPEC)
         except SpecError as e:
-            if "stack_slots" not in str(e) or slots == 2:
+            if "stack_slots" not in str(e) or slots == 4:
                 raise
     raise AssertionError("unreachable")
 
