@@ -67,8 +67,8 @@
 #define LY_MAX_ROWS 256    // weight rows of one block in one phase
 #define LY_MAX_CELLS 1024  // partial sums of one block in one phase: rows x k chunks x warps of a group
 #ifndef LY_TABLE
-#define LY_TABLE 112  // stages of a layer kept in shared memory as a table (16 B each, at most 112: the room the
-#endif                // spec leaves); later ones, and all at 0, are worked out per use (see LyRec)
+#define LY_TABLE 0  // stages of a layer kept in shared memory as a table (16 B each, at most 112: the room the spec
+#endif              // leaves; its layer_stack kernel passes 112); later ones, and all at 0, are worked out per use
 #if LY_TABLE > 112
 #error "LY_TABLE: at most 112 stages (the room LY_HEAD and the spec's shared memory keep for the table)"
 #endif
@@ -92,7 +92,8 @@
 //   start, 2 when phase C starts, 3 when phase D starts.
 // LY_L2_AHEAD N > nslot: each issue also asks L2 for stage s + N's rows (cp.async.bulk.prefetch.L2), a second,
 //   deeper window of bytes in flight that needs no shared memory (the stack at 12 slots: try 24).
-// LY_TABLE N (<= 112; default 112, 0 = none): the first N stages of a layer as a table in shared memory, so
+// LY_TABLE N (<= 112; 0 = none, the default; the spec's whole stack passes 112): the first N stages of a layer as
+//   a table in shared memory, so
 //   issuing a stage (one lane, after the last warp of a group releases its slot) and reading its place is one
 //   16-byte load instead of ly_stage's chain of divisions and shared loads (LY_L2_AHEAD's second stage_rows a
 //   stage had added ~0.6 us a stage). H100, TinyLlama f16 whole stack: 1606.7 -> 1476.6 us a step (-8 %; the

@@ -61,13 +61,14 @@ def test_two_blocks_per_sm_and_no_local_memory():
     src = read_kernel_source(SRC)
     for define in ("", "#define DB_BLOCKTRACE\n#define LY_MARKS 3\n", "#define LY_GROUPS 1\n",
                    "#define LY_PROXY_FENCE 0\n#define LY_TRIGGER 3\n", "#define LY_DIAG 1\n",
-                   "#define LY_GROUPS 4\n#define LY_L2_AHEAD 24\n", "#define LY_TABLE 0\n#define LY_X_INFLIGHT 8\n",
-                   "#define LY_TABLE 0\n", "#define LY_GROUPS 4\n"):  # the knobs (the spec's stack: LY_GROUPS 4)
+                   "#define LY_GROUPS 4\n#define LY_L2_AHEAD 24\n", "#define LY_X_INFLIGHT 8\n",
+                   "#define LY_GROUPS 4\n#define LY_TABLE 112\n",  # the spec's layer_stack
+                   "#define LY_GROUPS 4\n#define LY_TABLE 112\n#define DB_BLOCKTRACE\n#define LY_MARKS 3\n"):
         props = ptxas_resources(define + src, "llama_layer")
         for name in ENTRIES:
             stack, st, ld, regs, _ = props[name]
-            # a block-trace build (tools/blocktrace.py, diagnostics) may keep one 8-byte value on the stack beside
-            # the stage table; every build that decodes has no local memory
+            # a block-trace build (tools/blocktrace.py, diagnostics) of the stack may keep one 8-byte value on the
+            # stack beside the stage table; every build that decodes has no local memory
             allowed = 8 if "DB_BLOCKTRACE" in define else 0
             assert stack <= allowed and st <= allowed and ld <= allowed, (define, name, props[name])
             assert regs <= 128, (define, name, regs)  # __launch_bounds__(256, 2): the next layer's block fits
@@ -121,7 +122,7 @@ def test_whole_stack_binds_one_node_over_the_stacked_buffers():
     assert '"zero_layer_sync.0" -> "layers.0"' in to_dot(stack)
     batched = llama_plan({"batch": 4, "cache_batch": 4, "layer_kernel": 2}, FUSED)
     assert sum(n.id.startswith("qkv.") for n in batched.nodes) == d["layers"]
-    assert stack.kernels["layer_stack"].options[-1] == "-DLY_GROUPS=4"  # four warp groups: slots by fours
+    assert stack.kernels["layer_stack"].options == ("-DLY_GROUPS=4", "-DLY_TABLE=112")  # slots by fours
     for slots in (7, 10):
         with pytest.raises(SpecError, match="stack_slots must be 4, 8, 12 or 16"):
             llama_plan({"batch": 1, "layer_kernel": 2, "stack_slots": slots}, FUSED)

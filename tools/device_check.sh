@@ -130,14 +130,14 @@ PY
       done
       ;;
     stackknobs)  # (one device call each: stack, stackknobs, stackbench)
-      # the ring's depth (bytes in flight a SM), then the knobs: no stage table, no math (ring and barriers
-      # alone), no proxy fence, an L2 prefetch 12 stages beyond the ring, x and act staged in one round trip
-      # (8 float4 loads a thread in flight)
+      # the ring's depth (bytes in flight a SM), then the knobs: no math (ring and barriers alone), no proxy
+      # fence, an L2 prefetch 12 stages beyond the ring, x and act staged in one round trip (8 float4 loads a
+      # thread in flight)
       for slots in 8 12; do  # (multiples of the stack kernel's four warp groups)
         echo "== stack_slots $slots"
         timeout 120 python3 tools/timeline.py --set layer_kernel=2 --set stack_slots=$slots 2>&1 | grep -E "^step|untraced" | head -3
       done
-      for knob in LY_TABLE=0 LY_DIAG=1 LY_PROXY_FENCE=0 LY_L2_AHEAD=24 LY_X_INFLIGHT=8; do
+      for knob in LY_DIAG=1 LY_PROXY_FENCE=0 LY_L2_AHEAD=24 LY_X_INFLIGHT=8; do
         echo "== $knob"
         timeout 120 python3 tools/blocktrace.py --set layer_kernel=2 --define $knob 2>&1 | grep -E "^step|^layers" | head -4
       done
