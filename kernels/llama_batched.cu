@@ -670,13 +670,13 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
     // items (pass, tile t of mine, k item c of C) in order: tile blockIdx.x + t * gridDim.x
     const MvGeom geom{C, mine, (int)blockIdx.x, (int)gridDim.x, rb, re};
     MvStream items{npass * mine * C};
-    for (int i = 0; i < S; ++i) items.issue(job, w, k, geom, gid, tig, ring + i * SLOT);  // weights only, before the wait
+    for (int i = 0; i < S; ++i) items.issue(job, w, k, geom, gid, tig, ring + i * SLOT);  // weights, before the wait
     PDL_WAIT();
 
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    int slot = 0;  // the slot of the next item to consume (item i: i % S)
+    int slot = 0;  // the slot of the next item to consume (the ring: item i in slot i % S)
     for (int p = 0; p < npass; ++p) {
         const int b0 = p * PB;
         mv_stage_x<T, NT, NORM>(x, nw, k, 0, k, mv_kpad(k), batch, b0, xs, xstride, ssum);  // (the previous pass's
@@ -693,7 +693,7 @@ __device__ __forceinline__ void mv_run(const Job& job, const T* w, const T* nw, 
                 mv_mma_item<T, NT>(ring + slot * SLOT,
                                    xs + (unsigned int)gid * xstride + 2u * (unsigned int)(r * 32 + tig * 8), xstride,
                                    r, re, acc);
-                items.issue(job, w, k, geom, gid, tig, ring + slot * SLOT);  // refill the slot just consumed (item i + S)
+                items.issue(job, w, k, geom, gid, tig, ring + slot * SLOT);  // refill it: the item S ahead
                 slot = slot + 1 == S ? 0 : slot + 1;
             }
             // the tile's partials: through shared memory, summed in warp order by warp j for column j
