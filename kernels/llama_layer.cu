@@ -93,9 +93,8 @@
 // LY_L2_AHEAD N > nslot: each issue also asks L2 for stage s + N's rows (cp.async.bulk.prefetch.L2), a second,
 //   deeper window of bytes in flight that needs no shared memory (the stack at 12 slots: try 24).
 // LY_TABLE N (<= 112; 0 = none, the default; the spec's whole stack passes 112): the first N stages of a layer as
-//   a table in shared memory, so
-//   issuing a stage (one lane, after the last warp of a group releases its slot) and reading its place is one
-//   16-byte load instead of ly_stage's chain of divisions and shared loads (LY_L2_AHEAD's second stage_rows a
+//   a table in shared memory, so issuing a stage (one lane, after the last warp of a group releases its slot) and
+//   reading its place is one 16-byte load instead of ly_stage's chain of divisions and shared loads (LY_L2_AHEAD's second stage_rows a
 //   stage had added ~0.6 us a stage). H100, TinyLlama f16 whole stack: 1606.7 -> 1476.6 us a step (-8 %; the
 //   prologue's wait only 13.1 -> 11.4 us after embed); with LY_GROUPS 4 as well 1264.0 (the spec's layer_stack).
 // LY_DIAG 1 (timing only, the results are WRONG): the stages are waited for and released but not multiplied, so
@@ -364,7 +363,8 @@ struct LyLayer {
     template <typename All, typename Row>
     __device__ __forceinline__ void stage_rows(int s, All&& all, Row&& row) const {
         const int layer = s / ring.per_layer;
-#if LY_TABLE > 0
+#if LY_TABLE > 0  // (stage_at alone for both would do, but changes the GPU-tested default's registers: the
+                  // LY_X_INFLIGHT 8 build then spills)
         int r[2 * LY_MAX_PAIRS];
         const LyStage t = stage_at(s - layer * ring.per_layer, r);
 #else
