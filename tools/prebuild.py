@@ -97,7 +97,7 @@ def main() -> int:
                     help="a dim of the traced step (e.g. layer_kernel=2)")
     ap.add_argument("--trace-define", action="append", default=[], metavar="NAME=V",
                     help="with --trace: the trace with -DNAME=V too, one variant each (e.g. LY_DIAG=1; "
-                         "LY_TABLE=112,LY_GROUPS=4 is one variant with both)")
+                         "LY_DIAG=1,LY_PROXY_FENCE=0 is one variant with both)")
     args = ap.parse_args()
     os.environ["DAGBUILD_CACHE_DIR"] = str(Path(args.cache).resolve())
     from dagbuild import kernels
