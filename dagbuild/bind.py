@@ -680,8 +680,8 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
             continue
         if count * _leaves(node.nodes, {**env, var: 0}) > budget[0]:
             raise _SizeLimit
-        for j, child in enumerate(node.nodes):
-            if not isinstance(child, RepeatBlock) and not _uses_var(child.id, var):
+        for j, child in enumerate(node.nodes):  # a count of 0 or 1 is a switch: its ids may stay plain
+            if count > 1 and not isinstance(child, RepeatBlock) and not _uses_var(child.id, var):
                 issues.add("duplicate_id", f"node id {child.id!r} inside repeat {var!r} must use "
                            f"{{{var}}} so that each copy has its own id", nodes=(child.id,),
                            path=(*path, "nodes", j, "id"), field="id",

@@ -168,7 +168,8 @@ class RepeatArgs(_Model):
 
 class RepeatBlock(_Model):
     """Expands ``nodes`` ``count`` times with ``var`` = 0..count-1; ids use ``{var}``. A count of 0 leaves the
-    block out, so a dim can choose between two sets of nodes."""
+    block out, so a dim can choose between two sets of nodes; a block whose count is 0 or 1 (such a switch) may
+    keep plain ids."""
 
     repeat: RepeatArgs
     nodes: list[Node]

@@ -163,6 +163,27 @@ def test_repeat_chain_with_views_and_templates():
     assert [(f.var, f.value, f.count) for f in step2.repeats] == [("i", 2, 3)]
 
 
+def test_repeat_of_count_0_or_1_is_a_switch_with_plain_ids():
+    """A dim picks one of two blocks (count 0 or 1 each) that keep plain ids; at count 2 a plain id is refused."""
+    body = """
+    - repeat: {var: s, count: "n >= 32"}
+      nodes:
+        - {id: wide, kernel: copy, grid: [1], block: [64], args: {x: a, y: b, n: n}}
+    - repeat: {var: s, count: "n < 32"}
+      nodes:
+        - {id: narrow, kernel: copy, grid: [1], block: [64], args: {x: a, y: b, n: n}}
+    - {id: after, kernel: copy, grid: [1], block: [64], args: {x: b, y: c, n: n}}
+    """
+    spec = make(body)
+    assert [n.id for n in plan(spec).nodes] == ["wide", "after"]
+    p, issues = bind(spec, {"n": 16})
+    assert not issues and [n.id for n in p.nodes] == ["narrow", "after"]
+    two = make(body.replace('count: "n >= 32"', "count: 2"))
+    with pytest.raises(SpecError) as info:
+        plan(two)
+    assert info.value.issues[0].code == "duplicate_id" and "'wide' inside repeat 's' must use {s}" in str(info.value)
+
+
 def test_templates_in_ids_and_after():
     body = """
     - {id: a.0, empty: {}}

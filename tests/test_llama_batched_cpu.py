@@ -92,12 +92,12 @@ def test_ptxas_no_spills():
 
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_buckets_choose_their_kernels(wt):
-    """batch 1: the GEMV engine; from 2: the MV engine (two blocks per SM up to mv_small_batch, except the down
-    projection, whose ffn-wide x rows need one), but the down projection from mma_batch (32): the MMA engine in
-    clusters of 8."""
+    """Without the GEMM path (gemm_batch 0): batch 1: the GEMV engine; from 2: the MV engine (two blocks per SM up
+    to mv_small_batch, except the down projection, whose ffn-wide x rows need one), but the down projection from
+    mma_batch (32): the MMA engine in clusters of 8."""
     spec, programs = load_spec(FUSED), {}
     for batch in [1, 2, 3, 4, *range(8, 257, 8)]:
-        p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt}, programs)
+        p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt, "gemm_batch": 0}, programs)
         assert not issues, issues
         chosen = {n.id.split(".")[0]: n.op for n in p.nodes if hasattr(n.op, "kernel")}
         engine = "" if batch == 1 else "_mv"
@@ -126,13 +126,56 @@ def test_buckets_choose_their_kernels(wt):
             assert {a.param.name: a.value for a in attn.args}["chunk"] == 32
 
 
+GEMM_LAYER = ["attn_norm", "qkv_gemm", "rope", "attn_g", "attn_cast", "o_gemm", "mlp_norm", "gate_up_gemm", "silu",
+              "down_gemm"]
+
+
+@pytest.mark.parametrize("wt", ["f16", "f32"])
+def test_gemm_path_from_gemm_batch(wt):
+    """From gemm_batch rows a layer is RMSNorm rounded to wt, the QKV GEMM, RoPE + KV append, attention, a cast,
+    the O GEMM (beta 1 into x), RMSNorm, the gate/up GEMM, SiLU*up, the down GEMM (beta 1 into x), and the LM head
+    a GEMM after the final norm; below gemm_batch (or with gemm_batch 0) the fused nodes, and no workspace."""
+    spec, programs = load_spec(FUSED), {}
+    for batch, gemm_batch in ((31, 32), (32, 32), (256, 32), (64, 0), (2, 2)):
+        p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt, "gemm_batch": gemm_batch}, programs)
+        assert not issues, issues
+        ids = [n.id for n in p.nodes]
+        by_id = {n.id: n.op for n in p.nodes}
+        if gemm_batch and batch >= gemm_batch:
+            assert [i for i in ids if i.endswith(".0")] == [f"{k}.0" for k in GEMM_LAYER], batch
+            assert len(ids) == 3 + 10 * 22 + 4 and ids[-4:] == ["final_norm", "lm_head_gemm", "argmax", "download"]
+            assert not any(i.split(".")[0] in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head") for i in ids)
+            gemm = {k: by_id[f"{k}.21"].body[0] for k in ("qkv_gemm", "o_gemm", "gate_up_gemm", "down_gemm")}
+            gemm["lm_head"] = by_id["lm_head_gemm"].body[0]
+            shape = {k: tuple(c.arg(x).value for x in "mnk") for k, c in gemm.items()}
+            assert shape == {"qkv_gemm": (batch, 2560, 2048), "o_gemm": (batch, 2048, 2048),
+                             "gate_up_gemm": (batch, 11264, 2048), "down_gemm": (batch, 2048, 5632),
+                             "lm_head": (batch, 32000, 2048)}
+            assert {k: (c.arg("c").view.label, c.arg("beta").value) for k, c in gemm.items()} == {
+                "qkv_gemm": ("qkv", 0.0), "o_gemm": ("x", 1.0), "gate_up_gemm": ("gu", 0.0),
+                "down_gemm": ("x", 1.0), "lm_head": ("logits", 0.0)}
+            assert gemm["down_gemm"].arg("b").view.label == "w_down[21]"
+            assert by_id["attn_g.0"].kernel == ("attn_batched" if batch >= 8 else "attn")
+            assert p.kernels["rope_kv"].entry == "rope_kv_decode" and p.kernels["cast"].entry == f"cast_{wt}"
+            assert p.buffers["gemm_ws"].nbytes == 32 << 20
+        else:
+            assert "qkv.0" in ids and "lm_head" in ids and not any("gemm" in i for i in ids), batch
+            assert p.buffers["gemm_ws"].nbytes == 256
+
+
+def test_gemm_batch_is_checked():
+    _, issues = bind(load_spec(FUSED), {"batch": 4, "cache_batch": 4, "gemm_batch": 1})
+    assert issues and "gemm_batch must be 0" in str(issues[0])
+
+
 def test_mvc_engine_from_mvc_batch_in_whole_clusters():
     """mvc_batch (0: off) switches every projection and the LM head to the MVC engine from that batch: grids of
     whole clusters of mvc_cluster blocks, at most sms blocks, one block per SM (mv_shared_max)."""
     spec, programs = load_spec(FUSED), {}
     projections = ("qkv", "o_proj", "gate_up", "down_proj", "lm_head")
     for batch in (1, 8, 15, 16, 64, 256):
-        p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": "f16", "mvc_batch": 16}, programs)
+        p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": "f16", "mvc_batch": 16, "gemm_batch": 0},
+                         programs)
         assert not issues, issues
         chosen = {n.id.split(".")[0]: n.op for n in p.nodes if hasattr(n.op, "kernel")}
         for key in projections:
@@ -162,11 +205,13 @@ def test_mv_variant_skipped_where_x_does_not_fit():
 
 
 def test_dot_and_threshold_dim():
-    plan = llama_plan({"batch": 64, "layers": 2}, FUSED)
+    plan = llama_plan({"batch": 64, "layers": 2, "gemm_batch": 0}, FUSED)
     dot = to_dot(plan)
     assert "gemv_res_mma" in dot and "gemv_res_mv" in dot and "attn_batched" in dot
-    plan = llama_plan({"batch": 64, "layers": 2, "mma_batch": 128, "attn_batch": 128}, FUSED)
+    plan = llama_plan({"batch": 64, "layers": 2, "mma_batch": 128, "attn_batch": 128, "gemm_batch": 0}, FUSED)
     assert "gemv_res_mma" not in to_dot(plan) and "attn_batched" not in to_dot(plan)
+    dot = to_dot(llama_plan({"batch": 64, "layers": 2}, FUSED))  # the GEMM path: child graphs of cuBLAS GEMMs
+    assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "rope_kv  64" in dot and "gemv_res" not in dot
 
 
 @needs_nvrtc

@@ -356,17 +356,18 @@ def test_fp32_every_bucket_matches_batch_one(cp):
                     assert rel_err(logits[t][r], reference[r][1][t][0]) < 1e-5, (bucket, r, t)
 
 
-@pytest.mark.parametrize("mvc_batch", [0, 16], ids=["mv-mma", "mvc"])
-def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch):
-    """TinyLlama shape, f16 weights: rows of buckets 8, 24 and 64 (MV/MMA projections, or the MVC engine from 16
-    rows; batched attention) against batch 1 (GEMVs): the same greedy tokens until an fp16 near-tie of batch 1's
-    own logits (top two closer than FP16_NEAR_TIE), logits within fp16 rounding of the activations."""
+@pytest.mark.parametrize("mvc_batch, gemm_batch", [(0, 16), (0, 0), (16, 0)], ids=["gemm", "mv-mma", "mvc"])
+def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, gemm_batch):
+    """TinyLlama shape, f16 weights: rows of buckets 8, 24 and 64 (the MV engine at 8; from 16 rows the GEMM path
+    (cuBLAS), or without it the MV/MMA projections or the MVC engine; batched attention) against batch 1 (GEMVs):
+    the same greedy tokens until an fp16 near-tie of batch 1's own logits (top two closer than FP16_NEAR_TIE),
+    logits within fp16 rounding of the activations."""
     from dagbuild.llama.weights import random_weights
     from dagbuild.load import load_spec
     from dagbuild.pool import GraphPool
 
     dims = {k: v for k, v in TINYLLAMA.items() if k != "wt"} | {"wt": "f16", "max_seq": 32, "cache_batch": 64,
-                                                                "mvc_batch": mvc_batch}
+                                                                "mvc_batch": mvc_batch, "gemm_batch": gemm_batch}
     rng = np.random.default_rng(12)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 4))) for _ in range(64)]
     steps = 12

@@ -63,6 +63,22 @@ def test_greedy_equals_single_step_launches(greedy_reference, k, mode):
     assert max(gen.launch_steps) <= k and gen.steps == max(len(p) for p in PROMPTS) + NEW - 1
 
 
+@pytest.mark.parametrize("mode", ["auto", "unroll"])
+def test_gemm_path_in_the_loop_body(mode):
+    """The fused spec's GEMM path (cuBLAS child graphs; here from batch 2) in the WHILE node's body, and
+    unrolled: the tokens of single-step launches of the same plan."""
+    base = llama_plan({**TINY, "batch": 3, "wt": "f32", "gemm_batch": 2}, SPECS / "llama_decode_fused.yaml")
+    assert "qkv_gemm.0" in base.node_by_id
+    with Executable(base) as exe:
+        W.random_weights(exe, 0)
+        ref = LlamaDecoder(exe).generate(PROMPTS, NEW).tokens
+    with Executable(looped_plan(base, 4), ExecOptions(loops=mode)) as exe:
+        assert exe.loop_mode == ("conditional" if mode == "auto" else "unroll")
+        W.random_weights(exe, 0)
+        gen = LoopDecoder(exe).generate(PROMPTS, NEW)
+    assert gen.tokens == ref
+
+
 SAMPLED = [smp.Sampling(temperature=0.9, top_k=40, top_p=0.9, seed=11),
            smp.Sampling(temperature=1.3, seed=2**40 + 5),
            smp.Sampling(temperature=0.7, top_p=0.5, seed=3)]
