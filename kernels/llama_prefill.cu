@@ -1,5 +1,7 @@
 // dagbuild: Llama prefill kernels (specs/llama_prefill.yaml): a chunk of `seq` prompt positions for `batch`
 // rows in one graph. The GEMMs are child-graph nodes (cuBLAS); these kernels are everything between them.
+// The fused decode spec's GEMM path (batch >= gemm_batch) runs rmsnorm_cast, rope_kv_decode, cast and
+// silu_pairs between its GEMMs too.
 //
 // Layout: activations are [batch * seq, width] row-major, row r = b * seq + t; pos[r] is the position of
 // token t of row b, or negative for padding (a padded position writes no KV and its outputs are ignored).

@@ -4,7 +4,7 @@
 For each context (default 128 and 2048 positions already in the cache) and batch B:
   dagbuild: the fused decode spec as an explicit GraphPool with one bucket per batch (the kernels each bucket's
       variants choose: the GEMV engine at batch 1, the MV engine from mv_batch, the MMA engine from mma_batch,
-      batched attention from attn_batch);
+      batched attention from attn_batch; from gemm_batch each layer as cuBLAS GEMM child nodes);
       a step = write B tokens and positions, launch, wait, read B next tokens (host-observed).
   HF: LlamaForCausalLM (sdpa) with a StaticCache of batch B, one decode step captured by torch.cuda.graph and
       replayed (tokens and positions copied into static tensors first).
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 rows.append(row)
                 engines = [k for k in row["kernels"] if k.endswith(("_mv", "_mvc", "_mma", "_batched"))]
+                if any(n.kind == "child" for n in pool.get(batch=bb).plan.nodes):
+                    engines.append("cuBLAS GEMMs")
                 print(f"context {ctx} batch {bb}: dagbuild {row['dagbuild_ms']:.3f} ms"
                       + (f", HF {row['hf_ms']:.3f} ms" if "hf_ms" in row else "")
                       + (f" ({', '.join(engines)})" if engines else ""), file=sys.stderr)
