@@ -14,8 +14,9 @@ For each context (default 128 and 2048 positions already in the cache) and batch
 Both run the same random model of the config's shape (f16). Prints a table, writes JSON and a PNG of tokens/s
 against batch (matplotlib; skipped with a message when absent).
 
-  python3 tools/bench_batch.py [--config specs/configs/tinyllama.yaml] [--batches 1,2,4,...] [--contexts 128,2048]
-                               [--steps 30] [--json batch.json] [--png batch.png] [--no-hf] [--set DIM=VALUE ...]
+  python3 tools/bench_batch.py [--config specs/configs/tinyllama.yaml] [--spec SPEC] [--batches 1,2,4,...]
+                               [--contexts 128,2048] [--steps 30] [--json batch.json] [--png batch.png] [--no-hf]
+                               [--set DIM=VALUE ...]
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def plot(r: dict[str, Any], path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "specs" / "configs" / "tinyllama.yaml"))
+    ap.add_argument("--spec", default=str(SPEC), help="the decode spec (default: the fused one)")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--contexts", default="128,2048")
     ap.add_argument("--warmup", type=int, default=5)
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                          "tflops": gemm_tflops(torch) if torch else 989.0}
     model = random_hf_model(dims, dtype="f16", seed=1, std=0.02, attn_implementation="sdpa") if torch else None
     t0 = time.perf_counter()
-    with GraphPool(load_spec(SPEC), {"batch": batches}, overrides=overrides) as pool:
+    with GraphPool(load_spec(args.spec), {"batch": batches}, overrides=overrides) as pool:
         r["pool_build_s"] = time.perf_counter() - t0
         big = pool.get(batch=max(batches))
         if model is not None:
