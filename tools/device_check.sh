@@ -40,6 +40,14 @@ PY
       done ;;
     poolfused)  # issue 15: 67 buckets of the fused spec, each with the kernel its variants pick
       timeout 400 python3 tools/bench_pool.py --spec specs/llama_decode_fused.yaml --json "$OUT/bench_pool_fused.json" 2>&1 | tail -12 ;;
+    poolgemm)  # issue 15: how long the GEMM path's buckets take to build (fresh nodes; 89 cuBLAS child graphs each)
+      timeout 300 python3 tools/bench_pool.py --only fresh --buckets 1,8,16,32,64,128,256 --spec specs/llama_decode_fused.yaml \
+        2>&1 | tail -1 | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('build', round(d['build_s'], 3), 's,', d['per_bucket_ms'])" ;;
+    gemmpath)  # issue 15: the GEMM path (gemm_batch 16) against the MV/MMA engines (gemm_batch 0), same run
+      for g in 0 16; do
+        timeout 150 python3 tools/bench_batch.py --no-hf --contexts 128,2048 --batches 8,16,32,64 --steps 10 --set gemm_batch=$g \
+          --json "$OUT/gemm_batch_$g.json" --png "$OUT/gemm_batch_$g.png" 2>&1 | grep -E "^ *[0-9]+ |^context|pool build"
+      done ;;
     cli)
       timeout 200 python3 -m dagbuild.cli run specs/llama_decode.yaml --tokens 48 --no-progress 2>&1 | tail -8
       timeout 120 python3 -m dagbuild.cli run specs/llama_decode.yaml --config specs/configs/llama_tiny.yaml \
