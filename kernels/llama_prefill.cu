@@ -59,7 +59,7 @@ __device__ __forceinline__ void prefill_sincos(float f, float* s, float* c) {
 
 // q_dst: where the roped q of row r goes (row stride q_stride floats): in place (the qkv row) for prefill,
 // the decode spec's q buffer [batch, heads * head_dim] for rope_kv_decode (batched attention reads q there).
-__device__ __forceinline__ void rope_kv_impl(float* qkv, float* q_dst, size_t q_stride, float* k_cache,
+__device__ __forceinline__ void rope_kv_impl(const float* qkv, float* q_dst, size_t q_stride, float* k_cache,
                                              float* v_cache, const int* pos, const float* bias,
                                              const float* inv_freq, int heads, int kv_heads, int head_dim,
                                              int max_seq, int seq) {
@@ -69,7 +69,7 @@ __device__ __forceinline__ void rope_kv_impl(float* qkv, float* q_dst, size_t q_
     if (p < 0 || p >= max_seq) return;
     const int half = head_dim / 2;
     const size_t width = (size_t)(heads + 2 * kv_heads) * head_dim;
-    float* row = qkv + (size_t)r * width;
+    const float* row = qkv + (size_t)r * width;
     float* qrow = q_dst + (size_t)r * q_stride;
     for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
         const int h = idx / half, i = idx - h * half;
@@ -110,7 +110,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 extern "C" __global__ void __launch_bounds__(1024)
     rope_kv_decode(const float* qkv, float* q, float* k_cache, float* v_cache, const int* pos, const float* bias,
                    const float* inv_freq, int heads, int kv_heads, int head_dim, int max_seq) {
-    rope_kv_impl(const_cast<float*>(qkv), q, (size_t)heads * head_dim, k_cache, v_cache, pos, bias, inv_freq,
+    rope_kv_impl(qkv, q, (size_t)heads * head_dim, k_cache, v_cache, pos, bias, inv_freq,
                  heads, kv_heads, head_dim, max_seq, 1);
 }
 

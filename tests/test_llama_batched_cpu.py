@@ -126,7 +126,7 @@ def test_buckets_choose_their_kernels(wt):
             assert {a.param.name: a.value for a in attn.args}["chunk"] == 32
 
 
-GEMM_LAYER = ["attn_norm", "qkv_gemm", "rope", "attn_g", "attn_cast", "o_gemm", "mlp_norm", "gate_up_gemm", "silu",
+GEMM_LAYER = ["attn_norm", "qkv_gemm", "rope", "attn", "attn_cast", "o_gemm", "mlp_norm", "gate_up_gemm", "silu",
               "down_gemm"]
 
 
@@ -155,7 +155,7 @@ def test_gemm_path_from_gemm_batch(wt):
                 "qkv_gemm": ("qkv", 0.0), "o_gemm": ("x", 1.0), "gate_up_gemm": ("gu", 0.0),
                 "down_gemm": ("x", 1.0), "lm_head": ("logits", 0.0)}
             assert gemm["down_gemm"].arg("b").view.label == "w_down[21]"
-            assert by_id["attn_g.0"].kernel == ("attn_batched" if batch >= 8 else "attn")
+            assert by_id["attn.0"].kernel == ("attn_batched" if batch >= 8 else "attn")
             assert p.kernels["rope_kv"].entry == "rope_kv_decode" and p.kernels["cast"].entry == f"cast_{wt}"
             assert p.buffers["gemm_ws"].nbytes == 32 << 20
         else:
