@@ -237,19 +237,19 @@ def main(argv: list[str] | None = None) -> int:
             dag = dagbuild_steps(pool, batches, ctx, args.warmup, args.steps)
             rows = []
             for bb in batches:
+                nodes = pool.get(batch=bb).plan.nodes  # the kernels this bucket's variants chose
                 kv = bb * (ctx + 1) * d["layers"] * d["kv_heads"] * d["head_dim"] * 2
                 tensor_ms = 2 * params * bb / (r["tflops"] * 1e12) * 1e3
                 row = {"batch": bb, "dagbuild_ms": dag[bb],
                        "floor_ms": max((weight_bytes + 4 * kv) / (copy["GBps"] * 1e9) * 1e3, tensor_ms),
                        "floor_f16kv_ms": max((weight_bytes + 2 * kv) / (copy["GBps"] * 1e9) * 1e3, tensor_ms),
-                       "kernels": sorted({n.op.kernel for n in pool.get(batch=bb).plan.nodes
-                                          if hasattr(n.op, "kernel")})}
+                       "kernels": sorted({n.op.kernel for n in nodes if hasattr(n.op, "kernel")})}
                 if model is not None:
                     row["hf_ms"] = hf_step_ms(torch, model, bb, ctx, args.warmup, args.steps)
                     torch.cuda.empty_cache()
                 rows.append(row)
                 engines = [k for k in row["kernels"] if k.endswith(("_mv", "_mvc", "_mma", "_batched"))]
-                if any(n.kind == "child" for n in pool.get(batch=bb).plan.nodes):
+                if any(n.kind == "child" for n in nodes):
                     engines.append("cuBLAS GEMMs")
                 print(f"context {ctx} batch {bb}: dagbuild {row['dagbuild_ms']:.3f} ms"
                       + (f", HF {row['hf_ms']:.3f} ms" if "hf_ms" in row else "")
