@@ -238,9 +238,16 @@ _ENTRY_RE = re.compile(r"\.entry\s+([A-Za-z_$%][\w$]*)\s*\(([^)]*)\)")
 _COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 
 
+@functools.lru_cache(maxsize=16)
+def _uncommented(ptx: str) -> str:
+    """``ptx`` without comments. Kept per PTX text: a module's PTX is megabytes, and a pool asks about it once
+    per bucket and node (the string's hash is cached on the object, so a hit costs nothing)."""
+    return _COMMENT_RE.sub("", ptx)
+
+
 def ptx_entries(ptx: str) -> dict[str, list[str]]:
     """Every ``.entry`` of ``ptx``, in order, with its param types (see :func:`ptx_entry_params`)."""
-    text = _COMMENT_RE.sub("", ptx)
+    text = _uncommented(ptx)
     return {m.group(1): _parse_params(m.group(2)) for m in _ENTRY_RE.finditer(text)}
 
 
@@ -429,13 +436,15 @@ _FUNC_START = re.compile(
 _CALL = re.compile(r"\bcall(?:\.uni)?\s+(?:\([^)]*\)\s*,\s*)?([A-Za-z_$%][\w$]*)")
 
 
+@functools.lru_cache(maxsize=16)
 def _bodies(ptx: str) -> dict[str, str]:
-    """Each ``.entry``/``.func`` name → its text up to the next one."""
-    text = _COMMENT_RE.sub("", ptx)
+    """Each ``.entry``/``.func`` name → its text up to the next one (shared: callers only read it)."""
+    text = _uncommented(ptx)
     starts = [(m.start(), m.group(1)) for m in _FUNC_START.finditer(text)]
     return {name: text[a:b] for (a, name), (b, _) in zip(starts, [*starts[1:], (len(text), "")], strict=True)}
 
 
+@functools.lru_cache(maxsize=1024)
 def waits_programmatically(ptx: str, entry: str) -> bool:
     """Whether ``entry`` (or a function it calls) executes ``griddepcontrol.wait``: the instruction that
     makes a programmatic edge into its node safe."""
