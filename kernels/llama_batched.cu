@@ -8,7 +8,7 @@
 //
 // Entries (the params are those of the batch-1 entries, so a spec swaps kernel and launch shape by dims):
 //   qkv_rope_mma_<wt>, gemv_res_mma_<wt>, gemv_norm_mma_<wt>, gate_up_silu_mma_<wt>   wt = f16 | bf16 | f32
-//   attn_decode_batched (params of attn_decode)
+//   attn_decode_batched (params of attn_decode), attn_qkv_<wt> (the GEMM path's attention: RoPE, KV append, cast)
 // kernels/llama_batched.md has the launch table and the reasoning.
 
 #include "llama_fused.cu"
@@ -1007,7 +1007,7 @@ DEFINE_TC_F32(mvc)
 // ------------------------------------------------------------------------------------------------------------
 // attn_decode_batched: decode attention for many rows, one block per (row, kv head, split), the whole query
 // group of the kv head in the block, so each K/V byte is read once per step (attn_decode reads it once per query
-// head). Params as attn_decode; grid [batch * kv_heads, splits], block [256].
+// head). Params as attn_decode; grid [batch * kv_heads, splits], block [256]; heads / kv_heads <= AB_MAX_GROUP.
 // Splits are sized by the real length: row b has L = min(pos[b] + 1, max_seq) keys, cut into
 // nlive = min(splits, ceil_div(L, chunk)) splits of ceil_div(L, nlive) keys (chunk: the fewest keys worth a
 // split); blocks past nlive return. K and V tiles of AB_TK keys go through shared memory (16-byte cp.async);
@@ -1015,10 +1015,25 @@ DEFINE_TC_F32(mvc)
 // the others after it (one round trip fewer where one split does the work); per tile: scores of every (head,
 // key) (8 lanes per key, all heads at once), a per-head online softmax (warp h % 8 owns head h), then p.V with
 // one output element per thread per head. nlive == 1: the block writes out; else partials (o, m, l) per head to
-// part_o/part_ml and the last block of the row's kv head (a counter, counters[b * heads + kvh * group], left at
-// zero) combines them with attn_combine, as attn_decode. L <= 0: split 0 writes zeros.
-// Requirements: heads / kv_heads <= AB_MAX_GROUP; head_dim % 8 == 0, <= 128; splits (gridDim.y) <= the third
-// axis of part_o / part_ml; q, caches 16-byte aligned.
+// part_o/part_ml and the last block of the row's head group (a counter, counters[b * heads + first head], left
+// at zero) combines them with attn_combine, as attn_decode. L <= 0: split 0 writes zeros.
+//
+// attn_qkv_<wt> (the GEMM path, batch >= gemm_batch): the same attention fed straight from the QKV GEMM's f32
+// output, so RoPE, the KV append and the cast to the O GEMM's input type need no nodes of their own:
+//   params  const f32* qkv, f32* k_cache, f32* v_cache, const i32* pos, const f32* bias, const f32* inv_freq,
+//           f32* part_o, f32* part_ml, i32* counters, wt* out, i32 heads, i32 kv_heads, i32 head_dim,
+//           i32 max_seq, i32 chunk, f32 scale
+// Each block biases and ropes its heads' q rows from qkv ([batch, (heads + 2 * kv_heads) * head_dim], wqkv's
+// row order) into shared memory as rope_kv_prefill (kernels/llama_prefill.cu) does, arithmetic for arithmetic.
+// The block whose split holds the row's new key (the last live split; the position p < max_seq) ropes that key
+// and biases its value, writes both into its shared tile in place of the cache rows it copied (nobody else
+// reads row p this step), and subgroup 0's block stores them in the caches at p. out [batch, heads * head_dim]
+// is wt (rounded once from the f32 result). A position >= max_seq appends nothing (as rope_kv_prefill). Any
+// group size: a group of more than AB_MAX_GROUP query heads takes ceil_div(group, AB_MAX_GROUP) blocks
+// (subgroups; blockIdx.x = (row * kv_heads + kv head) * subgroups + subgroup), each reading the kv head; grid
+// [batch * kv_heads * subgroups, splits].
+// Requirements: head_dim % 8 == 0, <= 128; splits (gridDim.y) <= the third axis of part_o / part_ml; q, caches
+// 16-byte aligned.
 // ------------------------------------------------------------------------------------------------------------
 
 #define AB_THREADS 256
@@ -1028,26 +1043,33 @@ DEFINE_TC_F32(mvc)
 #define AB_LD (AB_MAX_HD + 4)
 #define AB_ALIGN16 __attribute__((aligned(16)))
 
-extern "C" __global__ void __launch_bounds__(AB_THREADS)
-    attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
-                        float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
-                        int max_seq, int chunk, float scale) {
+// QKV: q is the QKV GEMM's output (rope, bias and the KV append here); else q is the roped q [batch, heads,
+// head_dim] and the caches hold key p already (bias and inv_freq unused, nothing written to the caches).
+template <typename O, bool QKV>
+__device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache, float* v_cache, const int* pos,
+                                                  const float* bias, const float* inv_freq, float* part_o,
+                                                  float* part_ml, int* counters, O* out, int heads, int kv_heads,
+                                                  int head_dim, int max_seq, int chunk, float scale) {
     __shared__ AB_ALIGN16 float kvs[2 * AB_TK * AB_LD];  // the K tile, then the V tile; the combine's partials
     float* ks = kvs;
     float* vs = kvs + AB_TK * AB_LD;
     __shared__ AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
     __shared__ float ps[AB_MAX_GROUP * AB_TK];
     __shared__ float corr_s[AB_MAX_GROUP], m_s[AB_MAX_GROUP], l_s[AB_MAX_GROUP];
+    __shared__ AB_ALIGN16 float kv_new[QKV ? 2 * AB_MAX_HD : 4];  // QKV: the row's new key (roped), then value
     __shared__ int s_last;
     DB_TRACE_BLOCK();
     if (ATTN_BATCHED_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int G = heads / kv_heads;
-    const int b = blockIdx.x / kv_heads, kvh = blockIdx.x - b * kv_heads, s = blockIdx.y;
-    const int h0 = kvh * G;  // first query head of the group
-    const int hd = head_dim, d8 = hd / 8;
+    const int group = heads / kv_heads, subs = QKV ? (group + AB_MAX_GROUP - 1) / AB_MAX_GROUP : 1;
+    const int bk = blockIdx.x / subs, sub = blockIdx.x - bk * subs;
+    const int b = bk / kv_heads, kvh = bk - b * kv_heads, s = blockIdx.y;
+    const int G = QKV ? min(AB_MAX_GROUP, group - sub * AB_MAX_GROUP) : group;  // query heads of this block
+    const int h0 = kvh * group + sub * AB_MAX_GROUP;  // its first query head
+    const int hd = head_dim, d8 = hd / 8, half = hd / 2;
     const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)hd;
-    const float* qg = q + ((size_t)b * heads + h0) * hd;
+    const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * hd;
+    const float* qg = QKV ? q + (size_t)b * qkv_width + (size_t)h0 * hd : q + ((size_t)b * heads + h0) * hd;
     // K and V rows [t0, t0 + AB_TK) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
     auto copy_tile = [&](int t0, int nt) {
         for (int c = tid; c < AB_TK * (hd / 4); c += AB_THREADS) {
@@ -1059,7 +1081,16 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
         }
     };
     auto copy_q = [&]() {
-        for (int c = tid; c < G * hd / 4; c += AB_THREADS) db_cp_async16(qs + 4 * c, qg + 4 * c, true);
+        if (!QKV)
+            for (int c = tid; c < G * hd / 4; c += AB_THREADS) db_cp_async16(qs + 4 * c, qg + 4 * c, true);
+    };
+    // QKV: biased and roped rows (x1, x2) -> qs or kv_new, as rope_kv_impl: pair i of head row `src`
+    auto rope_pair = [&](const float* src, const float* bsrc, int i, int p, float* dst) {
+        float sn, cs;
+        rope_sincos((float)p * inv_freq[i], &sn, &cs);
+        const float x1 = src[i] + bsrc[i], x2 = src[i + half] + bsrc[i + half];
+        dst[i] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
+        dst[i + half] = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
     };
     PDL_WAIT();
     // split 0 is live whenever the row is and starts at key 0: it copies q and its first tile together with
@@ -1070,11 +1101,12 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
         copy_tile(0, min(AB_TK, max_seq));
     }
     db_cp_commit();
-    const int L = min(pos[b] + 1, max_seq);
+    const int p = pos[b];
+    const int L = min(p + 1, max_seq);
     if (L <= 0) {  // padding row: zeros
         db_cp_wait<0>();
         if (s == 0)
-            for (int e = tid; e < G * hd; e += AB_THREADS) out[((size_t)b * heads + h0) * hd + e] = 0.0f;
+            for (int e = tid; e < G * hd; e += AB_THREADS) out[((size_t)b * heads + h0) * hd + e] = from_float<O>(0.0f);
         return;
     }
     const int nlive = min((int)gridDim.y, (L + chunk - 1) / chunk);
@@ -1082,6 +1114,21 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     const int per = (L + nlive - 1) / nlive;
     const int start = s * per, end = min(L, start + per);
     if (!early) copy_q();  // with the first tile's copies below
+    // QKV: this block's key p (its last live split holds it, when p < max_seq) replaces the cache row it copies
+    const bool append = QKV && p < max_seq && s == nlive - 1;
+    if (QKV) {
+        for (int idx = tid; idx < G * half; idx += AB_THREADS) {
+            const int h = idx / half, i = idx - h * half;
+            rope_pair(qg + (size_t)h * hd, bias + (size_t)(h0 + h) * hd, i, p, qs + h * hd);
+        }
+        if (append) {
+            const float* krow = q + (size_t)b * qkv_width + (size_t)(heads + kvh) * hd;
+            const float* kb = bias + (size_t)(heads + kvh) * hd;
+            const size_t vo = (size_t)kv_heads * hd;  // v rows follow the k rows
+            for (int i = tid; i < half; i += AB_THREADS) rope_pair(krow, kb, i, p, kv_new);
+            for (int e = tid; e < hd; e += AB_THREADS) kv_new[AB_MAX_HD + e] = krow[vo + e] + kb[vo + e];
+        }
+    }
 
     const int key = tid >> 3, seg = tid & 7;  // scores: 8 lanes per key, each d8 dims of every head
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};  // heads warp and warp + 8 (warp-uniform)
@@ -1097,6 +1144,18 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
         if (ATTN_BATCHED_TRIGGER == 1 && t0 == start) PDL_LAUNCH_DEPENDENTS();
         db_cp_wait<0>();
         __syncthreads();
+        if (QKV && append && p - t0 < nt) {  // the tile holds key p: the new key and value (block-uniform)
+            for (int e = tid; e < hd; e += AB_THREADS) {
+                const float kn = kv_new[e], vn = kv_new[AB_MAX_HD + e];
+                ks[(p - t0) * AB_LD + e] = kn;
+                vs[(p - t0) * AB_LD + e] = vn;
+                if (sub == 0) {
+                    k_cache[kv_base + (size_t)p * hd + e] = kn;
+                    v_cache[kv_base + (size_t)p * hd + e] = vn;
+                }
+            }
+            __syncthreads();
+        }
         // scores
         {
             float dot[AB_MAX_GROUP];
@@ -1127,11 +1186,11 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
             if (h < G) {
                 const float sc = ps[h * AB_TK + lane];
                 const float m_new = fmaxf(m_run[u], db_warp_max(sc));  // finite: the tile has >= 1 key
-                const float p = lane < nt ? expf(sc - m_new) : 0.0f;
+                const float pr = lane < nt ? expf(sc - m_new) : 0.0f;
                 const float c = expf(m_run[u] - m_new);  // 0 on the first tile
-                l_run[u] = l_run[u] * c + db_warp_sum(p);
+                l_run[u] = l_run[u] * c + db_warp_sum(pr);
                 m_run[u] = m_new;
-                ps[h * AB_TK + lane] = p;
+                ps[h * AB_TK + lane] = pr;
                 if (lane == 0) corr_s[h] = c;
             }
         }
@@ -1163,7 +1222,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
 #pragma unroll
         for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) {
             const int e = tid + i * AB_THREADS, h = e / hd;
-            if (h < G) out[((size_t)b * heads + h0) * hd + e] = acc[i] / l_s[h];
+            if (h < G) out[((size_t)b * heads + h0) * hd + e] = from_float<O>(acc[i] / l_s[h]);
         }
         return;
     }
@@ -1187,3 +1246,25 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
     attn_combine(part_o, part_ml, out, (size_t)b * heads + h0, G, splits, nlive, hd, kvs, 2 * AB_TK * AB_LD);
     if (tid == 0) *counter = 0;
 }
+
+extern "C" __global__ void __launch_bounds__(AB_THREADS)
+    attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
+                        float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
+                        int max_seq, int chunk, float scale) {
+    // nothing is written to the caches without QKV
+    attn_batched_impl<float, false>(q, const_cast<float*>(k_cache), const_cast<float*>(v_cache), pos, nullptr,
+                                    nullptr, part_o, part_ml, counters, out, heads, kv_heads, head_dim, max_seq,
+                                    chunk, scale);
+}
+
+#define DEFINE_ATTN_QKV(SUFFIX, T)                                                                              \
+    extern "C" __global__ void __launch_bounds__(AB_THREADS) attn_qkv_##SUFFIX(                                \
+        const float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,                  \
+        const float* inv_freq, float* part_o, float* part_ml, int* counters, T* out, int heads, int kv_heads, \
+        int head_dim, int max_seq, int chunk, float scale) {                                                   \
+        attn_batched_impl<T, true>(qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out, \
+                                   heads, kv_heads, head_dim, max_seq, chunk, scale);                          \
+    }
+DEFINE_ATTN_QKV(f32, float)
+DEFINE_ATTN_QKV(f16, db_f16)
+DEFINE_ATTN_QKV(bf16, db_bf16)

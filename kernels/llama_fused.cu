@@ -493,10 +493,12 @@ DEFINE_GEMV_ROWS(bf16, db_bf16)
 // The partials go through `sbuf` (shared memory, 16-byte aligned, sbuf_floats floats): every (m, l) and the
 // first chunk of o partials in ONE round trip, further chunks one round trip each (their sums kept in sbuf), so
 // a long context's combine is a few round trips, not one per split. Without room for one split's o partials
-// each thread reads them from L2 as it goes. Every thread of the block calls it (it has barriers).
+// each thread reads them from L2 as it goes. Every thread of the block calls it (it has barriers). `out` is f32,
+// or the weight type where the GEMM path's O projection reads it (rounded once, from the f32 result).
 // ------------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ void attn_combine(const float* part_o, const float* part_ml, float* out, size_t row0,
+template <typename O>
+__device__ __forceinline__ void attn_combine(const float* part_o, const float* part_ml, O* out, size_t row0,
                                              int nh, int splits, int nlive, int hd, float* sbuf, int sbuf_floats) {
     const int tid = threadIdx.x, nthreads = blockDim.x, hd4 = hd / 4;
     const int n_ml = nh * nlive * 2, n_out = nh * hd;
@@ -515,7 +517,7 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
                 num = fmaf(wgt, db_ldcg(po + (size_t)t * hd), num);
                 den = fmaf(wgt, db_ldcg(ml + 2 * t + 1), den);
             }
-            out[(row0 + h) * hd + d] = num / den;
+            out[(row0 + h) * hd + d] = from_float<O>(num / den);
         }
         return;
     }
@@ -552,7 +554,7 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
             }
             float den = 0.0f;
             for (int t = 0; t < nlive; ++t) den = fmaf(expf(m[2 * t] - M), m[2 * t + 1], den);
-            out[(row0 + h) * hd + d] = num / den;
+            out[(row0 + h) * hd + d] = from_float<O>(num / den);
         }
         if (!last) __syncthreads();  // the next chunk rewrites so
     }

@@ -1,7 +1,7 @@
 // dagbuild: Llama prefill kernels (specs/llama_prefill.yaml): a chunk of `seq` prompt positions for `batch`
 // rows in one graph. The GEMMs are child-graph nodes (cuBLAS); these kernels are everything between them.
-// The fused decode spec's GEMM path (batch >= gemm_batch) runs rmsnorm_cast, rope_kv_decode, cast and
-// silu_pairs between its GEMMs too.
+// The fused decode spec's GEMM path (batch >= gemm_batch) runs rmsnorm_cast and silu_pairs between its GEMMs
+// too (its attention, attn_qkv_<wt> in kernels/llama_batched.cu, does RoPE as rope_kv_prefill does).
 //
 // Layout: activations are [batch * seq, width] row-major, row r = b * seq + t; pos[r] is the position of
 // token t of row b, or negative for padding (a padded position writes no KV and its outputs are ignored).
@@ -57,20 +57,16 @@ __device__ __forceinline__ void prefill_sincos(float f, float* s, float* c) {
     __sincosf(r, s, c);
 }
 
-// q_dst: where the roped q of row r goes (row stride q_stride floats): in place (the qkv row) for prefill,
-// the decode spec's q buffer [batch, heads * head_dim] for rope_kv_decode (batched attention reads q there).
-__device__ __forceinline__ void rope_kv_impl(const float* qkv, float* q_dst, size_t q_stride, float* k_cache,
-                                             float* v_cache, const int* pos, const float* bias,
-                                             const float* inv_freq, int heads, int kv_heads, int head_dim,
-                                             int max_seq, int seq) {
+__device__ __forceinline__ void rope_kv_impl(float* qkv, float* k_cache, float* v_cache, const int* pos,
+                                             const float* bias, const float* inv_freq, int heads, int kv_heads,
+                                             int head_dim, int max_seq, int seq) {
     const int r = blockIdx.x;
     const int b = r / seq;
     const int p = pos[r];
     if (p < 0 || p >= max_seq) return;
     const int half = head_dim / 2;
     const size_t width = (size_t)(heads + 2 * kv_heads) * head_dim;
-    const float* row = qkv + (size_t)r * width;
-    float* qrow = q_dst + (size_t)r * q_stride;
+    float* row = qkv + (size_t)r * width;
     for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
         const int h = idx / half, i = idx - h * half;
         float s, c;
@@ -81,7 +77,7 @@ __device__ __forceinline__ void rope_kv_impl(const float* qkv, float* q_dst, siz
         const float o1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(-x2, s));
         const float o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
         if (h < heads) {
-            float* dst = qrow + (size_t)h * head_dim;
+            float* dst = row + (size_t)h * head_dim;
             dst[i] = o1;
             dst[i + half] = o2;
         } else {
@@ -100,18 +96,7 @@ __device__ __forceinline__ void rope_kv_impl(const float* qkv, float* q_dst, siz
 extern "C" __global__ void __launch_bounds__(1024)
     rope_kv_prefill(float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,
                     const float* inv_freq, int heads, int kv_heads, int head_dim, int max_seq, int seq) {
-    rope_kv_impl(qkv, qkv, (size_t)(heads + 2 * kv_heads) * head_dim, k_cache, v_cache, pos, bias, inv_freq, heads,
-                 kv_heads, head_dim, max_seq, seq);
-}
-
-// rope_kv_decode: rope_kv_prefill for one position a row (seq = 1), the roped q written to q[r, :] (heads *
-// head_dim floats a row) instead of in place: the decode spec's GEMM path (batch >= gemm_batch) feeds its
-// batched attention from there. A padded row (position < 0) writes nothing.         grid [batch], block [128]
-extern "C" __global__ void __launch_bounds__(1024)
-    rope_kv_decode(const float* qkv, float* q, float* k_cache, float* v_cache, const int* pos, const float* bias,
-                   const float* inv_freq, int heads, int kv_heads, int head_dim, int max_seq) {
-    rope_kv_impl(qkv, q, (size_t)heads * head_dim, k_cache, v_cache, pos, bias, inv_freq,
-                 heads, kv_heads, head_dim, max_seq, 1);
+    rope_kv_impl(qkv, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq, seq);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -309,34 +294,6 @@ __device__ __forceinline__ void silu_pairs_impl(const float* __restrict__ gu, T*
 DEFINE_SILU_PAIRS(f32, float)
 DEFINE_SILU_PAIRS(f16, db_f16)
 DEFINE_SILU_PAIRS(bf16, db_bf16)
-
-// ------------------------------------------------------------------------------------------------------------
-// cast_<wt>: y[i] = wt(x[i]), i < n.                                    grid [ceil_div(n, 1024)], block [256]
-// The decode spec's GEMM path rounds the batched attention's f32 output to the weight type: the O projection's
-// a operand (a cuBLAS GEMM takes one input type for a and b).
-// ------------------------------------------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ void cast_impl(const float* __restrict__ x, T* __restrict__ y, long long n) {
-    const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
-    if (i0 + 3 < n && (n & 3) == 0) {
-        const float4 v = reinterpret_cast<const float4*>(x)[i0 / 4];
-        y[i0] = from_float<T>(v.x);
-        y[i0 + 1] = from_float<T>(v.y);
-        y[i0 + 2] = from_float<T>(v.z);
-        y[i0 + 3] = from_float<T>(v.w);
-        return;
-    }
-    for (long long i = i0; i < n && i < i0 + 4; ++i) y[i] = from_float<T>(x[i]);
-}
-
-#define DEFINE_CAST(SUFFIX, T)                                                                              \
-    extern "C" __global__ void __launch_bounds__(1024) cast_##SUFFIX(const float* x, T* y, long long n) {  \
-        cast_impl<T>(x, y, n);                                                                              \
-    }
-DEFINE_CAST(f32, float)
-DEFINE_CAST(f16, db_f16)
-DEFINE_CAST(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
 // last_rows: xl[b, :] = x[b * seq + t, :] for the last t of row b whose position is valid (>= 0), zeros when

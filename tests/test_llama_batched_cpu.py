@@ -30,7 +30,8 @@ MMA_PARAMS = {f"{k}_mma": v for k, v in PROJ_PARAMS.items()}
 MV_PARAMS = {f"{k}_mv": v for k, v in PROJ_PARAMS.items()}
 MVC_PARAMS = {f"{k}_mvc": v for k, v in PROJ_PARAMS.items()}
 MINE = {**{f"{k}_{wt}": v for k, v in (MMA_PARAMS | MV_PARAMS | MVC_PARAMS).items() for wt in ("f32", "f16", "bf16")},
-        "attn_decode_batched": [P, P, P, P, P, P, P, P, N, N, N, N, N, F]}
+        "attn_decode_batched": [P, P, P, P, P, P, P, P, N, N, N, N, N, F],
+        **{f"attn_qkv_{wt}": [P] * 10 + [N] * 5 + [F] for wt in ("f32", "f16", "bf16")}}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_pdl_contract_and_clusters(bodies):
         assert ".local" not in body, name
         head = body.split("griddepcontrol.wait", 1)[0]
         ops = set(re.findall(r"\b((?:ld|st|atom|red|prefetch)\.(?:global|shared)(?:\.\w+)*|cp\.async[\w.]*)", head))
-        if name == "attn_decode_batched":
+        if name.startswith("attn_"):  # nothing before the wait: q, K and V are all produced data
             assert not ops, (name, ops)
         else:  # weights only: 16-byte copies into the ring
             assert ops == {"cp.async.cg.shared.global", "cp.async.commit_group"}, (name, ops)
@@ -126,15 +127,15 @@ def test_buckets_choose_their_kernels(wt):
             assert {a.param.name: a.value for a in attn.args}["chunk"] == 32
 
 
-GEMM_LAYER = ["attn_norm", "qkv_gemm", "rope", "attn", "attn_cast", "o_gemm", "mlp_norm", "gate_up_gemm", "silu",
-              "down_gemm"]
+GEMM_LAYER = ["attn_norm", "qkv_gemm", "attn", "o_gemm", "mlp_norm", "gate_up_gemm", "silu", "down_gemm"]
 
 
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_gemm_path_from_gemm_batch(wt):
-    """From gemm_batch rows a layer is RMSNorm rounded to wt, the QKV GEMM, RoPE + KV append, attention, a cast,
-    the O GEMM (beta 1 into x), RMSNorm, the gate/up GEMM, SiLU*up, the down GEMM (beta 1 into x), and the LM head
-    a GEMM after the final norm; below gemm_batch (or with gemm_batch 0) the fused nodes, and no workspace."""
+    """From gemm_batch rows a layer is RMSNorm rounded to wt, the QKV GEMM, attention fed by it (RoPE, KV append,
+    output in wt), the O GEMM (beta 1 into x), RMSNorm, the gate/up GEMM, SiLU*up, the down GEMM (beta 1 into x),
+    and the LM head a GEMM after the final norm; below gemm_batch (or with gemm_batch 0) the fused nodes, and no
+    workspace."""
     spec, programs = load_spec(FUSED), {}
     for batch, gemm_batch in ((31, 32), (32, 32), (256, 32), (64, 0), (2, 2)):
         p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt, "gemm_batch": gemm_batch}, programs)
@@ -143,7 +144,7 @@ def test_gemm_path_from_gemm_batch(wt):
         by_id = {n.id: n.op for n in p.nodes}
         if gemm_batch and batch >= gemm_batch:
             assert [i for i in ids if i.endswith(".0")] == [f"{k}.0" for k in GEMM_LAYER], batch
-            assert len(ids) == 3 + 10 * 22 + 4 and ids[-4:] == ["final_norm", "lm_head_gemm", "argmax", "download"]
+            assert len(ids) == 3 + 8 * 22 + 4 and ids[-4:] == ["final_norm", "lm_head_gemm", "argmax", "download"]
             assert not any(i.split(".")[0] in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head") for i in ids)
             gemm = {k: by_id[f"{k}.21"].body[0] for k in ("qkv_gemm", "o_gemm", "gate_up_gemm", "down_gemm")}
             gemm["lm_head"] = by_id["lm_head_gemm"].body[0]
@@ -155,8 +156,14 @@ def test_gemm_path_from_gemm_batch(wt):
                 "qkv_gemm": ("qkv", 0.0), "o_gemm": ("x", 1.0), "gate_up_gemm": ("gu", 0.0),
                 "down_gemm": ("x", 1.0), "lm_head": ("logits", 0.0)}
             assert gemm["down_gemm"].arg("b").view.label == "w_down[21]"
-            assert by_id["attn.0"].kernel == ("attn_batched" if batch >= 8 else "attn")
-            assert p.kernels["rope_kv"].entry == "rope_kv_decode" and p.kernels["cast"].entry == f"cast_{wt}"
+            attn = by_id["attn.21"]
+            assert attn.kernel == "attn_qkv" and p.kernels["attn_qkv"].entry == f"attn_qkv_{wt}"
+            args = {a.param.name: a for a in attn.args}
+            assert {k: args[k].view.label for k in ("qkv", "k_cache", "v_cache", "bias", "out")} == {
+                "qkv": "qkv", "k_cache": "k_cache[21]", "v_cache": "v_cache[21]", "bias": "qkv_bias[21]",
+                "out": "attn_h"}
+            # one block a (row, kv head) (TinyLlama: 8 query heads a kv head, one group), splits >= 1
+            assert attn.grid[0] == batch * 4 and 1 <= attn.grid[1] <= max(1, 4 * 132 // (batch * 4) + 1)
             assert p.buffers["gemm_ws"].nbytes == 32 << 20
         else:
             assert "qkv.0" in ids and "lm_head" in ids and not any("gemm" in i for i in ids), batch
@@ -211,7 +218,8 @@ def test_dot_and_threshold_dim():
     plan = llama_plan({"batch": 64, "layers": 2, "mma_batch": 128, "attn_batch": 128, "gemm_batch": 0}, FUSED)
     assert "gemv_res_mma" not in to_dot(plan) and "attn_batched" not in to_dot(plan)
     dot = to_dot(llama_plan({"batch": 64, "layers": 2}, FUSED))  # the GEMM path: child graphs of cuBLAS GEMMs
-    assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "rope_kv  64" in dot and "gemv_res" not in dot
+    assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "attn_qkv  256×3" in dot and "gemv_res" not in dot
+    assert "rope" not in dot and "cast_" not in dot  # RoPE and the cast run inside the attention node
 
 
 @needs_nvrtc
@@ -221,3 +229,4 @@ def test_fused_spec_compiles_with_variants(capsys):
     assert main(["compile", str(FUSED), "--set", "wt=bf16"]) == 0
     out = capsys.readouterr().out
     assert "gemv_res_mma_bf16 ok" in out and "qkv_rope_mv_bf16 ok" in out and "attn_decode_batched ok" in out
+    assert "attn_qkv_bf16 ok" in out

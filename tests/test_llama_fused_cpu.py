@@ -124,7 +124,7 @@ def test_fused_spec_with_configs(config, capsys):
     assert {n.op.kernel for n in plan.nodes if n.kind == "kernel"} <= set(plan.spec.kernels)
     # every kernel launches programmatically, but the GEMM path's (batch >= gemm_batch), which follow cuBLAS
     # child graphs (a plain edge) and so have no producer kernel to overlap
-    gemm_path = {"rmsnorm_cast", "rope_kv", "cast", "silu_pairs"}
+    gemm_path = {"rmsnorm_cast", "attn_qkv", "silu_pairs"}
     assert all((k.launch == "plain") == (name in gemm_path) for name, k in plan.spec.kernels.items())
 
 

@@ -132,12 +132,10 @@ SRC = KERNELS / "llama_prefill.cu"
 P, N, L, F = ".u64", ".u32", ".u64", ".f32"  # pointer, i32, i64, f32 in PTX .param lists
 ENTRIES = {
     "rope_kv_prefill": [P, P, P, P, P, P, N, N, N, N, N],
-    "rope_kv_decode": [P, P, P, P, P, P, P, N, N, N, N],  # the decode spec's GEMM path
     "last_rows": [P, P, P, N, N],
     **{f"rmsnorm_cast_{wt}": [P, P, P, N, F] for wt in ("f32", "f16", "bf16")},
     **{f"attn_prefill_{wt}": [P, P, P, P, P, N, N, N, N, N, F] for wt in ("f32", "f16", "bf16")},
     **{f"silu_pairs_{wt}": [P, P, L] for wt in ("f32", "f16", "bf16")},
-    **{f"cast_{wt}": [P, P, L] for wt in ("f32", "f16", "bf16")},
 }
 
 

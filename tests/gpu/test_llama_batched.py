@@ -1,8 +1,8 @@
 """kernels/llama_batched.cu on the GPU: the MMA projections against float64 NumPy at odd shapes (batch rows not
 a multiple of 8 or 16, row counts not a multiple of the 128-row tile, k tails, k shorter than a cluster's
-split), attn_decode_batched against the reference attention, and the fused decode pool: every batch bucket
-decodes each row as batch 1 does (fp32 tiny config: the same tokens at every bucket 1..256; f16 TinyLlama shape:
-the same tokens up to an fp16 near-tie, logits within fp16 rounding).
+split), attn_decode_batched and attn_qkv (the GEMM path's attention) against the reference attention, and the
+fused decode pool: every batch bucket decodes each row as batch 1 does (fp32 tiny config: the same tokens at
+every bucket 1..256; f16 TinyLlama shape: the same tokens up to an fp16 near-tie, logits within fp16 rounding).
 
 The MMA kernels round activations to the weight type before the products (f16: 11-bit, bf16: 8-bit
 significand), so they are checked tightly against a float64 reference that rounds x the same way, and loosely
@@ -303,6 +303,81 @@ def test_attn_decode_batched(cp, mod, batch, heads, kv_heads, head_dim, max_seq,
         assert rel_err(got[live], expect) < 1e-5
         assert np.all(got[~live] == 0), "a padding row's attention output must be zeros"
         assert np.all(counters.get() == 0), "attn_decode_batched must leave its counters at zero"
+
+
+QKV_ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits, wt
+    (8, 32, 4, 64, 300, 32, 8, "f16"),  # TinyLlama's heads
+    (5, 36, 2, 128, 600, 64, 3, "bf16"),  # 18 query heads a kv head: two blocks a kv head (16 + 2 heads)
+    (3, 14, 2, 64, 129, 16, 9, "f32"),
+    (6, 8, 2, 32, 40, 8, 5, "f16"),  # a position past the cache, a padding row, position 0, short splits
+]
+QKV_ATTN_TOL = {"f32": 1e-5, "f16": 1e-3, "bf16": 8e-3}  # the output is rounded once to wt
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,max_seq,chunk,splits,wt", QKV_ATTN_CASES)
+def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, splits, wt):
+    """attn_qkv_<wt>, the GEMM path's attention, fed by the QKV GEMM's f32 output: q and the new k biased and
+    roped, the new k and v appended at each row's position (nothing else in the caches changes; a position past
+    the cache appends nothing and attends to every slot), attention over keys 0..pos with the new key read from
+    the block itself (the cache slot at pos is NaN before the launch), the output rounded to wt."""
+    scale, rows = head_dim ** -0.5, (heads + 2 * kv_heads) * head_dim
+    subs = -(-(heads // kv_heads) // 16)
+    nq, nkv, n = heads * head_dim, kv_heads * head_dim, batch * heads * head_dim
+    inv_freq = ref.rope_inv_freq(head_dim, 10000.0)
+    counters = cp.zeros(batch * heads + GUARD, np.int32)
+    for launch_no in range(2):  # the second launch checks that the first left its counters at zero
+        rng = rng_for("attn_qkv", batch, heads, kv_heads, head_dim, max_seq, chunk, launch_no)
+        qkv = rng.standard_normal((batch, rows)).astype(f32)
+        bias = (0.5 * rng.standard_normal(rows)).astype(f32)
+        kc = rng.standard_normal((batch, kv_heads, max_seq, head_dim)).astype(f32)
+        vc = rng.standard_normal((batch, kv_heads, max_seq, head_dim)).astype(f32)
+        pos = rng.integers(0, max_seq, batch).astype(i32)
+        pos[0] = max_seq - 1 if launch_no == 0 else min(max_seq - 1, chunk)
+        if batch > 1:
+            pos[1] = -1
+        if batch > 2:
+            pos[2] = 0
+        if batch > 3:
+            pos[3] = max_seq
+        for r in range(batch):  # the slot being appended and every slot past it are never read from the cache
+            kc[r, :, max(pos[r], 0):] = np.nan
+            vc[r, :, max(pos[r], 0):] = np.nan
+        if wt == "f32":
+            out = out_buffer(cp, n)
+        else:
+            out = cp.full(n + GUARD, 0xFFFF, np.uint16)  # NaN in f16 and in bf16
+        kc_d, vc_d = cp.asarray(kc), cp.asarray(vc)
+        part_o = cp.full(batch * heads * splits * head_dim, np.nan, np.float32)
+        part_ml = cp.full(batch * heads * splits * 2, np.nan, np.float32)
+        mod.get_function(f"attn_qkv_{wt}")(
+            (batch * kv_heads * subs, splits), (256,),
+            (cp.asarray(qkv), kc_d, vc_d, cp.asarray(pos), cp.asarray(bias), cp.asarray(inv_freq), part_o, part_ml,
+             counters, out, i32(heads), i32(kv_heads), i32(head_dim), i32(max_seq), i32(chunk), f32(scale)))
+        if wt == "f32":
+            got = fetch(out, n)
+        else:
+            host = out.get()
+            assert np.all(host[n:] == 0xFFFF), "kernel wrote past the end of its output"
+            got = (host[:n].view(np.float16) if wt == "f16" else ref.bf16_to_f32(host[:n])).astype(np.float64)
+            assert np.all(np.isfinite(got)), "output has NaN/inf (an element left unwritten?)"
+        got = got.reshape(batch, heads, head_dim)
+        q_ref, kc_ref, vc_ref = ref.rope_append(qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:], bias, inv_freq,
+                                                kc, vc, pos, heads, kv_heads, head_dim, max_seq)
+        written = np.zeros(kc.shape, bool)
+        for b, p in enumerate(pos):
+            if 0 <= p < max_seq:
+                written[b, :, p] = True
+        kc_got, vc_got = kc_d.get(), vc_d.get()
+        assert np.array_equal(kc_got[~written], kc[~written], equal_nan=True), "k_cache changed outside the new slots"
+        assert np.array_equal(vc_got[~written], vc[~written], equal_nan=True), "v_cache changed outside the new slots"
+        assert rel_err(kc_got[written], kc_ref[written]) < 1e-5
+        assert rel_err(vc_got[written], vc_ref[written]) < 1e-6
+        live = pos >= 0
+        expect = ref.attention(q_ref[live], kc_ref[live], vc_ref[live], pos[live], heads, kv_heads, head_dim, max_seq,
+                               scale)
+        assert rel_err(got[live], expect) < QKV_ATTN_TOL[wt]
+        assert np.all(got[~live] == 0), "a padding row's attention output must be zeros"
+        assert np.all(counters.get() == 0), "attn_qkv must leave its counters at zero"
 
 
 # ----------------------------------------------------------------------------------------------------------
