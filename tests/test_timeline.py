@@ -49,3 +49,12 @@ def test_step_args_bind_the_spec_with_overrides(timeline):
     args = ap.parse_args(["--set", "batch=4", "--set", "cache_batch=4", "--pos", "7"])
     plan = timeline.step_plan(args)
     assert (plan.dims["batch"], plan.dims["hidden"], args.pos, args.reps) == (4, 2048, 7, 3)
+
+
+def test_per_name_table_of_library_plans(timeline):
+    launch = [{"name": "norm", "start": 0.0, "end": 2.0}, {"name": "sm90_gemm", "start": 3.0, "end": 10.0},
+              {"name": "norm", "start": 11.0, "end": 12.0}, {"name": "attn", "start": 12.5, "end": 15.0}]
+    rows = timeline.per_name([launch, launch], {"norm", "attn"})
+    assert [(r["kernel"], r["library"], r["calls"], r["step_us"]) for r in rows] == [
+        ("sm90_gemm", True, 1, 7.0), ("norm", False, 2, 3.0), ("attn", False, 1, 2.5)]
+    assert rows[1]["span_us"] == 1.5

@@ -30,14 +30,15 @@ sys.path.insert(0, str(ROOT))
 LOOPED = ("llama_decode.yaml", "llama_decode_fused.yaml")  # their looped plans add the loop kernels
 
 
-def modules() -> dict[tuple[str, tuple[str, ...]], str]:
-    """(source text, options) -> a kernel name, for every module the shipped specs use."""
+def modules(extra: tuple[Path, ...] = ()) -> dict[tuple[str, tuple[str, ...]], str]:
+    """(source text, options) -> a kernel name, for every module the shipped specs (and ``extra`` specs, e.g.
+    an A/B copy of one) use."""
     from dagbuild.llama.loop import looped_plan
     from dagbuild.load import load_spec
     from dagbuild.plan import plan
 
     out: dict[tuple[str, tuple[str, ...]], str] = {}
-    for path in sorted((ROOT / "specs").glob("*.yaml")):
+    for path in [*sorted((ROOT / "specs").glob("*.yaml")), *extra]:
         plans = [plan(load_spec(path))]
         if path.name in LOOPED:
             plans.append(looped_plan(plans[0], 4))
@@ -98,12 +99,14 @@ def main() -> int:
     ap.add_argument("--trace-define", action="append", default=[], metavar="NAME=V",
                     help="with --trace: the trace with -DNAME=V too, one variant each (e.g. LY_DIAG=1; "
                          "LY_DIAG=1,LY_PROXY_FENCE=0 is one variant with both)")
+    ap.add_argument("--spec", action="append", default=[], metavar="PATH",
+                    help="also this spec's modules at its default dims (e.g. an A/B copy under scratch/)")
     args = ap.parse_args()
     os.environ["DAGBUILD_CACHE_DIR"] = str(Path(args.cache).resolve())
     from dagbuild import kernels
 
     kernels.check_arch(args.arch)
-    todo = modules()
+    todo = modules(tuple(Path(p).resolve() for p in args.spec))
     if args.trace or args.trace_define:
         sys.path.insert(0, str(ROOT / "tools"))
         from timeline import parse_set

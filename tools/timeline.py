@@ -12,6 +12,10 @@ with the weight bytes each kind reads and the bandwidth its increment implies.
   python3 tools/timeline.py                                      # fused TinyLlama, batch 1, position 100
   python3 tools/timeline.py --config specs/configs/llama_tiny.yaml --json t.json
   python3 tools/timeline.py --set batch=8 --pos 128
+  python3 tools/timeline.py --set batch=64 --set cache_batch=64   # GEMM path: a row per kernel name instead
+
+A plan with library child graphs (the fused spec's GEMM path from gemm_batch rows) cannot be matched to nodes
+kernel by kernel (cuBLAS picks its kernels): it is reported per kernel name, cuBLAS's marked as the library's.
 
 CUPTI tracing adds a little per kernel: compare the traced step with the untraced one printed beside it.
 """
@@ -110,6 +114,42 @@ def idle_us(launch: list[dict[str, float]]) -> float:
     return idle
 
 
+def per_name(launches: list[list[dict[str, float]]], entries: set[str]) -> list[dict[str, Any]]:
+    """Per kernel name, medians over launches: calls a step, µs a call (span), µs a step (the spans summed),
+    biggest first. For plans with library child graphs (cuBLAS picks its own kernels, so a launch's kernels
+    cannot be matched to nodes one by one); a name that is not one of the plan's ``entries`` is the library's."""
+    names = sorted({k["name"] for launch in launches for k in launch})
+    rows = []
+    for name in names:
+        calls = [sum(1 for k in launch if k["name"] == name) for launch in launches]
+        spans = [sum(k["end"] - k["start"] for k in launch if k["name"] == name) for launch in launches]
+        n = statistics.median(calls)
+        rows.append({"kernel": name, "library": name not in entries, "calls": n,
+                     "span_us": statistics.median(spans) / n if n else 0.0, "step_us": statistics.median(spans)})
+    return sorted(rows, key=lambda r: -r["step_us"])
+
+
+def library_report(plan, kernels: list[dict[str, float]], reps: int, untraced_us: float) -> list[str]:
+    """The per-name table of a plan with child graphs (see :func:`per_name`), as lines."""
+    if len(kernels) % reps:
+        return [f"{len(kernels)} kernel events over {reps} launches: not a whole number a launch (a launch cut "
+                "off?), no table"]
+    launches = split_launches(kernels, len(kernels) // reps)
+    steps = [launch[-1]["end"] - launch[0]["start"] for launch in launches]
+    idle = statistics.median(idle_us(launch) for launch in launches)
+    rows = per_name(launches, {k.entry for k in plan.kernels.values()})
+    lines = [f"step: traced {statistics.median(steps):.1f} µs (first kernel start to last end), untraced "
+             f"{untraced_us:.1f} µs per launch back to back; {len(launches[0])} kernels a launch (library child "
+             f"graphs: one row per kernel name); exposed gaps (no kernel running) {idle:.1f} µs",
+             f"{'kernel':<64}{'calls':>7}{'µs/call':>10}{'µs/step':>10}"]
+    for r in rows:
+        name = ("[library] " if r["library"] else "") + r["kernel"]
+        lines.append(f"{name[:63]:<64}{r['calls']:>7g}{r['span_us']:>10.2f}{r['step_us']:>10.1f}")
+    lib = sum(r["step_us"] for r in rows if r["library"])
+    lines.append(f"library kernels {lib:.1f} µs a step, the plan's own {sum(r['step_us'] for r in rows) - lib:.1f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(ap, 20, "traced launches (default 20)")
@@ -126,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     with Executable(plan, ExecOptions(programmatic=not args.plain)) as exe:
         prime(exe, plan, args.pos)
         untraced_us = device_us_per_launch(exe, 50)
-        launches = split_launches(trace(torch, exe, args.reps), len(nodes))
-    if not launches:
+        events = trace(torch, exe, args.reps)
+    if not events:
         print("no kernel events traced (CUPTI unavailable?)")
         return 1
+    if any(n.kind == "child" for n in plan.nodes):
+        print(f"{torch.cuda.get_device_name()} · copy {copy['GBps']:.0f} GB/s · {Path(args.spec).name} · "
+              f"{Path(args.config).name} {parse_set(args.set) or ''} · pos {args.pos}")
+        print("\n".join(library_report(plan, events, args.reps, untraced_us)))
+        return 0
+    launches = split_launches(events, len(nodes))
     names_ok = all(k["name"] == n[1] for launch in launches for k, n in zip(launch, nodes, strict=True))
     per_node = []
     for i, (nid, entry, wbytes) in enumerate(nodes):
