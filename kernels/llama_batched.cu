@@ -1012,9 +1012,11 @@ DEFINE_TC_F32(mvc)
 // nlive = min(splits, ceil_div(L, chunk)) splits of ceil_div(L, nlive) keys (chunk: the fewest keys worth a
 // split); blocks past nlive return. K and V tiles of AB_TK keys go through shared memory (16-byte cp.async);
 // split 0 (live whenever the row is, starting at key 0) copies q and its first tile together with the pos load,
-// the others after it (one round trip fewer where one split does the work); per tile: scores of every (head,
-// key) (8 lanes per key, all heads at once), a per-head online softmax (warp h % 8 owns head h), then p.V with
-// one output element per thread per head. nlive == 1: the block writes out; else partials (o, m, l) per head to
+// the others after it (one round trip fewer where one split does the work). Warp w owns query heads w and w + 8:
+// per tile, lane t scores key t against the head's q (its K row in float4s from shared memory, q broadcast),
+// the warp's online softmax needs no shared memory, and p.V gives lane l dims l + 32 j (each key's p from its
+// lane by shuffle, the V row read along the dims): per tile one barrier after the copies and one before the
+// buffer is refilled, and every shared read conflict-free (rows of head_dim + 4 floats). nlive == 1: the block writes out; else partials (o, m, l) per head to
 // part_o/part_ml and the last block of the row's head group (a counter, counters[b * heads + first head], left
 // at zero) combines them with attn_combine, as attn_decode. L <= 0: split 0 writes zeros.
 //
@@ -1025,7 +1027,7 @@ DEFINE_TC_F32(mvc)
 //           i32 max_seq, i32 chunk, f32 scale
 // Each block biases and ropes its heads' q rows from qkv ([batch, (heads + 2 * kv_heads) * head_dim], wqkv's
 // row order) into shared memory as rope_kv_prefill (kernels/llama_prefill.cu) does, arithmetic for arithmetic.
-// The block whose split holds the row's new key (the last live split; the position p < max_seq) ropes that key
+// The block whose split holds the row's new key (the last split with keys; the position p < max_seq) ropes that key
 // and biases its value, writes both into its shared tile in place of the cache rows it copied (nobody else
 // reads row p this step), and subgroup 0's block stores them in the caches at p. out [batch, heads * head_dim]
 // is wt (rounded once from the f32 result). A position >= max_seq appends nothing (as rope_kv_prefill). Any
@@ -1042,6 +1044,19 @@ DEFINE_TC_F32(mvc)
 #define AB_MAX_HD 128
 #define AB_LD (AB_MAX_HD + 4)
 #define AB_ALIGN16 __attribute__((aligned(16)))
+// K/V tiles: rows of head_dim + 4 floats (16-byte aligned rows, 4-bank skew between keys), one K and one V tile.
+// H100, tools/bench_attn.py (attn_qkv_f16, TinyLlama heads, one run): single-buffered at 64 registers (4 blocks an
+// SM) beat double-buffered tiles (another tile in flight, fewer blocks) at every batch and context measured.
+#define AB_KV_FLOATS (2 * AB_TK * AB_LD)
+// unrolling of the score and p.V loops (loads in flight a lane)
+#ifndef AB_UNROLL
+#define AB_UNROLL 2
+#endif
+// __launch_bounds__ minimum blocks per SM: 4 caps registers at 64, so 4 blocks of 256 threads fit an SM, as their
+// 43 KiB of shared memory allow (H100, same run: 1.2-1.5x faster than 80 registers and 3 blocks)
+#ifndef AB_MIN_BLOCKS
+#define AB_MIN_BLOCKS 4
+#endif
 
 // QKV: q is the QKV GEMM's output (rope, bias and the KV append here); else q is the roped q [batch, heads,
 // head_dim] and the caches hold key p already (bias and inv_freq unused, nothing written to the caches).
@@ -1050,12 +1065,8 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
                                                   const float* bias, const float* inv_freq, float* part_o,
                                                   float* part_ml, int* counters, O* out, int heads, int kv_heads,
                                                   int head_dim, int max_seq, int chunk, float scale) {
-    __shared__ AB_ALIGN16 float kvs[2 * AB_TK * AB_LD];  // the K tile, then the V tile; the combine's partials
-    float* ks = kvs;
-    float* vs = kvs + AB_TK * AB_LD;
+    __shared__ AB_ALIGN16 float kvs[AB_KV_FLOATS];  // K tile, V tile (twice when double-buffered); the combine's
     __shared__ AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
-    __shared__ float ps[AB_MAX_GROUP * AB_TK];
-    __shared__ float corr_s[AB_MAX_GROUP], m_s[AB_MAX_GROUP], l_s[AB_MAX_GROUP];
     __shared__ AB_ALIGN16 float kv_new[QKV ? 2 * AB_MAX_HD : 4];  // QKV: the row's new key (roped), then value
     __shared__ int s_last;
     DB_TRACE_BLOCK();
@@ -1066,18 +1077,20 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
     const int b = bk / kv_heads, kvh = bk - b * kv_heads, s = blockIdx.y;
     const int G = QKV ? min(AB_MAX_GROUP, group - sub * AB_MAX_GROUP) : group;  // query heads of this block
     const int h0 = kvh * group + sub * AB_MAX_GROUP;  // its first query head
-    const int hd = head_dim, d8 = hd / 8, half = hd / 2;
+    const int hd = head_dim, half = hd / 2, ld = hd + 4;
     const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)hd;
     const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * hd;
     const float* qg = QKV ? q + (size_t)b * qkv_width + (size_t)h0 * hd : q + ((size_t)b * heads + h0) * hd;
     // K and V rows [t0, t0 + AB_TK) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
+    float* ks = kvs;
+    float* vs = kvs + AB_TK * ld;
     auto copy_tile = [&](int t0, int nt) {
         for (int c = tid; c < AB_TK * (hd / 4); c += AB_THREADS) {
             const int r = c / (hd / 4), ch = c - r * (hd / 4);
             const bool ok = r < nt;
             const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * 4;
-            db_cp_async16(ks + r * AB_LD + ch * 4, k_cache + off, ok);
-            db_cp_async16(vs + r * AB_LD + ch * 4, v_cache + off, ok);
+            db_cp_async16(ks + r * ld + ch * 4, k_cache + off, ok);
+            db_cp_async16(vs + r * ld + ch * 4, v_cache + off, ok);
         }
     };
     auto copy_q = [&]() {
@@ -1113,9 +1126,15 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
     if (s >= nlive) return;
     const int per = (L + nlive - 1) / nlive;
     const int start = s * per, end = min(L, start + per);
-    if (!early) copy_q();  // with the first tile's copies below
-    // QKV: this block's key p (its last live split holds it, when p < max_seq) replaces the cache row it copies
-    const bool append = QKV && p < max_seq && s == nlive - 1;
+    const int ntiles = (end - start + AB_TK - 1) / AB_TK;
+    if (!early) {  // q and the first tile (split 0 has both in flight already)
+        copy_q();
+        copy_tile(start, min(AB_TK, end - start));
+    }
+    db_cp_commit();
+    // QKV: the block whose keys hold p (when p < max_seq: the last split with any keys) replaces the cache row
+    // it copies with the new key and value
+    const bool append = QKV && p < max_seq && start <= p && p < end;
     if (QKV) {
         for (int idx = tid; idx < G * half; idx += AB_THREADS) {
             const int h = idx / half, i = idx - h * half;
@@ -1127,115 +1146,102 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
             const size_t vo = (size_t)kv_heads * hd;  // v rows follow the k rows
             for (int i = tid; i < half; i += AB_THREADS) rope_pair(krow, kb, i, p, kv_new);
             for (int e = tid; e < hd; e += AB_THREADS) kv_new[AB_MAX_HD + e] = krow[vo + e] + kb[vo + e];
+            __syncthreads();
+            if (sub == 0)  // into the caches now: no block reads slot p this step (this one patches its tile)
+                for (int e = tid; e < hd; e += AB_THREADS) {
+                    k_cache[kv_base + (size_t)p * hd + e] = kv_new[e];
+                    v_cache[kv_base + (size_t)p * hd + e] = kv_new[AB_MAX_HD + e];
+                }
         }
     }
 
-    const int key = tid >> 3, seg = tid & 7;  // scores: 8 lanes per key, each d8 dims of every head
-    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};  // heads warp and warp + 8 (warp-uniform)
-    float acc[(AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS];  // p.V: element tid + i * 256 of [G][hd]
+    // warp w owns query heads w and w + 8 (u = 0, 1): scores with one key a lane, p.V with dims lane + 32 j a lane
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};
+    float o[2][AB_MAX_HD / 32];
 #pragma unroll
-    for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) acc[i] = 0.0f;
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int j = 0; j < AB_MAX_HD / 32; ++j) o[u][j] = 0.0f;
 
-    for (int t0 = start; t0 < end; t0 += AB_TK) {
-        const int nt = min(AB_TK, end - t0);
-        // K and V of the tile (split 0's first tile is in flight already: its rows past nt are masked like zeros)
-        if (!(early && t0 == 0)) copy_tile(t0, nt);
+    for (int it = 0; it < ntiles; ++it) {
+        const int t0 = start + it * AB_TK, nt = min(AB_TK, end - t0);
+        // tile it is in flight (split 0's first tile: its rows past nt are masked like zeros)
         db_cp_commit();
-        if (ATTN_BATCHED_TRIGGER == 1 && t0 == start) PDL_LAUNCH_DEPENDENTS();
+        if (ATTN_BATCHED_TRIGGER == 1 && it == 0) PDL_LAUNCH_DEPENDENTS();
         db_cp_wait<0>();
         __syncthreads();
         if (QKV && append && p - t0 < nt) {  // the tile holds key p: the new key and value (block-uniform)
             for (int e = tid; e < hd; e += AB_THREADS) {
-                const float kn = kv_new[e], vn = kv_new[AB_MAX_HD + e];
-                ks[(p - t0) * AB_LD + e] = kn;
-                vs[(p - t0) * AB_LD + e] = vn;
-                if (sub == 0) {
-                    k_cache[kv_base + (size_t)p * hd + e] = kn;
-                    v_cache[kv_base + (size_t)p * hd + e] = vn;
-                }
+                ks[(p - t0) * ld + e] = kv_new[e];
+                vs[(p - t0) * ld + e] = kv_new[AB_MAX_HD + e];
             }
             __syncthreads();
         }
-        // scores
-        {
-            float dot[AB_MAX_GROUP];
-#pragma unroll
-            for (int h = 0; h < AB_MAX_GROUP; ++h) dot[h] = 0.0f;
-            for (int d = seg * d8; d < seg * d8 + d8; ++d) {
-                const float kv = ks[key * AB_LD + d];
-#pragma unroll
-                for (int h = 0; h < AB_MAX_GROUP; ++h)
-                    if (h < G) dot[h] = fmaf(qs[h * hd + d], kv, dot[h]);
-            }
-#pragma unroll
-            for (int h = 0; h < AB_MAX_GROUP; ++h) {
-                if (h < G) {
-                    float v = dot[h];
-                    v += db_shfl_xor(v, 4);
-                    v += db_shfl_xor(v, 2);
-                    v += db_shfl_xor(v, 1);
-                    if ((h & 7) == seg) ps[h * AB_TK + key] = key < nt ? scale * v : NEG_INF;
-                }
-            }
-        }
-        __syncthreads();
-        // online softmax: warp w owns heads w and w + 8 (AB_TK == 32: one key per lane)
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
             const int h = warp + 8 * u;
-            if (h < G) {
-                const float sc = ps[h * AB_TK + lane];
-                const float m_new = fmaxf(m_run[u], db_warp_max(sc));  // finite: the tile has >= 1 key
-                const float pr = lane < nt ? expf(sc - m_new) : 0.0f;
-                const float c = expf(m_run[u] - m_new);  // 0 on the first tile
-                l_run[u] = l_run[u] * c + db_warp_sum(pr);
-                m_run[u] = m_new;
-                ps[h * AB_TK + lane] = pr;
-                if (lane == 0) corr_s[h] = c;
+            if (h >= G) continue;  // warp-uniform
+            // score of key `lane`: its K row (float4s, rows ld floats apart: conflict-free) against q (broadcast)
+            float sc = NEG_INF;
+            if (lane < nt) {
+                const float4* k4 = reinterpret_cast<const float4*>(ks + lane * ld);
+                const float4* q4 = reinterpret_cast<const float4*>(qs + h * hd);
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma unroll AB_UNROLL
+                for (int c = 0; c < hd / 4; ++c) {
+                    const float4 kv = k4[c], qv = q4[c];
+                    a0 = fmaf(qv.x, kv.x, a0);
+                    a1 = fmaf(qv.y, kv.y, a1);
+                    a2 = fmaf(qv.z, kv.z, a2);
+                    a3 = fmaf(qv.w, kv.w, a3);
+                }
+                sc = scale * ((a0 + a1) + (a2 + a3));
             }
-        }
-        __syncthreads();
-        // p.V
+            // online softmax over the warp's keys (the tile has >= 1 key, so m_new is finite)
+            const float m_new = fmaxf(m_run[u], db_warp_max(sc));
+            const float pr = lane < nt ? expf(sc - m_new) : 0.0f;
+            const float c = expf(m_run[u] - m_new);  // 0 on the first tile
+            l_run[u] = l_run[u] * c + db_warp_sum(pr);
+            m_run[u] = m_new;
+            // p.V: every key's p from its lane, the V rows read along the dims (conflict-free); keys past nt are
+            // skipped (vs may hold anything there)
 #pragma unroll
-        for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) {
-            const int e = tid + i * AB_THREADS, h = e / hd, d = e - h * hd;
-            if (h < G) {
-                float a = acc[i] * corr_s[h];
-                for (int t = 0; t < nt; ++t) a = fmaf(ps[h * AB_TK + t], vs[t * AB_LD + d], a);
-                acc[i] = a;
+            for (int j = 0; j < AB_MAX_HD / 32; ++j) o[u][j] *= c;
+#pragma unroll AB_UNROLL
+            for (int t = 0; t < nt; ++t) {
+                const float pt = db_shfl(pr, t);
+                const float* vrow = vs + t * ld + lane;
+#pragma unroll
+                for (int j = 0; j < AB_MAX_HD / 32; ++j)
+                    if (lane + 32 * j < hd) o[u][j] = fmaf(pt, vrow[32 * j], o[u][j]);
             }
         }
-        __syncthreads();  // ks, vs, ps are rewritten by the next tile
+        __syncthreads();  // the tile is rewritten by the next one
+        if (it + 1 < ntiles) copy_tile(t0 + AB_TK, min(AB_TK, end - t0 - AB_TK));
     }
     if (ATTN_BATCHED_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
+    const int splits = gridDim.y;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
         const int h = warp + 8 * u;
-        if (h < G && lane == 0) {
-            m_s[h] = m_run[u];
-            l_s[h] = l_run[u];
+        if (h >= G) continue;
+        const size_t row = (size_t)b * heads + h0 + h;
+        if (nlive == 1) {
+            const float inv = 1.0f / l_run[u];
+#pragma unroll
+            for (int j = 0; j < AB_MAX_HD / 32; ++j)
+                if (lane + 32 * j < hd) out[row * hd + lane + 32 * j] = from_float<O>(o[u][j] * inv);
+            continue;
+        }
+#pragma unroll
+        for (int j = 0; j < AB_MAX_HD / 32; ++j)
+            if (lane + 32 * j < hd) part_o[(row * splits + s) * hd + lane + 32 * j] = o[u][j];
+        if (lane == 0) {
+            part_ml[(row * splits + s) * 2 + 0] = m_run[u];
+            part_ml[(row * splits + s) * 2 + 1] = l_run[u];
         }
     }
-    __syncthreads();
-    const int splits = gridDim.y;
-    if (nlive == 1) {
-#pragma unroll
-        for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) {
-            const int e = tid + i * AB_THREADS, h = e / hd;
-            if (h < G) out[((size_t)b * heads + h0) * hd + e] = from_float<O>(acc[i] / l_s[h]);
-        }
-        return;
-    }
-#pragma unroll
-    for (int i = 0; i < (AB_MAX_GROUP * AB_MAX_HD) / AB_THREADS; ++i) {
-        const int e = tid + i * AB_THREADS, h = e / hd, d = e - h * hd;
-        if (h < G) part_o[(((size_t)b * heads + h0 + h) * splits + s) * hd + d] = acc[i];
-    }
-    if (tid < G) {
-        const size_t row = ((size_t)b * heads + h0 + tid) * splits + s;
-        part_ml[row * 2 + 0] = m_s[tid];
-        part_ml[row * 2 + 1] = l_s[tid];
-    }
+    if (nlive == 1) return;
     __threadfence();
     __syncthreads();
     int* counter = counters + (size_t)b * heads + h0;
@@ -1243,11 +1249,11 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    attn_combine(part_o, part_ml, out, (size_t)b * heads + h0, G, splits, nlive, hd, kvs, 2 * AB_TK * AB_LD);
+    attn_combine(part_o, part_ml, out, (size_t)b * heads + h0, G, splits, nlive, hd, kvs, AB_KV_FLOATS);
     if (tid == 0) *counter = 0;
 }
 
-extern "C" __global__ void __launch_bounds__(AB_THREADS)
+extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)
     attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
                         float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
                         int max_seq, int chunk, float scale) {
@@ -1258,7 +1264,7 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS)
 }
 
 #define DEFINE_ATTN_QKV(SUFFIX, T)                                                                              \
-    extern "C" __global__ void __launch_bounds__(AB_THREADS) attn_qkv_##SUFFIX(                                \
+    extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS) attn_qkv_##SUFFIX(                                \
         const float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,                  \
         const float* inv_freq, float* part_o, float* part_ml, int* counters, T* out, int heads, int kv_heads, \
         int head_dim, int max_seq, int chunk, float scale) {                                                   \

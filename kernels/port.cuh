@@ -24,6 +24,7 @@
 //                                            (warpSize lanes: 32 on NVIDIA, 64 on CDNA, 32 or 64 on RDNA);
 //                                            T float or int. CUDA: __shfl_xor_sync(DB_FULL_MASK, v, o);
 //                                            HIP: __shfl_xor(v, o). Every lane of the warp must call it.
+//                T db_shfl(T v, int src)     v of lane src (a broadcast), the same way: __shfl_sync / __shfl
 //                float db_warp_sum(float v)  butterfly sum / max over warpSize lanes, offsets warpSize/2,
 //                float db_warp_max(float v)  ..., 1 (the run-time warpSize): result in every lane
 //                float db_block_sum(float v, float* sh)   block-wide sum / max, result in every thread;
@@ -140,6 +141,15 @@ __device__ __forceinline__ T db_shfl_xor(T v, int o) {
     return __shfl_xor_sync(DB_FULL_MASK, v, o);
 #else
     return __shfl_xor(v, o);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T db_shfl(T v, int src) {
+#if DB_CUDA
+    return __shfl_sync(DB_FULL_MASK, v, src);
+#else
+    return __shfl(v, src);
 #endif
 }
 

@@ -124,7 +124,7 @@ def test_buckets_choose_their_kernels(wt):
         if batch >= 8:
             attn = chosen["attn"]
             assert attn.grid[0] == batch * 4 and attn.grid[1] <= 8
-            assert {a.param.name: a.value for a in attn.args}["chunk"] == 32
+            assert {a.param.name: a.value for a in attn.args}["chunk"] == 64
 
 
 GEMM_LAYER = ["attn_norm", "qkv_gemm", "attn", "o_gemm", "mlp_norm", "gate_up_gemm", "silu", "down_gemm"]
@@ -159,6 +159,7 @@ def test_gemm_path_from_gemm_batch(wt):
             attn = by_id["attn.21"]
             assert attn.kernel == "attn_qkv" and p.kernels["attn_qkv"].entry == f"attn_qkv_{wt}"
             args = {a.param.name: a for a in attn.args}
+            assert args["chunk"].value == 64  # attn_min_keys
             assert {k: args[k].view.label for k in ("qkv", "k_cache", "v_cache", "bias", "out")} == {
                 "qkv": "qkv", "k_cache": "k_cache[21]", "v_cache": "v_cache[21]", "bias": "qkv_bias[21]",
                 "out": "attn_h"}

@@ -310,6 +310,7 @@ QKV_ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits, 
     (5, 36, 2, 128, 600, 64, 3, "bf16"),  # 18 query heads a kv head: two blocks a kv head (16 + 2 heads)
     (3, 14, 2, 64, 129, 16, 9, "f32"),
     (6, 8, 2, 32, 40, 8, 5, "f16"),  # a position past the cache, a padding row, position 0, short splits
+    (5, 8, 2, 64, 50, 1, 4, "f32"),  # position 4: 4 splits of 2 keys, the last one empty (key 4 is split 2's)
 ]
 QKV_ATTN_TOL = {"f32": 1e-5, "f16": 1e-3, "bf16": 8e-3}  # the output is rounded once to wt
 
@@ -339,6 +340,8 @@ def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, spl
             pos[2] = 0
         if batch > 3:
             pos[3] = max_seq
+        if batch > 4:
+            pos[4] = 4
         for r in range(batch):  # the slot being appended and every slot past it are never read from the cache
             kc[r, :, max(pos[r], 0):] = np.nan
             vc[r, :, max(pos[r], 0):] = np.nan
