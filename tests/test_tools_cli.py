@@ -29,3 +29,20 @@ def test_device_check_stages_parse():
     text = script.read_text()
     for stage in ("tests", "stack", "stackknobs", "stackbench", "loopstack", "mvc", "engines", "batch", "loop"):
         assert f"\n    {stage})" in text, stage
+
+
+@pytest.mark.parametrize("batch,max_seq", [(16, 192), (64, 192), (256, 2112), (64, 2112)])
+def test_bench_attn_auto_splits_are_the_specs(batch, max_seq):
+    """tools/bench_attn.py's "auto" split count and variant options are what the fused spec launches."""
+    from helpers import load_tool
+
+    from dagbuild.llama.decode import llama_plan
+
+    tool = load_tool("bench_attn")
+    dims = {"batch": batch, "cache_batch": batch, "max_seq": max_seq}
+    plan = llama_plan(dims, ROOT / "specs" / "llama_decode_fused.yaml")
+    attn = next(n.op for n in plan.nodes if n.id == "attn.0")
+    assert attn.kernel == "attn_qkv" and attn.grid == (batch * tool.KV_HEADS, tool.auto_splits(batch, max_seq), 1)
+    assert {a.param.name: a.value for a in attn.args}["chunk"] == tool.MIN_KEYS
+    assert tool.variant_options("base") == tuple(plan.kernels["attn_qkv"].options)
+    assert tool.variant_options("A=1,B=2") == (*plan.kernels["attn_qkv"].options, "-DA=1", "-DB=2")

@@ -33,11 +33,14 @@ PY
       ;;
     pool)
       timeout 300 python3 tools/bench_pool.py --json "$OUT/bench_pool.json" 2>&1 | tail -12 ;;
-    attnbatch)  # issue 15 / 8 experiment: the batched attention (one block per KV head) below batch 8
-      for ab in 8 1; do
+    attnbatch)  # issue 15 / 8: the batched attention (one block per KV head) from 2 rows (the default) or 1
+      for ab in 2 1; do
         timeout 200 python3 tools/bench_batch.py --no-hf --contexts 128,2048 --batches 1,2,4 --steps 10 \
           --set attn_batch=$ab --json "$OUT/attn_batch_$ab.json" --png "$OUT/attn_batch_$ab.png" 2>&1 | tail -12
       done ;;
+    attnkernel)  # issue 15: the batched attention alone, the spec's splits and a few others
+      timeout 200 python3 tools/bench_attn.py --batches 16,64,256 --contexts 128,2048 --splits auto,1,2,4 \
+        --json "$OUT/bench_attn.json" 2>&1 | grep -v -i warn ;;
     poolfused)  # issue 15: 67 buckets of the fused spec, each with the kernel its variants pick
       timeout 400 python3 tools/bench_pool.py --spec specs/llama_decode_fused.yaml --json "$OUT/bench_pool_fused.json" 2>&1 | tail -12 ;;
     poolgemm)  # issue 15: how long the GEMM path's buckets take to build (fresh nodes; 89 cuBLAS child graphs each)
