@@ -238,7 +238,7 @@ _ENTRY_RE = re.compile(r"\.entry\s+([A-Za-z_$%][\w$]*)\s*\(([^)]*)\)")
 _COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _uncommented(ptx: str) -> str:
     """``ptx`` without comments. Kept per PTX text: a module's PTX is megabytes, and a pool asks about it once
     per bucket and node (the string's hash is cached on the object, so a hit costs nothing)."""
@@ -436,7 +436,7 @@ _FUNC_START = re.compile(
 _CALL = re.compile(r"\bcall(?:\.uni)?\s+(?:\([^)]*\)\s*,\s*)?([A-Za-z_$%][\w$]*)")
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _bodies(ptx: str) -> dict[str, str]:
     """Each ``.entry``/``.func`` name → its text up to the next one (shared: callers only read it)."""
     text = _uncommented(ptx)

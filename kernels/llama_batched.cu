@@ -1065,7 +1065,7 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
                                                   const float* bias, const float* inv_freq, float* part_o,
                                                   float* part_ml, int* counters, O* out, int heads, int kv_heads,
                                                   int head_dim, int max_seq, int chunk, float scale) {
-    __shared__ AB_ALIGN16 float kvs[AB_KV_FLOATS];  // K tile, V tile (twice when double-buffered); the combine's
+    __shared__ AB_ALIGN16 float kvs[AB_KV_FLOATS];  // the K tile, then the V tile; the combine's partials
     __shared__ AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
     __shared__ AB_ALIGN16 float kv_new[QKV ? 2 * AB_MAX_HD : 4];  // QKV: the row's new key (roped), then value
     __shared__ int s_last;
