@@ -49,6 +49,9 @@ class CompileError(DagbuildError):
         self.kernel, self.log = kernel, log
         super().__init__(f"kernel {kernel!r} failed to compile:\n{log.strip()}")
 
+    def __reduce__(self):  # picklable: tools/prebuild.py compiles in worker processes
+        return (type(self), (self.kernel, self.log))
+
 
 class DriverError(DagbuildError):
     """A CUDA/HIP driver call failed. ``node``/``kernel`` name the spec node when known."""

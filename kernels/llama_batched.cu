@@ -1016,7 +1016,9 @@ DEFINE_TC_F32(mvc)
 // per tile, lane t scores key t against the head's q (its K row in float4s from shared memory, q broadcast),
 // the warp's online softmax needs no shared memory, and p.V gives lane l dims l + 32 j (each key's p from its
 // lane by shuffle, the V row read along the dims): per tile one barrier after the copies and one before the
-// buffer is refilled, and every shared read conflict-free (rows of head_dim + 4 floats). nlive == 1: the block writes out; else partials (o, m, l) per head to
+// buffer is refilled, and every shared read conflict-free (rows of head_dim + 4 floats). A group of at most 4
+// query heads at head_dim <= 64 gives each head two warps instead (tiles of 64 keys, 32 a warp, the two warps'
+// (m, l, o) merged at the end), so half the warps do not idle (ab_warps_a_head). nlive == 1: the block writes out; else partials (o, m, l) per head to
 // part_o/part_ml and the last block of the row's head group (a counter, counters[b * heads + first head], left
 // at zero) combines them with attn_combine, as attn_decode. L <= 0: split 0 writes zeros.
 //
@@ -1044,10 +1046,12 @@ DEFINE_TC_F32(mvc)
 #define AB_MAX_HD 128
 #define AB_LD (AB_MAX_HD + 4)
 #define AB_ALIGN16 __attribute__((aligned(16)))
-// K/V tiles: rows of head_dim + 4 floats (16-byte aligned rows, 4-bank skew between keys), one K and one V tile.
+// K/V tiles: rows of head_dim + 4 floats (16-byte aligned rows, 4-bank skew between keys), one K and one V tile of
+// AB_TK * S keys: a group of at most 4 query heads gives each head S = 2 warps where a 64-key tile fits (head_dim
+// <= 64), each scoring its own AB_TK keys of every tile, merged at the end, so half the warps do not idle.
 // H100, tools/bench_attn.py (attn_qkv_f16, TinyLlama heads, one run): single-buffered at 64 registers (4 blocks an
 // SM) beat double-buffered tiles (another tile in flight, fewer blocks) at every batch and context measured.
-#define AB_KV_FLOATS (2 * AB_TK * AB_LD)
+#define AB_KV_FLOATS (2 * 64 * (64 + 4) > 2 * AB_TK * AB_LD ? 2 * 64 * (64 + 4) : 2 * AB_TK * AB_LD)
 // unrolling of the score and p.V loops (loads in flight a lane)
 #ifndef AB_UNROLL
 #define AB_UNROLL 2
@@ -1058,17 +1062,30 @@ DEFINE_TC_F32(mvc)
 #define AB_MIN_BLOCKS 4
 #endif
 
+struct AbShared {
+    AB_ALIGN16 float kvs[AB_KV_FLOATS];  // the K tile, then the V tile; the combine's partials
+    AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
+    AB_ALIGN16 float kv_new[2 * AB_MAX_HD];  // QKV: the row's new key (roped), then its value
+    int s_last;
+};
+
+// Warps a query head: 2 where the group has at most 4 heads (8 warps) and a 2 * AB_TK-key tile fits the buffer.
+__device__ __forceinline__ int ab_warps_a_head(int group, int head_dim) {
+    return 2 * group <= AB_THREADS / 32 && 2 * 2 * AB_TK * (head_dim + 4) <= AB_KV_FLOATS ? 2 : 1;
+}
+
 // QKV: q is the QKV GEMM's output (rope, bias and the KV append here); else q is the roped q [batch, heads,
 // head_dim] and the caches hold key p already (bias and inv_freq unused, nothing written to the caches).
-template <typename O, bool QKV>
-__device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache, float* v_cache, const int* pos,
-                                                  const float* bias, const float* inv_freq, float* part_o,
-                                                  float* part_ml, int* counters, O* out, int heads, int kv_heads,
-                                                  int head_dim, int max_seq, int chunk, float scale) {
-    __shared__ AB_ALIGN16 float kvs[AB_KV_FLOATS];  // the K tile, then the V tile; the combine's partials
-    __shared__ AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
-    __shared__ AB_ALIGN16 float kv_new[QKV ? 2 * AB_MAX_HD : 4];  // QKV: the row's new key (roped), then value
-    __shared__ int s_last;
+// S: warps a query head (ab_warps_a_head), a template argument so the one-warp form keeps its registers.
+template <typename O, bool QKV, int S>
+__device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, float* k_cache, float* v_cache,
+                                                  const int* pos, const float* bias, const float* inv_freq,
+                                                  float* part_o, float* part_ml, int* counters, O* out, int heads,
+                                                  int kv_heads, int head_dim, int max_seq, int chunk, float scale) {
+    float* kvs = sh.kvs;
+    float* qs = sh.qs;
+    float* kv_new = sh.kv_new;
+    int& s_last = sh.s_last;
     DB_TRACE_BLOCK();
     if (ATTN_BATCHED_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1078,14 +1095,19 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
     const int G = QKV ? min(AB_MAX_GROUP, group - sub * AB_MAX_GROUP) : group;  // query heads of this block
     const int h0 = kvh * group + sub * AB_MAX_GROUP;  // its first query head
     const int hd = head_dim, half = hd / 2, ld = hd + 4;
+    constexpr int TKE = AB_TK * S;  // keys a tile
+    constexpr int NU = S == 1 ? 2 : 1;  // heads a warp
+    // warp w: with S == 1 heads w and w + 8; else head w % G and keys [32 sl, 32 sl + 32) of each tile; a warp
+    // past S slices (G not dividing 8) gets head G: none
+    const int sl = S > 1 ? warp / G : 0, hw = S > 1 ? (sl < S ? warp - sl * G : G) : warp;
     const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)hd;
     const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * hd;
     const float* qg = QKV ? q + (size_t)b * qkv_width + (size_t)h0 * hd : q + ((size_t)b * heads + h0) * hd;
-    // K and V rows [t0, t0 + AB_TK) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
+    // K and V rows [t0, t0 + TKE) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
     float* ks = kvs;
-    float* vs = kvs + AB_TK * ld;
+    float* vs = kvs + TKE * ld;
     auto copy_tile = [&](int t0, int nt) {
-        for (int c = tid; c < AB_TK * (hd / 4); c += AB_THREADS) {
+        for (int c = tid; c < TKE * (hd / 4); c += AB_THREADS) {
             const int r = c / (hd / 4), ch = c - r * (hd / 4);
             const bool ok = r < nt;
             const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * 4;
@@ -1111,7 +1133,7 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
     const bool early = s == 0;
     if (early) {
         copy_q();
-        copy_tile(0, min(AB_TK, max_seq));
+        copy_tile(0, min(TKE, max_seq));
     }
     db_cp_commit();
     const int p = pos[b];
@@ -1126,10 +1148,10 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
     if (s >= nlive) return;
     const int per = (L + nlive - 1) / nlive;
     const int start = s * per, end = min(L, start + per);
-    const int ntiles = (end - start + AB_TK - 1) / AB_TK;
+    const int ntiles = (end - start + TKE - 1) / TKE;
     if (!early) {  // q and the first tile (split 0 has both in flight already)
         copy_q();
-        copy_tile(start, min(AB_TK, end - start));
+        copy_tile(start, min(TKE, end - start));
     }
     db_cp_commit();
     // QKV: the block whose keys hold p (when p < max_seq: the last split with any keys) replaces the cache row
@@ -1156,15 +1178,21 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
     }
 
     // warp w owns query heads w and w + 8 (u = 0, 1): scores with one key a lane, p.V with dims lane + 32 j a lane
-    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};
-    float o[2][AB_MAX_HD / 32];
+    float m_run[NU], l_run[NU];
+    float o[NU][AB_MAX_HD / 32];
 #pragma unroll
-    for (int u = 0; u < 2; ++u)
+    for (int u = 0; u < NU; ++u) {
+        m_run[u] = NEG_INF;
+        l_run[u] = 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < NU; ++u)
 #pragma unroll
         for (int j = 0; j < AB_MAX_HD / 32; ++j) o[u][j] = 0.0f;
 
     for (int it = 0; it < ntiles; ++it) {
-        const int t0 = start + it * AB_TK, nt = min(AB_TK, end - t0);
+        const int t0 = start + it * TKE, nt = min(TKE, end - t0);
+        const int nw = min(AB_TK, nt - AB_TK * sl);  // this warp's keys of the tile (<= 0: none)
         // tile it is in flight (split 0's first tile: its rows past nt are masked like zeros)
         db_cp_commit();
         if (ATTN_BATCHED_TRIGGER == 1 && it == 0) PDL_LAUNCH_DEPENDENTS();
@@ -1178,13 +1206,14 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
             __syncthreads();
         }
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-            const int h = warp + 8 * u;
-            if (h >= G) continue;  // warp-uniform
-            // score of key `lane`: its K row (float4s, rows ld floats apart: conflict-free) against q (broadcast)
+        for (int u = 0; u < NU; ++u) {
+            const int h = hw + 8 * u;
+            if (h >= G || nw <= 0) continue;  // warp-uniform
+            // score of key 32 sl + lane: its K row (float4s, rows ld floats apart: conflict-free) against q
+            // (a broadcast)
             float sc = NEG_INF;
-            if (lane < nt) {
-                const float4* k4 = reinterpret_cast<const float4*>(ks + lane * ld);
+            if (lane < nw) {
+                const float4* k4 = reinterpret_cast<const float4*>(ks + (AB_TK * sl + lane) * ld);
                 const float4* q4 = reinterpret_cast<const float4*>(qs + h * hd);
                 float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma unroll AB_UNROLL
@@ -1199,32 +1228,64 @@ __device__ __forceinline__ void attn_batched_impl(const float* q, float* k_cache
             }
             // online softmax over the warp's keys (the tile has >= 1 key, so m_new is finite)
             const float m_new = fmaxf(m_run[u], db_warp_max(sc));
-            const float pr = lane < nt ? expf(sc - m_new) : 0.0f;
+            const float pr = lane < nw ? expf(sc - m_new) : 0.0f;
             const float c = expf(m_run[u] - m_new);  // 0 on the first tile
             l_run[u] = l_run[u] * c + db_warp_sum(pr);
             m_run[u] = m_new;
-            // p.V: every key's p from its lane, the V rows read along the dims (conflict-free); keys past nt are
+            // p.V: every key's p from its lane, the V rows read along the dims (conflict-free); keys past nw are
             // skipped (vs may hold anything there)
 #pragma unroll
             for (int j = 0; j < AB_MAX_HD / 32; ++j) o[u][j] *= c;
 #pragma unroll AB_UNROLL
-            for (int t = 0; t < nt; ++t) {
+            for (int t = 0; t < nw; ++t) {
                 const float pt = db_shfl(pr, t);
-                const float* vrow = vs + t * ld + lane;
+                const float* vrow = vs + (AB_TK * sl + t) * ld + lane;
 #pragma unroll
                 for (int j = 0; j < AB_MAX_HD / 32; ++j)
                     if (lane + 32 * j < hd) o[u][j] = fmaf(pt, vrow[32 * j], o[u][j]);
             }
         }
         __syncthreads();  // the tile is rewritten by the next one
-        if (it + 1 < ntiles) copy_tile(t0 + AB_TK, min(AB_TK, end - t0 - AB_TK));
+        if (it + 1 < ntiles) copy_tile(t0 + TKE, min(TKE, end - t0 - TKE));
     }
     if (ATTN_BATCHED_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
+    if constexpr (S > 1) {  // slices 1.. hand (m, l, o) to slice 0 through the tile buffer (free: the loop ended on a barrier)
+        float* mo = kvs + (sl * G + hw) * (hd + 2);
+        if (sl > 0 && hw < G) {
+            for (int j = 0; j < AB_MAX_HD / 32; ++j)
+                if (lane + 32 * j < hd) mo[lane + 32 * j] = o[0][j];
+            if (lane == 0) {
+                mo[hd] = m_run[0];
+                mo[hd + 1] = l_run[0];
+            }
+        }
+        __syncthreads();
+        if (sl == 0) {
+            float M = m_run[0];
+            for (int t = 1; t < S; ++t) M = fmaxf(M, kvs[(t * G + hw) * (hd + 2) + hd]);
+            if (M != NEG_INF) {  // else no slice saw a key (an empty split): (-inf, 0, 0) as it is
+                const float c0 = expf(m_run[0] - M);
+                l_run[0] *= c0;
+#pragma unroll
+                for (int j = 0; j < AB_MAX_HD / 32; ++j) o[0][j] *= c0;
+                for (int t = 1; t < S; ++t) {
+                    const float* mt = kvs + (t * G + hw) * (hd + 2);
+                    const float c = expf(mt[hd] - M);
+                    l_run[0] = fmaf(c, mt[hd + 1], l_run[0]);
+#pragma unroll
+                    for (int j = 0; j < AB_MAX_HD / 32; ++j)
+                        if (lane + 32 * j < hd) o[0][j] = fmaf(c, mt[lane + 32 * j], o[0][j]);
+                }
+                m_run[0] = M;
+            }
+        }
+        __syncthreads();  // the combine below reuses the buffer
+    }
     const int splits = gridDim.y;
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-        const int h = warp + 8 * u;
-        if (h >= G) continue;
+    for (int u = 0; u < NU; ++u) {
+        const int h = hw + 8 * u;
+        if (h >= G || sl != 0) continue;
         const size_t row = (size_t)b * heads + h0 + h;
         if (nlive == 1) {
             const float inv = 1.0f / l_run[u];
@@ -1257,10 +1318,16 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)
     attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
                         float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
                         int max_seq, int chunk, float scale) {
+    __shared__ AbShared sh;
     // nothing is written to the caches without QKV
-    attn_batched_impl<float, false>(q, const_cast<float*>(k_cache), const_cast<float*>(v_cache), pos, nullptr,
-                                    nullptr, part_o, part_ml, counters, out, heads, kv_heads, head_dim, max_seq,
-                                    chunk, scale);
+    float* kc = const_cast<float*>(k_cache);
+    float* vc = const_cast<float*>(v_cache);
+    if (ab_warps_a_head(heads / kv_heads, head_dim) == 2)
+        attn_batched_impl<float, false, 2>(sh, q, kc, vc, pos, nullptr, nullptr, part_o, part_ml, counters, out,
+                                           heads, kv_heads, head_dim, max_seq, chunk, scale);
+    else
+        attn_batched_impl<float, false, 1>(sh, q, kc, vc, pos, nullptr, nullptr, part_o, part_ml, counters, out,
+                                           heads, kv_heads, head_dim, max_seq, chunk, scale);
 }
 
 #define DEFINE_ATTN_QKV(SUFFIX, T)                                                                              \
@@ -1268,8 +1335,13 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)
         const float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,                  \
         const float* inv_freq, float* part_o, float* part_ml, int* counters, T* out, int heads, int kv_heads, \
         int head_dim, int max_seq, int chunk, float scale) {                                                   \
-        attn_batched_impl<T, true>(qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out, \
-                                   heads, kv_heads, head_dim, max_seq, chunk, scale);                          \
+        __shared__ AbShared sh;                                                                                \
+        if (ab_warps_a_head(heads / kv_heads, head_dim) == 2)                                                  \
+            attn_batched_impl<T, true, 2>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml,    \
+                                          counters, out, heads, kv_heads, head_dim, max_seq, chunk, scale);    \
+        else                                                                                                   \
+            attn_batched_impl<T, true, 1>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml,    \
+                                          counters, out, heads, kv_heads, head_dim, max_seq, chunk, scale);    \
     }
 DEFINE_ATTN_QKV(f32, float)
 DEFINE_ATTN_QKV(f16, db_f16)

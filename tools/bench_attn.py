@@ -1,13 +1,14 @@
 """Batched decode attention alone (kernels/llama_batched.cu): device µs a call and GB/s of KV cache read, one GPU.
 
-The GEMM path's attn_qkv_<wt> (RoPE, KV append and the cast folded in) and attn_decode_batched, TinyLlama's heads
-(32 query heads, 4 KV heads, head_dim 64), every row at position --contexts - 1, for each batch of --batches and
-each split count of --splits ("auto" is the fused spec's grid: min(ceil_div(max_seq, attn_chunk),
-ceil_div(4 * sms, batch * kv_heads))). 20 calls a CuPy-captured graph, median of 5 replays. Each -D variant of
---variant (NAME=V,NAME=V; "base" is the source's defaults) is its own module: prebuild them with --prebuild (no
-GPU needed) and carry the cache directory, or the GPU machine compiles them (NVRTC: about a minute each).
+The GEMM path's attn_qkv_<wt> (RoPE, KV append and the cast folded in) and attn_decode_batched, 32 query heads
+of head_dim 64 in 4 KV heads (TinyLlama; --kv-heads 8: Llama-3.2-1B), every row at position --contexts - 1, for
+each batch of --batches and each split count of --splits ("auto" is the fused spec's grid:
+min(ceil_div(max_seq, attn_chunk), ceil_div(4 * sms, batch * kv_heads))). 20 calls a CuPy-captured graph, median
+of 5 replays. Each -D variant of --variant (NAME=V,NAME=V; "base" is the source's defaults) is its own module:
+prebuild them with --prebuild (no GPU needed) and carry the cache directory, or the GPU machine compiles them
+(NVRTC: about a minute each). --source runs another copy of the kernels (an A/B against an older version).
 
-    python3 tools/bench_attn.py --prebuild --variant base --variant AB_DOUBLE=0,AB_PV_SPLIT=1
+    python3 tools/bench_attn.py --prebuild --variant base --variant AB_UNROLL=1
     python3 tools/bench_attn.py --batches 16,64,256 --contexts 128,2048 --splits auto,1,2,4 --variant base ...
 """
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 SRC = ROOT / "kernels" / "llama_batched.cu"
 BASE_OPTIONS = ("-DMMA_CLUSTER=8",)  # the fused spec's options for this module
-HEADS, KV_HEADS, HEAD_DIM, CHUNK, MIN_KEYS, SMS = 32, 4, 64, 64, 64, 132  # the fused spec's dims
+HEADS, KV_HEADS, HEAD_DIM, CHUNK, MIN_KEYS, SMS = 32, 4, 64, 64, 64, 132  # the fused spec's dims (TinyLlama)
 CALLS, REPS = 20, 5
 
 
@@ -36,9 +37,9 @@ def variant_options(variant: str) -> tuple[str, ...]:
     return BASE_OPTIONS + extra
 
 
-def auto_splits(batch: int, max_seq: int) -> int:
-    """The fused spec's attention grid (y) for TinyLlama's heads."""
-    return min(-(-max_seq // CHUNK), -(-4 * SMS // (batch * KV_HEADS)))
+def auto_splits(batch: int, max_seq: int, kv_heads: int = KV_HEADS) -> int:
+    """The fused spec's attention grid (y) for groups of at most 16 query heads."""
+    return min(-(-max_seq // CHUNK), -(-4 * SMS // (batch * kv_heads)))
 
 
 def main() -> int:
@@ -49,6 +50,8 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME=V,... or base (repeatable)")
     ap.add_argument("--kernel", choices=["attn_qkv_f16", "attn_decode_batched"], default="attn_qkv_f16")
     ap.add_argument("--prebuild", action="store_true", help="only compile the variants into the kernel cache")
+    ap.add_argument("--kv-heads", type=int, default=KV_HEADS,
+                    help=f"KV heads of the {HEADS} query heads (default {KV_HEADS}: TinyLlama; 8: Llama-3.2-1B)")
     ap.add_argument("--source", default=str(SRC), help="the kernel source (e.g. an older copy, for A/B)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -67,20 +70,21 @@ def main() -> int:
 
     from dagbuild.llama import reference as ref
 
+    kvh = args.kv_heads
     rows = []
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    print(f"{name} · {args.kernel} · heads {HEADS}/{KV_HEADS} · head_dim {HEAD_DIM} · µs a call (GB/s of KV)")
+    print(f"{name} · {args.kernel} · heads {HEADS}/{kvh} · head_dim {HEAD_DIM} · µs a call (GB/s of KV)")
     mods = {v: kernels.load_module(source, "attn_bench", variant_options(v)) for v in variants}
     stream = cp.cuda.Stream(non_blocking=True)
     for ctx in (int(c) for c in args.contexts.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             max_seq = ctx + 64
             rng = np.random.default_rng(0)
-            width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+            width = (HEADS + 2 * kvh) * HEAD_DIM
             q = cp.asarray(rng.standard_normal((batch, width if args.kernel.startswith("attn_qkv") else
                                                 HEADS * HEAD_DIM), dtype=np.float32))
-            kc = cp.asarray(rng.standard_normal((batch, KV_HEADS, max_seq, HEAD_DIM), dtype=np.float32))
-            vc = cp.asarray(rng.standard_normal((batch, KV_HEADS, max_seq, HEAD_DIM), dtype=np.float32))
+            kc = cp.asarray(rng.standard_normal((batch, kvh, max_seq, HEAD_DIM), dtype=np.float32))
+            vc = cp.asarray(rng.standard_normal((batch, kvh, max_seq, HEAD_DIM), dtype=np.float32))
             pos = cp.full(batch, ctx - 1, np.int32)
             bias = cp.zeros(width, np.float32)
             inv_freq = cp.asarray(ref.rope_inv_freq(HEAD_DIM, 10000.0))
@@ -89,22 +93,22 @@ def main() -> int:
             part_ml = cp.zeros(batch * HEADS * nsplit_max * 2, np.float32)
             counters = cp.zeros(batch * HEADS, np.int32)
             out = cp.zeros(batch * HEADS * HEAD_DIM, np.float16 if args.kernel.endswith("f16") else np.float32)
-            kv_bytes = 2 * batch * KV_HEADS * ctx * HEAD_DIM * 4
+            kv_bytes = 2 * batch * kvh * ctx * HEAD_DIM * 4
             cp.cuda.Device().synchronize()  # the arrays above are filled on the null stream, the graph runs on `stream`
             for split_arg in args.splits.split(","):
-                splits = auto_splits(batch, max_seq) if split_arg == "auto" else min(int(split_arg), nsplit_max)
+                splits = auto_splits(batch, max_seq, kvh) if split_arg == "auto" else min(int(split_arg), nsplit_max)
                 line = {"context": ctx, "batch": batch, "splits": splits, "split_arg": split_arg}
                 for v, mod in mods.items():
                     fn = mod.get_function(args.kernel)
                     sc = np.float32(HEAD_DIM ** -0.5)
-                    common = (part_o, part_ml, counters, out, np.int32(HEADS), np.int32(KV_HEADS),
+                    common = (part_o, part_ml, counters, out, np.int32(HEADS), np.int32(kvh),
                               np.int32(HEAD_DIM), np.int32(max_seq), np.int32(MIN_KEYS), sc)
                     params = ((q, kc, vc, pos, bias, inv_freq, *common) if args.kernel.startswith("attn_qkv")
                               else (q, kc, vc, pos, *common))
                     with stream:
                         stream.begin_capture()
                         for _ in range(CALLS):
-                            fn((batch * KV_HEADS, splits), (256,), params)
+                            fn((batch * kvh, splits), (256,), params)
                         graph = stream.end_capture()
                         graph.launch(stream)
                         stream.synchronize()

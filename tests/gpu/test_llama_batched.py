@@ -268,6 +268,7 @@ ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits
     (64, 4, 4, 32, 50, 32, 1),
     (2, 16, 1, 96, 2100, 32, 40),  # 16 heads of 96 per kv head: the combine reads 3 splits per chunk
     (3, 8, 2, 64, 4096, 32, 64),  # 64 splits: 3 chunks
+    (4, 6, 2, 64, 200, 16, 4),  # 3 query heads a KV head: two warps a head, warps 6 and 7 idle
 ]
 
 
@@ -311,6 +312,7 @@ QKV_ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits, 
     (3, 14, 2, 64, 129, 16, 9, "f32"),
     (6, 8, 2, 32, 40, 8, 5, "f16"),  # a position past the cache, a padding row, position 0, short splits
     (5, 8, 2, 64, 50, 1, 4, "f32"),  # position 4: 4 splits of 2 keys, the last one empty (key 4 is split 2's)
+    (3, 4, 2, 64, 100, 16, 3, "bf16"),  # 2 query heads a KV head: two warps a head, each half of a 64-key tile
 ]
 QKV_ATTN_TOL = {"f32": 1e-5, "f16": 1e-3, "bf16": 8e-3}  # the output is rounded once to wt
 
