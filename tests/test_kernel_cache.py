@@ -151,3 +151,15 @@ def test_prebuild_names_what_blocktrace_compiles_for_each_knob():
     stack = ("-DLY_GROUPS=4", "-DLY_TABLE=112")
     assert options == sorted([trace, trace + diag, trace + both,
                               stack + trace, stack + trace + diag, stack + trace + both])
+
+
+def test_compile_error_survives_a_worker_process():
+    """tools/prebuild.py compiles in worker processes: a kernel's CompileError must reach the parent whole (it
+    is pickled there), not as a broken pool."""
+    import pickle
+
+    from dagbuild.errors import CompileError
+
+    e = pickle.loads(pickle.dumps(CompileError("gemv_res_mma", "llama_batched.cu(12): error: x is undefined")))
+    assert isinstance(e, CompileError) and e.kernel == "gemv_res_mma" and "x is undefined" in e.log
+    assert str(e).startswith("kernel 'gemv_res_mma' failed to compile:")
