@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--source", default=str(SRC), help="the kernel source (e.g. an older copy, for A/B)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.kv_heads < 1 or HEADS % args.kv_heads:
+        ap.error(f"--kv-heads must divide the {HEADS} query heads (got {args.kv_heads})")
     variants = args.variant or ["base"]
 
     from dagbuild import kernels
