@@ -1018,9 +1018,10 @@ DEFINE_TC_F32(mvc)
 // lane by shuffle, the V row read along the dims): per tile one barrier after the copies and one before the
 // buffer is refilled, and every shared read conflict-free (rows of head_dim + 4 floats). A group of at most 4
 // query heads at head_dim <= 64 gives each head two warps instead (tiles of 64 keys, 32 a warp, the two warps'
-// (m, l, o) merged at the end), so half the warps do not idle (ab_warps_a_head). nlive == 1: the block writes out; else partials (o, m, l) per head to
-// part_o/part_ml and the last block of the row's head group (a counter, counters[b * heads + first head], left
-// at zero) combines them with attn_combine, as attn_decode. L <= 0: split 0 writes zeros.
+// (m, l, o) merged at the end), so half the warps do not idle (ab_warps_a_head). nlive == 1: the block writes
+// out; else partials (o, m, l) per head to part_o/part_ml and the last block of the row's head group (a counter,
+// counters[b * heads + first head], left at zero) combines them with attn_combine, as attn_decode. L <= 0:
+// split 0 writes zeros.
 //
 // attn_qkv_<wt> (the GEMM path, batch >= gemm_batch): the same attention fed straight from the QKV GEMM's f32
 // output, so RoPE, the KV append and the cast to the O GEMM's input type need no nodes of their own:
@@ -1051,7 +1052,8 @@ DEFINE_TC_F32(mvc)
 // <= 64), each scoring its own AB_TK keys of every tile, merged at the end, so half the warps do not idle.
 // H100, tools/bench_attn.py (attn_qkv_f16, TinyLlama heads, one run): single-buffered at 64 registers (4 blocks an
 // SM) beat double-buffered tiles (another tile in flight, fewer blocks) at every batch and context measured.
-#define AB_KV_FLOATS (2 * 64 * (64 + 4) > 2 * AB_TK * AB_LD ? 2 * 64 * (64 + 4) : 2 * AB_TK * AB_LD)
+#define AB_KV_FLOATS_64 (2 * (2 * AB_TK) * (64 + 4))  // K and V tiles of 2 * AB_TK keys at head_dim 64
+#define AB_KV_FLOATS (AB_KV_FLOATS_64 > 2 * AB_TK * AB_LD ? AB_KV_FLOATS_64 : 2 * AB_TK * AB_LD)
 // unrolling of the score and p.V loops (loads in flight a lane)
 #ifndef AB_UNROLL
 #define AB_UNROLL 2
@@ -1119,7 +1121,7 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         if (!QKV)
             for (int c = tid; c < G * hd / 4; c += AB_THREADS) db_cp_async16(qs + 4 * c, qg + 4 * c, true);
     };
-    // QKV: biased and roped rows (x1, x2) -> qs or kv_new, as rope_kv_impl: pair i of head row `src`
+    // QKV: biased and roped rows (x1, x2) -> qs or kv_new, as rope_kv_prefill: pair i of head row `src`
     auto rope_pair = [&](const float* src, const float* bsrc, int i, int p, float* dst) {
         float sn, cs;
         rope_sincos((float)p * inv_freq[i], &sn, &cs);
@@ -1141,7 +1143,8 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     if (L <= 0) {  // padding row: zeros
         db_cp_wait<0>();
         if (s == 0)
-            for (int e = tid; e < G * hd; e += AB_THREADS) out[((size_t)b * heads + h0) * hd + e] = from_float<O>(0.0f);
+            for (int e = tid; e < G * hd; e += AB_THREADS)
+                out[((size_t)b * heads + h0) * hd + e] = from_float<O>(0.0f);
         return;
     }
     const int nlive = min((int)gridDim.y, (L + chunk - 1) / chunk);
@@ -1177,7 +1180,7 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         }
     }
 
-    // warp w owns query heads w and w + 8 (u = 0, 1): scores with one key a lane, p.V with dims lane + 32 j a lane
+    // heads hw + 8 u of the warp: scores with one key a lane, p.V with dims lane + 32 j a lane
     float m_run[NU], l_run[NU];
     float o[NU][AB_MAX_HD / 32];
 #pragma unroll
@@ -1249,7 +1252,8 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         if (it + 1 < ntiles) copy_tile(t0 + TKE, min(TKE, end - t0 - TKE));
     }
     if (ATTN_BATCHED_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
-    if constexpr (S > 1) {  // slices 1.. hand (m, l, o) to slice 0 through the tile buffer (free: the loop ended on a barrier)
+    if constexpr (S > 1) {  // slices 1.. hand (m, l, o) to slice 0 through the tile buffer (the loop ended on a
+                            // barrier: it is free)
         float* mo = kvs + (sl * G + hw) * (hd + 2);
         if (sl > 0 && hw < G) {
             for (int j = 0; j < AB_MAX_HD / 32; ++j)
@@ -1314,34 +1318,37 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     if (tid == 0) *counter = 0;
 }
 
+// The block's shared memory and its warps a head (a template argument of the body).
+template <typename O, bool QKV>
+__device__ __forceinline__ void attn_batched(const float* q, float* k_cache, float* v_cache, const int* pos,
+                                             const float* bias, const float* inv_freq, float* part_o, float* part_ml,
+                                             int* counters, O* out, int heads, int kv_heads, int head_dim, int max_seq,
+                                             int chunk, float scale) {
+    __shared__ AbShared sh;
+    if (ab_warps_a_head(heads / kv_heads, head_dim) == 2)
+        attn_batched_impl<O, QKV, 2>(sh, q, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,
+                                     heads, kv_heads, head_dim, max_seq, chunk, scale);
+    else
+        attn_batched_impl<O, QKV, 1>(sh, q, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,
+                                     heads, kv_heads, head_dim, max_seq, chunk, scale);
+}
+
 extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)
     attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
                         float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
                         int max_seq, int chunk, float scale) {
-    __shared__ AbShared sh;
     // nothing is written to the caches without QKV
-    float* kc = const_cast<float*>(k_cache);
-    float* vc = const_cast<float*>(v_cache);
-    if (ab_warps_a_head(heads / kv_heads, head_dim) == 2)
-        attn_batched_impl<float, false, 2>(sh, q, kc, vc, pos, nullptr, nullptr, part_o, part_ml, counters, out,
-                                           heads, kv_heads, head_dim, max_seq, chunk, scale);
-    else
-        attn_batched_impl<float, false, 1>(sh, q, kc, vc, pos, nullptr, nullptr, part_o, part_ml, counters, out,
-                                           heads, kv_heads, head_dim, max_seq, chunk, scale);
+    attn_batched<float, false>(q, const_cast<float*>(k_cache), const_cast<float*>(v_cache), pos, nullptr, nullptr,
+                               part_o, part_ml, counters, out, heads, kv_heads, head_dim, max_seq, chunk, scale);
 }
 
 #define DEFINE_ATTN_QKV(SUFFIX, T)                                                                              \
-    extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS) attn_qkv_##SUFFIX(                                \
-        const float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,                  \
-        const float* inv_freq, float* part_o, float* part_ml, int* counters, T* out, int heads, int kv_heads, \
-        int head_dim, int max_seq, int chunk, float scale) {                                                   \
-        __shared__ AbShared sh;                                                                                \
-        if (ab_warps_a_head(heads / kv_heads, head_dim) == 2)                                                  \
-            attn_batched_impl<T, true, 2>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml,    \
-                                          counters, out, heads, kv_heads, head_dim, max_seq, chunk, scale);    \
-        else                                                                                                   \
-            attn_batched_impl<T, true, 1>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml,    \
-                                          counters, out, heads, kv_heads, head_dim, max_seq, chunk, scale);    \
+    extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)                                    \
+        attn_qkv_##SUFFIX(const float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias, \
+                          const float* inv_freq, float* part_o, float* part_ml, int* counters, T* out,         \
+                          int heads, int kv_heads, int head_dim, int max_seq, int chunk, float scale) {        \
+        attn_batched<T, true>(qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,      \
+                              heads, kv_heads, head_dim, max_seq, chunk, scale);                               \
     }
 DEFINE_ATTN_QKV(f32, float)
 DEFINE_ATTN_QKV(f16, db_f16)

@@ -8,6 +8,7 @@
 // The KV cache is the decode spec's: [cache_batch, kv_heads, max_seq, head_dim] per layer, f32; row b of
 // the batch is cache row b. Every entry point is extern "C" __global__ so its name is its PTX .entry.
 #include "port.cuh"
+#include "llama_common.cuh"  // rope_sincos, as the decode kernels
 
 // ------------------------------------------------------------------------------------------------------------
 // rmsnorm_cast_<wt>: y[r, :] = wt(float(weight) * (x[r, :] * rsqrt(mean(x[r]^2) + eps)))   grid [rows],
@@ -45,21 +46,14 @@ DEFINE_RMSNORM_CAST(bf16, db_bf16)
 // [bq; bk; bv] (the layer's qkv_bias row, zeros for models without biases), added in f32 before RoPE as HF
 // Qwen2 does and as the decode kernels do. q is biased and roped in place; roped k and biased v go to
 // cache[b, kvh, pos[r], :]. Angles: pos * inv_freq[i] in f32 (inv_freq: the rope_inv_freq table, as the decode
-// kernels read it), sin/cos as rope_sincos in llama_fused.cu, out = x*cos + rotate_half(x)*sin with each
+// kernels read it), sin/cos by rope_sincos (llama_common.cuh), out = x*cos + rotate_half(x)*sin with each
 // product and the sum rounded separately (as the decode kernels do). A position outside [0, max_seq) writes
 // nothing (its q is left as it is). Requirements: head_dim even.
 // ------------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ void prefill_sincos(float f, float* s, float* c) {
-    const double d = (double)f;
-    const double turns = rint(d * 0.15915494309189535);
-    const float r = (float)fma(-turns, 6.283185307179586, d);
-    __sincosf(r, s, c);
-}
-
-__device__ __forceinline__ void rope_kv_impl(float* qkv, float* k_cache, float* v_cache, const int* pos,
-                                             const float* bias, const float* inv_freq, int heads, int kv_heads,
-                                             int head_dim, int max_seq, int seq) {
+extern "C" __global__ void __launch_bounds__(1024)
+    rope_kv_prefill(float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,
+                    const float* inv_freq, int heads, int kv_heads, int head_dim, int max_seq, int seq) {
     const int r = blockIdx.x;
     const int b = r / seq;
     const int p = pos[r];
@@ -70,7 +64,7 @@ __device__ __forceinline__ void rope_kv_impl(float* qkv, float* k_cache, float* 
     for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
         const int h = idx / half, i = idx - h * half;
         float s, c;
-        prefill_sincos((float)p * inv_freq[i], &s, &c);
+        rope_sincos((float)p * inv_freq[i], &s, &c);
         const float* src = row + (size_t)h * head_dim;
         const float* bh = bias + (size_t)h * head_dim;
         const float x1 = src[i] + bh[i], x2 = src[i + half] + bh[i + half];
@@ -91,12 +85,6 @@ __device__ __forceinline__ void rope_kv_impl(float* qkv, float* k_cache, float* 
         const int hk = idx / head_dim, e = idx - hk * head_dim;
         v_cache[(((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim + e] = row[v0 + idx] + bias[v0 + idx];
     }
-}
-
-extern "C" __global__ void __launch_bounds__(1024)
-    rope_kv_prefill(float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,
-                    const float* inv_freq, int heads, int kv_heads, int head_dim, int max_seq, int seq) {
-    rope_kv_impl(qkv, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq, seq);
 }
 
 // ------------------------------------------------------------------------------------------------------------
