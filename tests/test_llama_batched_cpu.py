@@ -176,6 +176,12 @@ def test_gemm_batch_is_checked():
     assert issues and "gemm_batch must be 0" in str(issues[0])
 
 
+def test_attn_min_keys_is_checked():
+    """The batched attention divides by it on the device: 0 is refused at bind, naming the dim."""
+    _, issues = bind(load_spec(FUSED), {"batch": 4, "cache_batch": 4, "attn_min_keys": 0})
+    assert issues and issues[0].code == "check" and "attn_min_keys" in issues[0].message
+
+
 def test_mvc_engine_from_mvc_batch_in_whole_clusters():
     """mvc_batch (0: off) switches every projection and the LM head to the MVC engine from that batch: grids of
     whole clusters of mvc_cluster blocks, at most sms blocks, one block per SM (mv_shared_max)."""
