@@ -13,13 +13,17 @@
 // ------------------------------------------------------------------------------------------------------------
 // rmsnorm_cast_<wt>: y[r, :] = wt(float(weight) * (x[r, :] * rsqrt(mean(x[r]^2) + eps)))   grid [rows],
 // block [256]. As rmsnorm_<wt> in llama.cu (the same f32 arithmetic), with the result rounded to the weight
-// type: it is the a operand of a GEMM whose b is the weight (cuBLAS takes one input type for both).
+// type: it is the a operand of a GEMM whose b is the weight (cuBLAS takes one input type for both). It may be
+// launched programmatically (the decode GEMM path): it lets its dependents launch at once and waits for its
+// producer before it reads x (a no-op after a plain edge).
 // ------------------------------------------------------------------------------------------------------------
 
 template <typename T>
 __device__ __forceinline__ void rmsnorm_cast_impl(const float* __restrict__ x, const T* __restrict__ weight,
                                                   T* __restrict__ y, int hidden, float eps) {
     __shared__ float sh[DB_MAX_WARPS];
+    DB_GRID_TRIGGER();
+    DB_GRID_WAIT();
     const size_t r = blockIdx.x;
     const float* xr = x + r * (size_t)hidden;
     T* yr = y + r * (size_t)hidden;

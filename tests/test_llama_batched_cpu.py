@@ -128,47 +128,84 @@ def test_buckets_choose_their_kernels(wt):
 
 
 GEMM_LAYER = ["attn_norm", "qkv_gemm", "attn", "o_gemm", "mlp_norm", "gate_up_gemm", "silu", "down_gemm"]
+TC_LAYER = [k for k in GEMM_LAYER if k != "silu"]  # kernels/gemm.cu: SiLU*up is the gate/up GEMM's epilogue
+GEMM_SHAPES = {"qkv_gemm": (2560, 2048), "o_gemm": (2048, 2048), "gate_up_gemm": (11264, 2048),
+               "down_gemm": (2048, 5632), "lm_head": (32000, 2048)}
 
 
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_gemm_path_from_gemm_batch(wt):
     """From gemm_batch rows a layer is RMSNorm rounded to wt, the QKV GEMM, attention fed by it (RoPE, KV append,
-    output in wt), the O GEMM (beta 1 into x), RMSNorm, the gate/up GEMM, SiLU*up, the down GEMM (beta 1 into x),
-    and the LM head a GEMM after the final norm; below gemm_batch (or with gemm_batch 0) the fused nodes, and no
-    workspace."""
+    output in wt), the O GEMM (into x), RMSNorm, the gate/up GEMM, SiLU*up, the down GEMM (into x), and the LM
+    head a GEMM after the final norm. Up to tc_batch rows the GEMMs are kernels/gemm.cu's programmatic kernel
+    nodes (SiLU in the gate/up GEMM, each projection's split from its dim, no cuBLAS workspace); above it cuBLAS
+    child graphs (beta 1 for the residual adds). Below gemm_batch (or with gemm_batch 0) the fused nodes."""
     spec, programs = load_spec(FUSED), {}
-    for batch, gemm_batch in ((31, 32), (32, 32), (256, 32), (64, 0), (2, 2)):
-        p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt, "gemm_batch": gemm_batch}, programs)
+    cases = ((31, 32, 64), (32, 32, 64), (256, 32, 64), (64, 0, 64), (2, 2, 64), (64, 12, 0), (65, 12, 64))
+    for batch, gemm_batch, tc_batch in cases:
+        p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt, "gemm_batch": gemm_batch,
+                                "tc_batch": tc_batch, "o_split": 2}, programs)
         assert not issues, issues
         ids = [n.id for n in p.nodes]
         by_id = {n.id: n.op for n in p.nodes}
-        if gemm_batch and batch >= gemm_batch:
-            assert [i for i in ids if i.endswith(".0")] == [f"{k}.0" for k in GEMM_LAYER], batch
-            assert len(ids) == 3 + 8 * 22 + 4 and ids[-4:] == ["final_norm", "lm_head_gemm", "argmax", "download"]
-            assert not any(i.split(".")[0] in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head") for i in ids)
-            gemm = {k: by_id[f"{k}.21"].body[0] for k in ("qkv_gemm", "o_gemm", "gate_up_gemm", "down_gemm")}
-            gemm["lm_head"] = by_id["lm_head_gemm"].body[0]
+        if not (gemm_batch and batch >= gemm_batch):
+            assert "qkv.0" in ids and "lm_head" in ids and not any("gemm" in i for i in ids), batch
+            assert p.buffers["gemm_ws"].nbytes == 256
+            continue
+        tc = batch <= tc_batch
+        layer = TC_LAYER if tc else GEMM_LAYER
+        assert [i for i in ids if i.endswith(".0")] == [f"{k}.0" for k in layer], batch
+        assert len(ids) == 3 + len(layer) * 22 + 4 and ids[-4:] == ["final_norm", "lm_head_gemm", "argmax", "download"]
+        assert not any(i.split(".")[0] in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head") for i in ids)
+        ops = {k: by_id[f"{k}.21"] for k in ("qkv_gemm", "o_gemm", "gate_up_gemm", "down_gemm")}
+        ops["lm_head"] = by_id["lm_head_gemm"]
+        if tc:
+            split = {"qkv_gemm": 4, "o_gemm": 2, "gate_up_gemm": 1, "down_gemm": 4, "lm_head": 1}
+            epi = {"qkv_gemm": "store", "o_gemm": "add", "gate_up_gemm": "silu", "down_gemm": "add",
+                   "lm_head": "store"}
+            for k, op in ops.items():
+                args = {a.param.name: a for a in op.args}
+                n, kk = GEMM_SHAPES[k]
+                assert op.kernel == f"tc_{epi[k]}_{split[k]}", k
+                assert p.kernels[op.kernel].entry == f"gemm_{epi[k]}_{wt}"
+                assert p.kernels[op.kernel].options == (f"-DGT_SPLIT={split[k]}", "-DGT_ROW=256")
+                assert op.launch == "programmatic"
+                assert (args["m"].value, args["n"].value, args["k"].value) == (batch, n, kk), k
+                assert op.grid == (-(-n // 64) * split[k], -(-batch // 64), 1), k
+                assert op.block == (256, 1, 1) and op.shared == 3 * 32768
+            out = {k: (op.args[2].view.label) for k, op in ops.items()}
+            assert out == {"qkv_gemm": "qkv", "o_gemm": "x", "gate_up_gemm": "act_h", "down_gemm": "x",
+                           "lm_head": "logits"}
+            assert ops["down_gemm"].args[1].view.label == "w_down[21]"
+            assert by_id["attn_norm.3"].launch == "programmatic" and by_id["attn.3"].launch == "programmatic"
+            assert p.buffers["gemm_ws"].nbytes == 256
+        else:
+            gemm = {k: op.body[0] for k, op in ops.items()}
             shape = {k: tuple(c.arg(x).value for x in "mnk") for k, c in gemm.items()}
-            assert shape == {"qkv_gemm": (batch, 2560, 2048), "o_gemm": (batch, 2048, 2048),
-                             "gate_up_gemm": (batch, 11264, 2048), "down_gemm": (batch, 2048, 5632),
-                             "lm_head": (batch, 32000, 2048)}
+            assert shape == {k: (batch, *nk) for k, nk in GEMM_SHAPES.items()}
             assert {k: (c.arg("c").view.label, c.arg("beta").value) for k, c in gemm.items()} == {
                 "qkv_gemm": ("qkv", 0.0), "o_gemm": ("x", 1.0), "gate_up_gemm": ("gu", 0.0),
                 "down_gemm": ("x", 1.0), "lm_head": ("logits", 0.0)}
             assert gemm["down_gemm"].arg("b").view.label == "w_down[21]"
-            attn = by_id["attn.21"]
-            assert attn.kernel == "attn_qkv" and p.kernels["attn_qkv"].entry == f"attn_qkv_{wt}"
-            args = {a.param.name: a for a in attn.args}
-            assert args["chunk"].value == 64  # attn_min_keys
-            assert {k: args[k].view.label for k in ("qkv", "k_cache", "v_cache", "bias", "out")} == {
-                "qkv": "qkv", "k_cache": "k_cache[21]", "v_cache": "v_cache[21]", "bias": "qkv_bias[21]",
-                "out": "attn_h"}
-            # one block a (row, kv head) (TinyLlama: 8 query heads a kv head, one group), splits >= 1
-            assert attn.grid[0] == batch * 4 and 1 <= attn.grid[1] <= max(1, 4 * 132 // (batch * 4) + 1)
             assert p.buffers["gemm_ws"].nbytes == 32 << 20
-        else:
-            assert "qkv.0" in ids and "lm_head" in ids and not any("gemm" in i for i in ids), batch
-            assert p.buffers["gemm_ws"].nbytes == 256
+        attn = by_id["attn.21"]
+        assert attn.kernel == "attn_qkv" and p.kernels["attn_qkv"].entry == f"attn_qkv_{wt}"
+        args = {a.param.name: a for a in attn.args}
+        assert args["chunk"].value == 64  # attn_min_keys
+        assert {k: args[k].view.label for k in ("qkv", "k_cache", "v_cache", "bias", "out")} == {
+            "qkv": "qkv", "k_cache": "k_cache[21]", "v_cache": "v_cache[21]", "bias": "qkv_bias[21]",
+            "out": "attn_h"}
+        # one block a (row, kv head) (TinyLlama: 8 query heads a kv head, one group), splits >= 1
+        assert attn.grid[0] == batch * 4 and 1 <= attn.grid[1] <= max(1, 4 * 132 // (batch * 4) + 1)
+
+
+def test_gemm_splits_and_stages_are_checked():
+    spec = load_spec(FUSED)
+    bad = (({"down_split": 3}, "down_split"), ({"qkv_split": 16}, "qkv_split"), ({"head_split": 0}, "head_split"),
+           ({"tc_stages": 1}, "tc_stages"), ({"tc_stages": 8}, "tc_stages"), ({"tc_batch": -1}, "tc_batch"))
+    for dims, word in bad:
+        _, issues = bind(spec, {"batch": 32, "cache_batch": 32, **dims})
+        assert issues and word in str(issues[0]), (dims, issues)
 
 
 def test_gemm_batch_is_checked():
@@ -224,8 +261,11 @@ def test_dot_and_threshold_dim():
     assert "gemv_res_mma" in dot and "gemv_res_mv" in dot and "attn_batched" in dot
     plan = llama_plan({"batch": 64, "layers": 2, "mma_batch": 128, "attn_batch": 128, "gemm_batch": 0}, FUSED)
     assert "gemv_res_mma" not in to_dot(plan) and "attn_batched" not in to_dot(plan)
-    dot = to_dot(llama_plan({"batch": 64, "layers": 2}, FUSED))  # the GEMM path: child graphs of cuBLAS GEMMs
-    assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "attn_qkv  256×3" in dot and "gemv_res" not in dot
+    dot = to_dot(llama_plan({"batch": 128, "layers": 2}, FUSED))  # the GEMM path: child graphs of cuBLAS GEMMs
+    assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "attn_qkv  512×2" in dot and "gemv_res" not in dot
+    dot = to_dot(llama_plan({"batch": 64, "layers": 2, "tc_batch": 64}, FUSED))  # up to tc_batch: kernels/gemm.cu
+    assert "tc_silu_1  176 × 256\\nshared 96.0 KiB" in dot and "tc_store_4  160 × 256" in dot
+    assert "attn_qkv  256×3" in dot and "gemm(a=" not in dot and "silu_pairs" not in dot
     assert "rope" not in dot and "cast_" not in dot  # RoPE and the cast run inside the attention node
 
 

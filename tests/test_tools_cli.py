@@ -27,7 +27,8 @@ def test_device_check_stages_parse():
     script = ROOT / "tools" / "device_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     text = script.read_text()
-    for stage in ("tests", "stack", "stackknobs", "stackbench", "loopstack", "mvc", "engines", "batch", "loop"):
+    for stage in ("tests", "stack", "stackknobs", "stackbench", "loopstack", "mvc", "engines", "batch", "loop",
+                  "gemmcu"):
         assert f"\n    {stage})" in text, stage
 
 

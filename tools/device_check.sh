@@ -51,6 +51,13 @@ PY
         timeout 150 python3 tools/bench_batch.py --no-hf --contexts 128,2048 --batches 8,16,32,64 --steps 10 --set gemm_batch=$g \
           --json "$OUT/gemm_batch_$g.json" --png "$OUT/gemm_batch_$g.png" 2>&1 | grep -E "^ *[0-9]+ |^context|pool build"
       done ;;
+    gemmcu)  # issue 15: kernels/gemm.cu (the GEMM path's own GEMMs) on the GPU, per call against cuBLAS, whole steps
+      timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_gemm.py 2>&1 | tail -3
+      timeout 200 python3 tools/bench_gemm.py --models TinyLlama --batches 16,64 --json "$OUT/bench_gemm.json" 2>&1 | tail -11
+      for t in 64 0; do
+        timeout 100 python3 tools/bench_batch.py --no-hf --contexts 128 --batches 16,64 --steps 10 --set tc_batch=$t \
+          --json "$OUT/batch_tc$t.json" 2>&1 | grep -E "^ *[0-9]+ |pool build"
+      done ;;
     cli)
       timeout 200 python3 -m dagbuild.cli run specs/llama_decode.yaml --tokens 48 --no-progress 2>&1 | tail -8
       timeout 120 python3 -m dagbuild.cli run specs/llama_decode.yaml --config specs/configs/llama_tiny.yaml \

@@ -413,12 +413,15 @@ def _run_rows(exe, prompts, steps):
     return toks, logits
 
 
-def test_fp32_every_bucket_matches_batch_one(cp):
+@pytest.mark.parametrize("tc_batch", [0, 64], ids=["cublas", "gemm-cu"])
+def test_fp32_every_bucket_matches_batch_one(cp, tc_batch):
+    """Buckets 2..256 (the GEMM path from gemm_batch: cuBLAS, or kernels/gemm.cu up to tc_batch rows) against
+    batch 1: the same tokens, logits within f32 rounding."""
     from dagbuild.llama.weights import random_weights
     from dagbuild.load import load_spec
     from dagbuild.pool import GraphPool
 
-    dims = {**TINY, "wt": "f32", "max_seq": 16, "cache_batch": 256}
+    dims = {**TINY, "wt": "f32", "max_seq": 16, "cache_batch": 256, "tc_batch": tc_batch}
     rng = np.random.default_rng(11)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 3))) for _ in range(256)]
     steps = 7
@@ -436,10 +439,12 @@ def test_fp32_every_bucket_matches_batch_one(cp):
                     assert rel_err(logits[t][r], reference[r][1][t][0]) < 1e-5, (bucket, r, t)
 
 
-@pytest.mark.parametrize("mvc_batch, gemm_batch", [(0, 16), (0, 0), (16, 0)], ids=["gemm", "mv-mma", "mvc"])
-def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, gemm_batch):
+@pytest.mark.parametrize("mvc_batch, gemm_batch, tc_batch", [(0, 16, 0), (0, 16, 64), (0, 0, 0), (16, 0, 0)],
+                         ids=["gemm", "gemm-cu", "mv-mma", "mvc"])
+def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, gemm_batch, tc_batch):
     """TinyLlama shape, f16 weights: rows of buckets 8, 24 and 64 (the MV engine at 8; from 16 rows the GEMM path
-    (cuBLAS), or without it the MV/MMA projections or the MVC engine; batched attention) against batch 1 (GEMVs):
+    (cuBLAS, or kernels/gemm.cu up to tc_batch rows), or without it the MV/MMA projections or the MVC engine;
+    batched attention) against batch 1 (GEMVs):
     the same greedy tokens until an fp16 near-tie of batch 1's own logits (top two closer than FP16_NEAR_TIE),
     logits within fp16 rounding of the activations."""
     from dagbuild.llama.weights import random_weights
@@ -447,7 +452,8 @@ def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, ge
     from dagbuild.pool import GraphPool
 
     dims = {k: v for k, v in TINYLLAMA.items() if k != "wt"} | {"wt": "f16", "max_seq": 32, "cache_batch": 64,
-                                                                "mvc_batch": mvc_batch, "gemm_batch": gemm_batch}
+                                                                "mvc_batch": mvc_batch, "gemm_batch": gemm_batch,
+                                                                "tc_batch": tc_batch}
     rng = np.random.default_rng(12)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 4))) for _ in range(64)]
     steps = 12
