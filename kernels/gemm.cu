@@ -7,7 +7,7 @@
 //   gemm_silu_<wt>   wt* act    act[r, j] = wt(silu(g) * u), g, u = rows 2j, 2j+1 of the product
 //                               (w_gate_up's rows interleave gate and up; n is 2 * ffn)
 // a [m, k] row-major, w [n, k] row-major (nn.Linear's weight: no transposed copy), k % 8 == 0, a and w 16-byte
-// aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: 2..14
+// aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: 2..7
 // stages of GT_STAGE bytes (16 KiB at GT_ROW 128, 32 KiB at 256).
 //
 // Why not cuBLAS (a child graph a GEMM): a library kernel cannot start before its producer ends, and each
@@ -51,7 +51,7 @@
 #define GT_ROW 128        // bytes of a tile row's k-tile (128 or 256): longer runs of each weight row a stage
 #endif
 #define GT_STAGE ((GT_BN + GT_BM) * GT_ROW)  // 16 KiB at 128-byte rows
-#define GT_MAX_STAGES 14  // cp.async.wait_group takes an immediate: gt_cp_wait covers up to 12 = stages - 2
+#define GT_MAX_STAGES 7  // cp.async.wait_group takes an immediate: mm_cp_wait covers up to 5 = stages - 2
 #define GT_CLD (GT_BN + 4)  // floats a row of the partial tile c[batch row][weight row] (conflict-free stores)
 
 #if GT_SPLIT > 1 && MM_HAS_CLUSTER
@@ -81,21 +81,7 @@ __device__ __forceinline__ int gt_dynamic_smem() {
 
 __device__ __forceinline__ void gt_cp_wait(int n) {
 #if DB_CUDA
-    switch (n) {
-        case 0: db_cp_wait<0>(); break;
-        case 1: db_cp_wait<1>(); break;
-        case 2: db_cp_wait<2>(); break;
-        case 3: db_cp_wait<3>(); break;
-        case 4: db_cp_wait<4>(); break;
-        case 5: db_cp_wait<5>(); break;
-        case 6: db_cp_wait<6>(); break;
-        case 7: db_cp_wait<7>(); break;
-        case 8: db_cp_wait<8>(); break;
-        case 9: db_cp_wait<9>(); break;
-        case 10: db_cp_wait<10>(); break;
-        case 11: db_cp_wait<11>(); break;
-        default: db_cp_wait<12>(); break;
-    }
+    mm_cp_wait(n);  // n <= 5: GT_MAX_STAGES 7
 #else
     (void)n;  // HIP: the copies were synchronous
 #endif

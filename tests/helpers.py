@@ -102,6 +102,23 @@ def ptxas_resources(source: str, name: str) -> dict[str, tuple[int, int, int, in
             for n, stack, st, ld, regs, rest in _PTXAS_ENTRY.findall(log)}
 
 
+def in_weight_type(a, wt: str):
+    """f32 values ``a`` as a weight-type array to upload (f32, f16, or bf16 bits as uint16) and the values it
+    holds, in float64 (the GPU tests' references)."""
+    import numpy as np
+
+    from dagbuild.llama import reference as ref
+
+    a = np.asarray(a, np.float32)
+    if wt == "f32":
+        return a, a.astype(np.float64)
+    if wt == "f16":
+        h = a.astype(np.float16)
+        return h, h.astype(np.float64)
+    bits = ref.f32_to_bf16(a)
+    return bits, ref.bf16_to_f32(bits).astype(np.float64)
+
+
 # ---- tools/ -------------------------------------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="16,32,64,128,256", help="batch rows (comma-separated)")
     ap.add_argument("--splits", default="1,2,4,8", help="kernels/gemm.cu splits to run (1, 2, 4, 8)")
-    ap.add_argument("--stages", default="3", help="ring stages a block (2..14; comma-separated: each a row)")
+    ap.add_argument("--stages", default="3", help="ring stages a block (2..7; comma-separated: each a row)")
     ap.add_argument("--row", default="256", help="bytes of a tile row a stage, GT_ROW (128, 256; comma-separated)")
     ap.add_argument("--roles", default="qkv,o,gate_up,down,lm_head", help="projections (comma-separated)")
     ap.add_argument("--models", default=",".join(MODELS), help="models (comma-separated)")
@@ -51,9 +51,9 @@ def main() -> int:
     splits = [int(s) for s in args.splits.split(",")]
     stages = [int(s) for s in args.stages.split(",")]
     rows = [int(r) for r in args.row.split(",")]
-    if any(s not in (1, 2, 4, 8) for s in splits) or any(not 2 <= s <= 14 for s in stages) or \
+    if any(s not in (1, 2, 4, 8) for s in splits) or any(not 2 <= s <= 7 for s in stages) or \
             any(r not in (128, 256) for r in rows):
-        ap.error("--splits must be among 1, 2, 4, 8, --stages 2..14, --row 128 or 256")
+        ap.error("--splits must be among 1, 2, 4, 8, --stages 2..7, --row 128 or 256")
     configs = [(s, r, st) for r in rows for st in stages for s in splits if st * 128 * r <= 232448]
 
     import cupy as cp

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import in_weight_type
 
 from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
@@ -41,18 +42,6 @@ def rng_for(*key) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
-def typed(a: np.ndarray, wt: str) -> tuple[np.ndarray, np.ndarray]:
-    """(device array contents in wt, the same values in float64)."""
-    a = np.asarray(a, np.float32)
-    if wt == "f32":
-        return a, a.astype(np.float64)
-    if wt == "f16":
-        h = a.astype(np.float16)
-        return h, h.astype(np.float64)
-    bits = ref.f32_to_bf16(a)
-    return bits, ref.bf16_to_f32(bits).astype(np.float64)
-
-
 def silu(g):
     return g / (1.0 + np.exp(-g))
 
@@ -65,7 +54,7 @@ def run(cp, mods, epi, wt, m, n, k, split, stages, a_host, w_host, c_init=None, 
     count = m * out_n
     if epi == "silu":
         host = np.full(count + GUARD, np.nan, np.float32)
-        out_dev = cp.asarray(typed(host, wt)[0])
+        out_dev = cp.asarray(in_weight_type(host, wt)[0])
     else:
         host = np.full(count + GUARD, np.nan, np.float32)
         if c_init is not None:
@@ -105,8 +94,8 @@ def test_gemm_against_numpy(cp, mods, wt, epi, split):
         rng = rng_for(wt, epi, split, m, n, k)
         row = (128, 256)[i % 2]  # both stage geometries, 2..7 stages of them across the cases
         stages = 2 + (i + split) % 6
-        a_host, a64 = typed(rng.standard_normal((m, k)) * rng.uniform(0.1, 4.0, (m, 1)), wt)
-        w_host, w64 = typed(rng.standard_normal((n, k)) / np.sqrt(k), wt)
+        a_host, a64 = in_weight_type(rng.standard_normal((m, k)) * rng.uniform(0.1, 4.0, (m, 1)), wt)
+        w_host, w64 = in_weight_type(rng.standard_normal((n, k)) / np.sqrt(k), wt)
         prod = a64 @ w64.T
         c0 = None
         if epi == "store":
@@ -116,7 +105,7 @@ def test_gemm_against_numpy(cp, mods, wt, epi, split):
             expect = c0.astype(np.float64) + prod
         else:
             act = silu(prod[:, 0::2]) * prod[:, 1::2]
-            expect = typed(act, wt)[1]  # rounded to wt once, as the kernel stores it
+            expect = in_weight_type(act, wt)[1]  # rounded to wt once, as the kernel stores it
         got = run(cp, mods, epi, wt, m, n, k, split, stages, a_host, w_host, c0, row)
         tol = TOL[wt] if epi != "silu" else {"f32": 2e-5, "f16": 1e-3, "bf16": 8e-3}[wt]
         err = rel_err(got, expect)
@@ -128,8 +117,8 @@ def test_a_row_does_not_depend_on_its_batch(cp, mods, wt):
     """Row r of a 200-row product equals the same row computed alone, bit for bit (tiles never mix rows)."""
     rng = rng_for("batch", wt)
     m, n, k = 200, 320, 1032
-    a_host, _ = typed(rng.standard_normal((m, k)), wt)
-    w_host, _ = typed(rng.standard_normal((n, k)) / np.sqrt(k), wt)
+    a_host, _ = in_weight_type(rng.standard_normal((m, k)), wt)
+    w_host, _ = in_weight_type(rng.standard_normal((n, k)) / np.sqrt(k), wt)
     whole = run(cp, mods, "store", wt, m, n, k, 4, 3, a_host, w_host)
     for r in (0, 63, 64, 199):
         alone = run(cp, mods, "store", wt, 1, n, k, 4, 3, np.ascontiguousarray(a_host[r:r + 1]), w_host)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import in_weight_type
 
 from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
@@ -55,14 +56,7 @@ def rng_for(*key) -> np.random.Generator:
 
 
 def weights(rng, shape, wt, scale=1.0, offset=0.0):
-    a = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
-    if wt == "f32":
-        return a, a.astype(np.float64)
-    if wt == "f16":
-        h = a.astype(np.float16)
-        return h, h.astype(np.float64)
-    bits = ref.f32_to_bf16(a)
-    return bits, ref.bf16_to_f32(bits).astype(np.float64)
+    return in_weight_type(offset + scale * rng.standard_normal(shape), wt)
 
 
 def quant(a, wt) -> np.ndarray:
