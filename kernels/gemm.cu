@@ -17,9 +17,10 @@
 // after the wait. The SiLU*up of the gate/up projection and the residual adds are the epilogue.
 //
 // * Tile: 64 weight rows x 64 batch rows; blockIdx.x / GT_SPLIT picks the weight rows, blockIdx.y the batch
-//   rows. K runs in k-tiles of 128 bytes a row (64 f16/bf16, 32 f32) through a cp.async ring: stage = the W
-//   tile (64 rows) then the A tile (64 rows), rows of 128 bytes whose 16-byte chunks are XOR-swizzled by
-//   row % 8, so ldmatrix's eight rows hit distinct banks. Rows past m or n and k past k are zero-filled.
+//   rows. K runs in k-tiles of GT_ROW bytes a row (128: 64 f16/bf16 or 32 f32; the spec builds 256) through a
+//   cp.async ring: stage = the W tile (64 rows) then the A tile (64 rows), rows whose 16-byte chunks are
+//   XOR-swizzled by row % 8, so ldmatrix's eight rows hit distinct banks. Rows past m or n and k past k are
+//   zero-filled.
 // * Split K (sm_90): the GT_SPLIT blocks of a thread-block cluster (__cluster_dims__(GT_SPLIT)) take
 //   consecutive ranges of k-tiles; each leaves its 64 x 64 partial in shared memory and block `rank`
 //   finishes rows [rank * 64 / GT_SPLIT, ...) of the tile, summing the partials of ranks 0, 1, ... in order
@@ -68,16 +69,6 @@
 
 // byte offset of 16-byte chunk `c` of tile row `r` (XOR-swizzled: ldmatrix's eight rows hit distinct banks)
 __device__ __forceinline__ int gt_swz(int r, int c) { return r * GT_ROW + ((c ^ (r & 7)) << 4); }
-
-__device__ __forceinline__ int gt_dynamic_smem() {
-#if DB_CUDA
-    unsigned int r;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-    return (int)r;
-#else
-    return GT_MAX_STAGES * GT_STAGE;  // HIP: the spec's launch (its `shared`) is trusted
-#endif
-}
 
 __device__ __forceinline__ void gt_cp_wait(int n) {
 #if DB_CUDA
@@ -210,7 +201,8 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     const int arows = GtMath<T>::kMma ? (mrows + 15) / 16 * 16 : GT_BM;  // the A rows the product reads
     const int ktiles = (k * (int)sizeof(T) + GT_ROW - 1) / GT_ROW;
     const int kt0 = split * ktiles / GT_NSPLIT, nk = (split + 1) * ktiles / GT_NSPLIT - kt0;
-    const int S = min(GT_MAX_STAGES, gt_dynamic_smem() / GT_STAGE);  // >= 2: the spec's `shared`
+    // stages: what the launch's shared memory holds (>= 2: the spec's `shared`; HIP, where it is unknown: 2)
+    const int S = max(2, min(GT_MAX_STAGES, (int)(db_dynamic_smem() / GT_STAGE)));
     auto wtile = [&](int i) { return gt_smem + (i % S) * GT_STAGE; };
     auto atile = [&](int i) { return gt_smem + (i % S) * GT_STAGE + GT_BN * GT_ROW; };
     // weights first, before the wait: S - 1 k-tiles in flight (one group each)

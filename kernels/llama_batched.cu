@@ -90,7 +90,7 @@ __device__ __forceinline__ void mm_run(const Job& job, const T* w, const T* nw, 
     const int wr = warp >> 1, wc = warp & 1;
     const MmCluster cl = mm_cluster();
     const bool clustered = cl.size > 1;
-    const unsigned int dyn = fw_dynamic_smem();
+    const unsigned int dyn = db_dynamic_smem();
     const unsigned int fixed = mm_fixed_bytes(PW, NT, clustered);
     const int S = dyn > fixed ? min(MM_MAX_STAGES, (int)((dyn - fixed) / mm_stage_bytes(PW))) : 0;
     if (S < 2) __trap();  // the launch gave too little shared memory (see mm_smem_bytes)
@@ -734,7 +734,7 @@ __device__ __forceinline__ void mv_engine(const Job& job, const T* w, const T* n
                                           float eps) {
     extern __shared__ uint4 mv_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(mv_smem);
-    const unsigned int dyn = fw_dynamic_smem();
+    const unsigned int dyn = db_dynamic_smem();
     int xk = k;
     if constexpr (CLUSTER) {
         const int c = mm_cluster().size, R = mv_kpad(k) / 32;

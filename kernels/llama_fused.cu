@@ -82,16 +82,6 @@
 // ring bytes of a block of `threads` threads (64 KB at 256)
 #define FW_RING(threads) (FW_STAGES * FW_U * 2 * (threads) * 16)
 
-__device__ __forceinline__ unsigned int fw_dynamic_smem() {
-#if DB_CUDA
-    unsigned int r;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-    return r;
-#else
-    return 0u;  // HIP: everything from global memory
-#endif
-}
-
 // acc0/acc1[bb] += dot(row pack p, x pack p of batch row bb) (x scaled by the norm weight g when NORM); ss[bb]
 // += x^2 when NORM. x (rows xrow[bb] floats apart... as offsets in float4) and g are generic pointers: shared
 // memory when staged, global memory (produced data: plain loads, never .nc) when not.
@@ -288,7 +278,7 @@ __device__ __forceinline__ void fw_gemv(const Job& job, const T* w, const T* nw,
                                         float eps) {
     extern __shared__ uint4 fw_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(fw_smem);
-    const unsigned int dyn = fw_dynamic_smem();
+    const unsigned int dyn = db_dynamic_smem();
     for (int b0 = 0; b0 < batch; b0 += FW_MAX_NB) {
         const int nb = min(FW_MAX_NB, batch - b0);  // uniform across the grid
         const bool first = b0 == 0;

@@ -651,7 +651,7 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     L.jobs.o = RowsJob<true>{x, hidden, hidden / 2};
     L.jobs.gate_up = SwigluJob{act, ffn, ffn};
     L.jobs.down = RowsJob<true>{x, hidden, hidden / 2};
-    const unsigned int dyn = fw_dynamic_smem();
+    const unsigned int dyn = db_dynamic_smem();
     L.ring.nslot =
         LY_TMA && dyn >= fixed ? min(LY_MAX_SLOTS, (int)((dyn - fixed) / LY_SLOT)) / LY_GROUPS * LY_GROUPS : 0;
     if ((LY_TMA && L.ring.nslot < LY_GROUPS) || (!LY_TMA && dyn < fixed)) DB_TRAP();  // the spec checks this first

@@ -43,6 +43,9 @@
 //                                            their output. A no-op on HIP and below sm_90.
 //                DB_GRID_TRIGGER()           CUDA sm_90+: griddepcontrol.launch_dependents: dependents may
 //                                            start launching now. A no-op on HIP and below sm_90.
+// Launch         unsigned db_dynamic_smem()  the launch's dynamic shared memory in bytes (CUDA: the
+//                                            %dynamic_smem_size register); 0 on HIP, where it is unknown:
+//                                            callers fall back to what needs none or the least.
 // Async copies   db_cp_async16(dst, src, full)  16 bytes global -> shared (cp.async.cg, CUDA sm_80+;
 //                                            zero-fills when !full); db_cp_commit(), db_cp_wait<N>():
 //                                            close a group / wait until <= N groups are in flight.
@@ -298,6 +301,17 @@ __device__ __forceinline__ T db_ldca(const T* p) { return *p; }
 template <typename T>
 __device__ __forceinline__ T db_ldcg(const T* p) { return *p; }
 #endif
+
+// The launch's dynamic shared memory in bytes; 0 on HIP (unknown there).
+__device__ __forceinline__ unsigned int db_dynamic_smem() {
+#if DB_CUDA
+    unsigned int r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+#else
+    return 0u;
+#endif
+}
 
 // ------------------------------------------------------------------------------------------------------------
 // Asynchronous 16-byte global -> shared copies (cp.async, CUDA sm_80+): a copy lands in shared memory without
