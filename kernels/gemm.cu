@@ -7,8 +7,8 @@
 //   gemm_silu_<wt>   wt* act    act[r, j] = wt(silu(g) * u), g, u = rows 2j, 2j+1 of the product
 //                               (w_gate_up's rows interleave gate and up; n is 2 * ffn)
 // a [m, k] row-major, w [n, k] row-major (nn.Linear's weight: no transposed copy), k % 8 == 0, a and w 16-byte
-// aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: 2..7
-// stages of GT_STAGE bytes (16 KiB at GT_ROW 128, 32 KiB at 256).
+// aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: at least 2
+// stages of GT_STAGE bytes (16 KiB at GT_ROW 128, 32 KiB at 256); a block with fewer rows fits more, smaller ones.
 //
 // Why not cuBLAS (a child graph a GEMM): a library kernel cannot start before its producer ends, and each
 // bucket of a pool records 89 child graphs. Here a block issues its first weight tiles BEFORE
@@ -18,9 +18,10 @@
 //
 // * Tile: 64 weight rows x 64 batch rows; blockIdx.x / GT_SPLIT picks the weight rows, blockIdx.y the batch
 //   rows. K runs in k-tiles of GT_ROW bytes a row (128: 64 f16/bf16 or 32 f32; the spec builds 256) through a
-//   cp.async ring: stage = the W tile (64 rows) then the A tile (64 rows), rows whose 16-byte chunks are
-//   XOR-swizzled by row % 8, so ldmatrix's eight rows hit distinct banks. Rows past m or n and k past k are
-//   zero-filled.
+//   cp.async ring: stage = the W tile (64 rows) then the A tile (the block's batch rows rounded up to 16), rows
+//   whose 16-byte chunks are XOR-swizzled by row % 8, so ldmatrix's eight rows hit distinct banks. Rows past m
+//   or n and k past k are zero-filled. The first S k-tiles' W tiles (S: the stages that fit; at split 4 all of a
+//   block's weights) are issued before griddepcontrol.wait, their A tiles right after it.
 // * Split K (sm_90): the GT_SPLIT blocks of a thread-block cluster (__cluster_dims__(GT_SPLIT)) take
 //   consecutive ranges of k-tiles; each leaves its 64 x 64 partial in shared memory and block `rank`
 //   finishes rows [rank * 64 / GT_SPLIT, ...) of the tile, summing the partials of ranks 0, 1, ... in order
@@ -32,11 +33,15 @@
 // Numerics: a is the weight type already (rmsnorm_cast / attention / the SiLU epilogue round it); products
 // exact in f32, summed in f32 in k order within a split, the splits added in rank order.
 //
-// Measured (H100, tools/bench_gemm.py, 40-call PDL chains from DRAM; NOTES.md, 2026-12-06 evening): correct, and
-// slower than cuBLAS except for the LM head at 16 rows (equal), so the spec keeps it off (tc_batch 0). A block
-// streams ~10 GB/s whatever its ring depth (3, 6 or 13 stages: the same µs a call), faster with longer row runs
-// a stage (GT_ROW 256 over 128: -30 %) and more blocks an SM; the weight rows as 128-byte bulk copies
-// (cp.async.bulk, one a row) were 3x slower still. Not yet found: what bounds a block's stream.
+// Measured (H100, tools/bench_gemm.py, 40-call PDL chains from DRAM; NOTES.md, 2026-12-06): the first form's
+// blocks streamed ~10 GB/s each whatever their ring depth because each warp issued ~350 instructions a k-tile,
+// two thirds of them index arithmetic per 16-byte copy, at ~6.5 cycles each with two warps a scheduler (ncu);
+// copies with fixed per-thread shares (GtCopy) and an unrolled epilogue made every projection 1.1-1.5x faster:
+// at 16 rows on par with or ahead of cuBLAS (QKV 6.6 against 6.8 us, O 5.8 / 6.3, gate/up with SiLU 17.1 / 18.4
+// plus cuBLAS's SiLU node, down 12.8 / 12.6, LM head 46.4 / 49.2), at 64 rows still behind (QKV 9.1 / 6.9, down
+// 18.0 / 13.5). A 64-row x 256-byte W tile streams at most ~20 GB/s a block from DRAM where 40 blocks read a
+// matrix (tools: a copy-only probe gave the same with no math; contiguous 16 KiB stages ~95 GB/s a block), so
+// projections with few tiles need the split to fill the card.
 
 #include "port.cuh"
 #include "mma.cuh"
@@ -78,13 +83,13 @@ __device__ __forceinline__ void gt_cp_wait(int n) {
 #endif
 }
 
-// A partial tile's element in block `rank` of the cluster (this block's own below sm_90).
-__device__ __forceinline__ float gt_partial(const float* p, int rank) {
+// Block `rank`'s partial tile (this block's own below sm_90, HIP, or without a split).
+__device__ __forceinline__ const float* gt_partial(const float* c, int rank) {
 #if MM_HAS_CLUSTER && GT_NSPLIT > 1
-    return mm_ld_remote(mm_remote(p, rank));
+    return mm_remote_ptr(c, rank);
 #else
     (void)rank;
-    return *p;
+    return c;
 #endif
 }
 
@@ -96,17 +101,63 @@ __device__ __forceinline__ void gt_cluster_sync() {
 #endif
 }
 
-// rows [r0, r0 + nr) of a [rows, k] matrix, k-tile kt, into a stage's tile (zero past rows / k): 16-byte
-// cp.async by every thread
-template <typename T>
-__device__ __forceinline__ void gt_issue(unsigned char* tile, const T* src, int r0, int nr, int rows, int k, int kt) {
-    constexpr int E = 16 / (int)sizeof(T), C = GT_ROW / 16;  // elements a chunk, chunks a row
-    for (int c = threadIdx.x; c < nr * C; c += GT_THREADS) {
-        const int r = c / C, ch = c % C, kk = kt * (GT_ROW / (int)sizeof(T)) + ch * E;
-        const bool ok = r0 + r < rows && kk < k;
-        db_cp_async16(tile + gt_swz(r, ch), src + (ok ? (size_t)(r0 + r) * (size_t)k + kk : 0), ok);
-    }
+// the last barrier: the other blocks have read this one's partial (each used what it loaded before arriving), so
+// it may exit; no fence, which would wait for this thread's output stores
+__device__ __forceinline__ void gt_cluster_done() {
+#if MM_HAS_CLUSTER && GT_NSPLIT > 1
+    mm_cluster_sync_relaxed();
+#endif
 }
+
+// One thread's share of copying a tile's rows [r0, r0 + 64) of a [rows, k] matrix (zero past rows and k), one
+// k-tile after another, through 16-byte cp.async. The share is fixed for the kernel: thread t copies chunk t % C
+// of rows t / C + j * (GT_THREADS / C), j < PER; its row pointers advance a k-tile a copy (loop-carried, so the
+// compiler keeps them instead of re-deriving them), so a chunk costs a compare, a select, an add and the copy.
+// (The first form divided and multiplied per chunk: ~2/3 of the kernel's instructions, which bound each block
+// at ~10 GB/s: ncu, H100, NOTES.md 2026-12-06.)
+template <typename T>
+struct GtCopy {
+    static constexpr int C = GT_ROW / 16;                   // 16-byte chunks a tile row
+    static constexpr int E = 16 / (int)sizeof(T);           // elements a chunk
+    static constexpr int BK = GT_ROW / (int)sizeof(T);      // elements a k-tile row
+    static constexpr int STEP = GT_THREADS / C;             // rows between a thread's chunks (a multiple of 8)
+    static constexpr int PER = 64 * C / GT_THREADS;         // chunks a thread (64 tile rows)
+    const T* base;      // the matrix (a valid address for the copies that only zero-fill)
+    const T* src[PER];  // row j's chunk at the next k-tile
+    int krem;           // elements of k left from the next k-tile's chunk on (<= 0: past k, zero-fill)
+    int dst;            // byte offset of chunk j = 0 in a tile (swizzled; + j * STEP * GT_ROW for chunk j)
+    unsigned live;      // bit j: row j exists (else its chunk is zero-filled)
+    unsigned used;      // bit j: the product reads row j (< nr; else no copy at all)
+
+    __device__ __forceinline__ void init(const T* m, int r0, int nr, int rows, int k, int kt) {
+        const int r = (int)threadIdx.x / C, ch = (int)threadIdx.x % C;
+        base = m;
+        dst = gt_swz(r, ch);
+        krem = k - (kt * BK + ch * E);
+        live = used = 0u;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int row = r + j * STEP;
+            const bool ok = row < nr && r0 + row < rows;
+            live |= (ok ? 1u : 0u) << j;
+            used |= (row < nr ? 1u : 0u) << j;
+            src[j] = m + (ok ? (size_t)(r0 + row) * (size_t)k + (size_t)(kt * BK + ch * E) : 0);
+        }
+    }
+    // the next k-tile into `tile`
+    __device__ __forceinline__ void issue(unsigned char* tile) {
+        const bool kin = krem > 0;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            if ((used >> j) & 1u) {
+                const bool ok = kin && ((live >> j) & 1u);
+                db_cp_async16(tile + dst + j * STEP * GT_ROW, ok ? src[j] : base, ok);
+            }
+            src[j] += BK;
+        }
+        krem -= BK;
+    }
+};
 
 // The k-tile product into the block's accumulators: tensor cores (f16/bf16, CUDA sm_80+) ...
 template <typename T>
@@ -201,19 +252,23 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     const int arows = GtMath<T>::kMma ? (mrows + 15) / 16 * 16 : GT_BM;  // the A rows the product reads
     const int ktiles = (k * (int)sizeof(T) + GT_ROW - 1) / GT_ROW;
     const int kt0 = split * ktiles / GT_NSPLIT, nk = (split + 1) * ktiles / GT_NSPLIT - kt0;
-    // stages: what the launch's shared memory holds (>= 2: the spec's `shared`; HIP, where it is unknown: 2)
-    const int S = max(2, min(GT_MAX_STAGES, (int)(db_dynamic_smem() / GT_STAGE)));
-    auto wtile = [&](int i) { return gt_smem + (i % S) * GT_STAGE; };
-    auto atile = [&](int i) { return gt_smem + (i % S) * GT_STAGE + GT_BN * GT_ROW; };
-    // weights first, before the wait: S - 1 k-tiles in flight (one group each)
-    for (int i = 0; i < S - 1; ++i) {
-        if (i < nk) gt_issue(wtile(i), w, n0, GT_BN, n, k, kt0 + i);
+    // A stage: a k-tile's W tile (GT_BN rows) then its A tile (arows rows: 16 KiB less a stage at 16 rows than at
+    // 64). Stages: what the launch's shared memory holds (>= 2; HIP, where it is unknown: 2).
+    const int stage = (GT_BN + arows) * GT_ROW;
+    const int S = max(2, min(GT_MAX_STAGES, (int)(db_dynamic_smem() / stage)));
+    GtCopy<T> wcp, acp;
+    wcp.init(w, n0, GT_BN, n, k, kt0);
+    acp.init(a, m0, arows, m, k, kt0);
+    // Weights first, before the wait: the first S k-tiles' W tiles (all of a block's weights where nk <= S), a
+    // group each; then, after it, their A tiles (one L2 round trip), a group each.
+    for (int i = 0; i < S; ++i) {
+        if (i < nk) wcp.issue(gt_smem + i * stage);
         db_cp_commit();
     }
     DB_GRID_WAIT();
     DB_TRACE_WAITED();
-    for (int i = 0; i < S - 1; ++i) {
-        if (i < nk) gt_issue(atile(i), a, m0, arows, m, k, kt0 + i);
+    for (int i = 0; i < S; ++i) {
+        if (i < nk) acp.issue(gt_smem + i * stage + GT_BN * GT_ROW);
         db_cp_commit();
     }
     GtMath<T> g;
@@ -221,16 +276,23 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) g.acc[i][j] = 0.0f;
+    // Turn i refills the stage k-tile i - 1 left (free once every thread passed this turn's barrier) with k-tile
+    // i - 1 + S, one group a turn (empty where there is none). Then k-tile j's last group is S + j + 1 at most,
+    // and turn i starts with 2S + i groups issued: waiting until S - 2 are in flight lands k-tile i.
+    unsigned char* cur = gt_smem;  // k-tile i's stage
+    unsigned char* prev = gt_smem;  // k-tile i - 1's
+    unsigned char* const last = gt_smem + (S - 1) * stage;
     for (int i = 0; i < nk; ++i) {
-        gt_cp_wait(S - 2);  // k-tile i has landed (the groups after it: S - 2)
-        __syncthreads();    // ... for every thread, and stage (i - 1) % S is free
-        const int nxt = i + S - 1;
-        if (nxt < nk) {
-            gt_issue(wtile(nxt), w, n0, GT_BN, n, k, kt0 + nxt);
-            gt_issue(atile(nxt), a, m0, arows, m, k, kt0 + nxt);
+        gt_cp_wait(S - 2);
+        __syncthreads();
+        if (i >= 1 && i - 1 + S < nk) {
+            wcp.issue(prev);
+            acp.issue(prev + GT_BN * GT_ROW);
         }
         db_cp_commit();
-        gt_product<T>(g, wtile(i), atile(i), mrows);
+        gt_product<T>(g, cur, cur + GT_BN * GT_ROW, mrows);
+        prev = cur;
+        cur = cur == last ? gt_smem : cur + stage;
     }
     gt_cp_wait(0);
     __syncthreads();  // every stage is free: the partial tile goes over them
@@ -239,24 +301,36 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     gt_cluster_sync();  // every block's partial is in its shared memory
     constexpr int rows = GT_BN / GT_NSPLIT;  // this block's weight rows of the tile
     const int r0 = (GT_NSPLIT > 1 ? split : 0) * rows;
+    // Thread t finishes elements t + it * GT_THREADS of this block's rows x GT_BM (those past mrows: none), a
+    // compile-time count of turns, unrolled: the partials' loads (distributed shared memory) and the residual's
+    // of every turn issue together instead of one dependent round trip a turn.
+    const float* part[GT_NSPLIT];
+#pragma unroll
+    for (int q = 0; q < GT_NSPLIT; ++q) part[q] = gt_partial(c, q);
     if (EPI == GT_SILU) {  // pairs (gate 2j, up 2j + 1)
+        constexpr int pairs = rows / 2, turns = pairs * GT_BM / GT_THREADS;
         const int half_n = n / 2;
-        for (int e = threadIdx.x; e < (rows / 2) * mrows; e += GT_THREADS) {
-            const int pr = e % (rows / 2), col = e / (rows / 2), row = r0 + 2 * pr;
+#pragma unroll
+        for (int it = 0; it < turns; ++it) {
+            const int e = (int)threadIdx.x + it * GT_THREADS, col = e / pairs, row = r0 + 2 * (e % pairs);
             float gv = 0.0f, uv = 0.0f;
+#pragma unroll
             for (int q = 0; q < GT_NSPLIT; ++q) {
-                gv += gt_partial(c + col * GT_CLD + row, q);
-                uv += gt_partial(c + col * GT_CLD + row + 1, q);
+                gv += part[q][col * GT_CLD + row];
+                uv += part[q][col * GT_CLD + row + 1];
             }
             const int j = (n0 + row) / 2;
-            if (j < half_n) out[(size_t)(m0 + col) * half_n + j] = from_float<O>(silu_f(gv) * uv);
+            if (col < mrows && j < half_n) out[(size_t)(m0 + col) * half_n + j] = from_float<O>(silu_f(gv) * uv);
         }
     } else {
-        for (int e = threadIdx.x; e < rows * mrows; e += GT_THREADS) {
-            const int row = r0 + e % rows, col = e / rows;
+        constexpr int turns = rows * GT_BM / GT_THREADS;
+#pragma unroll
+        for (int it = 0; it < turns; ++it) {
+            const int e = (int)threadIdx.x + it * GT_THREADS, col = e / rows, row = r0 + e % rows;
             float v = 0.0f;
-            for (int q = 0; q < GT_NSPLIT; ++q) v += gt_partial(c + col * GT_CLD + row, q);
-            if (n0 + row < n) {
+#pragma unroll
+            for (int q = 0; q < GT_NSPLIT; ++q) v += part[q][col * GT_CLD + row];
+            if (col < mrows && n0 + row < n) {
                 O* dst = out + (size_t)(m0 + col) * n + n0 + row;
                 if (EPI == GT_ADD)
                     *dst = from_float<O>(to_float(*dst) + v);
@@ -265,7 +339,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
             }
         }
     }
-    gt_cluster_sync();  // the other blocks' reads of this one's partial are done before it exits
+    gt_cluster_done();  // the other blocks' reads of this one's partial are done before it exits
 }
 
 #define DEFINE_GEMM(SUFFIX, T)                                                                                 \

@@ -588,13 +588,20 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 // When the attention kernels let the next kernel launch (whose blocks then prefetch its weights, sharing DRAM
 // with attention's K/V loads): 0 at the start, 1 once the first tile's K/V loads are issued, 2 after the tiles.
 // attn_decode: 1 (H200, TinyLlama batch 1, two runs: -1.6 / -1.7 % a step at position 100, even at 400: its K/V
-// requests queue ahead of o_proj's 8 MB weight prefetch); attn_decode_batched: ATTN_BATCHED_TRIGGER, 0 (not
-// measured otherwise).
+// requests queue ahead of o_proj's 8 MB weight prefetch); attn_decode_batched and attn_qkv (kernels/llama_batched.cu):
+// ATTN_BATCHED_TRIGGER, 0 by default; the fused spec builds attn_qkv with 1 (H100, 16 rows before our own O GEMM:
+// -2.5 % a step; 2 was +1 %).
 #ifndef ATTN_TRIGGER
 #define ATTN_TRIGGER 1
 #endif
 #ifndef ATTN_BATCHED_TRIGGER
 #define ATTN_BATCHED_TRIGGER 0
+#endif
+// Where attn_decode stamps its block-trace mark 2 (tools/blocktrace.py; no code without -DDB_BLOCKTRACE): 0 once
+// the key groups' partials are summed, 1 after the first tile's softmax max/sum, 2 after its p.V, 3 after the
+// barrier that follows.
+#ifndef ATTN_MARK2
+#define ATTN_MARK2 0
 #endif
 
 // Online softmax of one query over keys [start, end) of one KV head (kc4, vc4: its rows of d4 float4s), by every
@@ -661,6 +668,7 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const float4* kc4,
         const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
         l = l * corr + psum;
         m = m_new;
+        if (ATTN_MARK2 == 1 && mark && t0 == start) DB_TRACE_MARK(2);
         acc.x *= corr;
         acc.y *= corr;
         acc.z *= corr;
@@ -676,7 +684,9 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const float4* kc4,
                 acc.w = fmaf(pk, vv[u].w, acc.w);
             }
         }
+        if (ATTN_MARK2 == 2 && mark && t0 == start) DB_TRACE_MARK(2);
         __syncthreads();  // sp is rewritten by the next tile
+        if (ATTN_MARK2 == 3 && mark && t0 == start) DB_TRACE_MARK(2);
     }
     sacc[tid] = acc;
     __syncthreads();
@@ -747,7 +757,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const float4 o = attn_span(qv, kc4, vc4, d4, start, end, scale, early, ATTN_TRIGGER == 1, true, kv, vv, sp,
                                sacc, m, l);
     if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
-    DB_TRACE_MARK(2);
+    if (ATTN_MARK2 == 0) DB_TRACE_MARK(2);
     if (nlive == 1) {  // the only live split: normalise and write the output directly
         if (tid < d4) out4[tid] = make_float4(o.x / l, o.y / l, o.z / l, o.w / l);
         return;

@@ -7,7 +7,7 @@
 //   MmaType<T>::pack(a, b), MmaType<T>::mma(c, a, b0, b1)   T = db_f16 | db_bf16: mma.sync.m16n8k16, f32 sums
 //   mm_ldmatrix_x4 / _x2          ldmatrix.m8n8 from shared memory
 //   mm_cp_wait(n)                 cp.async.wait_group with a run-time n (<= 5)
-//   mm_cluster(), mm_cluster_sync(), mm_remote(p, rank), mm_ld_remote(4)
+//   mm_cluster(), mm_cluster_sync(), mm_remote(p, rank), mm_ld_remote(4), mm_remote_ptr(p, rank)
 //                                 cluster geometry, barrier and distributed-shared-memory loads (one block
 //                                 per "cluster" below sm_90)
 
@@ -121,6 +121,16 @@ __device__ __forceinline__ void mm_cluster_sync() {  // every thread of every bl
     __syncthreads();
 #endif
 }
+// every thread of every block of the cluster got here, with no memory ordering (no fence: a release would wait
+// for this thread's outstanding global stores); for "the others are done reading my shared memory" where each
+// thread used what it loaded before arriving
+__device__ __forceinline__ void mm_cluster_sync_relaxed() {
+#if MM_HAS_CLUSTER
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
 // the address of `p` (this block's shared memory) in block `rank` of the cluster
 __device__ __forceinline__ unsigned int mm_remote(const void* p, int rank) {
 #if MM_HAS_CLUSTER
@@ -130,6 +140,19 @@ __device__ __forceinline__ unsigned int mm_remote(const void* p, int rank) {
     return out;
 #else
     return (unsigned int)__cvta_generic_to_shared(p);
+#endif
+}
+// the generic address of `p` (this block's shared memory) in block `rank` of the cluster: plain C++ loads through
+// it read distributed shared memory, and the compiler schedules them like any load (batched, kept after barriers)
+template <typename T>
+__device__ __forceinline__ const T* mm_remote_ptr(const T* p, int rank) {
+#if MM_HAS_CLUSTER
+    unsigned long long out;
+    asm("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(p), "r"(rank));
+    return reinterpret_cast<const T*>(out);
+#else
+    (void)rank;
+    return p;
 #endif
 }
 __device__ __forceinline__ float4 mm_ld_remote4(unsigned int a) {

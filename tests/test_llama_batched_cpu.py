@@ -191,7 +191,7 @@ def test_gemm_path_from_gemm_batch(wt):
         attn = by_id["attn.21"]
         assert attn.kernel == "attn_qkv" and p.kernels["attn_qkv"].entry == f"attn_qkv_{wt}"
         args = {a.param.name: a for a in attn.args}
-        assert args["chunk"].value == 64  # attn_min_keys
+        assert args["chunk"].value == (64 if batch < 48 else 128)  # attn_min_keys; attn_wide_keys from 48 rows
         assert {k: args[k].view.label for k in ("qkv", "k_cache", "v_cache", "bias", "out")} == {
             "qkv": "qkv", "k_cache": "k_cache[21]", "v_cache": "v_cache[21]", "bias": "qkv_bias[21]",
             "out": "attn_h"}
@@ -214,9 +214,11 @@ def test_gemm_batch_is_checked():
 
 
 def test_attn_min_keys_is_checked():
-    """The batched attention divides by it on the device: 0 is refused at bind, naming the dim."""
+    """The batched attention divides by it (and attn_wide_keys) on the device: 0 is refused at bind, naming it."""
     _, issues = bind(load_spec(FUSED), {"batch": 4, "cache_batch": 4, "attn_min_keys": 0})
     assert issues and issues[0].code == "check" and "attn_min_keys" in issues[0].message
+    _, issues = bind(load_spec(FUSED), {"batch": 64, "cache_batch": 64, "attn_wide_keys": 0})
+    assert issues and issues[0].code == "check" and "attn_wide_keys" in issues[0].message
 
 
 def test_mvc_engine_from_mvc_batch_in_whole_clusters():
