@@ -44,6 +44,6 @@ def test_bench_attn_auto_splits_are_the_specs(batch, max_seq):
     plan = llama_plan(dims, ROOT / "specs" / "llama_decode_fused.yaml")
     attn = next(n.op for n in plan.nodes if n.id == "attn.0")
     assert attn.kernel == "attn_qkv" and attn.grid == (batch * tool.KV_HEADS, tool.auto_splits(batch, max_seq), 1)
-    assert {a.param.name: a.value for a in attn.args}["chunk"] == tool.MIN_KEYS
+    assert {a.param.name: a.value for a in attn.args}["chunk"] == tool.min_keys(batch)
     assert tool.variant_options("base") == tuple(plan.kernels["attn_qkv"].options)
     assert tool.variant_options("A=1,B=2") == (*plan.kernels["attn_qkv"].options, "-DA=1", "-DB=2")

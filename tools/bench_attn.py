@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SRC = ROOT / "kernels" / "llama_batched.cu"
-BASE_OPTIONS = ("-DMMA_CLUSTER=8",)  # the fused spec's options for this module
+BASE_OPTIONS = ("-DMMA_CLUSTER=8", "-DATTN_BATCHED_TRIGGER=1")  # the fused spec's options for attn_qkv
 HEADS, KV_HEADS, HEAD_DIM, CHUNK, MIN_KEYS, SMS = 32, 4, 64, 64, 64, 132  # the fused spec's dims (TinyLlama)
+WIDE_BATCH, WIDE_KEYS = 48, 128  # from attn_wide_batch rows a split takes at least attn_wide_keys keys
 CALLS, REPS = 20, 5
 
 
@@ -35,6 +36,11 @@ def variant_options(variant: str) -> tuple[str, ...]:
     """``base`` → the spec's options; ``A=1,B=2`` → those plus -DA=1 -DB=2."""
     extra = () if variant == "base" else tuple(f"-D{d}" for d in variant.split(","))
     return BASE_OPTIONS + extra
+
+
+def min_keys(batch: int) -> int:
+    """The fewest keys a split takes at ``batch`` rows (the fused spec's attention ``chunk`` argument)."""
+    return max(MIN_KEYS, WIDE_KEYS * (batch >= WIDE_BATCH))
 
 
 def auto_splits(batch: int, max_seq: int, kv_heads: int = KV_HEADS) -> int:
@@ -104,7 +110,7 @@ def main() -> int:
                     fn = mod.get_function(args.kernel)
                     sc = np.float32(HEAD_DIM ** -0.5)
                     common = (part_o, part_ml, counters, out, np.int32(HEADS), np.int32(kvh),
-                              np.int32(HEAD_DIM), np.int32(max_seq), np.int32(MIN_KEYS), sc)
+                              np.int32(HEAD_DIM), np.int32(max_seq), np.int32(min_keys(batch)), sc)
                     params = ((q, kc, vc, pos, bias, inv_freq, *common) if args.kernel.startswith("attn_qkv")
                               else (q, kc, vc, pos, *common))
                     with stream:
