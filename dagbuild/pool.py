@@ -23,7 +23,7 @@ from .buffers import Arena
 from .dag import data_flow
 from .errors import BuildError, Issue, SpecError
 from .executable import ExecOptions, Executable
-from .ir import Plan
+from .ir import ChildOp, Plan
 from .kernels import ModuleCache
 from .plan import plan as make_plan
 from .spec import ChildNode, GraphSpec, KernelNode, LoopNode, MemcpyNode, MemsetNode, RepeatBlock
@@ -140,8 +140,11 @@ class GraphPool:
         p = self.plan_for(key)
         kernels = _kernel_choice(p)
         source = self._sources.get(kernels)
+        # a library's child graph is re-recorded per bucket and may hold other kernels (cuBLAS picks them by
+        # shape), which an executable's child-graph update refuses: such buckets are built fresh
         if not (source is not None and self.method == "derive" and p.edges == source.plan.edges and
-                [n.id for n in p.nodes] == [n.id for n in source.plan.nodes]):
+                [n.id for n in p.nodes] == [n.id for n in source.plan.nodes] and
+                not any(isinstance(n.op, ChildOp) for n in p.nodes)):
             source = None
         exe = Executable(p, self.options, backend=self.backend, bound={**self.arena, **self.bound},
                          modules=self.modules, stream=self.stream, derive_from=source)

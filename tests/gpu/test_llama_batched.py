@@ -433,6 +433,35 @@ def test_fp32_every_bucket_matches_batch_one(cp, tc_batch):
                     assert rel_err(logits[t][r], reference[r][1][t][0]) < 1e-5, (bucket, r, t)
 
 
+def test_derived_pool_builds_cublas_buckets_fresh(cp):
+    """method="derive" over GEMM-path buckets: cuBLAS records other kernels for other row counts (a child graph of
+    another topology, which an executable's child-graph update refuses), so buckets with child graphs are built
+    fresh and every bucket builds and runs; kernel-only buckets still derive."""
+    from dagbuild.llama.weights import random_weights
+    from dagbuild.load import load_spec
+    from dagbuild.pool import GraphPool
+
+    dims = {k: v for k, v in TINYLLAMA.items() if k != "wt"} | {"wt": "f16", "layers": 2, "max_seq": 32,
+                                                                "cache_batch": 256, "tc_batch": 16}
+    buckets = [1, 2, 4, 8, 16, 24, 40, 48, 64, 128, 256]
+    with GraphPool(load_spec(FUSED_SPEC), {"batch": buckets}, overrides=dims, method="derive",
+                   concurrent=False) as pool:
+        random_weights(pool.get(batch=256), 3)
+        for bucket in buckets:
+            exe = pool.get(batch=bucket)
+            child = any(n.op.kind == "child" for n in exe.plan.nodes)
+            assert child == (bucket > 16), bucket  # cuBLAS above tc_batch, from gemm_batch rows
+            if child:
+                assert exe._own_graph, bucket
+            exe.buffers["tokens_host"][:] = 1
+            exe.buffers["pos_host"][:] = 0  # attention over the new key only: no cache contents read
+            exe.launch(sync=True)
+            logits = cp.asnumpy(exe.buffers["logits"]).reshape(bucket, -1)
+            assert np.isfinite(logits).all(), bucket
+            assert np.allclose(logits, logits[:1], rtol=2e-2, atol=2e-2), bucket  # every row the same input
+        assert any(not pool.get(batch=b)._own_graph for b in buckets)  # the kernel-only buckets derive where they can
+
+
 @pytest.mark.parametrize("mvc_batch, gemm_batch, tc_batch", [(0, 16, 0), (0, 16, 64), (0, 0, 0), (16, 0, 0)],
                          ids=["gemm", "gemm-cu", "mv-mma", "mvc"])
 def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, gemm_batch, tc_batch):
