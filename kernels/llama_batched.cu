@@ -925,11 +925,6 @@ DEFINE_TC_F32(mvc)
 #ifndef AB_UNROLL
 #define AB_UNROLL 2
 #endif
-// One warp a query head (S == 1, groups of more than 4 heads) scores AB_TK keys a tile but the buffer holds two such
-// tiles: AB_PAIR 1 copies both in one round trip (a split of 64 keys is then one DRAM round trip, not two)
-#ifndef AB_PAIR
-#define AB_PAIR 1
-#endif
 // __launch_bounds__ minimum blocks per SM: 4 caps registers at 64, so 4 blocks of 256 threads fit an SM, as their
 // 43 KiB of shared memory allow (H100, same run: 1.2-1.5x faster than 80 registers and 3 blocks)
 #ifndef AB_MIN_BLOCKS
@@ -977,13 +972,11 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)hd;
     const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * hd;
     const float* qg = QKV ? q + (size_t)b * qkv_width + (size_t)h0 * hd : q + ((size_t)b * heads + h0) * hd;
-    // keys a copy brings: TKE, or two tiles of them where one warp takes a head and the buffer holds both
-    const int tkb = (AB_PAIR && S == 1 && 2 * 2 * TKE * ld <= AB_KV_FLOATS) ? 2 * TKE : TKE;
-    // K and V rows [t0, t0 + tkb) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
+    // K and V rows [t0, t0 + TKE) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
     float* ks = kvs;
-    float* vs = kvs + tkb * ld;
+    float* vs = kvs + TKE * ld;
     auto copy_tile = [&](int t0, int nt) {
-        for (int c = tid; c < tkb * (hd / 4); c += AB_THREADS) {
+        for (int c = tid; c < TKE * (hd / 4); c += AB_THREADS) {
             const int r = c / (hd / 4), ch = c - r * (hd / 4);
             const bool ok = r < nt;
             const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * 4;
@@ -1009,7 +1002,7 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     const bool early = s == 0;
     if (early) {
         copy_q();
-        copy_tile(0, min(tkb, max_seq));
+        copy_tile(0, min(TKE, max_seq));
     }
     db_cp_commit();
     const int p = pos[b];
@@ -1025,10 +1018,10 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     if (s >= nlive) return;
     const int per = (L + nlive - 1) / nlive;
     const int start = s * per, end = min(L, start + per);
-    const int ntiles = (end - start + tkb - 1) / tkb;  // copies
+    const int ntiles = (end - start + TKE - 1) / TKE;
     if (!early) {  // q and the first tile (split 0 has both in flight already)
         copy_q();
-        copy_tile(start, min(tkb, end - start));
+        copy_tile(start, min(TKE, end - start));
     }
     db_cp_commit();
     // QKV: the block whose keys hold p (when p < max_seq: the last split with any keys) replaces the cache row
@@ -1068,8 +1061,9 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         for (int j = 0; j < AB_MAX_HD / 32; ++j) o[u][j] = 0.0f;
 
     for (int it = 0; it < ntiles; ++it) {
-        const int t0 = start + it * tkb, nt = min(tkb, end - t0);
-        // copy it is in flight (split 0's first tile: its rows past nt are masked like zeros)
+        const int t0 = start + it * TKE, nt = min(TKE, end - t0);
+        const int nw = min(AB_TK, nt - AB_TK * sl);  // this warp's keys of the tile (<= 0: none)
+        // tile it is in flight (split 0's first tile: its rows past nt are masked like zeros)
         db_cp_commit();
         if (ATTN_BATCHED_TRIGGER == 1 && it == 0) PDL_LAUNCH_DEPENDENTS();
         db_cp_wait<0>();
@@ -1081,51 +1075,48 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
             }
             __syncthreads();
         }
-        for (int t1 = 0; t1 < nt; t1 += TKE) {  // the copy's tiles of TKE keys (one or two)
-            const int nw = min(AB_TK, nt - t1 - AB_TK * sl);  // this warp's keys of the tile (<= 0: none)
 #pragma unroll
-            for (int u = 0; u < NU; ++u) {
-                const int h = hw + 8 * u;
-                if (h >= G || nw <= 0) continue;  // warp-uniform
-                // score of key 32 sl + lane: its K row (float4s, rows ld floats apart: conflict-free) against q
-                // (a broadcast)
-                float sc = NEG_INF;
-                if (lane < nw) {
-                    const float4* k4 = reinterpret_cast<const float4*>(ks + (t1 + AB_TK * sl + lane) * ld);
-                    const float4* q4 = reinterpret_cast<const float4*>(qs + h * hd);
-                    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        for (int u = 0; u < NU; ++u) {
+            const int h = hw + 8 * u;
+            if (h >= G || nw <= 0) continue;  // warp-uniform
+            // score of key 32 sl + lane: its K row (float4s, rows ld floats apart: conflict-free) against q
+            // (a broadcast)
+            float sc = NEG_INF;
+            if (lane < nw) {
+                const float4* k4 = reinterpret_cast<const float4*>(ks + (AB_TK * sl + lane) * ld);
+                const float4* q4 = reinterpret_cast<const float4*>(qs + h * hd);
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma unroll AB_UNROLL
-                    for (int c = 0; c < hd / 4; ++c) {
-                        const float4 kv = k4[c], qv = q4[c];
-                        a0 = fmaf(qv.x, kv.x, a0);
-                        a1 = fmaf(qv.y, kv.y, a1);
-                        a2 = fmaf(qv.z, kv.z, a2);
-                        a3 = fmaf(qv.w, kv.w, a3);
-                    }
-                    sc = scale * ((a0 + a1) + (a2 + a3));
+                for (int c = 0; c < hd / 4; ++c) {
+                    const float4 kv = k4[c], qv = q4[c];
+                    a0 = fmaf(qv.x, kv.x, a0);
+                    a1 = fmaf(qv.y, kv.y, a1);
+                    a2 = fmaf(qv.z, kv.z, a2);
+                    a3 = fmaf(qv.w, kv.w, a3);
                 }
-                // online softmax over the warp's keys (the tile has >= 1 key, so m_new is finite)
-                const float m_new = fmaxf(m_run[u], db_warp_max(sc));
-                const float pr = lane < nw ? expf(sc - m_new) : 0.0f;
-                const float c = expf(m_run[u] - m_new);  // 0 on the first tile
-                l_run[u] = l_run[u] * c + db_warp_sum(pr);
-                m_run[u] = m_new;
-                // p.V: every key's p from its lane, the V rows read along the dims (conflict-free); keys past nw are
-                // skipped (vs may hold anything there)
+                sc = scale * ((a0 + a1) + (a2 + a3));
+            }
+            // online softmax over the warp's keys (the tile has >= 1 key, so m_new is finite)
+            const float m_new = fmaxf(m_run[u], db_warp_max(sc));
+            const float pr = lane < nw ? expf(sc - m_new) : 0.0f;
+            const float c = expf(m_run[u] - m_new);  // 0 on the first tile
+            l_run[u] = l_run[u] * c + db_warp_sum(pr);
+            m_run[u] = m_new;
+            // p.V: every key's p from its lane, the V rows read along the dims (conflict-free); keys past nw are
+            // skipped (vs may hold anything there)
 #pragma unroll
-                for (int j = 0; j < AB_MAX_HD / 32; ++j) o[u][j] *= c;
+            for (int j = 0; j < AB_MAX_HD / 32; ++j) o[u][j] *= c;
 #pragma unroll AB_UNROLL
-                for (int t = 0; t < nw; ++t) {
-                    const float pt = db_shfl(pr, t);
-                    const float* vrow = vs + (t1 + AB_TK * sl + t) * ld + lane;
+            for (int t = 0; t < nw; ++t) {
+                const float pt = db_shfl(pr, t);
+                const float* vrow = vs + (AB_TK * sl + t) * ld + lane;
 #pragma unroll
-                    for (int j = 0; j < AB_MAX_HD / 32; ++j)
-                        if (lane + 32 * j < hd) o[u][j] = fmaf(pt, vrow[32 * j], o[u][j]);
-                }
+                for (int j = 0; j < AB_MAX_HD / 32; ++j)
+                    if (lane + 32 * j < hd) o[u][j] = fmaf(pt, vrow[32 * j], o[u][j]);
             }
         }
         __syncthreads();  // the tile is rewritten by the next one
-        if (it + 1 < ntiles) copy_tile(t0 + tkb, min(tkb, end - t0 - tkb));
+        if (it + 1 < ntiles) copy_tile(t0 + TKE, min(TKE, end - t0 - TKE));
     }
     if (ATTN_BATCHED_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     if constexpr (S > 1) {  // slices 1.. hand (m, l, o) to slice 0 through the tile buffer (the loop ended on a
