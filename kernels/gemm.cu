@@ -40,7 +40,7 @@
 // at 16 rows on par with or ahead of cuBLAS (QKV 6.6 against 6.8 us, O 5.8 / 6.3, gate/up with SiLU 17.1 / 18.4
 // plus cuBLAS's SiLU node, down 12.8 / 12.6, LM head 46.4 / 49.2), at 64 rows still behind (QKV 9.1 / 6.9, down
 // 18.0 / 13.5). A 64-row x 256-byte W tile streams at most ~20 GB/s a block from DRAM where 40 blocks read a
-// matrix (tools: a copy-only probe gave the same with no math; contiguous 16 KiB stages ~95 GB/s a block), so
+// matrix (tools/bench_stream.py gives the same with no math; contiguous 16 KiB stages 80-99 GB/s a block), so
 // projections with few tiles need the split to fill the card.
 
 #include "port.cuh"
