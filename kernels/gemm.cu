@@ -8,7 +8,7 @@
 //                               (w_gate_up's rows interleave gate and up; n is 2 * ffn)
 // a [m, k] row-major, w [n, k] row-major (nn.Linear's weight: no transposed copy), k % 8 == 0, a and w 16-byte
 // aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: at least 2
-// stages of GT_STAGE bytes (16 KiB at GT_ROW 128, 32 KiB at 256); a block with fewer rows fits more, smaller ones.
+// stages of (64 + 64) * GT_ROW bytes (16 KiB at GT_ROW 128, 32 KiB at 256); a block of fewer rows fits more.
 //
 // Why not cuBLAS (a child graph a GEMM): a library kernel cannot start before its producer ends, and each
 // bucket of a pool records 89 child graphs. Here a block issues its first weight tiles BEFORE
@@ -56,7 +56,6 @@
 #ifndef GT_ROW
 #define GT_ROW 128        // bytes of a tile row's k-tile (128 or 256): longer runs of each weight row a stage
 #endif
-#define GT_STAGE ((GT_BN + GT_BM) * GT_ROW)  // 16 KiB at 128-byte rows
 #define GT_MAX_STAGES 7  // cp.async.wait_group takes an immediate: mm_cp_wait covers up to 5 = stages - 2
 #define GT_CLD (GT_BN + 4)  // floats a row of the partial tile c[batch row][weight row] (conflict-free stores)
 
