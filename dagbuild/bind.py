@@ -261,7 +261,10 @@ def _read_source(name: str, decl, spec: GraphSpec, issues: _Issues, cache: dict)
         return decl.code, None
     from .sources import read_kernel_source
 
-    path = ((spec.base_dir or Path.cwd()) / decl.source).resolve()
+    root = spec.base_dir or Path.cwd()
+    path = cache.get(("source path", root, decl.source))  # resolve() walks the path: once per pool, not per bucket
+    if path is None:
+        path = cache[("source path", root, decl.source)] = (root / decl.source).resolve()
     if ("source", path) in cache:
         return cache[("source", path)], path
     where = dict(path=("kernels", name, "source"), field=f"kernels.{name}.source")
