@@ -424,6 +424,37 @@ def _bind_kernel_node(node: KernelNode, kernel: PlanKernel | None, buffers, spec
     return KernelOp(kernel.name, grid, block, shared, tuple(args), node.launch or kernel.launch)
 
 
+def _closure(v):
+    """An expression (or a literal) as a closure over the env."""
+    return expr.compiled(v) if isinstance(v, str) else (lambda env, v=v: v)
+
+
+def _view_payload(text: str) -> tuple[str, tuple | None, str]:
+    """A view that already bound once, as (buffer, index closures or None, text)."""
+    name, index = parse_view(text)
+    return name, None if index is None else tuple(_closure(i) for i in index), text.strip()
+
+
+def _view_in(payload: tuple[str, tuple | None, str], buffers, env) -> View:
+    """The byte range a compiled view names (the rules of :func:`resolve_view`); _Fallback where the validating
+    binder has something to say (a missing buffer, an index out of range or not an integer)."""
+    name, index, text = payload
+    buf = buffers.get(name)
+    if buf is None:
+        raise _Fallback
+    if index is None:
+        return view_at(buf, text, None)
+    if len(index) > len(buf.shape):
+        raise _Fallback
+    try:
+        idx = tuple(_int(c(env)) for c in index)
+    except expr.ExprError:
+        raise _Fallback from None
+    if any(not 0 <= i < n for i, n in zip(idx, buf.shape, strict=False)):
+        raise _Fallback
+    return view_at(buf, text, idx)
+
+
 @dataclass(slots=True)
 class _CompiledBinding:
     """A kernel node's numbers as compiled expression closures, made after the node bound once with every
@@ -439,19 +470,10 @@ class _CompiledBinding:
 
     @classmethod
     def of(cls, node: KernelNode, kernel: PlanKernel) -> _CompiledBinding:
-        def closure(v):
-            return expr.compiled(v) if isinstance(v, str) else (lambda env, v=v: v)
-
-        args = []
-        for p in kernel.params:
-            value = node.args[p.name]
-            if p.pointer:
-                name, index = parse_view(value)
-                args.append((p, (name, None if index is None else tuple(closure(i) for i in index), value.strip())))
-            else:
-                args.append((p, closure(value)))
-        return cls(tuple(closure(g) for g in node.grid), tuple(closure(b) for b in node.block),
-                   closure(node.shared), tuple(args), node.launch or kernel.launch)
+        args = tuple((p, _view_payload(node.args[p.name]) if p.pointer else _closure(node.args[p.name]))
+                     for p in kernel.params)
+        return cls(tuple(_closure(g) for g in node.grid), tuple(_closure(b) for b in node.block),
+                   _closure(node.shared), args, node.launch or kernel.launch)
 
     def run(self, kernel: PlanKernel, buffers, env) -> KernelOp:
         try:
@@ -470,22 +492,10 @@ class _CompiledBinding:
         args = []
         for p, payload in self.args:
             if p.pointer:
-                name, index, text = payload
-                buf = buffers.get(name)
+                buf = buffers.get(payload[0])
                 if buf is None or buf.dtype != p.dtype:
                     raise _Fallback
-                if index is None:
-                    args.append(KernelArg(p, view=view_at(buf, text, None)))
-                    continue
-                if len(index) > len(buf.shape):
-                    raise _Fallback
-                try:
-                    idx = tuple(_int(c(env)) for c in index)
-                except expr.ExprError:
-                    raise _Fallback from None
-                if any(not 0 <= i < n for i, n in zip(idx, buf.shape, strict=False)):
-                    raise _Fallback
-                args.append(KernelArg(p, view=view_at(buf, text, idx)))
+                args.append(KernelArg(p, view=_view_in(payload, buffers, env)))
             else:
                 try:
                     args.append(KernelArg(p, value=check_scalar(p.dtype, payload(env))))
@@ -599,6 +609,61 @@ def _bind_child(node: ChildNode, buffers, spec, env) -> ChildOp:
                                 "and race checks would miss it", buffer=view.buffer, field=(*where, "args", name))
         body.append(lib)
     return ChildOp(tuple(declared["reads"]), tuple(declared["writes"]), tuple(body))
+
+
+@dataclass(slots=True)
+class _CompiledChild:
+    """A child node's views and body args as compiled closures, made after the node bound once with every check
+    (as :class:`_CompiledBinding` for kernels: a pool binds 89 child nodes a GEMM bucket). Later binds apply the
+    same rules (the library call's check, the coverage of its accesses by the declared views); anything unusual
+    falls back to :func:`_bind_child`, which names the culprit."""
+
+    reads: tuple  # view payloads
+    writes: tuple
+    calls: tuple  # (signature, ((Param, "view" | "scalar" | "fixed", payload | closure | KernelArg), ...))
+
+    @classmethod
+    def of(cls, node: ChildNode) -> _CompiledChild:
+        from .libcalls import LIBCALLS
+
+        calls = []
+        for call in node.child.body:
+            sig, entries = LIBCALLS[call.call], []
+            for p in sig.params:
+                if p.name in call.args:
+                    value = call.args[p.name]
+                    entries.append((p, "view", _view_payload(value)) if p.pointer else (p, "scalar", _closure(value)))
+                elif sig.defaults[p.name] is not None:
+                    entries.append((p, "fixed", KernelArg(p, value=sig.defaults[p.name])))
+            calls.append((sig, tuple(entries)))
+        return cls(tuple(_view_payload(t) for t in node.child.reads),
+                   tuple(_view_payload(t) for t in node.child.writes), tuple(calls))
+
+    def run(self, buffers, env) -> ChildOp:
+        reads = tuple(_view_in(v, buffers, env) for v in self.reads)
+        writes = tuple(_view_in(v, buffers, env) for v in self.writes)
+        body = []
+        for sig, entries in self.calls:
+            args = []
+            for p, how, payload in entries:
+                if how == "view":
+                    view = _view_in(payload, buffers, env)
+                    args.append(KernelArg(Param(p.name, buffers[view.buffer].dtype, True, p.const), view=view))
+                elif how == "scalar":
+                    try:
+                        args.append(KernelArg(p, value=check_scalar(p.dtype, payload(env))))
+                    except (expr.ExprError, ValueError, OverflowError):
+                        raise _Fallback from None
+                else:
+                    args.append(payload)
+            if sig.check({a.param.name: a for a in args}, buffers):
+                raise _Fallback
+            lib = LibCall(sig.name, tuple(args))
+            for view, w in lib.accesses():
+                if not any(d.covers(view) for d in (writes if w else reads + writes)):
+                    raise _Fallback
+            body.append(lib)
+        return ChildOp(reads, writes, tuple(body))
 
 
 def _uses_var(node_id: str, var: str) -> bool:
@@ -799,7 +864,14 @@ def _bind_node(node, path, env, frames, order, spec, kernels, buffers, kernel_ke
             elif isinstance(node, MemsetNode):
                 op = _bind_memset(node, buffers, spec, env)
             elif isinstance(node, ChildNode):
-                op = _bind_child(node, buffers, spec, env)
+                compiled = programs.get(("child", id(node)))
+                try:
+                    if compiled is None:
+                        raise _Fallback
+                    op = compiled[1].run(buffers, env)
+                except _Fallback:
+                    op = _bind_child(node, buffers, spec, env)  # checks all, names culprits
+                    programs[("child", id(node))] = (node, _CompiledChild.of(node))  # node kept: its id stays its
             else:
                 assert isinstance(node, EmptyNode)
                 op = EmptyOp()

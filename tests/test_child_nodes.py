@@ -178,3 +178,31 @@ def test_plan_chunks_crosses_buckets():
     assert plan_chunks([200], [16, 64]) == [(0, 64), (64, 64), (128, 64), (192, 16)]
     assert plan_chunks([1], [16, 64]) == [(0, 16)]
     assert plan_chunks([33, 20], [16, 32, 64]) == [(0, 64)]
+
+
+def test_rebinding_with_compiled_child_bindings_keeps_ops_and_named_errors():
+    """A pool's buckets share compiled bindings (``programs``): a child node bound once is bound again from
+    closures. The ops equal a fresh bind's, and where other dims break the node (an index out of range, an access
+    the declared views no longer cover) the validating binder still names the culprit."""
+    from dagbuild.bind import bind
+
+    text = BASE.replace("k: 64}}", "k: 64, j: 0}}").format(
+        reads='[a, "w[0]", "w[1]"]', writes="[y, ws]", call="gemm", deps="infer",
+        args='{a: a, b: "w[j]", c: y, m: m, n: n, k: k, workspace: ws}')
+    spec = parse_spec(text)
+    programs: dict = {}
+    first, issues = bind(spec, {"j": 1}, programs)
+    assert not issues and any(k[0] == "child" for k in programs if isinstance(k, tuple))
+    for dims in ({"j": 0}, {"j": 1, "m": 8}):
+        again, issues = bind(spec, dims, programs)
+        fresh, fresh_issues = bind(spec, dims, {})
+        assert not issues and not fresh_issues
+        assert again.node_by_id["mm"].op == fresh.node_by_id["mm"].op
+    _, issues = bind(spec, {"j": 2}, programs)  # w has 2 rows
+    _, fresh_issues = bind(spec, {"j": 2}, {})
+    assert issues == fresh_issues and issues[0].code == "out_of_bounds" and "w[j]" in issues[0].message
+    narrow = parse_spec(text.replace('reads: [a, "w[0]", "w[1]"]', 'reads: [a, "w[0]"]'))
+    programs = {}
+    assert not bind(narrow, {"j": 0}, programs)[1]
+    _, issues = bind(narrow, {"j": 1}, programs)  # reads w[1], declared only w[0]
+    assert issues == bind(narrow, {"j": 1}, {})[1] and issues[0].code == "undeclared"
