@@ -41,6 +41,22 @@ def test_records_split_into_nodes_by_grid_in_start_order(blocktrace):
     assert line.split()[-2] == "5.00"  # the median end of the two rows  # counts disagree: no guessing
 
 
+def test_per_block_rows_in_start_order(blocktrace):
+    """--blocks: a node's blocks one by one (first warp's start, last warp's release, marks and exit), relative
+    to the previous node's last exit; a block whose warps reached no mark shows NaN there (a dead split)."""
+    records = [rec(1000, 2000, 5000, 0, 0),  # node a, ends at 5000
+               rec(4000, 5600, 8000, 3, 0, 0, marks=(6000, 7000)), rec(4100, 5700, 8500, 3, 0, 1, marks=(6100, 7200)),
+               rec(4050, 5400, 5500, 1, 1, 0), rec(4060, 5450, 5600, 1, 1, 1)]
+    _, b = blocktrace.split_nodes(records, [("a", 1, 1), ("b", 2, 2)])
+    live, dead = b["per_block"]
+    assert (live["block"], live["sm"]) == (0, 3) and (dead["block"], dead["sm"]) == (1, 1)
+    assert [live[k] for k in ("start", "waited", "mark1", "mark2", "exit")] == pytest.approx([-1.0, 0.7, 1.1, 2.2, 3.5])
+    assert [dead[k] for k in ("start", "waited", "exit")] == pytest.approx([-0.95, 0.45, 0.6])
+    assert dead["mark1"] != dead["mark1"] and dead["mark2"] != dead["mark2"]  # NaN: no warp got there
+    line = blocktrace.block_text(live)
+    assert len(line) == len(blocktrace.BLOCK_HEADER) and line.split()[:2] == ["0", "3"]
+
+
 def test_timer_step_is_the_smallest_positive_difference(blocktrace):
     assert blocktrace.timer_step_ns([rec(1000, 0, 1064, 0, 0), rec(1032, 1096, 2000, 0, 1)]) == 32
 

@@ -22,6 +22,7 @@ Per node, relative to the previous node's last block exit (E):
 
   python3 tools/blocktrace.py                          # fused TinyLlama f16, batch 1, position 100
   python3 tools/blocktrace.py --set gemv_blocks_per_sm=1 --json bt.json
+  python3 tools/blocktrace.py --blocks attn.10                # and attention's blocks of layer 10 one by one
 """
 
 from __future__ import annotations
@@ -140,14 +141,39 @@ def split_nodes(records, blocks: list[tuple[str, int, int]]) -> list[dict[str, A
             return (max(ts) - prev_end) / 1e3 if ts else float("nan")
 
         waits = [r[1] for r in mine if r[1]]
-        rows.append({
+        rows.append({"per_block": block_rows(mine, prev_end), **{
             "id": nid, "blocks": nb, "sms": len(blocks_on), "max_per_sm": max(len(b) for b in blocks_on.values()),
             "first_start": (mine[0][0] - prev_end) / 1e3, "last_start": (mine[-1][0] - prev_end) / 1e3,
             "waited": last(1), "mark1": last(2), "mark2": last(3), "end": (end - prev_end) / 1e3,
             "after_wait": ((end - min(waits)) / 1e3) if waits else float("nan"),
-        })
+        }})
         prev_end = end
     return rows
+
+
+def block_rows(mine, prev_end: int) -> list[dict[str, Any]]:
+    """One node's blocks in start order: SM, block index, its first warp's start, its last warp's release, marks
+    and exit (µs after the previous node's last exit; NaN where no warp of it got there)."""
+    by_block: dict[int, list] = {}
+    for r in mine:
+        by_block.setdefault((r[5] >> 8) & 0xFFFFFF, []).append(r)
+
+    def last(ws, j: int) -> float:
+        ts = [w[j] for w in ws if w[j]]
+        return (max(ts) - prev_end) / 1e3 if ts else float("nan")
+
+    out = [{"block": b, "sm": ws[0][5] >> 32, "start": (min(w[0] for w in ws) - prev_end) / 1e3,
+            "waited": last(ws, 1), "mark1": last(ws, 2), "mark2": last(ws, 3), "exit": last(ws, 4)}
+           for b, ws in by_block.items()]
+    return sorted(out, key=lambda r: r["start"])
+
+
+BLOCK_HEADER = f"{'block':>7}{'SM':>5}{'start':>8}{'waited':>8}{'mark 1':>8}{'mark 2':>8}{'exit':>8}"
+
+
+def block_text(r: dict[str, Any]) -> str:
+    return f"{r['block']:>7}{r['sm']:>5}" + "".join(f"{r[f]:>8.2f}" for f in ("start", "waited", "mark1", "mark2",
+                                                                               "exit"))
 
 
 def timer_step_ns(records) -> int:
@@ -174,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=10, help="the layer whose nodes are listed one by one")
     ap.add_argument("--define", action="append", default=[], metavar="NAME=V",
                     help="compile every kernel with -DNAME=V too (e.g. ATTN_UNROLL=4)")
-    ap.add_argument("--json", help="write every traced launch's per-node rows here")
+    ap.add_argument("--blocks", action="append", default=[], metavar="NODE",
+                    help="also list NODE's blocks one by one, first traced launch (e.g. attn.10; repeatable)")
+    ap.add_argument("--json", help="write every traced launch's per-node rows (and per-block rows) here")
     args = ap.parse_args(argv)
 
     import cupy
@@ -227,6 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         print(HEADER)
         for i in layer:
             print(row_text(launches[0][i]["id"], [rows[i] for rows in launches]))
+    for nid in args.blocks:
+        row = next((r for r in launches[0] if r["id"] == nid), None)
+        if row is None:
+            print(f"\n--blocks {nid}: no kernel node of that id in the traced plan (ids like "
+                  f"{', '.join(r['id'] for r in launches[0][1:4])})")
+            continue
+        print(f"\n{nid}, block by block (first traced launch; µs after the previous node's last exit):")
+        print(BLOCK_HEADER)
+        for r in row["per_block"]:
+            print(block_text(r))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "args": vars(args), "timer_step_ns": resolution,
                                                "untraced_us": untraced_us, "resources": resources,
