@@ -6,9 +6,14 @@
 //   gemm_add_<wt>    f32* c     c[r, j] += sum_i a[r, i] w[j, i]                  (O and down: the residual)
 //   gemm_silu_<wt>   wt* act    act[r, j] = wt(silu(g) * u), g, u = rows 2j, 2j+1 of the product
 //                               (w_gate_up's rows interleave gate and up; n is 2 * ffn)
+//   gemm_norm_store_<wt>, gemm_norm_silu_<wt>   (const f32* x, const wt* norm, const wt* w, <out>, i32 m, i32 n,
+//                               i32 k, f32 eps): the same with a = RMSNorm(x) * norm, computed inside (below:
+//                               NORM), so the QKV, gate/up and LM-head GEMMs need no rmsnorm_cast node
 // a [m, k] row-major, w [n, k] row-major (nn.Linear's weight: no transposed copy), k % 8 == 0, a and w 16-byte
 // aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: at least 2
 // stages of (64 + 64) * GT_ROW bytes (16 KiB at GT_ROW 128, 32 KiB at 256); a block of fewer rows fits more.
+// The norm entries: 2 stages of 65 * GT_ROW + arows * 4 * GT_ROW / sizeof(wt) bytes, plus arows * GT_ROW + 256
+// (arows: the block's rows rounded up to 16, 64 for f32); a launch with less traps.
 //
 // Why not cuBLAS (a child graph a GEMM): a library kernel cannot start before its producer ends, and each
 // bucket of a pool records 89 child graphs. Here a block issues its first weight tiles BEFORE
@@ -71,8 +76,10 @@
 #define GT_ADD 1
 #define GT_SILU 2
 
-// byte offset of 16-byte chunk `c` of tile row `r` (XOR-swizzled: ldmatrix's eight rows hit distinct banks)
-__device__ __forceinline__ int gt_swz(int r, int c) { return r * GT_ROW + ((c ^ (r & 7)) << 4); }
+// byte offset of 16-byte chunk `c` of tile row `r` (rows of ROWB bytes; XOR-swizzled: ldmatrix's eight rows hit
+// distinct banks)
+template <int ROWB = GT_ROW>
+__device__ __forceinline__ int gt_swz(int r, int c) { return r * ROWB + ((c ^ (r & 7)) << 4); }
 
 __device__ __forceinline__ void gt_cp_wait(int n) {
 #if DB_CUDA
@@ -114,11 +121,12 @@ __device__ __forceinline__ void gt_cluster_done() {
 // compiler keeps them instead of re-deriving them), so a chunk costs a compare, a select, an add and the copy.
 // (The first form divided and multiplied per chunk: ~2/3 of the kernel's instructions, which bound each block
 // at ~10 GB/s: ncu, H100, NOTES.md 2026-12-06.)
-template <typename T>
+// ROWB: bytes a tile row holds (GT_ROW; the norm GEMMs' f32 x rows: a k-tile's elements at 4 bytes each).
+template <typename T, int ROWB = GT_ROW>
 struct GtCopy {
-    static constexpr int C = GT_ROW / 16;                   // 16-byte chunks a tile row
+    static constexpr int C = ROWB / 16;                     // 16-byte chunks a tile row
     static constexpr int E = 16 / (int)sizeof(T);           // elements a chunk
-    static constexpr int BK = GT_ROW / (int)sizeof(T);      // elements a k-tile row
+    static constexpr int BK = ROWB / (int)sizeof(T);        // elements a k-tile row
     static constexpr int STEP = GT_THREADS / C;             // rows between a thread's chunks (a multiple of 8)
     static constexpr int PER = 64 * C / GT_THREADS;         // chunks a thread (64 tile rows)
     const T* base;      // the matrix (a valid address for the copies that only zero-fill)
@@ -131,7 +139,7 @@ struct GtCopy {
     __device__ __forceinline__ void init(const T* m, int r0, int nr, int rows, int k, int kt) {
         const int r = (int)threadIdx.x / C, ch = (int)threadIdx.x % C;
         base = m;
-        dst = gt_swz(r, ch);
+        dst = gt_swz<ROWB>(r, ch);
         krem = k - (kt * BK + ch * E);
         live = used = 0u;
 #pragma unroll
@@ -150,7 +158,7 @@ struct GtCopy {
         for (int j = 0; j < PER; ++j) {
             if ((used >> j) & 1u) {
                 const bool ok = kin && ((live >> j) & 1u);
-                db_cp_async16(tile + dst + j * STEP * GT_ROW, ok ? src[j] : base, ok);
+                db_cp_async16(tile + dst + j * STEP * ROWB, ok ? src[j] : base, ok);
             }
             src[j] += BK;
         }
@@ -239,8 +247,45 @@ __device__ __forceinline__ void gt_spill(const GtMath<T>& g, float* c) {
         for (int j = 0; j < 4; ++j) c[(4 * tm + j) * GT_CLD + 4 * tn + i] = g.acc[i][j];
 }
 
-template <typename T, int EPI, typename O>
-__device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m, int n, int k) {
+// NORM: the A operand is RMSNorm(x) of the f32 rows x [m, k] with weight `norm` [k] (else `a`, already wt): each
+// k-tile's x rows are staged in f32 with the norm weights' k-tile, then multiplied by them and rounded to wt into
+// the A tile the product reads (one more barrier a k-tile), their squares summed; the epilogue scales row r's
+// sums by rsqrt(sum_k x[r]^2 / k + eps) (the splits' sums of squares added in rank order, as the partials).
+template <typename T>
+__device__ __forceinline__ void gt_norm_tile(const unsigned char* xs, const unsigned char* gs, unsigned char* at,
+                                             int arows, float (&ss)[4]) {
+    constexpr int BK = GT_ROW / (int)sizeof(T), G8 = BK / 8, XROW = BK * 4;  // 8-element groups a row
+    const int grp = (int)threadIdx.x % G8, r0 = (int)threadIdx.x / G8;
+    constexpr int RSTEP = GT_THREADS / G8;
+    float g[8];
+    {
+        const T* gp = reinterpret_cast<const T*>(gs) + grp * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) g[e] = to_float(gp[e]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int r = r0 + j * RSTEP;
+        if (j * RSTEP >= GT_BM || r >= arows) break;
+        const float4 v0 = *reinterpret_cast<const float4*>(xs + gt_swz<XROW>(r, 2 * grp));
+        const float4 v1 = *reinterpret_cast<const float4*>(xs + gt_swz<XROW>(r, 2 * grp + 1));
+        const float xv[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        T y[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            ss[j] = fmaf(xv[e], xv[e], ss[j]);
+            y[e] = from_float<T>(xv[e] * g[e]);
+        }
+        constexpr int CH = 8 * (int)sizeof(T) / 16;  // 16-byte chunks of 8 elements (1: f16/bf16, 2: f32)
+#pragma unroll
+        for (int c = 0; c < CH; ++c)
+            *reinterpret_cast<uint4*>(at + gt_swz(r, grp * CH + c)) = reinterpret_cast<const uint4*>(y)[c];
+    }
+}
+
+template <typename T, int EPI, typename O, bool NORM>
+__device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* norm, const T* w, O* out, int m,
+                                          int n, int k, float eps) {
     extern __shared__ __align__(128) unsigned char gt_smem[];
     DB_TRACE_BLOCK();
     DB_GRID_TRIGGER();
@@ -252,24 +297,49 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     const int ktiles = (k * (int)sizeof(T) + GT_ROW - 1) / GT_ROW;
     const int kt0 = split * ktiles / GT_NSPLIT, nk = (split + 1) * ktiles / GT_NSPLIT - kt0;
     // A stage: a k-tile's W tile (GT_BN rows) then its A tile (arows rows: 16 KiB less a stage at 16 rows than at
-    // 64). Stages: what the launch's shared memory holds (>= 2; HIP, where it is unknown: 2).
-    const int stage = (GT_BN + arows) * GT_ROW;
-    const int S = max(2, min(GT_MAX_STAGES, (int)(db_dynamic_smem() / stage)));
-    GtCopy<T> wcp, acp;
+    // 64); NORM: the W tile, the norm weights' k-tile (one row), the f32 x tile (arows rows of XROW bytes), and
+    // after the stages one A tile and the rows' sums of squares. Stages: what the launch's shared memory holds
+    // (>= 2; HIP, where it is unknown: 2).
+    constexpr int BK = GT_ROW / (int)sizeof(T), XROW = BK * 4;
+    constexpr int XOFF = (GT_BN + 1) * GT_ROW;  // NORM: the x tile's offset in a stage
+    const int stage = NORM ? XOFF + arows * XROW : (GT_BN + arows) * GT_ROW;
+    const int tail = NORM ? arows * GT_ROW + GT_BM * 4 : 0;
+    const int S = max(2, min(GT_MAX_STAGES, ((int)db_dynamic_smem() - tail) / stage));
+#if DB_CUDA
+    if (S * stage + tail > (int)db_dynamic_smem()) __trap();  // the launch's shared memory holds no 2 stages
+#endif
+    unsigned char* const abuf = gt_smem + S * stage;  // NORM: the A tile
+    float* const ssq = reinterpret_cast<float*>(abuf + arows * GT_ROW);  // NORM: sums of squares [GT_BM]
+    GtCopy<T> wcp, acp, gcp;
+    GtCopy<float, XROW> xcp;
     wcp.init(w, n0, GT_BN, n, k, kt0);
-    acp.init(a, m0, arows, m, k, kt0);
-    // Weights first, before the wait: the first S k-tiles' W tiles (all of a block's weights where nk <= S), a
-    // group each; then, after it, their A tiles (one L2 round trip), a group each.
+    if constexpr (NORM) {
+        xcp.init(x, m0, arows, m, k, kt0);
+        gcp.init(norm, 0, 1, 1, k, kt0);  // the norm weights as a matrix of one row
+    } else {
+        acp.init(a, m0, arows, m, k, kt0);
+    }
+    // Weights first, before the wait: the first S k-tiles' W tiles (all of a block's weights where nk <= S) and
+    // norm weights, a group each; then, after it, their A (NORM: x) tiles (one L2 round trip), a group each.
     for (int i = 0; i < S; ++i) {
-        if (i < nk) wcp.issue(gt_smem + i * stage);
+        if (i < nk) {
+            wcp.issue(gt_smem + i * stage);
+            if constexpr (NORM) gcp.issue(gt_smem + i * stage + GT_BN * GT_ROW);
+        }
         db_cp_commit();
     }
     DB_GRID_WAIT();
     DB_TRACE_WAITED();
     for (int i = 0; i < S; ++i) {
-        if (i < nk) acp.issue(gt_smem + i * stage + GT_BN * GT_ROW);
+        if (i < nk) {
+            if constexpr (NORM)
+                xcp.issue(gt_smem + i * stage + XOFF);
+            else
+                acp.issue(gt_smem + i * stage + GT_BN * GT_ROW);
+        }
         db_cp_commit();
     }
+    float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // NORM: this thread's rows' sums of squares (gt_norm_tile)
     GtMath<T> g;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -284,12 +354,21 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     for (int i = 0; i < nk; ++i) {
         gt_cp_wait(S - 2);
         __syncthreads();
+        if constexpr (NORM) {  // k-tile i's x times the norm weights into the A tile (free: the barrier above)
+            gt_norm_tile<T>(cur + XOFF, cur + GT_BN * GT_ROW, abuf, arows, ss);
+            __syncthreads();
+        }
         if (i >= 1 && i - 1 + S < nk) {
             wcp.issue(prev);
-            acp.issue(prev + GT_BN * GT_ROW);
+            if constexpr (NORM) {
+                gcp.issue(prev + GT_BN * GT_ROW);
+                xcp.issue(prev + XOFF);
+            } else {
+                acp.issue(prev + GT_BN * GT_ROW);
+            }
         }
         db_cp_commit();
-        gt_product<T>(g, cur, cur + GT_BN * GT_ROW, mrows);
+        gt_product<T>(g, cur, NORM ? abuf : cur + GT_BN * GT_ROW, mrows);
         prev = cur;
         cur = cur == last ? gt_smem : cur + stage;
     }
@@ -297,6 +376,16 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     __syncthreads();  // every stage is free: the partial tile goes over them
     float* c = reinterpret_cast<float*>(gt_smem);
     gt_spill<T>(g, c);
+    if constexpr (NORM) {  // a row's sum of squares from the G8 threads that share it (consecutive lanes)
+        constexpr int G8 = BK / 8, RSTEP = GT_THREADS / G8;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int o = G8 / 2; o >= 1; o /= 2) ss[j] += db_shfl_xor(ss[j], o);
+            const int r = (int)threadIdx.x / G8 + j * RSTEP;
+            if ((int)threadIdx.x % G8 == 0 && j * RSTEP < GT_BM) ssq[r] = r < arows ? ss[j] : 0.0f;
+        }
+    }
     gt_cluster_sync();  // every block's partial is in its shared memory
     constexpr int rows = GT_BN / GT_NSPLIT;  // this block's weight rows of the tile
     const int r0 = (GT_NSPLIT > 1 ? split : 0) * rows;
@@ -306,6 +395,14 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     const float* part[GT_NSPLIT];
 #pragma unroll
     for (int q = 0; q < GT_NSPLIT; ++q) part[q] = gt_partial(c, q);
+    // NORM: batch row col's RMSNorm scale (its sums of squares over the splits, in rank order); else 1
+    auto row_scale = [&](int col) {
+        if constexpr (!NORM) return 1.0f;
+        float sum = 0.0f;
+#pragma unroll
+        for (int q = 0; q < GT_NSPLIT; ++q) sum += gt_partial(ssq, q)[col];
+        return rsqrtf(sum / (float)k + eps);
+    };
     if (EPI == GT_SILU) {  // pairs (gate 2j, up 2j + 1)
         constexpr int pairs = rows / 2, turns = pairs * GT_BM / GT_THREADS;
         const int half_n = n / 2;
@@ -318,6 +415,11 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
                 gv += part[q][col * GT_CLD + row];
                 uv += part[q][col * GT_CLD + row + 1];
             }
+            if constexpr (NORM) {
+                const float rs = row_scale(col);
+                gv *= rs;
+                uv *= rs;
+            }
             const int j = (n0 + row) / 2;
             if (col < mrows && j < half_n) out[(size_t)(m0 + col) * half_n + j] = from_float<O>(silu_f(gv) * uv);
         }
@@ -329,6 +431,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
             float v = 0.0f;
 #pragma unroll
             for (int q = 0; q < GT_NSPLIT; ++q) v += part[q][col * GT_CLD + row];
+            if constexpr (NORM) v *= row_scale(col);
             if (col < mrows && n0 + row < n) {
                 O* dst = out + (size_t)(m0 + col) * n + n0 + row;
                 if (EPI == GT_ADD)
@@ -344,15 +447,23 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
 #define DEFINE_GEMM(SUFFIX, T)                                                                                 \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
         gemm_store_##SUFFIX(const T* a, const T* w, float* c, int m, int n, int k) {                           \
-        gemm_impl<T, GT_STORE, float>(a, w, c, m, n, k);                                                       \
+        gemm_impl<T, GT_STORE, float, false>(a, nullptr, nullptr, w, c, m, n, k, 0.0f);                        \
     }                                                                                                          \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
         gemm_add_##SUFFIX(const T* a, const T* w, float* c, int m, int n, int k) {                             \
-        gemm_impl<T, GT_ADD, float>(a, w, c, m, n, k);                                                         \
+        gemm_impl<T, GT_ADD, float, false>(a, nullptr, nullptr, w, c, m, n, k, 0.0f);                          \
     }                                                                                                          \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
         gemm_silu_##SUFFIX(const T* a, const T* w, T* act, int m, int n, int k) {                              \
-        gemm_impl<T, GT_SILU, T>(a, w, act, m, n, k);                                                          \
+        gemm_impl<T, GT_SILU, T, false>(a, nullptr, nullptr, w, act, m, n, k, 0.0f);                           \
+    }                                                                                                          \
+    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_norm_store_##SUFFIX(         \
+        const float* x, const T* norm, const T* w, float* c, int m, int n, int k, float eps) {                 \
+        gemm_impl<T, GT_STORE, float, true>(nullptr, x, norm, w, c, m, n, k, eps);                             \
+    }                                                                                                          \
+    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_norm_silu_##SUFFIX(          \
+        const float* x, const T* norm, const T* w, T* act, int m, int n, int k, float eps) {                   \
+        gemm_impl<T, GT_SILU, T, true>(nullptr, x, norm, w, act, m, n, k, eps);                                \
     }
 DEFINE_GEMM(f16, db_f16)
 DEFINE_GEMM(bf16, db_bf16)

@@ -938,6 +938,33 @@ struct AbShared {
     int s_last;
 };
 
+// Pair i of a biased head row at position p, roped: (x1, x2) -> (y1, y2), as rope_kv_prefill
+// (kernels/llama_prefill.cu), arithmetic for arithmetic.
+__device__ __forceinline__ void ab_rope_pair(const float* src, const float* bsrc, const float* inv_freq, int i,
+                                             int half, int p, float& y1, float& y2) {
+    float sn, cs;
+    rope_sincos((float)p * inv_freq[i], &sn, &cs);
+    const float x1 = src[i] + bsrc[i], x2 = src[i + half] + bsrc[i + half];
+    y1 = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
+    y2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+}
+
+// After a split's partials are stored: the last of the row's nlive splits to arrive (a counter, left at zero)
+// combines them with attn_combine through `sbuf` (free shared memory). Every thread of the block calls it.
+template <typename O>
+__device__ __forceinline__ void ab_combine_last(const float* part_o, const float* part_ml, O* out, int* counter,
+                                                size_t row0, int nh, int splits, int nlive, int hd, float* sbuf,
+                                                int sbuf_floats, int& s_last) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == nlive - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    attn_combine(part_o, part_ml, out, row0, nh, splits, nlive, hd, sbuf, sbuf_floats);
+    if (threadIdx.x == 0) *counter = 0;
+}
+
 // Warps a query head: 2 where the group has at most 4 heads (8 warps) and a 2 * AB_TK-key tile fits the buffer.
 __device__ __forceinline__ int ab_warps_a_head(int group, int head_dim) {
     return 2 * group <= AB_THREADS / 32 && 2 * 2 * AB_TK * (head_dim + 4) <= AB_KV_FLOATS ? 2 : 1;
@@ -990,11 +1017,7 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     };
     // QKV: biased and roped rows (x1, x2) -> qs or kv_new, as rope_kv_prefill: pair i of head row `src`
     auto rope_pair = [&](const float* src, const float* bsrc, int i, int p, float* dst) {
-        float sn, cs;
-        rope_sincos((float)p * inv_freq[i], &sn, &cs);
-        const float x1 = src[i] + bsrc[i], x2 = src[i + half] + bsrc[i + half];
-        dst[i] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
-        dst[i + half] = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+        ab_rope_pair(src, bsrc, inv_freq, i, half, p, dst[i], dst[i + half]);
     };
     PDL_WAIT();
     // split 0 is live whenever the row is and starts at key 0: it copies q and its first tile together with
@@ -1174,15 +1197,8 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         }
     }
     if (nlive == 1) return;
-    __threadfence();
-    __syncthreads();
-    int* counter = counters + (size_t)b * heads + h0;
-    if (tid == 0) s_last = atomicAdd(counter, 1) == nlive - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    attn_combine(part_o, part_ml, out, (size_t)b * heads + h0, G, splits, nlive, hd, kvs, AB_KV_FLOATS);
-    if (tid == 0) *counter = 0;
+    ab_combine_last(part_o, part_ml, out, counters + (size_t)b * heads + h0, (size_t)b * heads + h0, G, splits,
+                    nlive, hd, kvs, AB_KV_FLOATS, s_last);
 }
 
 // The block's shared memory and its warps a head (a template argument of the body).
@@ -1220,3 +1236,309 @@ extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)
 DEFINE_ATTN_QKV(f32, float)
 DEFINE_ATTN_QKV(f16, db_f16)
 DEFINE_ATTN_QKV(bf16, db_bf16)
+
+// ------------------------------------------------------------------------------------------------------------
+// attn_qkv_mma_<wt>: attn_qkv (same params, grid and results up to rounding) with the scores and p.V on tensor
+// cores, for the f16/bf16 models of the GEMM path. Why: attn_qkv gives each query head a warp and scores a key a
+// lane, ~300 dependent instructions a warp a 32-key tile (shared-memory K rows and V columns, shuffles) with one
+// tile in flight: at 16-64 rows and short contexts it is a latency chain, a quarter of the step (H100). Here a warp
+// takes 16 keys of a pass of AM_PASS = 128 keys for the whole query group at once: S = q K^T as m16n8k16 MMAs
+// (the group's <= 16 query heads are the M rows, keys the N columns, head dims K), the online softmax on the
+// accumulator fragments (a row's four threads a quad), and O += P V with P's fragments reused as the A operand.
+// A pass is one round of 16-byte copies of the K and V rows (f32 caches, converted to wt as the fragments are
+// read), so a context of <= 128 keys is one DRAM round trip and one split (no combine). After the last pass the
+// eight warps' (m, l, o) are merged in key order through shared memory (deterministic), then the output or the
+// split's partials and attn_combine, as attn_qkv.
+// Numerics: q (roped in f32 as attn_qkv does), K, V and P are rounded to wt before the products (f16: 11-bit,
+// bf16: 8-bit significand), sums in f32; the output is rounded once to wt. f32 models, head dims other than 32,
+// 64 and 128, and HIP run attn_qkv's arithmetic out of the same dynamic shared memory.
+// Shared memory (dynamic, am_smem_bytes): [K pass AM_PASS x (hd + 8) f32][V pass AM_PASS x (hd + 4) f32]
+// [q 16 x (hd + 8) wt][new key, value 2 hd f32], and at least AM_SCALAR_FLOATS floats (AbShared, for the f32
+// path): the spec's `shared` is 4 * max(128 * (2 * head_dim + 12) + 8 * (head_dim + 8) + 2 * head_dim, 11264)
+// bytes (a smaller launch traps).
+// ------------------------------------------------------------------------------------------------------------
+
+#define AM_KEYS 16                       // keys a warp a pass
+#define AM_PASS (AM_KEYS * AB_THREADS / 32)  // keys a pass (128)
+
+#define AM_SCALAR_FLOATS 11264  // attn_qkv's shared memory (AbShared) in floats, rounded up
+static_assert(sizeof(AbShared) <= 4 * AM_SCALAR_FLOATS, "AM_SCALAR_FLOATS (and the spec's shared) must hold AbShared");
+
+__host__ __device__ constexpr unsigned int am_smem_bytes(int hd) {
+    return 4u * (AM_PASS * (2 * hd + 12) + 8 * (hd + 8) + 2 * hd > AM_SCALAR_FLOATS
+                     ? AM_PASS * (2 * hd + 12) + 8 * (hd + 8) + 2 * hd
+                     : AM_SCALAR_FLOATS);
+}
+
+#if DB_CUDA
+template <typename O, int HD>
+__device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* qkv, float* k_cache, float* v_cache,
+                                              const int* pos, const float* bias, const float* inv_freq,
+                                              float* part_o, float* part_ml, int* counters, O* out, int heads,
+                                              int kv_heads, int max_seq, int chunk, float scale, int& s_last) {
+    using MT = MmaType<O>;
+    constexpr int KLD = HD + 8, VLD = HD + 4, QLD = HD + 8, NT = HD / 8, KS = HD / 16, HALF = HD / 2;
+    constexpr int C4 = HD / 4;  // 16-byte chunks a row
+    float* ks = reinterpret_cast<float*>(smem);
+    float* vs = ks + AM_PASS * KLD;
+    O* qh = reinterpret_cast<O*>(vs + AM_PASS * VLD);
+    float* kv_new = reinterpret_cast<float*>(qh + 16 * QLD);
+    DB_TRACE_BLOCK();
+    if (ATTN_BATCHED_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int group = heads / kv_heads, subs = (group + AB_MAX_GROUP - 1) / AB_MAX_GROUP;
+    const int bk = blockIdx.x / subs, sub = blockIdx.x - bk * subs;
+    const int b = bk / kv_heads, kvh = bk - b * kv_heads, s = blockIdx.y;
+    const int G = min(AB_MAX_GROUP, group - sub * AB_MAX_GROUP);  // query heads of this block (<= 16: M rows)
+    const int h0 = kvh * group + sub * AB_MAX_GROUP;
+    const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * HD;
+    const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * HD;
+    const float* qg = qkv + (size_t)b * qkv_width + (size_t)h0 * HD;
+    // K and V rows [t0, t0 + AM_PASS) (rows past nt zero-filled): 16-byte copies, no commit
+    auto copy_pass = [&](int t0, int nt) {
+#pragma unroll 1  // unrolled, the head_dim 128 form spills at 128 registers
+        for (int c = tid; c < AM_PASS * C4; c += AB_THREADS) {
+            const int r = c / C4, ch = c - r * C4;
+            const bool ok = r < nt;
+            const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * HD + ch * 4;
+            db_cp_async16(ks + r * KLD + ch * 4, k_cache + off, ok);
+            db_cp_async16(vs + r * VLD + ch * 4, v_cache + off, ok);
+        }
+    };
+    auto rope = [&](const float* src, const float* bsrc, int i, int p, float& y1, float& y2) {
+        ab_rope_pair(src, bsrc, inv_freq, i, HALF, p, y1, y2);
+    };
+    PDL_WAIT();
+    const bool early = s == 0;  // split 0 starts at key 0: its first pass goes out with the pos load
+    if (early) copy_pass(0, min(AM_PASS, max_seq));
+    db_cp_commit();
+    const int p = pos[b];
+    const int L = min(p + 1, max_seq);
+    if (L <= 0) {  // padding row: zeros
+        db_cp_wait<0>();
+        if (s == 0)
+            for (int e = tid; e < G * HD; e += AB_THREADS)
+                out[((size_t)b * heads + h0) * HD + e] = from_float<O>(0.0f);
+        return;
+    }
+    const int nlive = min((int)gridDim.y, (L + chunk - 1) / chunk);
+    if (s >= nlive) {
+        db_cp_wait<0>();
+        return;
+    }
+    const int per = (L + nlive - 1) / nlive;
+    const int start = s * per, end = min(L, start + per);
+    const int npasses = end > start ? (end - start + AM_PASS - 1) / AM_PASS : 0;
+    if (!early && npasses > 0) copy_pass(start, min(AM_PASS, end - start));
+    const bool append = p < max_seq && start <= p && p < end;
+    // q of the block's heads, roped, as wt rows of the A operand (rows G..15 zero)
+    for (int idx = tid; idx < 16 * HALF; idx += AB_THREADS) {
+        const int h = idx / HALF, i = idx - h * HALF;
+        float y1 = 0.0f, y2 = 0.0f;
+        if (h < G) rope(qg + (size_t)h * HD, bias + (size_t)(h0 + h) * HD, i, p, y1, y2);
+        qh[h * QLD + i] = from_float<O>(y1);
+        qh[h * QLD + i + HALF] = from_float<O>(y2);
+    }
+    if (append) {
+        const float* krow = qkv + (size_t)b * qkv_width + (size_t)(heads + kvh) * HD;
+        const float* kb = bias + (size_t)(heads + kvh) * HD;
+        const size_t vo = (size_t)kv_heads * HD;  // v rows follow the k rows
+        for (int i = tid; i < HALF; i += AB_THREADS) rope(krow, kb, i, p, kv_new[i], kv_new[i + HALF]);
+        for (int e = tid; e < HD; e += AB_THREADS) kv_new[HD + e] = krow[vo + e] + kb[vo + e];
+        __syncthreads();
+        if (sub == 0)  // into the caches now: no block reads slot p this step (this one patches its pass)
+            for (int e = tid; e < HD; e += AB_THREADS) {
+                k_cache[kv_base + (size_t)p * HD + e] = kv_new[e];
+                v_cache[kv_base + (size_t)p * HD + e] = kv_new[HD + e];
+            }
+    }
+
+    // fragments: thread (r0 = lane / 4, cq = 2 * (lane % 4)) holds rows r0 and r0 + 8, columns cq, cq + 1
+    const int r0 = lane >> 2, cq = (lane & 3) * 2, kw = warp * AM_KEYS;
+    float o[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    for (int it = 0; it < npasses; ++it) {
+        const int t0 = start + it * AM_PASS, nt = min(AM_PASS, end - t0);
+        db_cp_commit();
+        if (ATTN_BATCHED_TRIGGER == 1 && it == 0) PDL_LAUNCH_DEPENDENTS();
+        db_cp_wait<0>();
+        __syncthreads();
+        if (append && p - t0 >= 0 && p - t0 < nt) {  // the pass holds key p: the new key and value
+            for (int e = tid; e < HD; e += AB_THREADS) {
+                ks[(p - t0) * KLD + e] = kv_new[e];
+                vs[(p - t0) * VLD + e] = kv_new[HD + e];
+            }
+            __syncthreads();
+        }
+        const int nk = min(AM_KEYS, nt - kw);  // this warp's keys of the pass (<= 0: none; warp-uniform)
+        if (nk > 0) {
+            if (nk < AM_KEYS) {  // rows past the split's end may hold other keys (split 0's early pass): zero V
+                for (int e = lane; e < (AM_KEYS - nk) * HD; e += 32) {
+                    const int r = e / HD;
+                    vs[(kw + nk + r) * VLD + e - r * HD] = 0.0f;
+                }
+                __syncwarp();
+            }
+            // S[16 heads][16 keys]: two n8 tiles of keys, HD / 16 k-steps of dims
+            float sc[2][4];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                unsigned int a[4];
+                mm_ldmatrix_x4(a, qh + (lane & 15) * QLD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const float* kr = ks + (kw + 8 * j + r0) * KLD + kk * 16 + cq;
+                    const float2 lo = *reinterpret_cast<const float2*>(kr);
+                    const float2 hi = *reinterpret_cast<const float2*>(kr + 8);
+                    MT::mma(sc[j], a, MT::pack(lo.x, lo.y), MT::pack(hi.x, hi.y));
+                }
+            }
+            // online softmax over the warp's keys, rows r0 (elements 0, 1) and r0 + 8 (2, 3)
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float v = 8 * j + cq + (e & 1) < nk ? sc[j][e] * scale : NEG_INF;
+                    sc[j][e] = v;
+                    if (e < 2)
+                        mx0 = fmaxf(mx0, v);
+                    else
+                        mx1 = fmaxf(mx1, v);
+                }
+            mx0 = fmaxf(mx0, db_shfl_xor(mx0, 1));
+            mx0 = fmaxf(mx0, db_shfl_xor(mx0, 2));
+            mx1 = fmaxf(mx1, db_shfl_xor(mx1, 1));
+            mx1 = fmaxf(mx1, db_shfl_xor(mx1, 2));
+            const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: key kw is live
+            const float c0 = expf(m0 - mn0), c1 = expf(m1 - mn1);    // 0 on the warp's first keys
+            m0 = mn0;
+            m1 = mn1;
+            float pr[2][4];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                pr[j][0] = expf(sc[j][0] - mn0);
+                pr[j][1] = expf(sc[j][1] - mn0);
+                pr[j][2] = expf(sc[j][2] - mn1);
+                pr[j][3] = expf(sc[j][3] - mn1);
+            }
+            l0 = l0 * c0 + ((pr[0][0] + pr[0][1]) + (pr[1][0] + pr[1][1]));
+            l1 = l1 * c1 + ((pr[0][2] + pr[0][3]) + (pr[1][2] + pr[1][3]));
+            const unsigned int pa[4] = {MT::pack(pr[0][0], pr[0][1]), MT::pack(pr[0][2], pr[0][3]),
+                                        MT::pack(pr[1][0], pr[1][1]), MT::pack(pr[1][2], pr[1][3])};
+            // O[16 heads][HD] += P V: B = V rows kw + cq, +1 (b0) and +8, +9 (b1), column 8 t + r0
+            const float* vr = vs + (kw + cq) * VLD + r0;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                o[t][0] *= c0;
+                o[t][1] *= c0;
+                o[t][2] *= c1;
+                o[t][3] *= c1;
+                MT::mma(o[t], pa, MT::pack(vr[8 * t], vr[VLD + 8 * t]),
+                        MT::pack(vr[8 * VLD + 8 * t], vr[9 * VLD + 8 * t]));
+            }
+        }
+        __syncthreads();  // the pass buffers are rewritten by the next pass (or the merge below)
+        if (it + 1 < npasses) copy_pass(t0 + AM_PASS, min(AM_PASS, end - t0 - AM_PASS));
+    }
+    if (ATTN_BATCHED_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
+    l0 += db_shfl_xor(l0, 1);
+    l0 += db_shfl_xor(l0, 2);
+    l1 += db_shfl_xor(l1, 1);
+    l1 += db_shfl_xor(l1, 2);
+    // the warps' (m, l, o) meet in key order: [m 8 x 16][l 8 x 16][o 8 x 16 x HD] over the K pass buffer
+    float* mw = ks;
+    float* lw = ks + 128;
+    float* ow = ks + 256;
+    if ((lane & 3) == 0) {
+        mw[warp * 16 + r0] = m0;
+        mw[warp * 16 + r0 + 8] = m1;
+        lw[warp * 16 + r0] = l0;
+        lw[warp * 16 + r0 + 8] = l1;
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        *reinterpret_cast<float2*>(ow + (warp * 16 + r0) * HD + 8 * t + cq) = make_float2(o[t][0], o[t][1]);
+        *reinterpret_cast<float2*>(ow + (warp * 16 + r0 + 8) * HD + 8 * t + cq) = make_float2(o[t][2], o[t][3]);
+    }
+    __syncthreads();
+    const int splits = gridDim.y;
+    for (int e = tid; e < G * HD; e += AB_THREADS) {
+        const int h = e / HD, d = e - h * HD;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < AB_THREADS / 32; ++w) M = fmaxf(M, mw[w * 16 + h]);
+        float num = 0.0f, den = 0.0f;
+        if (M != NEG_INF)  // else an empty split: (-inf, 0, 0)
+#pragma unroll
+            for (int w = 0; w < AB_THREADS / 32; ++w) {
+                const float mwh = mw[w * 16 + h];
+                if (mwh == NEG_INF) continue;  // a warp with no keys
+                const float c = expf(mwh - M);
+                num = fmaf(c, ow[(w * 16 + h) * HD + d], num);
+                den = fmaf(c, lw[w * 16 + h], den);
+            }
+        const size_t row = (size_t)b * heads + h0 + h;
+        if (nlive == 1) {
+            out[row * HD + d] = from_float<O>(num / den);
+        } else {
+            part_o[(row * splits + s) * HD + d] = num;
+            if (d == 0) {
+                part_ml[(row * splits + s) * 2 + 0] = M;
+                part_ml[(row * splits + s) * 2 + 1] = den;
+            }
+        }
+    }
+    if (nlive == 1) return;
+    ab_combine_last(part_o, part_ml, out, counters + (size_t)b * heads + h0, (size_t)b * heads + h0, G, splits,
+                    nlive, HD, ks, AM_PASS * (KLD + VLD), s_last);
+}
+#endif
+
+template <typename O>
+__device__ __forceinline__ void attn_qkv_mma(const float* qkv, float* k_cache, float* v_cache, const int* pos,
+                                             const float* bias, const float* inv_freq, float* part_o, float* part_ml,
+                                             int* counters, O* out, int heads, int kv_heads, int head_dim,
+                                             int max_seq, int chunk, float scale) {
+    extern __shared__ __align__(16) unsigned char am_smem[];
+    __shared__ int s_last;
+#if DB_CUDA
+    if (db_dynamic_smem() < am_smem_bytes(head_dim)) __trap();  // the spec's `shared` is too small
+#endif
+#if DB_CUDA && MM_HAS_MMA
+    if constexpr (sizeof(O) == 2) {
+        if (head_dim == 64)
+            return attn_mma_impl<O, 64>(am_smem, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml,
+                                        counters, out, heads, kv_heads, max_seq, chunk, scale, s_last);
+        if (head_dim == 128)
+            return attn_mma_impl<O, 128>(am_smem, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml,
+                                         counters, out, heads, kv_heads, max_seq, chunk, scale, s_last);
+        if (head_dim == 32)
+            return attn_mma_impl<O, 32>(am_smem, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml,
+                                        counters, out, heads, kv_heads, max_seq, chunk, scale, s_last);
+    }
+#endif
+    AbShared& sh = *reinterpret_cast<AbShared*>(am_smem);
+    if (ab_warps_a_head(heads / kv_heads, head_dim) == 2)
+        attn_batched_impl<O, true, 2>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,
+                                      heads, kv_heads, head_dim, max_seq, chunk, scale);
+    else
+        attn_batched_impl<O, true, 1>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,
+                                      heads, kv_heads, head_dim, max_seq, chunk, scale);
+}
+
+#define DEFINE_ATTN_QKV_MMA(SUFFIX, T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(AB_THREADS, 2)                                                   \
+        attn_qkv_mma_##SUFFIX(const float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias, \
+                              const float* inv_freq, float* part_o, float* part_ml, int* counters, T* out,         \
+                              int heads, int kv_heads, int head_dim, int max_seq, int chunk, float scale) {        \
+        attn_qkv_mma<T>(qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out, heads,        \
+                        kv_heads, head_dim, max_seq, chunk, scale);                                                \
+    }
+DEFINE_ATTN_QKV_MMA(f32, float)
+DEFINE_ATTN_QKV_MMA(f16, db_f16)
+DEFINE_ATTN_QKV_MMA(bf16, db_bf16)

@@ -31,7 +31,8 @@ MV_PARAMS = {f"{k}_mv": v for k, v in PROJ_PARAMS.items()}
 MVC_PARAMS = {f"{k}_mvc": v for k, v in PROJ_PARAMS.items()}
 MINE = {**{f"{k}_{wt}": v for k, v in (MMA_PARAMS | MV_PARAMS | MVC_PARAMS).items() for wt in ("f32", "f16", "bf16")},
         "attn_decode_batched": [P, P, P, P, P, P, P, P, N, N, N, N, N, F],
-        **{f"attn_qkv_{wt}": [P] * 10 + [N] * 5 + [F] for wt in ("f32", "f16", "bf16")}}
+        **{f"attn_qkv_{wt}": [P] * 10 + [N] * 5 + [F] for wt in ("f32", "f16", "bf16")},
+        **{f"attn_qkv_mma_{wt}": [P] * 10 + [N] * 5 + [F] for wt in ("f32", "f16", "bf16")}}
 
 
 @pytest.fixture(scope="module")
@@ -129,22 +130,26 @@ def test_buckets_choose_their_kernels(wt):
 
 GEMM_LAYER = ["attn_norm", "qkv_gemm", "attn", "o_gemm", "mlp_norm", "gate_up_gemm", "silu", "down_gemm"]
 TC_LAYER = [k for k in GEMM_LAYER if k != "silu"]  # kernels/gemm.cu: SiLU*up is the gate/up GEMM's epilogue
+TC_NORM_LAYER = [k for k in TC_LAYER if not k.endswith("_norm")]  # tc_norm: the norms inside the GEMMs
 GEMM_SHAPES = {"qkv_gemm": (2560, 2048), "o_gemm": (2048, 2048), "gate_up_gemm": (11264, 2048),
                "down_gemm": (2048, 5632), "lm_head": (32000, 2048)}
 
 
+@pytest.mark.parametrize("tc_norm", [1, 0])
 @pytest.mark.parametrize("wt", ["f16", "f32"])
-def test_gemm_path_from_gemm_batch(wt):
+def test_gemm_path_from_gemm_batch(wt, tc_norm):
     """From gemm_batch rows a layer is RMSNorm rounded to wt, the QKV GEMM, attention fed by it (RoPE, KV append,
     output in wt), the O GEMM (into x), RMSNorm, the gate/up GEMM, SiLU*up, the down GEMM (into x), and the LM
     head a GEMM after the final norm. Up to tc_batch rows the GEMMs are kernels/gemm.cu's programmatic kernel
     nodes (SiLU in the gate/up GEMM, each projection's split from its dim, no cuBLAS workspace); above it cuBLAS
-    child graphs (beta 1 for the residual adds). Below gemm_batch (or with gemm_batch 0) the fused nodes."""
+    child graphs (beta 1 for the residual adds). Below gemm_batch (or with gemm_batch 0) the fused nodes. With
+    tc_norm kernels/gemm.cu's QKV, gate/up and LM-head GEMMs apply the RMSNorms themselves: no norm
+    nodes up to tc_batch rows."""
     spec, programs = load_spec(FUSED), {}
     cases = ((31, 32, 64), (32, 32, 64), (256, 32, 64), (64, 0, 64), (2, 2, 64), (64, 12, 0), (65, 12, 64))
     for batch, gemm_batch, tc_batch in cases:
         p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt, "gemm_batch": gemm_batch,
-                                "tc_batch": tc_batch, "o_split": 2}, programs)
+                                "tc_batch": tc_batch, "o_split": 2, "tc_norm": tc_norm, "attn_mma": 1}, programs)
         assert not issues, issues
         ids = [n.id for n in p.nodes]
         by_id = {n.id: n.op for n in p.nodes}
@@ -153,9 +158,11 @@ def test_gemm_path_from_gemm_batch(wt):
             assert p.buffers["gemm_ws"].nbytes == 256
             continue
         tc = batch <= tc_batch
-        layer = TC_LAYER if tc else GEMM_LAYER
+        normed = tc and tc_norm  # the norms inside the GEMMs
+        layer = (TC_NORM_LAYER if normed else TC_LAYER) if tc else GEMM_LAYER
         assert [i for i in ids if i.endswith(".0")] == [f"{k}.0" for k in layer], batch
-        assert len(ids) == 3 + len(layer) * 22 + 4 and ids[-4:] == ["final_norm", "lm_head_gemm", "argmax", "download"]
+        tail = ["final_norm"] * (not normed) + ["lm_head_gemm", "argmax", "download"]
+        assert len(ids) == 3 + len(layer) * 22 + len(tail) and ids[-len(tail):] == tail
         assert not any(i.split(".")[0] in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head") for i in ids)
         ops = {k: by_id[f"{k}.21"] for k in ("qkv_gemm", "o_gemm", "gate_up_gemm", "down_gemm")}
         ops["lm_head"] = by_id["lm_head_gemm"]
@@ -163,21 +170,28 @@ def test_gemm_path_from_gemm_batch(wt):
             split = {"qkv_gemm": 4, "o_gemm": 2, "gate_up_gemm": 1, "down_gemm": 4, "lm_head": 1}
             epi = {"qkv_gemm": "store", "o_gemm": "add", "gate_up_gemm": "silu", "down_gemm": "add",
                    "lm_head": "store"}
+            norms = {"qkv_gemm": "attn_norm[21]", "gate_up_gemm": "mlp_norm[21]", "lm_head": "final_norm"}
             for k, op in ops.items():
                 args = {a.param.name: a for a in op.args}
                 n, kk = GEMM_SHAPES[k]
-                assert op.kernel == f"tc_{epi[k]}_{split[k]}", k
-                assert p.kernels[op.kernel].entry == f"gemm_{epi[k]}_{wt}"
+                fused = normed and k in norms
+                prefix = "norm_" if fused else ""
+                assert op.kernel == f"tc_{prefix}{epi[k]}_{split[k]}", k
+                assert p.kernels[op.kernel].entry == f"gemm_{prefix}{epi[k]}_{wt}"
                 assert p.kernels[op.kernel].options == (f"-DGT_SPLIT={split[k]}", "-DGT_ROW=256")
                 assert op.launch == "programmatic"
                 assert (args["m"].value, args["n"].value, args["k"].value) == (batch, n, kk), k
                 assert op.grid == (-(-n // 64) * split[k], -(-batch // 64), 1), k
-                assert op.block == (256, 1, 1) and op.shared == 3 * 32768
-            out = {k: (op.args[2].view.label) for k, op in ops.items()}
+                assert op.block == (256, 1, 1) and op.shared == (114688 if fused else 3 * 32768)
+                if fused:  # the f32 residual rows and the layer's norm weights, not a normed copy
+                    assert (args["x"].view.label, args["norm"].view.label) == ("x", norms[k]), k
+                    assert args["eps"].value == pytest.approx(1e-5)
+            out = {k: (op.args[3 if normed and k in norms else 2].view.label) for k, op in ops.items()}
             assert out == {"qkv_gemm": "qkv", "o_gemm": "x", "gate_up_gemm": "act_h", "down_gemm": "x",
                            "lm_head": "logits"}
             assert ops["down_gemm"].args[1].view.label == "w_down[21]"
-            assert by_id["attn_norm.3"].launch == "programmatic" and by_id["attn.3"].launch == "programmatic"
+            assert by_id["qkv_gemm.3" if normed else "attn_norm.3"].launch == "programmatic"
+            assert by_id["attn.3"].launch == "programmatic"
             assert p.buffers["gemm_ws"].nbytes == 256
         else:
             gemm = {k: op.body[0] for k, op in ops.items()}
@@ -189,9 +203,12 @@ def test_gemm_path_from_gemm_batch(wt):
             assert gemm["down_gemm"].arg("b").view.label == "w_down[21]"
             assert p.buffers["gemm_ws"].nbytes == 32 << 20
         attn = by_id["attn.21"]
-        assert attn.kernel == "attn_qkv" and p.kernels["attn_qkv"].entry == f"attn_qkv_{wt}"
+        # the tensor-core attention (attn_mma; f32 models run attn_qkv's arithmetic in it), 74,496 bytes of
+        # shared memory at head_dim 64: passes of 128 keys of K and V in f32, q in wt, the new key and value
+        assert attn.kernel == "attn_qkv_mma" and p.kernels["attn_qkv_mma"].entry == f"attn_qkv_mma_{wt}"
+        assert attn.shared == 4 * (128 * (2 * 64 + 12) + 8 * (64 + 8) + 2 * 64) == 74496
         args = {a.param.name: a for a in attn.args}
-        assert args["chunk"].value == (64 if batch < 48 else 128)  # attn_min_keys; attn_wide_keys from 48 rows
+        assert args["chunk"].value == 128  # attn_mma_keys (and attn_wide_keys from 48 rows)
         assert {k: args[k].view.label for k in ("qkv", "k_cache", "v_cache", "bias", "out")} == {
             "qkv": "qkv", "k_cache": "k_cache[21]", "v_cache": "v_cache[21]", "bias": "qkv_bias[21]",
             "out": "attn_h"}
@@ -263,11 +280,15 @@ def test_dot_and_threshold_dim():
     assert "gemv_res_mma" in dot and "gemv_res_mv" in dot and "attn_batched" in dot
     plan = llama_plan({"batch": 64, "layers": 2, "mma_batch": 128, "attn_batch": 128, "gemm_batch": 0}, FUSED)
     assert "gemv_res_mma" not in to_dot(plan) and "attn_batched" not in to_dot(plan)
-    dot = to_dot(llama_plan({"batch": 128, "layers": 2}, FUSED))  # the GEMM path: child graphs of cuBLAS GEMMs
-    assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "attn_qkv  512×2" in dot and "gemv_res" not in dot
-    dot = to_dot(llama_plan({"batch": 64, "layers": 2, "tc_batch": 64}, FUSED))  # up to tc_batch: kernels/gemm.cu
-    assert "tc_silu_1  176 × 256\\nshared 96.0 KiB" in dot and "tc_store_4  160 × 256" in dot
-    assert "attn_qkv  256×3" in dot and "gemm(a=" not in dot and "silu_pairs" not in dot
+    dot = to_dot(llama_plan({"batch": 128, "layers": 2, "attn_mma": 1}, FUSED))  # the GEMM path: cuBLAS child graphs
+    assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "gemv_res" not in dot
+    assert "attn_qkv_mma  512×2 × 256\\nshared 72.8 KiB" in dot
+    dims = {"batch": 64, "layers": 2, "tc_batch": 64, "attn_mma": 1, "tc_norm": 1}
+    dot = to_dot(llama_plan(dims, FUSED))  # up to tc_batch: kernels/gemm.cu
+    # the norms in the GEMMs (tc_norm): at 64 rows two stages need 112.8 KiB
+    assert "tc_norm_silu_1  176 × 256\\nshared 112.8 KiB" in dot and "tc_norm_store_4  160 × 256" in dot
+    assert "tc_add_4  128 × 256\\nshared 96.0 KiB" in dot and "rmsnorm_cast" not in dot
+    assert "attn_qkv_mma  256×3" in dot and "gemm(a=" not in dot and "silu_pairs" not in dot
     assert "rope" not in dot and "cast_" not in dot  # RoPE and the cast run inside the attention node
 
 

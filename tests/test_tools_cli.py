@@ -41,9 +41,15 @@ def test_bench_attn_auto_splits_are_the_specs(batch, max_seq):
 
     tool = load_tool("bench_attn")
     dims = {"batch": batch, "cache_batch": batch, "max_seq": max_seq}
-    plan = llama_plan(dims, ROOT / "specs" / "llama_decode_fused.yaml")
+    plan = llama_plan({**dims, "attn_mma": 1}, ROOT / "specs" / "llama_decode_fused.yaml")
     attn = next(n.op for n in plan.nodes if n.id == "attn.0")
-    assert attn.kernel == "attn_qkv" and attn.grid == (batch * tool.KV_HEADS, tool.auto_splits(batch, max_seq), 1)
+    assert attn.kernel == "attn_qkv_mma" and attn.grid == (batch * tool.KV_HEADS, tool.auto_splits(batch, max_seq), 1)
     assert {a.param.name: a.value for a in attn.args}["chunk"] == tool.min_keys(batch)
-    assert tool.variant_options("base") == tuple(plan.kernels["attn_qkv"].options)
-    assert tool.variant_options("A=1,B=2") == (*plan.kernels["attn_qkv"].options, "-DA=1", "-DB=2")
+    assert attn.shared == tool.mma_shared(tool.HEAD_DIM)
+    for kernel in ("attn_qkv", "attn_qkv_mma"):  # one module: the two declarations compile alike
+        assert tool.variant_options("base") == tuple(plan.kernels[kernel].options)
+        assert tool.variant_options("A=1,B=2") == (*plan.kernels[kernel].options, "-DA=1", "-DB=2")
+    off = llama_plan({**dims, "attn_mma": 0}, ROOT / "specs" / "llama_decode_fused.yaml")
+    attn = next(n.op for n in off.nodes if n.id == "attn.0")
+    assert attn.kernel == "attn_qkv" and {a.param.name: a.value for a in attn.args}["chunk"] == tool.min_keys(
+        batch, "attn_qkv_f16")

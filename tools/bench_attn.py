@@ -1,8 +1,9 @@
 """Batched decode attention alone (kernels/llama_batched.cu): device µs a call and GB/s of KV cache read, one GPU.
 
-The GEMM path's attn_qkv_<wt> (RoPE, KV append and the cast folded in) and attn_decode_batched, 32 query heads
-of head_dim 64 in 4 KV heads (TinyLlama; --kv-heads 8: Llama-3.2-1B), every row at position --contexts - 1, for
-each batch of --batches and each split count of --splits ("auto" is the fused spec's grid:
+The GEMM path's attn_qkv_mma_<wt> (tensor cores; the fused spec's with attn_mma 1) and attn_qkv_<wt> (RoPE, KV
+append and the cast folded into both), and attn_decode_batched, 32 query heads of head_dim 64 in 4 KV heads
+(TinyLlama; --kv-heads 8: Llama-3.2-1B), every row at position --contexts - 1, for each batch of --batches and each
+split count of --splits ("auto" is the fused spec's grid:
 min(ceil_div(max_seq, attn_chunk), ceil_div(4 * sms, batch * kv_heads))). 20 calls a CuPy-captured graph, median
 of 5 replays. Each -D variant of --variant (NAME=V,NAME=V; "base" is the source's defaults) is its own module:
 prebuild them with --prebuild (no GPU needed) and carry the cache directory, or the GPU machine compiles them
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 SRC = ROOT / "kernels" / "llama_batched.cu"
 BASE_OPTIONS = ("-DMMA_CLUSTER=8", "-DATTN_BATCHED_TRIGGER=1")  # the fused spec's options for attn_qkv
 HEADS, KV_HEADS, HEAD_DIM, CHUNK, MIN_KEYS, SMS = 32, 4, 64, 64, 64, 132  # the fused spec's dims (TinyLlama)
+MMA_KEYS = 128  # attn_mma_keys: the fewest keys a split of attn_qkv_mma takes
 WIDE_BATCH, WIDE_KEYS = 48, 128  # from attn_wide_batch rows a split takes at least attn_wide_keys keys
 CALLS, REPS = 20, 5
 
@@ -38,9 +40,15 @@ def variant_options(variant: str) -> tuple[str, ...]:
     return BASE_OPTIONS + extra
 
 
-def min_keys(batch: int) -> int:
+def min_keys(batch: int, kernel: str = "attn_qkv_mma_f16") -> int:
     """The fewest keys a split takes at ``batch`` rows (the fused spec's attention ``chunk`` argument)."""
-    return max(MIN_KEYS, WIDE_KEYS * (batch >= WIDE_BATCH))
+    least = MMA_KEYS if kernel.startswith("attn_qkv_mma") else MIN_KEYS
+    return max(least, WIDE_KEYS * (batch >= WIDE_BATCH))
+
+
+def mma_shared(head_dim: int) -> int:
+    """attn_qkv_mma's dynamic shared memory (the fused spec's `shared` for it)."""
+    return 4 * max(128 * (2 * head_dim + 12) + 8 * (head_dim + 8) + 2 * head_dim, 11264)
 
 
 def auto_splits(batch: int, max_seq: int, kv_heads: int = KV_HEADS) -> int:
@@ -54,7 +62,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="128,2048")
     ap.add_argument("--splits", default="auto", help="comma-separated split counts, or auto (the spec's)")
     ap.add_argument("--variant", action="append", default=[], help="NAME=V,... or base (repeatable)")
-    ap.add_argument("--kernel", choices=["attn_qkv_f16", "attn_decode_batched"], default="attn_qkv_f16")
+    ap.add_argument("--kernel", default="attn_qkv_mma_f16",
+                    help="comma-separated, of attn_qkv_mma_f16, attn_qkv_f16, attn_decode_batched")
     ap.add_argument("--prebuild", action="store_true", help="only compile the variants into the kernel cache")
     ap.add_argument("--kv-heads", type=int, default=KV_HEADS,
                     help=f"KV heads of the {HEADS} query heads (default {KV_HEADS}: TinyLlama; 8: Llama-3.2-1B)")
@@ -64,6 +73,10 @@ def main() -> int:
     if args.kv_heads < 1 or HEADS % args.kv_heads:
         ap.error(f"--kv-heads must divide the {HEADS} query heads (got {args.kv_heads})")
     variants = args.variant or ["base"]
+    names = args.kernel.split(",")
+    known = ("attn_qkv_mma_f16", "attn_qkv_f16", "attn_decode_batched")
+    if any(k not in known for k in names):
+        ap.error(f"--kernel takes {', '.join(known)} (got {args.kernel})")
 
     from dagbuild import kernels
     from dagbuild.sources import read_kernel_source
@@ -81,16 +94,17 @@ def main() -> int:
     kvh = args.kv_heads
     rows = []
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    print(f"{name} · {args.kernel} · heads {HEADS}/{kvh} · head_dim {HEAD_DIM} · µs a call (GB/s of KV)")
+    print(f"{name} · heads {HEADS}/{kvh} · head_dim {HEAD_DIM} · µs a call (GB/s of KV)")
     mods = {v: kernels.load_module(source, "attn_bench", variant_options(v)) for v in variants}
+    columns = [(k, v) for k in names for v in variants]
     stream = cp.cuda.Stream(non_blocking=True)
     for ctx in (int(c) for c in args.contexts.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             max_seq = ctx + 64
             rng = np.random.default_rng(0)
             width = (HEADS + 2 * kvh) * HEAD_DIM
-            q = cp.asarray(rng.standard_normal((batch, width if args.kernel.startswith("attn_qkv") else
-                                                HEADS * HEAD_DIM), dtype=np.float32))
+            qkv = cp.asarray(rng.standard_normal((batch, width), dtype=np.float32))
+            q = cp.asarray(rng.standard_normal((batch, HEADS * HEAD_DIM), dtype=np.float32))
             kc = cp.asarray(rng.standard_normal((batch, kvh, max_seq, HEAD_DIM), dtype=np.float32))
             vc = cp.asarray(rng.standard_normal((batch, kvh, max_seq, HEAD_DIM), dtype=np.float32))
             pos = cp.full(batch, ctx - 1, np.int32)
@@ -100,23 +114,28 @@ def main() -> int:
             part_o = cp.zeros(batch * HEADS * nsplit_max * HEAD_DIM, np.float32)
             part_ml = cp.zeros(batch * HEADS * nsplit_max * 2, np.float32)
             counters = cp.zeros(batch * HEADS, np.int32)
-            out = cp.zeros(batch * HEADS * HEAD_DIM, np.float16 if args.kernel.endswith("f16") else np.float32)
+            out_h = cp.zeros(batch * HEADS * HEAD_DIM, np.float16)
+            out_f = cp.zeros(batch * HEADS * HEAD_DIM, np.float32)
             kv_bytes = 2 * batch * kvh * ctx * HEAD_DIM * 4
             cp.cuda.Device().synchronize()  # the arrays above are filled on the null stream, the graph runs on `stream`
             for split_arg in args.splits.split(","):
                 splits = auto_splits(batch, max_seq, kvh) if split_arg == "auto" else min(int(split_arg), nsplit_max)
                 line = {"context": ctx, "batch": batch, "splits": splits, "split_arg": split_arg}
-                for v, mod in mods.items():
-                    fn = mod.get_function(args.kernel)
+                for kname, v in columns:
+                    fn = mods[v].get_function(kname)
+                    smem = 0
+                    if kname.startswith("attn_qkv_mma"):
+                        smem = fn.max_dynamic_shared_size_bytes = mma_shared(HEAD_DIM)
                     sc = np.float32(HEAD_DIM ** -0.5)
-                    common = (part_o, part_ml, counters, out, np.int32(HEADS), np.int32(kvh),
-                              np.int32(HEAD_DIM), np.int32(max_seq), np.int32(min_keys(batch)), sc)
-                    params = ((q, kc, vc, pos, bias, inv_freq, *common) if args.kernel.startswith("attn_qkv")
+                    common = (part_o, part_ml, counters, out_h if kname.endswith("f16") else out_f, np.int32(HEADS),
+                              np.int32(kvh), np.int32(HEAD_DIM), np.int32(max_seq),
+                              np.int32(min_keys(batch, kname)), sc)
+                    params = ((qkv, kc, vc, pos, bias, inv_freq, *common) if kname.startswith("attn_qkv")
                               else (q, kc, vc, pos, *common))
                     with stream:
                         stream.begin_capture()
                         for _ in range(CALLS):
-                            fn((batch * kvh, splits), (256,), params)
+                            fn((batch * kvh, splits), (256,), params, shared_mem=smem)
                         graph = stream.end_capture()
                         graph.launch(stream)
                         stream.synchronize()
@@ -128,13 +147,13 @@ def main() -> int:
                             e.record(stream)
                             e.synchronize()
                             times.append(cp.cuda.get_elapsed_time(s, e) * 1e3 / CALLS)
-                    us = statistics.median(times)
-                    line[v] = us
+                    line[f"{kname}:{v}"] = statistics.median(times)
                 rows.append(line)
                 print(f"ctx {ctx:>5} batch {batch:>4} splits {splits:>3} ({split_arg:>4}): " + "  ".join(
-                    f"{v} {line[v]:7.2f} ({kv_bytes / line[v] / 1e3:5.0f})" for v in mods), flush=True)
+                    f"{k}:{v} {line[f'{k}:{v}']:7.2f} ({kv_bytes / line[f'{k}:{v}'] / 1e3:5.0f})"
+                    for k, v in columns), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "kernel": args.kernel, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": name, "kernels": names, "rows": rows}, indent=1))
     return 0
 
 

@@ -308,15 +308,34 @@ QKV_ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits, 
     (5, 8, 2, 64, 50, 1, 4, "f32"),  # position 4: 4 splits of 2 keys, the last one empty (key 4 is split 2's)
     (3, 4, 2, 64, 100, 16, 3, "bf16"),  # 2 query heads a KV head: two warps a head, each half of a 64-key tile
 ]
+QKV_ATTN_CASES += [  # the tensor-core form's passes of 128 keys: several passes a split, one split of 300 keys
+    (4, 32, 4, 64, 700, 128, 2, "f16"),
+    (3, 16, 2, 128, 400, 128, 1, "bf16"),
+    (2, 12, 2, 80, 200, 32, 3, "f16"),  # head_dim 80: attn_qkv's arithmetic in the tensor-core entry
+]
 QKV_ATTN_TOL = {"f32": 1e-5, "f16": 1e-3, "bf16": 8e-3}  # the output is rounded once to wt
+# attn_qkv_mma also rounds q, K, V and the softmax numerators to wt: tight against a reference that rounds q, K
+# and V so (what is left is the numerators' rounding), loose against the exact one
+MMA_ATTN_TIGHT = {"f16": 1.5e-3, "bf16": 1.2e-2}
+MMA_ATTN_LOOSE = {"f16": 3e-3, "bf16": 2.5e-2}
+MMA_ATTN_DIMS = (32, 64, 128)  # head dims with a tensor-core form
 
 
+def mma_attn_shared(head_dim: int) -> int:
+    """The fused spec's `shared` for attn_qkv_mma."""
+    return 4 * max(128 * (2 * head_dim + 12) + 8 * (head_dim + 8) + 2 * head_dim, 11264)
+
+
+@pytest.mark.parametrize("kernel", ["attn_qkv", "attn_qkv_mma"])
 @pytest.mark.parametrize("batch,heads,kv_heads,head_dim,max_seq,chunk,splits,wt", QKV_ATTN_CASES)
-def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, splits, wt):
+def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, splits, wt, kernel):
     """attn_qkv_<wt>, the GEMM path's attention, fed by the QKV GEMM's f32 output: q and the new k biased and
     roped, the new k and v appended at each row's position (nothing else in the caches changes; a position past
     the cache appends nothing and attends to every slot), attention over keys 0..pos with the new key read from
-    the block itself (the cache slot at pos is NaN before the launch), the output rounded to wt."""
+    the block itself (the cache slot at pos is NaN before the launch), the output rounded to wt. attn_qkv_mma_<wt>
+    (the same on tensor cores where wt is f16/bf16 and head_dim 32, 64 or 128; else attn_qkv's arithmetic) the
+    same, within the rounding of its operands."""
+    mma = kernel == "attn_qkv_mma" and wt != "f32" and head_dim in MMA_ATTN_DIMS
     scale, rows = head_dim ** -0.5, (heads + 2 * kv_heads) * head_dim
     subs = -(-(heads // kv_heads) // 16)
     nq, nkv, n = heads * head_dim, kv_heads * head_dim, batch * heads * head_dim
@@ -348,10 +367,14 @@ def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, spl
         kc_d, vc_d = cp.asarray(kc), cp.asarray(vc)
         part_o = cp.full(batch * heads * splits * head_dim, np.nan, np.float32)
         part_ml = cp.full(batch * heads * splits * 2, np.nan, np.float32)
-        mod.get_function(f"attn_qkv_{wt}")(
-            (batch * kv_heads * subs, splits), (256,),
-            (cp.asarray(qkv), kc_d, vc_d, cp.asarray(pos), cp.asarray(bias), cp.asarray(inv_freq), part_o, part_ml,
-             counters, out, i32(heads), i32(kv_heads), i32(head_dim), i32(max_seq), i32(chunk), f32(scale)))
+        fn = mod.get_function(f"{kernel}_{wt}")
+        smem = 0
+        if kernel == "attn_qkv_mma":
+            smem = fn.max_dynamic_shared_size_bytes = mma_attn_shared(head_dim)
+        fn((batch * kv_heads * subs, splits), (256,),
+           (cp.asarray(qkv), kc_d, vc_d, cp.asarray(pos), cp.asarray(bias), cp.asarray(inv_freq), part_o, part_ml,
+            counters, out, i32(heads), i32(kv_heads), i32(head_dim), i32(max_seq), i32(chunk), f32(scale)),
+           shared_mem=smem)
         if wt == "f32":
             got = fetch(out, n)
         else:
@@ -374,9 +397,16 @@ def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, spl
         live = pos >= 0
         expect = ref.attention(q_ref[live], kc_ref[live], vc_ref[live], pos[live], heads, kv_heads, head_dim, max_seq,
                                scale)
-        assert rel_err(got[live], expect) < QKV_ATTN_TOL[wt]
+        if mma:
+            rounded = ref.attention(in_weight_type(q_ref[live], wt)[1], in_weight_type(kc_ref[live], wt)[1],
+                                    in_weight_type(vc_ref[live], wt)[1], pos[live], heads, kv_heads, head_dim,
+                                    max_seq, scale)
+            assert rel_err(got[live], rounded) < MMA_ATTN_TIGHT[wt]
+            assert rel_err(got[live], expect) < MMA_ATTN_LOOSE[wt]
+        else:
+            assert rel_err(got[live], expect) < QKV_ATTN_TOL[wt]
         assert np.all(got[~live] == 0), "a padding row's attention output must be zeros"
-        assert np.all(counters.get() == 0), "attn_qkv must leave its counters at zero"
+        assert np.all(counters.get() == 0), f"{kernel} must leave its counters at zero"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,13 +439,14 @@ def _run_rows(exe, prompts, steps):
 
 @pytest.mark.parametrize("tc_batch", [0, 64], ids=["cublas", "gemm-cu"])
 def test_fp32_every_bucket_matches_batch_one(cp, tc_batch):
-    """Buckets 2..256 (the GEMM path from gemm_batch: cuBLAS, or kernels/gemm.cu up to tc_batch rows) against
-    batch 1: the same tokens, logits within f32 rounding."""
+    """Buckets 2..256 (the GEMM path from gemm_batch: cuBLAS, or kernels/gemm.cu up to tc_batch rows, with the
+    norms inside its GEMMs and attn_qkv_mma's f32 form) against batch 1: the same tokens, logits within f32
+    rounding."""
     from dagbuild.llama.weights import random_weights
     from dagbuild.load import load_spec
     from dagbuild.pool import GraphPool
 
-    dims = {**TINY, "wt": "f32", "max_seq": 16, "cache_batch": 256, "tc_batch": tc_batch}
+    dims = {**TINY, "wt": "f32", "max_seq": 16, "cache_batch": 256, "tc_batch": tc_batch, "attn_mma": 1, "tc_norm": 1}
     rng = np.random.default_rng(11)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 3))) for _ in range(256)]
     steps = 7
@@ -462,12 +493,14 @@ def test_derived_pool_builds_cublas_buckets_fresh(cp):
         assert any(not pool.get(batch=b)._own_graph for b in buckets)  # the kernel-only buckets derive where they can
 
 
-@pytest.mark.parametrize("mvc_batch, gemm_batch, tc_batch", [(0, 16, 0), (0, 16, 64), (0, 0, 0), (16, 0, 0)],
-                         ids=["gemm", "gemm-cu", "mv-mma", "mvc"])
-def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, gemm_batch, tc_batch):
+@pytest.mark.parametrize("mvc_batch, gemm_batch, tc_batch, attn_mma",
+                         [(0, 16, 0, 1), (0, 16, 64, 1), (0, 16, 64, 0), (0, 0, 0, 1), (16, 0, 0, 1)],
+                         ids=["gemm", "gemm-cu", "gemm-cu-norm-nodes-attn-simt", "mv-mma", "mvc"])
+def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, gemm_batch, tc_batch, attn_mma):
     """TinyLlama shape, f16 weights: rows of buckets 8, 24 and 64 (the MV engine at 8; from 16 rows the GEMM path
     (cuBLAS, or kernels/gemm.cu up to tc_batch rows), or without it the MV/MMA projections or the MVC engine;
-    batched attention) against batch 1 (GEMVs):
+    batched attention; on the GEMM path the attention on tensor cores and kernels/gemm.cu's norms inside its GEMMs,
+    or with attn_mma 0 attn_qkv and rmsnorm_cast nodes) against batch 1 (GEMVs):
     the same greedy tokens until an fp16 near-tie of batch 1's own logits (top two closer than FP16_NEAR_TIE),
     logits within fp16 rounding of the activations."""
     from dagbuild.llama.weights import random_weights
@@ -476,7 +509,8 @@ def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, ge
 
     dims = {k: v for k, v in TINYLLAMA.items() if k != "wt"} | {"wt": "f16", "max_seq": 32, "cache_batch": 64,
                                                                 "mvc_batch": mvc_batch, "gemm_batch": gemm_batch,
-                                                                "tc_batch": tc_batch}
+                                                                "tc_batch": tc_batch, "attn_mma": attn_mma,
+                                                                "tc_norm": attn_mma}
     rng = np.random.default_rng(12)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 4))) for _ in range(64)]
     steps = 12
