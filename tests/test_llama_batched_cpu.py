@@ -208,7 +208,7 @@ def test_gemm_path_from_gemm_batch(wt, tc_norm):
         assert attn.kernel == "attn_qkv_mma" and p.kernels["attn_qkv_mma"].entry == f"attn_qkv_mma_{wt}"
         assert attn.shared == 4 * (128 * (2 * 64 + 12) + 8 * (64 + 8) + 2 * 64) == 74496
         args = {a.param.name: a for a in attn.args}
-        assert args["chunk"].value == 128  # attn_mma_keys (and attn_wide_keys from 48 rows)
+        assert args["chunk"].value == 256  # attn_mma_keys: two passes in one split, no combine
         assert {k: args[k].view.label for k in ("qkv", "k_cache", "v_cache", "bias", "out")} == {
             "qkv": "qkv", "k_cache": "k_cache[21]", "v_cache": "v_cache[21]", "bias": "qkv_bias[21]",
             "out": "attn_h"}

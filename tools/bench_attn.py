@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 SRC = ROOT / "kernels" / "llama_batched.cu"
 BASE_OPTIONS = ("-DMMA_CLUSTER=8", "-DATTN_BATCHED_TRIGGER=1")  # the fused spec's options for attn_qkv
 HEADS, KV_HEADS, HEAD_DIM, CHUNK, MIN_KEYS, SMS = 32, 4, 64, 64, 64, 132  # the fused spec's dims (TinyLlama)
-MMA_KEYS = 128  # attn_mma_keys: the fewest keys a split of attn_qkv_mma takes
+MMA_KEYS = 256  # attn_mma_keys: the fewest keys a split of attn_qkv_mma takes
 WIDE_BATCH, WIDE_KEYS = 48, 128  # from attn_wide_batch rows a split takes at least attn_wide_keys keys
 CALLS, REPS = 20, 5
 
