@@ -231,11 +231,16 @@ def test_gemm_batch_is_checked():
 
 
 def test_attn_min_keys_is_checked():
-    """The batched attention divides by it (and attn_wide_keys) on the device: 0 is refused at bind, naming it."""
+    """The batched attention divides by it (and attn_wide_keys, attn_mma_keys) on the device: 0 is refused at bind,
+    naming it; tc_norm other than 0 or 1 likewise."""
     _, issues = bind(load_spec(FUSED), {"batch": 4, "cache_batch": 4, "attn_min_keys": 0})
     assert issues and issues[0].code == "check" and "attn_min_keys" in issues[0].message
     _, issues = bind(load_spec(FUSED), {"batch": 64, "cache_batch": 64, "attn_wide_keys": 0})
     assert issues and issues[0].code == "check" and "attn_wide_keys" in issues[0].message
+    _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "attn_mma_keys": 0})
+    assert issues and issues[0].code == "check" and "attn_mma_keys" in issues[0].message
+    _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "tc_norm": 2})
+    assert issues and issues[0].code == "check" and "tc_norm" in issues[0].message
 
 
 def test_mvc_engine_from_mvc_batch_in_whole_clusters():
