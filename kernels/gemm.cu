@@ -132,7 +132,7 @@ struct GtCopy {
     const T* base;      // the matrix (a valid address for the copies that only zero-fill)
     const T* src[PER];  // row j's chunk at the next k-tile
     int krem;           // elements of k left from the next k-tile's chunk on (<= 0: past k, zero-fill)
-    int dst;            // byte offset of chunk j = 0 in a tile (swizzled; + j * STEP * GT_ROW for chunk j)
+    int dst;            // byte offset of chunk j = 0 in a tile (swizzled; + j * STEP * ROWB for chunk j)
     unsigned live;      // bit j: row j exists (else its chunk is zero-filled)
     unsigned used;      // bit j: the product reads row j (< nr; else no copy at all)
 

@@ -53,3 +53,10 @@ def test_bench_attn_auto_splits_are_the_specs(batch, max_seq):
     attn = next(n.op for n in off.nodes if n.id == "attn.0")
     assert attn.kernel == "attn_qkv" and {a.param.name: a.value for a in attn.args}["chunk"] == tool.min_keys(
         batch, "attn_qkv_f16")
+
+
+def test_bench_attn_refuses_an_unknown_kernel():
+    """--kernel names entries of the module: a misspelt one is refused before any GPU work, naming the choices."""
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_attn.py"), "--kernel", "attn_qkv_mma_f16,attn_qk"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "--kernel takes attn_qkv_mma_f16, attn_qkv_f16" in proc.stderr
