@@ -9,6 +9,15 @@
 //   gemm_norm_store_<wt>, gemm_norm_silu_<wt>   (const f32* x, const wt* norm, const wt* w, <out>, i32 m, i32 n,
 //                               i32 k, f32 eps): the same with a = RMSNorm(x) * norm, computed inside (below:
 //                               NORM), so the QKV, gate/up and LM-head GEMMs need no rmsnorm_cast node
+//   gemm_add_norm_<wt> (const wt* a, const wt* w, f32* c, i32 m, i32 n, i32 k, const wt* norm, wt* xn, f32* ssq):
+//                               gemm_add, then the NEXT RMSNorm's operand from the new residual rows c:
+//                               xn[r, j] = wt(c[r, j] * norm[j]) and ssq[r, p] = sum of c[r, j]^2 over the GT_SSQ
+//                               columns j of part p (ceil_div(n, GT_SSQ) parts a row; split <= 4)
+//   gemm_scaled_store_<wt>, gemm_scaled_silu_<wt>  (<as gemm_store / gemm_silu>, const f32* ssq, f32 eps): a is
+//                               such an xn; row r's products scaled by rsqrt(sum_p ssq[r, p] / k + eps) before
+//                               the epilogue: the RMSNorm with no node and no x staged (tc_norm 2 in the spec)
+//   rms_partials_<wt> (const f32* x, const wt* norm, wt* xn, f32* ssq, i32 n): xn and ssq of x as gemm_add_norm
+//                               writes them, for the first layer (grid [rows], block [256])
 // a [m, k] row-major, w [n, k] row-major (nn.Linear's weight: no transposed copy), k % 8 == 0, a and w 16-byte
 // aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: at least 2
 // stages of (64 + 64) * GT_ROW bytes (16 KiB at GT_ROW 128, 32 KiB at 256); a block of fewer rows fits more.
@@ -75,6 +84,8 @@
 #define GT_STORE 0
 #define GT_ADD 1
 #define GT_SILU 2
+#define GT_ADD_NORM 3  // GT_ADD, then the next RMSNorm's operand (xn) and its sum-of-squares parts (ssq)
+#define GT_SSQ 16      // columns a sum-of-squares part covers: 16 consecutive lanes of the epilogue, one row
 
 // byte offset of 16-byte chunk `c` of tile row `r` (rows of ROWB bytes; XOR-swizzled: ldmatrix's eight rows hit
 // distinct banks)
@@ -283,9 +294,14 @@ __device__ __forceinline__ void gt_norm_tile(const unsigned char* xs, const unsi
     }
 }
 
-template <typename T, int EPI, typename O, bool NORM>
+// SCALE: a is xn of gemm_add_norm / rms_partials (x * norm, rounded to wt); row r's sums are scaled by
+// rsqrt(sum_p ssq[r, p] / k + eps), the row scales read right after the wait (beside the A tiles' copies) into
+// shared memory past the stages. GT_ADD_NORM: `norm` is the next RMSNorm's weight, read before the wait.
+template <typename T, int EPI, typename O, bool NORM, bool SCALE = false>
 __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* norm, const T* w, O* out, int m,
-                                          int n, int k, float eps) {
+                                          int n, int k, float eps, float* ssq = nullptr, T* xn = nullptr) {
+    static_assert(EPI != GT_ADD_NORM || (GT_BN / GT_NSPLIT) % GT_SSQ == 0,
+                  "gemm_add_norm: a block's columns of the tile must hold whole sum-of-squares parts (split <= 4)");
     extern __shared__ __align__(128) unsigned char gt_smem[];
     DB_TRACE_BLOCK();
     DB_GRID_TRIGGER();
@@ -303,13 +319,22 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
     constexpr int BK = GT_ROW / (int)sizeof(T), XROW = BK * 4;
     constexpr int XOFF = (GT_BN + 1) * GT_ROW;  // NORM: the x tile's offset in a stage
     const int stage = NORM ? XOFF + arows * XROW : (GT_BN + arows) * GT_ROW;
-    const int tail = NORM ? arows * GT_ROW + GT_BM * 4 : 0;
+    const int tail = NORM ? arows * GT_ROW + GT_BM * 4 : SCALE ? GT_BM * 4 : 0;
     const int S = max(2, min(GT_MAX_STAGES, ((int)db_dynamic_smem() - tail) / stage));
 #if DB_CUDA
     if (S * stage + tail > (int)db_dynamic_smem()) __trap();  // the launch's shared memory holds no 2 stages
 #endif
     unsigned char* const abuf = gt_smem + S * stage;  // NORM: the A tile
-    float* const ssq = reinterpret_cast<float*>(abuf + arows * GT_ROW);  // NORM: sums of squares [GT_BM]
+    float* const ssum = reinterpret_cast<float*>(abuf + arows * GT_ROW);  // NORM: sums of squares [GT_BM]
+    float* const rscale = reinterpret_cast<float*>(abuf);  // SCALE: the rows' RMSNorm scales [GT_BM]
+    // GT_ADD_NORM: the norm weight of this thread's column in every turn of the epilogue (GT_THREADS is a multiple
+    // of the block's weight rows), read before the wait (weights are never written by a graph)
+    float gnorm = 0.0f;
+    if constexpr (EPI == GT_ADD_NORM) {
+        constexpr int brows = GT_BN / GT_NSPLIT;
+        const int col = n0 + (GT_NSPLIT > 1 ? split : 0) * brows + (int)threadIdx.x % brows;
+        if (col < n) gnorm = to_float(norm[col]);
+    }
     GtCopy<T> wcp, acp, gcp;
     GtCopy<float, XROW> xcp;
     wcp.init(w, n0, GT_BN, n, k, kt0);
@@ -338,6 +363,27 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
                 acp.issue(gt_smem + i * stage + GT_BN * GT_ROW);
         }
         db_cp_commit();
+    }
+    if constexpr (SCALE) {  // 4 threads a row, each every 4th part (float4s where a row's parts allow), in order
+        const int r = (int)threadIdx.x >> 2, q = (int)threadIdx.x & 3;
+        const int parts = (k + GT_SSQ - 1) / GT_SSQ;
+        float s = 0.0f;
+        if (r < mrows) {
+            const float* p = ssq + (size_t)(m0 + r) * (size_t)parts;
+            if ((parts & 3) == 0) {
+#pragma unroll 4
+                for (int i = 4 * q; i < parts; i += 16) {
+                    const float4 v = *reinterpret_cast<const float4*>(p + i);
+                    s += (v.x + v.y) + (v.z + v.w);
+                }
+            } else {
+#pragma unroll 4
+                for (int i = q; i < parts; i += 4) s += p[i];
+            }
+        }
+        s += db_shfl_xor(s, 1);
+        s += db_shfl_xor(s, 2);
+        if (q == 0) rscale[r] = rsqrtf(s / (float)k + eps);
     }
     float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // NORM: this thread's rows' sums of squares (gt_norm_tile)
     GtMath<T> g;
@@ -383,7 +429,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
 #pragma unroll
             for (int o = G8 / 2; o >= 1; o /= 2) ss[j] += db_shfl_xor(ss[j], o);
             const int r = (int)threadIdx.x / G8 + j * RSTEP;
-            if ((int)threadIdx.x % G8 == 0 && j * RSTEP < GT_BM) ssq[r] = r < arows ? ss[j] : 0.0f;
+            if ((int)threadIdx.x % G8 == 0 && j * RSTEP < GT_BM) ssum[r] = r < arows ? ss[j] : 0.0f;
         }
     }
     gt_cluster_sync();  // every block's partial is in its shared memory
@@ -400,7 +446,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
         if constexpr (!NORM) return 1.0f;
         float sum = 0.0f;
 #pragma unroll
-        for (int q = 0; q < GT_NSPLIT; ++q) sum += gt_partial(ssq, q)[col];
+        for (int q = 0; q < GT_NSPLIT; ++q) sum += gt_partial(ssum, q)[col];
         return rsqrtf(sum / (float)k + eps);
     };
     if (EPI == GT_SILU) {  // pairs (gate 2j, up 2j + 1)
@@ -415,8 +461,8 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
                 gv += part[q][col * GT_CLD + row];
                 uv += part[q][col * GT_CLD + row + 1];
             }
-            if constexpr (NORM) {
-                const float rs = row_scale(col);
+            if constexpr (NORM || SCALE) {
+                const float rs = SCALE ? rscale[col] : row_scale(col);
                 gv *= rs;
                 uv *= rs;
             }
@@ -432,7 +478,23 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
 #pragma unroll
             for (int q = 0; q < GT_NSPLIT; ++q) v += part[q][col * GT_CLD + row];
             if constexpr (NORM) v *= row_scale(col);
-            if (col < mrows && n0 + row < n) {
+            if constexpr (SCALE) v *= rscale[col];
+            const bool live = col < mrows && n0 + row < n;
+            if constexpr (EPI == GT_ADD_NORM) {  // the residual, its norm operand, and a part's sum of squares
+                float sq = 0.0f;
+                if (live) {
+                    const size_t o = (size_t)(m0 + col) * n + n0 + row;
+                    const float xv = to_float(out[o]) + v;
+                    out[o] = from_float<O>(xv);
+                    xn[o] = from_float<T>(xv * gnorm);
+                    sq = xv * xv;
+                }
+                // a part: GT_SSQ consecutive lanes, one batch row (rows is a multiple of GT_SSQ)
+#pragma unroll
+                for (int o = GT_SSQ / 2; o >= 1; o /= 2) sq += db_shfl_xor(sq, o);
+                if (live && (int)threadIdx.x % GT_SSQ == 0)
+                    ssq[(size_t)(m0 + col) * (size_t)((n + GT_SSQ - 1) / GT_SSQ) + (n0 + row) / GT_SSQ] = sq;
+            } else if (live) {
                 O* dst = out + (size_t)(m0 + col) * n + n0 + row;
                 if (EPI == GT_ADD)
                     *dst = from_float<O>(to_float(*dst) + v);
@@ -465,6 +527,64 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
         const float* x, const T* norm, const T* w, T* act, int m, int n, int k, float eps) {                   \
         gemm_impl<T, GT_SILU, T, true>(nullptr, x, norm, w, act, m, n, k, eps);                                \
     }
+// the norm riding on the GEMMs (tc_norm 2): the residual GEMMs' epilogue prepares the next norm's operand, the
+// consumers scale their rows; gemm_add_norm exists where a block finishes whole sum-of-squares parts (split <= 4)
+#if GT_BN / GT_NSPLIT >= GT_SSQ
+#define DEFINE_GEMM_ADD_NORM(SUFFIX, T)                                                                        \
+    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_add_norm_##SUFFIX(           \
+        const T* a, const T* w, float* c, int m, int n, int k, const T* norm, T* xn, float* ssq) {             \
+        gemm_impl<T, GT_ADD_NORM, float, false>(a, nullptr, norm, w, c, m, n, k, 0.0f, ssq, xn);               \
+    }
+#else
+#define DEFINE_GEMM_ADD_NORM(SUFFIX, T)
+#endif
+#define DEFINE_GEMM_SCALED(SUFFIX, T)                                                                          \
+    DEFINE_GEMM_ADD_NORM(SUFFIX, T)                                                                            \
+    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_scaled_store_##SUFFIX(       \
+        const T* a, const T* w, float* c, int m, int n, int k, const float* ssq, float eps) {                  \
+        gemm_impl<T, GT_STORE, float, false, true>(a, nullptr, nullptr, w, c, m, n, k, eps,                    \
+                                                   const_cast<float*>(ssq));                                   \
+    }                                                                                                          \
+    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_scaled_silu_##SUFFIX(        \
+        const T* a, const T* w, T* act, int m, int n, int k, const float* ssq, float eps) {                    \
+        gemm_impl<T, GT_SILU, T, false, true>(a, nullptr, nullptr, w, act, m, n, k, eps,                       \
+                                              const_cast<float*>(ssq));                                        \
+    }
+
+// rms_partials_<wt>: xn and ssq of the f32 rows x as gemm_add_norm's epilogue writes them (the same lanes a part,
+// the same shuffle order), for the first layer's QKV GEMM: thread t of a turn takes column t, GT_SSQ lanes a part.
+template <typename T>
+__device__ __forceinline__ void rms_partials_impl(const float* x, const T* norm, T* xn, float* ssq, int n) {
+    DB_GRID_TRIGGER();
+    DB_GRID_WAIT();
+    const size_t r = blockIdx.x;
+    const int parts = (n + GT_SSQ - 1) / GT_SSQ;
+    const int turns = (n + (int)blockDim.x - 1) / (int)blockDim.x;  // the same count for every thread
+    for (int it = 0; it < turns; ++it) {
+        const int j = (int)threadIdx.x + it * (int)blockDim.x;
+        float sq = 0.0f;
+        if (j < n) {
+            const float xv = x[r * (size_t)n + j];
+            xn[r * (size_t)n + j] = from_float<T>(xv * to_float(norm[j]));
+            sq = xv * xv;
+        }
+#pragma unroll
+        for (int o = GT_SSQ / 2; o >= 1; o /= 2) sq += db_shfl_xor(sq, o);
+        if (j < n && j % GT_SSQ == 0) ssq[r * (size_t)parts + j / GT_SSQ] = sq;
+    }
+}
+#define DEFINE_RMS_PARTIALS(SUFFIX, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(GT_THREADS)                                                   \
+        rms_partials_##SUFFIX(const float* x, const T* norm, T* xn, float* ssq, int n) {                       \
+        rms_partials_impl<T>(x, norm, xn, ssq, n);                                                             \
+    }
+
 DEFINE_GEMM(f16, db_f16)
 DEFINE_GEMM(bf16, db_bf16)
 DEFINE_GEMM(f32, float)
+DEFINE_GEMM_SCALED(f16, db_f16)
+DEFINE_GEMM_SCALED(bf16, db_bf16)
+DEFINE_GEMM_SCALED(f32, float)
+DEFINE_RMS_PARTIALS(f16, db_f16)
+DEFINE_RMS_PARTIALS(bf16, db_bf16)
+DEFINE_RMS_PARTIALS(f32, float)

@@ -135,7 +135,7 @@ GEMM_SHAPES = {"qkv_gemm": (2560, 2048), "o_gemm": (2048, 2048), "gate_up_gemm":
                "down_gemm": (2048, 5632), "lm_head": (32000, 2048)}
 
 
-@pytest.mark.parametrize("tc_norm", [1, 0])
+@pytest.mark.parametrize("tc_norm", [2, 1, 0])
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_gemm_path_from_gemm_batch(wt, tc_norm):
     """From gemm_batch rows a layer is RMSNorm rounded to wt, the QKV GEMM, attention fed by it (RoPE, KV append,
@@ -143,8 +143,10 @@ def test_gemm_path_from_gemm_batch(wt, tc_norm):
     head a GEMM after the final norm. Up to tc_batch rows the GEMMs are kernels/gemm.cu's programmatic kernel
     nodes (SiLU in the gate/up GEMM, each projection's split from its dim, no cuBLAS workspace); above it cuBLAS
     child graphs (beta 1 for the residual adds). Below gemm_batch (or with gemm_batch 0) the fused nodes. With
-    tc_norm kernels/gemm.cu's QKV, gate/up and LM-head GEMMs apply the RMSNorms themselves: no norm
-    nodes up to tc_batch rows."""
+    tc_norm 1 kernels/gemm.cu's QKV, gate/up and LM-head GEMMs apply the RMSNorms themselves: no norm
+    nodes up to tc_batch rows; with tc_norm 2 the O and down GEMMs prepare the next norm's operand (the next
+    layer's attention norm, after the last layer the final norm) and the QKV, gate/up and LM-head GEMMs scale
+    their rows by it: one norm node (the first layer's rms_partials)."""
     spec, programs = load_spec(FUSED), {}
     cases = ((31, 32, 64), (32, 32, 64), (256, 32, 64), (64, 0, 64), (2, 2, 64), (64, 12, 0), (65, 12, 64))
     for batch, gemm_batch, tc_batch in cases:
@@ -158,11 +160,19 @@ def test_gemm_path_from_gemm_batch(wt, tc_norm):
             assert p.buffers["gemm_ws"].nbytes == 256
             continue
         tc = batch <= tc_batch
-        normed = tc and tc_norm  # the norms inside the GEMMs
+        normed = tc and tc_norm > 0  # no norm nodes in the layers
+        riding = tc and tc_norm == 2  # the norms on the GEMMs around them
         layer = (TC_NORM_LAYER if normed else TC_LAYER) if tc else GEMM_LAYER
-        assert [i for i in ids if i.endswith(".0")] == [f"{k}.0" for k in layer], batch
+        first = ["attn_norm"] * riding + layer  # the first layer's operand (rms_partials)
+        assert [i for i in ids if i.endswith(".0")] == [f"{k}.0" for k in first], batch
         tail = ["final_norm"] * (not normed) + ["lm_head_gemm", "argmax", "download"]
-        assert len(ids) == 3 + len(layer) * 22 + len(tail) and ids[-len(tail):] == tail
+        assert len(ids) == 3 + len(layer) * 22 + riding + len(tail) and ids[-len(tail):] == tail
+        if riding:
+            op = by_id["attn_norm.0"]
+            assert op.kernel == "rms_partials" and p.kernels["rms_partials"].entry == f"rms_partials_{wt}"
+            assert {a.param.name: a.view.label for a in op.args if a.view} == {
+                "x": "x", "norm": "attn_norm[0]", "xn": "xh", "ssq": "ssq"}
+            assert p.buffers["ssq"].shape == (batch, 2048 // 16)
         assert not any(i.split(".")[0] in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head") for i in ids)
         ops = {k: by_id[f"{k}.21"] for k in ("qkv_gemm", "o_gemm", "gate_up_gemm", "down_gemm")}
         ops["lm_head"] = by_id["lm_head_gemm"]
@@ -171,25 +181,37 @@ def test_gemm_path_from_gemm_batch(wt, tc_norm):
             epi = {"qkv_gemm": "store", "o_gemm": "add", "gate_up_gemm": "silu", "down_gemm": "add",
                    "lm_head": "store"}
             norms = {"qkv_gemm": "attn_norm[21]", "gate_up_gemm": "mlp_norm[21]", "lm_head": "final_norm"}
+            # tc_norm 2: the residual GEMMs write the next norm's operand, the norms' consumers scale by it
+            nexts = {"o_gemm": "mlp_norm[21]", "down_gemm": "final_norm"}
             for k, op in ops.items():
                 args = {a.param.name: a for a in op.args}
                 n, kk = GEMM_SHAPES[k]
-                fused = normed and k in norms
-                prefix = "norm_" if fused else ""
-                assert op.kernel == f"tc_{prefix}{epi[k]}_{split[k]}", k
-                assert p.kernels[op.kernel].entry == f"gemm_{prefix}{epi[k]}_{wt}"
+                fused = tc_norm == 1 and k in norms
+                scaled, adds = riding and k in norms, riding and k in nexts
+                name = {True: f"norm_{epi[k]}", False: f"scaled_{epi[k]}"}[fused] if fused or scaled else epi[k]
+                name = "add_norm" if adds else name
+                assert op.kernel == f"tc_{name}_{split[k]}", k
+                assert p.kernels[op.kernel].entry == f"gemm_{name}_{wt}"
+                if scaled:
+                    assert (args["a"].view.label, args["ssq"].view.label) == ("xh", "ssq"), k
+                    assert args["eps"].value == pytest.approx(1e-5) and op.shared == 3 * 32768 + 256
+                if adds:
+                    assert (args["norm"].view.label, args["xn"].view.label, args["ssq"].view.label) == (
+                        nexts[k], "xh", "ssq"), k
                 assert p.kernels[op.kernel].options == (f"-DGT_SPLIT={split[k]}", "-DGT_ROW=256")
                 assert op.launch == "programmatic"
                 assert (args["m"].value, args["n"].value, args["k"].value) == (batch, n, kk), k
                 assert op.grid == (-(-n // 64) * split[k], -(-batch // 64), 1), k
-                assert op.block == (256, 1, 1) and op.shared == (114688 if fused else 3 * 32768)
+                assert op.block == (256, 1, 1) and op.shared == (114688 if fused else 3 * 32768 + 256 * scaled)
                 if fused:  # the f32 residual rows and the layer's norm weights, not a normed copy
                     assert (args["x"].view.label, args["norm"].view.label) == ("x", norms[k]), k
                     assert args["eps"].value == pytest.approx(1e-5)
-            out = {k: (op.args[3 if normed and k in norms else 2].view.label) for k, op in ops.items()}
+            out = {k: (op.args[3 if tc_norm == 1 and k in norms else 2].view.label) for k, op in ops.items()}
             assert out == {"qkv_gemm": "qkv", "o_gemm": "x", "gate_up_gemm": "act_h", "down_gemm": "x",
                            "lm_head": "logits"}
             assert ops["down_gemm"].args[1].view.label == "w_down[21]"
+            if riding:  # a layer before the last hands the next layer's attention norm on
+                assert by_id["down_gemm.3"].args[6].view.label == "attn_norm[4]"
             assert by_id["qkv_gemm.3" if normed else "attn_norm.3"].launch == "programmatic"
             assert by_id["attn.3"].launch == "programmatic"
             assert p.buffers["gemm_ws"].nbytes == 256
@@ -232,15 +254,17 @@ def test_gemm_batch_is_checked():
 
 def test_attn_min_keys_is_checked():
     """The batched attention divides by it (and attn_wide_keys, attn_mma_keys) on the device: 0 is refused at bind,
-    naming it; tc_norm other than 0 or 1 likewise."""
+    naming it; tc_norm other than 0, 1 or 2 likewise, and tc_norm 2 with a residual GEMM split 8 ways."""
     _, issues = bind(load_spec(FUSED), {"batch": 4, "cache_batch": 4, "attn_min_keys": 0})
     assert issues and issues[0].code == "check" and "attn_min_keys" in issues[0].message
     _, issues = bind(load_spec(FUSED), {"batch": 64, "cache_batch": 64, "attn_wide_keys": 0})
     assert issues and issues[0].code == "check" and "attn_wide_keys" in issues[0].message
     _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "attn_mma_keys": 0})
     assert issues and issues[0].code == "check" and "attn_mma_keys" in issues[0].message
-    _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "tc_norm": 2})
+    _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "tc_norm": 3})
     assert issues and issues[0].code == "check" and "tc_norm" in issues[0].message
+    _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "tc_norm": 2, "o_split": 8})
+    assert issues and issues[0].code == "check" and "o_split and down_split" in issues[0].message
 
 
 def test_mvc_engine_from_mvc_batch_in_whole_clusters():
@@ -295,6 +319,9 @@ def test_dot_and_threshold_dim():
     assert "tc_add_4  128 × 256\\nshared 96.0 KiB" in dot and "rmsnorm_cast" not in dot
     assert "attn_qkv_mma  256×3" in dot and "gemm(a=" not in dot and "silu_pairs" not in dot
     assert "rope" not in dot and "cast_" not in dot  # RoPE and the cast run inside the attention node
+    dot = to_dot(llama_plan({**dims, "batch": 16, "tc_norm": 2}, FUSED))  # the norms on the GEMMs around them
+    assert "tc_scaled_silu_1  176 × 256\\nshared 96.2 KiB" in dot and "tc_add_norm_4  128 × 256" in dot
+    assert dot.count("rms_partials") == 1 and "rmsnorm_cast" not in dot
 
 
 @needs_nvrtc

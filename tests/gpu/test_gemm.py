@@ -181,3 +181,89 @@ def test_norm_gemm_against_numpy(cp, mods, wt, epi, split):
         tol = 2e-5 if epi == "store" else {"f32": 2e-5, "f16": 1e-3, "bf16": 8e-3}[wt]
         assert rel_err(out, tight) < tol, f"{what}: tight {rel_err(out, tight):.2e}"
         assert rel_err(out, exact) < NORM_LOOSE[wt] + tol, f"{what}: loose {rel_err(out, exact):.2e}"
+
+
+RIDE_CASES = [  # m, n (the residual's width: the consumer's k), k (the residual GEMM's), n2 (the consumer's rows)
+    (1, 64, 64, 64), (3, 136, 520, 130), (16, 2048, 2048, 2560), (13, 200, 8, 96), (37, 1032, 264, 129),
+    (70, 520, 136, 200),
+]
+
+
+def guarded(cp, count: int, wt: str | None = None):
+    """A NaN-filled device array of ``count`` values and GUARD more (in ``wt``; f32 when None)."""
+    host = np.full(count + GUARD, np.nan, np.float32)
+    return cp.asarray(in_weight_type(host, wt)[0] if wt else host)
+
+
+def widened(dev, wt: str, count: int) -> np.ndarray:
+    """The first ``count`` values of a wt array (float32), its guard still NaN."""
+    got = dev.get()
+    got = np.asarray(ref.bf16_to_f32(got) if wt == "bf16" else got, np.float32)
+    assert np.all(np.isnan(got[count:])), "a kernel wrote past the end of its output"
+    assert np.all(np.isfinite(got[:count])), "an output element was left unwritten"
+    return got[:count]
+
+
+@pytest.mark.parametrize("wt", ["f16", "bf16", "f32"])
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_norm_on_the_gemms_against_numpy(cp, mods, wt, split):
+    """tc_norm 2: gemm_add_norm_<wt> adds the product into the residual c and writes the next RMSNorm's operand
+    xn = wt(c * norm) and each row's sums of squares over 16-column parts (ssq); rms_partials_<wt> of the same
+    residual writes the same xn and ssq bit for bit; gemm_scaled_{store,silu}_<wt> (every split) read them and
+    scale each row by rsqrt(sum(ssq) / k + eps): tight against the reference of the kernels' own xn and ssq,
+    loose against the exact RMSNorm product."""
+    for i, (m, n, k, n2) in enumerate(RIDE_CASES):
+        rng = rng_for("ride", wt, split, m, n, k)
+        row, stages = (128, 256)[i % 2], 2 + i % 3
+        parts = -(-n // 16)
+        a_host, a64 = in_weight_type(rng.standard_normal((m, k)) * rng.uniform(0.1, 4.0, (m, 1)), wt)
+        w_host, w64 = in_weight_type(rng.standard_normal((n, k)) / np.sqrt(k), wt)
+        g_host, g64 = in_weight_type(1.0 + 0.3 * rng.standard_normal(n), wt)
+        c0 = (rng.standard_normal((m, n)) * rng.uniform(0.5, 20.0, (m, 1))).astype(np.float32)
+        what = f"{wt} split {split} row {row} stages {stages} m={m} n={n} k={k}"
+        c_dev, xn_dev, ssq_dev = guarded(cp, m * n), guarded(cp, m * n, wt), guarded(cp, m * parts)
+        c_dev[:m * n] = cp.asarray(c0.reshape(-1))
+        fn = mods[(split, row)].get_function(f"gemm_add_norm_{wt}")
+        smem = fn.max_dynamic_shared_size_bytes = stages * 128 * row
+        fn((-(-n // 64) * split, -(-m // 64)), (256,),
+           (cp.asarray(a_host), cp.asarray(w_host), c_dev, np.int32(m), np.int32(n), np.int32(k),
+            cp.asarray(g_host), xn_dev, ssq_dev), shared_mem=smem)
+        c = fetch(c_dev, wt, "add", m, n)
+        assert rel_err(c, c0.astype(np.float64) + a64 @ w64.T) < TOL[wt], f"{what}: residual"
+        xn = widened(xn_dev, wt, m * n).reshape(m, n)
+        want = in_weight_type(c.astype(np.float32) * g64.astype(np.float32), wt)[1]
+        assert np.array_equal(xn.astype(np.float64), want), f"{what}: xn is not wt(c * norm)"
+        ssq = widened(ssq_dev, "f32", m * parts).reshape(m, parts).astype(np.float64)
+        sq = np.zeros((m, parts * 16))
+        sq[:, :n] = c ** 2
+        assert rel_err(ssq, sq.reshape(m, parts, 16).sum(axis=2)) < 1e-6, f"{what}: ssq"
+        # rms_partials of the same residual: the same operand and parts, bit for bit
+        xn2_dev, ssq2_dev = guarded(cp, m * n, wt), guarded(cp, m * parts)
+        mods[(1, 256)].get_function(f"rms_partials_{wt}")(
+            (m,), (256,), (c_dev, cp.asarray(g_host), xn2_dev, ssq2_dev, np.int32(n)))
+        assert np.array_equal(widened(xn2_dev, wt, m * n).reshape(m, n), xn), f"{what}: rms_partials xn"
+        assert np.array_equal(widened(ssq2_dev, "f32", m * parts).reshape(m, parts), ssq), f"{what}: rms_partials ssq"
+        # the consumers, every split
+        scale = 1.0 / np.sqrt(ssq.sum(axis=1, keepdims=True) / n + EPS)
+        exact_scale = 1.0 / np.sqrt(np.mean(c ** 2, axis=1, keepdims=True) + EPS)
+        w2_host, w264 = in_weight_type(rng.standard_normal((n2 + n2 % 2, n)) / np.sqrt(n), wt)
+        for epi in ("store", "silu"):
+            nn = n2 + n2 % 2 if epi == "silu" else n2
+            w2 = w2_host[:nn]
+            tight, exact = scale * (xn @ w264[:nn].T), (c * exact_scale * g64) @ w264[:nn].T
+            if epi == "silu":
+                tight = in_weight_type(silu(tight[:, 0::2]) * tight[:, 1::2], wt)[1]
+                exact = silu(exact[:, 0::2]) * exact[:, 1::2]
+            out_n = nn // 2 if epi == "silu" else nn
+            for split2 in (1, 2, 4, 8):
+                out_dev = guarded(cp, m * out_n, wt if epi == "silu" else None)
+                fn = mods[(split2, row)].get_function(f"gemm_scaled_{epi}_{wt}")
+                smem = fn.max_dynamic_shared_size_bytes = stages * 128 * row + 256
+                fn((-(-nn // 64) * split2, -(-m // 64)), (256,),
+                   (xn_dev, cp.asarray(np.ascontiguousarray(w2)), out_dev, np.int32(m), np.int32(nn), np.int32(n),
+                    ssq_dev, np.float32(EPS)), shared_mem=smem)
+                out = fetch(out_dev, wt, epi, m, out_n)
+                tol = 2e-5 if epi == "store" else {"f32": 2e-5, "f16": 1e-3, "bf16": 8e-3}[wt]
+                where = f"{what}: scaled {epi} split {split2}"
+                assert rel_err(out, tight) < tol, f"{where}: tight {rel_err(out, tight):.2e}"
+                assert rel_err(out, exact) < NORM_LOOSE[wt] + tol, f"{where}: loose {rel_err(out, exact):.2e}"

@@ -437,16 +437,17 @@ def _run_rows(exe, prompts, steps):
     return toks, logits
 
 
-@pytest.mark.parametrize("tc_batch", [0, 64], ids=["cublas", "gemm-cu"])
-def test_fp32_every_bucket_matches_batch_one(cp, tc_batch):
+@pytest.mark.parametrize("tc_batch, tc_norm", [(0, 1), (64, 1), (64, 2)], ids=["cublas", "gemm-cu", "gemm-cu-riding"])
+def test_fp32_every_bucket_matches_batch_one(cp, tc_batch, tc_norm):
     """Buckets 2..256 (the GEMM path from gemm_batch: cuBLAS, or kernels/gemm.cu up to tc_batch rows, with the
-    norms inside its GEMMs and attn_qkv_mma's f32 form) against batch 1: the same tokens, logits within f32
-    rounding."""
+    norms inside its GEMMs (tc_norm 1) or on the GEMMs around them (2), and attn_qkv_mma's f32 form) against
+    batch 1: the same tokens, logits within f32 rounding."""
     from dagbuild.llama.weights import random_weights
     from dagbuild.load import load_spec
     from dagbuild.pool import GraphPool
 
-    dims = {**TINY, "wt": "f32", "max_seq": 16, "cache_batch": 256, "tc_batch": tc_batch, "attn_mma": 1, "tc_norm": 1}
+    dims = {**TINY, "wt": "f32", "max_seq": 16, "cache_batch": 256, "tc_batch": tc_batch, "attn_mma": 1,
+            "tc_norm": tc_norm}
     rng = np.random.default_rng(11)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 3))) for _ in range(256)]
     steps = 7
@@ -493,14 +494,17 @@ def test_derived_pool_builds_cublas_buckets_fresh(cp):
         assert any(not pool.get(batch=b)._own_graph for b in buckets)  # the kernel-only buckets derive where they can
 
 
-@pytest.mark.parametrize("mvc_batch, gemm_batch, tc_batch, attn_mma",
-                         [(0, 16, 0, 1), (0, 16, 64, 1), (0, 16, 64, 0), (0, 0, 0, 1), (16, 0, 0, 1)],
-                         ids=["gemm", "gemm-cu", "gemm-cu-norm-nodes-attn-simt", "mv-mma", "mvc"])
-def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, gemm_batch, tc_batch, attn_mma):
+@pytest.mark.parametrize("mvc_batch, gemm_batch, tc_batch, attn_mma, tc_norm",
+                         [(0, 16, 0, 1, 1), (0, 16, 64, 1, 2), (0, 16, 64, 1, 1), (0, 16, 64, 0, 0), (0, 0, 0, 1, 1),
+                          (16, 0, 0, 1, 1)],
+                         ids=["gemm", "gemm-cu", "gemm-cu-norm-in", "gemm-cu-norm-nodes-attn-simt", "mv-mma", "mvc"])
+def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, gemm_batch, tc_batch, attn_mma,
+                                                               tc_norm):
     """TinyLlama shape, f16 weights: rows of buckets 8, 24 and 64 (the MV engine at 8; from 16 rows the GEMM path
     (cuBLAS, or kernels/gemm.cu up to tc_batch rows), or without it the MV/MMA projections or the MVC engine;
-    batched attention; on the GEMM path the attention on tensor cores and kernels/gemm.cu's norms inside its GEMMs,
-    or with attn_mma 0 attn_qkv and rmsnorm_cast nodes) against batch 1 (GEMVs):
+    batched attention; on the GEMM path the attention on tensor cores and kernels/gemm.cu's norms on the GEMMs
+    around them (tc_norm 2) or inside them (1), or with attn_mma 0 attn_qkv and rmsnorm_cast nodes) against batch
+    1 (GEMVs):
     the same greedy tokens until an fp16 near-tie of batch 1's own logits (top two closer than FP16_NEAR_TIE),
     logits within fp16 rounding of the activations."""
     from dagbuild.llama.weights import random_weights
@@ -510,7 +514,7 @@ def test_f16_tinyllama_buckets_match_batch_one_up_to_near_ties(cp, mvc_batch, ge
     dims = {k: v for k, v in TINYLLAMA.items() if k != "wt"} | {"wt": "f16", "max_seq": 32, "cache_batch": 64,
                                                                 "mvc_batch": mvc_batch, "gemm_batch": gemm_batch,
                                                                 "tc_batch": tc_batch, "attn_mma": attn_mma,
-                                                                "tc_norm": attn_mma}
+                                                                "tc_norm": tc_norm}
     rng = np.random.default_rng(12)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 4))) for _ in range(64)]
     steps = 12
