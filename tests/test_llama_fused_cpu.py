@@ -137,7 +137,8 @@ def test_fused_spec_has_what_the_runner_needs():
                  "wo", "w_down", "final_norm", "lm_head"):
         assert name in plan.buffers, name
     unfused = llama_plan({})
-    launch_shape = {"attn_chunk", "sms", "gemv_blocks_per_sm", "gemv_shared",  # the fused kernels' own tuning dims
+    launch_shape = {"attn_chunk", "sms", "gemv_blocks_per_sm", "gemv_shared", "gemv_qkv_threads",  # the fused
+                    "gemv_res_threads",  # kernels' own tuning dims
                     "mma_batch", "mma_cluster", "mma_shared", "attn_batch", "attn_min_keys",  # and the batched ones
                     "attn_wide_batch", "attn_wide_keys", "attn_mma", "attn_mma_keys",
                     "mv_batch", "mv_small_batch", "mv_shared", "mv_shared_max", "mv_fit", "mvc_batch", "mvc_cluster",
@@ -147,6 +148,25 @@ def test_fused_spec_has_what_the_runner_needs():
                     "gate_up_split", "down_split", "head_split"}  # and the GEMM path's
     assert {k: v for k, v in plan.dims.items() if k not in launch_shape} == \
         {k: v for k, v in unfused.dims.items() if k not in launch_shape}
+
+
+@pytest.mark.parametrize("threads", [256, 128, 64])
+def test_gemv_block_threads_at_batch_one(threads):
+    """gemv_qkv_threads / gemv_res_threads: the same warps (a row pair each) in blocks of that many threads, so
+    more, smaller blocks; 256 keeps gemv_shared, others get their ring and one x row of shared memory. The MV
+    engine (batch >= 2) keeps its 256-thread blocks."""
+    warps = threads // 32
+    plan = llama_plan({"gemv_qkv_threads": threads, "gemv_res_threads": threads}, FUSED)
+    ops = {n.id: n.op for n in plan.nodes}
+    for node, pairs, k in (("qkv.0", 1280, 2048), ("o_proj.0", 1024, 2048), ("down_proj.21", 1024, 5632)):
+        op = ops[node]
+        assert op.block == (threads, 1, 1) and op.grid[0] == pairs // warps, node
+        norm = 2 * k if node.startswith("qkv") else 0
+        assert op.shared == (106496 if threads == 256 else 256 * threads + norm + 4 * k), node
+    ops = {n.id: n.op for n in llama_plan({"batch": 8, "gemv_res_threads": threads}, FUSED).nodes}
+    assert ops["o_proj.0"].kernel == "gemv_res_mv" and ops["o_proj.0"].block == (256, 1, 1)
+    with pytest.raises(Exception, match="gemv_qkv_threads and gemv_res_threads"):
+        llama_plan({"gemv_res_threads": 96 + threads % 64 + 8}, FUSED)
 
 
 # ----------------------------------------------------------------------------------------------------------
