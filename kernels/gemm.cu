@@ -86,6 +86,9 @@
 #define GT_SILU 2
 #define GT_ADD_NORM 3  // GT_ADD, then the next RMSNorm's operand (xn) and its sum-of-squares parts (ssq)
 #define GT_SSQ 16      // columns a sum-of-squares part covers: 16 consecutive lanes of the epilogue, one row
+#ifndef GT_SCALE_LATE
+#define GT_SCALE_LATE 0  // gemm_scaled_*: 1 reads the rows' sums of squares after the last k-tile, not at the start
+#endif
 
 // byte offset of 16-byte chunk `c` of tile row `r` (rows of ROWB bytes; XOR-swizzled: ldmatrix's eight rows hit
 // distinct banks)
@@ -364,7 +367,9 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
         }
         db_cp_commit();
     }
-    if constexpr (SCALE) {  // 4 threads a row, each every 4th part (float4s where a row's parts allow), in order
+    // SCALE: the rows' scales, 4 threads a row, each every 4th part (float4s where a row's parts allow), in order;
+    // right after the wait (GT_SCALE_LATE 0: the loads beside the A tiles' copies) or after the last k-tile (1)
+    auto row_scales = [&]() {
         const int r = (int)threadIdx.x >> 2, q = (int)threadIdx.x & 3;
         const int parts = (k + GT_SSQ - 1) / GT_SSQ;
         float s = 0.0f;
@@ -384,7 +389,8 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
         s += db_shfl_xor(s, 1);
         s += db_shfl_xor(s, 2);
         if (q == 0) rscale[r] = rsqrtf(s / (float)k + eps);
-    }
+    };
+    if constexpr (SCALE && !GT_SCALE_LATE) row_scales();
     float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // NORM: this thread's rows' sums of squares (gt_norm_tile)
     GtMath<T> g;
 #pragma unroll
@@ -420,6 +426,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
     }
     gt_cp_wait(0);
     __syncthreads();  // every stage is free: the partial tile goes over them
+    if constexpr (SCALE && GT_SCALE_LATE) row_scales();  // seen by the epilogue after the cluster barrier below
     float* c = reinterpret_cast<float*>(gt_smem);
     gt_spill<T>(g, c);
     if constexpr (NORM) {  // a row's sum of squares from the G8 threads that share it (consecutive lanes)

@@ -5,7 +5,9 @@ head -- and each batch of --batches: 40 calls a graph, rotating over enough weig
 every call reads its weights from DRAM; kernels/gemm.cu at each split (cluster size) of --splits, chained by
 programmatic edges (each call's weight tiles stream in before the previous call ends, as in the decode graph),
 and cuBLAS (cublasGemmEx, f32 compute, as the child graphs record it) captured in one stream. µs a call, and
-% of the device-to-device copy bandwidth measured in the same run (weight bytes only).
+% of the device-to-device copy bandwidth measured in the same run (weight bytes only). --norms adds each
+projection's form with the RMSNorms riding on the GEMMs (the spec's tc_norm 2: gemm_scaled_* for QKV, gate/up and
+the LM head, gemm_add_norm for O and down; column "k<split>n"); --define NAME=V compiles every module with -D.
 
     python tools/bench_gemm.py [--batches 16,32,64,128,256] [--splits 1,2,4,8] [--stages 6] [--json out.json]
 """
@@ -45,6 +47,8 @@ def main() -> int:
     ap.add_argument("--row", default="256", help="bytes of a tile row a stage, GT_ROW (128, 256; comma-separated)")
     ap.add_argument("--roles", default="qkv,o,gate_up,down,lm_head", help="projections (comma-separated)")
     ap.add_argument("--models", default=",".join(MODELS), help="models (comma-separated)")
+    ap.add_argument("--norms", action="store_true", help="also the forms with the norms riding on the GEMMs")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=V", help="compile with -DNAME=V too")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -67,7 +71,9 @@ def main() -> int:
 
     be = get_backend("auto")
     src = read_kernel_source(ROOT / "kernels" / "gemm.cu")
-    mods = {(s, r): load_module(src, f"gemm_k{s}", (f"-DGT_SPLIT={s}",) + ((f"-DGT_ROW={r}",) if r != 128 else ()))
+    defines = tuple(f"-D{d}" for d in args.define)
+    mods = {(s, r): load_module(src, f"gemm_k{s}", (f"-DGT_SPLIT={s}",) + ((f"-DGT_ROW={r}",) if r != 128 else ())
+                                + defines)
             for s in splits for r in rows}
     blas = Blas()
     l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
@@ -90,15 +96,30 @@ def main() -> int:
             for batch in batches:
                 a = (rs.standard_normal((batch, k), dtype=cp.float32)).astype(cp.float16).view(dt)
                 out = cp.zeros((batch, n // 2 if epi == "silu" else n), dt if epi == "silu" else cp.float32)
+                # the riding norms' buffers: the consumers' row parts (k / 16 a row), the producers' next norm
+                # weights, operand and parts (n / 16 a row)
+                ssq_in = cp.ones((batch, -(-k // 16)), cp.float32)
+                gnext = cp.ones(n, cp.float16).view(dt)
+                xn = cp.zeros((batch, n), dt)
+                ssq_out = cp.zeros((batch, -(-n // 16)), cp.float32)
                 cells = []
-                for s, r, st in configs:
-                    smem = st * 128 * r
-                    fn = mods[(s, r)].get_function(f"gemm_{epi}_{wt}")
+                forms = [(s, r, st, False) for s, r, st in configs]
+                if args.norms:
+                    forms += [(s, r, st, True) for s, r, st in configs if epi != "add" or s <= 4]
+                for s, r, st, normed in forms:
+                    name = f"gemm_{'add_norm' if epi == 'add' else 'scaled_' + epi}" if normed else f"gemm_{epi}"
+                    smem = st * 128 * r + (256 if normed and epi != "add" else 0)
+                    fn = mods[(s, r)].get_function(f"{name}_{wt}")
                     fn.max_dynamic_shared_size_bytes = smem
                     grid = (-(-n // 64) * s, -(-batch // 64))
+                    extra = []
+                    if normed and epi == "add":
+                        extra = [("ptr", int(b.data.ptr)) for b in (gnext, xn, ssq_out)]
+                    elif normed:
+                        extra = [("ptr", int(ssq_in.data.ptr)), ("f32", 1e-5)]
                     calls = [(int(fn.kernel.ptr), grid, (256,), smem,
                               [("ptr", int(a.data.ptr)), ("ptr", int(weights[i % copies].data.ptr)),
-                               ("ptr", int(out.data.ptr)), ("i32", batch), ("i32", n), ("i32", k)])
+                               ("ptr", int(out.data.ptr)), ("i32", batch), ("i32", n), ("i32", k), *extra])
                              for i in range(CALLS)]
                     with stream:
                         graph, ex = chain_graph(be, calls, True, stream.ptr)
@@ -106,7 +127,7 @@ def main() -> int:
                         be.exec_destroy(ex)
                         be.graph_destroy(graph)
                     stream.synchronize()
-                    cells.append((f"k{s}" + (f" r{r} s{st}" if len(configs) > len(splits) else ""), us))
+                    cells.append((f"k{s}" + "n" * normed + (f" r{r} s{st}" if len(configs) > len(splits) else ""), us))
                 # cuBLAS: f32 output (the SiLU projection writes f32 gu, then a SiLU kernel)
                 c32 = cp.zeros((batch, n), cp.float32)
                 ws = cp.zeros(32 << 20, cp.uint8)
@@ -126,7 +147,7 @@ def main() -> int:
                 for t, u in cells:
                     log.append({"model": model, "wt": wt, "role": role, "n": n, "k": k, "batch": batch, "kernel": t,
                                 "us": u, "of_copy": wbytes / u / 1e3 / bw})
-                del a, out, c32, ws
+                del a, out, c32, ws, ssq_in, gnext, xn, ssq_out
             del weights
             cp.get_default_memory_pool().free_all_blocks()
     blas.close()
