@@ -22,7 +22,8 @@
 // aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: at least 2
 // stages of (64 + 64) * GT_ROW bytes (16 KiB at GT_ROW 128, 32 KiB at 256); a block of fewer rows fits more.
 // The norm entries: 2 stages of 65 * GT_ROW + arows * 4 * GT_ROW / sizeof(wt) bytes, plus arows * GT_ROW + 256
-// (arows: the block's rows rounded up to 16, 64 for f32); a launch with less traps.
+// (arows: the block's rows rounded up to 16, 64 for f32); the scaled entries: the stages plus 256 (the row
+// scales); a launch with less traps.
 //
 // Why not cuBLAS (a child graph a GEMM): a library kernel cannot start before its producer ends, and each
 // bucket of a pool records 89 child graphs. Here a block issues its first weight tiles BEFORE
