@@ -6,9 +6,6 @@
 //   gemm_add_<wt>    f32* c     c[r, j] += sum_i a[r, i] w[j, i]                  (O and down: the residual)
 //   gemm_silu_<wt>   wt* act    act[r, j] = wt(silu(g) * u), g, u = rows 2j, 2j+1 of the product
 //                               (w_gate_up's rows interleave gate and up; n is 2 * ffn)
-//   gemm_norm_store_<wt>, gemm_norm_silu_<wt>   (const f32* x, const wt* norm, const wt* w, <out>, i32 m, i32 n,
-//                               i32 k, f32 eps): the same with a = RMSNorm(x) * norm, computed inside (below:
-//                               NORM), so the QKV, gate/up and LM-head GEMMs need no rmsnorm_cast node
 //   gemm_add_norm_<wt> (const wt* a, const wt* w, f32* c, i32 m, i32 n, i32 k, const wt* norm, wt* xn, f32* ssq):
 //                               gemm_add, then the NEXT RMSNorm's operand from the new residual rows c:
 //                               xn[r, j] = wt(c[r, j] * norm[j]) and ssq[r, p] = sum of c[r, j]^2 over the GT_SSQ
@@ -21,9 +18,7 @@
 // a [m, k] row-major, w [n, k] row-major (nn.Linear's weight: no transposed copy), k % 8 == 0, a and w 16-byte
 // aligned. grid [ceil_div(n, 64) * GT_SPLIT, ceil_div(m, 64)], block [256], dynamic shared memory: at least 2
 // stages of (64 + 64) * GT_ROW bytes (16 KiB at GT_ROW 128, 32 KiB at 256); a block of fewer rows fits more.
-// The norm entries: 2 stages of 65 * GT_ROW + arows * 4 * GT_ROW / sizeof(wt) bytes, plus arows * GT_ROW + 256
-// (arows: the block's rows rounded up to 16, 64 for f32); the scaled entries: the stages plus 256 (the row
-// scales); a launch with less traps.
+// The scaled entries: the stages plus 256 bytes (the row scales). A launch with less traps.
 //
 // Why not cuBLAS (a child graph a GEMM): a library kernel cannot start before its producer ends, and each
 // bucket of a pool records 89 child graphs. Here a block issues its first weight tiles BEFORE
@@ -91,10 +86,8 @@
 #define GT_SCALE_LATE 0  // gemm_scaled_*: 1 reads the rows' sums of squares after the last k-tile, not at the start
 #endif
 
-// byte offset of 16-byte chunk `c` of tile row `r` (rows of ROWB bytes; XOR-swizzled: ldmatrix's eight rows hit
-// distinct banks)
-template <int ROWB = GT_ROW>
-__device__ __forceinline__ int gt_swz(int r, int c) { return r * ROWB + ((c ^ (r & 7)) << 4); }
+// byte offset of 16-byte chunk `c` of tile row `r` (XOR-swizzled: ldmatrix's eight rows hit distinct banks)
+__device__ __forceinline__ int gt_swz(int r, int c) { return r * GT_ROW + ((c ^ (r & 7)) << 4); }
 
 __device__ __forceinline__ void gt_cp_wait(int n) {
 #if DB_CUDA
@@ -136,25 +129,24 @@ __device__ __forceinline__ void gt_cluster_done() {
 // compiler keeps them instead of re-deriving them), so a chunk costs a compare, a select, an add and the copy.
 // (The first form divided and multiplied per chunk: ~2/3 of the kernel's instructions, which bound each block
 // at ~10 GB/s: ncu, H100, NOTES.md 2026-12-06.)
-// ROWB: bytes a tile row holds (GT_ROW; the norm GEMMs' f32 x rows: a k-tile's elements at 4 bytes each).
-template <typename T, int ROWB = GT_ROW>
+template <typename T>
 struct GtCopy {
-    static constexpr int C = ROWB / 16;                     // 16-byte chunks a tile row
+    static constexpr int C = GT_ROW / 16;                   // 16-byte chunks a tile row
     static constexpr int E = 16 / (int)sizeof(T);           // elements a chunk
-    static constexpr int BK = ROWB / (int)sizeof(T);        // elements a k-tile row
+    static constexpr int BK = GT_ROW / (int)sizeof(T);      // elements a k-tile row
     static constexpr int STEP = GT_THREADS / C;             // rows between a thread's chunks (a multiple of 8)
     static constexpr int PER = 64 * C / GT_THREADS;         // chunks a thread (64 tile rows)
     const T* base;      // the matrix (a valid address for the copies that only zero-fill)
     const T* src[PER];  // row j's chunk at the next k-tile
     int krem;           // elements of k left from the next k-tile's chunk on (<= 0: past k, zero-fill)
-    int dst;            // byte offset of chunk j = 0 in a tile (swizzled; + j * STEP * ROWB for chunk j)
+    int dst;            // byte offset of chunk j = 0 in a tile (swizzled; + j * STEP * GT_ROW for chunk j)
     unsigned live;      // bit j: row j exists (else its chunk is zero-filled)
     unsigned used;      // bit j: the product reads row j (< nr; else no copy at all)
 
     __device__ __forceinline__ void init(const T* m, int r0, int nr, int rows, int k, int kt) {
         const int r = (int)threadIdx.x / C, ch = (int)threadIdx.x % C;
         base = m;
-        dst = gt_swz<ROWB>(r, ch);
+        dst = gt_swz(r, ch);
         krem = k - (kt * BK + ch * E);
         live = used = 0u;
 #pragma unroll
@@ -173,7 +165,7 @@ struct GtCopy {
         for (int j = 0; j < PER; ++j) {
             if ((used >> j) & 1u) {
                 const bool ok = kin && ((live >> j) & 1u);
-                db_cp_async16(tile + dst + j * STEP * ROWB, ok ? src[j] : base, ok);
+                db_cp_async16(tile + dst + j * STEP * GT_ROW, ok ? src[j] : base, ok);
             }
             src[j] += BK;
         }
@@ -262,48 +254,12 @@ __device__ __forceinline__ void gt_spill(const GtMath<T>& g, float* c) {
         for (int j = 0; j < 4; ++j) c[(4 * tm + j) * GT_CLD + 4 * tn + i] = g.acc[i][j];
 }
 
-// NORM: the A operand is RMSNorm(x) of the f32 rows x [m, k] with weight `norm` [k] (else `a`, already wt): each
-// k-tile's x rows are staged in f32 with the norm weights' k-tile, then multiplied by them and rounded to wt into
-// the A tile the product reads (one more barrier a k-tile), their squares summed; the epilogue scales row r's
-// sums by rsqrt(sum_k x[r]^2 / k + eps) (the splits' sums of squares added in rank order, as the partials).
-template <typename T>
-__device__ __forceinline__ void gt_norm_tile(const unsigned char* xs, const unsigned char* gs, unsigned char* at,
-                                             int arows, float (&ss)[4]) {
-    constexpr int BK = GT_ROW / (int)sizeof(T), G8 = BK / 8, XROW = BK * 4;  // 8-element groups a row
-    const int grp = (int)threadIdx.x % G8, r0 = (int)threadIdx.x / G8;
-    constexpr int RSTEP = GT_THREADS / G8;
-    float g[8];
-    {
-        const T* gp = reinterpret_cast<const T*>(gs) + grp * 8;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) g[e] = to_float(gp[e]);
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int r = r0 + j * RSTEP;
-        if (j * RSTEP >= GT_BM || r >= arows) break;
-        const float4 v0 = *reinterpret_cast<const float4*>(xs + gt_swz<XROW>(r, 2 * grp));
-        const float4 v1 = *reinterpret_cast<const float4*>(xs + gt_swz<XROW>(r, 2 * grp + 1));
-        const float xv[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-        T y[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            ss[j] = fmaf(xv[e], xv[e], ss[j]);
-            y[e] = from_float<T>(xv[e] * g[e]);
-        }
-        constexpr int CH = 8 * (int)sizeof(T) / 16;  // 16-byte chunks of 8 elements (1: f16/bf16, 2: f32)
-#pragma unroll
-        for (int c = 0; c < CH; ++c)
-            *reinterpret_cast<uint4*>(at + gt_swz(r, grp * CH + c)) = reinterpret_cast<const uint4*>(y)[c];
-    }
-}
-
 // SCALE: a is xn of gemm_add_norm / rms_partials (x * norm, rounded to wt); row r's sums are scaled by
 // rsqrt(sum_p ssq[r, p] / k + eps), the row scales read right after the wait (beside the A tiles' copies) into
 // shared memory past the stages. GT_ADD_NORM: `norm` is the next RMSNorm's weight, read before the wait.
-template <typename T, int EPI, typename O, bool NORM, bool SCALE = false>
-__device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* norm, const T* w, O* out, int m,
-                                          int n, int k, float eps, float* ssq = nullptr, T* xn = nullptr) {
+template <typename T, int EPI, typename O, bool SCALE = false>
+__device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m, int n, int k, const T* norm = nullptr,
+                                          float eps = 0.0f, float* ssq = nullptr, T* xn = nullptr) {
     static_assert(EPI != GT_ADD_NORM || (GT_BN / GT_NSPLIT) % GT_SSQ == 0,
                   "gemm_add_norm: a block's columns of the tile must hold whole sum-of-squares parts (split <= 4)");
     extern __shared__ __align__(128) unsigned char gt_smem[];
@@ -317,20 +273,15 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
     const int ktiles = (k * (int)sizeof(T) + GT_ROW - 1) / GT_ROW;
     const int kt0 = split * ktiles / GT_NSPLIT, nk = (split + 1) * ktiles / GT_NSPLIT - kt0;
     // A stage: a k-tile's W tile (GT_BN rows) then its A tile (arows rows: 16 KiB less a stage at 16 rows than at
-    // 64); NORM: the W tile, the norm weights' k-tile (one row), the f32 x tile (arows rows of XROW bytes), and
-    // after the stages one A tile and the rows' sums of squares. Stages: what the launch's shared memory holds
-    // (>= 2; HIP, where it is unknown: 2).
-    constexpr int BK = GT_ROW / (int)sizeof(T), XROW = BK * 4;
-    constexpr int XOFF = (GT_BN + 1) * GT_ROW;  // NORM: the x tile's offset in a stage
-    const int stage = NORM ? XOFF + arows * XROW : (GT_BN + arows) * GT_ROW;
-    const int tail = NORM ? arows * GT_ROW + GT_BM * 4 : SCALE ? GT_BM * 4 : 0;
+    // 64); SCALE: after the stages the rows' scales. Stages: what the launch's shared memory holds (>= 2; HIP,
+    // where it is unknown: 2).
+    const int stage = (GT_BN + arows) * GT_ROW;
+    const int tail = SCALE ? GT_BM * 4 : 0;
     const int S = max(2, min(GT_MAX_STAGES, ((int)db_dynamic_smem() - tail) / stage));
 #if DB_CUDA
     if (S * stage + tail > (int)db_dynamic_smem()) __trap();  // the launch's shared memory holds no 2 stages
 #endif
-    unsigned char* const abuf = gt_smem + S * stage;  // NORM: the A tile
-    float* const ssum = reinterpret_cast<float*>(abuf + arows * GT_ROW);  // NORM: sums of squares [GT_BM]
-    float* const rscale = reinterpret_cast<float*>(abuf);  // SCALE: the rows' RMSNorm scales [GT_BM]
+    float* const rscale = reinterpret_cast<float*>(gt_smem + S * stage);  // SCALE: the rows' RMSNorm scales
     // GT_ADD_NORM: the norm weight of this thread's column in every turn of the epilogue (GT_THREADS is a multiple
     // of the block's weight rows), read before the wait (weights are never written by a graph)
     float gnorm = 0.0f;
@@ -339,33 +290,19 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
         const int col = n0 + (GT_NSPLIT > 1 ? split : 0) * brows + (int)threadIdx.x % brows;
         if (col < n) gnorm = to_float(norm[col]);
     }
-    GtCopy<T> wcp, acp, gcp;
-    GtCopy<float, XROW> xcp;
+    GtCopy<T> wcp, acp;
     wcp.init(w, n0, GT_BN, n, k, kt0);
-    if constexpr (NORM) {
-        xcp.init(x, m0, arows, m, k, kt0);
-        gcp.init(norm, 0, 1, 1, k, kt0);  // the norm weights as a matrix of one row
-    } else {
-        acp.init(a, m0, arows, m, k, kt0);
-    }
-    // Weights first, before the wait: the first S k-tiles' W tiles (all of a block's weights where nk <= S) and
-    // norm weights, a group each; then, after it, their A (NORM: x) tiles (one L2 round trip), a group each.
+    acp.init(a, m0, arows, m, k, kt0);
+    // Weights first, before the wait: the first S k-tiles' W tiles (all of a block's weights where nk <= S), a
+    // group each; then, after it, their A tiles (one L2 round trip), a group each.
     for (int i = 0; i < S; ++i) {
-        if (i < nk) {
-            wcp.issue(gt_smem + i * stage);
-            if constexpr (NORM) gcp.issue(gt_smem + i * stage + GT_BN * GT_ROW);
-        }
+        if (i < nk) wcp.issue(gt_smem + i * stage);
         db_cp_commit();
     }
     DB_GRID_WAIT();
     DB_TRACE_WAITED();
     for (int i = 0; i < S; ++i) {
-        if (i < nk) {
-            if constexpr (NORM)
-                xcp.issue(gt_smem + i * stage + XOFF);
-            else
-                acp.issue(gt_smem + i * stage + GT_BN * GT_ROW);
-        }
+        if (i < nk) acp.issue(gt_smem + i * stage + GT_BN * GT_ROW);
         db_cp_commit();
     }
     // SCALE: the rows' scales, 4 threads a row, each every 4th part (float4s where a row's parts allow), in order;
@@ -392,7 +329,6 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
         if (q == 0) rscale[r] = rsqrtf(s / (float)k + eps);
     };
     if constexpr (SCALE && !GT_SCALE_LATE) row_scales();
-    float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // NORM: this thread's rows' sums of squares (gt_norm_tile)
     GtMath<T> g;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -407,21 +343,12 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
     for (int i = 0; i < nk; ++i) {
         gt_cp_wait(S - 2);
         __syncthreads();
-        if constexpr (NORM) {  // k-tile i's x times the norm weights into the A tile (free: the barrier above)
-            gt_norm_tile<T>(cur + XOFF, cur + GT_BN * GT_ROW, abuf, arows, ss);
-            __syncthreads();
-        }
         if (i >= 1 && i - 1 + S < nk) {
             wcp.issue(prev);
-            if constexpr (NORM) {
-                gcp.issue(prev + GT_BN * GT_ROW);
-                xcp.issue(prev + XOFF);
-            } else {
-                acp.issue(prev + GT_BN * GT_ROW);
-            }
+            acp.issue(prev + GT_BN * GT_ROW);
         }
         db_cp_commit();
-        gt_product<T>(g, cur, NORM ? abuf : cur + GT_BN * GT_ROW, mrows);
+        gt_product<T>(g, cur, cur + GT_BN * GT_ROW, mrows);
         prev = cur;
         cur = cur == last ? gt_smem : cur + stage;
     }
@@ -430,16 +357,6 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
     if constexpr (SCALE && GT_SCALE_LATE) row_scales();  // seen by the epilogue after the cluster barrier below
     float* c = reinterpret_cast<float*>(gt_smem);
     gt_spill<T>(g, c);
-    if constexpr (NORM) {  // a row's sum of squares from the G8 threads that share it (consecutive lanes)
-        constexpr int G8 = BK / 8, RSTEP = GT_THREADS / G8;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-            for (int o = G8 / 2; o >= 1; o /= 2) ss[j] += db_shfl_xor(ss[j], o);
-            const int r = (int)threadIdx.x / G8 + j * RSTEP;
-            if ((int)threadIdx.x % G8 == 0 && j * RSTEP < GT_BM) ssum[r] = r < arows ? ss[j] : 0.0f;
-        }
-    }
     gt_cluster_sync();  // every block's partial is in its shared memory
     constexpr int rows = GT_BN / GT_NSPLIT;  // this block's weight rows of the tile
     const int r0 = (GT_NSPLIT > 1 ? split : 0) * rows;
@@ -449,14 +366,6 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
     const float* part[GT_NSPLIT];
 #pragma unroll
     for (int q = 0; q < GT_NSPLIT; ++q) part[q] = gt_partial(c, q);
-    // NORM: batch row col's RMSNorm scale (its sums of squares over the splits, in rank order); else 1
-    auto row_scale = [&](int col) {
-        if constexpr (!NORM) return 1.0f;
-        float sum = 0.0f;
-#pragma unroll
-        for (int q = 0; q < GT_NSPLIT; ++q) sum += gt_partial(ssum, q)[col];
-        return rsqrtf(sum / (float)k + eps);
-    };
     if (EPI == GT_SILU) {  // pairs (gate 2j, up 2j + 1)
         constexpr int pairs = rows / 2, turns = pairs * GT_BM / GT_THREADS;
         const int half_n = n / 2;
@@ -469,8 +378,8 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
                 gv += part[q][col * GT_CLD + row];
                 uv += part[q][col * GT_CLD + row + 1];
             }
-            if constexpr (NORM || SCALE) {
-                const float rs = SCALE ? rscale[col] : row_scale(col);
+            if constexpr (SCALE) {
+                const float rs = rscale[col];
                 gv *= rs;
                 uv *= rs;
             }
@@ -485,7 +394,6 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
             float v = 0.0f;
 #pragma unroll
             for (int q = 0; q < GT_NSPLIT; ++q) v += part[q][col * GT_CLD + row];
-            if constexpr (NORM) v *= row_scale(col);
             if constexpr (SCALE) v *= rscale[col];
             const bool live = col < mrows && n0 + row < n;
             if constexpr (EPI == GT_ADD_NORM) {  // the residual, its norm operand, and a part's sum of squares
@@ -514,49 +422,37 @@ __device__ __forceinline__ void gemm_impl(const T* a, const float* x, const T* n
     gt_cluster_done();  // the other blocks' reads of this one's partial are done before it exits
 }
 
-#define DEFINE_GEMM(SUFFIX, T)                                                                                 \
-    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
-        gemm_store_##SUFFIX(const T* a, const T* w, float* c, int m, int n, int k) {                           \
-        gemm_impl<T, GT_STORE, float, false>(a, nullptr, nullptr, w, c, m, n, k, 0.0f);                        \
-    }                                                                                                          \
-    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
-        gemm_add_##SUFFIX(const T* a, const T* w, float* c, int m, int n, int k) {                             \
-        gemm_impl<T, GT_ADD, float, false>(a, nullptr, nullptr, w, c, m, n, k, 0.0f);                          \
-    }                                                                                                          \
-    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
-        gemm_silu_##SUFFIX(const T* a, const T* w, T* act, int m, int n, int k) {                              \
-        gemm_impl<T, GT_SILU, T, false>(a, nullptr, nullptr, w, act, m, n, k, 0.0f);                           \
-    }                                                                                                          \
-    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_norm_store_##SUFFIX(         \
-        const float* x, const T* norm, const T* w, float* c, int m, int n, int k, float eps) {                 \
-        gemm_impl<T, GT_STORE, float, true>(nullptr, x, norm, w, c, m, n, k, eps);                             \
-    }                                                                                                          \
-    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_norm_silu_##SUFFIX(          \
-        const float* x, const T* norm, const T* w, T* act, int m, int n, int k, float eps) {                   \
-        gemm_impl<T, GT_SILU, T, true>(nullptr, x, norm, w, act, m, n, k, eps);                                \
-    }
-// the norm riding on the GEMMs (tc_norm 2): the residual GEMMs' epilogue prepares the next norm's operand, the
-// consumers scale their rows; gemm_add_norm exists where a block finishes whole sum-of-squares parts (split <= 4)
+// gemm_add_norm exists where a block finishes whole sum-of-squares parts (split <= 4)
 #if GT_BN / GT_NSPLIT >= GT_SSQ
 #define DEFINE_GEMM_ADD_NORM(SUFFIX, T)                                                                        \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_add_norm_##SUFFIX(           \
         const T* a, const T* w, float* c, int m, int n, int k, const T* norm, T* xn, float* ssq) {             \
-        gemm_impl<T, GT_ADD_NORM, float, false>(a, nullptr, norm, w, c, m, n, k, 0.0f, ssq, xn);               \
+        gemm_impl<T, GT_ADD_NORM, float>(a, w, c, m, n, k, norm, 0.0f, ssq, xn);                               \
     }
 #else
 #define DEFINE_GEMM_ADD_NORM(SUFFIX, T)
 #endif
-#define DEFINE_GEMM_SCALED(SUFFIX, T)                                                                          \
+#define DEFINE_GEMM(SUFFIX, T)                                                                                 \
+    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
+        gemm_store_##SUFFIX(const T* a, const T* w, float* c, int m, int n, int k) {                           \
+        gemm_impl<T, GT_STORE, float>(a, w, c, m, n, k);                                                       \
+    }                                                                                                          \
+    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
+        gemm_add_##SUFFIX(const T* a, const T* w, float* c, int m, int n, int k) {                             \
+        gemm_impl<T, GT_ADD, float>(a, w, c, m, n, k);                                                         \
+    }                                                                                                          \
+    extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS)                                   \
+        gemm_silu_##SUFFIX(const T* a, const T* w, T* act, int m, int n, int k) {                              \
+        gemm_impl<T, GT_SILU, T>(a, w, act, m, n, k);                                                          \
+    }                                                                                                          \
     DEFINE_GEMM_ADD_NORM(SUFFIX, T)                                                                            \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_scaled_store_##SUFFIX(       \
         const T* a, const T* w, float* c, int m, int n, int k, const float* ssq, float eps) {                  \
-        gemm_impl<T, GT_STORE, float, false, true>(a, nullptr, nullptr, w, c, m, n, k, eps,                    \
-                                                   const_cast<float*>(ssq));                                   \
+        gemm_impl<T, GT_STORE, float, true>(a, w, c, m, n, k, nullptr, eps, const_cast<float*>(ssq));          \
     }                                                                                                          \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_scaled_silu_##SUFFIX(        \
         const T* a, const T* w, T* act, int m, int n, int k, const float* ssq, float eps) {                    \
-        gemm_impl<T, GT_SILU, T, false, true>(a, nullptr, nullptr, w, act, m, n, k, eps,                       \
-                                              const_cast<float*>(ssq));                                        \
+        gemm_impl<T, GT_SILU, T, true>(a, w, act, m, n, k, nullptr, eps, const_cast<float*>(ssq));             \
     }
 
 // rms_partials_<wt>: xn and ssq of the f32 rows x as gemm_add_norm's epilogue writes them (the same lanes a part,
@@ -590,9 +486,6 @@ __device__ __forceinline__ void rms_partials_impl(const float* x, const T* norm,
 DEFINE_GEMM(f16, db_f16)
 DEFINE_GEMM(bf16, db_bf16)
 DEFINE_GEMM(f32, float)
-DEFINE_GEMM_SCALED(f16, db_f16)
-DEFINE_GEMM_SCALED(bf16, db_bf16)
-DEFINE_GEMM_SCALED(f32, float)
 DEFINE_RMS_PARTIALS(f16, db_f16)
 DEFINE_RMS_PARTIALS(bf16, db_bf16)
 DEFINE_RMS_PARTIALS(f32, float)

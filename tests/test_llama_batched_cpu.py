@@ -130,12 +130,12 @@ def test_buckets_choose_their_kernels(wt):
 
 GEMM_LAYER = ["attn_norm", "qkv_gemm", "attn", "o_gemm", "mlp_norm", "gate_up_gemm", "silu", "down_gemm"]
 TC_LAYER = [k for k in GEMM_LAYER if k != "silu"]  # kernels/gemm.cu: SiLU*up is the gate/up GEMM's epilogue
-TC_NORM_LAYER = [k for k in TC_LAYER if not k.endswith("_norm")]  # tc_norm: the norms inside the GEMMs
+RIDING_LAYER = [k for k in TC_LAYER if not k.endswith("_norm")]  # tc_norm 2: the norms on the GEMMs
 GEMM_SHAPES = {"qkv_gemm": (2560, 2048), "o_gemm": (2048, 2048), "gate_up_gemm": (11264, 2048),
                "down_gemm": (2048, 5632), "lm_head": (32000, 2048)}
 
 
-@pytest.mark.parametrize("tc_norm", [2, 1, 0])
+@pytest.mark.parametrize("tc_norm", [2, 0])
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_gemm_path_from_gemm_batch(wt, tc_norm):
     """From gemm_batch rows a layer is RMSNorm rounded to wt, the QKV GEMM, attention fed by it (RoPE, KV append,
@@ -143,8 +143,7 @@ def test_gemm_path_from_gemm_batch(wt, tc_norm):
     head a GEMM after the final norm. Up to tc_batch rows the GEMMs are kernels/gemm.cu's programmatic kernel
     nodes (SiLU in the gate/up GEMM, each projection's split from its dim, no cuBLAS workspace); above it cuBLAS
     child graphs (beta 1 for the residual adds). Below gemm_batch (or with gemm_batch 0) the fused nodes. With
-    tc_norm 1 kernels/gemm.cu's QKV, gate/up and LM-head GEMMs apply the RMSNorms themselves: no norm
-    nodes up to tc_batch rows; with tc_norm 2 the O and down GEMMs prepare the next norm's operand (the next
+    tc_norm 2 (up to tc_batch rows) the O and down GEMMs prepare the next norm's operand (the next
     layer's attention norm, after the last layer the final norm) and the QKV, gate/up and LM-head GEMMs scale
     their rows by it: one norm node (the first layer's rms_partials)."""
     spec, programs = load_spec(FUSED), {}
@@ -160,12 +159,11 @@ def test_gemm_path_from_gemm_batch(wt, tc_norm):
             assert p.buffers["gemm_ws"].nbytes == 256
             continue
         tc = batch <= tc_batch
-        normed = tc and tc_norm > 0  # no norm nodes in the layers
-        riding = tc and tc_norm == 2  # the norms on the GEMMs around them
-        layer = (TC_NORM_LAYER if normed else TC_LAYER) if tc else GEMM_LAYER
+        riding = tc and tc_norm == 2  # the norms on the GEMMs around them: no norm nodes in the layers
+        layer = (RIDING_LAYER if riding else TC_LAYER) if tc else GEMM_LAYER
         first = ["attn_norm"] * riding + layer  # the first layer's operand (rms_partials)
         assert [i for i in ids if i.endswith(".0")] == [f"{k}.0" for k in first], batch
-        tail = ["final_norm"] * (not normed) + ["lm_head_gemm", "argmax", "download"]
+        tail = ["final_norm"] * (not riding) + ["lm_head_gemm", "argmax", "download"]
         assert len(ids) == 3 + len(layer) * 22 + riding + len(tail) and ids[-len(tail):] == tail
         if riding:
             op = by_id["attn_norm.0"]
@@ -186,10 +184,8 @@ def test_gemm_path_from_gemm_batch(wt, tc_norm):
             for k, op in ops.items():
                 args = {a.param.name: a for a in op.args}
                 n, kk = GEMM_SHAPES[k]
-                fused = tc_norm == 1 and k in norms
                 scaled, adds = riding and k in norms, riding and k in nexts
-                name = {True: f"norm_{epi[k]}", False: f"scaled_{epi[k]}"}[fused] if fused or scaled else epi[k]
-                name = "add_norm" if adds else name
+                name = "add_norm" if adds else f"scaled_{epi[k]}" if scaled else epi[k]
                 assert op.kernel == f"tc_{name}_{split[k]}", k
                 assert p.kernels[op.kernel].entry == f"gemm_{name}_{wt}"
                 if scaled:
@@ -202,17 +198,14 @@ def test_gemm_path_from_gemm_batch(wt, tc_norm):
                 assert op.launch == "programmatic"
                 assert (args["m"].value, args["n"].value, args["k"].value) == (batch, n, kk), k
                 assert op.grid == (-(-n // 64) * split[k], -(-batch // 64), 1), k
-                assert op.block == (256, 1, 1) and op.shared == (114688 if fused else 3 * 32768 + 256 * scaled)
-                if fused:  # the f32 residual rows and the layer's norm weights, not a normed copy
-                    assert (args["x"].view.label, args["norm"].view.label) == ("x", norms[k]), k
-                    assert args["eps"].value == pytest.approx(1e-5)
-            out = {k: (op.args[3 if tc_norm == 1 and k in norms else 2].view.label) for k, op in ops.items()}
+                assert op.block == (256, 1, 1) and op.shared == 3 * 32768 + 256 * scaled
+            out = {k: op.args[2].view.label for k, op in ops.items()}
             assert out == {"qkv_gemm": "qkv", "o_gemm": "x", "gate_up_gemm": "act_h", "down_gemm": "x",
                            "lm_head": "logits"}
             assert ops["down_gemm"].args[1].view.label == "w_down[21]"
             if riding:  # a layer before the last hands the next layer's attention norm on
                 assert by_id["down_gemm.3"].args[6].view.label == "attn_norm[4]"
-            assert by_id["qkv_gemm.3" if normed else "attn_norm.3"].launch == "programmatic"
+            assert by_id["qkv_gemm.3" if riding else "attn_norm.3"].launch == "programmatic"
             assert by_id["attn.3"].launch == "programmatic"
             assert p.buffers["gemm_ws"].nbytes == 256
         else:
@@ -254,15 +247,17 @@ def test_gemm_batch_is_checked():
 
 def test_attn_min_keys_is_checked():
     """The batched attention divides by it (and attn_wide_keys, attn_mma_keys) on the device: 0 is refused at bind,
-    naming it; tc_norm other than 0, 1 or 2 likewise, and tc_norm 2 with a residual GEMM split 8 ways."""
+    naming it; tc_norm other than 0 or 2 likewise (1, the norms inside the GEMMs, is gone), and tc_norm 2 with a
+    residual GEMM split 8 ways."""
     _, issues = bind(load_spec(FUSED), {"batch": 4, "cache_batch": 4, "attn_min_keys": 0})
     assert issues and issues[0].code == "check" and "attn_min_keys" in issues[0].message
     _, issues = bind(load_spec(FUSED), {"batch": 64, "cache_batch": 64, "attn_wide_keys": 0})
     assert issues and issues[0].code == "check" and "attn_wide_keys" in issues[0].message
     _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "attn_mma_keys": 0})
     assert issues and issues[0].code == "check" and "attn_mma_keys" in issues[0].message
-    _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "tc_norm": 3})
-    assert issues and issues[0].code == "check" and "tc_norm" in issues[0].message
+    for bad in (1, 3):
+        _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "tc_norm": bad})
+        assert issues and issues[0].code == "check" and "tc_norm must be 0" in issues[0].message
     _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "tc_norm": 2, "o_split": 8})
     assert issues and issues[0].code == "check" and "o_split and down_split" in issues[0].message
 
@@ -312,16 +307,15 @@ def test_dot_and_threshold_dim():
     dot = to_dot(llama_plan({"batch": 128, "layers": 2, "attn_mma": 1}, FUSED))  # the GEMM path: cuBLAS child graphs
     assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "gemv_res" not in dot
     assert "attn_qkv_mma  512×2 × 256\\nshared 72.8 KiB" in dot
-    dims = {"batch": 64, "layers": 2, "tc_batch": 64, "attn_mma": 1, "tc_norm": 1}
-    dot = to_dot(llama_plan(dims, FUSED))  # up to tc_batch: kernels/gemm.cu
-    # the norms in the GEMMs (tc_norm): at 64 rows two stages need 112.8 KiB
-    assert "tc_norm_silu_1  176 × 256\\nshared 112.8 KiB" in dot and "tc_norm_store_4  160 × 256" in dot
-    assert "tc_add_4  128 × 256\\nshared 96.0 KiB" in dot and "rmsnorm_cast" not in dot
+    dims = {"batch": 64, "layers": 2, "tc_batch": 64, "attn_mma": 1}
+    dot = to_dot(llama_plan(dims, FUSED))  # up to tc_batch: kernels/gemm.cu, the norms riding on its GEMMs
+    assert "tc_scaled_silu_1  176 × 256\\nshared 96.2 KiB" in dot and "tc_scaled_store_4  160 × 256" in dot
+    assert "tc_add_norm_4  128 × 256\\nshared 96.0 KiB" in dot and "rmsnorm_cast" not in dot
     assert "attn_qkv_mma  256×3" in dot and "gemm(a=" not in dot and "silu_pairs" not in dot
     assert "rope" not in dot and "cast_" not in dot  # RoPE and the cast run inside the attention node
-    dot = to_dot(llama_plan({**dims, "batch": 16, "tc_norm": 2}, FUSED))  # the norms on the GEMMs around them
-    assert "tc_scaled_silu_1  176 × 256\\nshared 96.2 KiB" in dot and "tc_add_norm_4  128 × 256" in dot
-    assert dot.count("rms_partials") == 1 and "rmsnorm_cast" not in dot
+    assert dot.count("rms_partials") == 1  # the first layer's operand
+    dot = to_dot(llama_plan({**dims, "batch": 16, "tc_norm": 0}, FUSED))  # norm nodes
+    assert "tc_silu_1  176 × 256\\nshared 96.0 KiB" in dot and "rmsnorm_cast" in dot and "rms_partials" not in dot
 
 
 @needs_nvrtc
