@@ -772,7 +772,15 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
     _checks(spec, top, issues)
     if programs is None:
         programs = {}  # per spec node: compiled after its first checked bind; kernel sources by path
-    kernels = _bind_kernels(spec, types, issues, programs)
+    # the kernels depend on the types alone: a pool's buckets share them (bound afresh where they had issues)
+    kernels_key = ("kernels", tuple(sorted(types.items())))
+    if kernels_key in programs:
+        kernels = dict(programs[kernels_key])
+    else:
+        before = len(issues.items)
+        kernels = _bind_kernels(spec, types, issues, programs)
+        if len(issues.items) == before:
+            programs[kernels_key] = dict(kernels)
     buffers = _bind_buffers(spec, top, types, issues)
     nodes: list[PlanNode] = []
     seen: dict[str, tuple] = {}

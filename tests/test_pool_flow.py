@@ -59,3 +59,22 @@ def test_pool_arguments_are_checked_before_any_gpu_work(buckets, kwargs, error, 
     with pytest.raises(getattr(dagbuild, error)) as e:
         GraphPool(load_spec(SPECS / "llama_decode.yaml"), buckets, **kwargs)
     assert words in str(e.value)
+
+
+def test_shared_bindings_follow_the_types():
+    """A pool's binds share the kernels bound once per set of types: another `wt` binds its own entries."""
+    from dagbuild.bind import bind
+
+    spec = load_spec(SPECS / "llama_decode_fused.yaml")
+    programs: dict = {}
+    dims = {"batch": 16, "cache_batch": 16, "layers": 2}
+    f16, issues = bind(spec, dims, programs)
+    assert not issues
+    bf16, issues = bind(spec, {**dims, "wt": "bf16"}, programs)
+    assert not issues
+    again, _ = bind(spec, dims, programs)
+    for name in ("tc_store_1", "attn_qkv_mma"):
+        assert f16.kernels[name].entry.endswith("_f16") and bf16.kernels[name].entry.endswith("_bf16"), name
+        assert again.kernels[name] == f16.kernels[name], name
+    again.kernels.pop("tc_store_1")  # a plan's kernels are its own: the shared ones stay whole
+    assert "tc_store_1" in bind(spec, dims, programs)[0].kernels
