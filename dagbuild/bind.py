@@ -764,8 +764,9 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
          programs: dict | None = None) -> tuple[Plan, list[Issue]]:
     """Bind a spec; returns the (unanalysed) plan of every node that bound, and every issue found.
 
-    ``programs`` carries compiled kernel-node bindings and kernel sources from one bind to the next (a pool
-    binds one spec once per bucket); the spec and its kernel files must not change in between."""
+    ``programs`` carries compiled node bindings, kernel sources and the bound kernels (per set of types) from
+    one bind to the next (a pool binds one spec once per bucket); the spec and its kernel files must not change
+    in between."""
     issues = _Issues(spec)
     dims, types, consts = _resolve_overrides(spec, overrides or {}, issues)
     top = {**dims, **consts}  # consts are floats: every integer place (sizes, grids, indices) refuses them
