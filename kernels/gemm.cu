@@ -259,7 +259,8 @@ __device__ __forceinline__ void gt_spill(const GtMath<T>& g, float* c) {
 // shared memory past the stages. GT_ADD_NORM: `norm` is the next RMSNorm's weight, read before the wait.
 template <typename T, int EPI, typename O, bool SCALE = false>
 __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m, int n, int k, const T* norm = nullptr,
-                                          float eps = 0.0f, float* ssq = nullptr, T* xn = nullptr) {
+                                          float eps = 0.0f, const float* ssq_in = nullptr, float* ssq_out = nullptr,
+                                          T* xn = nullptr) {
     static_assert(EPI != GT_ADD_NORM || (GT_BN / GT_NSPLIT) % GT_SSQ == 0,
                   "gemm_add_norm: a block's columns of the tile must hold whole sum-of-squares parts (split <= 4)");
     extern __shared__ __align__(128) unsigned char gt_smem[];
@@ -312,7 +313,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
         const int parts = (k + GT_SSQ - 1) / GT_SSQ;
         float s = 0.0f;
         if (r < mrows) {
-            const float* p = ssq + (size_t)(m0 + r) * (size_t)parts;
+            const float* p = ssq_in + (size_t)(m0 + r) * (size_t)parts;
             if ((parts & 3) == 0) {
 #pragma unroll 4
                 for (int i = 4 * q; i < parts; i += 16) {
@@ -409,7 +410,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
 #pragma unroll
                 for (int o = GT_SSQ / 2; o >= 1; o /= 2) sq += db_shfl_xor(sq, o);
                 if (live && (int)threadIdx.x % GT_SSQ == 0)
-                    ssq[(size_t)(m0 + col) * (size_t)((n + GT_SSQ - 1) / GT_SSQ) + (n0 + row) / GT_SSQ] = sq;
+                    ssq_out[(size_t)(m0 + col) * (size_t)((n + GT_SSQ - 1) / GT_SSQ) + (n0 + row) / GT_SSQ] = sq;
             } else if (live) {
                 O* dst = out + (size_t)(m0 + col) * n + n0 + row;
                 if (EPI == GT_ADD)
@@ -427,7 +428,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
 #define DEFINE_GEMM_ADD_NORM(SUFFIX, T)                                                                        \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_add_norm_##SUFFIX(           \
         const T* a, const T* w, float* c, int m, int n, int k, const T* norm, T* xn, float* ssq) {             \
-        gemm_impl<T, GT_ADD_NORM, float>(a, w, c, m, n, k, norm, 0.0f, ssq, xn);                               \
+        gemm_impl<T, GT_ADD_NORM, float>(a, w, c, m, n, k, norm, 0.0f, nullptr, ssq, xn);                      \
     }
 #else
 #define DEFINE_GEMM_ADD_NORM(SUFFIX, T)
@@ -448,11 +449,11 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     DEFINE_GEMM_ADD_NORM(SUFFIX, T)                                                                            \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_scaled_store_##SUFFIX(       \
         const T* a, const T* w, float* c, int m, int n, int k, const float* ssq, float eps) {                  \
-        gemm_impl<T, GT_STORE, float, true>(a, w, c, m, n, k, nullptr, eps, const_cast<float*>(ssq));          \
+        gemm_impl<T, GT_STORE, float, true>(a, w, c, m, n, k, nullptr, eps, ssq);                              \
     }                                                                                                          \
     extern "C" __global__ void GT_CLUSTER_ATTR __launch_bounds__(GT_THREADS) gemm_scaled_silu_##SUFFIX(        \
         const T* a, const T* w, T* act, int m, int n, int k, const float* ssq, float eps) {                    \
-        gemm_impl<T, GT_SILU, T, true>(a, w, act, m, n, k, nullptr, eps, const_cast<float*>(ssq));             \
+        gemm_impl<T, GT_SILU, T, true>(a, w, act, m, n, k, nullptr, eps, ssq);                                 \
     }
 
 // rms_partials_<wt>: xn and ssq of the f32 rows x as gemm_add_norm's epilogue writes them (the same lanes a part,
