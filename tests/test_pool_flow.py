@@ -78,3 +78,16 @@ def test_shared_bindings_follow_the_types():
         assert again.kernels[name] == f16.kernels[name], name
     again.kernels.pop("tc_store_1")  # a plan's kernels are its own: the shared ones stay whole
     assert "tc_store_1" in bind(spec, dims, programs)[0].kernels
+
+
+def test_shared_bindings_keep_reporting_a_bad_type():
+    """A bind through a pool's shared cache reports a bad type every time, naming the type, as a fresh bind does."""
+    from dagbuild.bind import bind
+
+    spec = load_spec(SPECS / "llama_decode_fused.yaml")
+    programs: dict = {}
+    dims = {"batch": 16, "cache_batch": 16, "layers": 2, "wt": "f99"}
+    fresh = [str(i) for i in bind(spec, dims)[1]]
+    assert fresh and "type 'wt' = 'f99'" in fresh[0]
+    for _ in range(2):
+        assert [str(i) for i in bind(spec, dims, programs)[1]] == fresh
