@@ -350,6 +350,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
         }
         db_cp_commit();
         gt_product<T>(g, cur, cur + GT_BN * GT_ROW, mrows);
+        if (i == 0) DB_TRACE_MARK(1);  // the first k-tile's product (blocktrace)
         prev = cur;
         cur = cur == last ? gt_smem : cur + stage;
     }
@@ -359,6 +360,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
     float* c = reinterpret_cast<float*>(gt_smem);
     gt_spill<T>(g, c);
     gt_cluster_sync();  // every block's partial is in its shared memory
+    DB_TRACE_MARK(2);   // the epilogue's start (blocktrace)
     constexpr int rows = GT_BN / GT_NSPLIT;  // this block's weight rows of the tile
     const int r0 = (GT_NSPLIT > 1 ? split : 0) * rows;
     // Thread t finishes elements t + it * GT_THREADS of this block's rows x GT_BM (those past mrows: none), a
@@ -460,6 +462,7 @@ __device__ __forceinline__ void gemm_impl(const T* a, const T* w, O* out, int m,
 // the same shuffle order), for the first layer's QKV GEMM: thread t of a turn takes column t, GT_SSQ lanes a part.
 template <typename T>
 __device__ __forceinline__ void rms_partials_impl(const float* x, const T* norm, T* xn, float* ssq, int n) {
+    DB_TRACE_BLOCK();
     DB_GRID_TRIGGER();
     DB_GRID_WAIT();
     const size_t r = blockIdx.x;
