@@ -940,13 +940,45 @@ struct AbShared {
 
 // Pair i of a biased head row at position p, roped: (x1, x2) -> (y1, y2), as rope_kv_prefill
 // (kernels/llama_prefill.cu), arithmetic for arithmetic.
-__device__ __forceinline__ void ab_rope_pair(const float* src, const float* bsrc, const float* inv_freq, int i,
-                                             int half, int p, float& y1, float& y2) {
+__device__ __forceinline__ void ab_rope(float x1, float x2, float inv_freq, int p, float& y1, float& y2) {
     float sn, cs;
-    rope_sincos((float)p * inv_freq[i], &sn, &cs);
-    const float x1 = src[i] + bsrc[i], x2 = src[i + half] + bsrc[i + half];
+    rope_sincos((float)p * inv_freq, &sn, &cs);
     y1 = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
     y2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+}
+__device__ __forceinline__ void ab_rope_pair(const float* src, const float* bsrc, const float* inv_freq, int i,
+                                             int half, int p, float& y1, float& y2) {
+    ab_rope(src[i] + bsrc[i], src[i + half] + bsrc[i + half], inv_freq[i], p, y1, y2);
+}
+
+// The keys [start, end) of row b that split s takes: L = min(pos + 1, max_seq) keys over the live splits (chunk
+// keys at least each, at most gridDim.y). Not live (after the block's copies land) for a padding row, whose split
+// 0 writes the zeros of its nh heads from head0 of out, and for a split past the live ones.
+struct AbSplit {
+    int p, nlive, start, end;
+    bool live;
+};
+template <typename O>
+__device__ __forceinline__ AbSplit ab_split(const int* pos, int b, int s, int max_seq, int chunk, O* out,
+                                            size_t head0, int nh, int hd) {
+    AbSplit sp{pos[b], 0, 0, 0, false};
+    const int L = min(sp.p + 1, max_seq);
+    if (L <= 0) {  // padding row: zeros
+        db_cp_wait<0>();
+        if (s == 0)
+            for (int e = threadIdx.x; e < nh * hd; e += AB_THREADS) out[head0 * hd + e] = from_float<O>(0.0f);
+        return sp;
+    }
+    sp.nlive = min((int)gridDim.y, (L + chunk - 1) / chunk);
+    if (s >= sp.nlive) {
+        db_cp_wait<0>();
+        return sp;
+    }
+    const int per = (L + sp.nlive - 1) / sp.nlive;
+    sp.start = s * per;
+    sp.end = min(L, sp.start + per);
+    sp.live = true;
+    return sp;
 }
 
 // After a split's partials are stored: the last of the row's nlive splits to arrive (a counter, left at zero)
@@ -1028,19 +1060,9 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         copy_tile(0, min(TKE, max_seq));
     }
     db_cp_commit();
-    const int p = pos[b];
-    const int L = min(p + 1, max_seq);
-    if (L <= 0) {  // padding row: zeros
-        db_cp_wait<0>();
-        if (s == 0)
-            for (int e = tid; e < G * hd; e += AB_THREADS)
-                out[((size_t)b * heads + h0) * hd + e] = from_float<O>(0.0f);
-        return;
-    }
-    const int nlive = min((int)gridDim.y, (L + chunk - 1) / chunk);
-    if (s >= nlive) return;
-    const int per = (L + nlive - 1) / nlive;
-    const int start = s * per, end = min(L, start + per);
+    const AbSplit sp = ab_split(pos, b, s, max_seq, chunk, out, (size_t)b * heads + h0, G, hd);
+    if (!sp.live) return;
+    const int p = sp.p, nlive = sp.nlive, start = sp.start, end = sp.end;
     const int ntiles = (end - start + TKE - 1) / TKE;
     if (!early) {  // q and the first tile (split 0 has both in flight already)
         copy_q();
@@ -1305,46 +1327,57 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
             db_cp_async16(vs + r * VLD + ch * 4, v_cache + off, ok);
         }
     };
-    auto rope = [&](const float* src, const float* bsrc, int i, int p, float& y1, float& y2) {
-        ab_rope_pair(src, bsrc, inv_freq, i, HALF, p, y1, y2);
-    };
+    // The rope's operands: this thread's q pairs u (item tid + 256 u: head h, pair i = tid % HALF, one frequency
+    // for all) and, for threads < HALF / < HD, the new key's pair i and value element tid, all loaded together
+    // with pos right after the wait (one round trip: the branches on pos below would serialise loads under them).
+    static_assert(AB_THREADS % HALF == 0 && (16 * HALF) % AB_THREADS == 0, "a thread's q pairs share pair i");
+    constexpr int QI = 16 * HALF / AB_THREADS;
+    const float* krow = qkv + (size_t)b * qkv_width + (size_t)(heads + kvh) * HD;
+    const float* kbias = bias + (size_t)(heads + kvh) * HD;
+    const size_t vo = (size_t)kv_heads * HD;  // v rows follow the k rows
+    auto q_live = [&](int u) { return tid + u * AB_THREADS < G * HALF; };
+    // Split 0 starts at key 0: its first pass goes out with the pos load, or (ATTN_KV_EARLY) before the wait: the
+    // cache rows below this step's position were written by earlier launches, and row p, which this kernel writes
+    // after its wait, is patched into the pass from registers (the rows past p are masked).
+    const bool early = s == 0;
+    if (ATTN_KV_EARLY && early) copy_pass(0, min(AM_PASS, max_seq));
     PDL_WAIT();
-    const bool early = s == 0;  // split 0 starts at key 0: its first pass goes out with the pos load
-    if (early) copy_pass(0, min(AM_PASS, max_seq));
+    if (!ATTN_KV_EARLY && early) copy_pass(0, min(AM_PASS, max_seq));
     db_cp_commit();
-    const int p = pos[b];
-    const int L = min(p + 1, max_seq);
-    if (L <= 0) {  // padding row: zeros
-        db_cp_wait<0>();
-        if (s == 0)
-            for (int e = tid; e < G * HD; e += AB_THREADS)
-                out[((size_t)b * heads + h0) * HD + e] = from_float<O>(0.0f);
-        return;
+    const float freq = inv_freq[tid % HALF];
+    float qx1[QI], qx2[QI], kx1 = 0.0f, kx2 = 0.0f, vx = 0.0f;  // biased
+#pragma unroll
+    for (int u = 0; u < QI; ++u) {
+        const int idx = tid + u * AB_THREADS, h = idx / HALF, i = idx - h * HALF;
+        qx1[u] = qx2[u] = 0.0f;
+        if (q_live(u)) {
+            qx1[u] = qg[(size_t)h * HD + i] + bias[(size_t)(h0 + h) * HD + i];
+            qx2[u] = qg[(size_t)h * HD + i + HALF] + bias[(size_t)(h0 + h) * HD + i + HALF];
+        }
     }
-    const int nlive = min((int)gridDim.y, (L + chunk - 1) / chunk);
-    if (s >= nlive) {
-        db_cp_wait<0>();
-        return;
+    if (tid < HALF) {
+        kx1 = krow[tid] + kbias[tid];
+        kx2 = krow[tid + HALF] + kbias[tid + HALF];
     }
-    const int per = (L + nlive - 1) / nlive;
-    const int start = s * per, end = min(L, start + per);
+    if (tid < HD) vx = krow[vo + tid] + kbias[vo + tid];
+    const AbSplit sp = ab_split(pos, b, s, max_seq, chunk, out, (size_t)b * heads + h0, G, HD);
+    if (!sp.live) return;
+    const int p = sp.p, nlive = sp.nlive, start = sp.start, end = sp.end;
     const int npasses = end > start ? (end - start + AM_PASS - 1) / AM_PASS : 0;
     if (!early && npasses > 0) copy_pass(start, min(AM_PASS, end - start));
     const bool append = p < max_seq && start <= p && p < end;
     // q of the block's heads, roped, as wt rows of the A operand (rows G..15 zero)
-    for (int idx = tid; idx < 16 * HALF; idx += AB_THREADS) {
-        const int h = idx / HALF, i = idx - h * HALF;
+#pragma unroll
+    for (int u = 0; u < QI; ++u) {
+        const int idx = tid + u * AB_THREADS, h = idx / HALF, i = idx - h * HALF;
         float y1 = 0.0f, y2 = 0.0f;
-        if (h < G) rope(qg + (size_t)h * HD, bias + (size_t)(h0 + h) * HD, i, p, y1, y2);
+        if (q_live(u)) ab_rope(qx1[u], qx2[u], freq, p, y1, y2);
         qh[h * QLD + i] = from_float<O>(y1);
         qh[h * QLD + i + HALF] = from_float<O>(y2);
     }
     if (append) {
-        const float* krow = qkv + (size_t)b * qkv_width + (size_t)(heads + kvh) * HD;
-        const float* kb = bias + (size_t)(heads + kvh) * HD;
-        const size_t vo = (size_t)kv_heads * HD;  // v rows follow the k rows
-        for (int i = tid; i < HALF; i += AB_THREADS) rope(krow, kb, i, p, kv_new[i], kv_new[i + HALF]);
-        for (int e = tid; e < HD; e += AB_THREADS) kv_new[HD + e] = krow[vo + e] + kb[vo + e];
+        if (tid < HALF) ab_rope(kx1, kx2, freq, p, kv_new[tid], kv_new[tid + HALF]);
+        if (tid < HD) kv_new[HD + tid] = vx;
         __syncthreads();
         if (sub == 0)  // into the caches now: no block reads slot p this step (this one patches its pass)
             for (int e = tid; e < HD; e += AB_THREADS) {
@@ -1352,6 +1385,7 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
                 v_cache[kv_base + (size_t)p * HD + e] = kv_new[HD + e];
             }
     }
+    DB_TRACE_MARK(1);  // q and the new key ready (blocktrace)
 
     // fragments: thread (r0 = lane / 4, cq = 2 * (lane % 4)) holds rows r0 and r0 + 8, columns cq, cq + 1
     const int r0 = lane >> 2, cq = (lane & 3) * 2, kw = warp * AM_KEYS;
@@ -1445,6 +1479,7 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
         __syncthreads();  // the pass buffers are rewritten by the next pass (or the merge below)
         if (it + 1 < npasses) copy_pass(t0 + AM_PASS, min(AM_PASS, end - t0 - AM_PASS));
     }
+    DB_TRACE_MARK(2);  // the passes done (blocktrace)
     if (ATTN_BATCHED_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     l0 += db_shfl_xor(l0, 1);
     l0 += db_shfl_xor(l0, 2);

@@ -597,6 +597,11 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #ifndef ATTN_BATCHED_TRIGGER
 #define ATTN_BATCHED_TRIGGER 0
 #endif
+// attn_qkv_mma: 1 (default) issues split 0's first K/V pass before griddepcontrol.wait (the cache rows it reads were
+// written by earlier launches), 0 after it beside the pos load.
+#ifndef ATTN_KV_EARLY
+#define ATTN_KV_EARLY 1
+#endif
 // Where attn_decode stamps its block-trace mark 2 (tools/blocktrace.py; no code without -DDB_BLOCKTRACE): 0 once
 // the key groups' partials are summed, 1 after the first tile's softmax max/sum, 2 after its p.V, 3 after the
 // barrier that follows.

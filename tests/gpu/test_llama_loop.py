@@ -64,10 +64,12 @@ def test_greedy_equals_single_step_launches(greedy_reference, k, mode):
 
 
 @pytest.mark.parametrize("mode", ["auto", "unroll"])
-def test_gemm_path_in_the_loop_body(mode):
-    """The fused spec's GEMM path (cuBLAS child graphs; here from batch 2) in the WHILE node's body, and
-    unrolled: the tokens of single-step launches of the same plan."""
-    base = llama_plan({**TINY, "batch": 3, "wt": "f32", "gemm_batch": 2}, SPECS / "llama_decode_fused.yaml")
+@pytest.mark.parametrize("wt", ["f32", "f16"])
+def test_gemm_path_in_the_loop_body(mode, wt):
+    """The fused spec's GEMM path (here from batch 2) in the WHILE node's body, and unrolled: the tokens of
+    single-step launches of the same plan. f16 runs attn_qkv_mma's tensor-core form, whose first K/V pass is
+    copied before its grid-dependency wait: the rows it reads were appended by the previous iteration."""
+    base = llama_plan({**TINY, "batch": 3, "wt": wt, "gemm_batch": 2}, SPECS / "llama_decode_fused.yaml")
     assert "qkv_gemm.0" in base.node_by_id
     with Executable(base) as exe:
         W.random_weights(exe, 0)
