@@ -4,7 +4,7 @@ The GEMM path's attn_qkv_mma_<wt> (tensor cores; the fused spec's with attn_mma 
 append and the cast folded into both), and attn_decode_batched, 32 query heads of head_dim 64 in 4 KV heads
 (TinyLlama; --kv-heads 8: Llama-3.2-1B), every row at position --contexts - 1, for each batch of --batches and each
 split count of --splits ("auto" is the fused spec's grid:
-min(ceil_div(max_seq, attn_chunk), ceil_div(4 * sms, batch * kv_heads))). 20 calls a CuPy-captured graph, median
+min(ceil_div(max_seq, attn_chunk), ceil_div(sms, batch * kv_heads))). 20 calls a CuPy-captured graph, median
 of 5 replays. Each -D variant of --variant (NAME=V,NAME=V; "base" is the source's defaults) is its own module:
 prebuild them with --prebuild (no GPU needed) and carry the cache directory, or the GPU machine compiles them
 (NVRTC: about a minute each). --source runs another copy of the kernels (an A/B against an older version).
@@ -53,7 +53,7 @@ def mma_shared(head_dim: int) -> int:
 
 def auto_splits(batch: int, max_seq: int, kv_heads: int = KV_HEADS) -> int:
     """The fused spec's attention grid (y) for groups of at most 16 query heads."""
-    return min(-(-max_seq // CHUNK), -(-4 * SMS // (batch * kv_heads)))
+    return min(-(-max_seq // CHUNK), -(-SMS // (batch * kv_heads)))
 
 
 def main() -> int:
