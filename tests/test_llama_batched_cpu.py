@@ -310,12 +310,12 @@ def test_dot_and_threshold_dim():
     assert "gemv_res_mma" not in to_dot(plan) and "attn_batched" not in to_dot(plan)
     dot = to_dot(llama_plan({"batch": 128, "layers": 2, "attn_mma": 1}, FUSED))  # the GEMM path: cuBLAS child graphs
     assert "gemm(a=xh, b=w_gate_up[1], c=gu" in dot and "gemv_res" not in dot
-    assert "attn_qkv_mma  512×2 × 256\\nshared 72.8 KiB" in dot
+    assert "attn_qkv_mma  512 × 256\\nshared 72.8 KiB" in dot  # one wave of sms blocks: one split
     dims = {"batch": 64, "layers": 2, "tc_batch": 64, "attn_mma": 1}
     dot = to_dot(llama_plan(dims, FUSED))  # up to tc_batch: kernels/gemm.cu, the norms riding on its GEMMs
     assert "tc_scaled_silu_1  176 × 256\\nshared 96.2 KiB" in dot and "tc_scaled_store_4  160 × 256" in dot
     assert "tc_add_norm_4  128 × 256\\nshared 96.0 KiB" in dot and "rmsnorm_cast" not in dot
-    assert "attn_qkv_mma  256×3" in dot and "gemm(a=" not in dot and "silu_pairs" not in dot
+    assert "attn_qkv_mma  256 × 256" in dot and "gemm(a=" not in dot and "silu_pairs" not in dot
     assert "rope" not in dot and "cast_" not in dot  # RoPE and the cast run inside the attention node
     assert dot.count("rms_partials") == 1  # the first layer's operand
     dot = to_dot(llama_plan({**dims, "batch": 16, "tc_norm": 0}, FUSED))  # norm nodes
