@@ -951,33 +951,42 @@ __device__ __forceinline__ void ab_rope_pair(const float* src, const float* bsrc
     ab_rope(src[i] + bsrc[i], src[i + half] + bsrc[i + half], inv_freq[i], p, y1, y2);
 }
 
-// The keys [start, end) of row b that split s takes: L = min(pos + 1, max_seq) keys over the live splits (chunk
-// keys at least each, at most gridDim.y). Not live (after the block's copies land) for a padding row, whose split
-// 0 writes the zeros of its nh heads from head0 of out, and for a split past the live ones.
+// The keys [start, end) that split s of a row at position p takes: L = min(p + 1, max_seq) keys over the live
+// splits (chunk keys at least each, at most gridDim.y; a live split may have none). nlive is 0 for a padding row.
 struct AbSplit {
     int p, nlive, start, end;
     bool live;
 };
-template <typename O>
-__device__ __forceinline__ AbSplit ab_split(const int* pos, int b, int s, int max_seq, int chunk, O* out,
-                                            size_t head0, int nh, int hd) {
-    AbSplit sp{pos[b], 0, 0, 0, false};
-    const int L = min(sp.p + 1, max_seq);
-    if (L <= 0) {  // padding row: zeros
-        db_cp_wait<0>();
-        if (s == 0)
-            for (int e = threadIdx.x; e < nh * hd; e += AB_THREADS) out[head0 * hd + e] = from_float<O>(0.0f);
-        return sp;
-    }
+__device__ __forceinline__ AbSplit ab_keys(int p, int s, int max_seq, int chunk) {
+    AbSplit sp{p, 0, 0, 0, false};
+    const int L = min(p + 1, max_seq);
+    if (L <= 0) return sp;
     sp.nlive = min((int)gridDim.y, (L + chunk - 1) / chunk);
-    if (s >= sp.nlive) {
-        db_cp_wait<0>();
-        return sp;
-    }
+    if (s >= sp.nlive) return sp;
     const int per = (L + sp.nlive - 1) / sp.nlive;
     sp.start = s * per;
     sp.end = min(L, sp.start + per);
     sp.live = true;
+    return sp;
+}
+
+// A split that is not live: split 0 of a padding row writes the zeros of its nh heads from head0 of out (after the
+// wait: earlier readers of out are done). Every thread of the block calls it; the block then returns.
+template <typename O>
+__device__ __forceinline__ void ab_not_live(const AbSplit& sp, int s, O* out, size_t head0, int nh, int hd) {
+    if (sp.nlive == 0 && s == 0)
+        for (int e = threadIdx.x; e < nh * hd; e += AB_THREADS) out[head0 * hd + e] = from_float<O>(0.0f);
+}
+
+// ab_keys at pos[b] after the wait; a split that is not live lands its copies (ab_not_live) before it returns.
+template <typename O>
+__device__ __forceinline__ AbSplit ab_split(const int* pos, int b, int s, int max_seq, int chunk, O* out,
+                                            size_t head0, int nh, int hd) {
+    const AbSplit sp = ab_keys(pos[b], s, max_seq, chunk);
+    if (!sp.live) {
+        db_cp_wait<0>();
+        ab_not_live(sp, s, out, head0, nh, hd);
+    }
     return sp;
 }
 
@@ -1034,9 +1043,14 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     // K and V rows [t0, t0 + TKE) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
     float* ks = kvs;
     float* vs = kvs + TKE * ld;
-    auto copy_tile = [&](int t0, int nt) {
+    // POS_EARLY (attn_decode_batched): pos is read before the wait (ATTN_POS_EARLY, kernels/llama_fused.cu), a dead
+    // split leaves without waiting, and a live one copies its first tile's rows below p before the wait; row p
+    // (the QKV node writes it) is copied after the wait, never twice (copy_tile issues nothing for row `skip`).
+    constexpr bool POS_EARLY = !QKV && ATTN_POS_EARLY;
+    auto copy_tile = [&](int t0, int nt, int skip) {
         for (int c = tid; c < TKE * (hd / 4); c += AB_THREADS) {
             const int r = c / (hd / 4), ch = c - r * (hd / 4);
+            if (POS_EARLY && t0 + r == skip) continue;
             const bool ok = r < nt;
             const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * 4;
             db_cp_async16(ks + r * ld + ch * 4, k_cache + off, ok);
@@ -1051,22 +1065,46 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     auto rope_pair = [&](const float* src, const float* bsrc, int i, int p, float* dst) {
         ab_rope_pair(src, bsrc, inv_freq, i, half, p, dst[i], dst[i + half]);
     };
-    PDL_WAIT();
-    // split 0 is live whenever the row is and starts at key 0: it copies q and its first tile together with
-    // the pos load (one round trip; keys past the row's length are masked below)
-    const bool early = s == 0;
-    if (early) {
+    AbSplit sp;
+    bool early;  // the first tile is in flight
+    if constexpr (POS_EARLY) {
+        sp = ab_keys(pos[b], s, max_seq, chunk);
+        if (!sp.live && s != 0) return;
+        const int nt0 = min(TKE, sp.end - sp.start);
+        if (nt0 > 0) copy_tile(sp.start, nt0, sp.p);
+        PDL_WAIT();
+        if (!sp.live) {  // split 0 of a padding row
+            ab_not_live(sp, s, out, (size_t)b * heads + h0, G, hd);
+            return;
+        }
         copy_q();
-        copy_tile(0, min(TKE, max_seq));
+        if (sp.start <= sp.p && sp.p - sp.start < nt0)
+            for (int c = tid; c < hd / 4; c += AB_THREADS) {
+                const int r = sp.p - sp.start;
+                const size_t off = kv_base + (size_t)sp.p * hd + c * 4;
+                db_cp_async16(ks + r * ld + c * 4, k_cache + off, true);
+                db_cp_async16(vs + r * ld + c * 4, v_cache + off, true);
+            }
+        db_cp_commit();
+        early = true;
+    } else {
+        PDL_WAIT();
+        // split 0 is live whenever the row is and starts at key 0: it copies q and its first tile together with
+        // the pos load (one round trip; keys past the row's length are masked below)
+        early = s == 0;
+        if (early) {
+            copy_q();
+            copy_tile(0, min(TKE, max_seq), -1);
+        }
+        db_cp_commit();
+        sp = ab_split(pos, b, s, max_seq, chunk, out, (size_t)b * heads + h0, G, hd);
+        if (!sp.live) return;
     }
-    db_cp_commit();
-    const AbSplit sp = ab_split(pos, b, s, max_seq, chunk, out, (size_t)b * heads + h0, G, hd);
-    if (!sp.live) return;
     const int p = sp.p, nlive = sp.nlive, start = sp.start, end = sp.end;
     const int ntiles = (end - start + TKE - 1) / TKE;
     if (!early) {  // q and the first tile (split 0 has both in flight already)
         copy_q();
-        copy_tile(start, min(TKE, end - start));
+        copy_tile(start, min(TKE, end - start), -1);
     }
     db_cp_commit();
     // QKV: the block whose keys hold p (when p < max_seq: the last split with any keys) replaces the cache row
@@ -1161,7 +1199,7 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
             }
         }
         __syncthreads();  // the tile is rewritten by the next one
-        if (it + 1 < ntiles) copy_tile(t0 + TKE, min(TKE, end - t0 - TKE));
+        if (it + 1 < ntiles) copy_tile(t0 + TKE, min(TKE, end - t0 - TKE), -1);
     }
     if (ATTN_BATCHED_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     if constexpr (S > 1) {  // slices 1.. hand (m, l, o) to slice 0 through the tile buffer (the loop ended on a
@@ -1339,10 +1377,19 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
     // Split 0 starts at key 0: its first pass goes out with the pos load, or (ATTN_KV_EARLY) before the wait: the
     // cache rows below this step's position were written by earlier launches, and row p, which this kernel writes
     // after its wait, is patched into the pass from registers (the rows past p are masked).
+    // With ATTN_POS_EARLY (kernels/llama_fused.cu) pos is read before the wait: a dead split leaves without
+    // waiting, and every live split copies its first pass before it.
     const bool early = s == 0;
+#if ATTN_POS_EARLY
+    const AbSplit sp = ab_keys(pos[b], s, max_seq, chunk);
+    if (!sp.live && s != 0) return;
+    if (sp.end > sp.start) copy_pass(sp.start, min(AM_PASS, sp.end - sp.start));
+    PDL_WAIT();
+#else
     if (ATTN_KV_EARLY && early) copy_pass(0, min(AM_PASS, max_seq));
     PDL_WAIT();
     if (!ATTN_KV_EARLY && early) copy_pass(0, min(AM_PASS, max_seq));
+#endif
     db_cp_commit();
     const float freq = inv_freq[tid % HALF];
     float qx1[QI], qx2[QI], kx1 = 0.0f, kx2 = 0.0f, vx = 0.0f;  // biased
@@ -1360,11 +1407,18 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
         kx2 = krow[tid + HALF] + kbias[tid + HALF];
     }
     if (tid < HD) vx = krow[vo + tid] + kbias[vo + tid];
+#if ATTN_POS_EARLY
+    if (!sp.live) {  // split 0 of a padding row (nothing was copied)
+        ab_not_live(sp, s, out, (size_t)b * heads + h0, G, HD);
+        return;
+    }
+#else
     const AbSplit sp = ab_split(pos, b, s, max_seq, chunk, out, (size_t)b * heads + h0, G, HD);
     if (!sp.live) return;
+#endif
     const int p = sp.p, nlive = sp.nlive, start = sp.start, end = sp.end;
     const int npasses = end > start ? (end - start + AM_PASS - 1) / AM_PASS : 0;
-    if (!early && npasses > 0) copy_pass(start, min(AM_PASS, end - start));
+    if (!ATTN_POS_EARLY && !early && npasses > 0) copy_pass(start, min(AM_PASS, end - start));
     const bool append = p < max_seq && start <= p && p < end;
     // q of the block's heads, roped, as wt rows of the A operand (rows G..15 zero)
 #pragma unroll

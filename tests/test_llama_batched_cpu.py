@@ -57,9 +57,10 @@ def test_pdl_contract_and_clusters(bodies):
         assert ".local" not in body, name
         head = body.split("griddepcontrol.wait", 1)[0]
         ops = set(re.findall(r"\b((?:ld|st|atom|red|prefetch)\.(?:global|shared)(?:\.\w+)*|cp\.async[\w.]*)", head))
-        if name in ("attn_qkv_mma_f16", "attn_qkv_mma_bf16"):  # split 0's first pass of cached K/V rows
-            assert ops <= {"cp.async.cg.shared.global", "cp.async.commit_group"}, (name, ops)
-            assert "cp.async.cg.shared.global" in ops, name
+        if name in ("attn_qkv_mma_f16", "attn_qkv_mma_bf16", "attn_decode_batched"):
+            # pos (a step input) and the first pass of cached K/V rows (ATTN_POS_EARLY)
+            assert ops <= {"ld.global.u32", "cp.async.cg.shared.global", "cp.async.commit_group"}, (name, ops)
+            assert {"ld.global.u32", "cp.async.cg.shared.global"} <= ops, name
         elif name.startswith("attn_"):  # nothing before the wait: q, K and V are all produced data
             assert not ops, (name, ops)
         else:  # weights only: 16-byte copies into the ring

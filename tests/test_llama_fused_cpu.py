@@ -80,7 +80,11 @@ def test_nothing_touches_memory_before_the_wait_in_the_other_kernels(ptx):
     for name, body in entry_bodies(ptx).items():
         if name in OTHER_PARAMS:
             head = body.split("griddepcontrol.wait", 1)[0]
-            assert not re.findall(r"\b(?:ld|st|atom|red)\.global", head), name
+            ops = set(re.findall(r"\b(?:ld|st|atom|red)\.global(?:\.\w+)*", head))
+            if name == "attn_decode":  # pos (a step input) and the first tile's cached K/V rows, no store
+                assert ops == {"ld.global.u32", "ld.global.cg.v4.f32"}, (name, ops)
+            else:
+                assert not ops, (name, ops)
 
 
 @needs_nvrtc
