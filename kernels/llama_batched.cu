@@ -1043,10 +1043,11 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     // K and V rows [t0, t0 + TKE) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
     float* ks = kvs;
     float* vs = kvs + TKE * ld;
-    // POS_EARLY (attn_decode_batched): pos is read before the wait (ATTN_POS_EARLY, kernels/llama_fused.cu), a dead
-    // split leaves without waiting, and a live one copies its first tile's rows below p before the wait; row p
-    // (the QKV node writes it) is copied after the wait, never twice (copy_tile issues nothing for row `skip`).
-    constexpr bool POS_EARLY = !QKV && ATTN_POS_EARLY;
+    // Without QKV (attn_decode_batched) pos, a step input, is read before the wait (kernels/llama_fused.md, the PDL
+    // contract): a dead split leaves without waiting, and a live one copies its first tile's rows below p before
+    // the wait; row p (the QKV node writes it) is copied after the wait, never twice (copy_tile issues nothing for
+    // row `skip`). attn_qkv keeps pos after the wait: at 64 registers the early form spills.
+    constexpr bool POS_EARLY = !QKV;
     auto copy_tile = [&](int t0, int nt, int skip) {
         for (int c = tid; c < TKE * (hd / 4); c += AB_THREADS) {
             const int r = c / (hd / 4), ch = c - r * (hd / 4);
@@ -1374,22 +1375,14 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
     const float* kbias = bias + (size_t)(heads + kvh) * HD;
     const size_t vo = (size_t)kv_heads * HD;  // v rows follow the k rows
     auto q_live = [&](int u) { return tid + u * AB_THREADS < G * HALF; };
-    // Split 0 starts at key 0: its first pass goes out with the pos load, or (ATTN_KV_EARLY) before the wait: the
-    // cache rows below this step's position were written by earlier launches, and row p, which this kernel writes
-    // after its wait, is patched into the pass from registers (the rows past p are masked).
-    // With ATTN_POS_EARLY (kernels/llama_fused.cu) pos is read before the wait: a dead split leaves without
-    // waiting, and every live split copies its first pass before it.
-    const bool early = s == 0;
-#if ATTN_POS_EARLY
+    // pos, a step input, is read before the wait (kernels/llama_fused.md, the PDL contract): a dead split leaves
+    // without waiting, and every live split copies its first pass before it: the cache rows below this step's
+    // position were written by earlier launches, and row p, which this kernel writes after its wait, is patched
+    // into the pass from registers (the rows past p are masked).
     const AbSplit sp = ab_keys(pos[b], s, max_seq, chunk);
     if (!sp.live && s != 0) return;
     if (sp.end > sp.start) copy_pass(sp.start, min(AM_PASS, sp.end - sp.start));
     PDL_WAIT();
-#else
-    if (ATTN_KV_EARLY && early) copy_pass(0, min(AM_PASS, max_seq));
-    PDL_WAIT();
-    if (!ATTN_KV_EARLY && early) copy_pass(0, min(AM_PASS, max_seq));
-#endif
     db_cp_commit();
     const float freq = inv_freq[tid % HALF];
     float qx1[QI], qx2[QI], kx1 = 0.0f, kx2 = 0.0f, vx = 0.0f;  // biased
@@ -1407,18 +1400,12 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
         kx2 = krow[tid + HALF] + kbias[tid + HALF];
     }
     if (tid < HD) vx = krow[vo + tid] + kbias[vo + tid];
-#if ATTN_POS_EARLY
     if (!sp.live) {  // split 0 of a padding row (nothing was copied)
         ab_not_live(sp, s, out, (size_t)b * heads + h0, G, HD);
         return;
     }
-#else
-    const AbSplit sp = ab_split(pos, b, s, max_seq, chunk, out, (size_t)b * heads + h0, G, HD);
-    if (!sp.live) return;
-#endif
     const int p = sp.p, nlive = sp.nlive, start = sp.start, end = sp.end;
     const int npasses = end > start ? (end - start + AM_PASS - 1) / AM_PASS : 0;
-    if (!ATTN_POS_EARLY && !early && npasses > 0) copy_pass(start, min(AM_PASS, end - start));
     const bool append = p < max_seq && start <= p && p < end;
     // q of the block's heads, roped, as wt rows of the A operand (rows G..15 zero)
 #pragma unroll
@@ -1461,14 +1448,7 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
             __syncthreads();
         }
         const int nk = min(AM_KEYS, nt - kw);  // this warp's keys of the pass (<= 0: none; warp-uniform)
-        if (nk > 0) {
-            if (nk < AM_KEYS) {  // rows past the split's end may hold other keys (split 0's early pass): zero V
-                for (int e = lane; e < (AM_KEYS - nk) * HD; e += 32) {
-                    const int r = e / HD;
-                    vs[(kw + nk + r) * VLD + e - r * HD] = 0.0f;
-                }
-                __syncwarp();
-            }
+        if (nk > 0) {  // the pass's rows past nt are zero (the copies zero-fill them): P and V there are 0
             // S[16 heads][16 keys]: two n8 tiles of keys, HD / 16 k-steps of dims
             float sc[2][4];
 #pragma unroll

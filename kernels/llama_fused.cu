@@ -555,15 +555,15 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 //                                           grid [batch*heads, ceil_div(max_seq, chunk)], block [256]
 // Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = min(pos[b] + 1, max_seq), of kv head
 // h / (heads / kv_heads). Only the live splits, nlive = ceil_div(L, chunk), do work; the others return after
-// reading pos, before the wait (ATTN_POS_EARLY). A context of at most one tile runs as one split (nlive = 1, keys
+// reading pos, before the wait. A context of at most one tile runs as one split (nlive = 1, keys
 // [0, L)) whatever the chunk: more splits would only add the combine's round trips. A decode step's attention is
 // a latency chain (a few KB per head at short contexts), so it is built to take few dependent round trips after
 // the wait:
 // * pos is a step input (written before the step's first kernel starts), so every live split issues its first
 //   tile's K and V before the wait (ATTN_UNROLL keys per lane group: 128 keys per tile at head_dim 64 and 256
 //   threads) except row p, which qkv_rope writes: that row and q are loaded after it. At positions below one
-//   tile (and chunk), attention is one round trip after the wait. (ATTN_POS_EARLY 0: split 0 loads keys [0, tile)
-//   together with pos and q after the wait, the other splits (pos, q) and then their K and V.)
+//   tile (and chunk), attention is one round trip after the wait (kernels/llama_fused.md: the PDL contract's
+//   exceptions).
 // * Per tile: scores by lane groups of LPK lanes per key (shuffle sums: every lane of the group holds the same
 //   bits), written once to shared memory; one barrier; every warp then reduces the tile's max and sum of exp
 //   itself (lanes over keys, shuffles: the same bits in every warp) and each thread accumulates p * V for its
@@ -597,17 +597,6 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #endif
 #ifndef ATTN_BATCHED_TRIGGER
 #define ATTN_BATCHED_TRIGGER 0
-#endif
-// attn_qkv_mma: 1 (default) issues split 0's first K/V pass before griddepcontrol.wait (the cache rows it reads were
-// written by earlier launches), 0 after it beside the pos load.
-#ifndef ATTN_KV_EARLY
-#define ATTN_KV_EARLY 1
-#endif
-// attn_decode, attn_decode_batched and attn_qkv_mma: 1 (default) reads pos before griddepcontrol.wait (a step input:
-// no kernel of the step writes it), so a split past the live ones leaves without waiting and every live split
-// issues its first K/V keys (rows below pos, written by earlier launches) before the wait; 0: pos after the wait.
-#ifndef ATTN_POS_EARLY
-#define ATTN_POS_EARLY 1
 #endif
 // Where attn_decode stamps its block-trace mark 2 (tools/blocktrace.py; no code without -DDB_BLOCKTRACE): 0 once
 // the key groups' partials are summed, 1 after the first tile's softmax max/sum, 2 after its p.V, 3 after the
@@ -740,7 +729,6 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const float4* vc4 = reinterpret_cast<const float4*>(v_cache + kv_base);
     float4* out4 = reinterpret_cast<float4*>(out + (size_t)bh * head_dim);
     float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
-#if ATTN_POS_EARLY
     // pos is a step input (uploaded, or advanced by the loop's sampling node, before the step's first kernel
     // starts): read before the wait, a split past the live ones leaves at once, and a live split issues its first
     // tile's K and V before the wait: rows below p were written by earlier launches; row p (qkv_rope writes it)
@@ -776,36 +764,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
         if (tid < d4) out4[tid] = zero4;
         return;
     }
-    const bool early = true;  // every live split's first tile is in registers
-#else
-    PDL_WAIT();
-    // q, pos and (split 0) the first tile's K and V are independent loads: all issued before any is used
-    const float4 qv = (sc4 < d4) ? db_ldca(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
-    const int p = pos[b];
-    const bool early = s == 0;
-#pragma unroll
-    for (int u = 0; u < ATTN_UNROLL; ++u) {
-        const int kk = u * n_sg + sg;
-        kv[u] = vv[u] = zero4;
-        if (early && kk < max_seq && sc4 < d4) {
-            kv[u] = db_ldcg(kc4 + (size_t)kk * d4 + sc4);
-            vv[u] = db_ldcg(vc4 + (size_t)kk * d4 + sc4);
-        }
-    }
-    const int L = min(p + 1, max_seq);
-    int nlive = L > 0 ? (L + chunk - 1) / chunk : 0;
-    if (ATTN_SHORT_ONE_SPLIT && L <= tile) nlive = min(nlive, 1);  // split 0's early tile holds every key
-    if (nlive == 0) {
-        if (s == 0 && tid < d4) out4[tid] = zero4;
-        return;
-    }
-    if (s >= nlive) return;
-    const int start = s * chunk;
-    const int end = nlive == 1 ? L : min(start + chunk, L);
-#endif
 
     float m, l;
-    const float4 o = attn_span(qv, kc4, vc4, d4, start, end, scale, early, ATTN_TRIGGER == 1, true, kv, vv, sp,
+    const float4 o = attn_span(qv, kc4, vc4, d4, start, end, scale, true, ATTN_TRIGGER == 1, true, kv, vv, sp,
                                sacc, m, l);
     if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     if (ATTN_MARK2 == 0) DB_TRACE_MARK(2);

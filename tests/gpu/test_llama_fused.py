@@ -420,7 +420,8 @@ def test_layer_kernel_matches_five_node_layers_and_numpy(cp, modules, wt, sms, c
     after the run."""
     from dagbuild.llama.decode import llama_plan
 
-    dims = {**TINY, "wt": wt, "batch": 1, "attn_chunk": chunk, "sms": sms, "max_seq": 96, "heads": heads}
+    dims = {**TINY, "wt": wt, "batch": 1, "attn_chunk": chunk, "attn_decode_chunk": chunk, "sms": sms, "max_seq": 96,
+            "heads": heads}
     state = hf_state(llama_plan(dims, FUSED_SPEC), 11)
     with fused_executable({**dims, "layer_kernel": lk}, modules) as layer, \
             fused_executable({**dims, "layer_kernel": 0}, modules) as five:
