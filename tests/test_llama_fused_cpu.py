@@ -260,3 +260,16 @@ def test_a_packed_buffer_of_the_wrong_shape_is_refused():
     good = tuple(fused.buffers["wqkv"].shape)
     with pytest.raises(W.WeightsError, match="packed buffer 'wqkv'"):
         W.plan_state_dict(Fake(fused, (good[0], good[1] - 64, good[2])), {})
+
+
+def test_attn_decode_chunk_below_attn_chunk_is_refused():
+    """Batch 1's splits (attn_decode_chunk keys) must fit the split buffers sized by attn_chunk."""
+    from dagbuild.bind import bind
+    from dagbuild.load import load_spec
+
+    _, issues = bind(load_spec(FUSED), {"attn_decode_chunk": 32, "attn_chunk": 64})
+    assert issues and "attn_decode_chunk must be at least attn_chunk" in str(issues[0])
+    plan = llama_plan({"attn_decode_chunk": 128, "max_seq": 1000}, FUSED)
+    attn = next(n for n in plan.nodes if n.id == "attn.0").op
+    chunk = next(a.value for a in attn.args if a.param.name == "chunk")
+    assert attn.grid[1] == 8 and chunk == 128  # ceil(1000 / 128) splits of 128 keys
