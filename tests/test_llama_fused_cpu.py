@@ -167,7 +167,7 @@ def test_gemv_block_threads_at_batch_one(threads):
         assert op.block == (threads, 1, 1) and op.grid[0] == pairs // warps, node
         norm = 2 * k if node.startswith("qkv") else 0
         assert op.shared == (106496 if threads == 256 else 256 * threads + norm + 4 * k), node
-    ops = {n.id: n.op for n in llama_plan({"batch": 2, "gemv_res_threads": threads}, FUSED).nodes}
+    ops = {n.id: n.op for n in llama_plan({"batch": 2, "gemv_res_threads": threads, "gemm_batch": 0}, FUSED).nodes}
     assert ops["o_proj.0"].kernel == "gemv_res_mv" and ops["o_proj.0"].block == (256, 1, 1)
     with pytest.raises(Exception, match="gemv_qkv_threads and gemv_res_threads"):
         llama_plan({"gemv_res_threads": 96 + threads % 64 + 8}, FUSED)

@@ -93,8 +93,8 @@ def test_layer_kernel_switch_binds_one_node_per_layer():
     dot = to_dot(one)
     assert dot.count("programmatic") >= layers
     assert '"zero_layer_sync.0" -> "layer.0"' in dot
-    # batch > 1 keeps the five nodes a layer whatever layer_kernel says
-    batched = llama_plan({"batch": 3, "cache_batch": 3, "layer_kernel": 1}, FUSED)
+    # batch > 1 keeps the five nodes a layer whatever layer_kernel says (below the GEMM path: gemm_batch 0)
+    batched = llama_plan({"batch": 3, "cache_batch": 3, "layer_kernel": 1, "gemm_batch": 0}, FUSED)
     assert not any(n.id.startswith("layer.") for n in batched.nodes)
     assert sum(n.id.startswith("qkv.") for n in batched.nodes) == layers
 
@@ -120,7 +120,7 @@ def test_whole_stack_binds_one_node_over_the_stacked_buffers():
     assert node.shared + 3 * 32 * 8 <= 232448  # a -DDB_BLOCKTRACE build adds 768 B of static shared memory
     assert len(ids) == len(five.nodes) - 5 * d["layers"] + 2
     assert '"zero_layer_sync.0" -> "layers.0"' in to_dot(stack)
-    batched = llama_plan({"batch": 3, "cache_batch": 3, "layer_kernel": 2}, FUSED)
+    batched = llama_plan({"batch": 3, "cache_batch": 3, "layer_kernel": 2, "gemm_batch": 0}, FUSED)
     assert sum(n.id.startswith("qkv.") for n in batched.nodes) == d["layers"]
     assert stack.kernels["layer_stack"].options == ("-DLY_GROUPS=4", "-DLY_TABLE=112")  # slots by fours
     for slots in (7, 10):
