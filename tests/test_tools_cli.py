@@ -60,3 +60,30 @@ def test_bench_attn_refuses_an_unknown_kernel():
     cmd = [sys.executable, str(ROOT / "tools" / "bench_attn.py"), "--kernel", "attn_qkv_mma_f16,attn_qk"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "--kernel takes attn_qkv_mma_f16, attn_qkv_f16" in proc.stderr
+
+
+def test_spec_variant_changes_only_what_it_names(tmp_path, capsys):
+    """tools/spec_variant.py: a copy with one kernel option and one node field binds to the original's plan but
+    for those (kernel sources made absolute, so the copy works from another folder); a bad name is an error that
+    names it, and nothing is written."""
+    from helpers import load_tool
+
+    from dagbuild.llama.decode import llama_plan
+
+    sv = load_tool("spec_variant")
+    fused = ROOT / "specs" / "llama_decode_fused.yaml"
+    out = tmp_path / "sub" / "v.yaml"
+    assert sv.main(["-o", str(out), "--option", "attn=-DATTN_TRIGGER=0", "--node", "down_proj.{l}.shared=116736"]) == 0
+    base, copy = llama_plan({}, fused), llama_plan({}, out)
+    assert [n.id for n in copy.nodes] == [n.id for n in base.nodes]
+    assert copy.kernels["attn"].options == (*base.kernels["attn"].options, "-DATTN_TRIGGER=0")
+    for b, c in zip(base.nodes, copy.nodes, strict=True):
+        if b.id.startswith("down_proj."):
+            assert c.op.shared == 116736 and b.op.shared != 116736
+        else:
+            assert c.op == b.op, b.id
+    for args, word in ((["--option", "nope=-DX=1"], "no kernel 'nope'"), (["--node", "nope.shared=1"], "no node"),
+                       (["--node", "down_proj.{l}.grid=7"], "does not load")):
+        bad = tmp_path / "bad.yaml"
+        assert sv.main(["-o", str(bad), *args]) == 2
+        assert word in capsys.readouterr().err and not bad.exists(), word
