@@ -82,7 +82,11 @@ def test_spec_variant_changes_only_what_it_names(tmp_path, capsys):
             assert c.op.shared == 116736 and b.op.shared != 116736
         else:
             assert c.op == b.op, b.id
+    assert sv.main(["-o", str(out), "--node", "o_gemm.{l}.shared=tc_stages * 32768 + 18432"]) == 0
+    gemm = llama_plan({"batch": 16, "cache_batch": 16}, out)  # the kernel forms changed, the child form kept
+    assert {n.op.shared for n in gemm.nodes if n.id.startswith("o_gemm.")} == {3 * 32768 + 18432}
     for args, word in ((["--option", "nope=-DX=1"], "no kernel 'nope'"), (["--node", "nope.shared=1"], "no node"),
+                       (["--node", "embed.nope=1"], "has a field 'nope'"),
                        (["--node", "down_proj.{l}.grid=7"], "does not load")):
         bad = tmp_path / "bad.yaml"
         assert sv.main(["-o", str(bad), *args]) == 2

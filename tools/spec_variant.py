@@ -8,11 +8,13 @@ that the result still loads as a spec:
 
   python3 tools/spec_variant.py -o scratch/trig0.yaml --option attn=-DATTN_TRIGGER=0
   python3 tools/spec_variant.py -o scratch/down1.yaml --node 'down_proj.{l}.shared=116736'
+  python3 tools/spec_variant.py -o scratch/gemm1.yaml --node 'o_gemm.{l}.shared=tc_stages * 32768 + 18432'
   python3 tools/bench_batch.py --no-hf --spec scratch/trig0.yaml ...   # then the benchmarks take --spec
 
 ``--option KERNEL=OPT`` appends OPT to that kernel's options; ``--node ID.FIELD=VALUE`` sets FIELD (a YAML
-value: a number, or a string holding an expression) on every node whose id is ID, inside repeats too (not in
-its variants). Comments of the original are not kept.
+value: a number, or a string holding an expression) on every node whose id is ID and which has that field,
+inside repeats too (not in its variants; an id the GEMM path switches between a kernel and a child graph
+changes its kernel forms). Comments of the original are not kept.
 """
 
 from __future__ import annotations
@@ -71,7 +73,10 @@ def variant(spec: dict, base_dir: Path, options: list[str], nodes: list[str]) ->
         matches = _nodes_with_id(out.get("nodes"), node_id)
         if not matches:
             raise VariantError(f"--node {item!r}: the spec has no node with id {node_id!r}")
-        for node in matches:
+        having = [node for node in matches if field in node]  # e.g. not an id's child-graph form for `shared`
+        if not having:
+            raise VariantError(f"--node {item!r}: no node with id {node_id!r} has a field {field!r}")
+        for node in having:
             node[field] = yaml.safe_load(value)
     return out
 
