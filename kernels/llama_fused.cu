@@ -555,10 +555,9 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 //                                           grid [batch*heads, ceil_div(max_seq, chunk)], block [256]
 // Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = min(pos[b] + 1, max_seq), of kv head
 // h / (heads / kv_heads). Only the live splits, nlive = ceil_div(L, chunk), do work; the others return after
-// reading pos, before the wait. A context of at most one tile runs as one split (nlive = 1, keys
-// [0, L)) whatever the chunk: more splits would only add the combine's round trips. A decode step's attention is
-// a latency chain (a few KB per head at short contexts), so it is built to take few dependent round trips after
-// the wait:
+// reading pos, before the wait. A context of at most one tile runs as one split (nlive = 1, keys [0, L)) whatever
+// the chunk: more splits would only add the combine's round trips. A decode step's attention is a latency chain
+// (a few KB per head at short contexts), so it is built to take few dependent round trips after the wait:
 // * pos is a step input (written before the step's first kernel starts), so every live split issues its first
 //   tile's K and V before the wait (ATTN_UNROLL keys per lane group: 128 keys per tile at head_dim 64 and 256
 //   threads) except row p, which qkv_rope writes: that row and q are loaded after it. At positions below one
