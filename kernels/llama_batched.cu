@@ -1067,7 +1067,7 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         ab_rope_pair(src, bsrc, inv_freq, i, half, p, dst[i], dst[i + half]);
     };
     AbSplit sp;
-    bool early;  // the first tile is in flight
+    const bool early = POS_EARLY || s == 0;  // the first tile is in flight already (without POS_EARLY: split 0's)
     if constexpr (POS_EARLY) {
         sp = ab_keys(pos[b], s, max_seq, chunk);
         if (!sp.live && s != 0) return;
@@ -1087,12 +1087,10 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
                 db_cp_async16(vs + r * ld + c * 4, v_cache + off, true);
             }
         db_cp_commit();
-        early = true;
     } else {
         PDL_WAIT();
         // split 0 is live whenever the row is and starts at key 0: it copies q and its first tile together with
         // the pos load (one round trip; keys past the row's length are masked below)
-        early = s == 0;
         if (early) {
             copy_q();
             copy_tile(0, min(TKE, max_seq), -1);
@@ -1368,7 +1366,7 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
     };
     // The rope's operands: this thread's q pairs u (item tid + 256 u: head h, pair i = tid % HALF, one frequency
     // for all) and, for threads < HALF / < HD, the new key's pair i and value element tid, all loaded together
-    // with pos right after the wait (one round trip: the branches on pos below would serialise loads under them).
+    // right after the wait (one round trip: the branches on pos below would serialise loads under them).
     static_assert(AB_THREADS % HALF == 0 && (16 * HALF) % AB_THREADS == 0, "a thread's q pairs share pair i");
     constexpr int QI = 16 * HALF / AB_THREADS;
     const float* krow = qkv + (size_t)b * qkv_width + (size_t)(heads + kvh) * HD;

@@ -58,7 +58,7 @@ def test_pdl_contract_and_clusters(bodies):
         head = body.split("griddepcontrol.wait", 1)[0]
         ops = set(re.findall(r"\b((?:ld|st|atom|red|prefetch)\.(?:global|shared)(?:\.\w+)*|cp\.async[\w.]*)", head))
         if name in ("attn_qkv_mma_f16", "attn_qkv_mma_bf16", "attn_decode_batched"):
-            # pos (a step input) and the first pass of cached K/V rows (ATTN_POS_EARLY)
+            # pos (a step input) and the first pass of cached K/V rows (kernels/llama_fused.md, PDL contract)
             assert ops <= {"ld.global.u32", "cp.async.cg.shared.global", "cp.async.commit_group"}, (name, ops)
             assert {"ld.global.u32", "cp.async.cg.shared.global"} <= ops, name
         elif name.startswith("attn_"):  # nothing before the wait: q, K and V are all produced data
