@@ -91,3 +91,26 @@ def test_spec_variant_changes_only_what_it_names(tmp_path, capsys):
         bad = tmp_path / "bad.yaml"
         assert sv.main(["-o", str(bad), *args]) == 2
         assert word in capsys.readouterr().err and not bad.exists(), word
+
+
+def test_bench_ab_parses_and_checks_variants_on_the_host(tmp_path):
+    """tools/bench_ab.py: NAME[=SPEC][:DIM=V,...] variants; a malformed one, a missing spec, a name given twice or
+    a dim the spec refuses is an error naming the variant, before any GPU work (exit 2)."""
+    from helpers import load_tool
+
+    ab = load_tool("bench_ab")
+    v = ab.parse_variant("c384=:attn_decode_chunk=384, gemm_batch=0")
+    assert (v.name, v.spec, v.dims) == ("c384", ab.SPEC, {"attn_decode_chunk": 384, "gemm_batch": 0})
+    assert ab.parse_variants([])[0] == ab.Variant("base", ab.SPEC, {})
+    for text, words in (("=x.yaml", "no name"), (f"a={tmp_path / 'none.yaml'}", "is not a file"),
+                        ("a:chunk", "'chunk' is not DIM=INTEGER"), ("a:x=1.5", "not DIM=INTEGER")):
+        with pytest.raises(ValueError, match=words):
+            ab.parse_variant(text)
+    with pytest.raises(ValueError, match="a given twice"):
+        ab.parse_variants(["a", "b", "a:attn_decode_chunk=128"])
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_ab.py"), "--variant", "base",
+           "--variant", "small:attn_decode_chunk=32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "variant 'small' at batch 1" in proc.stderr
+    assert "attn_decode_chunk must be at least attn_chunk" in proc.stderr
