@@ -74,8 +74,8 @@
 // x staging of the GEMVs without a norm (o_proj, down): float4 loads in flight per thread. At 2, a 256-thread
 // block stages 2048 floats (k = 2048, batch 1) in one round trip but the down projection's 5632 in three (H200
 // blocktrace: x staged 2.5 µs after the wait, against ~1 µs for k = 2048). 6 makes it one and, by ptxas, still
-// fits gemv_res in 124 registers without spills (the norm GEMVs would spill, so they keep 2); not yet measured
-// on a GPU, so the default stays 2.
+// fits gemv_res in 124 registers without spills (the norm GEMVs would spill, so they keep 2), but gained nothing
+// (H100, batch 1, contexts 128 and 2048: within 0.6 % of 2), so the default stays 2.
 #ifndef FW_X_INFLIGHT
 #define FW_X_INFLIGHT 2
 #endif
@@ -587,12 +587,14 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #endif
 // When the attention kernels let the next kernel launch (whose blocks then prefetch its weights, sharing DRAM
 // with attention's K/V loads): 0 at the start, 1 once the first tile's K/V loads are issued, 2 after the tiles.
-// attn_decode: 1 (H200, TinyLlama batch 1, two runs: -1.6 / -1.7 % a step at position 100, even at 400: its K/V
-// requests queue ahead of o_proj's 8 MB weight prefetch); attn_decode_batched and attn_qkv (kernels/llama_batched.cu):
-// ATTN_BATCHED_TRIGGER, 0 by default; the fused spec builds attn_qkv with 1 (H100, 16 rows before our own O GEMM:
-// -2.5 % a step; 2 was +1 %).
+// attn_decode: 0. Its live splits issue their first tile's K/V before the wait, so those requests are ahead of
+// o_proj's 8 MB weight prefetch either way, and o_proj's blocks get their slots sooner (H100, TinyLlama batch 1,
+// two rounds, ms a step, 1 -> 0: context 128 1.096 / 1.098 -> 1.076 / 1.078, 2048 1.315 / 1.319 -> 1.237 / 1.245;
+// with K/V loaded after the wait, 1 was the faster: H200, -1.6 %). attn_decode_batched and attn_qkv
+// (kernels/llama_batched.cu): ATTN_BATCHED_TRIGGER, 0 by default; the fused spec builds attn_qkv with 1 (H100, 16
+// rows before our own O GEMM: -2.5 % a step; 2 was +1 %).
 #ifndef ATTN_TRIGGER
-#define ATTN_TRIGGER 1
+#define ATTN_TRIGGER 0
 #endif
 #ifndef ATTN_BATCHED_TRIGGER
 #define ATTN_BATCHED_TRIGGER 0
