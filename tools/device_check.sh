@@ -165,6 +165,14 @@ PY
       timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 python3 \
         tools/sanitize_decode.py --spec specs/llama_decode_fused.yaml --batch 1 --set layer_kernel=2 > "$OUT/sanitize_stack.log" 2>&1
       echo "compute-sanitizer memcheck, whole stack: exit $?"; tail -2 "$OUT/sanitize_stack.log" ;;
+    attnab)  # issue 8: batch 1's attention, where it triggers and how long its splits are (tools/bench_ab.py), after
+      # the GPU tests of the files that run it; the trigger-1 copy from tools/spec_variant.py
+      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_llama_fused.py tests/gpu/test_llama_hf.py \
+        tests/gpu/test_llama_loop.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      python3 tools/spec_variant.py --option attn=-DATTN_TRIGGER=1 -o "$OUT/trig1.yaml" >/dev/null
+      timeout 300 python3 tools/bench_ab.py --variant trig0 --variant "trig1=$OUT/trig1.yaml" \
+        --variant c192=:attn_decode_chunk=192 --variant c384=:attn_decode_chunk=384 --variant c512=:attn_decode_chunk=512 \
+        --contexts 128,512,1024,2048 --rounds 3 --steps 20 --json "$OUT/attnab.json" 2>&1 | grep -v -i warn ;;
     sanitize_fused)
       for tool in memcheck racecheck synccheck; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \
