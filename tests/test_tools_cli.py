@@ -114,3 +114,16 @@ def test_bench_ab_parses_and_checks_variants_on_the_host(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "variant 'small' at batch 1" in proc.stderr
     assert "attn_decode_chunk must be at least attn_chunk" in proc.stderr
+
+
+def test_bench_ab_report_gives_each_variant_its_ratio_to_the_first():
+    from helpers import load_tool
+
+    ab = load_tool("bench_ab")
+    r = {"device": "H100", "config": "tinyllama", "rounds": 2, "steps": 20,
+         "variants": [{"name": "trig0"}, {"name": "trig1"}],
+         "rows": [{"context": 128, "batch": 1, "rounds_ms": {"trig0": [1.0, 1.2], "trig1": [1.3, 1.1]},
+                   "median_ms": {"trig0": 1.1, "trig1": 1.2}}]}
+    lines = ab.report(r).splitlines()
+    assert lines[2].split() == ["128", "1", "trig0", "1.100", "1.000x", "1.000", "/", "1.200"]
+    assert lines[3].split()[2:5] == ["trig1", "1.200", "1.091x"]

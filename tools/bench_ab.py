@@ -90,18 +90,15 @@ def check_variants(variants: list[Variant], overrides: dict[str, Any], batches: 
 
 def report(r: dict[str, Any]) -> str:
     names = [v["name"] for v in r["variants"]]
-    lines = [f"{r['device']} · {r['config']} · {r['rounds']} rounds of {r['steps']} steps · ms a step "
-             "(each round, then their median and its ratio to the first variant)"]
-    width = max(12, *(len(n) for n in names))
-    lines.append(f"{'context':>7} {'batch':>5}  " + "  ".join(f"{n:>{width}}" for n in names))
+    width = max(8, *(len(n) for n in names))
+    lines = [f"{r['device']} · {r['config']} · {r['rounds']} rounds of {r['steps']} steps · ms a step",
+             f"{'context':>7} {'batch':>5}  {'variant':<{width}}  {'median':>7}  {'ratio':>6}  rounds"]
     for row in r["rows"]:
         base = row["median_ms"][names[0]]
-        cells = []
         for n in names:
-            rounds = "/".join(f"{t:.3f}" for t in row["rounds_ms"][n])
-            cells.append(f"{rounds} → {row['median_ms'][n]:.3f} ({row['median_ms'][n] / base:.3f}x)")
-        lines.append(f"{row['context']:>7} {row['batch']:>5}")
-        lines.extend(f"{'':>14}{n:>{width}}  {c}" for n, c in zip(names, cells, strict=True))
+            med, rounds = row["median_ms"][n], " / ".join(f"{t:.3f}" for t in row["rounds_ms"][n])
+            where = f"{row['context']:>7} {row['batch']:>5}"
+            lines.append(f"{where}  {n:<{width}}  {med:7.3f}  {med / base:5.3f}x  {rounds}")
     return "\n".join(lines)
 
 
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_ab: {e}", file=sys.stderr)
         return 2
 
-    from bench_batch import dagbuild_steps  # noqa: I001
+    from bench_batch import dagbuild_steps
 
     from dagbuild.llama.weights import random_weights
     from dagbuild.load import load_spec
