@@ -94,8 +94,8 @@ def test_spec_variant_changes_only_what_it_names(tmp_path, capsys):
 
 
 def test_bench_ab_parses_and_checks_variants_on_the_host(tmp_path):
-    """tools/bench_ab.py: NAME[=SPEC][:DIM=V,...] variants; a malformed one, a missing spec, a name given twice or
-    a dim the spec refuses is an error naming the variant, before any GPU work (exit 2)."""
+    """tools/bench_ab.py: NAME[=SPEC][:DIM=V,...] variants; a malformed one, a missing spec, a file that is not a
+    spec, a name given twice or a dim the spec refuses is an error naming the variant, before any GPU work (exit 2)."""
     from helpers import load_tool
 
     ab = load_tool("bench_ab")
@@ -108,6 +108,10 @@ def test_bench_ab_parses_and_checks_variants_on_the_host(tmp_path):
             ab.parse_variant(text)
     with pytest.raises(ValueError, match="a given twice"):
         ab.parse_variants(["a", "b", "a:attn_decode_chunk=128"])
+    not_a_spec = tmp_path / "x.yaml"
+    not_a_spec.write_text("just: text\n")
+    with pytest.raises(ValueError, match="variant 'x': "):
+        ab.check_variants([ab.parse_variant(f"x={not_a_spec}")], {}, [1])
     cmd = [sys.executable, str(ROOT / "tools" / "bench_ab.py"), "--variant", "base",
            "--variant", "small:attn_decode_chunk=32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)

@@ -74,18 +74,24 @@ def parse_variants(texts: list[str]) -> list[Variant]:
     return variants
 
 
-def check_variants(variants: list[Variant], overrides: dict[str, Any], batches: list[int]) -> None:
-    """Bind every variant at every batch on the host (no GPU), so a bad spec or dim fails before any device work,
-    naming the variant."""
+def check_variants(variants: list[Variant], overrides: dict[str, Any], batches: list[int]) -> dict[str, Any]:
+    """Load and bind every variant at every batch on the host (no GPU), so a bad spec or dim fails before any device
+    work, naming the variant. Returns the loaded specs by variant name."""
     from dagbuild.bind import bind
+    from dagbuild.errors import SpecError
     from dagbuild.load import load_spec
 
+    specs = {}
     for v in variants:
-        spec = load_spec(v.spec)
+        try:
+            specs[v.name] = load_spec(v.spec)
+        except SpecError as e:
+            raise ValueError(f"variant {v.name!r}: {e}") from None
         for b in batches:
-            _, issues = bind(spec, {**overrides, **v.dims, "batch": b})
+            _, issues = bind(specs[v.name], {**overrides, **v.dims, "batch": b})
             if issues:
                 raise ValueError(f"variant {v.name!r} at batch {b}: {issues[0]}")
+    return specs
 
 
 def report(r: dict[str, Any]) -> str:
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {**dims, "wt": "f16", "max_seq": max_seq, "cache_batch": max(batches)}
     try:
         variants = parse_variants(args.variant)
-        check_variants(variants, overrides, batches)
+        specs = check_variants(variants, overrides, batches)
     except ValueError as e:
         print(f"bench_ab: {e}", file=sys.stderr)
         return 2
@@ -129,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     from bench_batch import dagbuild_steps
 
     from dagbuild.llama.weights import random_weights
-    from dagbuild.load import load_spec
     from dagbuild.pool import GraphPool
 
     try:
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         pools = {}
         for v in variants:
-            pool = stack.enter_context(GraphPool(load_spec(v.spec), {"batch": batches},
+            pool = stack.enter_context(GraphPool(specs[v.name], {"batch": batches},
                                                  overrides={**overrides, **v.dims}))
             random_weights(pool.get(batch=max(batches)), 1)
             pools[v.name] = pool
