@@ -4,14 +4,16 @@
 // or hiprtc, after dagbuild.sources.read_kernel_source has inlined kernels/port.cuh (the portability header:
 // fp16/bf16 types, conversions, warp/block reductions). Every entry point is extern "C" __global__ so its name
 // is its PTX .entry / code-object symbol. Weight-reading kernels are templates instantiated for float (_f32),
-// db_f16 (_f16: __half on CUDA) and db_bf16 (_bf16: __nv_bfloat16 on CUDA) weights; activations, the
-// KV cache and every accumulation are float32. Layouts are row-major; weights are HF nn.Linear W[n_out, k].
+// db_f16 (_f16: __half on CUDA) and db_bf16 (_bf16: __nv_bfloat16 on CUDA) weights; so are the kernels that
+// touch the KV cache, which holds the weight type (as HF's cache holds the model dtype: a key or value is
+// rounded once, when appended, and read back as a float). Activations and every accumulation are float32.
+// Layouts are row-major; weights are HF nn.Linear W[n_out, k].
 // Reductions use warp shuffles sized by warpSize at run time (never a literal 32; 64 on AMD CDNA), so block
 // shapes must be multiples of the warp width (all the launch shapes in kernels/llama.md are).
 // See kernels/llama.md for the launch table (grid/block formulas) and requirements.
 
 #include "port.cuh"
-#include "llama_common.cuh"  // WeightPack, rope_sincos, silu_f, argmax_merge
+#include "llama_common.cuh"  // WeightPack, the KV cache's loads and stores, rope_sincos, silu_f, argmax_merge
 
 // ------------------------------------------------------------------------------------------------------------
 // embed_<wt>: x[b, :] = float(table[tokens[b], :])        grid [batch], block [256]
@@ -384,24 +386,25 @@ DEFINE_GEMVW(f16, db_f16)
 DEFINE_GEMVW(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
-// rope_append: HF rotary embedding at p = pos[b], in place on q, roped k and v appended to this layer's cache
-// slice [cache_batch, kv_heads, max_seq, head_dim], after adding the Q/K/V projection bias (Qwen2; zeros for
-// Llama/Mistral).                                                                grid [batch], block [128]
+// rope_append_<wt>: HF rotary embedding at p = pos[b], in place on q, roped k and v appended to this layer's
+// cache slice [cache_batch, kv_heads, max_seq, head_dim] of the weight type, after adding the Q/K/V projection
+// bias (Qwen2; zeros for Llama/Mistral).                                          grid [batch], block [128]
 // One block per batch row; each thread owns whole pairs (i, i + head_dim/2) of one head: it reads both
 // elements into registers before writing, so the in-place q update has no intra-kernel race. The input k
 // is not modified (it is const): its roped value goes to k_cache only.
 // bias = [bq; bk; bv], (heads + 2*kv_heads) * head_dim floats (the packed wqkv row order). inv_freq =
 // [head_dim/2] floats, HF's inv_freq after any rope scaling (computed on the host, as HF does).
 // Matches HF in f32: freq = p * inv_freq[i], sin/cos via rope_sincos, out = x*cos + rotate_half(x)*sin with
-// each product and the sum rounded separately (no FMA contraction).
+// each product and the sum rounded separately (no FMA contraction); the roped k and the biased v are rounded
+// to the cache type once, as they are stored (kv_store: round to nearest even; exact for f32).
 // Requirements: head_dim even; 0 <= pos[b] < max_seq (a row whose pos is out of range still ropes q but
 // writes nothing to the cache).
 // ------------------------------------------------------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(1024)
-    rope_append(float* q, const float* k, const float* v, const float* bias, const float* inv_freq,
-                float* k_cache, float* v_cache, const int* pos, int heads, int kv_heads, int head_dim,
-                int max_seq) {
+template <typename K>
+__device__ __forceinline__ void rope_append_impl(float* q, const float* k, const float* v, const float* bias,
+                                                 const float* inv_freq, K* k_cache, K* v_cache, const int* pos,
+                                                 int heads, int kv_heads, int head_dim, int max_seq) {
     const int b = blockIdx.x;
     const int p = pos[b];
     const int half = head_dim / 2;
@@ -421,10 +424,10 @@ extern "C" __global__ void __launch_bounds__(1024)
         } else if (cache_ok) {
             const int hk = h - heads;
             const float* kh = k + ((size_t)b * kv_heads + hk) * (size_t)head_dim;
-            float* dst = k_cache + (((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim;
+            K* dst = k_cache + (((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim;
             const float x1 = kh[i] + bh[i], x2 = kh[i + half] + bh[i + half];
-            dst[i] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(-x2, s));
-            dst[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+            kv_store(dst + i, __fadd_rn(__fmul_rn(x1, c), __fmul_rn(-x2, s)));
+            kv_store(dst + i + half, __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
         }
     }
     if (cache_ok) {
@@ -432,34 +435,51 @@ extern "C" __global__ void __launch_bounds__(1024)
         const float* bv = bias + (size_t)(heads + kv_heads) * head_dim;
         for (int idx = threadIdx.x; idx < nv; idx += blockDim.x) {
             const int hk = idx / head_dim, e = idx - hk * head_dim;
-            v_cache[(((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim + e] =
-                v[(size_t)b * nv + idx] + bv[idx];
+            kv_store(v_cache + (((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim + e,
+                     v[(size_t)b * nv + idx] + bv[idx]);
         }
     }
 }
 
+#define DEFINE_ROPE_APPEND(SUFFIX, K)                                                                       \
+    extern "C" __global__ void __launch_bounds__(1024)                                                      \
+        rope_append_##SUFFIX(float* q, const float* k, const float* v, const float* bias,                   \
+                             const float* inv_freq, K* k_cache, K* v_cache, const int* pos, int heads,      \
+                             int kv_heads, int head_dim, int max_seq) {                                     \
+        rope_append_impl<K>(q, k, v, bias, inv_freq, k_cache, v_cache, pos, heads, kv_heads, head_dim,      \
+                            max_seq);                                                                       \
+    }
+DEFINE_ROPE_APPEND(f32, float)
+DEFINE_ROPE_APPEND(f16, db_f16)
+DEFINE_ROPE_APPEND(bf16, db_bf16)
+
 // ------------------------------------------------------------------------------------------------------------
-// attn_partial: flash-decoding split.          grid [batch*heads, ceil_div(max_seq, chunk)], block [128]
+// attn_partial_<wt>: flash-decoding split.     grid [batch*heads, ceil_div(max_seq, chunk)], block [128]
 // Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = pos[b] + 1, kv head
 // h / (heads / kv_heads), and walks them in tiles of blockDim.x keys with an online softmax:
-// * scores: a group of LPK = pow2ceil(head_dim/4) consecutive lanes per key, one 16-byte load of the key row
-//   per lane (the row is read coalesced), dot product reduced by shuffles inside the group; the groups
-//   stride over the tile's keys (loop trip count uniform across the block, so every shuffle is converged);
+// * scores: a group of LPK = pow2ceil(head_dim/4) consecutive lanes per key, one load of 4 elements of the key
+//   row per lane (16 bytes for f32, 8 for f16/bf16; the row is read coalesced), widened to float (exact), dot
+//   product reduced by shuffles inside the group; the groups stride over the tile's keys (loop trip count
+//   uniform across the block, so every shuffle is converged);
 // * softmax: block max, p = exp(score - m), block sum, rescale of the running (m, l, o) by exp(m_old - m);
-// * p.V: head_dim/4 threads per value row, one float4 of v each (coalesced), blockDim.x / (head_dim/4)
+// * p.V: head_dim/4 threads per value row, 4 elements of v each (coalesced), blockDim.x / (head_dim/4)
 //   key groups each keeping its own float4 accumulator, summed through shared memory once at the end.
+// The caches hold the weight type (what rope_append_<wt> stored, rounded once); every product and sum is f32.
 // Writes unnormalised o, m = max score, l = sum exp(score - m); a split with no key writes (-inf, 0, 0).
 // Requirements: head_dim % 4 == 0 and 4 <= head_dim <= 4 * warpSize (128 at warpSize 32); chunk >= 1 (any
-// value: tiled); kv_heads divides heads; blockDim.x a multiple of warpSize, <= 128; q, caches and part_o
-// 16-byte aligned.
+// value: tiled); kv_heads divides heads; blockDim.x a multiple of warpSize, <= 128; q and part_o 16-byte
+// aligned, the caches 4-element aligned. The caches are read through the read-only path (__ldg): they were
+// written by an earlier launch (rope_append), never by one this kernel overlaps.
 // ------------------------------------------------------------------------------------------------------------
 
 #define ATTN_BLOCK 128
-#define ATTN_UNROLL 8  // keys per thread whose 16-byte loads are in flight together
+#define ATTN_UNROLL 8  // keys per thread whose loads are in flight together
 
-extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
-    attn_partial(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
-                 float* part_ml, int heads, int kv_heads, int head_dim, int max_seq, int chunk, float scale) {
+template <typename K>
+__device__ __forceinline__ void attn_partial_impl(const float* q, const K* k_cache, const K* v_cache, const int* pos,
+                                                  float* part_o, float* part_ml, int heads, int kv_heads,
+                                                  int head_dim, int max_seq, int chunk, float scale) {
+    using R = typename Kv4<K>::raw;         // 4 cache elements: one load
     __shared__ float sp[ATTN_BLOCK];        // the tile's scores, then its probabilities
     __shared__ float4 sacc[ATTN_BLOCK];     // p.V partials of the key groups, summed at the end
     __shared__ float sred[DB_MAX_WARPS];
@@ -480,8 +500,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const int vg = tid / d4, vc4 = tid % d4, n_vg = nthreads / d4;
 
     const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)head_dim;
-    const float4* kc4 = reinterpret_cast<const float4*>(k_cache + kv_base);
-    const float4* vc4p = reinterpret_cast<const float4*>(v_cache + kv_base);
+    const R* kc4 = reinterpret_cast<const R*>(k_cache + kv_base);
+    const R* vc4p = reinterpret_cast<const R*>(v_cache + kv_base);
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const float4 qv = (sc4 < d4) ? __ldg(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
 
@@ -496,7 +516,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
             for (int u = 0; u < ATTN_UNROLL; ++u) {
                 const int kk = base + u * n_sg + sg;
                 float4 kv = zero4;
-                if (kk < nt && sc4 < d4) kv = __ldg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
+                if (kk < nt && sc4 < d4) kv = kv_unpack4<K>(db_ldg(kc4 + (size_t)(t0 + kk) * d4 + sc4));
                 dot[u] = qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
             }
             for (int o = lpk >> 1; o > 0; o >>= 1) {
@@ -532,7 +552,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
                     vv[u] = zero4;
                     p[u] = 0.0f;
                     if (j < nt) {
-                        vv[u] = __ldg(vc4p + (size_t)(t0 + j) * d4 + vc4);
+                        vv[u] = kv_unpack4<K>(db_ldg(vc4p + (size_t)(t0 + j) * d4 + vc4));
                         p[u] = sp[j];
                     }
                 }
@@ -566,6 +586,19 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
         part_ml[row * 2 + 1] = l;
     }
 }
+
+#define DEFINE_ATTN_PARTIAL(SUFFIX, K)                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)                                                \
+        attn_partial_##SUFFIX(const float* q, const K* k_cache, const K* v_cache, const int* pos,            \
+                              float* part_o, float* part_ml, int heads, int kv_heads, int head_dim,         \
+                              int max_seq, int chunk, float scale) {                                        \
+        attn_partial_impl<K>(q, k_cache, v_cache, pos, part_o, part_ml, heads, kv_heads, head_dim, max_seq, \
+                             chunk, scale);                                                                 \
+    }
+DEFINE_ATTN_PARTIAL(f32, float)
+DEFINE_ATTN_PARTIAL(f16, db_f16)
+DEFINE_ATTN_PARTIAL(bf16, db_bf16)
+
 // ------------------------------------------------------------------------------------------------------------
 // attn_combine: out[b, h, :] = sum_s exp(m_s - M) o_s / sum_s exp(m_s - M) l_s     grid [batch*heads],
 // block [128]. One block per (b, h); each thread owns head dimensions e (strided) and walks the few splits

@@ -8,7 +8,10 @@
 //
 // Entries (the params are those of the batch-1 entries, so a spec swaps kernel and launch shape by dims):
 //   qkv_rope_mma_<wt>, gemv_res_mma_<wt>, gemv_norm_mma_<wt>, gate_up_silu_mma_<wt>   wt = f16 | bf16 | f32
-//   attn_decode_batched (params of attn_decode), attn_qkv_<wt> (the GEMM path's attention: RoPE, KV append, cast)
+//   (likewise _mv_ and _mvc_), attn_decode_batched_<wt> (params of attn_decode_<wt>), attn_qkv_<wt> and
+//   attn_qkv_mma_<wt> (the GEMM path's attention: RoPE, KV append, cast)
+// The KV caches hold wt (kernels/llama_common.cuh, Kv4): keys and values are rounded once, when appended, and
+// computed on as floats.
 // kernels/llama_batched.md has the launch table and the reasoning.
 
 #include "llama_fused.cu"
@@ -785,14 +788,14 @@ __device__ __forceinline__ void tc_gemm(const Job& job, const T* w, const T* nw,
 }
 
 template <int ENGINE, typename T>
-__device__ __forceinline__ void qkv_tc_impl(const T* w, const T* norm, const float* x, float* q, float* k_cache,
-                                            float* v_cache, const int* pos, const float* bias,
-                                            const float* inv_freq, int hidden, int heads, int kv_heads,
-                                            int head_dim, int max_seq, int batch, float eps) {
+__device__ __forceinline__ void qkv_tc_impl(const T* w, const T* norm, const float* x, float* q, T* k_cache,
+                                            T* v_cache, const int* pos, const float* bias, const float* inv_freq,
+                                            int hidden, int heads, int kv_heads, int head_dim, int max_seq,
+                                            int batch, float eps) {
     DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
-    const QkvJob job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
-                     (heads + 2 * kv_heads) * (head_dim / 2)};
+    const QkvJob<T> job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
+                        (heads + 2 * kv_heads) * (head_dim / 2)};
     tc_gemm<ENGINE, T, true>(job, w, norm, x, hidden, batch, eps);
 }
 
@@ -815,7 +818,7 @@ __device__ __forceinline__ void rows_tc_impl(const T* w, const T* norm, const fl
 // NAME: mma | mv; ATTRS: launch bounds and (MMA) the cluster shape
 #define DEFINE_TC(NAME, ENGINE, ATTRS, SUFFIX, T)                                                           \
     extern "C" __global__ void ATTRS qkv_rope_##NAME##_##SUFFIX(                                           \
-        const T* w, const T* norm, const float* x, float* q, float* k_cache, float* v_cache, const int* pos, \
+        const T* w, const T* norm, const float* x, float* q, T* k_cache, T* v_cache, const int* pos,         \
         const float* bias, const float* inv_freq, int hidden, int heads, int kv_heads, int head_dim,         \
         int max_seq, int batch, float eps) {                                                                 \
         qkv_tc_impl<ENGINE, T>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads,         \
@@ -872,18 +875,20 @@ DEFINE_TC_F32(mv)
 DEFINE_TC_F32(mvc)
 
 // ------------------------------------------------------------------------------------------------------------
-// attn_decode_batched: decode attention for many rows, one block per (row, kv head, split), the whole query
+// attn_decode_batched_<wt>: decode attention for many rows, one block per (row, kv head, split), the whole query
 // group of the kv head in the block, so each K/V byte is read once per step (attn_decode reads it once per query
-// head). Params as attn_decode; grid [batch * kv_heads, splits], block [256]; heads / kv_heads <= AB_MAX_GROUP.
+// head). Params as attn_decode_<wt> (caches of wt: float, f16 or bf16); grid [batch * kv_heads, splits], block
+// [256]; heads / kv_heads <= AB_MAX_GROUP.
 // Splits are sized by the real length: row b has L = min(pos[b] + 1, max_seq) keys, cut into
 // nlive = min(splits, ceil_div(L, chunk)) splits of ceil_div(L, nlive) keys (chunk: the fewest keys worth a
-// split); blocks past nlive return. K and V tiles of AB_TK keys go through shared memory (16-byte cp.async);
-// split 0 (live whenever the row is, starting at key 0) copies q and its first tile together with the pos load,
-// the others after it (one round trip fewer where one split does the work). Warp w owns query heads w and w + 8:
-// per tile, lane t scores key t against the head's q (its K row in float4s from shared memory, q broadcast),
+// split); blocks past nlive return. K and V tiles of AB_TK keys go through shared memory as the cache holds them
+// (wt: 16-byte cp.async, converted to f32 as they are read); pos is read before the wait and a live split copies
+// its first tile's rows below p before it (row p and q after it). Warp w owns query heads w and w + 8:
+// per tile, lane t scores key t against the head's q (its K row in 16-byte reads from shared memory, q broadcast),
 // the warp's online softmax needs no shared memory, and p.V gives lane l dims l + 32 j (each key's p from its
 // lane by shuffle, the V row read along the dims): per tile one barrier after the copies and one before the
-// buffer is refilled, and every shared read conflict-free (rows of head_dim + 4 floats). A group of at most 4
+// buffer is refilled, and every shared read conflict-free (ab_ld: rows of head_dim + 4 floats, or head_dim + 8
+// or + 16 halves). A group of at most 4
 // query heads at head_dim <= 64 gives each head two warps instead (tiles of 64 keys, 32 a warp, the two warps'
 // (m, l, o) merged at the end), so half the warps do not idle (ab_warps_a_head). nlive == 1: the block writes
 // out; else partials (o, m, l) per head to part_o/part_ml and the last block of the row's head group (a counter,
@@ -892,14 +897,15 @@ DEFINE_TC_F32(mvc)
 //
 // attn_qkv_<wt> (the GEMM path, batch >= gemm_batch): the same attention fed straight from the QKV GEMM's f32
 // output, so RoPE, the KV append and the cast to the O GEMM's input type need no nodes of their own:
-//   params  const f32* qkv, f32* k_cache, f32* v_cache, const i32* pos, const f32* bias, const f32* inv_freq,
+//   params  const f32* qkv, wt* k_cache, wt* v_cache, const i32* pos, const f32* bias, const f32* inv_freq,
 //           f32* part_o, f32* part_ml, i32* counters, wt* out, i32 heads, i32 kv_heads, i32 head_dim,
 //           i32 max_seq, i32 chunk, f32 scale
 // Each block biases and ropes its heads' q rows from qkv ([batch, (heads + 2 * kv_heads) * head_dim], wqkv's
 // row order) into shared memory as rope_kv_prefill (kernels/llama_prefill.cu) does, arithmetic for arithmetic.
 // The block whose split holds the row's new key (the last split with keys; the position p < max_seq) ropes that key
-// and biases its value, writes both into its shared tile in place of the cache rows it copied (nobody else
-// reads row p this step), and subgroup 0's block stores them in the caches at p. out [batch, heads * head_dim]
+// and biases its value, writes both, rounded to wt, into its shared tile in place of the cache rows it copied
+// (nobody else reads row p this step), and subgroup 0's block stores them in the caches at p (rounded to wt once:
+// the tile holds the very values a later step reads back from the cache). out [batch, heads * head_dim]
 // is wt (rounded once from the f32 result). A position >= max_seq appends nothing (as rope_kv_prefill). Any
 // group size: a group of more than AB_MAX_GROUP query heads takes ceil_div(group, AB_MAX_GROUP) blocks
 // (subgroups; blockIdx.x = (row * kv_heads + kv head) * subgroups + subgroup), each reading the kv head; grid
@@ -914,9 +920,10 @@ DEFINE_TC_F32(mvc)
 #define AB_MAX_HD 128
 #define AB_LD (AB_MAX_HD + 4)
 #define AB_ALIGN16 __attribute__((aligned(16)))
-// K/V tiles: rows of head_dim + 4 floats (16-byte aligned rows, 4-bank skew between keys), one K and one V tile of
-// AB_TK * S keys: a group of at most 4 query heads gives each head S = 2 warps where a 64-key tile fits (head_dim
-// <= 64), each scoring its own AB_TK keys of every tile, merged at the end, so half the warps do not idle.
+// K/V tiles: rows of ab_ld<wt>(head_dim) cache elements (below), one K and one V tile of AB_TK * S keys in the float
+// buffer kvs (sized for f32 tiles; f16/bf16 tiles take about half of it): a group of at most 4 query heads gives
+// each head S = 2 warps where a 64-key f32 tile fits (head_dim <= 64, at every wt), each scoring its own AB_TK keys
+// of every tile, merged at the end, so half the warps do not idle.
 // H100, tools/bench_attn.py (attn_qkv_f16, TinyLlama heads, one run): single-buffered at 64 registers (4 blocks an
 // SM) beat double-buffered tiles (another tile in flight, fewer blocks) at every batch and context measured.
 #define AB_KV_FLOATS_64 (2 * (2 * AB_TK) * (64 + 4))  // K and V tiles of 2 * AB_TK keys at head_dim 64
@@ -932,11 +939,21 @@ DEFINE_TC_F32(mvc)
 #endif
 
 struct AbShared {
-    AB_ALIGN16 float kvs[AB_KV_FLOATS];  // the K tile, then the V tile; the combine's partials
+    AB_ALIGN16 float kvs[AB_KV_FLOATS];  // the K tile, then the V tile (cache elements); the combine's partials
     AB_ALIGN16 float qs[AB_MAX_GROUP * AB_MAX_HD];
-    AB_ALIGN16 float kv_new[2 * AB_MAX_HD];  // QKV: the row's new key (roped), then its value
+    AB_ALIGN16 float kv_new[2 * AB_MAX_HD];  // QKV: the row's new key (roped), then its value (f32)
     int s_last;
 };
+
+// Elements a K/V tile row (cache element type K): 16-byte aligned rows (cp.async) of an odd number of 16-byte
+// units, so the 16-byte reads of 8 lanes (8 keys, one chunk each) hit distinct banks: f32 head_dim + 4 floats;
+// f16/bf16 head_dim + 8 halves, or + 16 where head_dim / 8 is odd. The V reads (a row along the dims) are
+// conflict-free at any width.
+template <typename K>
+__device__ __forceinline__ int ab_ld(int hd) {
+    if constexpr (sizeof(K) == 4) return hd + 4;  // head_dim % 8 == 0: an odd number of 16-byte units
+    return hd + 8 + (hd & 8);                     // + 8 where head_dim / 8 is even, else + 16
+}
 
 // Pair i of a biased head row at position p, roped: (x1, x2) -> (y1, y2), as rope_kv_prefill
 // (kernels/llama_prefill.cu), arithmetic for arithmetic.
@@ -1014,8 +1031,9 @@ __device__ __forceinline__ int ab_warps_a_head(int group, int head_dim) {
 // QKV: q is the QKV GEMM's output (rope, bias and the KV append here); else q is the roped q [batch, heads,
 // head_dim] and the caches hold key p already (bias and inv_freq unused, nothing written to the caches).
 // S: warps a query head (ab_warps_a_head), a template argument so the one-warp form keeps its registers.
-template <typename O, bool QKV, int S>
-__device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, float* k_cache, float* v_cache,
+// K: the caches' element type (the tiles hold it; converted to f32 as read from shared memory).
+template <typename K, typename O, bool QKV, int S>
+__device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, K* k_cache, K* v_cache,
                                                   const int* pos, const float* bias, const float* inv_freq,
                                                   float* part_o, float* part_ml, int* counters, O* out, int heads,
                                                   int kv_heads, int head_dim, int max_seq, int chunk, float scale) {
@@ -1031,7 +1049,8 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     const int b = bk / kv_heads, kvh = bk - b * kv_heads, s = blockIdx.y;
     const int G = QKV ? min(AB_MAX_GROUP, group - sub * AB_MAX_GROUP) : group;  // query heads of this block
     const int h0 = kvh * group + sub * AB_MAX_GROUP;  // its first query head
-    const int hd = head_dim, half = hd / 2, ld = hd + 4;
+    constexpr int VEC = 16 / (int)sizeof(K);  // cache elements a 16-byte copy (4 f32, 8 f16/bf16)
+    const int hd = head_dim, half = hd / 2, ld = ab_ld<K>(hd);
     constexpr int TKE = AB_TK * S;  // keys a tile
     constexpr int NU = S == 1 ? 2 : 1;  // heads a warp
     // warp w: with S == 1 heads w and w + 8; else head w % G and keys [32 sl, 32 sl + 32) of each tile; a warp
@@ -1041,21 +1060,21 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     const size_t qkv_width = (size_t)(heads + 2 * kv_heads) * hd;
     const float* qg = QKV ? q + (size_t)b * qkv_width + (size_t)h0 * hd : q + ((size_t)b * heads + h0) * hd;
     // K and V rows [t0, t0 + TKE) (rows past nt zero-filled) into ks/vs: 16-byte copies, no commit
-    float* ks = kvs;
-    float* vs = kvs + TKE * ld;
+    K* ks = reinterpret_cast<K*>(kvs);
+    K* vs = ks + TKE * ld;
     // Without QKV (attn_decode_batched) pos, a step input, is read before the wait (kernels/llama_fused.md, the PDL
     // contract): a dead split leaves without waiting, and a live one copies its first tile's rows below p before
     // the wait; row p (the QKV node writes it) is copied after the wait, never twice (copy_tile issues nothing for
     // row `skip`). attn_qkv keeps pos after the wait: at 64 registers the early form spills.
     constexpr bool POS_EARLY = !QKV;
     auto copy_tile = [&](int t0, int nt, int skip) {
-        for (int c = tid; c < TKE * (hd / 4); c += AB_THREADS) {
-            const int r = c / (hd / 4), ch = c - r * (hd / 4);
+        for (int c = tid; c < TKE * (hd / VEC); c += AB_THREADS) {
+            const int r = c / (hd / VEC), ch = c - r * (hd / VEC);
             if (POS_EARLY && t0 + r == skip) continue;
             const bool ok = r < nt;
-            const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * 4;
-            db_cp_async16(ks + r * ld + ch * 4, k_cache + off, ok);
-            db_cp_async16(vs + r * ld + ch * 4, v_cache + off, ok);
+            const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * hd + ch * VEC;
+            db_cp_async16(ks + r * ld + ch * VEC, k_cache + off, ok);
+            db_cp_async16(vs + r * ld + ch * VEC, v_cache + off, ok);
         }
     };
     auto copy_q = [&]() {
@@ -1080,11 +1099,11 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         }
         copy_q();
         if (sp.start <= sp.p && sp.p - sp.start < nt0)
-            for (int c = tid; c < hd / 4; c += AB_THREADS) {
+            for (int c = tid; c < hd / VEC; c += AB_THREADS) {
                 const int r = sp.p - sp.start;
-                const size_t off = kv_base + (size_t)sp.p * hd + c * 4;
-                db_cp_async16(ks + r * ld + c * 4, k_cache + off, true);
-                db_cp_async16(vs + r * ld + c * 4, v_cache + off, true);
+                const size_t off = kv_base + (size_t)sp.p * hd + c * VEC;
+                db_cp_async16(ks + r * ld + c * VEC, k_cache + off, true);
+                db_cp_async16(vs + r * ld + c * VEC, v_cache + off, true);
             }
         db_cp_commit();
     } else {
@@ -1107,7 +1126,7 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
     }
     db_cp_commit();
     // QKV: the block whose keys hold p (when p < max_seq: the last split with any keys) replaces the cache row
-    // it copies with the new key and value
+    // it copies with the new key and value, rounded to K as the cache stores them
     const bool append = QKV && p < max_seq && start <= p && p < end;
     if (QKV) {
         for (int idx = tid; idx < G * half; idx += AB_THREADS) {
@@ -1123,8 +1142,8 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
             __syncthreads();
             if (sub == 0)  // into the caches now: no block reads slot p this step (this one patches its tile)
                 for (int e = tid; e < hd; e += AB_THREADS) {
-                    k_cache[kv_base + (size_t)p * hd + e] = kv_new[e];
-                    v_cache[kv_base + (size_t)p * hd + e] = kv_new[AB_MAX_HD + e];
+                    kv_store(k_cache + kv_base + (size_t)p * hd + e, kv_new[e]);
+                    kv_store(v_cache + kv_base + (size_t)p * hd + e, kv_new[AB_MAX_HD + e]);
                 }
         }
     }
@@ -1150,10 +1169,10 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         if (ATTN_BATCHED_TRIGGER == 1 && it == 0) PDL_LAUNCH_DEPENDENTS();
         db_cp_wait<0>();
         __syncthreads();
-        if (QKV && append && p - t0 < nt) {  // the tile holds key p: the new key and value (block-uniform)
-            for (int e = tid; e < hd; e += AB_THREADS) {
-                ks[(p - t0) * ld + e] = kv_new[e];
-                vs[(p - t0) * ld + e] = kv_new[AB_MAX_HD + e];
+        if (QKV && append && p - t0 < nt) {  // the tile holds key p: the new key and value (block-uniform), as
+            for (int e = tid; e < hd; e += AB_THREADS) {  // the cache holds them (rounded to K: from_float = kv_store)
+                ks[(p - t0) * ld + e] = from_float<K>(kv_new[e]);
+                vs[(p - t0) * ld + e] = from_float<K>(kv_new[AB_MAX_HD + e]);
             }
             __syncthreads();
         }
@@ -1161,20 +1180,25 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
         for (int u = 0; u < NU; ++u) {
             const int h = hw + 8 * u;
             if (h >= G || nw <= 0) continue;  // warp-uniform
-            // score of key 32 sl + lane: its K row (float4s, rows ld floats apart: conflict-free) against q
-            // (a broadcast)
+            // score of key 32 sl + lane: its K row (16 bytes a read, VEC elements as floats; rows ab_ld apart:
+            // conflict-free) against q (a broadcast)
             float sc = NEG_INF;
             if (lane < nw) {
-                const float4* k4 = reinterpret_cast<const float4*>(ks + (AB_TK * sl + lane) * ld);
+                const uint4* k16 = reinterpret_cast<const uint4*>(ks + (AB_TK * sl + lane) * ld);
                 const float4* q4 = reinterpret_cast<const float4*>(qs + h * hd);
                 float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma unroll AB_UNROLL
-                for (int c = 0; c < hd / 4; ++c) {
-                    const float4 kv = k4[c], qv = q4[c];
-                    a0 = fmaf(qv.x, kv.x, a0);
-                    a1 = fmaf(qv.y, kv.y, a1);
-                    a2 = fmaf(qv.z, kv.z, a2);
-                    a3 = fmaf(qv.w, kv.w, a3);
+                for (int c = 0; c < hd / VEC; ++c) {
+                    float kf[VEC];
+                    WeightPack<K>::unpack(k16[c], kf);
+#pragma unroll
+                    for (int e = 0; e < VEC; e += 4) {
+                        const float4 qv = q4[c * (VEC / 4) + e / 4];
+                        a0 = fmaf(qv.x, kf[e], a0);
+                        a1 = fmaf(qv.y, kf[e + 1], a1);
+                        a2 = fmaf(qv.z, kf[e + 2], a2);
+                        a3 = fmaf(qv.w, kf[e + 3], a3);
+                    }
                 }
                 sc = scale * ((a0 + a1) + (a2 + a3));
             }
@@ -1191,10 +1215,10 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
 #pragma unroll AB_UNROLL
             for (int t = 0; t < nw; ++t) {
                 const float pt = db_shfl(pr, t);
-                const float* vrow = vs + (AB_TK * sl + t) * ld + lane;
+                const K* vrow = vs + (AB_TK * sl + t) * ld + lane;
 #pragma unroll
                 for (int j = 0; j < AB_MAX_HD / 32; ++j)
-                    if (lane + 32 * j < hd) o[u][j] = fmaf(pt, vrow[32 * j], o[u][j]);
+                    if (lane + 32 * j < hd) o[u][j] = fmaf(pt, to_float(vrow[32 * j]), o[u][j]);
             }
         }
         __syncthreads();  // the tile is rewritten by the next one
@@ -1260,37 +1284,42 @@ __device__ __forceinline__ void attn_batched_impl(AbShared& sh, const float* q, 
                     nlive, hd, kvs, AB_KV_FLOATS, s_last);
 }
 
-// The block's shared memory and its warps a head (a template argument of the body).
-template <typename O, bool QKV>
-__device__ __forceinline__ void attn_batched(const float* q, float* k_cache, float* v_cache, const int* pos,
+// The block's shared memory and its warps a head (a template argument of the body). K: the caches' type.
+template <typename K, typename O, bool QKV>
+__device__ __forceinline__ void attn_batched(const float* q, K* k_cache, K* v_cache, const int* pos,
                                              const float* bias, const float* inv_freq, float* part_o, float* part_ml,
                                              int* counters, O* out, int heads, int kv_heads, int head_dim, int max_seq,
                                              int chunk, float scale) {
     __shared__ AbShared sh;
     if (ab_warps_a_head(heads / kv_heads, head_dim) == 2)
-        attn_batched_impl<O, QKV, 2>(sh, q, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,
-                                     heads, kv_heads, head_dim, max_seq, chunk, scale);
+        attn_batched_impl<K, O, QKV, 2>(sh, q, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters,
+                                        out, heads, kv_heads, head_dim, max_seq, chunk, scale);
     else
-        attn_batched_impl<O, QKV, 1>(sh, q, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,
-                                     heads, kv_heads, head_dim, max_seq, chunk, scale);
+        attn_batched_impl<K, O, QKV, 1>(sh, q, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters,
+                                        out, heads, kv_heads, head_dim, max_seq, chunk, scale);
 }
 
-extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)
-    attn_decode_batched(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
-                        float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim,
-                        int max_seq, int chunk, float scale) {
-    // nothing is written to the caches without QKV
-    attn_batched<float, false>(q, const_cast<float*>(k_cache), const_cast<float*>(v_cache), pos, nullptr, nullptr,
-                               part_o, part_ml, counters, out, heads, kv_heads, head_dim, max_seq, chunk, scale);
-}
+// nothing is written to the caches without QKV
+#define DEFINE_ATTN_DECODE_BATCHED(SUFFIX, K)                                                                 \
+    extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)                                  \
+        attn_decode_batched_##SUFFIX(const float* q, const K* k_cache, const K* v_cache, const int* pos,      \
+                                     float* part_o, float* part_ml, int* counters, float* out, int heads,     \
+                                     int kv_heads, int head_dim, int max_seq, int chunk, float scale) {       \
+        attn_batched<K, float, false>(q, const_cast<K*>(k_cache), const_cast<K*>(v_cache), pos, nullptr,      \
+                                      nullptr, part_o, part_ml, counters, out, heads, kv_heads, head_dim,     \
+                                      max_seq, chunk, scale);                                                 \
+    }
+DEFINE_ATTN_DECODE_BATCHED(f32, float)
+DEFINE_ATTN_DECODE_BATCHED(f16, db_f16)
+DEFINE_ATTN_DECODE_BATCHED(bf16, db_bf16)
 
 #define DEFINE_ATTN_QKV(SUFFIX, T)                                                                              \
     extern "C" __global__ void __launch_bounds__(AB_THREADS, AB_MIN_BLOCKS)                                    \
-        attn_qkv_##SUFFIX(const float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias, \
+        attn_qkv_##SUFFIX(const float* qkv, T* k_cache, T* v_cache, const int* pos, const float* bias,         \
                           const float* inv_freq, float* part_o, float* part_ml, int* counters, T* out,         \
                           int heads, int kv_heads, int head_dim, int max_seq, int chunk, float scale) {        \
-        attn_batched<T, true>(qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,      \
-                              heads, kv_heads, head_dim, max_seq, chunk, scale);                               \
+        attn_batched<T, T, true>(qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,   \
+                                 heads, kv_heads, head_dim, max_seq, chunk, scale);                            \
     }
 DEFINE_ATTN_QKV(f32, float)
 DEFINE_ATTN_QKV(f16, db_f16)
@@ -1304,17 +1333,21 @@ DEFINE_ATTN_QKV(bf16, db_bf16)
 // takes 16 keys of a pass of AM_PASS = 128 keys for the whole query group at once: S = q K^T as m16n8k16 MMAs
 // (the group's <= 16 query heads are the M rows, keys the N columns, head dims K), the online softmax on the
 // accumulator fragments (a row's four threads a quad), and O += P V with P's fragments reused as the A operand.
-// A pass is one round of 16-byte copies of the K and V rows (f32 caches, converted to wt as the fragments are
-// read), so a context of <= 128 keys is one DRAM round trip and one split (no combine). After the last pass the
+// A pass is one round of 16-byte copies of the K and V rows (wt caches, kept in wt in shared memory: the K rows
+// are the B operand of the scores as ldmatrix loads them, V's pairs of keys are packed into the B operand of P V
+// from 16-bit reads), so a context of <= 128 keys is one DRAM round trip and one split (no combine). The new
+// key and value are patched into the pass rounded to wt, as the cache holds them. After the last pass the
 // eight warps' (m, l, o) are merged in key order through shared memory (deterministic), then the output or the
 // split's partials and attn_combine, as attn_qkv.
-// Numerics: q (roped in f32 as attn_qkv does), K, V and P are rounded to wt before the products (f16: 11-bit,
-// bf16: 8-bit significand), sums in f32; the output is rounded once to wt. f32 models, head dims other than 32,
-// 64 and 128, and HIP run attn_qkv's arithmetic out of the same dynamic shared memory.
-// Shared memory (dynamic, am_smem_bytes): [K pass AM_PASS x (hd + 8) f32][V pass AM_PASS x (hd + 4) f32]
+// Numerics: q (roped in f32 as attn_qkv does) and P are rounded to wt before the products (f16: 11-bit, bf16:
+// 8-bit significand; K and V are wt already, as the cache holds them), sums in f32; the output is rounded once to
+// wt. f32 models, head dims other than 32, 64 and 128, and HIP run attn_qkv's arithmetic out of the same dynamic
+// shared memory.
+// Shared memory (dynamic, am_smem_bytes): [K pass AM_PASS x (hd + 8) wt][V pass AM_PASS x (hd + 8) wt]
 // [q 16 x (hd + 8) wt][new key, value 2 hd f32], and at least AM_SCALAR_FLOATS floats (AbShared, for the f32
-// path): the spec's `shared` is 4 * max(128 * (2 * head_dim + 12) + 8 * (head_dim + 8) + 2 * head_dim, 11264)
-// bytes (a smaller launch traps).
+// path and the other head dims): 4 * max(136 * (head_dim + 8) + 2 * head_dim, 11264) bytes at least (a smaller
+// launch traps; 45,056 at head_dim 64, 75,008 at 128). Rows of hd + 8 halves: the ldmatrix rows of K (8 keys
+// an odd number of 16-byte units apart) and the 16-bit V reads (4 key pairs, 8 banks apart) are conflict-free.
 // ------------------------------------------------------------------------------------------------------------
 
 #define AM_KEYS 16                       // keys a warp a pass
@@ -1323,24 +1356,25 @@ DEFINE_ATTN_QKV(bf16, db_bf16)
 #define AM_SCALAR_FLOATS 11264  // attn_qkv's shared memory (AbShared) in floats, rounded up
 static_assert(sizeof(AbShared) <= 4 * AM_SCALAR_FLOATS, "AM_SCALAR_FLOATS (and the spec's shared) must hold AbShared");
 
+// the tensor-core form's bytes (wt K and V passes, q, the f32 new key and value) in floats: 136 (hd + 8) + 2 hd
+__host__ __device__ constexpr int am_tc_floats(int hd) { return (2 * AM_PASS + 16) * (hd + 8) / 2 + 2 * hd; }
 __host__ __device__ constexpr unsigned int am_smem_bytes(int hd) {
-    return 4u * (AM_PASS * (2 * hd + 12) + 8 * (hd + 8) + 2 * hd > AM_SCALAR_FLOATS
-                     ? AM_PASS * (2 * hd + 12) + 8 * (hd + 8) + 2 * hd
-                     : AM_SCALAR_FLOATS);
+    return 4u * (unsigned int)(am_tc_floats(hd) > AM_SCALAR_FLOATS ? am_tc_floats(hd) : AM_SCALAR_FLOATS);
 }
 
 #if DB_CUDA
 template <typename O, int HD>
-__device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* qkv, float* k_cache, float* v_cache,
+__device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* qkv, O* k_cache, O* v_cache,
                                               const int* pos, const float* bias, const float* inv_freq,
                                               float* part_o, float* part_ml, int* counters, O* out, int heads,
                                               int kv_heads, int max_seq, int chunk, float scale, int& s_last) {
     using MT = MmaType<O>;
-    constexpr int KLD = HD + 8, VLD = HD + 4, QLD = HD + 8, NT = HD / 8, KS = HD / 16, HALF = HD / 2;
-    constexpr int C4 = HD / 4;  // 16-byte chunks a row
-    float* ks = reinterpret_cast<float*>(smem);
-    float* vs = ks + AM_PASS * KLD;
-    O* qh = reinterpret_cast<O*>(vs + AM_PASS * VLD);
+    constexpr int LD = HD + 8, QLD = HD + 8, NT = HD / 8, KS = HD / 16, HALF = HD / 2;  // LD: K and V rows
+    constexpr int C8 = HD / 8;  // 16-byte chunks a row
+    static_assert(sizeof(O) == 2 && 4 * (256 + 128 * HD) <= 2 * 2 * AM_PASS * LD, "the merge fits the passes");
+    O* ks = reinterpret_cast<O*>(smem);
+    O* vs = ks + AM_PASS * LD;
+    O* qh = vs + AM_PASS * LD;
     float* kv_new = reinterpret_cast<float*>(qh + 16 * QLD);
     DB_TRACE_BLOCK();
     if (ATTN_BATCHED_TRIGGER == 0) PDL_LAUNCH_DEPENDENTS();
@@ -1356,12 +1390,12 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
     // K and V rows [t0, t0 + AM_PASS) (rows past nt zero-filled): 16-byte copies, no commit
     auto copy_pass = [&](int t0, int nt) {
 #pragma unroll 1  // unrolled, the head_dim 128 form spills at 128 registers
-        for (int c = tid; c < AM_PASS * C4; c += AB_THREADS) {
-            const int r = c / C4, ch = c - r * C4;
+        for (int c = tid; c < AM_PASS * C8; c += AB_THREADS) {
+            const int r = c / C8, ch = c - r * C8;
             const bool ok = r < nt;
-            const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * HD + ch * 4;
-            db_cp_async16(ks + r * KLD + ch * 4, k_cache + off, ok);
-            db_cp_async16(vs + r * VLD + ch * 4, v_cache + off, ok);
+            const size_t off = kv_base + (size_t)(t0 + (ok ? r : 0)) * HD + ch * 8;
+            db_cp_async16(ks + r * LD + ch * 8, k_cache + off, ok);
+            db_cp_async16(vs + r * LD + ch * 8, v_cache + off, ok);
         }
     };
     // The rope's operands: this thread's q pairs u (item tid + 256 u: head h, pair i = tid % HALF, one frequency
@@ -1418,10 +1452,10 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
         if (tid < HALF) ab_rope(kx1, kx2, freq, p, kv_new[tid], kv_new[tid + HALF]);
         if (tid < HD) kv_new[HD + tid] = vx;
         __syncthreads();
-        if (sub == 0)  // into the caches now: no block reads slot p this step (this one patches its pass)
-            for (int e = tid; e < HD; e += AB_THREADS) {
-                k_cache[kv_base + (size_t)p * HD + e] = kv_new[e];
-                v_cache[kv_base + (size_t)p * HD + e] = kv_new[HD + e];
+        if (sub == 0)  // into the caches now (rounded to wt): no block reads slot p this step (this one patches
+            for (int e = tid; e < HD; e += AB_THREADS) {  // its pass)
+                kv_store(k_cache + kv_base + (size_t)p * HD + e, kv_new[e]);
+                kv_store(v_cache + kv_base + (size_t)p * HD + e, kv_new[HD + e]);
             }
     }
     DB_TRACE_MARK(1);  // q and the new key ready (blocktrace)
@@ -1438,10 +1472,10 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
         if (ATTN_BATCHED_TRIGGER == 1 && it == 0) PDL_LAUNCH_DEPENDENTS();
         db_cp_wait<0>();
         __syncthreads();
-        if (append && p - t0 >= 0 && p - t0 < nt) {  // the pass holds key p: the new key and value
-            for (int e = tid; e < HD; e += AB_THREADS) {
-                ks[(p - t0) * KLD + e] = kv_new[e];
-                vs[(p - t0) * VLD + e] = kv_new[HD + e];
+        if (append && p - t0 >= 0 && p - t0 < nt) {  // the pass holds key p: the new key and value, rounded to
+            for (int e = tid; e < HD; e += AB_THREADS) {    // wt as the cache holds them (from_float = kv_store)
+                ks[(p - t0) * LD + e] = from_float<O>(kv_new[e]);
+                vs[(p - t0) * LD + e] = from_float<O>(kv_new[HD + e]);
             }
             __syncthreads();
         }
@@ -1453,15 +1487,13 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
             for (int j = 0; j < 2; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk) {
-                unsigned int a[4];
+                unsigned int a[4], bk[4];
                 mm_ldmatrix_x4(a, qh + (lane & 15) * QLD + kk * 16 + (lane >> 4) * 8);
+                // B: matrix m = lane / 8 is keys kw + 8 (m / 2) .. + 7 (n8 tile j = m / 2) x dims kk * 16 +
+                // 8 (m % 2) .. + 7 (b0, b1): a thread gets key kw + 8 j + r0, dims cq, cq + 1 (+ 8)
+                mm_ldmatrix_x4(bk, ks + (kw + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const float* kr = ks + (kw + 8 * j + r0) * KLD + kk * 16 + cq;
-                    const float2 lo = *reinterpret_cast<const float2*>(kr);
-                    const float2 hi = *reinterpret_cast<const float2*>(kr + 8);
-                    MT::mma(sc[j], a, MT::pack(lo.x, lo.y), MT::pack(hi.x, hi.y));
-                }
+                for (int j = 0; j < 2; ++j) MT::mma(sc[j], a, bk[2 * j], bk[2 * j + 1]);
             }
             // online softmax over the warp's keys, rows r0 (elements 0, 1) and r0 + 8 (2, 3)
             float mx0 = NEG_INF, mx1 = NEG_INF;
@@ -1496,16 +1528,18 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
             l1 = l1 * c1 + ((pr[0][2] + pr[0][3]) + (pr[1][2] + pr[1][3]));
             const unsigned int pa[4] = {MT::pack(pr[0][0], pr[0][1]), MT::pack(pr[0][2], pr[0][3]),
                                         MT::pack(pr[1][0], pr[1][1]), MT::pack(pr[1][2], pr[1][3])};
-            // O[16 heads][HD] += P V: B = V rows kw + cq, +1 (b0) and +8, +9 (b1), column 8 t + r0
-            const float* vr = vs + (kw + cq) * VLD + r0;
+            // O[16 heads][HD] += P V: B = V rows kw + cq, +1 (b0) and +8, +9 (b1), column 8 t + r0 (wt bits,
+            // the lower key in the low half)
+            const unsigned short* vr = reinterpret_cast<const unsigned short*>(vs) + (kw + cq) * LD + r0;
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
                 o[t][0] *= c0;
                 o[t][1] *= c0;
                 o[t][2] *= c1;
                 o[t][3] *= c1;
-                MT::mma(o[t], pa, MT::pack(vr[8 * t], vr[VLD + 8 * t]),
-                        MT::pack(vr[8 * VLD + 8 * t], vr[9 * VLD + 8 * t]));
+                const unsigned int b0 = (unsigned int)vr[8 * t] | (unsigned int)vr[LD + 8 * t] << 16;
+                const unsigned int b1 = (unsigned int)vr[8 * LD + 8 * t] | (unsigned int)vr[9 * LD + 8 * t] << 16;
+                MT::mma(o[t], pa, b0, b1);
             }
         }
         __syncthreads();  // the pass buffers are rewritten by the next pass (or the merge below)
@@ -1517,10 +1551,10 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
     l0 += db_shfl_xor(l0, 2);
     l1 += db_shfl_xor(l1, 1);
     l1 += db_shfl_xor(l1, 2);
-    // the warps' (m, l, o) meet in key order: [m 8 x 16][l 8 x 16][o 8 x 16 x HD] over the K pass buffer
-    float* mw = ks;
-    float* lw = ks + 128;
-    float* ow = ks + 256;
+    // the warps' (m, l, o) meet in key order: [m 8 x 16][l 8 x 16][o 8 x 16 x HD] over the K and V pass buffers
+    float* mw = reinterpret_cast<float*>(smem);
+    float* lw = mw + 128;
+    float* ow = mw + 256;
     if ((lane & 3) == 0) {
         mw[warp * 16 + r0] = m0;
         mw[warp * 16 + r0 + 8] = m1;
@@ -1561,13 +1595,14 @@ __device__ __forceinline__ void attn_mma_impl(unsigned char* smem, const float* 
         }
     }
     if (nlive == 1) return;
+    // the combine's buffer: all of the dynamic shared memory (q and the new key are no longer read)
     ab_combine_last(part_o, part_ml, out, counters + (size_t)b * heads + h0, (size_t)b * heads + h0, G, splits,
-                    nlive, HD, ks, AM_PASS * (KLD + VLD), s_last);
+                    nlive, HD, mw, (int)(am_smem_bytes(HD) / 4), s_last);
 }
 #endif
 
 template <typename O>
-__device__ __forceinline__ void attn_qkv_mma(const float* qkv, float* k_cache, float* v_cache, const int* pos,
+__device__ __forceinline__ void attn_qkv_mma(const float* qkv, O* k_cache, O* v_cache, const int* pos,
                                              const float* bias, const float* inv_freq, float* part_o, float* part_ml,
                                              int* counters, O* out, int heads, int kv_heads, int head_dim,
                                              int max_seq, int chunk, float scale) {
@@ -1591,16 +1626,16 @@ __device__ __forceinline__ void attn_qkv_mma(const float* qkv, float* k_cache, f
 #endif
     AbShared& sh = *reinterpret_cast<AbShared*>(am_smem);
     if (ab_warps_a_head(heads / kv_heads, head_dim) == 2)
-        attn_batched_impl<O, true, 2>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,
-                                      heads, kv_heads, head_dim, max_seq, chunk, scale);
+        attn_batched_impl<O, O, true, 2>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters,
+                                         out, heads, kv_heads, head_dim, max_seq, chunk, scale);
     else
-        attn_batched_impl<O, true, 1>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out,
-                                      heads, kv_heads, head_dim, max_seq, chunk, scale);
+        attn_batched_impl<O, O, true, 1>(sh, qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters,
+                                         out, heads, kv_heads, head_dim, max_seq, chunk, scale);
 }
 
 #define DEFINE_ATTN_QKV_MMA(SUFFIX, T)                                                                             \
     extern "C" __global__ void __launch_bounds__(AB_THREADS, 2)                                                   \
-        attn_qkv_mma_##SUFFIX(const float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias, \
+        attn_qkv_mma_##SUFFIX(const float* qkv, T* k_cache, T* v_cache, const int* pos, const float* bias,         \
                               const float* inv_freq, float* part_o, float* part_ml, int* counters, T* out,         \
                               int heads, int kv_heads, int head_dim, int max_seq, int chunk, float scale) {        \
         attn_qkv_mma<T>(qkv, k_cache, v_cache, pos, bias, inv_freq, part_o, part_ml, counters, out, heads,        \

@@ -43,6 +43,42 @@ struct WeightPack<db_bf16> {
     }
 };
 
+// The KV cache holds the model's weight type K (float, db_f16 or db_bf16), as HF's cache holds the model dtype:
+// a key or value is rounded once, when it is appended (round to nearest even), and computed on as a float.
+// Kv4<K>::raw is 4 consecutive cache elements as one load (float4 for f32: 16 bytes; uint2 for f16 and bf16: 8);
+// kv_unpack4<K>(raw): those elements as a float4 (exact); kv_store(p, v): one element, rounded.
+template <typename K>
+struct Kv4 {
+    using raw = uint2;
+};
+template <>
+struct Kv4<float> {
+    using raw = float4;
+};
+
+// (kv_unpack4 takes its argument by value: through a reference, NVVM contracted the f32 build's dot products in
+// another order than before the cache was typed)
+template <typename K>
+__device__ __forceinline__ float4 kv_unpack4(typename Kv4<K>::raw r);
+template <>
+__device__ __forceinline__ float4 kv_unpack4<float>(float4 r) {
+    return r;
+}
+template <>
+__device__ __forceinline__ float4 kv_unpack4<db_f16>(uint2 r) {
+    return make_float4(db_f16_bits_to_float(r.x & 0xffffu), db_f16_bits_to_float(r.x >> 16),
+                       db_f16_bits_to_float(r.y & 0xffffu), db_f16_bits_to_float(r.y >> 16));
+}
+template <>
+__device__ __forceinline__ float4 kv_unpack4<db_bf16>(uint2 r) {
+    return make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x & 0xffff0000u), __uint_as_float(r.y << 16),
+                       __uint_as_float(r.y & 0xffff0000u));
+}
+template <typename K>
+__device__ __forceinline__ void kv_store(K* p, float v) {
+    *p = from_float<K>(v);
+}
+
 // sin/cos of an f32 angle without local memory: cosf/sinf carry a Payne-Hanek slow path whose 32-byte
 // stack array makes the driver reserve local memory per graph (~8 MiB per executable on a 132-SM GPU).
 // Reduce to [-pi, pi] in double (exact to ~1e-16 * |f|), then the hardware approximation (abs error

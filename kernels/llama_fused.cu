@@ -2,9 +2,10 @@
 //
 // One translation unit, compiled as one module by NVRTC (cupy.RawModule(code=..., options=("--std=c++17",))).
 // Every entry point is extern "C" __global__ so its name is its PTX .entry. Weight-reading kernels come as
-// name_f32 / name_f16 / name_bf16 (weights float / db_f16 / db_bf16, made by macros); activations, the
-// KV cache and every accumulation are float32. kernels/llama_fused.md has the launch table; the unfused
-// kernels stay in kernels/llama.cu.
+// name_f32 / name_f16 / name_bf16 (weights float / db_f16 / db_bf16, made by macros), as do the kernels that
+// touch the KV cache, which holds the weight type (llama_common.cuh, kv_store / kv_unpack4: rounded once when
+// appended, as HF's cache); activations and every accumulation are float32. kernels/llama_fused.md has the
+// launch table; the unfused kernels stay in kernels/llama.cu.
 //
 // A decode layer is 5 nodes: qkv_rope (RMSNorm + packed QKV GEMV + RoPE + KV append), attn_decode (split
 // attention with an in-kernel combine), gemv_res (O projection + residual), gate_up_silu (RMSNorm + packed
@@ -297,20 +298,22 @@ __device__ __forceinline__ void fw_gemv(const Job& job, const T* w, const T* nw,
 // w = wqkv [(heads + 2*kv_heads) * head_dim, hidden]: the rows of wq, then wk, then wv (HF order: head h's
 // head_dim rows contiguous). A warp owns the RoPE pair of rows (h*head_dim + i, h*head_dim + i + head_dim/2),
 // so rotate_half's partners are in one warp's registers: q rows are rotated into q [batch, heads*head_dim];
-// k rows are rotated and written to k_cache [cache_batch, kv_heads, max_seq, head_dim] at slot pos[b]; v
-// rows are copied to v_cache there. RoPE as rope_append in llama.cu (f32, no FMA contraction): the epilogue
-// adds bias[row] (the Q/K/V bias, Qwen2; zeros otherwise; [(heads + 2*kv_heads) * head_dim], wqkv's row
+// k rows are rotated and written to k_cache [cache_batch, kv_heads, max_seq, head_dim] (wt, rounded once) at
+// slot pos[b]; v rows are stored to v_cache there. RoPE as rope_append in llama.cu (f32, no FMA contraction):
+// the epilogue adds bias[row] (the Q/K/V bias, Qwen2; zeros otherwise; [(heads + 2*kv_heads) * head_dim], wqkv's row
 // order) and rotates by p * inv_freq[i] (inv_freq [head_dim/2]: HF's, after any rope scaling, computed on the
 // host). Both are loaded with the position right after the wait (the epilogue's Pre). Rows whose pos is outside [0, max_seq) (padding:
 // pos < 0) write no KV (q is still written).
 // Requirements: head_dim even; hidden % 8 == 0; as the GEMV engine.
 // ------------------------------------------------------------------------------------------------------------
 
-// Pair g = (head h, i < head_dim/2): rows h*head_dim + i and h*head_dim + i + head_dim/2 of wqkv.
+// Pair g = (head h, i < head_dim/2): rows h*head_dim + i and h*head_dim + i + head_dim/2 of wqkv. K: the KV
+// cache's element type (the model's weight type; kv_store rounds once).
+template <typename K>
 struct QkvJob {
     float* q;
-    float* k_cache;
-    float* v_cache;
+    K* k_cache;
+    K* v_cache;
     const int* pos;
     const float* bias;
     const float* inv_freq;
@@ -337,9 +340,9 @@ struct QkvJob {
         if (h >= heads + kv_heads) {
             if (cache_ok) {
                 const int hv = h - heads - kv_heads;
-                float* dst = v_cache + (((size_t)b * kv_heads + hv) * (size_t)max_seq + p) * (size_t)head_dim;
-                dst[i] = a;
-                dst[i + half] = c;
+                K* dst = v_cache + (((size_t)b * kv_heads + hv) * (size_t)max_seq + p) * (size_t)head_dim;
+                kv_store(dst + i, a);
+                kv_store(dst + i + half, c);
             }
             return;
         }
@@ -347,34 +350,34 @@ struct QkvJob {
         rope_sincos((float)p * e.f, &s, &co);
         const float o1 = __fadd_rn(__fmul_rn(a, co), __fmul_rn(-c, s));
         const float o2 = __fadd_rn(__fmul_rn(c, co), __fmul_rn(a, s));
-        float* dst;
         if (h < heads) {
-            dst = q + ((size_t)b * heads + h) * (size_t)head_dim;
-        } else {
-            if (!cache_ok) return;
-            dst = k_cache + (((size_t)b * kv_heads + (h - heads)) * (size_t)max_seq + p) * (size_t)head_dim;
+            float* dst = q + ((size_t)b * heads + h) * (size_t)head_dim;
+            dst[i] = o1;
+            dst[i + half] = o2;
+        } else if (cache_ok) {
+            K* dst = k_cache + (((size_t)b * kv_heads + (h - heads)) * (size_t)max_seq + p) * (size_t)head_dim;
+            kv_store(dst + i, o1);
+            kv_store(dst + i + half, o2);
         }
-        dst[i] = o1;
-        dst[i + half] = o2;
     }
 };
 
 template <typename T>
-__device__ __forceinline__ void qkv_rope_impl(const T* w, const T* norm, const float* x, float* q, float* k_cache,
-                                              float* v_cache, const int* pos, const float* bias,
+__device__ __forceinline__ void qkv_rope_impl(const T* w, const T* norm, const float* x, float* q, T* k_cache,
+                                              T* v_cache, const int* pos, const float* bias,
                                               const float* inv_freq, int hidden, int heads, int kv_heads,
                                               int head_dim, int max_seq, int batch, float eps) {
     DB_TRACE_BLOCK();
     PDL_LAUNCH_DEPENDENTS();
-    const QkvJob job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
-                     (heads + 2 * kv_heads) * (head_dim / 2)};
+    const QkvJob<T> job{q, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim, max_seq,
+                        (heads + 2 * kv_heads) * (head_dim / 2)};
     fw_gemv<T, true>(job, w, norm, x, hidden, batch, eps);
 }
 
 #define DEFINE_QKV(SUFFIX, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(FW_BLOCK, FW_MIN_BLOCKS)                                   \
-        qkv_rope_##SUFFIX(const T* w, const T* norm, const float* x, float* q, float* k_cache,              \
-                          float* v_cache, const int* pos, const float* bias, const float* inv_freq,         \
+        qkv_rope_##SUFFIX(const T* w, const T* norm, const float* x, float* q, T* k_cache,                  \
+                          T* v_cache, const int* pos, const float* bias, const float* inv_freq,         \
                           int hidden, int heads, int kv_heads, int head_dim, int max_seq, int batch,        \
                           float eps) {                                                                      \
         qkv_rope_impl<T>(w, norm, x, q, k_cache, v_cache, pos, bias, inv_freq, hidden, heads, kv_heads,     \
@@ -551,7 +554,8 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// attn_decode: split-sequence decode attention with the combine in the same kernel.
+// attn_decode_<wt>: split-sequence decode attention with the combine in the same kernel; the caches hold wt
+// (a lane loads 4 elements of a key row at once: 16 bytes of f32, 8 of f16/bf16).
 //                                           grid [batch*heads, ceil_div(max_seq, chunk)], block [256]
 // Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = min(pos[b] + 1, max_seq), of kv head
 // h / (heads / kv_heads). Only the live splits, nlive = ceil_div(L, chunk), do work; the others return after
@@ -575,7 +579,7 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 // * L <= 0 (padding row, pos < 0): split 0 writes zeros.
 // out [batch, heads*head_dim]; part_o [batch, heads, splits, head_dim]; part_ml [batch, heads, splits, 2].
 // Requirements: head_dim % 4 == 0, 4 <= head_dim <= 4 * warpSize; kv_heads divides heads; chunk >= 1;
-// blockDim.x a multiple of warpSize, <= 256; q, caches, part_o and out 16-byte aligned.
+// blockDim.x a multiple of warpSize, <= 256; q, part_o and out 16-byte aligned, caches 4 * sizeof(wt)-aligned.
 // ------------------------------------------------------------------------------------------------------------
 
 #define ATTN_BLOCK 256
@@ -606,7 +610,7 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #define ATTN_MARK2 0
 #endif
 
-// Online softmax of one query over keys [start, end) of one KV head (kc4, vc4: its rows of d4 float4s), by every
+// Online softmax of one query over keys [start, end) of one KV head (kc, vc: its rows, 4 * d4 elements), by every
 // thread of the block (it has barriers). Lane group sg = tid / lpk (lpk: a power of two >= d4) holds keys
 // u * n_sg + sg of each tile of ATTN_UNROLL * n_sg keys in kv/vv, its lane sc4 the head's float4 sc4 (qv: that
 // float4 of the query). On entry kv/vv hold the first tile's keys when `preloaded` (those past its end are zeroed
@@ -616,16 +620,20 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 // summed through sacc. Returns o = sum_j exp(s_j - m) v_j (unnormalised; in threads tid < d4) and m, l (every
 // thread). sp: ATTN_UNROLL * blockDim floats, sacc: blockDim float4s (shared). `trigger`: launch dependents once
 // the first tile's loads are issued; `mark`: block-trace mark 1 once the first tile is scored.
-__device__ __forceinline__ float4 attn_span(const float4& qv, const float4* kc4, const float4* vc4, int d4, int start,
-                                            int end, float scale, bool preloaded, bool trigger, bool mark,
-                                            float4 (&kv)[ATTN_UNROLL], float4 (&vv)[ATTN_UNROLL], float* sp,
-                                            float4* sacc, float& m, float& l) {
+template <typename K, typename R = typename Kv4<K>::raw>
+__device__ __forceinline__ float4 attn_span(const float4& qv, const K* kc, const K* vc, int d4, int start, int end,
+                                            float scale, bool preloaded, bool trigger, bool mark,
+                                            R (&kv)[ATTN_UNROLL], R (&vv)[ATTN_UNROLL], float* sp, float4* sacc,
+                                            float& m, float& l) {
     const int tid = threadIdx.x, nthreads = blockDim.x, ws = warpSize, lane = tid % ws;
     int lpk = 1;
     while (lpk < d4) lpk <<= 1;
     const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
     const int tile = ATTN_UNROLL * n_sg;
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const R zr{};
+    const R* kc4 = reinterpret_cast<const R*>(kc);  // a key row is d4 packs of 4 elements
+    const R* vc4 = reinterpret_cast<const R*>(vc);
     m = NEG_INF;
     l = 0.0f;
     float4 acc = zero4;
@@ -636,9 +644,9 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const float4* kc4,
             const int kk = u * n_sg + sg;
             const bool in = kk < nt && sc4 < d4;
             if (preloaded && t0 == start) {  // loaded with pos: zero the keys past this tile's end
-                if (!in) kv[u] = vv[u] = zero4;
+                if (!in) kv[u] = vv[u] = zr;
             } else {
-                kv[u] = vv[u] = zero4;
+                kv[u] = vv[u] = zr;
                 if (in) {
                     kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
                     vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
@@ -648,7 +656,10 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const float4* kc4,
         if (trigger && t0 == start) PDL_LAUNCH_DEPENDENTS();
         float dot[ATTN_UNROLL];
 #pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] = qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            const float4 kf = kv_unpack4<K>(kv[u]);
+            dot[u] = qv.x * kf.x + qv.y * kf.y + qv.z * kf.z + qv.w * kf.w;
+        }
         for (int o = lpk >> 1; o > 0; o >>= 1) {
 #pragma unroll
             for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
@@ -680,10 +691,11 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const float4* kc4,
             const int kk = u * n_sg + sg;
             if (kk < nt) {
                 const float pk = expf(sp[kk] - m_new);
-                acc.x = fmaf(pk, vv[u].x, acc.x);
-                acc.y = fmaf(pk, vv[u].y, acc.y);
-                acc.z = fmaf(pk, vv[u].z, acc.z);
-                acc.w = fmaf(pk, vv[u].w, acc.w);
+                const float4 vf = kv_unpack4<K>(vv[u]);
+                acc.x = fmaf(pk, vf.x, acc.x);
+                acc.y = fmaf(pk, vf.y, acc.y);
+                acc.z = fmaf(pk, vf.z, acc.z);
+                acc.w = fmaf(pk, vf.w, acc.w);
             }
         }
         if (ATTN_MARK2 == 2 && mark && t0 == start) DB_TRACE_MARK(2);
@@ -706,10 +718,11 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const float4* kc4,
     return o;
 }
 
-extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
-    attn_decode(const float* q, const float* k_cache, const float* v_cache, const int* pos, float* part_o,
-                float* part_ml, int* counters, float* out, int heads, int kv_heads, int head_dim, int max_seq,
-                int chunk, float scale) {
+template <typename K>
+__device__ __forceinline__ void attn_decode_impl(const float* q, const K* k_cache, const K* v_cache, const int* pos,
+                                                 float* part_o, float* part_ml, int* counters, float* out, int heads,
+                                                 int kv_heads, int head_dim, int max_seq, int chunk, float scale) {
+    using R = typename Kv4<K>::raw;
     __shared__ __align__(16) float sp[ATTN_UNROLL * ATTN_BLOCK];  // the tile's scaled scores; the combine's
     __shared__ float4 sacc[ATTN_BLOCK];                           // p.V partials of the key groups
     __shared__ int s_last;
@@ -725,11 +738,14 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
     const int tile = ATTN_UNROLL * n_sg;  // keys per tile
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const R zr{};
     const size_t kv_base = ((size_t)b * kv_heads + kvh) * (size_t)max_seq * (size_t)head_dim;
-    const float4* kc4 = reinterpret_cast<const float4*>(k_cache + kv_base);
-    const float4* vc4 = reinterpret_cast<const float4*>(v_cache + kv_base);
+    const K* kc = k_cache + kv_base;
+    const K* vc = v_cache + kv_base;
+    const R* kc4 = reinterpret_cast<const R*>(kc);  // a key row is d4 packs of 4 elements (Kv4<K>::raw)
+    const R* vc4 = reinterpret_cast<const R*>(vc);
     float4* out4 = reinterpret_cast<float4*>(out + (size_t)bh * head_dim);
-    float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
+    R kv[ATTN_UNROLL], vv[ATTN_UNROLL];
     // pos is a step input (uploaded, or advanced by the loop's sampling node, before the step's first kernel
     // starts): read before the wait, a split past the live ones leaves at once, and a live split issues its first
     // tile's K and V before the wait: rows below p were written by earlier launches; row p (qkv_rope writes it)
@@ -745,7 +761,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
 #pragma unroll
     for (int u = 0; u < ATTN_UNROLL; ++u) {
         const int kk = u * n_sg + sg;
-        kv[u] = vv[u] = zero4;
+        kv[u] = vv[u] = zr;
         if (kk < nt0 && start + kk != p && sc4 < d4) {
             kv[u] = db_ldcg(kc4 + (size_t)(start + kk) * d4 + sc4);
             vv[u] = db_ldcg(vc4 + (size_t)(start + kk) * d4 + sc4);
@@ -767,7 +783,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     }
 
     float m, l;
-    const float4 o = attn_span(qv, kc4, vc4, d4, start, end, scale, true, ATTN_TRIGGER == 1, true, kv, vv, sp,
+    const float4 o = attn_span<K>(qv, kc, vc, d4, start, end, scale, true, ATTN_TRIGGER == 1, true, kv, vv, sp,
                                sacc, m, l);
     if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     if (ATTN_MARK2 == 0) DB_TRACE_MARK(2);
@@ -791,6 +807,18 @@ extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)
     attn_combine(part_o, part_ml, out, (size_t)bh, 1, splits, nlive, head_dim, sp, ATTN_UNROLL * ATTN_BLOCK);
     if (tid == 0) counters[bh] = 0;  // every live block has counted: ready for the next launch
 }
+
+#define DEFINE_ATTN_DECODE(SUFFIX, K)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ATTN_BLOCK)                                                \
+        attn_decode_##SUFFIX(const float* q, const K* k_cache, const K* v_cache, const int* pos,            \
+                             float* part_o, float* part_ml, int* counters, float* out, int heads,           \
+                             int kv_heads, int head_dim, int max_seq, int chunk, float scale) {             \
+        attn_decode_impl<K>(q, k_cache, v_cache, pos, part_o, part_ml, counters, out, heads, kv_heads,      \
+                            head_dim, max_seq, chunk, scale);                                               \
+    }
+DEFINE_ATTN_DECODE(f32, float)
+DEFINE_ATTN_DECODE(f16, db_f16)
+DEFINE_ATTN_DECODE(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
 // embed_pdl_<wt>: x[b, :] = float(table[tokens[b], :])        grid [batch], block [256]

@@ -5,7 +5,7 @@
 // as the previous kernel's blocks leave, so each of a layer's five boundaries costs a drain and a ramp
 // (kernels/llama_fused.md, "What holds the step back"). Here one grid of `sms` blocks runs the whole layer:
 //
-//   A  RMSNorm + packed QKV GEMV + RoPE + KV append     (QkvJob)       | arrive A
+//   A  RMSNorm + packed QKV GEMV + RoPE + KV append     (QkvJob<wt>)   | arrive A
 //   -  attention: (head, split) units, partials to part_o / part_ml    | wait A; arrive T; wait T
 //   B  O projection + residual, attention combine in its x staging      (RowsJob<true>) | arrive/wait B
 //   C  RMSNorm + packed gate/up GEMV + SiLU * up                        (SwigluJob)     | arrive/wait C
@@ -38,14 +38,18 @@
 // * Attention: units (head h, split t) of keys [L t / n, L (t + 1) / n), n = min(ceil(L / chunk), max_splits,
 //   G / heads), L = pos + 1; unit u runs on block u % G (attn_span of kernels/llama_fused.cu); each writes its
 //   unnormalised o and (m, l). Phase B's x staging combines them (every block, for every head).
+// * The KV cache holds the weight type wt (as HF's cache holds the model dtype): phase A rounds each appended key
+//   and value once (kv_store), and the attention reads the rounded rows back (row p included: what later steps
+//   read), widened to float; all arithmetic is f32.
 // * Produced data (x, q, the KV cache, partials, act) is read through L2 (ld.global.cg): written by other
 //   blocks of this grid, it must not come from a stale L1 line.
 // Without sm_90 (HIP, older archs) the phases read their weights straight from global memory; all else holds.
 // Requirements: batch 1 (row 0 of x); blockDim 256; the stack's buffers with layer 0 first (weights, norms,
-// bias and counters packed by layer; the KV cache kv_stride elements a layer); every block resident at once
-// (grid <= what fits the card, else a bounded spin traps); hidden, ffn, heads * head_dim multiples of 8; at
-// most LY_MAX_ROWS weight rows and LY_MAX_CELLS partial sums per block and phase (the spec's checks); head_dim
-// as attn_decode; dynamic shared memory for the fixed part and LY_GROUPS slots at least (the spec's `shared`).
+// bias and counters packed by layer; the KV cache, of the weight type, kv_stride elements a layer); every block
+// resident at once (grid <= what fits the card, else a bounded spin traps); hidden, ffn, heads * head_dim
+// multiples of 8; at most LY_MAX_ROWS weight rows and LY_MAX_CELLS partial sums per block and phase (the spec's
+// checks); head_dim as attn_decode; dynamic shared memory for the fixed part and LY_GROUPS slots at least (the
+// spec's `shared`).
 // Measured (kernels/llama_fused.md): one layer a node is correct, but slower than the five nodes a layer of
 // llama_fused.cu: its stages are consumed at about half the rate a SM's share of DRAM would allow, with at most
 // ~48 KiB a SM in flight. The whole stack (layers > 1) is compiled and bound on the CPU, not yet run on a GPU.
@@ -262,9 +266,11 @@ struct __align__(16) LyRec {
     unsigned short row[2 * LY_MAX_PAIRS];
 };
 
-// The jobs of the four phases (kernels/llama_fused.cu), and the weight rows of a pair in phase ph.
+// The jobs of the four phases (kernels/llama_fused.cu), and the weight rows of a pair in phase ph. K: the KV
+// cache's element type (the weight type).
+template <typename K>
 struct LyJobs {
-    QkvJob qkv;
+    QkvJob<K> qkv;
     RowsJob<true> o;
     SwigluJob gate_up;
     RowsJob<true> down;
@@ -311,7 +317,7 @@ struct LyRing {
 
 template <typename T>
 struct LyLayer {
-    LyJobs jobs;
+    LyJobs<T> jobs;
     LyRing ring;
 
     // Stage i of a layer (0 <= i < per_layer): from the table, else worked out; with `rows`, its weight rows too
@@ -620,14 +626,15 @@ struct LyLayer {
     }
 };
 
-// The layers [0, layers) of the stack, one after the other, in one grid: layer l's weights, norms, KV cache, bias
-// and arrival counters are layer 0's plus l strides (the matrices' from their shapes, the cache's kv_stride
-// elements, the bias's nqkv * head_dim floats, the counters' 5 ints). The ring's stage numbers run on across
-// the layers, so the next layer's weights stream in while this one waits on its attention and its barriers.
+// The layers [0, layers) of the stack, one after the other, in one grid: layer l's weights, norms, KV cache (of T,
+// as the weights), bias and arrival counters are layer 0's plus l strides (the matrices' from their shapes, the
+// cache's kv_stride elements, the bias's nqkv * head_dim floats, the counters' 5 ints). The ring's stage numbers
+// run on across the layers, so the next layer's weights stream in while this one waits on its attention and its
+// barriers.
 template <typename T>
 __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_norm, const T* wo, const T* mlp_norm,
                                                   const T* w_gate_up, const T* w_down, float* x, float* q,
-                                                  float* k_cache, float* v_cache, const int* pos, const float* bias,
+                                                  T* k_cache, T* v_cache, const int* pos, const float* bias,
                                                   const float* inv_freq, float* part_o, float* part_ml, float* act,
                                                   int* sync, int hidden, int heads, int kv_heads, int head_dim,
                                                   int ffn, int max_seq, int chunk, int max_splits, float eps,
@@ -643,8 +650,8 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     // layer l's QKV epilogue: its KV cache and bias (the rows of a pair, which the ring's issue() asks every job
     // for, do not depend on the layer)
     auto qkv_job = [&](int l) {
-        return QkvJob{q,        k_cache + (size_t)l * kv_stride, v_cache + (size_t)l * kv_stride, pos,
-                      bias + (size_t)l * nqkv * head_dim, inv_freq, heads, kv_heads, head_dim, max_seq, qkv_pairs};
+        return QkvJob<T>{q,        k_cache + (size_t)l * kv_stride, v_cache + (size_t)l * kv_stride, pos,
+                         bias + (size_t)l * nqkv * head_dim, inv_freq, heads, kv_heads, head_dim, max_seq, qkv_pairs};
     };
     LyLayer<T> L;
     L.jobs.qkv = qkv_job(0);
@@ -712,8 +719,8 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
     for (int l = 0; l < layers; ++l) {
         int* ctr = sync + 5 * l;  // A done, attention done, B done, C done, D done (the next layer's x)
         L.jobs.qkv = qkv_job(l);
-        const float* kc = L.jobs.qkv.k_cache;
-        const float* vc = L.jobs.qkv.v_cache;
+        const T* kc = L.jobs.qkv.k_cache;  // layer l's cache, rounded to T by phase A's kv_store
+        const T* vc = L.jobs.qkv.v_cache;
 
         // A: RMSNorm + QKV + RoPE + KV append
         db_cp_wait<0>();
@@ -740,13 +747,11 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
                 const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 const float4 qv =
                     sc4 < d4 ? db_ldcg(reinterpret_cast<const float4*>(q + (size_t)h * head_dim) + sc4) : zero4;
-                float4 kv[ATTN_UNROLL], vv[ATTN_UNROLL];
+                typename Kv4<T>::raw kv[ATTN_UNROLL], vv[ATTN_UNROLL];
                 float m, lsum;
-                const float4 o = attn_span(qv, reinterpret_cast<const float4*>(kc + kv_base),
-                                           reinterpret_cast<const float4*>(vc + kv_base), d4,
-                                           (int)((long long)len * t / nsplit),
-                                           (int)((long long)len * (t + 1) / nsplit), scale, false, false, false, kv,
-                                           vv, sp, sacc, m, lsum);
+                const float4 o = attn_span<T>(qv, kc + kv_base, vc + kv_base, d4, (int)((long long)len * t / nsplit),
+                                              (int)((long long)len * (t + 1) / nsplit), scale, false, false, false,
+                                              kv, vv, sp, sacc, m, lsum);
                 const size_t row = (size_t)h * max_splits + t;
                 if (tid < d4) reinterpret_cast<float4*>(part_o + row * head_dim)[tid] = o;
                 if (tid == 0) {
@@ -789,13 +794,13 @@ __device__ __forceinline__ void decode_layer_impl(const T* wqkv, const T* attn_n
 }
 
 // decode_layer_<wt>: decode layers [0, layers) of a stack, batch 1.      grid [sms], block [256], dynamic shared
-// memory ly_fixed + nslot * LY_SLOT bytes; see the top of this file. One layer a node (layers = 1) leaves room
-// for the next layer's block on each SM (2..8 slots); the whole stack in one node takes one block a SM and a
-// deeper ring (up to 12 slots at TinyLlama's shapes).
+// memory ly_fixed + nslot * LY_SLOT bytes; see the top of this file. The KV cache is of the weight type wt. One
+// layer a node (layers = 1) leaves room for the next layer's block on each SM (2..8 slots); the whole stack in
+// one node takes one block a SM and a deeper ring (up to 12 slots at TinyLlama's shapes).
 #define DEFINE_DECODE_LAYER(SUFFIX, T)                                                                       \
     extern "C" __global__ void __launch_bounds__(LY_BLOCK, 2) decode_layer_##SUFFIX(                        \
         const T* wqkv, const T* attn_norm, const T* wo, const T* mlp_norm, const T* w_gate_up,               \
-        const T* w_down, float* x, float* q, float* k_cache, float* v_cache, const int* pos,                 \
+        const T* w_down, float* x, float* q, T* k_cache, T* v_cache, const int* pos,                         \
         const float* bias, const float* inv_freq, float* part_o, float* part_ml, float* act, int* sync,      \
         int hidden, int heads, int kv_heads, int head_dim, int ffn, int max_seq, int chunk, int max_splits,  \
         float eps, float scale, int layers, long long kv_stride) {                                           \

@@ -5,10 +5,11 @@
 //
 // Layout: activations are [batch * seq, width] row-major, row r = b * seq + t; pos[r] is the position of
 // token t of row b, or negative for padding (a padded position writes no KV and its outputs are ignored).
-// The KV cache is the decode spec's: [cache_batch, kv_heads, max_seq, head_dim] per layer, f32; row b of
-// the batch is cache row b. Every entry point is extern "C" __global__ so its name is its PTX .entry.
+// The KV cache is the decode spec's: [cache_batch, kv_heads, max_seq, head_dim] per layer, of the weight type
+// wt (a key or value is rounded once, when written, and read back as a float); row b of the batch is cache
+// row b. Every entry point is extern "C" __global__ so its name is its PTX .entry.
 #include "port.cuh"
-#include "llama_common.cuh"  // rope_sincos, as the decode kernels
+#include "llama_common.cuh"  // rope_sincos and the KV cache's element access, as the decode kernels
 
 // ------------------------------------------------------------------------------------------------------------
 // rmsnorm_cast_<wt>: y[r, :] = wt(float(weight) * (x[r, :] * rsqrt(mean(x[r]^2) + eps)))   grid [rows],
@@ -44,20 +45,22 @@ DEFINE_RMSNORM_CAST(f16, db_f16)
 DEFINE_RMSNORM_CAST(bf16, db_bf16)
 
 // ------------------------------------------------------------------------------------------------------------
-// rope_kv_prefill: Q/K/V bias, then RoPE on q and k of every position of the chunk, k and v written to the
-// cache.                                                                       grid [batch * seq], block [128]
+// rope_kv_prefill_<wt>: Q/K/V bias, then RoPE on q and k of every position of the chunk, k and v written to
+// the cache (of the weight type).                                              grid [batch * seq], block [128]
 // qkv[r, :] is [q heads | k heads | v heads] * head_dim (the packed wqkv GEMM's output); bias is that row's
 // [bq; bk; bv] (the layer's qkv_bias row, zeros for models without biases), added in f32 before RoPE as HF
 // Qwen2 does and as the decode kernels do. q is biased and roped in place; roped k and biased v go to
-// cache[b, kvh, pos[r], :]. Angles: pos * inv_freq[i] in f32 (inv_freq: the rope_inv_freq table, as the decode
-// kernels read it), sin/cos by rope_sincos (llama_common.cuh), out = x*cos + rotate_half(x)*sin with each
-// product and the sum rounded separately (as the decode kernels do). A position outside [0, max_seq) writes
-// nothing (its q is left as it is). Requirements: head_dim even.
+// cache[b, kvh, pos[r], :], each rounded once to the cache type as it is stored (kv_store). Angles:
+// pos * inv_freq[i] in f32 (inv_freq: the rope_inv_freq table, as the decode kernels read it), sin/cos by
+// rope_sincos (llama_common.cuh), out = x*cos + rotate_half(x)*sin with each product and the sum rounded
+// separately (as the decode kernels do). A position outside [0, max_seq) writes nothing (its q is left as it
+// is). Requirements: head_dim even.
 // ------------------------------------------------------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(1024)
-    rope_kv_prefill(float* qkv, float* k_cache, float* v_cache, const int* pos, const float* bias,
-                    const float* inv_freq, int heads, int kv_heads, int head_dim, int max_seq, int seq) {
+template <typename K>
+__device__ __forceinline__ void rope_kv_prefill_impl(float* qkv, K* k_cache, K* v_cache, const int* pos,
+                                                     const float* bias, const float* inv_freq, int heads,
+                                                     int kv_heads, int head_dim, int max_seq, int seq) {
     const int r = blockIdx.x;
     const int b = r / seq;
     const int p = pos[r];
@@ -79,31 +82,44 @@ extern "C" __global__ void __launch_bounds__(1024)
             dst[i] = o1;
             dst[i + half] = o2;
         } else {
-            float* dst = k_cache + (((size_t)b * kv_heads + (h - heads)) * (size_t)max_seq + p) * (size_t)head_dim;
-            dst[i] = o1;
-            dst[i + half] = o2;
+            K* dst = k_cache + (((size_t)b * kv_heads + (h - heads)) * (size_t)max_seq + p) * (size_t)head_dim;
+            kv_store(dst + i, o1);
+            kv_store(dst + i + half, o2);
         }
     }
     const size_t v0 = (size_t)(heads + kv_heads) * head_dim;
     for (int idx = threadIdx.x; idx < kv_heads * head_dim; idx += blockDim.x) {
         const int hk = idx / head_dim, e = idx - hk * head_dim;
-        v_cache[(((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim + e] = row[v0 + idx] + bias[v0 + idx];
+        kv_store(v_cache + (((size_t)b * kv_heads + hk) * (size_t)max_seq + p) * (size_t)head_dim + e,
+                 row[v0 + idx] + bias[v0 + idx]);
     }
 }
 
+#define DEFINE_ROPE_KV_PREFILL(SUFFIX, K)                                                                   \
+    extern "C" __global__ void __launch_bounds__(1024)                                                      \
+        rope_kv_prefill_##SUFFIX(float* qkv, K* k_cache, K* v_cache, const int* pos, const float* bias,     \
+                                 const float* inv_freq, int heads, int kv_heads, int head_dim, int max_seq, \
+                                 int seq) {                                                                 \
+        rope_kv_prefill_impl<K>(qkv, k_cache, v_cache, pos, bias, inv_freq, heads, kv_heads, head_dim,      \
+                                max_seq, seq);                                                              \
+    }
+DEFINE_ROPE_KV_PREFILL(f32, float)
+DEFINE_ROPE_KV_PREFILL(f16, db_f16)
+DEFINE_ROPE_KV_PREFILL(bf16, db_bf16)
+
 // ------------------------------------------------------------------------------------------------------------
-// attn_prefill_<wt>: causal attention of the chunk's queries over the cache (the prefix written by earlier
-// chunks and this chunk's keys, written by rope_kv_prefill before it).
+// attn_prefill_<wt>: causal attention of the chunk's queries over the cache of the weight type (the prefix
+// written by earlier chunks and this chunk's keys, written by rope_kv_prefill_<wt> before it).
 //                                   grid [ceil_div(seq, 64), heads, batch], block [64 * ceil_div(head_dim, 64)]
 // Flash-attention style in f32 on CUDA cores. A block takes 64 queries of one head; each query is held by
 // S = ceil_div(head_dim, 64) adjacent threads (S = 2 for head_dim 96 and 128), each with head_dim / S of its
 // q (scaled) and of its output row in registers: float4 chunks c = S*j + part, so the S threads of a query
 // read adjacent 16 bytes of a key row (no bank conflict); their partial scores are summed with one shuffle.
 // The block walks key tiles (64 keys, 32 when S = 2: a 32 KiB K+V tile) of kv head h / (heads / kv_heads) up
-// to the block's largest position, staged in shared memory (each key row is read by all threads at once: a
-// broadcast). Per 16 keys: scores, one rescale of the running (m, l, o), then p.V; a warp runs the keys up to
-// its own largest position (so its shuffles see the whole warp) and each query masks the keys past its own
-// position. Query at position p sees keys 0..p of its cache row.
+// to the block's largest position, staged in shared memory as floats (4 cache elements a load, widened exactly;
+// each key row is read by all threads at once: a broadcast). Per 16 keys: scores, one rescale of the running
+// (m, l, o), then p.V; a warp runs the keys up to its own largest position (so its shuffles see the whole warp)
+// and each query masks the keys past its own position. Query at position p sees keys 0..p of its cache row.
 // out[r, h*head_dim : (h+1)*head_dim] = wt(softmax(q k^T * scale) v); a padded query writes zeros.
 // head_dim is dispatched at run time to one of 32, 64, 96, 128 (any other: nothing is written; the spec's
 // check refuses it). Requirements: blockDim.x == 64 * S; cache rows 0..p filled for every query's p.
@@ -114,8 +130,8 @@ extern "C" __global__ void __launch_bounds__(1024)
 #define PA_TILE 2048   // float4s of shared memory for a K and a V tile (32 KiB)
 
 template <typename T, int D>
-__device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ qkv, const float* __restrict__ k_cache,
-                                                  const float* __restrict__ v_cache, const int* __restrict__ pos,
+__device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ qkv, const T* __restrict__ k_cache,
+                                                  const T* __restrict__ v_cache, const int* __restrict__ pos,
                                                   T* __restrict__ out, int heads, int kv_heads, int max_seq,
                                                   int seq, float scale, float4* tile, int* pmax_sh) {
     constexpr int S = D > 64 ? 2 : 1;  // threads per query
@@ -156,8 +172,9 @@ __device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ qkv,
     for (int d = 0; d < 4 * C; ++d) o[d] = 0.0f;
     float m = DB_NEG_INF, l = 0.0f;
     const size_t base = ((size_t)b * kv_heads + hk) * (size_t)max_seq * D;
-    const float4* kb = reinterpret_cast<const float4*>(k_cache + base);
-    const float4* vb = reinterpret_cast<const float4*>(v_cache + base);
+    using R = typename Kv4<T>::raw;  // 4 cache elements: one load
+    const R* kb = reinterpret_cast<const R*>(k_cache + base);
+    const R* vb = reinterpret_cast<const R*>(v_cache + base);
 
     for (int j0 = 0; j0 <= pmax; j0 += KT) {
         __syncthreads();  // the previous tile is no longer read
@@ -165,8 +182,8 @@ __device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ qkv,
             const int j = j0 + idx / D4;
             float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
             if (j <= pmax) {
-                kv = kb[(size_t)j0 * D4 + idx];
-                vv = vb[(size_t)j0 * D4 + idx];
+                kv = kv_unpack4<T>(kb[(size_t)j0 * D4 + idx]);
+                vv = kv_unpack4<T>(vb[(size_t)j0 * D4 + idx]);
             }
             ks[idx] = kv;
             vs[idx] = vv;
@@ -229,7 +246,7 @@ __device__ __forceinline__ void attn_prefill_impl(const float* __restrict__ qkv,
 
 #define DEFINE_ATTN_PREFILL(SUFFIX, T)                                                                      \
     extern "C" __global__ void __launch_bounds__(2 * PA_Q)                                                  \
-        attn_prefill_##SUFFIX(const float* qkv, const float* k_cache, const float* v_cache, const int* pos,  \
+        attn_prefill_##SUFFIX(const float* qkv, const T* k_cache, const T* v_cache, const int* pos,          \
                               T* out, int heads, int kv_heads, int head_dim, int max_seq, int seq,          \
                               float scale) {                                                                \
         __shared__ float4 tile[PA_TILE];                                                                    \

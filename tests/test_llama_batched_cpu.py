@@ -30,7 +30,7 @@ MMA_PARAMS = {f"{k}_mma": v for k, v in PROJ_PARAMS.items()}
 MV_PARAMS = {f"{k}_mv": v for k, v in PROJ_PARAMS.items()}
 MVC_PARAMS = {f"{k}_mvc": v for k, v in PROJ_PARAMS.items()}
 MINE = {**{f"{k}_{wt}": v for k, v in (MMA_PARAMS | MV_PARAMS | MVC_PARAMS).items() for wt in ("f32", "f16", "bf16")},
-        "attn_decode_batched": [P, P, P, P, P, P, P, P, N, N, N, N, N, F],
+        **{f"attn_decode_batched_{wt}": [P, P, P, P, P, P, P, P, N, N, N, N, N, F] for wt in ("f32", "f16", "bf16")},
         **{f"attn_qkv_{wt}": [P] * 10 + [N] * 5 + [F] for wt in ("f32", "f16", "bf16")},
         **{f"attn_qkv_mma_{wt}": [P] * 10 + [N] * 5 + [F] for wt in ("f32", "f16", "bf16")}}
 
@@ -57,7 +57,7 @@ def test_pdl_contract_and_clusters(bodies):
         assert ".local" not in body, name
         head = body.split("griddepcontrol.wait", 1)[0]
         ops = set(re.findall(r"\b((?:ld|st|atom|red|prefetch)\.(?:global|shared)(?:\.\w+)*|cp\.async[\w.]*)", head))
-        if name in ("attn_qkv_mma_f16", "attn_qkv_mma_bf16", "attn_decode_batched"):
+        if name in ("attn_qkv_mma_f16", "attn_qkv_mma_bf16") or name.startswith("attn_decode_batched_"):
             # pos (a step input) and the first pass of cached K/V rows (kernels/llama_fused.md, PDL contract)
             assert ops <= {"ld.global.u32", "cp.async.cg.shared.global", "cp.async.commit_group"}, (name, ops)
             assert {"ld.global.u32", "cp.async.cg.shared.global"} <= ops, name
@@ -329,5 +329,5 @@ def test_fused_spec_compiles_with_variants(capsys):
 
     assert main(["compile", str(FUSED), "--set", "wt=bf16"]) == 0
     out = capsys.readouterr().out
-    assert "gemv_res_mma_bf16 ok" in out and "qkv_rope_mv_bf16 ok" in out and "attn_decode_batched ok" in out
+    assert "gemv_res_mma_bf16 ok" in out and "qkv_rope_mv_bf16 ok" in out and "attn_decode_batched_bf16 ok" in out
     assert "attn_qkv_bf16 ok" in out

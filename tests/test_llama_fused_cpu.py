@@ -29,7 +29,7 @@ GEMV_PARAMS = {
     "gemv_norm": [P, P, P, P, N, N, N, F],
 }
 OTHER_PARAMS = {
-    "attn_decode": [P, P, P, P, P, P, P, P, N, N, N, N, N, F],
+    **{f"attn_decode_{wt}": [P, P, P, P, P, P, P, P, N, N, N, N, N, F] for wt in WTYPES},
     "argmax_pdl": [P, P, N],
     **{f"embed_pdl_{wt}": [P, P, P, N] for wt in WTYPES},
 }
@@ -81,8 +81,9 @@ def test_nothing_touches_memory_before_the_wait_in_the_other_kernels(ptx):
         if name in OTHER_PARAMS:
             head = body.split("griddepcontrol.wait", 1)[0]
             ops = set(re.findall(r"\b(?:ld|st|atom|red)\.global(?:\.\w+)*", head))
-            if name == "attn_decode":  # pos (a step input) and the first tile's cached K/V rows, no store
-                assert ops == {"ld.global.u32", "ld.global.cg.v4.f32"}, (name, ops)
+            if name.startswith("attn_decode_"):  # pos (a step input) and the first tile's cached K/V rows
+                kv_load = "ld.global.cg.v4.f32" if name.endswith("f32") else "ld.global.cg.v2.u32"
+                assert ops == {"ld.global.u32", kv_load}, (name, ops)
             else:
                 assert not ops, (name, ops)
 
@@ -116,7 +117,7 @@ def test_x_staging_knob_keeps_the_projection_gemvs_unspilled():
 def test_fused_spec_compiles_for_every_weight_type(wt, capsys):
     assert main(["compile", str(FUSED), "--set", f"wt={wt}"]) == 0
     out = capsys.readouterr().out
-    assert f"qkv_rope_{wt} ok" in out and f"gemv_res_{wt} ok" in out and "attn_decode ok" in out
+    assert f"qkv_rope_{wt} ok" in out and f"gemv_res_{wt} ok" in out and f"attn_decode_{wt} ok" in out
 
 
 @pytest.mark.parametrize("config", ["llama_tiny.yaml", "tinyllama.yaml", "llama32_1b.yaml"])

@@ -54,7 +54,7 @@ def test_info_bytes_are_the_plans(tmp_path, capsys):
     per_layer = 2 * h + (q + 2 * kv * hd) * h + q * h + 3 * f * h
     weights = 2 * (v * h + L * per_layer + h) + 4 * (L * (q + 2 * kv * hd) + hd // 2)
     assert f"({weights} B)" in out
-    assert f"({2 * L * kv * 1024 * hd * 4} B)" in out  # f32 K and V
+    assert f"({2 * L * kv * 1024 * hd * 2} B)" in out  # K and V in the model's bf16
 
 
 def test_info_hf_config_accepts_the_directory(tmp_path, capsys):
@@ -241,10 +241,10 @@ def test_memory_check_names_what_is_needed():
     fp = footprint(p)
     assert fp.weights == sum(p.buffers[b].nbytes for b in W.weight_buffer_names(p)) + \
         p.buffers["qkv_bias"].nbytes + p.buffers["rope_inv_freq"].nbytes
-    assert fp.kv_cache == 2 * 32 * 32 * 4096 * 128 * 4  # 4 GiB of f32 K and V per sequence
-    with pytest.raises(DagbuildError, match=r"needs 17\.\d GiB .*weights 12\.6 GiB, KV cache 4\.0 GiB at max_seq "
-                                            r"4096 .*only 16\.0 GiB is free"):
-        check_fits(fp, 16 << 30, p.dims, "graph 'llama_decode'")
+    assert fp.kv_cache == 2 * 32 * 32 * 4096 * 128 * 2  # 2 GiB of f16 K and V per sequence
+    with pytest.raises(DagbuildError, match=r"needs 15\.\d GiB .*weights 12\.6 GiB, KV cache 2\.0 GiB at max_seq "
+                                            r"4096 .*only 14\.0 GiB is free"):
+        check_fits(fp, 14 << 30, p.dims, "graph 'llama_decode'")
     check_fits(fp, 40 << 30, p.dims)
     tied = footprint(llama_plan(from_hf(config("llama-3.2-1b")).overrides()), tied=True)
     untied = footprint(llama_plan(from_hf(config("llama-3.2-1b")).overrides()))

@@ -131,7 +131,7 @@ def test_the_spec_no_longer_needs_heads_times_head_dim_to_be_hidden():
 SRC = KERNELS / "llama_prefill.cu"
 P, N, L, F = ".u64", ".u32", ".u64", ".f32"  # pointer, i32, i64, f32 in PTX .param lists
 ENTRIES = {
-    "rope_kv_prefill": [P, P, P, P, P, P, N, N, N, N, N],
+    **{f"rope_kv_prefill_{wt}": [P, P, P, P, P, P, N, N, N, N, N] for wt in ("f32", "f16", "bf16")},
     "last_rows": [P, P, P, N, N],
     **{f"rmsnorm_cast_{wt}": [P, P, P, N, F] for wt in ("f32", "f16", "bf16")},
     **{f"attn_prefill_{wt}": [P, P, P, P, P, N, N, N, N, N, F] for wt in ("f32", "f16", "bf16")},

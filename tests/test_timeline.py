@@ -37,7 +37,7 @@ def test_kernel_nodes_of_the_fused_tinyllama_step(timeline):
     nodes = timeline.kernel_nodes(plan)
     assert len(nodes) == 5 * 22 + 3  # embed, 5 per layer, LM head, argmax (the copies are not kernels)
     assert nodes[:3] == [("embed", "embed_pdl_f16", 0), ("qkv.0", "qkv_rope_f16", 2560 * 2048 * 2),
-                         ("attn.0", "attn_decode", 0)]
+                         ("attn.0", "attn_decode_f16", 0)]
     assert nodes[-2] == ("lm_head", "gemv_norm_f16", 32000 * 2048 * 2)
 
 

@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--splits", default="auto", help="comma-separated split counts, or auto (the spec's)")
     ap.add_argument("--variant", action="append", default=[], help="NAME=V,... or base (repeatable)")
     ap.add_argument("--kernel", default="attn_qkv_mma_f16",
-                    help="comma-separated, of attn_qkv_mma_f16, attn_qkv_f16, attn_decode_batched")
+                    help="comma-separated, of attn_qkv_mma_f16, attn_qkv_f16, attn_decode_batched_f16")
     ap.add_argument("--prebuild", action="store_true", help="only compile the variants into the kernel cache")
     ap.add_argument("--kv-heads", type=int, default=KV_HEADS,
                     help=f"KV heads of the {HEADS} query heads (default {KV_HEADS}: TinyLlama; 8: Llama-3.2-1B)")
@@ -74,7 +74,7 @@ def main() -> int:
         ap.error(f"--kv-heads must divide the {HEADS} query heads (got {args.kv_heads})")
     variants = args.variant or ["base"]
     names = args.kernel.split(",")
-    known = ("attn_qkv_mma_f16", "attn_qkv_f16", "attn_decode_batched")
+    known = ("attn_qkv_mma_f16", "attn_qkv_f16", "attn_decode_batched_f16")
     if any(k not in known for k in names):
         ap.error(f"--kernel takes {', '.join(known)} (got {args.kernel})")
 
@@ -105,8 +105,8 @@ def main() -> int:
             width = (HEADS + 2 * kvh) * HEAD_DIM
             qkv = cp.asarray(rng.standard_normal((batch, width), dtype=np.float32))
             q = cp.asarray(rng.standard_normal((batch, HEADS * HEAD_DIM), dtype=np.float32))
-            kc = cp.asarray(rng.standard_normal((batch, kvh, max_seq, HEAD_DIM), dtype=np.float32))
-            vc = cp.asarray(rng.standard_normal((batch, kvh, max_seq, HEAD_DIM), dtype=np.float32))
+            kc = cp.asarray(rng.standard_normal((batch, kvh, max_seq, HEAD_DIM)).astype(np.float16))  # wt caches
+            vc = cp.asarray(rng.standard_normal((batch, kvh, max_seq, HEAD_DIM)).astype(np.float16))
             pos = cp.full(batch, ctx - 1, np.int32)
             bias = cp.zeros(width, np.float32)
             inv_freq = cp.asarray(ref.rope_inv_freq(HEAD_DIM, 10000.0))
@@ -116,7 +116,7 @@ def main() -> int:
             counters = cp.zeros(batch * HEADS, np.int32)
             out_h = cp.zeros(batch * HEADS * HEAD_DIM, np.float16)
             out_f = cp.zeros(batch * HEADS * HEAD_DIM, np.float32)
-            kv_bytes = 2 * batch * kvh * ctx * HEAD_DIM * 4
+            kv_bytes = 2 * batch * kvh * ctx * HEAD_DIM * 2
             cp.cuda.Device().synchronize()  # the arrays above are filled on the null stream, the graph runs on `stream`
             for split_arg in args.splits.split(","):
                 splits = auto_splits(batch, max_seq, kvh) if split_arg == "auto" else min(int(split_arg), nsplit_max)

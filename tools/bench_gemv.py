@@ -179,8 +179,9 @@ def fused_launches(cp, mod, role: str, entry: str, rows: int, k: int, dims: dict
     hd, max_seq = dims["head_dim"], 64
     if role == "qkv":
         q = arr((batch, dims["heads"] * hd))
-        kc = arr((batch, dims["kv_heads"], max_seq, hd))
-        vc = arr((batch, dims["kv_heads"], max_seq, hd))
+        kc = convert(cp, arr((batch, dims["kv_heads"], max_seq, hd)), "f32", wt)  # the caches hold wt
+        vc = convert(cp, arr((batch, dims["kv_heads"], max_seq, hd)), "f32", wt)
+        keep += [kc, vc]
         pos = cp.full(batch, 10, cp.int32)
         keep.append(pos)
         bias = cp.zeros(rows, cp.float32)

@@ -30,6 +30,7 @@ __all__ = [
     "rmsnorm",
     "rope_append",
     "rope_inv_freq",
+    "round_to",
     "silu_mul",
 ]
 
@@ -55,6 +56,19 @@ def f32_to_bf16(a) -> np.ndarray:
 def bf16_to_f32(bits) -> np.ndarray:
     """Widen bfloat16 bit patterns (uint16) to float32, exactly."""
     return dtypes.bf16_to_f32(np, bits)
+
+
+def round_to(a, wt: str) -> np.ndarray:
+    """``a`` as a buffer of weight type ``wt`` (f32 | f16 | bf16) holds it, in float64: through float32, then
+    rounded to nearest even, as the kernels store into the KV cache (which holds the model's weight type)."""
+    x = np.asarray(a, np.float64).astype(np.float32)
+    if wt == "f32":
+        return x.astype(np.float64)
+    if wt == "f16":
+        return x.astype(np.float16).astype(np.float64)
+    if wt == "bf16":
+        return bf16_to_f32(f32_to_bf16(x)).astype(np.float64)
+    raise ValueError(f"round_to: unknown weight type {wt!r} (f32, f16 or bf16)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,7 +114,8 @@ def _rope_cos_sin(p: int, inv_freq) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rope_append(
-    q, k, v, bias, inv_freq, k_cache, v_cache, pos, heads: int, kv_heads: int, head_dim: int, max_seq: int
+    q, k, v, bias, inv_freq, k_cache, v_cache, pos, heads: int, kv_heads: int, head_dim: int, max_seq: int,
+    cache: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q/K/V bias, then rotary embedding at p = pos[b] on q and k; roped k and v appended to the caches at
     slot p.
@@ -109,7 +124,8 @@ def rope_append(
     inverse frequencies (:func:`rope_inv_freq` for HF's default rope). Pairs (i, i + head_dim/2) rotate by
     angle p * inv_freq[i] (HF ``rotate_half`` layout). Returns (q [batch, heads, head_dim], k_cache, v_cache
     [cache_batch, kv_heads, max_seq, head_dim]) as updated copies. A row whose pos is outside [0, max_seq)
-    leaves the caches alone (q is still rotated).
+    leaves the caches alone (q is still rotated). ``cache`` (f32 | f16 | bf16): the caches' element type, the
+    appended rows rounded to it (:func:`round_to`), as a cache in the model's dtype holds them (HF's).
     """
     pos = np.asarray(pos, dtype=np.int64).reshape(-1)
     batch = pos.shape[0]
@@ -133,6 +149,9 @@ def rope_append(
         if 0 <= p < max_seq:
             kc[b, :, p, :] = rot(ks[b], c, s)
             vc[b, :, p, :] = vs[b]
+            if cache is not None:
+                kc[b, :, p, :] = round_to(kc[b, :, p, :], cache)
+                vc[b, :, p, :] = round_to(vc[b, :, p, :], cache)
     return qo, kc, vc
 
 

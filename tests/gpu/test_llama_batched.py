@@ -7,6 +7,10 @@ every bucket 1..256; f16 TinyLlama shape: the same tokens up to an fp16 near-tie
 The MMA kernels round activations to the weight type before the products (f16: 11-bit, bf16: 8-bit
 significand), so they are checked tightly against a float64 reference that rounds x the same way, and loosely
 against the exact one. Outputs are poisoned with NaN and guarded past their end; KV caches start random.
+
+The KV caches hold the weight type (f32, f16, or bf16 bits): the tests upload them in wt, their references read the
+values the caches hold, and an appended row is checked against the reference rounded to wt (ref.rope_append's
+``cache``), the attention reference using those rounded keys and values.
 """
 
 from __future__ import annotations
@@ -98,6 +102,24 @@ def fetch(buf, count):
     out = host[:count].astype(np.float64)
     assert np.all(np.isfinite(out)), "output has NaN/inf (an element left unwritten?)"
     return out
+
+
+def cache_values(a, wt) -> np.ndarray:
+    """A KV cache (or part of one) as uploaded or read back (wt: bf16 as uint16 bits) in float64."""
+    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
+
+
+def same_bits(a, b) -> bool:
+    """The same elements bit for bit (NaN included): what a kernel must leave alone."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+# An appended K/V element is the kernel's f32 value rounded once to wt: where that value lies within the kernel's
+# f32 error of a rounding boundary it may round to the neighbour of the reference's rounding (one wt ulp, 2 u). So
+# the appended rows are compared with the rounded reference within the f32 tolerance plus u (the unit roundoff of
+# wt: 2^-11 f16, 2^-8 bf16), which such neighbours, a small fraction of the elements, stay well inside.
+KV_ROUND = {"f32": 0.0, "f16": 2.0 ** -11, "bf16": 2.0 ** -8}
 
 
 def rel_err(out, expect) -> float:
@@ -227,8 +249,8 @@ def test_qkv_rope_mma(cp, mod, engine, wt, batch, heads, kv_heads, head_dim, hid
     norm, _ = weights(rng, (hidden,), wt, 0.1, 1.0)
     x = activations(rng, batch, hidden)
     cache_shape = (batch + 1, kv_heads, max_seq, head_dim)
-    kc = rng.standard_normal(cache_shape).astype(np.float32)
-    vc = rng.standard_normal(cache_shape).astype(np.float32)
+    kc, kc64 = in_weight_type(rng.standard_normal(cache_shape), wt)  # the caches hold wt
+    vc, vc64 = in_weight_type(rng.standard_normal(cache_shape), wt)
     pos = rng.integers(0, max_seq, batch).astype(np.int32)
     pos[0], pos[1], pos[2] = max_seq - 1, -1, 0
     rows = (heads + 2 * kv_heads) * head_dim
@@ -245,14 +267,16 @@ def test_qkv_rope_mma(cp, mod, engine, wt, batch, heads, kv_heads, head_dim, hid
         if 0 <= p < max_seq:
             written[b, :, p] = True
     got_q, kc_got, vc_got = fetch(q, batch * heads * head_dim), kc_d.get(), vc_d.get()
-    assert np.array_equal(kc_got[~written], kc[~written]), "k_cache changed outside the appended slots"
-    assert np.array_equal(vc_got[~written], vc[~written]), "v_cache changed outside the appended slots"
+    assert same_bits(kc_got[~written], kc[~written]), "k_cache changed outside the appended slots"
+    assert same_bits(vc_got[~written], vc[~written]), "v_cache changed outside the appended slots"
+    kc_got, vc_got = cache_values(kc_got, wt), cache_values(vc_got, wt)
     for h, tol in zip(mma_inputs(x, norm, wt)[::-1], (TIGHT[wt] * 5, LOOSE[wt]), strict=True):
-        q_ref, kc_ref, vc_ref = ref.rope_append(h @ wq64.T, h @ wk64.T, h @ wv64.T, bias, inv_freq, kc, vc, pos,
-                                                heads, kv_heads, head_dim, max_seq)
+        q_ref, kc_ref, vc_ref = ref.rope_append(h @ wq64.T, h @ wk64.T, h @ wv64.T, bias, inv_freq, kc64, vc64, pos,
+                                                heads, kv_heads, head_dim, max_seq, cache=wt)
         assert rel_err(got_q, q_ref) < tol
-        assert rel_err(kc_got[written], kc_ref[written]) < tol
-        assert rel_err(vc_got[written], vc_ref[written]) < tol
+        # the appended rows, rounded once to wt (KV_ROUND: a rounding boundary's neighbours)
+        assert rel_err(kc_got[written], kc_ref[written]) < tol + KV_ROUND[wt]
+        assert rel_err(vc_got[written], vc_ref[written]) < tol + KV_ROUND[wt]
 
 
 ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits
@@ -266,8 +290,11 @@ ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits
 ]
 
 
+@pytest.mark.parametrize("wt", WTYPES)
 @pytest.mark.parametrize("batch,heads,kv_heads,head_dim,max_seq,chunk,splits", ATTN_CASES)
-def test_attn_decode_batched(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, splits):
+def test_attn_decode_batched(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, splits, wt):
+    """attn_decode_batched_<wt>: caches of wt (read back as the floats they hold) against the reference attention
+    over those values."""
     scale = head_dim ** -0.5
     counters = cp.zeros(batch * heads + GUARD, np.int32)
     for launch_no in range(2):  # the second launch checks that the first left its counters at zero
@@ -285,16 +312,18 @@ def test_attn_decode_batched(cp, mod, batch, heads, kv_heads, head_dim, max_seq,
             for r in range(batch):
                 kc[r, :, max(pos[r], 0) + 1:] = np.nan
                 vc[r, :, max(pos[r], 0) + 1:] = np.nan
+        (kc, kc64), (vc, vc64) = in_weight_type(kc, wt), in_weight_type(vc, wt)  # the caches hold wt
         part_o = cp.full(batch * heads * splits * head_dim, np.nan, np.float32)
         part_ml = cp.full(batch * heads * splits * 2, np.nan, np.float32)
         out = out_buffer(cp, batch * heads * head_dim)
-        mod.get_function("attn_decode_batched")(
+        mod.get_function(f"attn_decode_batched_{wt}")(
             (batch * kv_heads, splits), (256,),
             (cp.asarray(q), cp.asarray(kc), cp.asarray(vc), cp.asarray(pos), part_o, part_ml, counters, out,
              i32(heads), i32(kv_heads), i32(head_dim), i32(max_seq), i32(chunk), f32(scale)))
         got = fetch(out, batch * heads * head_dim).reshape(batch, heads, head_dim)
         live = pos >= 0
-        expect = ref.attention(q[live], kc[live], vc[live], pos[live], heads, kv_heads, head_dim, max_seq, scale)
+        expect = ref.attention(q[live], kc64[live], vc64[live], pos[live], heads, kv_heads, head_dim, max_seq,
+                               scale)
         assert rel_err(got[live], expect) < 1e-5
         assert np.all(got[~live] == 0), "a padding row's attention output must be zeros"
         assert np.all(counters.get() == 0), "attn_decode_batched must leave its counters at zero"
@@ -322,8 +351,10 @@ MMA_ATTN_DIMS = (32, 64, 128)  # head dims with a tensor-core form
 
 
 def mma_attn_shared(head_dim: int) -> int:
-    """The fused spec's `shared` for attn_qkv_mma."""
-    return 4 * max(128 * (2 * head_dim + 12) + 8 * (head_dim + 8) + 2 * head_dim, 11264)
+    """The least dynamic shared memory attn_qkv_mma takes (a smaller launch traps): K and V passes of 128 keys
+    and q in wt, the new key and value in f32, and at least attn_qkv's arithmetic's (the fused spec may give
+    more)."""
+    return 4 * max(136 * (head_dim + 8) + 2 * head_dim, 11264)
 
 
 @pytest.mark.parametrize("kernel", ["attn_qkv", "attn_qkv_mma"])
@@ -334,7 +365,8 @@ def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, spl
     the cache appends nothing and attends to every slot), attention over keys 0..pos with the new key read from
     the block itself (the cache slot at pos is NaN before the launch), the output rounded to wt. attn_qkv_mma_<wt>
     (the same on tensor cores where wt is f16/bf16 and head_dim 32, 64 or 128; else attn_qkv's arithmetic) the
-    same, within the rounding of its operands."""
+    same, within the rounding of its operands. The caches hold wt: the new key and value are stored rounded to wt
+    once, and this step's attention uses those rounded values (what the next step reads back from the cache)."""
     mma = kernel == "attn_qkv_mma" and wt != "f32" and head_dim in MMA_ATTN_DIMS
     scale, rows = head_dim ** -0.5, (heads + 2 * kv_heads) * head_dim
     subs = -(-(heads // kv_heads) // 16)
@@ -360,6 +392,7 @@ def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, spl
         for r in range(batch):  # the slot being appended and every slot past it are never read from the cache
             kc[r, :, max(pos[r], 0):] = np.nan
             vc[r, :, max(pos[r], 0):] = np.nan
+        (kc, kc64), (vc, vc64) = in_weight_type(kc, wt), in_weight_type(vc, wt)  # the caches hold wt
         if wt == "f32":
             out = out_buffer(cp, n)
         else:
@@ -383,24 +416,27 @@ def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, spl
             got = (host[:n].view(np.float16) if wt == "f16" else ref.bf16_to_f32(host[:n])).astype(np.float64)
             assert np.all(np.isfinite(got)), "output has NaN/inf (an element left unwritten?)"
         got = got.reshape(batch, heads, head_dim)
+        # the appended rows rounded to wt (cache=wt), as the kernel stores them and attends to them this step
         q_ref, kc_ref, vc_ref = ref.rope_append(qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:], bias, inv_freq,
-                                                kc, vc, pos, heads, kv_heads, head_dim, max_seq)
+                                                kc64, vc64, pos, heads, kv_heads, head_dim, max_seq, cache=wt)
         written = np.zeros(kc.shape, bool)
         for b, p in enumerate(pos):
             if 0 <= p < max_seq:
                 written[b, :, p] = True
         kc_got, vc_got = kc_d.get(), vc_d.get()
-        assert np.array_equal(kc_got[~written], kc[~written], equal_nan=True), "k_cache changed outside the new slots"
-        assert np.array_equal(vc_got[~written], vc[~written], equal_nan=True), "v_cache changed outside the new slots"
-        assert rel_err(kc_got[written], kc_ref[written]) < 1e-5
+        assert same_bits(kc_got[~written], kc[~written]), "k_cache changed outside the new slots"
+        assert same_bits(vc_got[~written], vc[~written]), "v_cache changed outside the new slots"
+        kc_got, vc_got = cache_values(kc_got, wt), cache_values(vc_got, wt)
+        # the new key is roped in f32 (KV_ROUND: a rounding boundary's neighbours); the value is qkv + bias in
+        # f32, rounded once to wt exactly as the reference rounds it
+        assert rel_err(kc_got[written], kc_ref[written]) < 1e-5 + KV_ROUND[wt]
         assert rel_err(vc_got[written], vc_ref[written]) < 1e-6
         live = pos >= 0
         expect = ref.attention(q_ref[live], kc_ref[live], vc_ref[live], pos[live], heads, kv_heads, head_dim, max_seq,
                                scale)
-        if mma:
-            rounded = ref.attention(in_weight_type(q_ref[live], wt)[1], in_weight_type(kc_ref[live], wt)[1],
-                                    in_weight_type(vc_ref[live], wt)[1], pos[live], heads, kv_heads, head_dim,
-                                    max_seq, scale)
+        if mma:  # K and V are wt already (the rounded cache values); q is rounded to wt as well
+            rounded = ref.attention(in_weight_type(q_ref[live], wt)[1], kc_ref[live], vc_ref[live], pos[live], heads,
+                                    kv_heads, head_dim, max_seq, scale)
             assert rel_err(got[live], rounded) < MMA_ATTN_TIGHT[wt]
             assert rel_err(got[live], expect) < MMA_ATTN_LOOSE[wt]
         else:

@@ -79,6 +79,11 @@ def fetch(buf, count):
     return host[:count].astype(np.float64)
 
 
+def cache_values(a, wt):
+    """A KV cache read back from the device (wt: uint16 bits for bf16) as float64."""
+    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
+
+
 def rel_err(out, expect) -> float:
     out, expect = np.asarray(out, np.float64).reshape(-1), np.asarray(expect, np.float64).reshape(-1)
     assert np.all(np.isfinite(out)), "output has NaN/inf (an element left unwritten?)"
@@ -119,8 +124,8 @@ def test_qkv_rope(cp, mod, wt, batch, heads, kv_heads, head_dim, hidden):
     norm, norm64 = weights(rng, (hidden,), wt, 0.1, 1.0)
     x = activations(rng, batch, hidden)
     cache_shape = (batch + 1, kv_heads, max_seq, head_dim)  # cache_batch > batch: row b's slot is fixed
-    kc = rng.standard_normal(cache_shape).astype(np.float32)
-    vc = rng.standard_normal(cache_shape).astype(np.float32)
+    kc, kc64 = in_weight_type(rng.standard_normal(cache_shape), wt)  # the caches hold wt
+    vc, vc64 = in_weight_type(rng.standard_normal(cache_shape), wt)
     pos = positions(rng, batch, max_seq)
     rows = (heads + 2 * kv_heads) * head_dim
     bias = (0.5 * rng.standard_normal(rows)).astype(np.float32)  # Qwen2's Q/K/V bias, added in the epilogue
@@ -135,18 +140,20 @@ def test_qkv_rope(cp, mod, wt, batch, heads, kv_heads, head_dim, hidden):
     h = ref.rmsnorm(x, norm64, hidden, EPS)
     q_ref, kc_ref, vc_ref = ref.rope_append(
         ref.gemv(wq64, h, heads * head_dim, hidden, batch), ref.gemv(wk64, h, kv_heads * head_dim, hidden, batch),
-        ref.gemv(wv64, h, kv_heads * head_dim, hidden, batch), bias, inv_freq, kc, vc, pos, heads, kv_heads,
-        head_dim, max_seq)
+        ref.gemv(wv64, h, kv_heads * head_dim, hidden, batch), bias, inv_freq, kc64, vc64, pos, heads, kv_heads,
+        head_dim, max_seq, cache=wt)
     assert rel_err(fetch(q, batch * heads * head_dim), q_ref) < TOL[wt]
     written = np.zeros(cache_shape, bool)
     for b, p in enumerate(pos):
         if 0 <= p < max_seq:
             written[b, :, p] = True
     kc_got, vc_got = kc_d.get(), vc_d.get()
+    assert kc_got.dtype == kc.dtype and vc_got.dtype == vc.dtype
     assert np.array_equal(kc_got[~written], kc[~written]), "k_cache changed outside the appended slots"
     assert np.array_equal(vc_got[~written], vc[~written]), "v_cache changed outside the appended slots"
-    assert rel_err(kc_got[written], kc_ref[written]) < TOL[wt]
-    assert rel_err(vc_got[written], vc_ref[written]) < TOL[wt]
+    # the appended rows, rounded to wt once (the reference rounds its float64 values the same way)
+    assert rel_err(cache_values(kc_got, wt)[written], kc_ref[written]) < TOL[wt]
+    assert rel_err(cache_values(vc_got, wt)[written], vc_ref[written]) < TOL[wt]
 
 
 GATE_UP_CASES = [(1, 5632, 2048), (2, 1, 8), (3, 688, 256), (5, 37, 264), (8, 8192, 2048), (64, 100, 264)]
@@ -217,13 +224,13 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, max_seq, chunk
 ]
 
 
-def launch_attn(cp, mod, q, kc, vc, pos, counters, heads, kv_heads, head_dim, max_seq, chunk, scale):
+def launch_attn(cp, mod, wt, q, kc, vc, pos, counters, heads, kv_heads, head_dim, max_seq, chunk, scale):
     batch = len(pos)
     splits = -(-max_seq // chunk)
     part_o = cp.full(batch * heads * splits * head_dim, np.nan, np.float32)
     part_ml = cp.full(batch * heads * splits * 2, np.nan, np.float32)
     out = out_buffer(cp, batch * heads * head_dim)
-    mod.get_function("attn_decode")(
+    mod.get_function(f"attn_decode_{wt}")(
         (batch * heads, splits), (128,),
         (cp.asarray(q), cp.asarray(kc), cp.asarray(vc), cp.asarray(pos), part_o, part_ml, counters, out,
          i32(heads), i32(kv_heads), i32(head_dim), i32(max_seq), i32(chunk), f32(scale)))
@@ -231,8 +238,8 @@ def launch_attn(cp, mod, q, kc, vc, pos, counters, heads, kv_heads, head_dim, ma
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,max_seq,chunk", ATTN_CASES)
-@pytest.mark.parametrize("batch", [1, 4])
-def test_attn_decode(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk):
+@pytest.mark.parametrize("batch,wt", [(1, "f32"), (4, "f32"), (1, "f16"), (4, "bf16")])
+def test_attn_decode(cp, mod, batch, wt, heads, kv_heads, head_dim, max_seq, chunk):
     scale = 1.0 / np.sqrt(head_dim)
     counters = cp.zeros(batch * heads + GUARD, np.int32)
     for launch in range(2):  # the second launch checks that the first left its counters at zero
@@ -250,10 +257,12 @@ def test_attn_decode(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk):
             for r in range(batch):
                 kc[r, :, max(pos[r], 0) + 1:] = np.nan
                 vc[r, :, max(pos[r], 0) + 1:] = np.nan
-        got = launch_attn(cp, mod, q, kc, vc, pos, counters, heads, kv_heads, head_dim, max_seq, chunk, scale)
+        (kc, kc64), (vc, vc64) = in_weight_type(kc, wt), in_weight_type(vc, wt)  # the caches hold wt
+        got = launch_attn(cp, mod, wt, q, kc, vc, pos, counters, heads, kv_heads, head_dim, max_seq, chunk, scale)
         got = got.reshape(batch, heads, head_dim)
         live = pos >= 0
-        expect = ref.attention(q[live], kc[live], vc[live], pos[live], heads, kv_heads, head_dim, max_seq, scale)
+        expect = ref.attention(q[live], kc64[live], vc64[live], pos[live], heads, kv_heads, head_dim, max_seq,
+                               scale)
         assert rel_err(got[live], expect) < 1e-5
         assert np.all(got[~live] == 0), "a padding row's attention output must be zeros"
         assert np.all(counters.get() == 0), "attn_decode must leave its counters at zero"
@@ -443,7 +452,8 @@ def test_layer_kernel_matches_five_node_layers_and_numpy(cp, modules, wt, sms, c
                 expect = numpy_step(state, dims, int(tokens[t]), t, kc, vc)
                 assert rel_err(got["layer"][0], expect) < 1e-4, t
         for buf in ("k_cache", "v_cache"):
-            assert rel_err(layer.buffers[buf].get(), five.buffers[buf].get()) < tol, buf
+            got_cache = cache_values(layer.buffers[buf].get(), wt)
+            assert rel_err(got_cache, cache_values(five.buffers[buf].get(), wt)) < tol, buf
 
 
 @pytest.mark.parametrize("lk", [1, 2], ids=["layer", "stack"])

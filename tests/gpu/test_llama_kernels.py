@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import in_weight_type
 
 from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.gpu
 KERNEL_SRC = Path(__file__).parents[2] / "kernels" / "llama.cu"
 WTYPES = ("f32", "f16", "bf16")
 TOL = {"f32": 1e-5, "f16": 1e-4, "bf16": 1e-4}  # relative error ||out - ref|| / ||ref||
+BITS = {"f32": 24, "f16": 11, "bf16": 8}  # significand bits of each type (the KV cache holds the weight type)
 GUARD = 67  # NaN elements after each output buffer
 
 
@@ -71,6 +73,31 @@ def rel_err(out, expect) -> float:
     out, expect = np.asarray(out, np.float64).reshape(-1), np.asarray(expect, np.float64).reshape(-1)
     assert np.all(np.isfinite(out)), "output has NaN/inf (an element left unwritten?)"
     return float(np.linalg.norm(out - expect) / np.linalg.norm(expect))
+
+
+def cache_values(a, wt) -> np.ndarray:
+    """The values (float64) of a cache array fetched from the device (f32, f16, or bf16 bits as uint16)."""
+    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
+
+
+def ulp(a, wt) -> np.ndarray:
+    """The spacing of type wt at |a| (normal numbers: 2^(e - bits) for |a| in [2^(e-1), 2^e))."""
+    a = np.abs(np.asarray(a, np.float64))
+    return np.ldexp(1.0, np.frexp(np.where(a > 0, a, 1.0))[1] - BITS[wt])
+
+
+def assert_rounded_close(got, want, exact, wt, tol):
+    """Appended cache values `got` (float64 values of type wt) against `want`, the float64 reference `exact`
+    rounded to wt. f32: relative error below tol. f16/bf16: the kernel rounds its f32 result once, so each element
+    is within half a wt ulp of that f32 result, which is within tol of the reference (relative to the values'
+    scale: a rotated element near zero carries the f32 error of its inputs' size), and nearly every element is
+    the rounded reference itself (the exceptions: f32 results that straddle a rounding boundary)."""
+    if wt == "f32":
+        assert rel_err(got, want) < tol
+        return
+    bound = ulp(exact, wt) / 2 + tol * np.max(np.abs(exact))
+    assert np.all(np.abs(got - exact) <= bound), "an appended element is off its reference by more than rounding"
+    assert np.mean(got != want) < 0.01, "too many appended elements off their rounded reference"
 
 
 i32, f32 = np.int32, np.float32
@@ -151,7 +178,10 @@ def test_gemv_more_shapes(cp, mod, wt, add, n, k, batch, variant):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos, with_bias=False):
+def run_rope(cp, mod, wt, batch, heads, kv_heads, head_dim, max_seq, theta, pos, with_bias=False):
+    """rope_append_<wt> against ref.rope_append. Returns (q's relative error, the appended k's values, the
+    reference's appended k rounded to wt, unrounded); checks that v is appended exactly (one f32 add, rounded
+    once) and that nothing else in the caches changed."""
     rng = rng_for("rope", batch, heads, kv_heads, head_dim, max_seq, theta)
     q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
     k = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
@@ -160,11 +190,11 @@ def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos, wit
     bias = (rng.standard_normal(nb) if with_bias else np.zeros(nb)).astype(np.float32)
     inv_freq = ref.rope_inv_freq(head_dim, theta)
     cache_shape = (batch + 1, kv_heads, max_seq, head_dim)  # cache_batch > batch: row b's slot is fixed
-    kc = rng.standard_normal(cache_shape).astype(np.float32)
-    vc = rng.standard_normal(cache_shape).astype(np.float32)
+    kc, kc64 = in_weight_type(rng.standard_normal(cache_shape), wt)  # the caches hold the weight type
+    vc, vc64 = in_weight_type(rng.standard_normal(cache_shape), wt)
     pos = np.asarray(pos, np.int32)
     q_d, k_d, kc_d, vc_d = cp.asarray(q), cp.asarray(k), cp.asarray(kc), cp.asarray(vc)
-    mod.get_function("rope_append")(
+    mod.get_function(f"rope_append_{wt}")(
         (batch,),
         (128,),
         (
@@ -182,7 +212,7 @@ def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos, wit
             i32(max_seq),
         ),
     )
-    q_ref, kc_ref, vc_ref = ref.rope_append(q, k, v, bias, inv_freq, kc, vc, pos, heads, kv_heads, head_dim,
+    q_ref, kc_ref, vc_ref = ref.rope_append(q, k, v, bias, inv_freq, kc64, vc64, pos, heads, kv_heads, head_dim,
                                             max_seq)
     assert np.array_equal(k_d.get(), k), "k is an input: it must not change"
     kc_got, vc_got = kc_d.get(), vc_d.get()
@@ -191,33 +221,39 @@ def run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos, wit
         if 0 <= p < max_seq:
             written[b, :, p] = True
     assert np.array_equal(kc_got[~written], kc[~written]), "k_cache changed outside the appended slots"
-    # v (+ its bias: one f32 add) is copied exactly
-    assert np.array_equal(vc_got, vc_ref.astype(np.float32)), "v must be copied exactly"
-    return rel_err(q_d.get(), q_ref), rel_err(kc_got[written], kc_ref[written])
+    # v (+ its bias: one f32 add) is copied exactly, then rounded once to wt (the other slots are unchanged)
+    assert np.array_equal(vc_got, in_weight_type(vc_ref, wt)[0]), "v must be copied exactly (rounded once)"
+    k_ref = kc_ref[written]
+    return rel_err(q_d.get(), q_ref), cache_values(kc_got[written], wt), in_weight_type(k_ref, wt)[1], k_ref
 
 
+@pytest.mark.parametrize("wt", WTYPES)
 @pytest.mark.parametrize(
     "batch,heads,kv_heads,head_dim,theta,with_bias",
     [(1, 4, 4, 64, 10000.0, False), (3, 8, 2, 128, 500000.0, True), (17, 32, 8, 128, 500000.0, False),
      (5, 6, 3, 16, 10000.0, True), (2, 4, 1, 96, 1e6, True)],
 )
-def test_rope_append(cp, mod, batch, heads, kv_heads, head_dim, theta, with_bias):
+def test_rope_append(cp, mod, wt, batch, heads, kv_heads, head_dim, theta, with_bias):
     max_seq = 256
     rng = rng_for("rope-pos", batch, heads)
     pos = rng.integers(0, max_seq, batch)
     pos[0] = max_seq - 1
     if batch > 1:
         pos[1] = 0
-    eq, ek = run_rope(cp, mod, batch, heads, kv_heads, head_dim, max_seq, theta, pos, with_bias)
-    assert eq < 1e-5 and ek < 1e-5
+    eq, k_got, k_want, k_ref = run_rope(cp, mod, wt, batch, heads, kv_heads, head_dim, max_seq, theta, pos,
+                                        with_bias)
+    assert eq < 1e-5
+    assert_rounded_close(k_got, k_want, k_ref, wt, 1e-5)
 
 
-def test_rope_append_long_positions(cp, mod):
+@pytest.mark.parametrize("wt", WTYPES)
+def test_rope_append_long_positions(cp, mod, wt):
     # At p ~ 8000 the f32 angle p * inv_freq is sensitive to its last ulp, so the bound is looser than the
-    # rotation's accuracy (inv_freq now comes from the host, as HF's does).
+    # rotation's accuracy (inv_freq now comes from the host, as HF's does). The appended k is that f32 result
+    # rounded once to wt: within 2^-BITS (relative) of it, so the bound grows by that much.
     max_seq = 8192
-    eq, ek = run_rope(cp, mod, 3, 4, 2, 128, max_seq, 500000.0, [8191, 4097, 7000])
-    assert eq < 1e-3 and ek < 1e-3
+    eq, k_got, _, k_ref = run_rope(cp, mod, wt, 3, 4, 2, 128, max_seq, 500000.0, [8191, 4097, 7000])
+    assert eq < 1e-3 and rel_err(k_got, k_ref) < 1e-3 + 2.0 ** -BITS[wt]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,23 +274,25 @@ ATTN_CASES = [
 ]
 
 
-def attn_inputs(rng, batch, heads, kv_heads, head_dim, max_seq):
+def attn_inputs(rng, batch, heads, kv_heads, head_dim, max_seq, wt):
+    """q, the caches of type wt (the arrays to upload and their float64 values: what the references read) and
+    pos."""
     q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
-    kc = rng.standard_normal((batch, kv_heads, max_seq, head_dim)).astype(np.float32)
-    vc = rng.standard_normal((batch, kv_heads, max_seq, head_dim)).astype(np.float32)
+    kc, kc64 = in_weight_type(rng.standard_normal((batch, kv_heads, max_seq, head_dim)), wt)
+    vc, vc64 = in_weight_type(rng.standard_normal((batch, kv_heads, max_seq, head_dim)), wt)
     pos = rng.integers(0, max_seq, batch).astype(np.int32)
     pos[0] = max_seq - 1
     if batch > 1:
         pos[1] = 0
-    return q, kc, vc, pos
+    return q, (kc, kc64), (vc, vc64), pos
 
 
-def launch_attn_partial(cp, mod, q, kc, vc, pos, heads, kv_heads, head_dim, max_seq, chunk, scale):
+def launch_attn_partial(cp, mod, wt, q, kc, vc, pos, heads, kv_heads, head_dim, max_seq, chunk, scale):
     batch = len(pos)
     splits = -(-max_seq // chunk)
     n_o, n_ml = batch * heads * splits * head_dim, batch * heads * splits * 2
     part_o, part_ml = out_buffer(cp, n_o), out_buffer(cp, n_ml)
-    mod.get_function("attn_partial")(
+    mod.get_function(f"attn_partial_{wt}")(
         (batch * heads, splits),
         (128,),
         (
@@ -285,12 +323,15 @@ def launch_attn_combine(cp, mod, part_o, part_ml, batch, heads, head_dim, splits
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,max_seq,chunk", ATTN_CASES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_attn_partial(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk):
+@pytest.mark.parametrize("wt", WTYPES)
+def test_attn_partial(cp, mod, wt, batch, heads, kv_heads, head_dim, max_seq, chunk):
+    """attn_partial_<wt> (+ attn_combine) over caches of type wt, against the references on the caches' values:
+    the kernel widens them exactly and computes in f32, so the f32 tolerance holds for every type."""
     rng = rng_for("attn", batch, heads, kv_heads, head_dim, max_seq, chunk)
-    q, kc, vc, pos = attn_inputs(rng, batch, heads, kv_heads, head_dim, max_seq)
+    q, (kc_up, kc), (vc_up, vc), pos = attn_inputs(rng, batch, heads, kv_heads, head_dim, max_seq, wt)
     scale = 1.0 / np.sqrt(head_dim)
     part_o, part_ml, n_o, n_ml, splits = launch_attn_partial(
-        cp, mod, q, kc, vc, pos, heads, kv_heads, head_dim, max_seq, chunk, scale
+        cp, mod, wt, q, kc_up, vc_up, pos, heads, kv_heads, head_dim, max_seq, chunk, scale
     )
     o = fetch(part_o, n_o).reshape(batch, heads, splits, head_dim)
     ml = fetch(part_ml, n_ml).reshape(batch, heads, splits, 2)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import SPECS
+from helpers import in_weight_type
 
 from dagbuild.data import shipped_spec
 from dagbuild.executable import Executable
@@ -251,16 +252,31 @@ def prefill_module():
 
     src = read_kernel_source(shipped_spec("llama_prefill.yaml").parent.parent / "kernels" / "llama_prefill.cu")
     mod = load_module(src, "llama_prefill")
-    mod.get_function("rope_kv_prefill")  # compile once for the module's tests
+    mod.get_function("rope_kv_prefill_f32")  # compile once for the module's tests
     return mod
 
 
+UNIT = {"f32": 0.0, "f16": 2.0**-11, "bf16": 2.0**-8}  # unit roundoff of each type: |wt(x) - x| <= UNIT |x|
+
+
+def _values(a, wt) -> np.ndarray:
+    """Float64 values of an array of type wt fetched from the device (bf16 as its uint16 bits)."""
+    from dagbuild.llama import reference as ref
+
+    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
+
+
+@pytest.mark.parametrize("wt", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
 @pytest.mark.parametrize("seq,prefix", [(1, 0), (37, 0), (64, 100), (130, 7)])
-def test_rope_and_attention_kernels_match_reference(prefill_module, head_dim, seq, prefix):
+def test_rope_and_attention_kernels_match_reference(prefill_module, wt, head_dim, seq, prefix):
     """Two rows (row 1 padded past half its positions): bias + RoPE + KV write, then causal attention over
     the prefix (random cache content) and the chunk, against the decode references applied per query; the
-    block is 64 * ceil_div(head_dim, 64) threads, as the spec launches it."""
+    block is 64 * ceil_div(head_dim, 64) threads, as the spec launches it. The KV cache and the attention
+    output are of the weight type wt: the appended k and v are rounded once (v exactly: one f32 add, then
+    rounded; k to one ulp of the rounded reference, where the kernel's f32 result and the reference straddle a
+    rounding boundary), and the attention reference reads the kernel's own cache values (what the kernel read)
+    and allows the output's rounding."""
     import cupy as cp
 
     from dagbuild.llama import reference as ref
@@ -272,24 +288,25 @@ def test_rope_and_attention_kernels_match_reference(prefill_module, head_dim, se
     width = (heads + 2 * kv) * d
     qkv = rng.standard_normal((batch * seq, width)).astype(np.float32)
     bias = (0.5 * rng.standard_normal(width)).astype(np.float32)
-    kc = rng.standard_normal((batch, kv, max_seq, d)).astype(np.float32)
-    vc = rng.standard_normal((batch, kv, max_seq, d)).astype(np.float32)
+    kc, kc64 = in_weight_type(rng.standard_normal((batch, kv, max_seq, d)), wt)
+    vc, vc64 = in_weight_type(rng.standard_normal((batch, kv, max_seq, d)), wt)
     pos = np.full((batch, seq), -1, np.int32)
     pos[0] = prefix + np.arange(seq)
     pos[1, : (seq + 1) // 2] = prefix + np.arange((seq + 1) // 2)
     inv = ref.rope_inv_freq(d, 10000.0)
     g_qkv, g_kc, g_vc, g_pos = cp.asarray(qkv), cp.asarray(kc), cp.asarray(vc), cp.asarray(pos)
     i32 = np.int32
-    mod.get_function("rope_kv_prefill")((batch * seq,), (128,), (g_qkv, g_kc, g_vc, g_pos, cp.asarray(bias),
-                                                                 cp.asarray(inv), i32(heads), i32(kv), i32(d),
-                                                                 i32(max_seq), i32(seq)))
-    out = cp.full((batch * seq, heads * d), np.nan, np.float32)
-    mod.get_function("attn_prefill_f32")(((seq + 63) // 64, heads, batch), (64 * -(-d // 64),),
-                                         (g_qkv, g_kc, g_vc, g_pos, out, i32(heads), i32(kv), i32(d), i32(max_seq),
-                                          i32(seq), np.float32(scale)))
-    got_q, got_k, got_v, got = g_qkv.get(), g_kc.get(), g_vc.get(), out.get()
-    # reference: bias, RoPE and append per position, in order
-    rk, rv = kc.astype(np.float64), vc.astype(np.float64)
+    mod.get_function(f"rope_kv_prefill_{wt}")((batch * seq,), (128,), (g_qkv, g_kc, g_vc, g_pos, cp.asarray(bias),
+                                                                       cp.asarray(inv), i32(heads), i32(kv), i32(d),
+                                                                       i32(max_seq), i32(seq)))
+    nan = in_weight_type(np.full((batch * seq, heads * d), np.nan), wt)[0]  # bf16: NaN bits
+    out = cp.asarray(nan)
+    mod.get_function(f"attn_prefill_{wt}")(((seq + 63) // 64, heads, batch), (64 * -(-d // 64),),
+                                           (g_qkv, g_kc, g_vc, g_pos, out, i32(heads), i32(kv), i32(d), i32(max_seq),
+                                            i32(seq), np.float32(scale)))
+    got_q, got_k, got_v, got = g_qkv.get(), g_kc.get(), g_vc.get(), _values(out.get(), wt)
+    # reference: bias, RoPE and append per position, in order, each appended row rounded to wt
+    rk, rv = kc64.copy(), vc64.copy()
     rq = qkv.astype(np.float64).copy()
     for b in range(batch):
         for t in range(seq):
@@ -301,9 +318,11 @@ def test_rope_and_attention_kernels_match_reference(prefill_module, head_dim, se
             qo, kk, vv = ref.rope_append(row[: heads * d], row[heads * d: (heads + kv) * d], row[(heads + kv) * d:],
                                          bias, inv, rk[b:b + 1], rv[b:b + 1], [p], heads, kv, d, max_seq)
             rq[r, : heads * d] = qo.reshape(-1)
-            rk[b], rv[b] = kk[0], vv[0]
-    np.testing.assert_allclose(got_k, rk, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got_v, rv.astype(np.float32))  # v + bias: one f32 add
+            rk[b], rv[b] = in_weight_type(kk[0], wt)[1], in_weight_type(vv[0], wt)[1]
+    k64, v64 = _values(got_k, wt), _values(got_v, wt)
+    # one ulp of wt (2 UNIT relative) where the kernel's f32 k and the reference round apart
+    np.testing.assert_allclose(k64, rk, rtol=1e-5 + 2 * UNIT[wt], atol=1e-5)
+    np.testing.assert_array_equal(got_v, in_weight_type(rv, wt)[0])  # v + bias: one f32 add, rounded once
     valid = (pos.reshape(-1) >= 0)
     np.testing.assert_allclose(got_q[valid, : heads * d], rq[valid, : heads * d], rtol=1e-5, atol=1e-5)
     for b in range(batch):
@@ -312,7 +331,7 @@ def test_rope_and_attention_kernels_match_reference(prefill_module, head_dim, se
             if pos[b, t] < 0:
                 assert (got[r] == 0).all(), f"padded query ({b}, {t}) wrote non-zeros"
                 continue
-            want = ref.attention(rq[r, : heads * d], rk[b:b + 1], rv[b:b + 1], [int(pos[b, t])], heads, kv, d,
+            want = ref.attention(rq[r, : heads * d], k64[b:b + 1], v64[b:b + 1], [int(pos[b, t])], heads, kv, d,
                                  max_seq, scale)
-            np.testing.assert_allclose(got[r], want.reshape(-1), rtol=2e-5, atol=2e-5,
-                                       err_msg=f"query ({b}, {t}) at position {pos[b, t]}, head_dim {d}")
+            np.testing.assert_allclose(got[r], want.reshape(-1), rtol=2e-5 + UNIT[wt], atol=2e-5,
+                                       err_msg=f"query ({b}, {t}) at position {pos[b, t]}, head_dim {d}, {wt}")
