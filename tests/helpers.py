@@ -103,6 +103,21 @@ def ptxas_resources(source: str, name: str) -> dict[str, tuple[int, int, int, in
             for n, stack, st, ld, regs, rest in _PTXAS_ENTRY.findall(log)}
 
 
+# The unit roundoff of storing an f32 value as wt (|wt(x) - x| <= ROUNDOFF[wt] |x|; f32 stores it as it is): what
+# a value rounded once into a wt buffer (the KV cache) may differ by from the f32 value, relative.
+ROUNDOFF = {"f32": 0.0, "f16": 2.0 ** -11, "bf16": 2.0 ** -8}
+
+
+def weight_type_values(a, wt: str):
+    """The float64 values of an array of weight type ``wt`` as uploaded or fetched from the device (f32, f16, or
+    bf16 as its uint16 bits)."""
+    import numpy as np
+
+    from dagbuild.llama import reference as ref
+
+    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
+
+
 def in_weight_type(a, wt: str):
     """f32 values ``a`` as a weight-type array to upload (f32, f16, or bf16 bits as uint16) and the values it
     holds, in float64 (the GPU tests' references)."""
@@ -111,13 +126,8 @@ def in_weight_type(a, wt: str):
     from dagbuild.llama import reference as ref
 
     a = np.asarray(a, np.float32)
-    if wt == "f32":
-        return a, a.astype(np.float64)
-    if wt == "f16":
-        h = a.astype(np.float16)
-        return h, h.astype(np.float64)
-    bits = ref.f32_to_bf16(a)
-    return bits, ref.bf16_to_f32(bits).astype(np.float64)
+    arr = a if wt == "f32" else a.astype(np.float16) if wt == "f16" else ref.f32_to_bf16(a)
+    return arr, weight_type_values(arr, wt)
 
 
 # ---- tools/ -------------------------------------------------------------------------------------------------

@@ -100,10 +100,9 @@ def report(r: dict[str, Any]) -> str:
     lines = [f"{r['device']} · {r['config']} · {r['rounds']} rounds of {r['steps']} steps · ms a step",
              f"{'context':>7} {'batch':>5}  {'variant':<{width}}  {'median':>7}  {'ratio':>6}  rounds"]
     for row in r["rows"]:
-        base = row["median_ms"][names[0]]
+        base, where = row["median_ms"][names[0]], f"{row['context']:>7} {row['batch']:>5}"
         for n in names:
             med, rounds = row["median_ms"][n], " / ".join(f"{t:.3f}" for t in row["rounds_ms"][n])
-            where = f"{row['context']:>7} {row['batch']:>5}"
             lines.append(f"{where}  {n:<{width}}  {med:7.3f}  {med / base:5.3f}x  {rounds}")
     return "\n".join(lines)
 

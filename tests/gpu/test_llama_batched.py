@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import in_weight_type
+from helpers import ROUNDOFF, in_weight_type, weight_type_values
 
 from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
@@ -63,16 +63,6 @@ def weights(rng, shape, wt, scale=1.0, offset=0.0):
     return in_weight_type(offset + scale * rng.standard_normal(shape), wt)
 
 
-def quant(a, wt) -> np.ndarray:
-    """f32 values rounded to the weight type (what the MMA engine feeds the tensor cores), as float64."""
-    a = np.asarray(a, np.float32)
-    if wt == "f32":
-        return a.astype(np.float64)
-    if wt == "f16":
-        return a.astype(np.float16).astype(np.float64)
-    return ref.bf16_to_f32(ref.f32_to_bf16(a)).astype(np.float64)
-
-
 def activations(rng, batch, k):
     return (rng.standard_normal((batch, k)) * rng.uniform(0.1, 10.0, (batch, 1))).astype(np.float32)
 
@@ -81,12 +71,12 @@ def mma_inputs(x, norm32, wt):
     """(h_exact, h_as_the_kernel_sees_it): the normalised (or plain) activations in float64."""
     x64 = x.astype(np.float64)
     if norm32 is None:
-        return x64, quant(x, wt)
+        return x64, ref.round_to(x, wt)
     g = norm32.astype(np.float64) if wt == "f32" else (norm32.astype(np.float64) if wt == "f16" else
                                                        ref.bf16_to_f32(norm32).astype(np.float64))
     r = 1.0 / np.sqrt(np.mean(x64 * x64, axis=1, keepdims=True) + EPS)
     gx = (x.astype(np.float32) * g.astype(np.float32)).astype(np.float32)
-    return r * x64 * g, r * quant(gx, wt)
+    return r * x64 * g, r * ref.round_to(gx, wt)
 
 
 def out_buffer(cp, count, fill=np.nan, head=None):
@@ -104,11 +94,6 @@ def fetch(buf, count):
     return out
 
 
-def cache_values(a, wt) -> np.ndarray:
-    """A KV cache (or part of one) as uploaded or read back (wt: bf16 as uint16 bits) in float64."""
-    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
-
-
 def same_bits(a, b) -> bool:
     """The same elements bit for bit (NaN included): what a kernel must leave alone."""
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
@@ -117,9 +102,8 @@ def same_bits(a, b) -> bool:
 
 # An appended K/V element is the kernel's f32 value rounded once to wt: where that value lies within the kernel's
 # f32 error of a rounding boundary it may round to the neighbour of the reference's rounding (one wt ulp, 2 u). So
-# the appended rows are compared with the rounded reference within the f32 tolerance plus u (the unit roundoff of
-# wt: 2^-11 f16, 2^-8 bf16), which such neighbours, a small fraction of the elements, stay well inside.
-KV_ROUND = {"f32": 0.0, "f16": 2.0 ** -11, "bf16": 2.0 ** -8}
+# the appended rows are compared with the rounded reference within the f32 tolerance plus u (ROUNDOFF[wt], the
+# unit roundoff of wt), which such neighbours, a small fraction of the elements, stay well inside.
 
 
 def rel_err(out, expect) -> float:
@@ -269,14 +253,14 @@ def test_qkv_rope_mma(cp, mod, engine, wt, batch, heads, kv_heads, head_dim, hid
     got_q, kc_got, vc_got = fetch(q, batch * heads * head_dim), kc_d.get(), vc_d.get()
     assert same_bits(kc_got[~written], kc[~written]), "k_cache changed outside the appended slots"
     assert same_bits(vc_got[~written], vc[~written]), "v_cache changed outside the appended slots"
-    kc_got, vc_got = cache_values(kc_got, wt), cache_values(vc_got, wt)
+    kc_got, vc_got = weight_type_values(kc_got, wt), weight_type_values(vc_got, wt)
     for h, tol in zip(mma_inputs(x, norm, wt)[::-1], (TIGHT[wt] * 5, LOOSE[wt]), strict=True):
         q_ref, kc_ref, vc_ref = ref.rope_append(h @ wq64.T, h @ wk64.T, h @ wv64.T, bias, inv_freq, kc64, vc64, pos,
                                                 heads, kv_heads, head_dim, max_seq, cache=wt)
         assert rel_err(got_q, q_ref) < tol
-        # the appended rows, rounded once to wt (KV_ROUND: a rounding boundary's neighbours)
-        assert rel_err(kc_got[written], kc_ref[written]) < tol + KV_ROUND[wt]
-        assert rel_err(vc_got[written], vc_ref[written]) < tol + KV_ROUND[wt]
+        # the appended rows, rounded once to wt (ROUNDOFF: a rounding boundary's neighbours)
+        assert rel_err(kc_got[written], kc_ref[written]) < tol + ROUNDOFF[wt]
+        assert rel_err(vc_got[written], vc_ref[written]) < tol + ROUNDOFF[wt]
 
 
 ATTN_CASES = [  # batch, heads, kv_heads, head_dim, max_seq, chunk, splits
@@ -426,10 +410,10 @@ def test_attn_qkv(cp, mod, batch, heads, kv_heads, head_dim, max_seq, chunk, spl
         kc_got, vc_got = kc_d.get(), vc_d.get()
         assert same_bits(kc_got[~written], kc[~written]), "k_cache changed outside the new slots"
         assert same_bits(vc_got[~written], vc[~written]), "v_cache changed outside the new slots"
-        kc_got, vc_got = cache_values(kc_got, wt), cache_values(vc_got, wt)
-        # the new key is roped in f32 (KV_ROUND: a rounding boundary's neighbours); the value is qkv + bias in
+        kc_got, vc_got = weight_type_values(kc_got, wt), weight_type_values(vc_got, wt)
+        # the new key is roped in f32 (ROUNDOFF: a rounding boundary's neighbours); the value is qkv + bias in
         # f32, rounded once to wt exactly as the reference rounds it
-        assert rel_err(kc_got[written], kc_ref[written]) < 1e-5 + KV_ROUND[wt]
+        assert rel_err(kc_got[written], kc_ref[written]) < 1e-5 + ROUNDOFF[wt]
         assert rel_err(vc_got[written], vc_ref[written]) < 1e-6
         live = pos >= 0
         expect = ref.attention(q_ref[live], kc_ref[live], vc_ref[live], pos[live], heads, kv_heads, head_dim, max_seq,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import in_weight_type
+from helpers import in_weight_type, weight_type_values
 
 from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
@@ -77,11 +77,6 @@ def fetch(buf, count):
     host = buf.get()
     assert np.all(np.isnan(host[count:])), "kernel wrote past the end of its output"
     return host[:count].astype(np.float64)
-
-
-def cache_values(a, wt):
-    """A KV cache read back from the device (wt: uint16 bits for bf16) as float64."""
-    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
 
 
 def rel_err(out, expect) -> float:
@@ -152,8 +147,8 @@ def test_qkv_rope(cp, mod, wt, batch, heads, kv_heads, head_dim, hidden):
     assert np.array_equal(kc_got[~written], kc[~written]), "k_cache changed outside the appended slots"
     assert np.array_equal(vc_got[~written], vc[~written]), "v_cache changed outside the appended slots"
     # the appended rows, rounded to wt once (the reference rounds its float64 values the same way)
-    assert rel_err(cache_values(kc_got, wt)[written], kc_ref[written]) < TOL[wt]
-    assert rel_err(cache_values(vc_got, wt)[written], vc_ref[written]) < TOL[wt]
+    assert rel_err(weight_type_values(kc_got, wt)[written], kc_ref[written]) < TOL[wt]
+    assert rel_err(weight_type_values(vc_got, wt)[written], vc_ref[written]) < TOL[wt]
 
 
 GATE_UP_CASES = [(1, 5632, 2048), (2, 1, 8), (3, 688, 256), (5, 37, 264), (8, 8192, 2048), (64, 100, 264)]
@@ -452,8 +447,8 @@ def test_layer_kernel_matches_five_node_layers_and_numpy(cp, modules, wt, sms, c
                 expect = numpy_step(state, dims, int(tokens[t]), t, kc, vc)
                 assert rel_err(got["layer"][0], expect) < 1e-4, t
         for buf in ("k_cache", "v_cache"):
-            got_cache = cache_values(layer.buffers[buf].get(), wt)
-            assert rel_err(got_cache, cache_values(five.buffers[buf].get(), wt)) < tol, buf
+            got_cache = weight_type_values(layer.buffers[buf].get(), wt)
+            assert rel_err(got_cache, weight_type_values(five.buffers[buf].get(), wt)) < tol, buf
 
 
 @pytest.mark.parametrize("lk", [1, 2], ids=["layer", "stack"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import in_weight_type
+from helpers import in_weight_type, weight_type_values
 
 from dagbuild.kernels import load_module
 from dagbuild.llama import reference as ref
@@ -44,14 +44,7 @@ def rng_for(*key) -> np.random.Generator:
 
 def weights(rng, shape, wt):
     """Random weights of type wt: (the array to upload, its exact value in float64)."""
-    a = rng.standard_normal(shape).astype(np.float32)
-    if wt == "f32":
-        return a, a.astype(np.float64)
-    if wt == "f16":
-        h = a.astype(np.float16)
-        return h, h.astype(np.float64)
-    bits = ref.f32_to_bf16(a)  # bf16 travels as its uint16 bit patterns
-    return bits, ref.bf16_to_f32(bits).astype(np.float64)
+    return in_weight_type(rng.standard_normal(shape), wt)
 
 
 def out_buffer(cp, count, fill=np.nan, dtype=np.float32, head=None):
@@ -73,11 +66,6 @@ def rel_err(out, expect) -> float:
     out, expect = np.asarray(out, np.float64).reshape(-1), np.asarray(expect, np.float64).reshape(-1)
     assert np.all(np.isfinite(out)), "output has NaN/inf (an element left unwritten?)"
     return float(np.linalg.norm(out - expect) / np.linalg.norm(expect))
-
-
-def cache_values(a, wt) -> np.ndarray:
-    """The values (float64) of a cache array fetched from the device (f32, f16, or bf16 bits as uint16)."""
-    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
 
 
 def ulp(a, wt) -> np.ndarray:
@@ -224,7 +212,7 @@ def run_rope(cp, mod, wt, batch, heads, kv_heads, head_dim, max_seq, theta, pos,
     # v (+ its bias: one f32 add) is copied exactly, then rounded once to wt (the other slots are unchanged)
     assert np.array_equal(vc_got, in_weight_type(vc_ref, wt)[0]), "v must be copied exactly (rounded once)"
     k_ref = kc_ref[written]
-    return rel_err(q_d.get(), q_ref), cache_values(kc_got[written], wt), in_weight_type(k_ref, wt)[1], k_ref
+    return rel_err(q_d.get(), q_ref), weight_type_values(kc_got[written], wt), in_weight_type(k_ref, wt)[1], k_ref
 
 
 @pytest.mark.parametrize("wt", WTYPES)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import SPECS
-from helpers import in_weight_type
+from helpers import ROUNDOFF, in_weight_type, weight_type_values
 
 from dagbuild.data import shipped_spec
 from dagbuild.executable import Executable
@@ -256,16 +256,6 @@ def prefill_module():
     return mod
 
 
-UNIT = {"f32": 0.0, "f16": 2.0**-11, "bf16": 2.0**-8}  # unit roundoff of each type: |wt(x) - x| <= UNIT |x|
-
-
-def _values(a, wt) -> np.ndarray:
-    """Float64 values of an array of type wt fetched from the device (bf16 as its uint16 bits)."""
-    from dagbuild.llama import reference as ref
-
-    return ref.bf16_to_f32(a).astype(np.float64) if wt == "bf16" else np.asarray(a, np.float64)
-
-
 @pytest.mark.parametrize("wt", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
 @pytest.mark.parametrize("seq,prefix", [(1, 0), (37, 0), (64, 100), (130, 7)])
@@ -304,7 +294,7 @@ def test_rope_and_attention_kernels_match_reference(prefill_module, wt, head_dim
     mod.get_function(f"attn_prefill_{wt}")(((seq + 63) // 64, heads, batch), (64 * -(-d // 64),),
                                            (g_qkv, g_kc, g_vc, g_pos, out, i32(heads), i32(kv), i32(d), i32(max_seq),
                                             i32(seq), np.float32(scale)))
-    got_q, got_k, got_v, got = g_qkv.get(), g_kc.get(), g_vc.get(), _values(out.get(), wt)
+    got_q, got_k, got_v, got = g_qkv.get(), g_kc.get(), g_vc.get(), weight_type_values(out.get(), wt)
     # reference: bias, RoPE and append per position, in order, each appended row rounded to wt
     rk, rv = kc64.copy(), vc64.copy()
     rq = qkv.astype(np.float64).copy()
@@ -319,9 +309,9 @@ def test_rope_and_attention_kernels_match_reference(prefill_module, wt, head_dim
                                          bias, inv, rk[b:b + 1], rv[b:b + 1], [p], heads, kv, d, max_seq)
             rq[r, : heads * d] = qo.reshape(-1)
             rk[b], rv[b] = in_weight_type(kk[0], wt)[1], in_weight_type(vv[0], wt)[1]
-    k64, v64 = _values(got_k, wt), _values(got_v, wt)
-    # one ulp of wt (2 UNIT relative) where the kernel's f32 k and the reference round apart
-    np.testing.assert_allclose(k64, rk, rtol=1e-5 + 2 * UNIT[wt], atol=1e-5)
+    k64, v64 = weight_type_values(got_k, wt), weight_type_values(got_v, wt)
+    # one ulp of wt (2 ROUNDOFF relative) where the kernel's f32 k and the reference round apart
+    np.testing.assert_allclose(k64, rk, rtol=1e-5 + 2 * ROUNDOFF[wt], atol=1e-5)
     np.testing.assert_array_equal(got_v, in_weight_type(rv, wt)[0])  # v + bias: one f32 add, rounded once
     valid = (pos.reshape(-1) >= 0)
     np.testing.assert_allclose(got_q[valid, : heads * d], rq[valid, : heads * d], rtol=1e-5, atol=1e-5)
@@ -333,5 +323,5 @@ def test_rope_and_attention_kernels_match_reference(prefill_module, wt, head_dim
                 continue
             want = ref.attention(rq[r, : heads * d], k64[b:b + 1], v64[b:b + 1], [int(pos[b, t])], heads, kv, d,
                                  max_seq, scale)
-            np.testing.assert_allclose(got[r], want.reshape(-1), rtol=2e-5 + UNIT[wt], atol=2e-5,
+            np.testing.assert_allclose(got[r], want.reshape(-1), rtol=2e-5 + ROUNDOFF[wt], atol=2e-5,
                                        err_msg=f"query ({b}, {t}) at position {pos[b, t]}, head_dim {d}, {wt}")
