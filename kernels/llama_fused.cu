@@ -70,7 +70,13 @@
 #define FW_MIN_BLOCKS 2  // __launch_bounds__ minimum blocks per SM: caps registers at 65536 / (256 * this)
 #endif
 #define FW_U 4
+// ring slots a warp (items in flight). The spec builds gemv_res (O and down) with 3: the down projection's 5632-wide
+// rows are 6 items a pair, so a third slot issues half of a warp's pair before the wait instead of a third (H100,
+// TinyLlama batch 1, ms a step at contexts 128 / 512 / 2048: 1.117 / 1.210 / 1.228 -> 1.109 / 1.207 / 1.202;
+// down 11.65 -> 10.25 us a layer, gate/up +0.6; 4 slots 1.095 / 1.194 / 1.242). The others keep 2.
+#ifndef FW_STAGES
 #define FW_STAGES 2
+#endif
 #define FW_MAX_NB 4
 // x staging of the GEMVs without a norm (o_proj, down): float4 loads in flight per thread. At 2, a 256-thread
 // block stages 2048 floats (k = 2048, batch 1) in one round trip but the down projection's 5632 in three (H200
@@ -80,7 +86,7 @@
 #ifndef FW_X_INFLIGHT
 #define FW_X_INFLIGHT 2
 #endif
-// ring bytes of a block of `threads` threads (64 KB at 256)
+// ring bytes of a block of `threads` threads (64 KB at 256 with 2 slots, 96 KB with 3)
 #define FW_RING(threads) (FW_STAGES * FW_U * 2 * (threads) * 16)
 
 // acc0/acc1[bb] += dot(row pack p, x pack p of batch row bb) (x scaled by the norm weight g when NORM); ss[bb]

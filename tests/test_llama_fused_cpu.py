@@ -158,7 +158,8 @@ def test_fused_spec_has_what_the_runner_needs():
 @pytest.mark.parametrize("threads", [256, 128, 64])
 def test_gemv_block_threads_at_batch_one(threads):
     """gemv_qkv_threads / gemv_res_threads: the same warps (a row pair each) in blocks of that many threads, so
-    more, smaller blocks; 256 keeps gemv_shared, others get their ring and one x row of shared memory. The MV
+    more, smaller blocks; the QKV GEMV keeps gemv_shared at 256 threads, others (and the O and down GEMVs, with
+    their 3-slot rings) get their ring and one x row of shared memory. The MV
     engine (batch >= 2) keeps its 256-thread blocks."""
     warps = threads // 32
     plan = llama_plan({"gemv_qkv_threads": threads, "gemv_res_threads": threads}, FUSED)
@@ -166,8 +167,10 @@ def test_gemv_block_threads_at_batch_one(threads):
     for node, pairs, k in (("qkv.0", 1280, 2048), ("o_proj.0", 1024, 2048), ("down_proj.21", 1024, 5632)):
         op = ops[node]
         assert op.block == (threads, 1, 1) and op.grid[0] == pairs // warps, node
-        norm = 2 * k if node.startswith("qkv") else 0
-        assert op.shared == (106496 if threads == 256 else 256 * threads + norm + 4 * k), node
+        if node.startswith("qkv"):
+            assert op.shared == (106496 if threads == 256 else 256 * threads + 2 * k + 4 * k), node
+        else:  # gemv_res: a ring of 3 slots (FW_STAGES, 384 bytes a thread) and one x row
+            assert op.shared == 384 * threads + 4 * k and plan.kernels[op.kernel].options == ("-DFW_STAGES=3",), node
     ops = {n.id: n.op for n in llama_plan({"batch": 2, "gemv_res_threads": threads, "gemm_batch": 0}, FUSED).nodes}
     assert ops["o_proj.0"].kernel == "gemv_res_mv" and ops["o_proj.0"].block == (256, 1, 1)
     with pytest.raises(Exception, match="gemv_qkv_threads and gemv_res_threads"):

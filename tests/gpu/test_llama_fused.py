@@ -52,6 +52,12 @@ def mod(cp):
     return load_module(read_kernel_source(KERNEL_SRC), "llama_fused")
 
 
+@pytest.fixture(scope="module")
+def mod_ring3(cp):
+    """The build the spec gives gemv_res (O and down): 3 ring slots a warp."""
+    return load_module(read_kernel_source(KERNEL_SRC), "llama_fused", ("-DFW_STAGES=3",))
+
+
 def rng_for(*key) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
@@ -196,6 +202,24 @@ def test_gemv_res_and_norm(cp, mod, wt, variant, batch, n, k):
             grid, (256,), (cp.asarray(w), cp.asarray(norm), cp.asarray(x), y, i32(n), i32(k), i32(batch), f32(EPS)))
         expect = ref.gemv(w64, ref.rmsnorm(x, norm64, k, EPS), n, k, batch)
     assert rel_err(fetch(y, batch * n), expect) < TOL[wt]
+
+
+@pytest.mark.parametrize("wt", WTYPES)
+@pytest.mark.parametrize("batch,n,k", [(1, 2048, 5632), (1, 2048, 2048), (1, 100, 1032), (3, 37, 264), (2, 64, 5632)])
+@pytest.mark.parametrize("blocks", [128, 7])
+def test_gemv_res_with_the_spec_ring(cp, mod_ring3, wt, batch, n, k, blocks):
+    """gemv_res as the spec builds and launches it: 3 ring slots a warp (-DFW_STAGES=3) in 384 bytes a thread plus
+    one staged x row of shared memory (batch rows past the first read from global memory); k of 1 to 6 items a
+    pair, warps with several pairs (7 blocks), and the residual add."""
+    fn = mod_ring3.get_function(f"gemv_res_{wt}")
+    smem = fn.max_dynamic_shared_size_bytes = 384 * 256 + 4 * k
+    rng = rng_for("gemv3", wt, batch, n, k, blocks)
+    w, w64 = weights(rng, (n, k), wt)
+    x = activations(rng, batch, k)
+    y0 = (rng.standard_normal((batch, n)) * 10).astype(np.float32)
+    y = out_buffer(cp, batch * n, head=y0)
+    fn((blocks,), (256,), (cp.asarray(w), cp.asarray(x), y, i32(n), i32(k), i32(batch)), shared_mem=smem)
+    assert rel_err(fetch(y, batch * n), ref.gemv_add(w64, x, y0, n, k, batch)) < TOL[wt]
 
 
 ATTN_CASES = [  # heads, kv_heads, head_dim, max_seq, chunk
