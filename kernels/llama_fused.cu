@@ -562,11 +562,14 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 // ------------------------------------------------------------------------------------------------------------
 // attn_decode_<wt>: split-sequence decode attention with the combine in the same kernel; the caches hold wt
 // (a lane loads 4 elements of a key row at once: 16 bytes of f32, 8 of f16/bf16).
-//                                           grid [batch*heads, ceil_div(max_seq, chunk)], block [256]
-// Block (b*heads + h, s) covers keys [s*chunk, min((s+1)*chunk, L)), L = min(pos[b] + 1, max_seq), of kv head
-// h / (heads / kv_heads). Only the live splits, nlive = ceil_div(L, chunk), do work; the others return after
-// reading pos, before the wait. A context of at most one tile runs as one split (nlive = 1, keys [0, L)) whatever
-// the chunk: more splits would only add the combine's round trips. A decode step's attention is a latency chain
+//                                           grid [batch*heads, G], block [256]
+// Block (b*heads + h, s) covers keys [s*len, min((s+1)*len, L)), L = min(pos[b] + 1, max_seq), of kv head
+// h / (heads / kv_heads), where len = chunk * ceil_div(L, chunk * G): whole chunks a split, as few as keep the
+// splits within the grid's G (the split length follows the context, which the graph cannot know: at most G
+// splits of one chunk each while they fit, then longer splits). Only the live splits, nlive = ceil_div(L, len),
+// do work; the others return after reading pos, before the wait. A context of at most ATTN_SHORT_TILES tiles
+// runs as one split (nlive = 1, keys [0, L)): more splits would only add the combine's round trips (H100,
+// TinyLlama batch 1 at 129 keys: one split of two tiles beats two of one). A decode step's attention is a latency chain
 // (a few KB per head at short contexts), so it is built to take few dependent round trips after the wait:
 // * pos is a step input (written before the step's first kernel starts), so every live split issues its first
 //   tile's K and V before the wait (ATTN_UNROLL keys per lane group: 128 keys per tile at head_dim 64 and 256
@@ -592,8 +595,8 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #ifndef ATTN_UNROLL
 #define ATTN_UNROLL 8  // keys per lane group whose K and V loads are in flight together
 #endif
-#ifndef ATTN_SHORT_ONE_SPLIT
-#define ATTN_SHORT_ONE_SPLIT 1  // a context of at most one tile runs as one split: no combine (0: split by chunk)
+#ifndef ATTN_SHORT_TILES
+#define ATTN_SHORT_TILES 2  // a context of at most this many tiles runs as one split: no combine (0: split by chunk)
 #endif
 // When the attention kernels let the next kernel launch (whose blocks then prefetch its weights, sharing DRAM
 // with attention's K/V loads): 0 at the start, 1 once the first tile's K/V loads are issued, 2 after the tiles.
@@ -758,11 +761,13 @@ __device__ __forceinline__ void attn_decode_impl(const float* q, const K* k_cach
     // and q are loaded after the wait.
     const int p = pos[b];
     const int L = min(p + 1, max_seq);
-    int nlive = L > 0 ? (L + chunk - 1) / chunk : 0;
-    if (ATTN_SHORT_ONE_SPLIT && L <= tile) nlive = min(nlive, 1);  // one tile holds every key
-    if (s >= max(nlive, 1)) return;                                 // a dead split: no wait
-    const int start = s * chunk;
-    const int end = nlive == 1 ? L : min(start + chunk, L);
+    const int G = gridDim.y;
+    const int len = chunk * max(1, (L + chunk * G - 1) / (chunk * G));  // keys a split: whole chunks, <= G splits
+    int nlive = L > 0 ? (L + len - 1) / len : 0;
+    if (L <= ATTN_SHORT_TILES * tile) nlive = min(nlive, 1);  // a few tiles hold every key: one split
+    if (s >= max(nlive, 1)) return;                            // a dead split: no wait
+    const int start = s * len;
+    const int end = nlive == 1 ? L : min(start + len, L);
     const int nt0 = min(tile, end - start);  // keys of the first tile (<= 0: a padding row)
 #pragma unroll
     for (int u = 0; u < ATTN_UNROLL; ++u) {

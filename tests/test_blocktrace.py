@@ -81,7 +81,8 @@ def test_traced_plan_adds_the_option_once_and_counts_blocks(blocktrace):
     assert all(k.options.count(blocktrace.TRACE_OPTION) == 1 for k in plan.kernels.values())
     blocks = {nid: nb for nid, nb, nw in blocktrace.kernel_blocks(plan)}
     assert {nw for _, _, nw in blocktrace.kernel_blocks(plan)} == {8, 32}  # 256-thread nodes; argmax 1024
-    assert blocks["attn.0"] == plan.dims["heads"] * -(-plan.dims["max_seq"] // plan.dims["attn_decode_chunk"])
+    d = plan.dims
+    assert blocks["attn.0"] == d["heads"] * min(d["attn_decode_splits"], -(-d["max_seq"] // d["attn_decode_chunk"]))
     assert blocks["embed"] == plan.dims["batch"] and len(blocks) == 2 + 5 * plan.dims["layers"] + 1
 
 

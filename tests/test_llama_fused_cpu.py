@@ -142,8 +142,9 @@ def test_fused_spec_has_what_the_runner_needs():
                  "wo", "w_down", "final_norm", "lm_head"):
         assert name in plan.buffers, name
     unfused = llama_plan({})
-    launch_shape = {"attn_chunk", "attn_decode_chunk", "sms", "gemv_blocks_per_sm", "gemv_shared",  # the fused
-                    "gemv_qkv_threads", "gemv_res_threads",  # kernels' own tuning dims
+    launch_shape = {"attn_chunk", "attn_decode_chunk", "attn_decode_splits",  # the fused kernels' own tuning dims
+                    "sms", "gemv_blocks_per_sm", "gemv_shared",
+                    "gemv_qkv_threads", "gemv_res_threads",
                     "mma_batch", "mma_cluster", "mma_shared", "attn_batch", "attn_min_keys",  # and the batched ones
                     "attn_wide_batch", "attn_wide_keys", "attn_mma", "attn_mma_keys",
                     "mv_batch", "mv_small_batch", "mv_shared", "mv_shared_max", "mv_fit", "mvc_batch", "mvc_cluster",
@@ -267,13 +268,17 @@ def test_a_packed_buffer_of_the_wrong_shape_is_refused():
 
 
 def test_attn_decode_chunk_below_attn_chunk_is_refused():
-    """Batch 1's splits (attn_decode_chunk keys) must fit the split buffers sized by attn_chunk."""
+    """Batch 1's splits (whole chunks of attn_decode_chunk keys, at most attn_decode_splits of them) must fit the
+    split buffers sized by attn_chunk."""
     from dagbuild.bind import bind
     from dagbuild.load import load_spec
 
     _, issues = bind(load_spec(FUSED), {"attn_decode_chunk": 32, "attn_chunk": 64})
     assert issues and "attn_decode_chunk must be at least attn_chunk" in str(issues[0])
-    plan = llama_plan({"attn_decode_chunk": 128, "max_seq": 1000}, FUSED)
-    attn = next(n for n in plan.nodes if n.id == "attn.0").op
-    chunk = next(a.value for a in attn.args if a.param.name == "chunk")
-    assert attn.grid[1] == 8 and chunk == 128  # ceil(1000 / 128) splits of 128 keys
+    for max_seq, splits in ((1000, 8), (2048, 12), (100, 1)):  # ceil(max_seq / 128) splits, at most 12
+        plan = llama_plan({"max_seq": max_seq}, FUSED)
+        attn = next(n for n in plan.nodes if n.id == "attn.0").op
+        chunk = next(a.value for a in attn.args if a.param.name == "chunk")
+        assert attn.grid[1] == splits and chunk == 128, max_seq  # the kernel sizes them by the context
+    _, issues = bind(load_spec(FUSED), {"attn_decode_splits": 0})
+    assert issues and "attn_decode_splits" in str(issues[0])

@@ -222,7 +222,7 @@ def test_gemv_res_with_the_spec_ring(cp, mod_ring3, wt, batch, n, k, blocks):
     assert rel_err(fetch(y, batch * n), ref.gemv_add(w64, x, y0, n, k, batch)) < TOL[wt]
 
 
-ATTN_CASES = [  # heads, kv_heads, head_dim, max_seq, chunk
+ATTN_CASES = [  # heads, kv_heads, head_dim, max_seq, chunk[, G: splits launched, else ceil(max_seq / chunk)]
     (4, 4, 16, 50, 16),
     (8, 2, 64, 300, 64),
     (32, 8, 128, 1024, 256),
@@ -236,16 +236,23 @@ ATTN_CASES = [  # heads, kv_heads, head_dim, max_seq, chunk
     (4, 2, 64, 3000, 32),  # 94 splits: the combine reads its partials in 4 chunks
     (2, 1, 128, 2048, 16),  # 128 splits of head_dim 128: 10 chunks
     (1, 1, 8, 8192, 8),  # 1024 splits: more (m, l) pairs than shared memory holds, read from L2 as it goes
-    # a context of at most one tile (64 keys at head_dim 64 and 128 threads) runs as one split whatever the chunk
+    # a context of at most two tiles (128 keys at head_dim 64 and 128 threads) runs as one split whatever the chunk
     (4, 2, 64, 64, 8),  # pos 63: 64 keys, one split (8 by chunk)
-    (4, 2, 64, 65, 8),  # pos 64: 65 keys, one past the tile: 9 splits and the combine
+    (4, 2, 64, 128, 8),  # pos 127: 128 keys, two tiles in one split (16 by chunk)
+    (4, 2, 64, 129, 8),  # pos 128: 129 keys, one past two tiles: 17 splits and the combine
     (8, 2, 64, 300, 16),  # pos 16 on the second launch: 17 keys in one split
+    # fewer splits launched than chunks: splits of whole chunks, as few as fit (the spec launches 12)
+    (8, 2, 64, 1100, 64, 9),  # 1100 keys: 9 splits of 128; pos 64: 65 keys, one split
+    (4, 1, 128, 3000, 32, 5),  # 3000 keys: 5 splits of 608; pos 32: 33 keys (tiles of 32), one split
+    (4, 2, 64, 700, 8, 3),  # 700 keys: 3 splits of 240; pos 8: 9 keys
+    (2, 2, 32, 2050, 128, 1),  # one split launched: every key in it (tiles of 128 keys at head_dim 32)
 ]
 
 
-def launch_attn(cp, mod, wt, q, kc, vc, pos, counters, heads, kv_heads, head_dim, max_seq, chunk, scale):
+def launch_attn(cp, mod, wt, q, kc, vc, pos, counters, heads, kv_heads, head_dim, max_seq, chunk, scale,
+                splits=None):
     batch = len(pos)
-    splits = -(-max_seq // chunk)
+    splits = splits or -(-max_seq // chunk)
     part_o = cp.full(batch * heads * splits * head_dim, np.nan, np.float32)
     part_ml = cp.full(batch * heads * splits * 2, np.nan, np.float32)
     out = out_buffer(cp, batch * heads * head_dim)
@@ -256,9 +263,11 @@ def launch_attn(cp, mod, wt, q, kc, vc, pos, counters, heads, kv_heads, head_dim
     return fetch(out, batch * heads * head_dim)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,max_seq,chunk", ATTN_CASES)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=["-".join(map(str, c)) for c in ATTN_CASES])
 @pytest.mark.parametrize("batch,wt", [(1, "f32"), (4, "f32"), (1, "f16"), (4, "bf16")])
-def test_attn_decode(cp, mod, batch, wt, heads, kv_heads, head_dim, max_seq, chunk):
+def test_attn_decode(cp, mod, batch, wt, case):
+    heads, kv_heads, head_dim, max_seq, chunk = case[:5]
+    splits = case[5] if len(case) > 5 else None
     scale = 1.0 / np.sqrt(head_dim)
     counters = cp.zeros(batch * heads + GUARD, np.int32)
     for launch in range(2):  # the second launch checks that the first left its counters at zero
@@ -277,7 +286,8 @@ def test_attn_decode(cp, mod, batch, wt, heads, kv_heads, head_dim, max_seq, chu
                 kc[r, :, max(pos[r], 0) + 1:] = np.nan
                 vc[r, :, max(pos[r], 0) + 1:] = np.nan
         (kc, kc64), (vc, vc64) = in_weight_type(kc, wt), in_weight_type(vc, wt)  # the caches hold wt
-        got = launch_attn(cp, mod, wt, q, kc, vc, pos, counters, heads, kv_heads, head_dim, max_seq, chunk, scale)
+        got = launch_attn(cp, mod, wt, q, kc, vc, pos, counters, heads, kv_heads, head_dim, max_seq, chunk, scale,
+                          splits)
         got = got.reshape(batch, heads, head_dim)
         live = pos >= 0
         expect = ref.attention(q[live], kc64[live], vc64[live], pos[live], heads, kv_heads, head_dim, max_seq,
