@@ -72,8 +72,8 @@
 #define FW_U 4
 // ring slots a warp (items in flight). The spec builds gemv_res (O and down) with 3: the down projection's 5632-wide
 // rows are 6 items a pair, so a third slot issues half of a warp's pair before the wait instead of a third (H100,
-// TinyLlama batch 1, ms a step at contexts 128 / 512 / 2048: 1.117 / 1.210 / 1.228 -> 1.109 / 1.207 / 1.202;
-// down 11.65 -> 10.25 us a layer, gate/up +0.6; 4 slots 1.095 / 1.194 / 1.242). The others keep 2.
+// TinyLlama batch 1, ms a step at contexts 128 / 512 / 2048: 1.113 / 1.207 / 1.229 -> 1.100 / 1.203 / 1.197;
+// down 11.65 -> 10.25 us a layer, gate/up +0.6; 4 slots were no better). The others keep 2.
 #ifndef FW_STAGES
 #define FW_STAGES 2
 #endif
@@ -569,8 +569,9 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 // splits of one chunk each while they fit, then longer splits). Only the live splits, nlive = ceil_div(L, len),
 // do work; the others return after reading pos, before the wait. A context of at most ATTN_SHORT_TILES tiles
 // runs as one split (nlive = 1, keys [0, L)): more splits would only add the combine's round trips (H100,
-// TinyLlama batch 1 at 129 keys: one split of two tiles beats two of one). A decode step's attention is a latency chain
-// (a few KB per head at short contexts), so it is built to take few dependent round trips after the wait:
+// TinyLlama batch 1 at 129 keys: one split of two tiles beats two of one). A decode step's attention is a
+// latency chain (a few KB per head at short contexts), so it is built to take few dependent round trips after
+// the wait:
 // * pos is a step input (written before the step's first kernel starts), so every live split issues its first
 //   tile's K and V before the wait (ATTN_UNROLL keys per lane group: 128 keys per tile at head_dim 64 and 256
 //   threads) except row p, which qkv_rope writes: that row and q are loaded after it. At positions below one
@@ -596,7 +597,7 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #define ATTN_UNROLL 8  // keys per lane group whose K and V loads are in flight together
 #endif
 #ifndef ATTN_SHORT_TILES
-#define ATTN_SHORT_TILES 2  // a context of at most this many tiles runs as one split: no combine (0: split by chunk)
+#define ATTN_SHORT_TILES 2  // a context of at most this many tiles runs as one split: no combine (0: by len alone)
 #endif
 // When the attention kernels let the next kernel launch (whose blocks then prefetch its weights, sharing DRAM
 // with attention's K/V loads): 0 at the start, 1 once the first tile's K/V loads are issued, 2 after the tiles.
