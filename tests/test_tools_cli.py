@@ -55,6 +55,20 @@ def test_bench_attn_auto_splits_are_the_specs(batch, max_seq):
         batch, "attn_qkv_f16")
 
 
+def test_bench_gemv_times_gemv_res_as_the_spec_builds_it():
+    """tools/bench_gemv.py --fused builds and launches the O and down GEMVs with the fused spec's options (a 3-slot
+    ring) and shared memory."""
+    from helpers import load_tool
+
+    from dagbuild.llama.decode import llama_plan
+
+    tool = load_tool("bench_gemv")
+    plan = llama_plan({}, ROOT / "specs" / "llama_decode_fused.yaml")
+    for node, k in (("o_proj.0", plan.dims["heads"] * plan.dims["head_dim"]), ("down_proj.0", plan.dims["ffn"])):
+        op = next(n.op for n in plan.nodes if n.id == node)
+        assert op.kernel == "gemv_res" and tool.res_build(k) == (tuple(plan.kernels["gemv_res"].options), op.shared)
+
+
 def test_bench_attn_refuses_an_unknown_kernel():
     """--kernel names entries of the module: a misspelt one is refused before any GPU work, naming the choices."""
     cmd = [sys.executable, str(ROOT / "tools" / "bench_attn.py"), "--kernel", "attn_qkv_mma_f16,attn_qk"]

@@ -120,6 +120,15 @@ def fused_module(cp, *defines: str):
                        tuple(f"-D{d}" for d in defines))
 
 
+def res_build(k: int) -> tuple[tuple[str, ...], int]:
+    """gemv_res (O and down) as the fused spec builds and launches it: its compile options (a 3-slot ring) and
+    its shared memory (the ring, 384 bytes a thread, and one x row of k floats)."""
+    from dagbuild.load import load_spec
+
+    opts = tuple(load_spec(ROOT / "specs" / "llama_decode_fused.yaml").kernels["gemv_res"].options)
+    return opts, 384 * 256 + 4 * k
+
+
 def gemv_shapes(dims: dict) -> dict[str, tuple[str, int, int]]:
     """kernel role -> (entry prefix, weight rows, k)."""
     hd = dims["head_dim"]
@@ -296,6 +305,7 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
 
     be = get_backend("auto")
     mod = fused_module(cp)
+    res_mod = None  # gemv_res's own build (the spec's options)
     shapes = {"default": (2, RING)}  # variant: (blocks per SM at most, ring bytes)
     if variants:  # batch 1 and 8 only
         shapes |= {"<=1 block/SM": (1, RING), "ring only (64 KiB)": (2, 65536), "no shared memory": (2, 0)}
@@ -309,9 +319,17 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
             wbytes = rows * k * 2
             copies = max(2, -(-3 * l2 // wbytes))
             weights = [random_weights(cp, (rows, k), wt, rs) for _ in range(copies)]
+            role_mod = mod
+            if entry == "gemv_res":  # the spec's build: a 3-slot ring, its shared memory the ring and one x row
+                opts, res_ring = res_build(k)
+                res_mod = res_mod or load_module(read_kernel_source(ROOT / "kernels" / "llama_fused.cu"),
+                                                 "llama_fused", opts)
+                role_mod = res_mod
             for variant, (per_sm, ring) in shapes.items():
+                if entry == "gemv_res":  # the same variants over its 96 KiB ring
+                    ring = {RING: res_ring, 65536: 384 * 256}.get(ring, ring)
                 for batch in batches if variant == "default" else (1, 8):
-                    cupy_calls, be_calls, keep = fused_launches(cp, mod, role, entry, rows, k, dims, wt, batch,
+                    cupy_calls, be_calls, keep = fused_launches(cp, role_mod, role, entry, rows, k, dims, wt, batch,
                                                                 weights, rs, per_sm, ring)
                     res = {}
                     with stream:
