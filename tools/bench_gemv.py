@@ -115,9 +115,8 @@ def legacy(cp, wt: str, batches: list[int], bw: float) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def fused_module(cp, *defines: str):
-    return load_module(read_kernel_source(ROOT / "kernels" / "llama_fused.cu"), "llama_fused",
-                       tuple(f"-D{d}" for d in defines))
+def fused_module(cp, options: tuple[str, ...] = ()):
+    return load_module(read_kernel_source(ROOT / "kernels" / "llama_fused.cu"), "llama_fused", options)
 
 
 def res_build(k: int) -> tuple[tuple[str, ...], int]:
@@ -308,7 +307,7 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
     res_mod = None  # gemv_res's own build (the spec's options)
     shapes = {"default": (2, RING)}  # variant: (blocks per SM at most, ring bytes)
     if variants:  # batch 1 and 8 only
-        shapes |= {"<=1 block/SM": (1, RING), "ring only (64 KiB)": (2, 65536), "no shared memory": (2, 0)}
+        shapes |= {"<=1 block/SM": (1, RING), "ring only": (2, 65536), "no shared memory": (2, 0)}
     l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
     stream = cp.cuda.Stream(non_blocking=True)
     rs = cp.random.RandomState(5)
@@ -322,11 +321,10 @@ def fused(cp, batches: list[int], bw: float, variants: bool, log: list) -> None:
             role_mod = mod
             if entry == "gemv_res":  # the spec's build: a 3-slot ring, its shared memory the ring and one x row
                 opts, res_ring = res_build(k)
-                res_mod = res_mod or load_module(read_kernel_source(ROOT / "kernels" / "llama_fused.cu"),
-                                                 "llama_fused", opts)
+                res_mod = res_mod or fused_module(cp, opts)
                 role_mod = res_mod
             for variant, (per_sm, ring) in shapes.items():
-                if entry == "gemv_res":  # the same variants over its 96 KiB ring
+                if entry == "gemv_res":  # the same variants over its 96 KiB ring (the others' is 64 KiB)
                     ring = {RING: res_ring, 65536: 384 * 256}.get(ring, ring)
                 for batch in batches if variant == "default" else (1, 8):
                     cupy_calls, be_calls, keep = fused_launches(cp, role_mod, role, entry, rows, k, dims, wt, batch,
