@@ -52,7 +52,10 @@ class ExecOptions:
     after buffers and kernels (what eager and stream-captured baselines need). ``loops``: ``conditional``
     builds each loop node as a WHILE conditional node, ``unroll`` as its body ``max`` times in a row (what
     backends without conditional nodes get; the body's work after ``until`` is set must then be a no-op,
-    as the loop kernels cannot skip it), ``auto`` the first where the backend has it."""
+    as the loop kernels cannot skip it), ``auto`` the first where the backend has it. ``record_workers``:
+    threads that record the child graphs' library calls before the nodes are added (1, the default: each
+    as it is added). The library's host work under capture is most of a pool's build (cuBLAS: ~127 µs a
+    GEMM); whether threads overlap it on a GPU host is not yet measured (NOTES.md, 2026-12-07 fifth)."""
 
     device: int = 0
     check_signatures: bool = True
@@ -61,6 +64,7 @@ class ExecOptions:
     programmatic: bool = True
     build_graph: bool = True
     loops: str = "auto"  # auto | conditional | unroll: how loop nodes are built (see Executable)
+    record_workers: int = 1
 
 
 class Executable:
@@ -285,7 +289,14 @@ class Executable:
             order.setdefault(n.scope, []).append(n)
         succs = {u for u, _ in self.plan.edges}
         self._scope = (order, preds, programmatic, succs, {})
-        self._add_scope(self.graph, None, [], "")
+        bodies = [self._params(n) for n in self.plan.topological() if isinstance(n.op, ChildOp)]
+        try:
+            if len(bodies) > 1 and self.options.record_workers > 1 and hasattr(be, "record_children"):
+                be.record_children(bodies, self.options.record_workers)
+            self._add_scope(self.graph, None, [], "")
+        finally:
+            if hasattr(be, "discard_recorded"):
+                be.discard_recorded()
         try:
             self.exec = be.instantiate(self.graph)
         except DriverError as e:
