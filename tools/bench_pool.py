@@ -37,12 +37,13 @@ def free_bytes() -> int:
     return cupy.cuda.runtime.memGetInfo()[0]
 
 
-def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: str) -> dict:
+def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: str, record_workers: int) -> dict:
     """Run one method in this process; device memory is read with memGetInfo around the graph builds."""
     import cupy
 
     from dagbuild import load_spec
     from dagbuild.bench import capture
+    from dagbuild.executable import ExecOptions
     from dagbuild.pool import GraphPool
 
     cupy.cuda.set_allocator(None)  # plain cudaMalloc/cudaFree: memGetInfo sees exactly what is held
@@ -55,7 +56,8 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: s
     GraphPool(spec, {"batch": warm}, overrides={**overrides, "cache_batch": warm[-1]}).close()
     f0 = free_bytes()
     pool = GraphPool(spec, {"batch": sizes}, overrides=overrides, eager=False,
-                     method="fresh" if method == "fresh" else "derive", concurrent=method != "serial")
+                     method="fresh" if method == "fresh" else "derive", concurrent=method != "serial",
+                     options=ExecOptions(record_workers=record_workers))
     f1 = free_bytes()
     out = {"method": method, "arena_mib": (f0 - f1) / 2**20, "arena_buffers_mib": pool.arena_bytes / 2**20}
     if method != "captured":
@@ -86,7 +88,7 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: s
     else:
         # the same kernels over the same arena, captured bucket by bucket; plans are bound first so only
         # capture (warm-up launch + record + instantiate + upload) is timed
-        from dagbuild.executable import ExecOptions, Executable
+        from dagbuild.executable import Executable
 
         exes = [Executable(pool.plan_for((n,)), ExecOptions(build_graph=False), bound=pool.arena,
                            modules=pool.modules, stream=pool.stream) for n in sizes]
@@ -116,11 +118,13 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--spec", default=str(ROOT / "specs" / "llama_decode.yaml"),
                     help="e.g. specs/llama_decode_fused.yaml (its batch variants pick kernels per bucket)")
+    ap.add_argument("--record-workers", type=int, default=1,
+                    help="threads recording the cuBLAS child graphs of a bucket ahead (1: one by one, as added)")
     ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = sizes_for(args.buckets)
     if args.only:
-        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile, args.spec)))
+        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile, args.spec, args.record_workers)))
         return 0
     import cupy
 
@@ -128,7 +132,7 @@ def main() -> int:
                "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
     for m in METHODS:
         cmd = [sys.executable, __file__, "--only", m, "--buckets", args.buckets, "--max-seq", str(args.max_seq),
-               "--spec", args.spec]
+               "--spec", args.spec, "--record-workers", str(args.record_workers)]
         if args.profile and m == "serial":
             cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
