@@ -66,6 +66,11 @@ class ExecOptions:
     loops: str = "auto"  # auto | conditional | unroll: how loop nodes are built (see Executable)
     record_workers: int = 1
 
+    def __post_init__(self) -> None:
+        w = self.record_workers
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise BuildError(f"ExecOptions(record_workers={w!r}): expected an integer ≥ 1 (1: no recording threads)")
+
 
 class Executable:
     """One instantiated graph over named buffers. Use as a context manager, or call :meth:`close`.

@@ -106,3 +106,13 @@ def test_discard_and_close_free_recorded_graphs_streams_and_handles():
     assert all(lib.closed for lib in be.libraries)
     assert sorted(be._drv.destroyed_streams) == ["stream1", "stream2", "stream3"]
     assert be._recorders == []
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, "8", True])
+def test_exec_options_refuses_bad_record_workers(bad):
+    from dagbuild.errors import BuildError
+    from dagbuild.executable import ExecOptions
+
+    with pytest.raises(BuildError, match=r"record_workers=.*integer ≥ 1"):
+        ExecOptions(record_workers=bad)
+    assert ExecOptions(record_workers=3).record_workers == 3
