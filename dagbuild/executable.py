@@ -294,10 +294,11 @@ class Executable:
             order.setdefault(n.scope, []).append(n)
         succs = {u for u, _ in self.plan.edges}
         self._scope = (order, preds, programmatic, succs, {})
-        bodies = [self._params(n) for n in self.plan.topological() if isinstance(n.op, ChildOp)]
         try:
-            if len(bodies) > 1 and self.options.record_workers > 1 and hasattr(be, "record_children"):
-                be.record_children(bodies, self.options.record_workers)
+            if self.options.record_workers > 1 and hasattr(be, "record_children"):
+                bodies = [self._params(n) for n in self.plan.topological() if isinstance(n.op, ChildOp)]
+                if len(bodies) > 1:
+                    be.record_children(bodies, self.options.record_workers)
             self._add_scope(self.graph, None, [], "")
         finally:
             if hasattr(be, "discard_recorded"):
