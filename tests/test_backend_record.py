@@ -14,8 +14,8 @@ from dagbuild.errors import DagbuildError
 
 
 class FakeLibrary:
-    def __init__(self, log: list):
-        self.log, self.closed = log, False
+    def __init__(self):
+        self.closed = False
 
     def close(self) -> None:
         self.closed = True
@@ -49,7 +49,7 @@ def fake_backend(fail_on=None):
     be._recorders = []
     be._recorded = {}
     be.libraries, be.captured, be.destroyed, be.added = [], [], [], []
-    be._library = lambda: be.libraries.append(FakeLibrary(be.captured)) or be.libraries[-1]
+    be._library = lambda: be.libraries.append(FakeLibrary()) or be.libraries[-1]
 
     def capture(calls, recorder=None):
         if calls == fail_on:
@@ -97,6 +97,8 @@ def test_record_children_failure_frees_what_it_recorded_and_raises():
 def test_discard_and_close_free_recorded_graphs_streams_and_handles():
     be = fake_backend()
     bodies = [(("gemm", (("m", "i32", i),)),) for i in range(3)]
+    be.record_children([], workers=8)  # nothing to record: no thread, stream or handle
+    assert be._recorders == []
     be.record_children(bodies, workers=8)  # no more threads than bodies
     assert len(be._recorders) == 3
     be.add_child_graph("parent", [], bodies[0])

@@ -464,6 +464,8 @@ class CudaBackend:
         H100's host, 5,340 GEMMs for 67 buckets), and ctypes and the driver calls run it outside the GIL.
         discard_recorded() frees what add_child_graph has not taken."""
         todo = list(bodies)
+        if not todo:
+            return
         workers = max(1, min(int(workers), len(todo)))
         while len(self._recorders) < workers:
             self._recorders.append((self._new_stream(), self._library()))
