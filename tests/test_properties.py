@@ -240,13 +240,15 @@ def mangled_specs(draw):
         for part in path[:-1]:
             parent = parent[part]
         action = draw(st.sampled_from(["replace", "replace", "delete", "add_key"]))
+        # a copy of the junk: a later step may mangle inside it, which must not change JUNK for later examples
+        # (hypothesis then sees a strategy that draws differently for the same choices: FlakyStrategyDefinition)
         if action == "delete":
             del parent[path[-1]]
         elif action == "add_key" and isinstance(parent, dict):
             parent[draw(st.sampled_from(["after", "id", "kernel", "memset", "repeat", "nodes", "extra", "shared",
-                                         "grid", "value", "memory"]))] = draw(st.sampled_from(JUNK))
+                                         "grid", "value", "memory"]))] = copy.deepcopy(draw(st.sampled_from(JUNK)))
         else:
-            parent[path[-1]] = draw(st.sampled_from(JUNK))
+            parent[path[-1]] = copy.deepcopy(draw(st.sampled_from(JUNK)))
     return spec
 
 
