@@ -12,7 +12,7 @@ import functools
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -435,15 +435,22 @@ def _view_payload(text: str) -> tuple[str, tuple | None, str]:
     return name, None if index is None else tuple(_closure(i) for i in index), text.strip()
 
 
-def _view_in(payload: tuple[str, tuple | None, str], buffers, env) -> View:
+def _view_in(payload: tuple[str, tuple | None, str], buffers, env, whole: dict | None = None) -> View:
     """The byte range a compiled view names (the rules of :func:`resolve_view`); _Fallback where the validating
-    binder has something to say (a missing buffer, an index out of range or not an integer)."""
+    binder has something to say (a missing buffer, an index out of range or not an integer). ``whole`` keeps
+    the whole-buffer views made, by text, with their buffer: a repeat's copies of a node (22 layers) then share
+    one View while the bind's buffer is the same object (a new bind has new buffers)."""
     name, index, text = payload
     buf = buffers.get(name)
     if buf is None:
         raise _Fallback
     if index is None:
-        return view_at(buf, text, None)
+        if whole is None:
+            return view_at(buf, text, None)
+        made = whole.get(text)
+        if made is None or made[0] is not buf:
+            made = whole[text] = (buf, view_at(buf, text, None))
+        return made[1]
     if len(index) > len(buf.shape):
         raise _Fallback
     try:
@@ -467,6 +474,7 @@ class _CompiledBinding:
     shared: Any
     args: tuple  # (Param, closure) for scalars; (Param, (buffer, index closures | None, text)) for views
     launch: str
+    whole: dict = field(default_factory=dict)  # whole-buffer views made (see _view_in)
 
     @classmethod
     def of(cls, node: KernelNode, kernel: PlanKernel) -> _CompiledBinding:
@@ -495,7 +503,7 @@ class _CompiledBinding:
                 buf = buffers.get(payload[0])
                 if buf is None or buf.dtype != p.dtype:
                     raise _Fallback
-                args.append(KernelArg(p, view=_view_in(payload, buffers, env)))
+                args.append(KernelArg(p, view=_view_in(payload, buffers, env, self.whole)))
             else:
                 try:
                     args.append(KernelArg(p, value=check_scalar(p.dtype, payload(env))))
@@ -621,6 +629,7 @@ class _CompiledChild:
     reads: tuple  # view payloads
     writes: tuple
     calls: tuple  # (signature, ((Param, "view" | "scalar" | "fixed", payload | closure | KernelArg), ...))
+    whole: dict = field(default_factory=dict)  # whole-buffer views made (see _view_in)
 
     @classmethod
     def of(cls, node: ChildNode) -> _CompiledChild:
@@ -640,14 +649,15 @@ class _CompiledChild:
                    tuple(_view_payload(t) for t in node.child.writes), tuple(calls))
 
     def run(self, buffers, env) -> ChildOp:
-        reads = tuple(_view_in(v, buffers, env) for v in self.reads)
-        writes = tuple(_view_in(v, buffers, env) for v in self.writes)
+        whole = self.whole
+        reads = tuple(_view_in(v, buffers, env, whole) for v in self.reads)
+        writes = tuple(_view_in(v, buffers, env, whole) for v in self.writes)
         body = []
         for sig, entries in self.calls:
             args = []
             for p, how, payload in entries:
                 if how == "view":
-                    view = _view_in(payload, buffers, env)
+                    view = _view_in(payload, buffers, env, whole)
                     args.append(KernelArg(Param(p.name, buffers[view.buffer].dtype, True, p.const), view=view))
                 elif how == "scalar":
                     try:
