@@ -756,6 +756,8 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
             issues.add("schema", f"repeat var {var!r} shadows a dim or an outer repeat var",
                        path=(*path, "repeat", "var"), field="repeat.var", once=("var", path))
             continue
+        if count == 0:  # switched off (a fused layer has a dozen such switches): nothing to expand or check
+            continue
         if count * _leaves(node.nodes, {**env, var: 0}) > budget[0]:
             raise _SizeLimit
         for j, child in enumerate(node.nodes):  # a count of 0 or 1 is a switch: its ids may stay plain
