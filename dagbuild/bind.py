@@ -435,7 +435,7 @@ def _view_payload(text: str) -> tuple[str, tuple | None, str]:
     return name, None if index is None else tuple(_closure(i) for i in index), text.strip()
 
 
-def _view_in(payload: tuple[str, tuple | None, str], buffers, env, whole: dict | None = None) -> View:
+def _view_in(payload: tuple[str, tuple | None, str], buffers, env, whole: dict) -> View:
     """The byte range a compiled view names (the rules of :func:`resolve_view`); _Fallback where the validating
     binder has something to say (a missing buffer, an index out of range or not an integer). ``whole`` keeps
     the whole-buffer views made, by text, with their buffer: a repeat's copies of a node (22 layers) then share
@@ -445,8 +445,6 @@ def _view_in(payload: tuple[str, tuple | None, str], buffers, env, whole: dict |
     if buf is None:
         raise _Fallback
     if index is None:
-        if whole is None:
-            return view_at(buf, text, None)
         made = whole.get(text)
         if made is None or made[0] is not buf:
             made = whole[text] = (buf, view_at(buf, text, None))
