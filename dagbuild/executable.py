@@ -290,18 +290,21 @@ class Executable:
         self.graph = be.graph_create()
         preds, programmatic = self._edges(body_programmatic)
         order: dict[str | None, list[PlanNode]] = {}
-        for n in self.plan.topological():
+        topo = self.plan.topological()
+        for n in topo:
             order.setdefault(n.scope, []).append(n)
         succs = {u for u, _ in self.plan.edges}
         self._scope = (order, preds, programmatic, succs, {})
+        # child bodies recorded ahead on threads, where asked and where the backend can (else each as it is added)
+        ahead = self.options.record_workers > 1 and hasattr(be, "record_children")
         try:
-            if self.options.record_workers > 1 and hasattr(be, "record_children"):
-                bodies = [self._params(n) for n in self.plan.topological() if isinstance(n.op, ChildOp)]
+            if ahead:
+                bodies = [self._params(n) for n in topo if isinstance(n.op, ChildOp)]
                 if len(bodies) > 1:
                     be.record_children(bodies, self.options.record_workers)
             self._add_scope(self.graph, None, [], "")
         finally:
-            if hasattr(be, "discard_recorded"):
+            if ahead:
                 be.discard_recorded()
         try:
             self.exec = be.instantiate(self.graph)
