@@ -78,6 +78,9 @@
 #define FW_STAGES 2
 #endif
 #define FW_MAX_NB 4
+#ifndef FW_ONE_ROW
+#define FW_ONE_ROW 0
+#endif
 // x staging of the GEMVs without a norm (o_proj, down): float4 loads in flight per thread. At 2, a 256-thread
 // block stages 2048 floats (k = 2048, batch 1) in one round trip but the down projection's 5632 in three (H200
 // blocktrace: x staged 2.5 µs after the wait, against ~1 µs for k = 2048). 6 makes it one and, by ptxas, still
@@ -286,6 +289,10 @@ __device__ __forceinline__ void fw_gemv(const Job& job, const T* w, const T* nw,
     extern __shared__ uint4 fw_smem[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(fw_smem);
     const unsigned int dyn = db_dynamic_smem();
+#if FW_ONE_ROW  // experiment (i-cache): only the 1-row chunk's code, one row at a time (any batch; slow above 1)
+    for (int b0 = 0; b0 < batch; ++b0) fw_chunk<T, 1, NORM>(job, w, nw, x, k, batch, b0, b0 == 0, eps, smem, dyn);
+    return;
+#endif
     for (int b0 = 0; b0 < batch; b0 += FW_MAX_NB) {
         const int nb = min(FW_MAX_NB, batch - b0);  // uniform across the grid
         const bool first = b0 == 0;
