@@ -176,8 +176,8 @@ __device__ __forceinline__ void fw_chunk(const Job& job, const T* w, const T* nw
             for (int u = 0; u < FW_U; ++u) {
                 const int p = c * FW_U * ws + u * ws + lane;
                 const bool in = p < P;
-                db_cp_async16(dst + (2 * u) * ws + lane, in ? w0 + p : w0, in);
-                db_cp_async16(dst + (2 * u + 1) * ws + lane, in ? w1 + p : w1, in);
+                db_cp_async16_once(dst + (2 * u) * ws + lane, in ? w0 + p : w0, in);
+                db_cp_async16_once(dst + (2 * u + 1) * ws + lane, in ? w1 + p : w1, in);
             }
         }
         db_cp_commit();

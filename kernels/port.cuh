@@ -332,6 +332,25 @@ __device__ __forceinline__ void db_cp_async16(void* dst, const void* src, bool f
 #endif
 }
 
+// db_cp_async16_once: as db_cp_async16, for bytes a step reads once (weights). With DB_EVICT_FIRST (experiment)
+// the copy tells L2 to evict its lines first, so the step's weight stream (gigabytes, far beyond L2) does not push
+// out what later kernels reuse: KV rows, activations, the kernels' own code.
+#ifndef DB_EVICT_FIRST
+#define DB_EVICT_FIRST 0
+#endif
+__device__ __forceinline__ void db_cp_async16_once(void* dst, const void* src, bool full) {
+#if DB_EVICT_FIRST && DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    const unsigned int d = (unsigned int)__cvta_generic_to_shared(dst);
+    unsigned long long policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(d), "l"(src),
+                 "r"(full ? 16 : 0), "l"(policy)
+                 : "memory");
+#else
+    db_cp_async16(dst, src, full);
+#endif
+}
+
 __device__ __forceinline__ void db_cp_commit() {
 #if DB_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
     asm volatile("cp.async.commit_group;" ::: "memory");
