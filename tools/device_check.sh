@@ -181,6 +181,41 @@ PY
       timeout 300 python3 tools/bench_ab.py --variant trig0 --variant "trig1=$OUT/trig1.yaml" \
         --variant c192=:attn_decode_chunk=192 --variant c384=:attn_decode_chunk=384 --variant c512=:attn_decode_chunk=512 \
         --contexts 128,512,1024,2048 --rounds 3 --steps 20 --json "$OUT/attnab.json" 2>&1 | grep -v -i warn ;;
+    cachelines)  # issue 8: is batch 1 paying for cold caches? The knobs are experiments, off by default:
+      # ATTN_WARM (attention runs its span once on the preloaded keys before the wait, so the real pass finds its
+      # instructions cached), FW_ONE_ROW (the GEMVs hold only the 1-row chunk's code), DB_EVICT_FIRST (the GEMVs'
+      # weight copies ask L2 to evict them first, keeping KV rows, activations and code). A/B at batch 1, then each
+      # variant's 300 greedy tokens (they must match the shipped spec's), then Nsight Compute's stall reasons
+      V=$OUT/variants; mkdir -p "$V"
+      python3 tools/spec_variant.py -o "$V/warm.yaml" --option attn=-DATTN_WARM=1 >/dev/null
+      python3 tools/spec_variant.py -o "$V/onerow.yaml" --option qkv=-DFW_ONE_ROW=1 --option gemv_res=-DFW_ONE_ROW=1 \
+        --option gate_up=-DFW_ONE_ROW=1 --option gemv_norm=-DFW_ONE_ROW=1 >/dev/null
+      python3 tools/spec_variant.py -o "$V/ef.yaml" --option qkv=-DDB_EVICT_FIRST=1 --option gemv_res=-DDB_EVICT_FIRST=1 \
+        --option gate_up=-DDB_EVICT_FIRST=1 --option gemv_norm=-DDB_EVICT_FIRST=1 >/dev/null
+      python3 tools/spec_variant.py -o "$V/efwarm.yaml" --spec "$V/ef.yaml" --option attn=-DATTN_WARM=1 >/dev/null
+      timeout 300 python3 tools/bench_ab.py --variant base --variant "warm=$V/warm.yaml" --variant "onerow=$V/onerow.yaml" \
+        --variant "ef=$V/ef.yaml" --variant "efwarm=$V/efwarm.yaml" --batches 1 --contexts 128,2048 --rounds 3 --steps 30 \
+        --json "$OUT/cachelines.json" 2>&1 | grep -v -i warn | tail -16
+      for s in specs/llama_decode_fused.yaml "$V/warm.yaml" "$V/onerow.yaml" "$V/ef.yaml" "$V/efwarm.yaml"; do
+        echo "$(timeout 90 python3 -m dagbuild.cli run "$s" --set max_seq=2048 --tokens 300 --prefill positions \
+          --no-progress 2>&1 | grep "^row 0" | md5sum) $s"
+      done ;;
+    stalls)  # issue 8: Nsight Compute's warp stall reasons of the fused step's GEMVs and attention inside the graph,
+      # caches flushed before each kernel (all) and not (none): a large no_instruction share means cold code
+      M=gpu__time_duration.sum,smsp__inst_executed.sum
+      for r in no_instruction long_scoreboard wait barrier membar short_scoreboard math_pipe_throttle lg_throttle \
+               mio_throttle dispatch_stall branch_resolving not_selected selected sleeping drain imc_miss misc; do
+        M=$M,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio
+      done
+      for cc in all none; do
+        timeout 200 ncu --graph-profiling node --cache-control $cc --kernel-name regex:'attn_decode|qkv_rope|gemv_res|gate_up' \
+          --launch-skip 300 --launch-count 10 --metrics "$M" --csv --page raw --log-file "$OUT/stalls_$cc.csv" \
+          python3 -m dagbuild.cli run specs/llama_decode_fused.yaml --tokens 16 --no-progress > /dev/null 2>&1
+        echo "ncu, cache-control $cc: exit $?"
+        python3 tools/ncu_table.py "$OUT/stalls_$cc.csv"
+      done ;;
+    capcost)  # issue 15: where a cuBLAS child recording's host time goes (capture, the call, threads)
+      timeout 200 python3 tools/probe_capture_cost.py 2>&1 | tail -14 ;;
     sanitize_fused)
       for tool in memcheck racecheck synccheck; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 1 python3 \

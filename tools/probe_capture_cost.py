@@ -1,0 +1,118 @@
+"""Where a cuBLAS child graph's recording time goes (issue 15: 5,340 of them in the fused spec's 67-bucket pool).
+
+The pool build records each GEMM child body by stream capture (~127 µs of host time a GEMM on an H100 host). This
+splits that time: an empty capture, one GEMM a capture (the same m, then a new m each time), 22 GEMMs in one
+capture, the GEMM call outside capture, the child node's clone into a parent, and captures spread over threads
+(each with its own stream and handle, as ``ExecOptions(record_workers=N)`` does). µs a item, medians not needed:
+each figure is an average over hundreds.
+
+    python tools/probe_capture_cost.py [--threads 1,2,4,8] [--total 800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2,4,8", help="recording threads to try (comma-separated)")
+    ap.add_argument("--total", type=int, default=800, help="captures per thread count")
+    args = ap.parse_args()
+
+    import cupy as cp
+    from cuda.bindings import driver as drv
+
+    from dagbuild.backends.blas import Blas
+
+    cp.zeros(1)  # the primary context, current on this thread
+    ctx = drv.cuCtxGetCurrent()[1]
+    relaxed = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+    n, k = 2560, 2048  # TinyLlama's packed QKV
+    a = cp.zeros((64, k), cp.float16)
+    w = cp.zeros((n, k), cp.float16)
+    c = cp.zeros((64, n), cp.float16)
+    ws = cp.zeros(4 << 20, cp.uint8)
+
+    def gemm_args(m: int) -> dict[str, tuple[str, Any]]:
+        return {"m": ("i32", m), "n": ("i32", n), "k": ("i32", k), "a": ("f16", a.data.ptr),
+                "b": ("f16", w.data.ptr), "c": ("f16", c.data.ptr), "workspace": ("ws", (ws.data.ptr, ws.nbytes))}
+
+    def stream() -> Any:
+        return drv.cuStreamCreate(int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING))[1]
+
+    def capture(blas: Blas, s: Any, ms: list[int]) -> Any:
+        assert int(drv.cuStreamBeginCapture(s, relaxed)[0]) == 0
+        for m in ms:
+            blas.gemm(int(s), gemm_args(m))
+        err, g = drv.cuStreamEndCapture(s)
+        assert int(err) == 0, err
+        return g
+
+    def timed(label: str, reps: int, fn: Callable[[], object], per: int = 1) -> None:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        print(f"{label:56s} {(time.perf_counter() - t0) / reps / per * 1e6:8.1f} µs")
+
+    blas, s = Blas(), stream()
+    counter = iter(range(1 << 30))
+    timed("empty capture (begin, end, destroy)", 300, lambda: drv.cuGraphDestroy(capture(blas, s, [])))
+    timed("1 GEMM a capture, m = 16 (with destroy)", 300, lambda: drv.cuGraphDestroy(capture(blas, s, [16])))
+    timed("1 GEMM a capture, a new m each time (1..64)", 300,
+          lambda: drv.cuGraphDestroy(capture(blas, s, [1 + next(counter) % 64])))
+    timed("22 GEMMs in one capture, per GEMM", 30, lambda: drv.cuGraphDestroy(capture(blas, s, [16] * 22)), per=22)
+    s2 = stream()
+    timed("the GEMM call outside capture (no sync)", 300, lambda: blas.gemm(int(s2), gemm_args(16)))
+    drv.cuStreamSynchronize(s2)
+    one = capture(blas, s, [16])
+    print("nodes in a 1-GEMM capture:", drv.cuGraphGetNodes(one)[2])
+    parent = drv.cuGraphCreate(0)[1]
+    timed("cuGraphAddChildGraphNode (a clone of that graph)", 300,
+          lambda: drv.cuGraphAddChildGraphNode(parent, None, 0, one))
+    t0 = time.perf_counter()
+    err, exe = drv.cuGraphInstantiate(parent, 0)
+    print(f"instantiate a parent of 301 GEMM children: {(time.perf_counter() - t0) * 1e3:.1f} ms ({err})")
+    drv.cuGraphExecDestroy(exe)
+    drv.cuGraphDestroy(parent)
+    drv.cuGraphDestroy(one)
+
+    for workers in (int(t) for t in args.threads.split(",")):
+        recorders = [(Blas(), stream()) for _ in range(workers)]
+        graphs: list[Any] = []
+
+        def record(i: int, recorders: list = recorders, workers: int = workers, graphs: list = graphs) -> None:
+            drv.cuCtxSetCurrent(ctx)
+            lib, st = recorders[i]
+            for j in range(i, args.total, workers):
+                graphs.append(capture(lib, st, [1 + j % 64]))
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=record, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        dt = time.perf_counter() - t0
+        print(f"{args.total} 1-GEMM captures on {workers} thread(s): {dt:.3f} s ({dt / args.total * 1e6:.1f} µs each)")
+        for g in graphs:
+            drv.cuGraphDestroy(g)
+        for lib, st in recorders:
+            lib.close()
+            drv.cuStreamDestroy(st)
+    blas.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
