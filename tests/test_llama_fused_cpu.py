@@ -107,6 +107,34 @@ def test_x_staging_knob_keeps_the_projection_gemvs_unspilled():
         assert regs <= 128, (name, regs)
 
 
+@needs_nvrtc
+def test_cache_experiment_knobs(ptx):
+    """The off-by-default experiments of tools/device_check.sh's stage cachelines build, with every entry, and
+    change what they say: DB_EVICT_FIRST hints the GEMVs' weight copies, FW_ONE_ROW drops the 2- and 4-row
+    chunks, ATTN_WARM changes attention and keeps its wait, without spills at f16 and bf16."""
+    src = read_kernel_source(SRC)
+    hint = "cp.async.cg.shared.global.L2::cache_hint"
+    assert hint not in ptx and "createpolicy" not in ptx
+    ef = entry_bodies(ptx_or_skip("#define DB_EVICT_FIRST 1\n" + src, "llama_fused_ef"))
+    assert set(ef) == set(ENTRIES)
+    for name, body in ef.items():
+        gemv = not name.startswith(("attn_decode_", "embed_pdl_", "argmax_pdl"))
+        assert (hint in body and "createpolicy.fractional.L2::evict_first" in body) == gemv, name
+    one = entry_bodies(ptx_or_skip("#define FW_ONE_ROW 1\n" + src, "llama_fused_one"))
+    base = entry_bodies(ptx)
+    for name in ENTRIES:
+        if not name.startswith(("attn_decode_", "embed_pdl_", "argmax_pdl")):
+            assert len(one[name]) < 0.6 * len(base[name]), name
+    warm = entry_bodies(ptx_or_skip("#define ATTN_WARM 1\n" + src, "llama_fused_warm"))
+    for wt in WTYPES:
+        body = warm[f"attn_decode_{wt}"]
+        assert "griddepcontrol.wait" in body and body != base[f"attn_decode_{wt}"], wt
+    props = ptxas_resources("#define ATTN_WARM 1\n" + src, "llama_fused_warm")
+    for wt in ("f16", "bf16"):  # f32's extra registers spill a few bytes: it is not what batch 1 runs
+        stack, st, ld, regs, _ = props[f"attn_decode_{wt}"]
+        assert (stack, st, ld) == (0, 0, 0) and regs <= 128, (wt, regs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the spec
 # ----------------------------------------------------------------------------------------------------------
