@@ -172,7 +172,7 @@ def test_fused_spec_has_what_the_runner_needs():
     unfused = llama_plan({})
     launch_shape = {"attn_chunk", "attn_decode_chunk", "attn_decode_splits",  # the fused kernels' own tuning dims
                     "sms", "gemv_blocks_per_sm", "gemv_shared",
-                    "gemv_qkv_threads", "gemv_res_threads",
+                    "gemv_qkv_threads", "gemv_res_threads", "gemv_one_row",
                     "mma_batch", "mma_cluster", "mma_shared", "attn_batch", "attn_min_keys",  # and the batched ones
                     "attn_wide_batch", "attn_wide_keys", "attn_mma", "attn_mma_keys",
                     "mv_batch", "mv_small_batch", "mv_shared", "mv_shared_max", "mv_fit", "mvc_batch", "mvc_cluster",
