@@ -199,7 +199,8 @@ def test_gemv_block_threads_at_batch_one(threads):
         if node.startswith("qkv"):
             assert op.shared == (106496 if threads == 256 else 256 * threads + 2 * k + 4 * k), node
         else:  # gemv_res: a ring of 3 slots (FW_STAGES, 384 bytes a thread) and one x row
-            assert op.shared == 384 * threads + 4 * k and plan.kernels[op.kernel].options == ("-DFW_STAGES=3",), node
+            assert op.shared == 384 * threads + 4 * k and op.kernel == "gemv_res_1", node
+            assert plan.kernels[op.kernel].options == ("-DFW_STAGES=3", "-DFW_ONE_ROW=1", "-DDB_EVICT_FIRST=1"), node
     ops = {n.id: n.op for n in llama_plan({"batch": 2, "gemv_res_threads": threads, "gemm_batch": 0}, FUSED).nodes}
     assert ops["o_proj.0"].kernel == "gemv_res_mv" and ops["o_proj.0"].block == (256, 1, 1)
     with pytest.raises(Exception, match="gemv_qkv_threads and gemv_res_threads"):

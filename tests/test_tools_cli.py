@@ -57,13 +57,13 @@ def test_bench_attn_auto_splits_are_the_specs(batch, max_seq):
 
 def test_bench_gemv_times_gemv_res_as_the_spec_builds_it():
     """tools/bench_gemv.py --fused builds and launches the O and down GEMVs with the fused spec's options (a 3-slot
-    ring) and shared memory."""
+    ring) and shared memory: the forms every small batch runs (gemv_one_row 0; the batch-1 forms add only defines)."""
     from helpers import load_tool
 
     from dagbuild.llama.decode import llama_plan
 
     tool = load_tool("bench_gemv")
-    plan = llama_plan({}, ROOT / "specs" / "llama_decode_fused.yaml")
+    plan = llama_plan({"gemv_one_row": 0}, ROOT / "specs" / "llama_decode_fused.yaml")
     for node, k in (("o_proj.0", plan.dims["heads"] * plan.dims["head_dim"]), ("down_proj.0", plan.dims["ffn"])):
         op = next(n.op for n in plan.nodes if n.id == node)
         assert op.kernel == "gemv_res" and tool.res_build(k) == (tuple(plan.kernels["gemv_res"].options), op.shared)
