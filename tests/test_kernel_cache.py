@@ -144,12 +144,13 @@ def test_prebuild_names_what_blocktrace_compiles_for_each_knob():
         sys.path.pop(0)
     mods = prebuild.traced_modules({"layer_kernel": 2}, ["LY_DIAG=1", "LY_DIAG=1,LY_PROXY_FENCE=0"])
     options = sorted(opts for _, opts in mods)
-    # the step's two modules (llama_fused.cu for embed, LM head and argmax; llama_layer.cu for the stack, whose
-    # spec kernel passes -DLY_GROUPS=4 -DLY_TABLE=112), each with the trace alone, with the knob, and with both
-    # knobs of a comma-joined variant
+    # the step's three modules (llama_fused.cu for embed and argmax, and its batch-1 form for the LM head, with
+    # -DFW_ONE_ROW=1 -DDB_EVICT_FIRST=1; llama_layer.cu for the stack, whose spec kernel passes -DLY_GROUPS=4
+    # -DLY_TABLE=112), each with the trace alone, with the knob, and with both knobs of a comma-joined variant
     trace, diag, both = ("-DDB_BLOCKTRACE",), ("-DLY_DIAG=1",), ("-DLY_DIAG=1", "-DLY_PROXY_FENCE=0")
     stack = ("-DLY_GROUPS=4", "-DLY_TABLE=112")
-    assert options == sorted([trace, trace + diag, trace + both,
+    one = ("-DFW_ONE_ROW=1", "-DDB_EVICT_FIRST=1")
+    assert options == sorted([trace, trace + diag, trace + both, one + trace, one + trace + diag, one + trace + both,
                               stack + trace, stack + trace + diag, stack + trace + both])
 
 

@@ -98,7 +98,7 @@ def test_ptxas_no_spills():
 
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_buckets_choose_their_kernels(wt):
-    """Without the GEMM path (gemm_batch 0): batch 1: the GEMV engine; from 2: the MV engine (two blocks per SM up
+    """Without the GEMM path (gemm_batch 0): batch 1: the GEMV engine's batch-1 forms; from 2: the MV engine (two blocks per SM up
     to mv_small_batch, except the down projection, whose ffn-wide x rows need one), but the down projection from
     mma_batch (32): the MMA engine in clusters of 8; attention from attn_batch (2) one block a (row, KV head)."""
     spec, programs = load_spec(FUSED), {}
@@ -106,7 +106,7 @@ def test_buckets_choose_their_kernels(wt):
         p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt, "gemm_batch": 0}, programs)
         assert not issues, issues
         chosen = {n.id.split(".")[0]: n.op for n in p.nodes if hasattr(n.op, "kernel")}
-        engine = "" if batch == 1 else "_mv"
+        engine = "_1" if batch == 1 else "_mv"
         assert chosen["qkv"].kernel == "qkv" + engine
         assert chosen["o_proj"].kernel == "gemv_res" + engine
         assert chosen["down_proj"].kernel == "gemv_res" + ("_mma" if batch >= 32 else engine)
@@ -117,7 +117,7 @@ def test_buckets_choose_their_kernels(wt):
             op = chosen["down_proj"]
             assert op.grid[0] % 8 == 0 and op.block == (256, 1, 1) and op.shared == 185600
             assert p.kernels["gemv_res_mma"].entry == f"gemv_res_mma_{wt}"
-        if engine:
+        if batch >= 2:
             for key in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head"):
                 op, two = chosen[key], batch <= 8 and key != "down_proj"
                 if op.kernel.endswith("_mma"):
