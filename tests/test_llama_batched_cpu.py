@@ -98,9 +98,10 @@ def test_ptxas_no_spills():
 
 @pytest.mark.parametrize("wt", ["f16", "f32"])
 def test_buckets_choose_their_kernels(wt):
-    """Without the GEMM path (gemm_batch 0): batch 1: the GEMV engine's batch-1 forms; from 2: the MV engine (two blocks per SM up
-    to mv_small_batch, except the down projection, whose ffn-wide x rows need one), but the down projection from
-    mma_batch (32): the MMA engine in clusters of 8; attention from attn_batch (2) one block a (row, KV head)."""
+    """Without the GEMM path (gemm_batch 0): batch 1: the GEMV engine's batch-1 forms; from 2: the MV engine (two
+    blocks per SM up to mv_small_batch, except the down projection, whose ffn-wide x rows need one), but the down
+    projection from mma_batch (32): the MMA engine in clusters of 8; attention from attn_batch (2) one block a (row,
+    KV head)."""
     spec, programs = load_spec(FUSED), {}
     for batch in [1, 2, 3, 4, *range(8, 257, 8)]:
         p, issues = bind(spec, {"batch": batch, "cache_batch": 256, "wt": wt, "gemm_batch": 0}, programs)
