@@ -623,9 +623,6 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 // Where attn_decode stamps its block-trace mark 2 (tools/blocktrace.py; no code without -DDB_BLOCKTRACE): 0 once
 // the key groups' partials are summed, 1 after the first tile's softmax max/sum, 2 after its p.V, 3 after the
 // barrier that follows.
-#ifndef ATTN_WARM
-#define ATTN_WARM 0  // experiment: a warm-up pass of the span before the wait (see attn_decode_impl)
-#endif
 #ifndef ATTN_MARK2
 #define ATTN_MARK2 0
 #endif
@@ -789,36 +786,6 @@ __device__ __forceinline__ void attn_decode_impl(const float* q, const K* k_cach
             vv[u] = db_ldcg(vc4 + (size_t)(start + kk) * d4 + sc4);
         }
     }
-#if ATTN_WARM
-    // Experiment (i-cache): pass 0 runs the first tile's span on the preloaded keys with q = 0 before the wait
-    // (shared memory only, result dropped), so pass 1, the real one, runs instructions already in the caches.
-    float4 o;
-    float m, l;
-#pragma unroll 1
-    for (int pass = 0; pass < 2; ++pass) {
-        float4 qv = zero4;
-        if (pass == 1) {
-            PDL_WAIT();
-            qv = (sc4 < d4) ? db_ldca(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
-#pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; ++u) {  // row p, if this tile holds it
-                const int kk = u * n_sg + sg;
-                if (kk < nt0 && start + kk == p && sc4 < d4) {
-                    kv[u] = db_ldcg(kc4 + (size_t)p * d4 + sc4);
-                    vv[u] = db_ldcg(vc4 + (size_t)p * d4 + sc4);
-                }
-            }
-            if (nlive == 0) {
-                if (tid < d4) out4[tid] = zero4;
-                return;
-            }
-        } else if (nlive == 0) {
-            continue;
-        }
-        o = attn_span<K>(qv, kc, vc, d4, start, pass == 0 ? start + nt0 : end, scale, true,
-                         pass == 1 && ATTN_TRIGGER == 1, pass == 1, kv, vv, sp, sacc, m, l);
-    }
-#else
     PDL_WAIT();
     const float4 qv = (sc4 < d4) ? db_ldca(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
 #pragma unroll
@@ -837,7 +804,6 @@ __device__ __forceinline__ void attn_decode_impl(const float* q, const K* k_cach
     float m, l;
     const float4 o = attn_span<K>(qv, kc, vc, d4, start, end, scale, true, ATTN_TRIGGER == 1, true, kv, vv, sp,
                                sacc, m, l);
-#endif
     if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     if (ATTN_MARK2 == 0) DB_TRACE_MARK(2);
     if (nlive == 1) {  // the only live split: normalise and write the output directly

@@ -108,10 +108,10 @@ def test_x_staging_knob_keeps_the_projection_gemvs_unspilled():
 
 
 @needs_nvrtc
-def test_cache_experiment_knobs(ptx):
-    """The off-by-default experiments of tools/device_check.sh's stage cachelines build, with every entry, and
-    change what they say: DB_EVICT_FIRST hints the GEMVs' weight copies, FW_ONE_ROW drops the 2- and 4-row
-    chunks, ATTN_WARM changes attention and keeps its wait, without spills at f16 and bf16."""
+def test_batch_one_knobs(ptx):
+    """The defines of the spec's batch-1 GEMV forms build every entry and do what they say: DB_EVICT_FIRST hints
+    the GEMVs' weight copies evict-first in L2 (and nothing else), FW_ONE_ROW drops the 2- and 4-row chunks' code;
+    neither is in the default build."""
     src = read_kernel_source(SRC)
     hint = "cp.async.cg.shared.global.L2::cache_hint"
     assert hint not in ptx and "createpolicy" not in ptx
@@ -125,14 +125,9 @@ def test_cache_experiment_knobs(ptx):
     for name in ENTRIES:
         if not name.startswith(("attn_decode_", "embed_pdl_", "argmax_pdl")):
             assert len(one[name]) < 0.6 * len(base[name]), name
-    warm = entry_bodies(ptx_or_skip("#define ATTN_WARM 1\n" + src, "llama_fused_warm"))
-    for wt in WTYPES:
-        body = warm[f"attn_decode_{wt}"]
-        assert "griddepcontrol.wait" in body and body != base[f"attn_decode_{wt}"], wt
-    props = ptxas_resources("#define ATTN_WARM 1\n" + src, "llama_fused_warm")
-    for wt in ("f16", "bf16"):  # f32's extra registers spill a few bytes: it is not what batch 1 runs
-        stack, st, ld, regs, _ = props[f"attn_decode_{wt}"]
-        assert (stack, st, ld) == (0, 0, 0) and regs <= 128, (wt, regs)
+    props = ptxas_resources("#define FW_ONE_ROW 1\n#define DB_EVICT_FIRST 1\n" + src, "llama_fused_one_ef")
+    for name, (stack, st, ld, regs, _) in props.items():
+        assert (stack, st, ld) == (0, 0, 0) and regs <= 128, (name, regs)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -181,23 +181,19 @@ PY
       timeout 300 python3 tools/bench_ab.py --variant trig0 --variant "trig1=$OUT/trig1.yaml" \
         --variant c192=:attn_decode_chunk=192 --variant c384=:attn_decode_chunk=384 --variant c512=:attn_decode_chunk=512 \
         --contexts 128,512,1024,2048 --rounds 3 --steps 20 --json "$OUT/attnab.json" 2>&1 | grep -v -i warn ;;
-    cachelines)  # issue 8: is batch 1 paying for cold caches? The knobs are experiments, off by default:
-      # ATTN_WARM (attention runs its span once on the preloaded keys before the wait, so the real pass finds its
-      # instructions cached), FW_ONE_ROW (the GEMVs hold only the 1-row chunk's code), DB_EVICT_FIRST (the GEMVs'
-      # weight copies ask L2 to evict them first, keeping KV rows, activations and code). A/B at batch 1, then each
-      # variant's 300 greedy tokens (they must match the shipped spec's), then Nsight Compute's stall reasons
-      V=$OUT/variants; mkdir -p "$V"
-      python3 tools/spec_variant.py -o "$V/warm.yaml" --option attn=-DATTN_WARM=1 >/dev/null
-      python3 tools/spec_variant.py -o "$V/onerow.yaml" --option qkv=-DFW_ONE_ROW=1 --option gemv_res=-DFW_ONE_ROW=1 \
-        --option gate_up=-DFW_ONE_ROW=1 --option gemv_norm=-DFW_ONE_ROW=1 >/dev/null
-      python3 tools/spec_variant.py -o "$V/ef.yaml" --option qkv=-DDB_EVICT_FIRST=1 --option gemv_res=-DDB_EVICT_FIRST=1 \
-        --option gate_up=-DDB_EVICT_FIRST=1 --option gemv_norm=-DDB_EVICT_FIRST=1 >/dev/null
-      python3 tools/spec_variant.py -o "$V/efwarm.yaml" --spec "$V/ef.yaml" --option attn=-DATTN_WARM=1 >/dev/null
-      timeout 300 python3 tools/bench_ab.py --variant base --variant "warm=$V/warm.yaml" --variant "onerow=$V/onerow.yaml" \
-        --variant "ef=$V/ef.yaml" --variant "efwarm=$V/efwarm.yaml" --batches 1 --contexts 128,2048 --rounds 3 --steps 30 \
-        --json "$OUT/cachelines.json" 2>&1 | grep -v -i warn | tail -16
-      for s in specs/llama_decode_fused.yaml "$V/warm.yaml" "$V/onerow.yaml" "$V/ef.yaml" "$V/efwarm.yaml"; do
-        echo "$(timeout 90 python3 -m dagbuild.cli run "$s" --set max_seq=2048 --tokens 300 --prefill positions \
+    cachelines)  # issue 8: batch 1's GEMVs built with only the 1-row chunk's code (FW_ONE_ROW) and with their weight
+      # copies evict-first in L2 (DB_EVICT_FIRST), each alone and both (the spec's batch-1 forms, gemv_one_row 1), against
+      # the forms every small batch runs (gemv_one_row 0); then each variant's 300 greedy tokens (they must match)
+      V=$OUT/variants; mkdir -p "$V"; ONE=""; EF=""
+      for k in qkv gemv_res gate_up gemv_norm; do ONE="$ONE --option $k=-DFW_ONE_ROW=1"; EF="$EF --option $k=-DDB_EVICT_FIRST=1"; done
+      python3 tools/spec_variant.py -o "$V/onerow.yaml" $ONE >/dev/null
+      python3 tools/spec_variant.py -o "$V/ef.yaml" $EF >/dev/null
+      timeout 300 python3 tools/bench_ab.py --variant base=:gemv_one_row=0 --variant "onerow=$V/onerow.yaml:gemv_one_row=0" \
+        --variant "ef=$V/ef.yaml:gemv_one_row=0" --variant batch1_forms --batches 1 --contexts 128,2048 --rounds 3 \
+        --steps 30 --json "$OUT/cachelines.json" 2>&1 | grep -v -i warn | tail -12
+      for s in "specs/llama_decode_fused.yaml --set gemv_one_row=0" "$V/onerow.yaml --set gemv_one_row=0" \
+               "$V/ef.yaml --set gemv_one_row=0" specs/llama_decode_fused.yaml; do
+        echo "$(timeout 90 python3 -m dagbuild.cli run $s --set max_seq=2048 --tokens 300 --prefill positions \
           --no-progress 2>&1 | grep "^row 0" | md5sum) $s"
       done ;;
     stalls)  # issue 8: Nsight Compute's warp stall reasons of the fused step's GEMVs and attention inside the graph,
