@@ -332,9 +332,9 @@ __device__ __forceinline__ void db_cp_async16(void* dst, const void* src, bool f
 #endif
 }
 
-// db_cp_async16_once: as db_cp_async16, for bytes a step reads once (weights). With DB_EVICT_FIRST (experiment)
-// the copy tells L2 to evict its lines first, so the step's weight stream (gigabytes, far beyond L2) does not push
-// out what later kernels reuse: KV rows, activations, the kernels' own code.
+// db_cp_async16_once: as db_cp_async16, for bytes a step reads once (weights). With DB_EVICT_FIRST (the fused
+// spec's batch-1 forms set it) the copy tells L2 to evict its lines first, so the step's weight stream (gigabytes,
+// far beyond L2) does not push out what later kernels reuse: KV rows, activations, the kernels' own code.
 #ifndef DB_EVICT_FIRST
 #define DB_EVICT_FIRST 0
 #endif

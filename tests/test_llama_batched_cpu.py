@@ -266,6 +266,8 @@ def test_attn_min_keys_is_checked():
         assert issues and issues[0].code == "check" and "tc_norm must be 0" in issues[0].message
     _, issues = bind(load_spec(FUSED), {"batch": 16, "cache_batch": 16, "tc_norm": 2, "o_split": 8})
     assert issues and issues[0].code == "check" and "o_split and down_split" in issues[0].message
+    _, issues = bind(load_spec(FUSED), {"gemv_one_row": 2})
+    assert issues and issues[0].code == "check" and "gemv_one_row must be 0" in issues[0].message
 
 
 def test_mvc_engine_from_mvc_batch_in_whole_clusters():
