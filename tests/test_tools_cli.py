@@ -145,3 +145,35 @@ def test_bench_ab_report_gives_each_variant_its_ratio_to_the_first():
     lines = ab.report(r).splitlines()
     assert lines[2].split() == ["128", "1", "trig0", "1.100", "1.000x", "1.000", "/", "1.200"]
     assert lines[3].split()[2:5] == ["trig1", "1.200", "1.091x"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--threads", "1,x"], "--threads: expected a positive integer, got 'x'"),
+    (["--total", "0"], "--total: expected a positive integer, got '0'"),
+])
+def test_probe_capture_cost_refuses_bad_counts(args, message):
+    """Refused by the argument parser, before CuPy or a GPU is touched."""
+    cmd = [sys.executable, str(ROOT / "tools" / "probe_capture_cost.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_ncu_table_reads_a_raw_csv_and_names_what_it_cannot(tmp_path, capsys, monkeypatch):
+    """tools/ncu_table.py: one line a kernel, the stall reasons largest first; a missing file or a CSV without
+    ncu's columns is named, not a traceback."""
+    from helpers import load_tool
+
+    tool = load_tool("ncu_table")
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    csv = tmp_path / "stalls.csv"
+    csv.write_text(f'"ID","Kernel Name","gpu__time_duration.sum","{stall.format("wait")}",'
+                   f'"{stall.format("no_instruction")}"\n'
+                   '"","","nsecond","",""\n'
+                   '"0","attn_decode_f16","7,296","1.91","0.26"\n')
+    monkeypatch.setattr(sys, "argv", ["ncu_table.py", str(csv)])
+    assert tool.main() == 0
+    out = capsys.readouterr().out
+    assert "attn_decode_f16" in out and "7296 ns" in out and out.index("wait 1.91") < out.index("no_instruction 0.26")
+    for path, why in ((tmp_path / "none.csv", "cannot read"), (ROOT / "README.md", "no 'Kernel Name' column")):
+        monkeypatch.setattr(sys, "argv", ["ncu_table.py", str(path)])
+        assert tool.main() == 1 and why in capsys.readouterr().out

@@ -15,15 +15,14 @@ STALL = ("smsp__average_warps_issue_stalled_", "_per_issue_active.ratio")
 
 
 def rows_of(path: str) -> tuple[list[str], list[list[str]]]:
-    """The header and the kernel rows (the units row and ncu's own log lines dropped)."""
+    """The header (the first row naming "Kernel Name") and the kernel rows (an ID first); ncu's own log lines and
+    the units row are dropped."""
     with open(path, newline="") as f:
-        table = [r for r in csv.reader(f) if len(r) > 5]
-    if not table:
+        table = list(csv.reader(f))
+    head = next((i for i, r in enumerate(table) if "Kernel Name" in r), None)
+    if head is None:
         return [], []
-    header, body = table[0], table[1:]
-    if body and not body[0][0].strip().isdigit():  # the units row
-        body = body[1:]
-    return header, body
+    return table[head], [r for r in table[head + 1:] if r and r[0].strip().isdigit()]
 
 
 def number(text: str) -> float:
@@ -38,7 +37,14 @@ def main() -> int:
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=6, help="stall reasons a line")
     args = ap.parse_args()
-    header, body = rows_of(args.csv)
+    try:
+        header, body = rows_of(args.csv)
+    except OSError as e:
+        print(f"{args.csv}: cannot read the Nsight Compute CSV ({e.strerror})")
+        return 1
+    if not header:
+        print(f"{args.csv}: not an ncu --csv --page raw table (no 'Kernel Name' column)")
+        return 1
     if not body:
         print(f"{args.csv}: no kernel rows")
         return 1

@@ -23,11 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _counts(text: str) -> list[int]:
+    """--threads: positive integers, comma-separated."""
+    return [_positive(t) for t in text.split(",")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", default="1,2,4,8", help="recording threads to try (comma-separated)")
-    ap.add_argument("--total", type=int, default=800, help="captures per thread count")
+    ap.add_argument("--threads", type=_counts, default=[1, 2, 4, 8], help="recording threads to try (comma-separated)")
+    ap.add_argument("--total", type=_positive, default=800, help="captures per thread count")
     args = ap.parse_args()
+    total = args.total
 
     import cupy as cp
     from cuda.bindings import driver as drv
@@ -87,14 +99,14 @@ def main() -> int:
     drv.cuGraphDestroy(parent)
     drv.cuGraphDestroy(one)
 
-    for workers in (int(t) for t in args.threads.split(",")):
+    for workers in args.threads:
         recorders = [(Blas(), stream()) for _ in range(workers)]
         graphs: list[Any] = []
 
         def record(i: int, recorders: list = recorders, workers: int = workers, graphs: list = graphs) -> None:
             drv.cuCtxSetCurrent(ctx)
             lib, st = recorders[i]
-            for j in range(i, args.total, workers):
+            for j in range(i, total, workers):
                 graphs.append(capture(lib, st, [1 + j % 64]))
 
         t0 = time.perf_counter()
@@ -104,7 +116,7 @@ def main() -> int:
         for t in threads:
             t.join()
         dt = time.perf_counter() - t0
-        print(f"{args.total} 1-GEMM captures on {workers} thread(s): {dt:.3f} s ({dt / args.total * 1e6:.1f} µs each)")
+        print(f"{total} 1-GEMM captures on {workers} thread(s): {dt:.3f} s ({dt / total * 1e6:.1f} µs each)")
         for g in graphs:
             drv.cuGraphDestroy(g)
         for lib, st in recorders:
