@@ -210,6 +210,27 @@ PY
         echo "ncu, cache-control $cc: exit $?"
         python3 tools/ncu_table.py "$OUT/stalls_$cc.csv"
       done ;;
+    regs80)  # issue 8: the batch-1 forms (FW_ONE_ROW) also at -DFW_MIN_BLOCKS=3: <= 80 registers, no spills (the generic
+      # forms spilled at 3), so attention's 256x80-register blocks fit beside two GEMV blocks and wait resident
+      # instead of after qkv's blocks leave (NOTES.md, 2026-12-05 evening: attention's blocks resident 0.4 us after
+      # qkv's last exit, its wait 2.1 us); then its 300 greedy tokens (they must match the shipped spec's)
+      V=$OUT/variants; mkdir -p "$V"; MB=""
+      for k in qkv_1 gemv_res_1 gate_up_1 gemv_norm_1; do MB="$MB --option $k=-DFW_MIN_BLOCKS=3"; done
+      python3 tools/spec_variant.py -o "$V/regs80.yaml" $MB >/dev/null
+      timeout 200 python3 tools/bench_ab.py --variant shipped --variant "regs80=$V/regs80.yaml" --batches 1 --contexts 128,2048 \
+        --rounds 3 --steps 30 --json "$OUT/regs80.json" 2>&1 | grep -v -i warn | tail -8
+      for s in specs/llama_decode_fused.yaml "$V/regs80.yaml"; do
+        echo "$(timeout 90 python3 -m dagbuild.cli run $s --set max_seq=2048 --tokens 300 --prefill positions \
+          --no-progress 2>&1 | grep "^row 0" | md5sum) $s"
+      done ;;
+    tcwide)  # issue 15: our own GEMMs (kernels/gemm.cu) above 32 rows against cuBLAS: if they hold up, buckets above
+      # tc_batch record no cuBLAS child graphs (most of the 67-bucket pool build) and need no cuBLAS workspace
+      timeout 240 python3 tools/bench_ab.py --variant cublas --variant own=:tc_batch=256 --batches 40,64,128,256 \
+        --contexts 128,2048 --rounds 2 --steps 10 --json "$OUT/tcwide.json" 2>&1 | grep -v -i warn | tail -14
+      timeout 150 python3 tools/bench_ab.py --variant cublas --variant own=:tc_batch=768 --batches 512,768 --contexts 128 \
+        --rounds 2 --steps 10 --json "$OUT/tcwide2.json" 2>&1 | grep -v -i warn | tail -8
+      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_llama_batched.py -k every_bucket 2>&1 \
+        | grep -E "^(FAILED|ERROR)|passed|failed" | tail -6 ;;
     capcost)  # issue 15: where a cuBLAS child recording's host time goes (capture, the call, threads)
       timeout 200 python3 tools/probe_capture_cost.py 2>&1 | tail -14 ;;
     sanitize_fused)

@@ -457,7 +457,8 @@ def _run_rows(exe, prompts, steps):
     return toks, logits
 
 
-@pytest.mark.parametrize("tc_batch, tc_norm", [(0, 2), (64, 0), (64, 2)], ids=["cublas", "gemm-cu", "gemm-cu-riding"])
+@pytest.mark.parametrize("tc_batch, tc_norm", [(0, 2), (64, 0), (64, 2), (256, 2)],
+                         ids=["cublas", "gemm-cu", "gemm-cu-riding", "gemm-cu-every-bucket"])
 def test_fp32_every_bucket_matches_batch_one(cp, tc_batch, tc_norm):
     """Buckets 2..256 (the GEMM path from gemm_batch: cuBLAS, or kernels/gemm.cu up to tc_batch rows, with norm
     nodes (tc_norm 0) or the norms on the GEMMs around them (2), and attn_qkv_mma's f32 form) against batch 1: the
