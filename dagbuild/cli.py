@@ -381,6 +381,21 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_occupancy(args) -> int:
+    from .occupancy import SM_LIMITS, format_occupancy, kernel_resources, plan_occupancy
+
+    arch = args.arch or "sm_90"
+    if arch not in SM_LIMITS:
+        raise UsageError(f"--arch {arch}: SM limits are known for {', '.join(SM_LIMITS)}")
+    p = _plan(args)
+    sms = args.sms if args.sms is not None else int(p.dims.get("sms", 132))
+    if sms < 1:
+        raise UsageError(f"the SM count must be positive, got {sms} (the spec's sms dim, or --sms)")
+    rows = plan_occupancy(p, kernel_resources(p, arch), sms, SM_LIMITS[arch])
+    print(format_occupancy(rows, sms))
+    return 0
+
+
 def _runner(p) -> str | None:
     """The spec's ``runner`` (None: the generic launch loop); an unknown one is an invalid spec."""
     runner = p.spec.runner
@@ -542,6 +557,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", metavar="BACKEND:ARCH",
                    help="cuda:sm_90 (the default; same as --arch) or hip:gfx90a (HIP kernel checks)")
     p.set_defaults(func=cmd_compile)
+    p = spec_cmd("occupancy", "per kernel node: blocks an SM holds (registers, shared memory, warps) and how many "
+                              "fit beside the node before it, from the cubins (no GPU needed)")
+    p.add_argument("--arch", choices=["sm_80", "sm_86", "sm_89", "sm_90"], help="the cubins' architecture and its SM "
+                   "limits (default sm_90)")
+    p.add_argument("--sms", type=_int_at_least(1, "--sms"), help="SMs of the card (default: the spec's sms dim, "
+                   "else 132)")
+    p.set_defaults(func=cmd_occupancy)
     p = spec_cmd("run", "build and launch (a spec's `runner`, e.g. Llama greedy decoding); without a GPU, "
                         "validate and write the DOT")
     p.add_argument("--steps", type=_int_at_least(1, "--steps"), default=100,

@@ -83,6 +83,10 @@ _PTXAS_ENTRY = re.compile(r"Function properties for (\w+)\s*\n.*?(\d+) bytes sta
 
 
 def ptxas_resources(source: str, name: str) -> dict[str, tuple[int, int, int, int, str]]:
+    return ptxas_resources_and_cubin(source, name)[0]
+
+
+def ptxas_resources_and_cubin(source: str, name: str) -> tuple[dict[str, tuple[int, int, int, int, str]], bytes]:
     """ptxas' resource report (``-Xptxas=-v``) of ``source`` built for sm_90 by NVRTC: entry name →
     (stack bytes, spill store bytes, spill load bytes, registers, the rest of the "Used" line). Skips the
     test where NVRTC cannot build sm_90 machine code."""
@@ -97,10 +101,11 @@ def ptxas_resources(source: str, name: str) -> dict[str, tuple[int, int, int, in
         log = kernels._program_log(nvrtc, prog)
         if int(err) != 0:
             pytest.skip(f"NVRTC cannot build sm_90 machine code here: {log[:200]}")
+        cubin = kernels._nvrtc_output(nvrtc, prog, name, "CUBIN")
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return {n: (int(stack), int(st), int(ld), int(regs), rest)
-            for n, stack, st, ld, regs, rest in _PTXAS_ENTRY.findall(log)}
+            for n, stack, st, ld, regs, rest in _PTXAS_ENTRY.findall(log)}, cubin
 
 
 # The unit roundoff of storing an f32 value as wt (|wt(x) - x| <= ROUNDOFF[wt] |x|; f32 stores it as it is): what
