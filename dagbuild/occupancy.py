@@ -162,7 +162,7 @@ class NodeOccupancy:
     waves: int
     after: str | None  # the kernel node it launches behind (its last kernel predecessor in plan order)
     beside: int | None  # of its blocks, how many fit while every block of `after` is resident (even spread)
-    beside_limiter: str | None
+    beside_limiter: str | None  # what stops more of them on most SMs (None: all fit)
 
 
 def plan_occupancy(plan: Plan, resources: dict[str, KernelResources], sms: int,
@@ -199,9 +199,9 @@ def plan_occupancy(plan: Plan, resources: dict[str, KernelResources], sms: int,
             for count, n_sms in spread(a_blocks, sms, a_per_sm):
                 fit, lim = blocks_beside(shape, [(a_shape, count)], limits)
                 beside += fit * n_sms
-                lims.append(lim)
+                lims.append((n_sms, lim))
             beside = min(beside, blocks)
-            beside_limiter = lims[-1] if beside < blocks else None
+            beside_limiter = max(lims)[1] if beside < blocks else None  # what binds on most of the SMs
         rows.append(NodeOccupancy(n.id, op.kernel, blocks, op.threads, res.regs, shape.shared, per_sm, limiter,
                                   min(blocks, sms), ceil(blocks / (sms * per_sm)), after, beside, beside_limiter))
     return rows
