@@ -392,7 +392,7 @@ def cmd_occupancy(args) -> int:
     if sms < 1:
         raise UsageError(f"the SM count must be positive, got {sms} (the spec's sms dim, or --sms)")
     rows = plan_occupancy(p, kernel_resources(p, arch), sms, SM_LIMITS[arch])
-    print(format_occupancy(rows, sms))
+    print(format_occupancy(rows, sms, len(p.nodes) - len(rows)))
     return 0
 
 

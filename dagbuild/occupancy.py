@@ -230,8 +230,9 @@ def kernel_resources(plan: Plan, arch: str) -> dict[str, KernelResources]:
     return out
 
 
-def format_occupancy(rows: list[NodeOccupancy], sms: int) -> str:
-    """A table: one line per kernel node; repeated layers (same kernels and shapes after the first) folded."""
+def format_occupancy(rows: list[NodeOccupancy], sms: int, others: int = 0) -> str:
+    """A table: one line per kernel node; repeated layers (same kernels and shapes after the first) folded.
+    ``others``: the plan's nodes that are not kernels (copies, child graphs: not modelled)."""
     head = (f"{'node':<16} {'kernel':<18} {'blocks':>6} {'thr':>4} {'regs':>4} {'smem':>7} {'/SM':>3} "
             f"{'limit':<13} {'waves':>5}  beside the node before (of its blocks)")
     lines, seen = [head], set()
@@ -247,5 +248,6 @@ def format_occupancy(rows: list[NodeOccupancy], sms: int) -> str:
             f"{r.beside}/{r.blocks} after {r.after}" + (f" ({r.beside_limiter})" if r.beside_limiter else ""))
         lines.append(f"{r.node:<16} {r.kernel:<18} {r.blocks:>6} {r.threads:>4} {r.regs:>4} {r.shared:>7} "
                      f"{r.per_sm:>3} {r.limiter:<13} {r.waves:>5}  {beside}")
-    lines.append(f"{sms} SMs; {folded} more nodes like those above (repeated layers) not shown")
+    tail = f"; {others} nodes that are not kernels (copies, sets, child graphs) not modelled" if others else ""
+    lines.append(f"{sms} SMs; {folded} more kernel nodes like those above (repeated layers) not shown{tail}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from dagbuild.occupancy import (
     KernelResources,
     blocks_beside,
     cubin_resources,
+    format_occupancy,
     kernel_resources,
     plan_occupancy,
     sm_limits,
@@ -101,6 +102,10 @@ def test_rows_follow_the_plan_and_its_edges():
     for r in rows:
         assert r.after == (preds[r.node] if preds.get(r.node) in kernel_nodes else None)
         assert r.beside is None or 0 <= r.beside <= r.blocks
+    text = format_occupancy(rows, 132, len(p.nodes) - len(rows))
+    assert text.splitlines()[1].startswith(rows[0].node)
+    assert text.endswith(f"{len(p.nodes) - len(rows)} nodes that are not kernels (copies, sets, child graphs) not "
+                         "modelled") == (len(p.nodes) > len(rows))
 
 
 # ---- against the compiler --------------------------------------------------------------------------------
