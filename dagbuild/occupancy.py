@@ -163,6 +163,12 @@ class NodeOccupancy:
     after: str | None  # the kernel node it launches behind (its last kernel predecessor in plan order)
     beside: int | None  # of its blocks, how many fit while every block of `after` is resident (even spread)
     beside_limiter: str | None  # what stops more of them on most SMs (None: all fit)
+    resident: bool = False  # its kernel needs every block resident at once (``resident: true``)
+
+    @property
+    def fits_at_once(self) -> bool:
+        """Whether every block can be resident at once on the modelled card (what a resident kernel needs)."""
+        return self.waves <= 1
 
 
 def plan_occupancy(plan: Plan, resources: dict[str, KernelResources], sms: int,
@@ -203,7 +209,8 @@ def plan_occupancy(plan: Plan, resources: dict[str, KernelResources], sms: int,
             beside = min(beside, blocks)
             beside_limiter = max(lims)[1] if beside < blocks else None  # what binds on most of the SMs
         rows.append(NodeOccupancy(n.id, op.kernel, blocks, op.threads, res.regs, shape.shared, per_sm, limiter,
-                                  min(blocks, sms), ceil(blocks / (sms * per_sm)), after, beside, beside_limiter))
+                                  min(blocks, sms), ceil(blocks / (sms * per_sm)), after, beside, beside_limiter,
+                                  plan.kernels[op.kernel].resident))
     return rows
 
 
@@ -246,6 +253,9 @@ def format_occupancy(rows: list[NodeOccupancy], sms: int, others: int = 0) -> st
         seen.add(sig)
         beside = "-" if r.beside is None else (
             f"{r.beside}/{r.blocks} after {r.after}" + (f" ({r.beside_limiter})" if r.beside_limiter else ""))
+        if r.resident:  # its blocks wait for each other: one that finds no SM would hang (the build refuses it)
+            beside += (f"  [resident: all {r.blocks} fit at once]" if r.fits_at_once else
+                       f"  [resident: only {sms * r.per_sm} of {r.blocks} fit at once: would hang, a build refuses it]")
         lines.append(f"{r.node:<16} {r.kernel:<18} {r.blocks:>6} {r.threads:>4} {r.regs:>4} {r.shared:>7} "
                      f"{r.per_sm:>3} {r.limiter:<13} {r.waves:>5}  {beside}")
     tail = f"; {others} nodes that are not kernels (copies, sets, child graphs) not modelled" if others else ""

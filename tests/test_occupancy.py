@@ -157,3 +157,19 @@ def test_cli_refuses_bad_counts_and_arches(capsys):
     assert "invalid choice: 'sm_75'" in capsys.readouterr().err
     assert main(["occupancy", str(FUSED), "--set", "sms=0"]) == 1
     assert "sms (the SM count the grids are sized for) must be positive" in capsys.readouterr().err
+
+
+def test_a_resident_kernel_that_cannot_fit_at_once_is_flagged():
+    """A `resident: true` kernel's blocks wait for each other: the table says whether they all fit at once."""
+    p = _fanout_plan()
+    node = next(n for n in p.nodes if hasattr(n.op, "kernel"))
+    p.kernels[node.op.kernel] = dataclasses.replace(p.kernels[node.op.kernel], resident=True)
+    res = {name: KernelResources(32, 0) for name in p.kernels}
+    p.nodes[p.nodes.index(node)] = dataclasses.replace(node, op=dataclasses.replace(node.op, grid=(300, 1, 1),
+                                                                                   block=(256, 1, 1)))
+    row = next(r for r in plan_occupancy(p, res, 132, H100) if r.node == node.id)
+    assert row.resident and row.per_sm == 8 and row.fits_at_once  # 256 threads: 8 an SM by warps
+    assert "[resident: all 300 fit at once]" in format_occupancy([row], 132)
+    row = next(r for r in plan_occupancy(p, res, 32, H100) if r.node == node.id)
+    assert not row.fits_at_once
+    assert "[resident: only 256 of 300 fit at once: would hang" in format_occupancy([row], 32)
