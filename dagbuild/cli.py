@@ -385,8 +385,6 @@ def cmd_occupancy(args) -> int:
     from .occupancy import SM_LIMITS, format_occupancy, kernel_resources, plan_occupancy
 
     arch = args.arch or "sm_90"
-    if arch not in SM_LIMITS:
-        raise UsageError(f"--arch {arch}: SM limits are known for {', '.join(SM_LIMITS)}")
     p = _plan(args)
     sms = args.sms if args.sms is not None else int(p.dims.get("sms", 132))
     if sms < 1:
@@ -523,6 +521,7 @@ def cmd_pool(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .occupancy import SM_LIMITS
 
     ap = argparse.ArgumentParser(prog="dagbuild", description="Explicit CUDA graphs from validated DAG specs.")
     ap.add_argument("--version", action="version", version=f"dagbuild {__version__}",
@@ -559,8 +558,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
     p = spec_cmd("occupancy", "per kernel node: blocks an SM holds (registers, shared memory, warps) and how many "
                               "fit beside the node before it, from the cubins (no GPU needed)")
-    p.add_argument("--arch", choices=["sm_80", "sm_86", "sm_89", "sm_90"], help="the cubins' architecture and its SM "
-                   "limits (default sm_90)")
+    p.add_argument("--arch", choices=list(SM_LIMITS), help="the cubins' architecture and its SM limits (default sm_90)")
     p.add_argument("--sms", type=_int_at_least(1, "--sms"), help="SMs of the card (default: the spec's sms dim, "
                    "else 132)")
     p.set_defaults(func=cmd_occupancy)

@@ -42,13 +42,6 @@ SM_LIMITS: dict[str, SmLimits] = {
 }
 
 
-def sm_limits(arch: str) -> SmLimits:
-    limits = SM_LIMITS.get(arch)
-    if limits is None:
-        raise ValueError(f"no SM limits for arch {arch!r} (known: {', '.join(SM_LIMITS)})")
-    return limits
-
-
 @dataclass(frozen=True)
 class KernelResources:
     """What one entry of a cubin asks of an SM per thread and per block (as ptxas -v reports them)."""
@@ -57,7 +50,8 @@ class KernelResources:
     static_shared: int  # bytes per block, besides the dynamic shared memory of a launch
 
 
-# ELF section types and the one .nv.info attribute read here (EIATTR_REGCOUNT: symbol index, registers)
+# .nv.info record formats (value: none, a byte, a half-word, sized bytes) and the one attribute read here
+# (EIATTR_REGCOUNT: symbol index, registers)
 _EIATTR_REGCOUNT = 0x2F
 _EIFMT_SVAL, _EIFMT_HVAL, _EIFMT_BVAL = 4, 3, 2
 

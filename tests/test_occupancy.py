@@ -20,7 +20,6 @@ from dagbuild.occupancy import (
     format_occupancy,
     kernel_resources,
     plan_occupancy,
-    sm_limits,
     spread,
 )
 from dagbuild.plan import plan
@@ -64,11 +63,6 @@ def test_spread_is_even_and_capped():
     assert spread(128, 132, 2) == [(1, 128), (0, 4)]
     assert spread(1000, 132, 2) == [(2, 132)]  # more than one wave: every SM full
     assert spread(264, 132, 2) == [(2, 132)]
-
-
-def test_unknown_arch_is_named():
-    with pytest.raises(ValueError, match="sm_75.*known: sm_80"):
-        sm_limits("sm_75")
 
 
 def test_cubin_resources_refuses_what_is_not_a_cubin():
