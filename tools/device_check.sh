@@ -10,6 +10,12 @@ if [ -d .kcache ] && [ -z "${DAGBUILD_CACHE_DIR+x}" ]; then export DAGBUILD_CACH
 echo "kernel cache: ${DAGBUILD_CACHE_DIR:-~/.cache/dagbuild} ($(ls "${DAGBUILD_CACHE_DIR:-$HOME/.cache/dagbuild}" 2>/dev/null | grep -c cubin) cubins)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 STAGES=${STAGES:-"tests bench pool"}
+# the md5 of a spec's 300 greedy tokens at max_seq 2048 (args: the spec and its --set options): variants that
+# change only how a step runs must print the shipped spec's
+tokens_md5() {
+  echo "$(timeout 90 python3 -m dagbuild.cli run "$@" --set max_seq=2048 --tokens 300 --prefill positions --no-progress \
+    2>&1 | grep "^row 0" | md5sum) $*"
+}
 for stage in $STAGES; do
   case $stage in
     tests)
@@ -191,11 +197,10 @@ PY
       timeout 300 python3 tools/bench_ab.py --variant base=:gemv_one_row=0 --variant "onerow=$V/onerow.yaml:gemv_one_row=0" \
         --variant "ef=$V/ef.yaml:gemv_one_row=0" --variant batch1_forms --batches 1 --contexts 128,2048 --rounds 3 \
         --steps 30 --json "$OUT/cachelines.json" 2>&1 | grep -v -i warn | tail -12
-      for s in "specs/llama_decode_fused.yaml --set gemv_one_row=0" "$V/onerow.yaml --set gemv_one_row=0" \
-               "$V/ef.yaml --set gemv_one_row=0" specs/llama_decode_fused.yaml; do
-        echo "$(timeout 90 python3 -m dagbuild.cli run $s --set max_seq=2048 --tokens 300 --prefill positions \
-          --no-progress 2>&1 | grep "^row 0" | md5sum) $s"
-      done ;;
+      tokens_md5 specs/llama_decode_fused.yaml --set gemv_one_row=0
+      tokens_md5 "$V/onerow.yaml" --set gemv_one_row=0
+      tokens_md5 "$V/ef.yaml" --set gemv_one_row=0
+      tokens_md5 specs/llama_decode_fused.yaml ;;
     stalls)  # issue 8: Nsight Compute's warp stall reasons of the fused step's GEMVs and attention inside the graph,
       # caches flushed before each kernel (all) and not (none): a large no_instruction share means cold code
       M=gpu__time_duration.sum,smsp__inst_executed.sum
@@ -222,10 +227,9 @@ PY
       timeout 240 python3 tools/bench_ab.py --variant shipped --variant "regs80=$V/regs80.yaml" \
         --variant "regs80_72k=$V/regs80.yaml:gemv_shared=73728" --batches 1 --contexts 128,2048 \
         --rounds 3 --steps 30 --json "$OUT/regs80.json" 2>&1 | grep -v -i warn | tail -10
-      for s in specs/llama_decode_fused.yaml "$V/regs80.yaml" "$V/regs80.yaml --set gemv_shared=73728"; do
-        echo "$(timeout 90 python3 -m dagbuild.cli run $s --set max_seq=2048 --tokens 300 --prefill positions \
-          --no-progress 2>&1 | grep "^row 0" | md5sum) $s"
-      done ;;
+      tokens_md5 specs/llama_decode_fused.yaml
+      tokens_md5 "$V/regs80.yaml"
+      tokens_md5 "$V/regs80.yaml" --set gemv_shared=73728 ;;
     tcwide)  # issue 15: our own GEMMs (kernels/gemm.cu) above 32 rows against cuBLAS: if they hold up, buckets above
       # tc_batch record no cuBLAS child graphs (most of the 67-bucket pool build) and need no cuBLAS workspace
       timeout 240 python3 tools/bench_ab.py --variant cublas --variant own=:tc_batch=256 --batches 40,64,128,256 \
