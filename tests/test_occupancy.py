@@ -167,3 +167,12 @@ def test_a_resident_kernel_that_cannot_fit_at_once_is_flagged():
     row = next(r for r in plan_occupancy(p, res, 32, H100) if r.node == node.id)
     assert not row.fits_at_once
     assert "[resident: only 256 of 300 fit at once: would hang" in format_occupancy([row], 32)
+
+
+@needs_nvrtc
+def test_an_entry_missing_from_its_cubin_names_the_kernel():
+    p = _fanout_plan()
+    name = next(n.op.kernel for n in p.nodes if hasattr(n.op, "kernel"))
+    p.kernels[name] = dataclasses.replace(p.kernels[name], entry="no_such_entry")
+    with pytest.raises(BuildError, match=rf"kernel '{name}': entry 'no_such_entry' is not in its cubin"):
+        kernel_resources(p, "sm_90")
