@@ -52,10 +52,7 @@ class ExecOptions:
     after buffers and kernels (what eager and stream-captured baselines need). ``loops``: ``conditional``
     builds each loop node as a WHILE conditional node, ``unroll`` as its body ``max`` times in a row (what
     backends without conditional nodes get; the body's work after ``until`` is set must then be a no-op,
-    as the loop kernels cannot skip it), ``auto`` the first where the backend has it. ``record_workers``:
-    threads that record the child graphs' library calls before the nodes are added (1, the default: each
-    as it is added). The library's host work under capture is most of a pool's build (cuBLAS: ~127 µs a
-    GEMM); whether threads overlap it on a GPU host is not yet measured (NOTES.md, 2026-12-07 fifth)."""
+    as the loop kernels cannot skip it), ``auto`` the first where the backend has it."""
 
     device: int = 0
     check_signatures: bool = True
@@ -64,12 +61,6 @@ class ExecOptions:
     programmatic: bool = True
     build_graph: bool = True
     loops: str = "auto"  # auto | conditional | unroll: how loop nodes are built (see Executable)
-    record_workers: int = 1
-
-    def __post_init__(self) -> None:
-        w = self.record_workers
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise BuildError(f"ExecOptions(record_workers={w!r}): expected an integer ≥ 1 (1: no recording threads)")
 
 
 class Executable:
@@ -295,17 +286,7 @@ class Executable:
             order.setdefault(n.scope, []).append(n)
         succs = {u for u, _ in self.plan.edges}
         self._scope = (order, preds, programmatic, succs, {})
-        # child bodies recorded ahead on threads, where asked and where the backend can (else each as it is added)
-        ahead = self.options.record_workers > 1 and hasattr(be, "record_children")
-        try:
-            if ahead:
-                bodies = [self._params(n) for n in topo if isinstance(n.op, ChildOp)]
-                if len(bodies) > 1:
-                    be.record_children(bodies, self.options.record_workers)
-            self._add_scope(self.graph, None, [], "")
-        finally:
-            if ahead:
-                be.discard_recorded()
+        self._add_scope(self.graph, None, [], "")
         try:
             self.exec = be.instantiate(self.graph)
         except DriverError as e:

@@ -37,7 +37,7 @@ def free_bytes() -> int:
     return cupy.cuda.runtime.memGetInfo()[0]
 
 
-def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: str, record_workers: int) -> dict:
+def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: str) -> dict:
     """Run one method in this process; device memory is read with memGetInfo around the graph builds."""
     import cupy
 
@@ -56,8 +56,7 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: s
     GraphPool(spec, {"batch": warm}, overrides={**overrides, "cache_batch": warm[-1]}).close()
     f0 = free_bytes()
     pool = GraphPool(spec, {"batch": sizes}, overrides=overrides, eager=False,
-                     method="fresh" if method == "fresh" else "derive", concurrent=method != "serial",
-                     options=ExecOptions(record_workers=record_workers))
+                     method="fresh" if method == "fresh" else "derive", concurrent=method != "serial")
     f1 = free_bytes()
     out = {"method": method, "arena_mib": (f0 - f1) / 2**20, "arena_buffers_mib": pool.arena_bytes / 2**20}
     if method != "captured":
@@ -118,13 +117,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--spec", default=str(ROOT / "specs" / "llama_decode.yaml"),
                     help="e.g. specs/llama_decode_fused.yaml (its batch variants pick kernels per bucket)")
-    ap.add_argument("--record-workers", type=int, default=1,
-                    help="threads recording the cuBLAS child graphs of a bucket ahead (1: one by one, as added)")
     ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = sizes_for(args.buckets)
     if args.only:
-        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile, args.spec, args.record_workers)))
+        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile, args.spec)))
         return 0
     import cupy
 
@@ -132,7 +129,7 @@ def main() -> int:
                "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
     for m in METHODS:
         cmd = [sys.executable, __file__, "--only", m, "--buckets", args.buckets, "--max-seq", str(args.max_seq),
-               "--spec", args.spec, "--record-workers", str(args.record_workers)]
+               "--spec", args.spec]
         if args.profile and m == "serial":
             cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -49,14 +49,6 @@ PY
         --json "$OUT/bench_attn.json" 2>&1 | grep -v -i warn ;;
     poolfused)  # issue 15: 67 buckets of the fused spec, each with the kernel its variants pick
       timeout 400 python3 tools/bench_pool.py --spec specs/llama_decode_fused.yaml --json "$OUT/bench_pool_fused.json" 2>&1 | tail -12 ;;
-    record)  # issue 15: child bodies recorded ahead on threads (ExecOptions.record_workers): the child-graph and bucket
-      # GPU tests, then the fused spec's 67-bucket fresh build with 1 and 8 recording threads
-      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_child_graph.py tests/gpu/test_llama_batched.py \
-        -k "child or bucket" 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
-      for w in 1 8; do
-        timeout 150 python3 tools/bench_pool.py --only fresh --record-workers $w --spec specs/llama_decode_fused.yaml 2>&1 | tail -1 \
-          | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('record_workers $w: build', round(d['build_s'], 3), 's')"
-      done ;;
     poolgemm)  # issue 15: how long the GEMM path's buckets take to build (fresh nodes; 89 cuBLAS child graphs each)
       timeout 300 python3 tools/bench_pool.py --only fresh --buckets 1,8,16,32,64,128,256 --spec specs/llama_decode_fused.yaml \
         2>&1 | tail -1 | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('build', round(d['build_s'], 3), 's,', d['per_bucket_ms'])" ;;

@@ -27,7 +27,6 @@ import functools
 import os
 import struct
 import tempfile
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -212,8 +211,6 @@ class CudaBackend:
         self._dev = self._check("cuCtxGetDevice", self._drv.cuCtxGetDevice())
         self._blas: Any = None  # made on the first library call (child graphs)
         self._capture_stream: Any = None
-        self._recorders: list[tuple[Any, Any]] = []  # (stream, library handle) per recording thread
-        self._recorded: dict[Any, list[Any]] = {}  # bodies recorded ahead (record_children), by their calls
 
     # -- errors ---------------------------------------------------------------------------------------
 
@@ -422,34 +419,27 @@ class CudaBackend:
 
         return Blas(hip=self.name == "hip")
 
-    def library_call(self, call: str, args: Any, stream: int, library: Any = None) -> None:
-        """Issue one library call (``call``, ``args`` as ``((name, dtype, value), ...)``) on ``stream``
-        (through ``library``, a handle of a recording thread, else the backend's own)."""
-        if library is None:
-            if self._blas is None:
-                self._blas = self._library()
-            library = self._blas
-        library.run(call, {name: (dtype, value) for name, dtype, value in args}, int(stream))
+    def library_call(self, call: str, args: Any, stream: int) -> None:
+        """Issue one library call (``call``, ``args`` as ``((name, dtype, value), ...)``) on ``stream``."""
+        if self._blas is None:
+            self._blas = self._library()
+        self._blas.run(call, {name: (dtype, value) for name, dtype, value in args}, int(stream))
 
-    def _new_stream(self) -> Any:
-        flags = int(self._drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
-        return self._check("cuStreamCreate", self._drv.cuStreamCreate(flags))
-
-    def capture(self, calls: Sequence[tuple[str, Any]], recorder: tuple[Any, Any] | None = None) -> Any:
+    def capture(self, calls: Sequence[tuple[str, Any]]) -> Any:
         """A new graph holding ``calls`` (``(call, args)`` pairs), recorded by stream capture on a stream of
-        the backend's own, or on a recording thread's ``(stream, library)`` (relaxed mode: libraries may
-        make calls that global mode refuses). The caller destroys it."""
+        the backend's own (relaxed mode: libraries may make calls that global mode refuses). The caller
+        destroys it. (Recording on threads, each with its own stream and handle, measured slower: NOTES.md,
+        2026-12-07 ninth.)"""
         drv = self._drv
-        if recorder is None:
-            if self._capture_stream is None:
-                self._capture_stream = self._new_stream()
-            recorder = (self._capture_stream, None)
-        s, library = recorder
+        if self._capture_stream is None:
+            flags = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
+            self._capture_stream = self._check("cuStreamCreate", drv.cuStreamCreate(flags))
+        s = self._capture_stream
         mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
         self._check("cuStreamBeginCapture", drv.cuStreamBeginCapture(s, mode))
         try:
             for call, args in calls:
-                self.library_call(call, args, int(s), library)
+                self.library_call(call, args, int(s))
         except BaseException:
             err, g = drv.cuStreamEndCapture(s)
             if int(err) == 0 and g is not None and int(g):
@@ -457,64 +447,9 @@ class CudaBackend:
             raise
         return self._check("cuStreamEndCapture", drv.cuStreamEndCapture(s))
 
-    def record_children(self, bodies: Sequence[Any], workers: int) -> None:
-        """Record child-graph bodies (``calls`` as add_child_graph takes them) ahead, on up to ``workers``
-        threads, each with its own capture stream and library handle; add_child_graph then takes them.
-        Why: the library's host work under capture is most of a pool's build (cuBLAS: ~127 µs a GEMM on an
-        H100's host, 5,340 GEMMs for 67 buckets), and ctypes and the driver calls run it outside the GIL.
-        discard_recorded() frees what add_child_graph has not taken."""
-        todo = list(bodies)
-        if not todo:
-            return
-        workers = max(1, min(int(workers), len(todo)))
-        while len(self._recorders) < workers:
-            self._recorders.append((self._new_stream(), self._library()))
-        results: list[Any] = [None] * len(todo)
-        errors: list[BaseException] = []
-
-        def run(w: int) -> None:
-            try:
-                self._check("cuCtxSetCurrent", self._drv.cuCtxSetCurrent(self._ctx))
-                for i in range(w, len(todo), workers):
-                    if errors:
-                        return
-                    results[i] = self.capture(todo[i], self._recorders[w])
-            except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in range(workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            for g in results:
-                if g is not None:
-                    self.graph_destroy(g)
-            raise errors[0]
-        for calls, g in zip(todo, results, strict=True):
-            self._recorded.setdefault(calls, []).append(g)
-
-    def discard_recorded(self) -> None:
-        """Free the bodies record_children recorded and add_child_graph did not take."""
-        recorded, self._recorded = self._recorded, {}
-        for graphs in recorded.values():
-            for g in graphs:
-                self.graph_destroy(g)
-
-    def _recorded_or_capture(self, calls: Any) -> Any:
-        ready = self._recorded.get(calls)
-        if ready:
-            g = ready.pop()
-            if not ready:
-                del self._recorded[calls]
-            return g
-        return self.capture(calls)
-
     def add_child_graph(self, graph, deps, calls) -> Any:
-        """Add ``calls`` as one child-graph node (the node holds a clone of the graph): recorded ahead by
-        record_children, else now."""
-        child = self._recorded_or_capture(calls)
+        """Add ``calls``, recorded now, as one child-graph node (the node holds a clone of the graph)."""
+        child = self.capture(calls)
         try:
             d = self._deps(deps)
             return self._check("cuGraphAddChildGraphNode", self._drv.cuGraphAddChildGraphNode(graph, d, len(d), child))
@@ -672,17 +607,11 @@ class CudaBackend:
                 for d, e in zip(deps, list(outs[1])[: len(deps)], strict=True)]
 
     def close(self) -> None:
-        """Free the BLAS handles and capture streams of child graphs (the recording threads' too) and the
-        bodies recorded ahead and not taken; callers destroy the graphs and executables they made; the
-        context is CuPy's."""
+        """Free the BLAS handle and capture stream of child graphs; callers destroy the graphs and executables
+        they made; the context is CuPy's."""
         if self._blas is not None:
             self._blas.close()
             self._blas = None
         if self._capture_stream is not None:
             self._check("cuStreamDestroy", self._drv.cuStreamDestroy(self._capture_stream))
             self._capture_stream = None
-        self.discard_recorded()
-        recorders, self._recorders = self._recorders, []
-        for stream, library in recorders:
-            library.close()
-            self._check("cuStreamDestroy", self._drv.cuStreamDestroy(stream))
