@@ -629,6 +629,11 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #ifndef ATTN_MARK2
 #define ATTN_MARK2 0
 #endif
+// A timing ablation of attn_decode (tools/device_check.sh stage attnskip; 0 by default, and then no code), with wrong
+// results: ATTN_SKIP 1, a live split writes q as its output right after the wait; 2, it runs its first tile only.
+#ifndef ATTN_SKIP
+#define ATTN_SKIP 0
+#endif
 
 // Online softmax of one query over keys [start, end) of one KV head (kc, vc: its rows, 4 * d4 elements), by every
 // thread of the block (it has barriers). Lane group sg = tid / lpk (lpk: a power of two >= d4) holds keys
@@ -804,9 +809,13 @@ __device__ __forceinline__ void attn_decode_impl(const float* q, const K* k_cach
         return;
     }
 
+    if (ATTN_SKIP == 1) {
+        if (tid < d4) out4[tid] = qv;
+        return;
+    }
     float m, l;
-    const float4 o = attn_span<K>(qv, kc, vc, d4, start, end, scale, true, ATTN_TRIGGER == 1, true, kv, vv, sp,
-                               sacc, m, l);
+    const float4 o = attn_span<K>(qv, kc, vc, d4, start, ATTN_SKIP == 2 ? min(end, start + tile) : end, scale, true,
+                                  ATTN_TRIGGER == 1, true, kv, vv, sp, sacc, m, l);
     if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     if (ATTN_MARK2 == 0) DB_TRACE_MARK(2);
     if (nlive == 1) {  // the only live split: normalise and write the output directly

@@ -78,7 +78,8 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: s
 
             prof.disable()
             buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(25)
             out["profile"] = buf.getvalue()
         pool.upload()
         f2 = free_bytes()

@@ -230,6 +230,17 @@ PY
         --rounds 2 --steps 10 --json "$OUT/tcwide2.json" 2>&1 | grep -v -i warn | tail -8
       timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_llama_batched.py -k every_bucket 2>&1 \
         | grep -E "^(FAILED|ERROR)|passed|failed" | tail -6 ;;
+    poolprof)  # issue 15: where the fused spec's fresh 67-bucket build spends its host time (cProfile, both orders)
+      timeout 200 python3 tools/bench_pool.py --only fresh --profile --spec specs/llama_decode_fused.yaml 2>&1 | tail -1 \
+        | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('build', round(d['build_s'], 3), 's'); print(d['profile'])" \
+        > "$OUT/poolprof.txt"; head -1 "$OUT/poolprof.txt" ;;
+    attnskip)  # issue 8: what attention's work after its wait costs (timing ablations, wrong results: ATTN_SKIP 1
+      # writes q as the output right after the wait, 2 runs the first tile only) at contexts of one tile (64), two
+      # (160) and many (2048): if skipping saves most of attention's ~7 us a layer, its own chain is the cost
+      V=$OUT/variants; mkdir -p "$V"
+      for k in 1 2; do python3 tools/spec_variant.py -o "$V/skip$k.yaml" --option "attn=-DATTN_SKIP=$k" >/dev/null; done
+      timeout 220 python3 tools/bench_ab.py --variant shipped --variant "skip1=$V/skip1.yaml" --variant "skip2=$V/skip2.yaml" \
+        --batches 1 --contexts 64,160,2048 --rounds 3 --steps 30 --json "$OUT/attnskip.json" 2>&1 | grep -v -i warn | tail -12 ;;
     capcost)  # issue 15: where a cuBLAS child recording's host time goes (capture, the call, threads)
       timeout 200 python3 tools/probe_capture_cost.py 2>&1 | tail -14 ;;
     sanitize_fused)
