@@ -5,7 +5,11 @@ capture, one GEMM a capture (the same m, then a new m each time), 22 GEMMs in on
 capture, the child node's clone into a parent, and captures spread over threads (each with its own stream and
 handle). µs a item, each an average over hundreds. H100 host, 2026-12-07: empty 1.1, one GEMM 21.7 (85.1 with a
 new m each time), 11.1 a GEMM at 22 a capture, 13.9 outside capture, a clone 3.1; 16.3 µs a capture on 1 thread,
-21.6 / 34.8 / 38.0 on 2 / 4 / 8 (the threads serialize and contend).
+21.6 / 34.8 / 38.0 on 2 / 4 / 8 (the threads serialize and contend). Last, the pool's own pattern (the fused spec's
+GEMMs above tc_batch, each its own capture): the first GEMM of each (m, n, k) costs milliseconds (cuBLAS's
+heuristics, and the first load of each kernel it picks), a repeat ~26 µs. H100 host, one process: the 12 m of the
+buckets rounded up to 64 rows took 0.254 s (4.7 ms a first), then the 60 exact m 0.498 s (1.5 ms a first, the
+kernels already loaded); alone and cold, 30 exact m took 0.404 s (2.8 ms a first).
 
     python tools/probe_capture_cost.py [--threads 1,2,4,8] [--total 800]
 """
@@ -99,6 +103,40 @@ def main() -> int:
     drv.cuGraphExecDestroy(exe)
     drv.cuGraphDestroy(parent)
     drv.cuGraphDestroy(one)
+
+    # the fused spec's GEMM path above tc_batch: per bucket, 22 layers of (qkv, o, gate_up, down) and lm_head, each
+    # GEMM one capture, with its own weight and output pointers (as the pool records them)
+    shapes = [("qkv", 2560, 2048, "f32", 0.0), ("o", 2048, 2048, "f32", 1.0), ("gate_up", 11264, 2048, "f32", 0.0),
+              ("down", 2048, 5632, "f32", 1.0)]
+    big = cp.zeros(33 << 20, cp.float16)  # 66 MiB: a weight slice per layer and shape, at offsets like the pool's
+    act = cp.zeros((256, 5632), cp.float16)
+    out = cp.zeros((256, 11264), cp.float32)
+    wsb = cp.zeros(32 << 20, cp.uint8)
+
+    def pool_gemm(name: str, m: int, n: int, k: int, ct: str, beta: float, layer: int) -> dict[str, tuple[str, Any]]:
+        w_off = (layer * 4 + [s[0] for s in shapes].index(name)) * (1 << 20) * 2 % (big.nbytes - n * k * 2)
+        return {"m": ("i32", m), "n": ("i32", n), "k": ("i32", k), "a": ("f16", act.data.ptr),
+                "b": ("f16", big.data.ptr + w_off - w_off % 256), "c": (ct, out.data.ptr), "beta": ("f32", beta),
+                "workspace": ("ws", (wsb.data.ptr, wsb.nbytes))}
+
+    buckets = [*range(40, 257, 8), *range(272, 769, 16)]  # the vLLM buckets above tc_batch 32
+    # first the rows rounded up to a multiple of 64 (12 distinct m), then every bucket's own m (60; 12 of them are
+    # then cached already)
+    for label, ms in (("m rounded up to 64", sorted({-(-m // 64) * 64 for m in buckets})), ("exact m", buckets)):
+        firsts, repeats, t_all = [], [], time.perf_counter()
+        for m in ms:
+            for layer in range(22):
+                for name, n, k, ct, beta in shapes:
+                    t0 = time.perf_counter()
+                    assert int(drv.cuStreamBeginCapture(s, relaxed)[0]) == 0
+                    blas.gemm(int(s), pool_gemm(name, m, n, k, ct, beta, layer))
+                    err, g = drv.cuStreamEndCapture(s)
+                    (firsts if layer == 0 else repeats).append(time.perf_counter() - t0)
+                    drv.cuGraphDestroy(g)
+        t_all = time.perf_counter() - t_all
+        print(f"pool pattern, {label}: {len(ms)} m x 88 GEMMs {t_all:.3f} s; first of a (m, shape) "
+              f"{sum(firsts) / len(firsts) * 1e6:.1f} µs, repeats {sum(repeats) / len(repeats) * 1e6:.1f} µs "
+              f"(max {max(repeats) * 1e6:.0f})")
 
     for workers in args.threads:
         recorders = [(Blas(), stream()) for _ in range(workers)]
