@@ -246,6 +246,31 @@ def test_gemm_splits_and_stages_are_checked():
         assert issues and word in str(issues[0]), (dims, issues)
 
 
+@pytest.mark.parametrize("gemm_pad", [1, 64])
+def test_gemm_pad_rounds_the_cublas_rows(gemm_pad):
+    """gemm_pad: where cuBLAS runs (above tc_batch), its GEMMs' m and the GEMM path's row buffers are the batch
+    rounded up to a multiple of gemm_pad (fewer distinct shapes for cuBLAS to plan in a pool build); below it, and
+    with gemm_pad 1, exactly the batch. Every bucket still plans (no race, every child access declared)."""
+    from dagbuild.plan import plan
+
+    spec = load_spec(FUSED)
+    ms = set()
+    for batch in (1, 8, 32, 40, 72, 300):
+        p = plan(spec, {"batch": batch, "cache_batch": 300, "max_seq": 64, "gemm_pad": gemm_pad})
+        rows = batch if batch <= 32 or gemm_pad == 1 else -(-batch // gemm_pad) * gemm_pad
+        for name in ("x", "xh", "qkv", "attn_h", "gu", "act_h", "logits"):
+            assert p.buffers[name].shape[0] == rows, (batch, name)
+        assert p.buffers["next"].shape[0] == batch
+        for n in p.nodes:
+            if n.op.kind == "child":
+                (m,) = [a.value for call in n.op.body for a in call.args if a.param.name == "m"]
+                assert m == rows, (batch, n.id)
+                ms.add(m)
+    assert ms == ({40, 72, 300} if gemm_pad == 1 else {64, 128, 320})
+    _, issues = bind(spec, {"batch": 4, "cache_batch": 4, "gemm_pad": 0})
+    assert issues and "gemm_pad must be >= 1" in str(issues[0])
+
+
 def test_gemm_batch_is_checked():
     _, issues = bind(load_spec(FUSED), {"batch": 4, "cache_batch": 4, "gemm_batch": 1})
     assert issues and "gemm_batch must be 0" in str(issues[0])

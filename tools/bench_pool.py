@@ -37,7 +37,7 @@ def free_bytes() -> int:
     return cupy.cuda.runtime.memGetInfo()[0]
 
 
-def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: str) -> dict:
+def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: str, sets: dict[str, int]) -> dict:
     """Run one method in this process; device memory is read with memGetInfo around the graph builds."""
     import cupy
 
@@ -49,7 +49,7 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: s
     cupy.cuda.set_allocator(None)  # plain cudaMalloc/cudaFree: memGetInfo sees exactly what is held
     cupy.cuda.set_pinned_memory_allocator(None)
     spec = load_spec(spec_path)
-    overrides = {"cache_batch": max(sizes), "max_seq": max_seq}
+    overrides = {"cache_batch": max(sizes), "max_seq": max_seq, **sets}
     # warm the compile caches (CuPy's and dagbuild's PTX cache): compiling is not graph building
     # every side of the fused spec's variants (GEMV engine, MV engine at 2 and 1 blocks per SM, MMA engine)
     warm = sorted({n for n in (1, 2, 16, 32) if n <= max(sizes)} | {min(sizes)})
@@ -118,11 +118,18 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--spec", default=str(ROOT / "specs" / "llama_decode.yaml"),
                     help="e.g. specs/llama_decode_fused.yaml (its batch variants pick kernels per bucket)")
+    ap.add_argument("--set", action="append", default=[], metavar="DIM=V", help="override a dim of the spec")
     ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = sizes_for(args.buckets)
+    sets = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not name or not value.lstrip("-").isdigit():
+            ap.error(f"--set {item!r}: expected DIM=INTEGER")
+        sets[name] = int(value)
     if args.only:
-        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile, args.spec)))
+        print(json.dumps(one(args.only, sizes, args.max_seq, args.profile, args.spec, sets)))
         return 0
     import cupy
 
@@ -130,7 +137,7 @@ def main() -> int:
                "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
     for m in METHODS:
         cmd = [sys.executable, __file__, "--only", m, "--buckets", args.buckets, "--max-seq", str(args.max_seq),
-               "--spec", args.spec]
+               "--spec", args.spec, *(f"--set={s}" for s in args.set)]
         if args.profile and m == "serial":
             cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

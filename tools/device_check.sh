@@ -241,6 +241,17 @@ PY
       for k in 1 2; do python3 tools/spec_variant.py -o "$V/skip$k.yaml" --option "attn=-DATTN_SKIP=$k" >/dev/null; done
       timeout 220 python3 tools/bench_ab.py --variant shipped --variant "skip1=$V/skip1.yaml" --variant "skip2=$V/skip2.yaml" \
         --batches 1 --contexts 64,160,2048 --rounds 3 --steps 30 --json "$OUT/attnskip.json" 2>&1 | grep -v -i warn | tail -12 ;;
+    gemmpad)  # issue 15: cuBLAS over rows rounded up to 64 (gemm_pad): the fused spec's fresh 67-bucket build (12
+      # distinct m instead of 60: cuBLAS plans each new shape for milliseconds), the steps at 40-768 rows, and the
+      # every-bucket GPU test with padded rows
+      for p in 1 64; do
+        timeout 150 python3 tools/bench_pool.py --only fresh --set gemm_pad=$p --spec specs/llama_decode_fused.yaml 2>&1 \
+          | tail -1 | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('gemm_pad $p: build', round(d['build_s'], 3), 's')"
+      done
+      timeout 240 python3 tools/bench_ab.py --variant exact --variant pad64=:gemm_pad=64 --batches 40,72,136,272,520 \
+        --contexts 128 --rounds 2 --steps 10 --json "$OUT/gemmpad.json" 2>&1 | grep -v -i warn | tail -12
+      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_llama_batched.py -k "every_bucket and padded" \
+        2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -6 ;;
     capcost)  # issue 15: where a cuBLAS child recording's host time goes (capture, the call, threads)
       timeout 200 python3 tools/probe_capture_cost.py 2>&1 | tail -14 ;;
     sanitize_fused)

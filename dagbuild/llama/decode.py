@@ -178,8 +178,9 @@ class LlamaDecoder:
         return gen
 
     def logits(self) -> Any:
-        """The last step's logits, [batch, vocab] f32 on the device."""
-        return self.exe.buffers["logits"]
+        """The last step's logits, [batch, vocab] f32 on the device (the buffer may hold padding rows past them:
+        the fused spec's gemm_pad)."""
+        return self.exe.buffers["logits"][: self.batch]
 
 
 def _progress(done: int, total: int) -> None:

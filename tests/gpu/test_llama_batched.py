@@ -457,18 +457,18 @@ def _run_rows(exe, prompts, steps):
     return toks, logits
 
 
-@pytest.mark.parametrize("tc_batch, tc_norm", [(0, 2), (64, 0), (64, 2), (256, 2)],
-                         ids=["cublas", "gemm-cu", "gemm-cu-riding", "gemm-cu-every-bucket"])
-def test_fp32_every_bucket_matches_batch_one(cp, tc_batch, tc_norm):
+@pytest.mark.parametrize("tc_batch, tc_norm, gemm_pad", [(0, 2, 1), (64, 0, 1), (64, 2, 1), (256, 2, 1), (0, 2, 64)],
+                         ids=["cublas", "gemm-cu", "gemm-cu-riding", "gemm-cu-every-bucket", "cublas-rows-padded"])
+def test_fp32_every_bucket_matches_batch_one(cp, tc_batch, tc_norm, gemm_pad):
     """Buckets 2..256 (the GEMM path from gemm_batch: cuBLAS, or kernels/gemm.cu up to tc_batch rows, with norm
-    nodes (tc_norm 0) or the norms on the GEMMs around them (2), and attn_qkv_mma's f32 form) against batch 1: the
-    same tokens, logits within f32 rounding."""
+    nodes (tc_norm 0) or the norms on the GEMMs around them (2), and attn_qkv_mma's f32 form; cuBLAS over rows
+    rounded up to gemm_pad) against batch 1: the same tokens, logits within f32 rounding."""
     from dagbuild.llama.weights import random_weights
     from dagbuild.load import load_spec
     from dagbuild.pool import GraphPool
 
     dims = {**TINY, "wt": "f32", "max_seq": 16, "cache_batch": 256, "tc_batch": tc_batch, "attn_mma": 1,
-            "tc_norm": tc_norm}
+            "tc_norm": tc_norm, "gemm_pad": gemm_pad}
     rng = np.random.default_rng(11)
     prompts = [list(map(int, rng.integers(0, dims["vocab"], 3))) for _ in range(256)]
     steps = 7
