@@ -80,6 +80,8 @@ class GraphPool:
 
                 backend = get_backend("auto", self.options.device)
             self.backend = backend
+            if hasattr(backend, "keep_child_bodies"):  # buckets with equal child calls share one recording
+                backend.keep_child_bodies()
             self.modules = ModuleCache()
             self.stream = cupy.cuda.Stream(non_blocking=True)
             self.largest = tuple(vs[-1] for vs in self.buckets.values())
@@ -206,6 +208,8 @@ class GraphPool:
             if id(exe) in owners:
                 exe.close()
         self.executables.clear()
+        if hasattr(getattr(self, "backend", None), "drop_child_bodies"):
+            self.backend.drop_child_bodies()
         if self.arena is not None:
             self.arena.close()
         if hasattr(self, "modules"):

@@ -245,3 +245,44 @@ def test_get_backend_cuda_without_cupy_says_what_to_install(monkeypatch):
     with pytest.raises(DagbuildError) as exc:
         backends.get_backend("cuda")
     assert "cupy is not importable" in str(exc.value) and "dagbuild[cuda13]" in str(exc.value)
+
+
+class _ChildDriver:
+    """A stand-in driver for child-graph nodes: counts what the backend asks of it."""
+
+    def __init__(self):
+        self.added, self.destroyed = [], []
+
+    def cuGraphAddChildGraphNode(self, graph, deps, n, body):
+        self.added.append((graph, body))
+        return (0, f"node{len(self.added)}")
+
+    def cuGraphDestroy(self, g):
+        self.destroyed.append(g)
+        return (0,)
+
+
+def test_child_bodies_recorded_once_per_calls_while_kept():
+    """By default add_child_graph records every body and frees it once the node holds its clone. Between
+    keep_child_bodies() and drop_child_bodies() (a pool's lifetime) equal calls share one recording (buckets
+    whose GEMM rows are padded alike repeat them), and drop frees each kept body once."""
+    be = object.__new__(CudaBackend)
+    be._drv, be._blas, be._capture_stream, be._bodies = _ChildDriver(), None, None, None
+    recorded = []
+    be.capture = lambda calls: recorded.append(calls) or f"body{len(recorded)}"
+    gemm = (("gemm", (("m", "i32", 64), ("a", "f16", 4096))),)
+    other = (("gemm", (("m", "i32", 128), ("a", "f16", 4096))),)
+    be.add_child_graph("parent", [], gemm)
+    be.add_child_graph("parent", [], gemm)
+    assert recorded == [gemm, gemm] and be._drv.destroyed == ["body1", "body2"]
+    recorded.clear()
+    be._drv = _ChildDriver()
+    be.keep_child_bodies()
+    for calls in (gemm, other, gemm, gemm):
+        be.add_child_graph("parent", [], calls)
+    assert recorded == [gemm, other] and be._drv.destroyed == []
+    assert [b for _, b in be._drv.added] == ["body1", "body2", "body1", "body1"]
+    be.drop_child_bodies()
+    assert sorted(be._drv.destroyed) == ["body1", "body2"] and be._bodies is None
+    be.close()  # nothing kept: nothing more freed
+    assert len(be._drv.destroyed) == 2

@@ -211,6 +211,7 @@ class CudaBackend:
         self._dev = self._check("cuCtxGetDevice", self._drv.cuCtxGetDevice())
         self._blas: Any = None  # made on the first library call (child graphs)
         self._capture_stream: Any = None
+        self._bodies: dict[Any, Any] | None = None  # child bodies kept by their calls (keep_child_bodies)
 
     # -- errors ---------------------------------------------------------------------------------------
 
@@ -447,14 +448,35 @@ class CudaBackend:
             raise
         return self._check("cuStreamEndCapture", drv.cuStreamEndCapture(s))
 
+    def keep_child_bodies(self) -> None:
+        """From now on keep each recorded child body, by its calls, until drop_child_bodies(): graphs whose child
+        calls are equal then share one recording (a pool's buckets with one padded GEMM row count: the fused
+        spec's gemm_pad; cuBLAS spends ~26 µs of host time on a repeated GEMM capture)."""
+        if self._bodies is None:
+            self._bodies = {}
+
+    def drop_child_bodies(self) -> None:
+        """Free the kept child bodies (the nodes made from them hold clones) and stop keeping them."""
+        bodies, self._bodies = self._bodies or {}, None
+        for g in bodies.values():
+            self.graph_destroy(g)
+
     def add_child_graph(self, graph, deps, calls) -> Any:
-        """Add ``calls``, recorded now, as one child-graph node (the node holds a clone of the graph)."""
-        child = self.capture(calls)
+        """Add ``calls`` as one child-graph node (the node holds a clone of the graph): recorded now, or the
+        body kept from equal calls (keep_child_bodies)."""
+        kept = self._bodies
+        body = kept.get(calls) if kept is not None else None
+        fresh = body is None
+        if fresh:
+            body = self.capture(calls)
         try:
             d = self._deps(deps)
-            return self._check("cuGraphAddChildGraphNode", self._drv.cuGraphAddChildGraphNode(graph, d, len(d), child))
+            return self._check("cuGraphAddChildGraphNode", self._drv.cuGraphAddChildGraphNode(graph, d, len(d), body))
         finally:
-            self.graph_destroy(child)
+            if fresh and kept is not None:
+                kept[calls] = body
+            elif fresh:
+                self.graph_destroy(body)
 
     def set_child_graph(self, exec_, node, calls) -> None:
         """Record ``calls`` again and update the child node of an executable graph in place. The driver
@@ -607,8 +629,9 @@ class CudaBackend:
                 for d, e in zip(deps, list(outs[1])[: len(deps)], strict=True)]
 
     def close(self) -> None:
-        """Free the BLAS handle and capture stream of child graphs; callers destroy the graphs and executables
-        they made; the context is CuPy's."""
+        """Free the kept child bodies, the BLAS handle and the capture stream; callers destroy the graphs and
+        executables they made; the context is CuPy's."""
+        self.drop_child_bodies()
         if self._blas is not None:
             self._blas.close()
             self._blas = None
