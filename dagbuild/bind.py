@@ -627,6 +627,7 @@ class _CompiledChild:
     reads: tuple  # view payloads
     writes: tuple
     calls: tuple  # (signature, ((Param, "view" | "scalar" | "fixed", payload | closure | KernelArg), ...))
+    declared: frozenset  # (view text, written) of the body's views that a declared view of the same text covers
     whole: dict = field(default_factory=dict)  # whole-buffer views made (see _view_in)
 
     @classmethod
@@ -643,20 +644,34 @@ class _CompiledChild:
                 elif sig.defaults[p.name] is not None:
                     entries.append((p, "fixed", KernelArg(p, value=sig.defaults[p.name])))
             calls.append((sig, tuple(entries)))
-        return cls(tuple(_view_payload(t) for t in node.child.reads),
-                   tuple(_view_payload(t) for t in node.child.writes), tuple(calls))
+        reads = tuple(_view_payload(t) for t in node.child.reads)
+        writes = tuple(_view_payload(t) for t in node.child.writes)
+        # the same text names the same bytes: a write is covered by a declared write, a read by either
+        declared = {(v[2], True) for v in writes} | {(v[2], False) for v in reads + writes}
+        return cls(reads, writes, tuple(calls), frozenset(declared))
 
     def run(self, buffers, env) -> ChildOp:
         whole = self.whole
-        reads = tuple(_view_in(v, buffers, env, whole) for v in self.reads)
-        writes = tuple(_view_in(v, buffers, env, whole) for v in self.writes)
+        made: dict[str, View] = {}  # this bind's views by text: the body names the declared views again
+
+        def view_of(payload):
+            v = made.get(payload[2])
+            if v is None:
+                v = made[payload[2]] = _view_in(payload, buffers, env, whole)
+            return v
+
+        reads = tuple(view_of(v) for v in self.reads)
+        writes = tuple(view_of(v) for v in self.writes)
         body = []
         for sig, entries in self.calls:
             args = []
+            undeclared = []
             for p, how, payload in entries:
                 if how == "view":
-                    view = _view_in(payload, buffers, env, whole)
+                    view = view_of(payload)
                     args.append(KernelArg(Param(p.name, buffers[view.buffer].dtype, True, p.const), view=view))
+                    if (payload[2], not p.const) not in self.declared:
+                        undeclared.append((view, not p.const))
                 elif how == "scalar":
                     try:
                         args.append(KernelArg(p, value=check_scalar(p.dtype, payload(env))))
@@ -666,11 +681,10 @@ class _CompiledChild:
                     args.append(payload)
             if sig.check({a.param.name: a for a in args}, buffers):
                 raise _Fallback
-            lib = LibCall(sig.name, tuple(args))
-            for view, w in lib.accesses():
+            for view, w in undeclared:
                 if not any(d.covers(view) for d in (writes if w else reads + writes)):
                     raise _Fallback
-            body.append(lib)
+            body.append(LibCall(sig.name, tuple(args)))
         return ChildOp(reads, writes, tuple(body))
 
 
