@@ -185,7 +185,7 @@ def test_fused_spec_has_what_the_runner_needs():
                     "attn_wide_batch", "attn_wide_keys", "attn_mma", "attn_mma_keys",
                     "mv_batch", "mv_small_batch", "mv_shared", "mv_shared_max", "mv_fit", "mvc_batch", "mvc_cluster",
                     "layer_kernel", "layer_slots", "stack_slots",  # and the persistent layer kernel's
-                    "gemm_batch", "gemm_ws_bytes", "tc_batch", "tc_stages", "tc_norm", "qkv_split",
+                    "gemm_batch", "gemm_ws_bytes", "gemm_pad", "tc_batch", "tc_stages", "tc_norm", "qkv_split",
                     "o_split",
                     "gate_up_split", "down_split", "head_split"}  # and the GEMM path's
     assert {k: v for k, v in plan.dims.items() if k not in launch_shape} == \
