@@ -384,12 +384,11 @@ def cmd_compile(args) -> int:
 def cmd_occupancy(args) -> int:
     from .occupancy import SM_LIMITS, format_occupancy, kernel_resources, plan_occupancy
 
-    arch = args.arch or "sm_90"
     p = _plan(args)
     sms = args.sms if args.sms is not None else int(p.dims.get("sms", 132))
     if sms < 1:
         raise UsageError(f"the SM count must be positive, got {sms} (the spec's sms dim, or --sms)")
-    rows = plan_occupancy(p, kernel_resources(p, arch), sms, SM_LIMITS[arch])
+    rows = plan_occupancy(p, kernel_resources(p, args.arch), sms, SM_LIMITS[args.arch])
     print(format_occupancy(rows, sms, len(p.nodes) - len(rows)))
     return 0
 
@@ -558,7 +557,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
     p = spec_cmd("occupancy", "per kernel node: blocks an SM holds (registers, shared memory, warps) and how many "
                               "fit beside the node before it, from the cubins (no GPU needed)")
-    p.add_argument("--arch", choices=list(SM_LIMITS), help="the cubins' architecture and its SM limits (default sm_90)")
+    p.add_argument("--arch", choices=list(SM_LIMITS), default="sm_90",
+                   help="the cubins' architecture and its SM limits (default sm_90)")
     p.add_argument("--sms", type=_int_at_least(1, "--sms"), help="SMs of the card (default: the spec's sms dim, "
                    "else 132)")
     p.set_defaults(func=cmd_occupancy)

@@ -119,7 +119,7 @@ def test_cubin_resources_are_what_ptxas_reports():
 @needs_nvrtc
 def test_fused_batch_one_attention_waits_for_qkv_registers_unless_the_gemvs_take_80():
     """The fused spec at batch 1: attention's blocks do not all fit beside qkv's (registers); built at three
-    blocks an SM's registers (device_check's regs80 stage), the batch-1 GEMVs leave room for all of them."""
+    blocks an SM's registers (tried on an H100: 1.8 % slower, NOTES.md), the batch-1 GEMVs leave room for all."""
     p = plan(load_spec(FUSED), {})
     rows = {r.node: r for r in plan_occupancy(p, kernel_resources(p, "sm_90"), 132, H100)}
     attn = rows["attn.3"]

@@ -28,7 +28,7 @@ def test_device_check_stages_parse():
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     text = script.read_text()
     for stage in ("tests", "stack", "stackknobs", "stackbench", "loopstack", "mvc", "engines", "batch", "loop",
-                  "gemmcu", "attnab", "cachelines", "capcost", "regs80", "tcwide", "poolprof", "attnskip", "gemmpad"):
+                  "gemmcu", "attnab", "cachelines", "capcost", "tcwide", "poolprof", "attnskip", "gemmpad"):
         assert f"\n    {stage})" in text, stage
 
 

@@ -10,6 +10,12 @@ if [ -d .kcache ] && [ -z "${DAGBUILD_CACHE_DIR+x}" ]; then export DAGBUILD_CACH
 echo "kernel cache: ${DAGBUILD_CACHE_DIR:-~/.cache/dagbuild} ($(ls "${DAGBUILD_CACHE_DIR:-$HOME/.cache/dagbuild}" 2>/dev/null | grep -c cubin) cubins)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 STAGES=${STAGES:-"tests bench pool"}
+# the fused spec's fresh pool build, timed (args: a label, then tools/bench_pool.py's options)
+fresh_build() {
+  local label=$1; shift
+  timeout 300 python3 tools/bench_pool.py --only fresh --spec specs/llama_decode_fused.yaml "$@" 2>&1 | tail -1 \
+    | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('$label: build', round(d['build_s'], 3), 's,', d['per_bucket_ms'])"
+}
 # the md5 of a spec's 300 greedy tokens at max_seq 2048 (args: the spec and its --set options): variants that
 # change only how a step runs must print the shipped spec's
 tokens_md5() {
@@ -50,8 +56,7 @@ PY
     poolfused)  # issue 15: 67 buckets of the fused spec, each with the kernel its variants pick
       timeout 400 python3 tools/bench_pool.py --spec specs/llama_decode_fused.yaml --json "$OUT/bench_pool_fused.json" 2>&1 | tail -12 ;;
     poolgemm)  # issue 15: how long the GEMM path's buckets take to build (fresh nodes; 89 cuBLAS child graphs each)
-      timeout 300 python3 tools/bench_pool.py --only fresh --buckets 1,8,16,32,64,128,256 --spec specs/llama_decode_fused.yaml \
-        2>&1 | tail -1 | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('build', round(d['build_s'], 3), 's,', d['per_bucket_ms'])" ;;
+      fresh_build "7 buckets" --buckets 1,8,16,32,64,128,256 ;;
     gemmpath)  # issue 15: the GEMM path (gemm_batch 12, the default) against the MV/MMA engines (gemm_batch 0), same run
       for g in 0 12; do
         timeout 150 python3 tools/bench_batch.py --no-hf --contexts 128,2048 --batches 8,16,32,64 --steps 10 --set gemm_batch=$g \
@@ -207,21 +212,6 @@ PY
         echo "ncu, cache-control $cc: exit $?"
         python3 tools/ncu_table.py "$OUT/stalls_$cc.csv"
       done ;;
-    regs80)  # issue 8: the batch-1 forms (FW_ONE_ROW) also at -DFW_MIN_BLOCKS=3: <= 80 registers, no spills (the generic
-      # forms spilled at 3), so attention's 256x80-register blocks fit beside two GEMV blocks and wait resident
-      # instead of after qkv's blocks leave (NOTES.md, 2026-12-05 evening: attention's blocks resident 0.4 us after
-      # qkv's last exit, its wait 2.1 us); then its 300 greedy tokens (they must match the shipped spec's)
-      V=$OUT/variants; mkdir -p "$V"; MB=""
-      for k in qkv_1 gemv_res_1 gate_up_1 gemv_norm_1; do MB="$MB --option $k=-DFW_MIN_BLOCKS=3"; done
-      python3 tools/spec_variant.py -o "$V/regs80.yaml" $MB >/dev/null
-      # (regs80_72k: also gemv_shared 72 KiB, so the QKV and gate/up GEMVs fit three an SM by shared memory too, x then
-      # read through L1 instead of staged: `dagbuild occupancy` shows what fits beside what)
-      timeout 240 python3 tools/bench_ab.py --variant shipped --variant "regs80=$V/regs80.yaml" \
-        --variant "regs80_72k=$V/regs80.yaml:gemv_shared=73728" --batches 1 --contexts 128,2048 \
-        --rounds 3 --steps 30 --json "$OUT/regs80.json" 2>&1 | grep -v -i warn | tail -10
-      tokens_md5 specs/llama_decode_fused.yaml
-      tokens_md5 "$V/regs80.yaml"
-      tokens_md5 "$V/regs80.yaml" --set gemv_shared=73728 ;;
     tcwide)  # issue 15: our own GEMMs (kernels/gemm.cu) above 32 rows against cuBLAS: if they hold up, buckets above
       # tc_batch record no cuBLAS child graphs (most of the 67-bucket pool build) and need no cuBLAS workspace
       timeout 240 python3 tools/bench_ab.py --variant cublas --variant own=:tc_batch=256 --batches 40,64,128,256 \
@@ -242,12 +232,9 @@ PY
       timeout 220 python3 tools/bench_ab.py --variant shipped --variant "skip1=$V/skip1.yaml" --variant "skip2=$V/skip2.yaml" \
         --batches 1 --contexts 64,160,2048 --rounds 3 --steps 30 --json "$OUT/attnskip.json" 2>&1 | grep -v -i warn | tail -12 ;;
     gemmpad)  # issue 15: cuBLAS over rows rounded up to 64 (gemm_pad): the fused spec's fresh 67-bucket build (12
-      # distinct m instead of 60: cuBLAS plans each new shape for milliseconds), the steps at 40-768 rows, and the
+      # distinct m instead of 60: cuBLAS plans each new shape for milliseconds), the steps at 40-520 rows, and the
       # every-bucket GPU test with padded rows
-      for p in 1 64; do
-        timeout 150 python3 tools/bench_pool.py --only fresh --set gemm_pad=$p --spec specs/llama_decode_fused.yaml 2>&1 \
-          | tail -1 | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('gemm_pad $p: build', round(d['build_s'], 3), 's')"
-      done
+      for p in 1 64; do fresh_build "gemm_pad $p" --set gemm_pad=$p; done
       timeout 240 python3 tools/bench_ab.py --variant exact --variant pad64=:gemm_pad=64 --batches 40,72,136,272,520 \
         --contexts 128 --rounds 2 --steps 10 --json "$OUT/gemmpad.json" 2>&1 | grep -v -i warn | tail -12
       timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_llama_batched.py -k "every_bucket and padded" \
