@@ -97,6 +97,7 @@ class Executable:
 
             if plan.analysis is None:
                 raise BuildError(f"plan {plan.name!r} has not been analysed: make it with dagbuild.plan()")
+            self._own_backend = backend is None  # made here: closed with this executable
             if backend is None:
                 from .backends import get_backend
 
@@ -613,7 +614,8 @@ class Executable:
             raise BuildError(f"executable {self.plan.name!r} is closed")
 
     def close(self) -> None:
-        """Free the exec, the graph, modules this executable compiled, and memory it allocated."""
+        """Free the exec, the graph, modules this executable compiled, memory it allocated, and the backend's
+        library handles when it made the backend."""
         if self._closed:
             return
         self._closed = True
@@ -638,6 +640,8 @@ class Executable:
                 self._arena.close()
             if getattr(self, "_own_modules", False):
                 self.modules.clear()
+            if be is not None and getattr(self, "_own_backend", False):
+                be.close()  # its BLAS handle and capture stream (a backend given to us is the giver's)
 
     def __enter__(self) -> Executable:
         return self

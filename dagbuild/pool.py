@@ -75,6 +75,7 @@ class GraphPool:
         try:
             import cupy
 
+            self._own_backend = backend is None  # made here: closed with the pool
             if backend is None:
                 from .backends import get_backend
 
@@ -193,7 +194,8 @@ class GraphPool:
         self.stream.synchronize()
 
     def close(self) -> None:
-        """Free every executable (derived ones first, then the one that owns the graph) and the arena."""
+        """Free every executable (derived ones first, then the one that owns the graph), the arena, and the
+        backend's library handles when the pool made the backend."""
         if self._closed:
             return
         self._closed = True
@@ -214,6 +216,8 @@ class GraphPool:
             self.arena.close()
         if hasattr(self, "modules"):
             self.modules.clear()
+        if getattr(self, "_own_backend", False) and getattr(self, "backend", None) is not None:
+            self.backend.close()  # its BLAS handle and capture stream
 
     def __enter__(self) -> GraphPool:
         return self

@@ -84,3 +84,28 @@ def test_gemm_child_in_pool_buckets():
             cupy.cuda.Device().synchronize()
             exe.launch(sync=True)
             np.testing.assert_allclose(exe.buffers["y"].get(), _ref(a, w[1], 0, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_closing_frees_the_backend_it_made():
+    """An executable or pool that made its own backend frees the BLAS handle and capture stream when it
+    closes; a backend given to it stays the giver's, still usable."""
+    from dagbuild.backends import get_backend
+
+    with Executable(plan(_spec("f32"))) as exe:
+        exe.launch(sync=True)
+        be = exe.backend
+        assert be._blas is not None and be._capture_stream is not None
+    assert be._blas is None and be._capture_stream is None
+    with GraphPool(_spec("f32"), {"m": [8, 48]}) as pool:
+        be = pool.backend
+        assert be._blas is not None
+    assert be._blas is None and be._capture_stream is None
+    mine = get_backend("auto", 0)
+    try:
+        with Executable(plan(_spec("f32")), backend=mine) as exe:
+            exe.launch(sync=True)
+        assert mine._blas is not None  # not ours to close
+        with Executable(plan(_spec("f32")), backend=mine) as exe:
+            exe.launch(sync=True)  # and still usable
+    finally:
+        mine.close()
