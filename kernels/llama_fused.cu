@@ -743,6 +743,120 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const K* kc, const
     return o;
 }
 
+// ATTN_GROUPED 1: attn_span_grouped instead of attn_span in attn_decode. ATTN_PRELOAD2 1 (with ATTN_GROUPED): a
+// live split also issues its second tile's K/V before the wait (into a second register set), so a split of two
+// tiles takes no load round trip after the wait but row p's.
+#ifndef ATTN_GROUPED
+#define ATTN_GROUPED 0
+#endif
+#ifndef ATTN_PRELOAD2
+#define ATTN_PRELOAD2 0
+#endif
+
+// attn_span's result by a shorter chain: each lane group keeps its own online softmax (m, l and p.V over its own
+// keys, in registers: the group's lanes hold the same scores), so a tile takes no barrier, no shared memory and no
+// block-wide max or sum; the groups' (o, m, l) are merged once at the end (one barrier). On entry kv/vv hold the
+// first tile (when `preloaded`) and kv2/vv2 the second (when `preloaded2`), keys past the span's end zeroed here.
+// Returns o (unnormalised), m and l in threads tid < d4 (the others: unspecified). sacc: blockDim float4s, sml:
+// 2 * (blockDim / lpk) floats (shared).
+template <typename K, typename R = typename Kv4<K>::raw>
+__device__ __forceinline__ float4 attn_span_grouped(const float4& qv, const K* kc, const K* vc, int d4, int start,
+                                                    int end, float scale, bool preloaded, bool preloaded2,
+                                                    R (&kv)[ATTN_UNROLL], R (&vv)[ATTN_UNROLL],
+                                                    const R (&kv2)[ATTN_UNROLL], const R (&vv2)[ATTN_UNROLL],
+                                                    float4* sacc, float* sml, float& m, float& l) {
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    int lpk = 1;
+    while (lpk < d4) lpk <<= 1;
+    const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
+    const int tile = ATTN_UNROLL * n_sg;
+    const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const R zr{};
+    const R* kc4 = reinterpret_cast<const R*>(kc);
+    const R* vc4 = reinterpret_cast<const R*>(vc);
+    float mg = NEG_INF, lg = 0.0f;  // this lane group's running max and sum of exp
+    float4 acc = zero4;
+    for (int t0 = start; t0 < end; t0 += tile) {
+        const int nt = min(tile, end - t0);
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            const int kk = u * n_sg + sg;
+            const bool in = kk < nt && sc4 < d4;
+            if (preloaded && t0 == start) {
+                if (!in) kv[u] = vv[u] = zr;
+            } else if (preloaded2 && t0 == start + tile) {
+                kv[u] = in ? kv2[u] : zr;
+                vv[u] = in ? vv2[u] : zr;
+            } else {
+                kv[u] = vv[u] = zr;
+                if (in) {
+                    kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
+                    vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
+                }
+            }
+        }
+        float dot[ATTN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            const float4 kf = kv_unpack4<K>(kv[u]);
+            dot[u] = qv.x * kf.x + qv.y * kf.y + qv.z * kf.z + qv.w * kf.w;
+        }
+        for (int o = lpk >> 1; o > 0; o >>= 1) {
+#pragma unroll
+            for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
+        }
+        float mt = NEG_INF;
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            dot[u] *= scale;
+            if (u * n_sg + sg < nt) mt = fmaxf(mt, dot[u]);
+        }
+        if (mt == NEG_INF) continue;  // none of this group's keys in the tile (the same in the group's lanes)
+        const float m_new = fmaxf(mg, mt);
+        const float corr = expf(mg - m_new);  // 0 while the group has seen no key (mg = -inf, m_new finite)
+        lg *= corr;
+        acc.x *= corr;
+        acc.y *= corr;
+        acc.z *= corr;
+        acc.w *= corr;
+        mg = m_new;
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) {
+            if (u * n_sg + sg < nt) {
+                const float pk = expf(dot[u] - m_new);
+                const float4 vf = kv_unpack4<K>(vv[u]);
+                lg += pk;
+                acc.x = fmaf(pk, vf.x, acc.x);
+                acc.y = fmaf(pk, vf.y, acc.y);
+                acc.z = fmaf(pk, vf.z, acc.z);
+                acc.w = fmaf(pk, vf.w, acc.w);
+            }
+        }
+    }
+    sacc[tid] = acc;
+    if (sc4 == 0) {
+        sml[2 * sg] = mg;
+        sml[2 * sg + 1] = lg;
+    }
+    __syncthreads();
+    float4 o = zero4;
+    m = NEG_INF;
+    l = 0.0f;
+    if (tid < d4) {
+        for (int g = 0; g < n_sg; ++g) m = fmaxf(m, sml[2 * g]);  // finite: the span has >= 1 key
+        for (int g = 0; g < n_sg; ++g) {
+            const float w = expf(sml[2 * g] - m);  // 0 for a group that saw no key
+            const float4 t = sacc[g * lpk + tid];
+            l = fmaf(w, sml[2 * g + 1], l);
+            o.x = fmaf(w, t.x, o.x);
+            o.y = fmaf(w, t.y, o.y);
+            o.z = fmaf(w, t.z, o.z);
+            o.w = fmaf(w, t.w, o.w);
+        }
+    }
+    return o;
+}
+
 template <typename K>
 __device__ __forceinline__ void attn_decode_impl(const float* q, const K* k_cache, const K* v_cache, const int* pos,
                                                  float* part_o, float* part_ml, int* counters, float* out, int heads,
@@ -794,14 +908,29 @@ __device__ __forceinline__ void attn_decode_impl(const float* q, const K* k_cach
             vv[u] = db_ldcg(vc4 + (size_t)(start + kk) * d4 + sc4);
         }
     }
+    R kv2[ATTN_UNROLL], vv2[ATTN_UNROLL];  // the second tile (ATTN_PRELOAD2), row p excepted
+    const int nt1 = ATTN_PRELOAD2 ? min(tile, end - start - tile) : 0;
+#pragma unroll
+    for (int u = 0; u < ATTN_UNROLL; ++u) {
+        const int kk = u * n_sg + sg;
+        kv2[u] = vv2[u] = zr;
+        if (ATTN_PRELOAD2 && kk < nt1 && start + tile + kk != p && sc4 < d4) {
+            kv2[u] = db_ldcg(kc4 + (size_t)(start + tile + kk) * d4 + sc4);
+            vv2[u] = db_ldcg(vc4 + (size_t)(start + tile + kk) * d4 + sc4);
+        }
+    }
     PDL_WAIT();
     const float4 qv = (sc4 < d4) ? db_ldca(reinterpret_cast<const float4*>(q + (size_t)bh * head_dim) + sc4) : zero4;
 #pragma unroll
-    for (int u = 0; u < ATTN_UNROLL; ++u) {  // row p, if this tile holds it
+    for (int u = 0; u < ATTN_UNROLL; ++u) {  // row p, if this tile (or the preloaded second) holds it
         const int kk = u * n_sg + sg;
         if (kk < nt0 && start + kk == p && sc4 < d4) {
             kv[u] = db_ldcg(kc4 + (size_t)p * d4 + sc4);
             vv[u] = db_ldcg(vc4 + (size_t)p * d4 + sc4);
+        }
+        if (ATTN_PRELOAD2 && kk < nt1 && start + tile + kk == p && sc4 < d4) {
+            kv2[u] = db_ldcg(kc4 + (size_t)p * d4 + sc4);
+            vv2[u] = db_ldcg(vc4 + (size_t)p * d4 + sc4);
         }
     }
     if (nlive == 0) {  // padding row: split 0 writes zeros (after the wait: the previous readers of out are done)
@@ -814,8 +943,11 @@ __device__ __forceinline__ void attn_decode_impl(const float* q, const K* k_cach
         return;
     }
     float m, l;
-    const float4 o = attn_span<K>(qv, kc, vc, d4, start, ATTN_SKIP == 2 ? min(end, start + tile) : end, scale, true,
-                                  ATTN_TRIGGER == 1, true, kv, vv, sp, sacc, m, l);
+    const int span_end = ATTN_SKIP == 2 ? min(end, start + tile) : end;
+    const float4 o = ATTN_GROUPED ? attn_span_grouped<K>(qv, kc, vc, d4, start, span_end, scale, true, ATTN_PRELOAD2,
+                                                         kv, vv, kv2, vv2, sacc, sp, m, l)
+                                  : attn_span<K>(qv, kc, vc, d4, start, span_end, scale, true, ATTN_TRIGGER == 1,
+                                                 true, kv, vv, sp, sacc, m, l);
     if (ATTN_TRIGGER == 2) PDL_LAUNCH_DEPENDENTS();
     if (ATTN_MARK2 == 0) DB_TRACE_MARK(2);
     if (nlive == 1) {  // the only live split: normalise and write the output directly

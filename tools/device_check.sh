@@ -231,6 +231,12 @@ PY
       for k in 1 2; do python3 tools/spec_variant.py -o "$V/skip$k.yaml" --option "attn=-DATTN_SKIP=$k" >/dev/null; done
       timeout 220 python3 tools/bench_ab.py --variant shipped --variant "skip1=$V/skip1.yaml" --variant "skip2=$V/skip2.yaml" \
         --batches 1 --contexts 64,160,2048 --rounds 3 --steps 30 --json "$OUT/attnskip.json" 2>&1 | grep -v -i warn | tail -12 ;;
+    attngroup)  # issue 8: attention's chain after its wait, shortened: per-lane-group online softmax (no barrier or
+      # block-wide reduction a tile; ATTN_GROUPED) and the second tile's K/V issued before the wait (ATTN_PRELOAD2)
+      V=scratch/variants
+      timeout 240 python3 tools/bench_ab.py --variant shipped --variant "grouped=$V/g1.yaml" --variant "grouped2=$V/g2.yaml" \
+        --batches 1 --contexts 64,160,2048 --rounds 3 --steps 30 --json "$OUT/attngroup.json" 2>&1 | grep -v -i warn | tail -12
+      for s in specs/llama_decode_fused.yaml $V/g1.yaml $V/g2.yaml; do tokens_md5 $s; done ;;
     gemmpad)  # issue 15: cuBLAS over rows rounded up to 64 (gemm_pad): the fused spec's fresh 67-bucket build (12
       # distinct m instead of 60: cuBLAS plans each new shape for milliseconds), the steps at 40-520 rows, and the
       # every-bucket GPU test with padded rows
