@@ -49,18 +49,21 @@ ARG_KINDS: dict[str, type] = {k: _CTYPE[dtypes.struct_code(k)] for k in dtypes.A
 
 
 class PackedArgs:
-    """Kernel arguments packed C-style into one buffer, plus the ``void*`` array that points at each.
+    """Kernel arguments packed C-style into one buffer that starts with the ``void*`` array pointing at each.
 
     ``address`` is what ``kernelParams`` takes (0 when there are no arguments). The driver copies the
     values during the add/set call, so this object need only outlive that call.
     """
 
-    __slots__ = ("buffer", "argv", "_kinds", "_offsets")
+    __slots__ = ("buffer", "_kinds", "_offsets")
 
     def __init__(self, buffer: Any, kinds: tuple[str, ...], offsets: tuple[int, ...]):
         self.buffer, self._kinds, self._offsets = buffer, kinds, offsets
-        base = ctypes.addressof(buffer) if buffer is not None else 0
-        self.argv = (ctypes.c_void_p * len(offsets))(*[base + o for o in offsets])
+
+    @property
+    def argv(self) -> Any:
+        """The ``void*`` array at the buffer's start, as ctypes (for inspection)."""
+        return (ctypes.c_void_p * len(self._offsets)).from_buffer(self.buffer) if self._offsets else None
 
     @property
     def storage(self) -> list[Any]:
@@ -69,7 +72,7 @@ class PackedArgs:
 
     @property
     def address(self) -> int:
-        return ctypes.addressof(self.argv) if self._offsets else 0
+        return ctypes.addressof(self.buffer) if self._offsets else 0
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -77,30 +80,32 @@ class PackedArgs:
 
 @functools.lru_cache(maxsize=1024)
 def _layout(kinds: tuple[str, ...]) -> tuple[struct.Struct, tuple[int, ...]]:
-    """A native-aligned struct for these kinds and each argument's byte offset in it."""
-    fmt = "@" + "".join(dtypes.struct_code(k) for k in kinds)
-    offsets, prefix = [], "@"
+    """A native-aligned struct of the ``void*`` array (one u64 an argument) then the values, and each
+    value's byte offset in it."""
+    prefix = f"@{len(kinds)}Q"
+    offsets = []
     for k in kinds:
         code = dtypes.struct_code(k)
         offsets.append(struct.calcsize(prefix + "0" + code))  # aligned start of the next field
         prefix += code
-    return struct.Struct(fmt), tuple(offsets)
+    return struct.Struct(prefix), tuple(offsets)
 
 
 def pack_args(args: Sequence[tuple[str, int | float]]) -> PackedArgs:
     """Pack ``(kind, value)`` kernel arguments; ints are range-checked for their kind.
 
-    The common case is one ``struct.pack_into``; anything it refuses goes through the checks below,
-    which name the argument at fault."""
+    The common case is one ``struct.pack_into`` (which refuses a float, or an int out of its kind's range,
+    for an integer kind); anything it refuses goes through the checks below, which name the argument at
+    fault. A build packs every kernel node of every bucket, so this path is kept short."""
+    if not args:
+        return PackedArgs(None, (), ())
     try:
-        kinds = tuple(k for k, _ in args)
+        kinds = tuple([k for k, _ in args])
         layout, offsets = _layout(kinds)
-        values = [v for _, v in args]
-        if not any(type(v) is float for k, v in zip(kinds, values, strict=True) if dtypes.int_range(k)):
-            buf = ctypes.create_string_buffer(max(layout.size, 1)) if kinds else None
-            if buf is not None:
-                layout.pack_into(buf, 0, *values)
-            return PackedArgs(buf, kinds, offsets)
+        buf = ctypes.create_string_buffer(layout.size)
+        base = ctypes.addressof(buf)
+        layout.pack_into(buf, 0, *[base + o for o in offsets], *[v for _, v in args])
+        return PackedArgs(buf, kinds, offsets)
     except (KeyError, TypeError, ValueError, OverflowError, struct.error):
         pass
     for i, arg in enumerate(args):  # explain what the fast path refused
