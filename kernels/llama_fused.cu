@@ -752,6 +752,12 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const K* kc, const
 #ifndef ATTN_PRELOAD2
 #define ATTN_PRELOAD2 0
 #endif
+#if ATTN_GROUPED && ATTN_TRIGGER == 1
+#error "ATTN_GROUPED launches dependents at the start (ATTN_TRIGGER 0) or after the tiles (2), not after the first tile's loads"
+#endif
+#if ATTN_PRELOAD2 && !ATTN_GROUPED
+#error "ATTN_PRELOAD2 needs ATTN_GROUPED (attn_span takes one preloaded tile)"
+#endif
 
 // attn_span's result by a shorter chain: each lane group keeps its own online softmax (m, l and p.V over its own
 // keys, in registers: the group's lanes hold the same scores), so a tile takes no barrier, no shared memory and no

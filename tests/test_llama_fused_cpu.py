@@ -130,6 +130,23 @@ def test_batch_one_knobs(ptx):
         assert (stack, st, ld) == (0, 0, 0) and regs <= 128, (name, regs)
 
 
+@needs_nvrtc
+def test_attention_chain_knobs(ptx):
+    """ATTN_GROUPED with ATTN_PRELOAD2 (off by default) builds every attn_decode entry, still reads only pos and
+    cached K/V rows before the wait, and issues twice the default's K/V loads there (the second tile too)."""
+    both = entry_bodies(ptx_or_skip("#define ATTN_GROUPED 1\n#define ATTN_PRELOAD2 1\n" + read_kernel_source(SRC),
+                                    "llama_fused_attn_grouped"))
+    base = entry_bodies(ptx)
+    for wt in WTYPES:
+        name = f"attn_decode_{wt}"
+        kv_load = "ld.global.cg.v4.f32" if wt == "f32" else "ld.global.cg.v2.u32"
+        heads = [b[name].split("griddepcontrol.wait", 1)[0] for b in (base, both)]
+        ops = set(re.findall(r"\b(?:ld|st|atom|red)\.global(?:\.\w+)*", heads[1]))
+        assert ops == {"ld.global.u32", kv_load}, (name, ops)
+        assert heads[1].count(kv_load) == 2 * heads[0].count(kv_load) > 0, name
+        assert ".local" not in both[name], name
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the spec
 # ----------------------------------------------------------------------------------------------------------
