@@ -233,7 +233,9 @@ PY
         --batches 1 --contexts 64,160,2048 --rounds 3 --steps 30 --json "$OUT/attnskip.json" 2>&1 | grep -v -i warn | tail -12 ;;
     attngroup)  # issue 8: attention's chain after its wait, shortened: per-lane-group online softmax (no barrier or
       # block-wide reduction a tile; ATTN_GROUPED) and the second tile's K/V issued before the wait (ATTN_PRELOAD2)
-      V=scratch/variants
+      V=$OUT/variants; mkdir -p "$V"
+      python3 tools/spec_variant.py -o "$V/g1.yaml" --option "attn=-DATTN_GROUPED=1" >/dev/null
+      python3 tools/spec_variant.py -o "$V/g2.yaml" --option "attn=-DATTN_GROUPED=1" --option "attn=-DATTN_PRELOAD2=1" >/dev/null
       timeout 240 python3 tools/bench_ab.py --variant shipped --variant "grouped=$V/g1.yaml" --variant "grouped2=$V/g2.yaml" \
         --batches 1 --contexts 64,160,2048 --rounds 3 --steps 30 --json "$OUT/attngroup.json" 2>&1 | grep -v -i warn | tail -12
       for s in specs/llama_decode_fused.yaml $V/g1.yaml $V/g2.yaml; do tokens_md5 $s; done ;;
