@@ -635,6 +635,50 @@ __device__ __forceinline__ void attn_combine(const float* part_o, const float* p
 #define ATTN_SKIP 0
 #endif
 
+// The K/V of a lane group's keys of the tile at t0 (nt keys; key u of the group is t0 + u * n_sg + sg, its lane
+// sc4 the key's float4 sc4) into kv/vv, zero past nt: one round trip. `first`: kv/vv hold the tile already (loaded
+// before the wait); `second`: kv2/vv2 do.
+template <typename R>
+__device__ __forceinline__ void attn_tile_kv(const R* kc4, const R* vc4, int d4, int t0, int nt, int sg, int sc4,
+                                             int n_sg, bool first, bool second, R (&kv)[ATTN_UNROLL],
+                                             R (&vv)[ATTN_UNROLL], const R (&kv2)[ATTN_UNROLL],
+                                             const R (&vv2)[ATTN_UNROLL]) {
+    const R zr{};
+#pragma unroll
+    for (int u = 0; u < ATTN_UNROLL; ++u) {
+        const int kk = u * n_sg + sg;
+        const bool in = kk < nt && sc4 < d4;
+        if (first) {
+            if (!in) kv[u] = vv[u] = zr;
+        } else if (second) {
+            kv[u] = in ? kv2[u] : zr;
+            vv[u] = in ? vv2[u] : zr;
+        } else {
+            kv[u] = vv[u] = zr;
+            if (in) {
+                kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
+                vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
+            }
+        }
+    }
+}
+
+// The unscaled scores q.k of a lane group's keys, summed over the group's lpk lanes by shuffles (every lane of
+// the group holds the same bits).
+template <typename K, typename R>
+__device__ __forceinline__ void attn_tile_scores(const float4& qv, const R (&kv)[ATTN_UNROLL], int lpk,
+                                                 float (&dot)[ATTN_UNROLL]) {
+#pragma unroll
+    for (int u = 0; u < ATTN_UNROLL; ++u) {
+        const float4 kf = kv_unpack4<K>(kv[u]);
+        dot[u] = qv.x * kf.x + qv.y * kf.y + qv.z * kf.z + qv.w * kf.w;
+    }
+    for (int o = lpk >> 1; o > 0; o >>= 1) {
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
+    }
+}
+
 // Online softmax of one query over keys [start, end) of one KV head (kc, vc: its rows, 4 * d4 elements), by every
 // thread of the block (it has barriers). Lane group sg = tid / lpk (lpk: a power of two >= d4) holds keys
 // u * n_sg + sg of each tile of ATTN_UNROLL * n_sg keys in kv/vv, its lane sc4 the head's float4 sc4 (qv: that
@@ -656,7 +700,6 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const K* kc, const
     const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
     const int tile = ATTN_UNROLL * n_sg;
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const R zr{};
     const R* kc4 = reinterpret_cast<const R*>(kc);  // a key row is d4 packs of 4 elements
     const R* vc4 = reinterpret_cast<const R*>(vc);
     m = NEG_INF;
@@ -664,31 +707,10 @@ __device__ __forceinline__ float4 attn_span(const float4& qv, const K* kc, const
     float4 acc = zero4;
     for (int t0 = start; t0 < end; t0 += tile) {
         const int nt = min(tile, end - t0);
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) {  // K and V of the lane group's keys: one round trip
-            const int kk = u * n_sg + sg;
-            const bool in = kk < nt && sc4 < d4;
-            if (preloaded && t0 == start) {  // loaded with pos: zero the keys past this tile's end
-                if (!in) kv[u] = vv[u] = zr;
-            } else {
-                kv[u] = vv[u] = zr;
-                if (in) {
-                    kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
-                    vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
-                }
-            }
-        }
+        attn_tile_kv<R>(kc4, vc4, d4, t0, nt, sg, sc4, n_sg, preloaded && t0 == start, false, kv, vv, kv, vv);
         if (trigger && t0 == start) PDL_LAUNCH_DEPENDENTS();
         float dot[ATTN_UNROLL];
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) {
-            const float4 kf = kv_unpack4<K>(kv[u]);
-            dot[u] = qv.x * kf.x + qv.y * kf.y + qv.z * kf.z + qv.w * kf.w;
-        }
-        for (int o = lpk >> 1; o > 0; o >>= 1) {
-#pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
-        }
+        attn_tile_scores<K, R>(qv, kv, lpk, dot);
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; ++u) {
             const int kk = u * n_sg + sg;
@@ -777,40 +799,16 @@ __device__ __forceinline__ float4 attn_span_grouped(const float4& qv, const K* k
     const int sg = tid / lpk, sc4 = tid % lpk, n_sg = nthreads / lpk;
     const int tile = ATTN_UNROLL * n_sg;
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const R zr{};
     const R* kc4 = reinterpret_cast<const R*>(kc);
     const R* vc4 = reinterpret_cast<const R*>(vc);
     float mg = NEG_INF, lg = 0.0f;  // this lane group's running max and sum of exp
     float4 acc = zero4;
     for (int t0 = start; t0 < end; t0 += tile) {
         const int nt = min(tile, end - t0);
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) {
-            const int kk = u * n_sg + sg;
-            const bool in = kk < nt && sc4 < d4;
-            if (preloaded && t0 == start) {
-                if (!in) kv[u] = vv[u] = zr;
-            } else if (preloaded2 && t0 == start + tile) {
-                kv[u] = in ? kv2[u] : zr;
-                vv[u] = in ? vv2[u] : zr;
-            } else {
-                kv[u] = vv[u] = zr;
-                if (in) {
-                    kv[u] = db_ldcg(kc4 + (size_t)(t0 + kk) * d4 + sc4);
-                    vv[u] = db_ldcg(vc4 + (size_t)(t0 + kk) * d4 + sc4);
-                }
-            }
-        }
+        attn_tile_kv<R>(kc4, vc4, d4, t0, nt, sg, sc4, n_sg, preloaded && t0 == start,
+                        preloaded2 && t0 == start + tile, kv, vv, kv2, vv2);
         float dot[ATTN_UNROLL];
-#pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; ++u) {
-            const float4 kf = kv_unpack4<K>(kv[u]);
-            dot[u] = qv.x * kf.x + qv.y * kf.y + qv.z * kf.z + qv.w * kf.w;
-        }
-        for (int o = lpk >> 1; o > 0; o >>= 1) {
-#pragma unroll
-            for (int u = 0; u < ATTN_UNROLL; ++u) dot[u] += db_shfl_xor(dot[u], o);
-        }
+        attn_tile_scores<K, R>(qv, kv, lpk, dot);
         float mt = NEG_INF;
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; ++u) {
