@@ -210,14 +210,15 @@ class GraphPool:
             if id(exe) in owners:
                 exe.close()
         self.executables.clear()
-        if hasattr(getattr(self, "backend", None), "drop_child_bodies"):
-            self.backend.drop_child_bodies()
+        be = getattr(self, "backend", None)
+        if be is not None and getattr(self, "_own_backend", False):
+            be.close()  # the kept child bodies, the BLAS handle and the capture stream
+        elif hasattr(be, "drop_child_bodies"):
+            be.drop_child_bodies()  # a backend given to us: only what this pool asked it to keep
         if self.arena is not None:
             self.arena.close()
         if hasattr(self, "modules"):
             self.modules.clear()
-        if getattr(self, "_own_backend", False) and getattr(self, "backend", None) is not None:
-            self.backend.close()  # its BLAS handle and capture stream
 
     def __enter__(self) -> GraphPool:
         return self
