@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -439,22 +439,28 @@ def _view_in(payload: tuple[str, tuple | None, str], buffers, env, whole: dict) 
     """The byte range a compiled view names (the rules of :func:`resolve_view`); _Fallback where the validating
     binder has something to say (a missing buffer, an index out of range or not an integer). ``whole`` keeps
     the whole-buffer views made, by text, with their buffer: a repeat's copies of a node (22 layers) then share
-    one View while the bind's buffer is the same object (a new bind has new buffers)."""
-    name, index, text = payload
+    one View while the buffer is the same object (:func:`bind` reuses an earlier bind's equal buffers)."""
+    try:
+        values = None if payload[1] is None else tuple(c(env) for c in payload[1])
+    except expr.ExprError:
+        raise _Fallback from None
+    return _view_with(payload, buffers, values, whole)
+
+
+def _view_with(payload: tuple[str, tuple | None, str], buffers, values: tuple | None, whole: dict) -> View:
+    """:func:`_view_in` with the index already evaluated (``values``; None for a whole buffer)."""
+    name, _, text = payload
     buf = buffers.get(name)
     if buf is None:
         raise _Fallback
-    if index is None:
+    if values is None:
         made = whole.get(text)
         if made is None or made[0] is not buf:
             made = whole[text] = (buf, view_at(buf, text, None))
         return made[1]
-    if len(index) > len(buf.shape):
+    if len(values) > len(buf.shape):
         raise _Fallback
-    try:
-        idx = tuple(_int(c(env)) for c in index)
-    except expr.ExprError:
-        raise _Fallback from None
+    idx = tuple(_int(v) for v in values)
     if any(not 0 <= i < n for i, n in zip(idx, buf.shape, strict=False)):
         raise _Fallback
     return view_at(buf, text, idx)
@@ -628,7 +634,13 @@ class _CompiledChild:
     writes: tuple
     calls: tuple  # (signature, ((Param, "view" | "scalar" | "fixed", payload | closure | KernelArg), ...))
     declared: frozenset  # (view text, written) of the body's views that a declared view of the same text covers
+    numbers: tuple  # closures of its scalars (in call order), then of each view's index: with the buffers, all that
+    # its op depends on
+    indices: dict  # view text → (start, end) of its index's values in `numbers`
+    buffers: tuple[str, ...]  # the buffers it views
     whole: dict = field(default_factory=dict)  # whole-buffer views made (see _view_in)
+    params: dict = field(default_factory=dict)  # (Param, dtype) → the Param with the buffer's dtype
+    made: dict = field(default_factory=dict)  # (numbers' values, their types, buffer ids) → (ChildOp, buffers): run()
 
     @classmethod
     def of(cls, node: ChildNode) -> _CompiledChild:
@@ -648,16 +660,47 @@ class _CompiledChild:
         writes = tuple(_view_payload(t) for t in node.child.writes)
         # the same text names the same bytes: a write is covered by a declared write, a read by either
         declared = {(v[2], True) for v in writes} | {(v[2], False) for v in reads + writes}
-        return cls(reads, writes, tuple(calls), frozenset(declared))
+        payloads = {v[2]: v for v in reads + writes}
+        numbers = []
+        for _, entries in calls:
+            for _, how, payload in entries:
+                if how == "view":
+                    payloads[payload[2]] = payload
+                elif how == "scalar":
+                    numbers.append(payload)
+        indices = {}
+        for text, v in payloads.items():
+            if v[1] is not None:
+                indices[text] = (len(numbers), len(numbers) + len(v[1]))
+                numbers += v[1]
+        bufs = sorted({v[0] for v in payloads.values()})
+        return cls(reads, writes, tuple(calls), frozenset(declared), tuple(numbers), indices, tuple(bufs))
 
     def run(self, buffers, env) -> ChildOp:
-        whole = self.whole
-        made: dict[str, View] = {}  # this bind's views by text: the body names the declared views again
+        """The node's op for these buffers and env. Pool buckets whose GEMM rows are padded to one size bind
+        equal child nodes (the layers' GEMMs of every bucket of a padding step): the op is a function of its
+        indices' and scalars' values and of the buffers it views, so an equal key returns the op made before
+        (:func:`bind` reuses equal buffers across binds: equal ones are one object)."""
+        try:
+            values = tuple(c(env) for c in self.numbers)
+        except expr.ExprError:
+            raise _Fallback from None
+        key = (values, tuple(map(type, values)), tuple(id(buffers.get(b)) for b in self.buffers))
+        made = self.made.get(key)
+        if made is None:  # the entry holds the buffers it was made with: their ids stay theirs
+            made = self.made[key] = (self._run(buffers, values), tuple(buffers.get(b) for b in self.buffers))
+        return made[0]
+
+    def _run(self, buffers, values: tuple) -> ChildOp:
+        whole, indices = self.whole, self.indices
+        views: dict[str, View] = {}  # this bind's views by text: the body names the declared views again
+        scalars = iter(values)
 
         def view_of(payload):
-            v = made.get(payload[2])
+            v = views.get(payload[2])
             if v is None:
-                v = made[payload[2]] = _view_in(payload, buffers, env, whole)
+                at = indices.get(payload[2])
+                v = views[payload[2]] = _view_with(payload, buffers, at and values[at[0]:at[1]], whole)
             return v
 
         reads = tuple(view_of(v) for v in self.reads)
@@ -669,13 +712,17 @@ class _CompiledChild:
             for p, how, payload in entries:
                 if how == "view":
                     view = view_of(payload)
-                    args.append(KernelArg(Param(p.name, buffers[view.buffer].dtype, True, p.const), view=view))
+                    dtype = buffers[view.buffer].dtype
+                    param = self.params.get((p, dtype))
+                    if param is None:
+                        param = self.params[(p, dtype)] = Param(p.name, dtype, True, p.const)
+                    args.append(KernelArg(param, view=view))
                     if (payload[2], not p.const) not in self.declared:
                         undeclared.append((view, not p.const))
                 elif how == "scalar":
                     try:
-                        args.append(KernelArg(p, value=check_scalar(p.dtype, payload(env))))
-                    except (expr.ExprError, ValueError, OverflowError):
+                        args.append(KernelArg(p, value=check_scalar(p.dtype, next(scalars))))
+                    except (ValueError, OverflowError):
                         raise _Fallback from None
                 else:
                     args.append(payload)
@@ -688,6 +735,7 @@ class _CompiledChild:
         return ChildOp(reads, writes, tuple(body))
 
 
+@functools.lru_cache(maxsize=4096)
 def _uses_var(node_id: str, var: str) -> bool:
     """Whether a ``{expr}`` template of ``node_id`` refers to ``var`` (unparsable ones count: bind reports them)."""
     for m in TEMPLATE.finditer(node_id):
@@ -732,25 +780,28 @@ def _leaves(nodes, env: dict) -> int:
 
 
 def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
-            budget: list[int], scope: str | None = None) -> Iterator[tuple]:
-    """Yield (spec node, spec path, env, repeat frames, scope), expanding repeat blocks in order; a loop
-    node comes first, then its body's nodes with ``scope`` its id.
+            budget: list[int], scope: str | None = None, out: list | None = None) -> list[tuple]:
+    """(spec node, spec path, env, repeat frames, scope) for every node, repeat blocks expanded in order; a loop
+    node comes first, then its body's nodes with ``scope`` its id. Appends to ``out`` (a list, not a generator:
+    nested generators cost each node a resumption per level).
 
     ``budget`` holds the nodes still allowed; a spec that would pass :data:`MAX_NODES` raises _SizeLimit
     before expanding (repeat counts are multiplied out first), so a huge count fails at once."""
+    if out is None:
+        out = []
     for i, node in enumerate(nodes):
         path = (*base_path, i)
         if not isinstance(node, RepeatBlock):
             budget[0] -= 1
             if budget[0] < 0:
                 raise _SizeLimit
-            yield node, path, env, frames, scope
+            out.append((node, path, env, frames, scope))
             if isinstance(node, LoopNode):
                 try:
                     inner = _fill_ids(node.id, env)
                 except expr.ExprError:
                     continue  # bind reports the id; the body has no loop to belong to
-                yield from _expand(node.nodes, (*path, "nodes"), env, frames, issues, budget, inner)
+                _expand(node.nodes, (*path, "nodes"), env, frames, issues, budget, inner, out)
             continue
         var = node.repeat.var
         where = dict(path=(*path, "repeat", "count"), field="repeat.count")
@@ -780,8 +831,8 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
                            once=("duplicate_id", (*path, "nodes", j)))
         for value in range(count):
             frame = RepeatFrame(path, var, value, count)
-            yield from _expand(node.nodes, (*path, "nodes"), {**env, var: value}, (*frames, frame), issues, budget,
-                               scope)
+            _expand(node.nodes, (*path, "nodes"), {**env, var: value}, (*frames, frame), issues, budget, scope, out)
+    return out
 
 
 def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
@@ -806,13 +857,18 @@ def bind(spec: GraphSpec, overrides: Mapping[str, Any] | None = None,
         kernels = _bind_kernels(spec, types, issues, programs)
         if len(issues.items) == before:
             programs[kernels_key] = dict(kernels)
-    buffers = _bind_buffers(spec, top, types, issues)
+    # equal buffers of earlier binds are reused, so that compiled bindings can tell them by identity
+    buffers = {n: programs.setdefault(("buffer", b), b) for n, b in _bind_buffers(spec, top, types, issues).items()}
     nodes: list[PlanNode] = []
     seen: dict[str, tuple] = {}
     # what a compiled binding depends on besides its spec node: the kernel's entry, params and launch
     # (one canonical tuple per distinct key, identified by its id: hashing Params per node costs)
-    kernel_keys = {name: (k.entry, k.params, k.launch) for name, k in kernels.items()}
-    kernel_keys = {name: id(programs.setdefault(("kernel", key), key)) for name, key in kernel_keys.items()}
+    kernel_keys = programs.get(("kernel_keys", kernels_key))
+    if kernel_keys is None:
+        kernel_keys = {name: (k.entry, k.params, k.launch) for name, k in kernels.items()}
+        kernel_keys = {name: id(programs.setdefault(("kernel", key), key)) for name, key in kernel_keys.items()}
+        if kernels_key in programs:  # kernels bound without issues: the same for every bind of these types
+            programs[("kernel_keys", kernels_key)] = kernel_keys
     try:
         for node, path, env, frames, scope in _expand(spec.nodes, ("nodes",), dict(top), (), issues, [MAX_NODES]):
             pn = _bind_node(node, path, env, frames, len(nodes), spec, kernels, buffers, kernel_keys, programs,

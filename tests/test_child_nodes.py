@@ -201,6 +201,15 @@ def test_rebinding_with_compiled_child_bindings_keeps_ops_and_named_errors():
     _, issues = bind(spec, {"j": 2}, programs)  # w has 2 rows
     _, fresh_issues = bind(spec, {"j": 2}, {})
     assert issues == fresh_issues and issues[0].code == "out_of_bounds" and "w[j]" in issues[0].message
+    # an equal key (the same index and scalar values, the same buffers) returns the op made before; a buffer the
+    # node views with another shape (ws of r bytes) or another value makes a new one
+    sized = parse_spec(text.replace("j: 0}", "j: 0, r: 4096}").replace("shape: [4096]", "shape: [r]"))
+    programs = {}
+    ops = [bind(sized, dims, programs)[0].node_by_id["mm"].op  # the first bind validates, later ones compile
+           for dims in ({"j": 0}, {"j": 0}, {"j": 0}, {"j": 0, "r": 8192}, {"j": 1})]
+    assert ops[0] == ops[1] and ops[1] is ops[2] and ops[3] is not ops[1] and ops[4] is not ops[1]
+    assert ops[3] == bind(sized, {"j": 0, "r": 8192}, {})[0].node_by_id["mm"].op
+    assert ops[3].writes[1].nbytes == 8192 and ops[4].body[0].args[1].view.index == (1,)
     narrow = parse_spec(text.replace('reads: [a, "w[0]", "w[1]"]', 'reads: [a, "w[0]"]'))
     programs = {}
     assert not bind(narrow, {"j": 0}, programs)[1]

@@ -271,6 +271,29 @@ def test_gemm_pad_rounds_the_cublas_rows(gemm_pad):
     assert issues and "gemm_pad must be >= 1" in str(issues[0])
 
 
+def test_buckets_padded_to_one_size_share_their_child_ops():
+    """A pool binds every bucket with one ``programs``: where gemm_pad makes two buckets' GEMM calls equal (40 and
+    64 rows pad to 64), the second bucket gets the first one's child ops (the same objects), and every op equals a
+    fresh bind's; a bucket padded to another size (72 → 128) gets ops of its own."""
+    spec = load_spec(FUSED)
+    programs: dict = {}
+    dims = {"cache_batch": 128, "max_seq": 64, "gemm_pad": 64}
+    plans = {}
+    for batch in (72, 40, 64):  # the first bind validates, the later ones run compiled bindings
+        plans[batch], issues = bind(spec, {**dims, "batch": batch}, programs)
+        fresh, fresh_issues = bind(spec, {**dims, "batch": batch}, {})
+        assert not issues and not fresh_issues
+        assert [(n.id, n.op) for n in plans[batch].nodes] == [(n.id, n.op) for n in fresh.nodes]
+
+    def children(p):
+        return {n.id: n.op for n in p.nodes if n.op.kind == "child"}
+
+    a, b, c = (children(plans[n]) for n in (40, 64, 72))
+    assert len(a) > 80 and a.keys() == b.keys() == c.keys()
+    assert all(a[i] is b[i] for i in a)
+    assert not any(a[i] == c[i] for i in a)
+
+
 def test_gemm_batch_is_checked():
     _, issues = bind(load_spec(FUSED), {"batch": 4, "cache_batch": 4, "gemm_batch": 1})
     assert issues and "gemm_batch must be 0" in str(issues[0])
