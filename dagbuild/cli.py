@@ -508,6 +508,8 @@ def cmd_pool(args) -> int:
               f"{total_ms:.1f} ms ({'lazy' if args.lazy else 'eager'}, method {pool.method})")
         for key, ms in sorted(pool.build_ms.items()):
             print(f"  {dict(zip(pool.buckets, key, strict=True))}: {ms:.2f} ms")
+        if pool.phases:
+            print("host time by phase: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in pool.phases.items()))
         arena = pool.arena_bytes
         print(f"arena (device buffers at the largest bucket): {arena / 2**20:.1f} MiB")
         print(f"device memory in use after building: {used / 2**20:.1f} MiB; beyond the arena: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -69,7 +70,9 @@ class Executable:
     ``bound`` maps buffer names to memory the caller owns (CuPy/PyTorch arrays, or an
     :class:`~dagbuild.buffers.Arena`'s arrays); the rest is allocated here. ``modules`` shares compiled
     kernels between executables. ``derive_from``: instantiate that executable's graph again and set only
-    the parameters that differ (a pool's buckets share one topology).
+    the parameters that differ (a pool's buckets share one topology). ``phases``: the host seconds the build
+    spent by phase (``compile``, ``allocate``, ``<kind> nodes`` with their parameters, ``edges``,
+    ``instantiate``, ``set``), which ``dagbuild pool`` and ``tools/bench_pool.py`` report.
     """
 
     def __init__(self, plan: Plan, options: ExecOptions | None = None, *, backend: Any = None,
@@ -92,6 +95,8 @@ class Executable:
         self._named: dict[str, Any] = {}  # every node of the graphs by name (loop internals, copies `id#i`)
         self._loops: dict[str, Any] = {}  # loop id → its nodekinds.LoopNodes (conditional loops)
         self._bodies: list[Any] = []  # the body graphs of conditional loops
+        self.phases: dict[str, float] = {}
+        t = time.perf_counter()
         try:
             import cupy
 
@@ -112,7 +117,9 @@ class Executable:
             self.loop_mode = self._loop_mode()
             self._compile(arch)
             self._check_resident()
+            t = self._timed("compile", t)
             self._allocate(bound or {})
+            self._timed("allocate", t)
             if not options.build_graph:
                 return
             if derive_from is None:
@@ -126,6 +133,12 @@ class Executable:
             raise
 
     # ---- build -------------------------------------------------------------------------------------
+    def _timed(self, phase: str, t0: float) -> float:
+        """Add the host time since ``t0`` to ``phase``; returns now (the next phase's start)."""
+        t = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + t - t0
+        return t
+
     def _check_limits(self) -> None:
         lim, issues = self.limits, []
         optin = lim.get("max_shared_per_block_optin", DEFAULT_SHARED_LIMIT)
@@ -288,10 +301,12 @@ class Executable:
         succs = {u for u, _ in self.plan.edges}
         self._scope = (order, preds, programmatic, succs, {})
         self._add_scope(self.graph, None, [], "")
+        t = time.perf_counter()
         try:
             self.exec = be.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
+        self._timed("instantiate", t)
         self._built_params = self._scope[4]  # what the graph holds: executables derived from this one diff against it
         del self._scope
 
@@ -304,13 +319,15 @@ class Executable:
         added: dict[str, Any] = {}
         with_preds = {v for _, v in programmatic} | {n for n, ps in preds.items() if ps}
         for n in order.get(scope, []):
+            t = time.perf_counter()
             deps = [added[p] for p in preds[n.id]] + ([] if n.id in with_preds else first)
             params[n.id] = p = self._params(n)
             try:
                 if isinstance(n.op, LoopOp):
-                    h = self._add_loop(graph, n, deps, p, suffix)
+                    h = self._add_loop(graph, n, deps, p, suffix)  # its body's nodes are timed as theirs
                 else:
                     h = kind_of(n.op).add(be, graph, deps, p)
+                    self._timed(f"{n.op.kind} nodes", t)
             except DriverError as e:
                 raise DriverError(e.call, e.status, node=n.id + suffix, kernel=getattr(n.op, "kernel", None)) from None
             added[n.id] = h
@@ -318,6 +335,7 @@ class Executable:
             self.handles.setdefault(n.id, h)
             if not (isinstance(n.op, LoopOp) and self.loop_mode != "conditional"):
                 self._named[n.id + suffix] = h  # an unrolled loop is no driver node: its joins are named lp#i
+        t = time.perf_counter()
         for u, v in programmatic:
             if u in added and v in added:
                 try:
@@ -325,6 +343,7 @@ class Executable:
                 except DriverError as e:
                     raise DriverError(e.call, e.status, node=v + suffix,
                                       detail=f"programmatic edge from {u!r}") from None
+        self._timed("edges", t)
         return added, [h for i, h in added.items() if i not in succs]
 
     def _add_loop(self, graph: Any, n: PlanNode, deps: list, p: tuple, suffix: str) -> Any:
@@ -374,14 +393,17 @@ class Executable:
         self.graph, self.handles = source.graph, dict(source.handles)
         self._copies, self._named = {k: list(v) for k, v in source._copies.items()}, dict(source._named)
         self._loops, self._bodies = dict(source._loops), list(source._bodies)
+        t = time.perf_counter()
         try:
             self.exec = self.backend.instantiate(self.graph)
         except DriverError as e:
             raise DriverError(e.call, e.status, detail=f"instantiating graph {self.plan.name!r}") from None
+        t = self._timed("instantiate", t)
         for n in self.plan.nodes:
             params = self._params(n)
             if params != source._built_params[n.id]:
                 self._push(n, params)
+        self._timed("set", t)
 
     # ---- node parameters: the same helpers build and update -----------------------------------------
     def pointer(self, view: View) -> int:

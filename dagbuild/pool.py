@@ -63,6 +63,7 @@ class GraphPool:
         self.overrides = dict(overrides or {})
         self.executables: dict[tuple[int, ...], Executable] = {}
         self.build_ms: dict[tuple[int, ...], float] = {}
+        self.phases: dict[str, float] = {}  # host seconds of the buckets' builds: bind, then Executable.phases
         self._plans: dict[tuple[int, ...], Plan] = {}
         self._bindings: dict = {}  # compiled kernel-node bindings shared by every bucket's bind
         self._flow_fixed = _flow_fixed(spec, set(buckets))
@@ -104,6 +105,7 @@ class GraphPool:
         and ``after`` edge) is the same, else analyses this bucket in full."""
         if key in self._plans:
             return self._plans[key]
+        t0 = time.perf_counter()
         dims = {**self.overrides, **dict(zip(self.buckets, key, strict=True))}
         largest = getattr(self, "largest_plan", None)
         if largest is None:
@@ -120,6 +122,7 @@ class GraphPool:
             else:
                 p = make_plan(self.spec, dims)
         self._plans[key] = p
+        self.phases["bind"] = self.phases.get("bind", 0.0) + time.perf_counter() - t0
         return p
 
     def activations(self) -> list[str]:
@@ -157,6 +160,8 @@ class GraphPool:
             self._sources.setdefault(kernels, exe)
         self.executables[key] = exe
         self.build_ms[key] = (time.perf_counter() - t0) * 1e3
+        for phase, s in exe.phases.items():
+            self.phases[phase] = self.phases.get(phase, 0.0) + s
         return exe
 
     def bucket_for(self, **dims: int) -> tuple[int, ...]:

@@ -67,6 +67,7 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: s
             prof = cProfile.Profile()
             prof.enable()
         gc.disable()  # as GraphPool(eager=True) does while it builds every bucket
+        before = dict(pool.phases)  # the largest bucket's plan, made when the pool was
         t0 = time.perf_counter()
         for n in sizes:
             pool.get(batch=n)
@@ -84,7 +85,8 @@ def one(method: str, sizes: list[int], max_seq: int, profile: bool, spec_path: s
         pool.upload()
         f2 = free_bytes()
         out.update(build_s=t1 - t0, graphs_mib=(f1 - f2) / 2**20,
-                   per_bucket_ms={str(k[0]): round(v, 3) for k, v in sorted(pool.build_ms.items())})
+                   per_bucket_ms={str(k[0]): round(v, 3) for k, v in sorted(pool.build_ms.items())},
+                   phases_s={k: round(v - before.get(k, 0.0), 4) for k, v in pool.phases.items()})
     else:
         # the same kernels over the same arena, captured bucket by bucket; plans are bound first so only
         # capture (warm-up launch + record + instantiate + upload) is timed
@@ -154,6 +156,8 @@ def main() -> int:
     print(f"{'explicit, derived, serialized':<34} {s['build_s']:>8.3f} {s['graphs_mib']:>17.1f}")
     print(f"{'CuPy stream capture (+warm-up)':<34} {c['build_s']:>8.3f} {c['graphs_mib']:>17.1f}")
     print(f"explicit (derived) builds {c['build_s'] / d['build_s']:.1f}× faster than capture")
+    for label, r in (("derived", d), ("fresh", f)):
+        print(f"host time by phase, {label}: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["phases_s"].items()))
     for r in (d, s):
         if "profile" in r:
             print(r["profile"])

@@ -14,7 +14,7 @@ STAGES=${STAGES:-"tests bench pool"}
 fresh_build() {
   local label=$1; shift
   timeout 300 python3 tools/bench_pool.py --only fresh --spec specs/llama_decode_fused.yaml "$@" 2>&1 | tail -1 \
-    | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('$label: build', round(d['build_s'], 3), 's,', d['per_bucket_ms'])"
+    | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); print('$label: build', round(d['build_s'], 3), 's; host s by phase', d['phases_s'], ';', d['per_bucket_ms'])"
 }
 # the md5 of a spec's 300 greedy tokens at max_seq 2048 (args: the spec and its --set options): variants that
 # change only how a step runs must print the shipped spec's

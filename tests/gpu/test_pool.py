@@ -73,6 +73,10 @@ def test_mixed_batches_match_batch_one(method):
                     produced[r].append(int(nxt[r]))
                     current[r] = int(nxt[r])
         assert be.instantiations == built, "switching buckets must not instantiate anything"
+        # the build's host time by phase: the derived buckets set parameters, the fresh ones add nodes
+        want = {"bind", "compile", "allocate", "instantiate"} | ({"set"} if method == "derive" else set())
+        assert want | {"kernel nodes", "memcpy nodes"} <= set(pool.phases) and min(pool.phases.values()) >= 0
+        assert sum(v for k, v in pool.phases.items() if k != "bind") <= sum(pool.build_ms.values()) / 1e3
         # rows 5..7 of the cache were only ever padding: never written
         k = pool.arena["k_cache"]
         assert float(abs(k[:, 5:]).max()) == 0.0
