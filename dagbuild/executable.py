@@ -30,6 +30,7 @@ from .ir import (
     MemcpyOp,
     MemsetOp,
     Plan,
+    PlanKernel,
     PlanNode,
     View,
 )
@@ -164,6 +165,7 @@ class Executable:
             raise SpecError(issues)
 
     def _compile(self, arch: str | None) -> None:
+        self.modules.prepare(self._kernels())
         shared_need: dict[str, int] = {}
         for n in self.plan.nodes:
             op = n.op
@@ -182,6 +184,13 @@ class Executable:
         for name, need in shared_need.items():
             if need > DEFAULT_SHARED_LIMIT:
                 self.backend.set_max_dynamic_shared(self._funcs[name], need)
+
+    def _kernels(self) -> list[PlanKernel]:
+        """The kernels this executable loads: its kernel nodes' (and its conditional loops')."""
+        names = {n.op.kernel for n in self.plan.nodes if isinstance(n.op, KernelOp)}
+        if self.loop_mode == "conditional":
+            names |= {LOOP_ENTER, LOOP_NEXT}
+        return [self.plan.kernels[name] for name in sorted(names)]
 
     def _resident_problem(self, op: KernelOp) -> str | None:
         """Why a launch of ``op`` cannot have every block resident at once, if its kernel needs that

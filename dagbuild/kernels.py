@@ -24,7 +24,9 @@ import importlib.util
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -404,15 +406,67 @@ def load_module(source: str, kernel: str, options: Sequence[str] = ()) -> Any:
 def _device_image(cupy: Any, source: str, kernel: str, options: tuple[str, ...]) -> Path | None:
     """The cached cubin for the current device, or None where this NVRTC cannot make it (not installed, an
     arch it does not know) or nothing can be cached."""
-    if cache_dir() is None:
-        return None
-    try:
-        arch = f"sm_{cupy.cuda.Device().compute_capability}"
-        if int(arch[3:]) not in supported_archs():
-            return None
-    except Exception:
+    arch = _device_arch(cupy)
+    if arch is None or cache_dir() is None:
         return None
     return module_image(source, kernel, arch, options)  # a CompileError here is the kernel's
+
+
+def _device_arch(cupy: Any) -> str | None:
+    """``sm_XY`` of the current device where this NVRTC compiles for it, else None."""
+    try:
+        arch = f"sm_{cupy.cuda.Device().compute_capability}"
+        return arch if int(arch[3:]) in supported_archs() else None
+    except Exception:
+        return None
+
+
+def _current_arch() -> str | None:
+    try:
+        import cupy
+    except Exception:
+        return None
+    return _device_arch(cupy)
+
+
+def missing_images(kernels: Iterable[PlanKernel], arch: str | None = None) -> list[PlanKernel]:
+    """Those of ``kernels`` whose module's cubin for ``arch`` (None: the current device's) is not in the cache
+    (none where nothing can be cached or compiled)."""
+    arch, root = arch or _current_arch(), cache_dir()
+    if arch is None or root is None:
+        return []
+    return [k for k in kernels if not (root / f"{_digest(k.source, arch, k.options)}.cubin").is_file()]
+
+
+#: Compiles side by side at most (each Llama module takes 250-600 MiB of host memory in NVRTC).
+PREPARE_WORKERS = 8
+
+
+def prepare_images(kernels: Iterable[PlanKernel], arch: str | None = None) -> int:
+    """Compile side by side the cubins (with their PTX) of ``kernels``' modules that the cache does not hold
+    yet, for ``arch`` (None: the current device's); returns how many were compiled.
+
+    A fresh machine compiles every module it loads (NVRTC: 10-50 s each for the Llama kernels on a small
+    CPU), and loading them one by one waits for the sum. NVRTC releases the GIL, so threads overlap (two
+    compiles of llama_prefill.cu on 2 cores: 34.7 s one after the other, 17.2 s side by side). A module that
+    fails here is left to :func:`load_module`, which raises its CompileError where the kernel is loaded."""
+    arch = arch or _current_arch()
+    todo: dict[tuple[str, tuple[str, ...]], str] = {}  # module → the first kernel that names it (errors name it)
+    for k in missing_images(kernels, arch):
+        todo.setdefault((k.source, tuple(k.options)), k.name)
+    if arch is None or len(todo) < 2:  # one module compiles as fast when it is loaded
+        return 0
+
+    def build(item: tuple[tuple[str, tuple[str, ...]], str]) -> None:
+        (source, options), name = item
+        try:
+            module_image(source, name, arch, options)
+        except DagbuildError:  # raised again, with its node, when the kernel is loaded
+            pass
+
+    with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1, PREPARE_WORKERS)) as pool:
+        list(pool.map(build, todo.items()))
+    return len(todo)
 
 
 def function_handle(module: Any, entry: str, kernel: str | None = None) -> int:
@@ -483,8 +537,12 @@ def _digest(source: str, arch: str, options: Sequence[str]) -> str:
     cubin of one CUDA major loads on every driver of that major (minor version compatibility), and the
     params a PTX declares do not change between minor releases, so a cache filled with one toolkit serves
     a machine with another minor release (tools/prebuild.py)."""
-    key = (source, arch, tuple(options), nvrtc_version()[0])
-    return hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+    return _digest_of(source, arch, tuple(options), nvrtc_version()[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(source: str, arch: str, options: tuple[str, ...], major: int) -> str:
+    return hashlib.sha256(repr((source, arch, options, major)).encode()).hexdigest()[:32]
 
 
 def _load_cached(root: Path | None, name: str) -> bytes | None:
@@ -501,7 +559,7 @@ def _store_cached(root: Path | None, name: str, data: bytes) -> bool:
         return False
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f"{name}.{os.getpid()}.tmp"
+        tmp = root / f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"  # prepare_images writes from threads
         tmp.write_bytes(data)
         tmp.replace(root / name)
         return True
@@ -615,6 +673,12 @@ class ModuleCache:
         if key not in self.modules:
             self.modules[key] = load_module(k.source, k.name, k.options)
         return self.modules[key]
+
+    def prepare(self, kernels: Iterable[PlanKernel]) -> int:
+        """Compile side by side the modules of ``kernels`` not loaded here yet (:func:`prepare_images`), so that
+        loading them one by one afterwards finds their cubins."""
+        todo = [k for k in kernels if (k.source, k.options) not in self.modules]
+        return prepare_images(todo) if len(todo) > 1 else 0  # one module compiles as fast when it is loaded
 
     def function(self, k: PlanKernel, arch: str | None) -> int:
         """The ``CUfunction`` of ``k``'s entry; with ``arch``, its signature is checked first (once)."""

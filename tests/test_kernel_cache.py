@@ -164,3 +164,51 @@ def test_compile_error_survives_a_worker_process():
     e = pickle.loads(pickle.dumps(CompileError("gemv_res_mma", "llama_batched.cu(12): error: x is undefined")))
     assert isinstance(e, CompileError) and e.kernel == "gemv_res_mma" and "x is undefined" in e.log
     assert str(e).startswith("kernel 'gemv_res_mma' failed to compile:")
+
+
+def _kernel(name: str, source: str = SOURCE, options: tuple[str, ...] = ()):
+    from dagbuild.ir import Param, PlanKernel
+
+    params = (Param("x", "f32", True, True), Param("y", "f32", True, False), Param("n", "i32", False, False))
+    return PlanKernel(name, "twice", params, source, None, options)
+
+
+def test_prepare_images_compiles_the_missing_modules_side_by_side_once(cache, monkeypatch):
+    """A fresh machine's modules compile in threads before they are loaded one by one (NVRTC releases the GIL);
+    kernels of one module compile once, a cached one not again, a broken one is left to load_module."""
+    import threading
+
+    threads = set()
+    real = kernels.compile_cubin
+
+    def compile_cubin(*a, **k):
+        threads.add(threading.get_ident())
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "compile_cubin", compile_cubin)
+    monkeypatch.setattr(kernels.os, "cpu_count", lambda: 4)
+    ks = [_kernel("a", options=("-DV=1",)), _kernel("b", options=("-DV=1",)), _kernel("c", options=("-DV=2",)),
+          _kernel("bad", source="this is not CUDA"), _kernel("d", options=("-DV=3",))]
+    assert [k.name for k in kernels.missing_images(ks, "sm_90")] == ["a", "b", "c", "bad", "d"]
+    assert kernels.prepare_images(ks, "sm_90") == 4  # modules V=1 (a and b), V=2, the broken one, V=3
+    assert len(threads) > 1 and threading.get_ident() not in threads
+    assert [k.name for k in kernels.missing_images(ks, "sm_90")] == ["bad"]
+    assert len(list(cache.glob("*.cubin"))) == 3 and not list(cache.glob("*.tmp"))
+    monkeypatch.setattr(kernels, "compile_cubin", no_compile)
+    monkeypatch.setattr(kernels, "compile_ptx", no_compile)
+    assert kernels.plan_ptx(SOURCE, "c", "sm_90", ("-DV=2",))  # each compile's PTX is kept for the checks
+    assert kernels.prepare_images(ks[:3], "sm_90") == 0
+    with pytest.raises(kernels.CompileError):  # the broken module's error comes where it is loaded
+        monkeypatch.setattr(kernels, "compile_cubin", real)
+        kernels.module_image("this is not CUDA", "bad", "sm_90")
+
+
+def test_prepare_images_does_nothing_without_a_cache_a_device_or_a_second_module(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "compile_cubin", no_compile)
+    two = [_kernel("a", options=("-DV=1",)), _kernel("c", options=("-DV=2",))]
+    monkeypatch.setenv("DAGBUILD_CACHE_DIR", "")
+    assert kernels.prepare_images(two, "sm_90") == 0 and kernels.missing_images(two, "sm_90") == []
+    monkeypatch.setenv("DAGBUILD_CACHE_DIR", str(tmp_path))
+    assert kernels.prepare_images(two[:1], "sm_90") == 0  # one module compiles as fast when it is loaded
+    if kernels._current_arch() is None:  # no GPU here: no device arch to compile for
+        assert kernels.prepare_images(two) == 0

@@ -61,6 +61,7 @@ def run_cli(p: Plan, args: Any) -> int:
     stops = set(model.eos_ids) if model is not None else set()
     if "steps" in p.dims and "ring" in p.buffers:  # a looped plan (--tokens-per-launch, sampling)
         return run_loop_cli(p, args, prompt, tied, stops)
+    _prepare_modules(p, args.prefill == "graph")
     t0 = time.perf_counter()
     with Executable(p, bound=weights.tied_bound(p) if tied else None) as exe:
         build_ms = (time.perf_counter() - t0) * 1e3
@@ -105,6 +106,27 @@ def run_cli(p: Plan, args: Any) -> int:
           f"over {len(gen.decode_ms)} decode steps; time to first token {gen.ttft_ms:.2f} ms for a "
           f"{len(prompt)}-token prompt through {how}")
     return 0
+
+
+def _prepare_modules(p: Plan, prefill: bool) -> None:
+    """On a machine that has not compiled them yet, the decode graph's kernel modules and (``prefill``) the
+    prefill graphs' compile side by side before either is built: one after the other they took the sum."""
+    from ..kernels import missing_images, prepare_images
+
+    kernels = [p.kernels[name] for name in sorted({n.op.kernel for n in p.nodes if n.kind == "kernel"})]
+    if not missing_images(kernels):
+        return  # compiled before: so, most likely, were the prefill graphs' modules
+    if prefill:
+        from .prefill import DEFAULT_BUCKETS, prefill_overrides, prefill_spec
+
+        try:
+            dims = prefill_overrides(p)
+            seq = max([b for b in DEFAULT_BUCKETS if b <= p.dims["max_seq"]] or [p.dims["max_seq"]])
+            pp = plan(prefill_spec(), {**dims, "seq": seq})
+            kernels += [pp.kernels[name] for name in sorted({n.op.kernel for n in pp.nodes if n.kind == "kernel"})]
+        except DagbuildError:
+            pass  # no prefill graphs for this plan: the prefiller says why when it is asked for
+    prepare_images(kernels)
 
 
 def _load_weights(exe: Any, args: Any) -> str:
