@@ -451,21 +451,39 @@ def prepare_images(kernels: Iterable[PlanKernel], arch: str | None = None) -> in
     compiles of llama_prefill.cu on 2 cores: 34.7 s one after the other, 17.2 s side by side). A module that
     fails here is left to :func:`load_module`, which raises its CompileError where the kernel is loaded."""
     arch = arch or _current_arch()
+    if arch is None:
+        return 0
+    return _side_by_side(lambda src, name, opts: module_image(src, name, arch, opts), missing_images(kernels, arch))
+
+
+def prepare_ptx(kernels: Iterable[PlanKernel], arch: str) -> int:
+    """The PTX of ``kernels``' modules that neither this process nor the cache holds, compiled side by side for
+    ``arch`` (what ``dagbuild compile`` and the signature checks read; see :func:`prepare_images`)."""
+    root = cache_dir()
+    todo = [k for k in kernels if (k.source, arch, tuple(k.options)) not in _PTX_CACHE and
+            (root is None or not (root / f"{_digest(k.source, arch, k.options)}.ptx.gz").is_file())]
+    return _side_by_side(lambda src, name, opts: plan_ptx(src, name, arch, opts), todo)
+
+
+def _side_by_side(compile_one: Callable[[str, str, tuple[str, ...]], Any], kernels: list[PlanKernel]) -> int:
+    """``compile_one(source, kernel name, options)`` once per module of ``kernels``, in threads; how many ran
+    (none for a single module: it compiles as fast when it is needed). A module that fails is left to its
+    caller, which raises its CompileError where the kernel is used."""
     todo: dict[tuple[str, tuple[str, ...]], str] = {}  # module → the first kernel that names it (errors name it)
-    for k in missing_images(kernels, arch):
+    for k in kernels:
         todo.setdefault((k.source, tuple(k.options)), k.name)
-    if arch is None or len(todo) < 2:  # one module compiles as fast when it is loaded
+    if len(todo) < 2:
         return 0
 
-    def build(item: tuple[tuple[str, tuple[str, ...]], str]) -> None:
+    def run(item: tuple[tuple[str, tuple[str, ...]], str]) -> None:
         (source, options), name = item
         try:
-            module_image(source, name, arch, options)
-        except DagbuildError:  # raised again, with its node, when the kernel is loaded
+            compile_one(source, name, options)
+        except DagbuildError:
             pass
 
     with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1, PREPARE_WORKERS)) as pool:
-        list(pool.map(build, todo.items()))
+        list(pool.map(run, todo.items()))
     return len(todo)
 
 
@@ -636,6 +654,7 @@ def check_plan(plan: Plan, arch: str = "sm_90") -> dict[str, dict]:
     """Compile and check every kernel of a plan (signatures, programmatic waits); raise SpecError
     listing every problem. Returns per kernel: entry, param count, PTX bytes."""
     check_arch(arch)  # a bad arch is the caller's mistake, not a kernel's
+    prepare_ptx(plan.kernels.values(), arch)
     issues, report = [], {}
     for name, k in plan.kernels.items():
         try:

@@ -212,3 +212,24 @@ def test_prepare_images_does_nothing_without_a_cache_a_device_or_a_second_module
     assert kernels.prepare_images(two[:1], "sm_90") == 0  # one module compiles as fast when it is loaded
     if kernels._current_arch() is None:  # no GPU here: no device arch to compile for
         assert kernels.prepare_images(two) == 0
+
+
+def test_prepare_ptx_compiles_each_missing_module_once_side_by_side(cache, monkeypatch):
+    """dagbuild compile's PTX: the modules neither this process nor the cache holds compile in threads first."""
+    import threading
+
+    threads, real = [], kernels.compile_ptx
+
+    def compile_ptx(*a, **k):
+        threads.append(threading.get_ident())
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernels, "compile_ptx", compile_ptx)
+    monkeypatch.setattr(kernels.os, "cpu_count", lambda: 2)
+    ks = [_kernel("a", options=("-DV=1",)), _kernel("b", options=("-DV=1",)), _kernel("c", options=("-DV=2",))]
+    assert kernels.prepare_ptx(ks, "sm_90") == 2 and len(threads) == 2
+    assert threading.get_ident() not in threads
+    assert kernels.prepare_ptx(ks, "sm_90") == 0  # now in this process
+    monkeypatch.setattr(kernels, "_PTX_CACHE", {})
+    assert kernels.prepare_ptx(ks, "sm_90") == 0  # and on disk
+    assert len(threads) == 2
