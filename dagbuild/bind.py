@@ -479,6 +479,9 @@ class _CompiledBinding:
     args: tuple  # (Param, closure) for scalars; (Param, (buffer, index closures | None, text)) for views
     launch: str
     whole: dict = field(default_factory=dict)  # whole-buffer views made (see _view_in)
+    # the args made, by (place, buffer id, index) or (place, value's type, value): a weight's view and most
+    # scalars are the same in every bucket of a pool (the entry holds the buffer, so its id stays its)
+    made: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, node: KernelNode, kernel: PlanKernel) -> _CompiledBinding:
@@ -502,17 +505,27 @@ class _CompiledBinding:
                 and shared >= 0):
             raise _Fallback
         args = []
-        for p, payload in self.args:
-            if p.pointer:
-                buf = buffers.get(payload[0])
-                if buf is None or buf.dtype != p.dtype:
-                    raise _Fallback
-                args.append(KernelArg(p, view=_view_in(payload, buffers, env, self.whole)))
-            else:
-                try:
-                    args.append(KernelArg(p, value=check_scalar(p.dtype, payload(env))))
-                except (expr.ExprError, ValueError, OverflowError):
-                    raise _Fallback from None
+        made = self.made
+        for i, (p, payload) in enumerate(self.args):
+            try:
+                if p.pointer:
+                    buf = buffers.get(payload[0])
+                    if buf is None or buf.dtype != p.dtype:
+                        raise _Fallback
+                    idx = None if payload[1] is None else tuple(_int(c(env)) for c in payload[1])
+                    key: tuple = (i, id(buf), idx)
+                    arg = made.get(key)
+                    if arg is None:
+                        arg = made[key] = (KernelArg(p, view=_view_with(payload, buffers, idx, self.whole)), buf)
+                else:
+                    v = payload(env)
+                    key = (i, type(v), v)
+                    arg = made.get(key)
+                    if arg is None:
+                        arg = made[key] = (KernelArg(p, value=check_scalar(p.dtype, v)), None)
+            except (expr.ExprError, ValueError, OverflowError):
+                raise _Fallback from None
+            args.append(arg[0])
         return KernelOp(kernel.name, tuple(grid), tuple(block), shared, tuple(args), self.launch)  # type: ignore[arg-type]
 
 
@@ -749,11 +762,23 @@ def _uses_var(node_id: str, var: str) -> bool:
 
 def _fill_ids(text: str, env: Mapping[str, int | float]) -> str:
     """Substitute ``{expr}`` in ids and ``after`` entries: ``"proj.{l}"``, ``"norm.{l-1}"``."""
-    def sub(m: re.Match) -> str:
-        v = expr.evaluate(m.group(1), env)
-        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+    parts = _id_parts(text)
+    if len(parts) == 1:
+        return text
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            out.append(part)
+        else:
+            v = expr.evaluate(part, env)
+            out.append(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    return "".join(out)
 
-    return TEMPLATE.sub(sub, text)
+
+@functools.lru_cache(maxsize=4096)
+def _id_parts(text: str) -> tuple[str, ...]:
+    """An id template split into literal text (even places) and expressions (odd places)."""
+    return tuple(TEMPLATE.split(text))
 
 
 class _SizeLimit(Exception):

@@ -343,7 +343,7 @@ def recorded(p, backend, **options) -> Executable:
     exe.handles, exe._nodes = {}, {n.id: n for n in p.nodes}
     exe._funcs = {k: 100 + i for i, k in enumerate(p.kernels)}
     exe._refs = {b: SimpleNamespace(ptr=0x10000 * (i + 1)) for i, b in enumerate(p.buffers)}
-    exe._copies, exe._named, exe._loops, exe._bodies = {}, {}, {}, []
+    exe._copies, exe._named, exe._loops, exe._bodies, exe.phases = {}, {}, {}, [], {}
     exe.buffers, exe._arena, exe._closed, exe._own_graph, exe._built_params = BufferMap(), None, False, True, None
     exe.limits = {"max_threads_per_block": 1024, "max_shared_per_block_optin": 99 * 1024}
     exe.loop_mode = exe._loop_mode()

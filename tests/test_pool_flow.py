@@ -91,3 +91,29 @@ def test_shared_bindings_keep_reporting_a_bad_type():
     assert fresh and "type 'wt' = 'f99'" in fresh[0]
     for _ in range(2):
         assert [str(i) for i in bind(spec, dims, programs)[1]] == fresh
+
+
+def test_shared_bindings_give_fresh_plans_and_share_the_args_that_stay():
+    """Binds through one ``programs`` (a pool's buckets) give every bucket the plan a fresh bind gives; an arg
+    that is the same in two buckets (a weight's view, a model dim) is one object, one that follows the batch
+    is not; and a value that breaks a compiled node falls back to the validating binder's named error."""
+    from dagbuild.bind import bind
+
+    spec = load_spec(SPECS / "llama_decode_fused.yaml")
+    programs: dict = {}
+    base = {"cache_batch": 300, "max_seq": 64, "layers": 2}
+    plans = {}
+    for batch in (8, 1, 2, 8, 40, 300, 72, 8, 40):  # repeats: validated, compiled, then compiled again
+        plans[batch], issues = bind(spec, {**base, "batch": batch}, programs)
+        fresh, fresh_issues = bind(spec, {**base, "batch": batch}, {})
+        assert not issues and not fresh_issues
+        assert [(n.id, n.op) for n in plans[batch].nodes] == [(n.id, n.op) for n in fresh.nodes], batch
+    again, _ = bind(spec, {**base, "batch": 16}, programs)
+    args = {n: {a.param.name: a for a in p.node_by_id["gate_up_gemm.1"].op.args} for n, p in ((8, plans[8]),
+                                                                                              (16, again))}
+    assert args[8]["w"] is args[16]["w"] and args[8]["k"] is args[16]["k"]
+    assert args[8]["a"] is not args[16]["a"] and args[8]["m"].value == 8 and args[16]["m"].value == 16
+    big = {**base, "batch": 8, "hidden": 2**31}  # sizes that overflow an i32 arg
+    issues = [str(i) for i in bind(spec, big, programs)[1]]
+    assert issues == [str(i) for i in bind(spec, big, {})[1]] and "'embed': arg 'hidden'" in issues[0]
+    assert "does not fit in i32" in issues[0]
