@@ -9,7 +9,8 @@ new m each time), 11.1 a GEMM at 22 a capture, 13.9 outside capture, a clone 3.1
 GEMMs above tc_batch, each its own capture): the first GEMM of each (m, n, k) costs milliseconds (cuBLAS's
 heuristics, and the first load of each kernel it picks), a repeat ~26 µs. H100 host, one process: the 12 m of the
 buckets rounded up to 64 rows took 0.254 s (4.7 ms a first), then the 60 exact m 0.498 s (1.5 ms a first, the
-kernels already loaded); alone and cold, 30 exact m took 0.404 s (2.8 ms a first).
+kernels already loaded); alone and cold, 30 exact m took 0.404 s (2.8 ms a first). Then whether that first cost
+can be paid ahead, outside capture on other threads with their own handles (not yet run).
 
     python tools/probe_capture_cost.py [--threads 1,2,4,8] [--total 800]
 """
@@ -113,11 +114,12 @@ def main() -> int:
     out = cp.zeros((256, 11264), cp.float32)
     wsb = cp.zeros(32 << 20, cp.uint8)
 
-    def pool_gemm(name: str, m: int, n: int, k: int, ct: str, beta: float, layer: int) -> dict[str, tuple[str, Any]]:
+    def pool_gemm(name: str, m: int, n: int, k: int, ct: str, beta: float, layer: int,
+                  ws: Any = wsb) -> dict[str, tuple[str, Any]]:
         w_off = (layer * 4 + [s[0] for s in shapes].index(name)) * (1 << 20) * 2 % (big.nbytes - n * k * 2)
         return {"m": ("i32", m), "n": ("i32", n), "k": ("i32", k), "a": ("f16", act.data.ptr),
                 "b": ("f16", big.data.ptr + w_off - w_off % 256), "c": (ct, out.data.ptr), "beta": ("f32", beta),
-                "workspace": ("ws", (wsb.data.ptr, wsb.nbytes))}
+                "workspace": ("ws", (ws.data.ptr, ws.nbytes))}
 
     buckets = [*range(40, 257, 8), *range(272, 769, 16)]  # the vLLM buckets above tc_batch 32
     # first the rows rounded up to a multiple of 64 (12 distinct m), then every bucket's own m (60; 12 of them are
@@ -137,6 +139,46 @@ def main() -> int:
         print(f"pool pattern, {label}: {len(ms)} m x 88 GEMMs {t_all:.3f} s; first of a (m, shape) "
               f"{sum(firsts) / len(firsts) * 1e6:.1f} µs, repeats {sum(repeats) / len(repeats) * 1e6:.1f} µs "
               f"(max {max(repeats) * 1e6:.0f})")
+
+    # whether a new shape's first cost (cuBLAS's planning) can be paid ahead, outside capture and on other threads
+    # with their own handles, so that the pool's captures then find it planned: three sets of 12 m that nothing
+    # above used (odd m, at most the 256 rows that act and out hold: the warm-up runs them), first captured cold,
+    # then each warmed by one GEMM outside capture (1 thread, then 4; each its own handle, stream and workspace)
+    odd = list(range(41, 256, 2))
+    for label, ms, warmers in (("cold", odd[0:12], 0), ("warmed on 1 thread", odd[12:24], 1),
+                               ("warmed on 4 threads", odd[24:36], 4)):
+        t_warm = time.perf_counter()
+        if warmers:
+            helpers = [(Blas(), stream(), cp.zeros(32 << 20, cp.uint8)) for _ in range(warmers)]
+            cp.cuda.Device().synchronize()
+
+            def warm(i: int, helpers: list = helpers, ms: list[int] = ms, warmers: int = warmers) -> None:
+                drv.cuCtxSetCurrent(ctx)
+                lib, st, w = helpers[i]
+                for m in ms[i::warmers]:
+                    for name, n, k, ct, beta in shapes:
+                        lib.gemm(int(st), pool_gemm(name, m, n, k, ct, beta, 0, w))
+                drv.cuStreamSynchronize(st)
+
+            threads = [threading.Thread(target=warm, args=(i,)) for i in range(warmers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for lib, st, _ in helpers:
+                lib.close()
+                drv.cuStreamDestroy(st)
+        t_warm = time.perf_counter() - t_warm
+        t0 = time.perf_counter()
+        for m in ms:
+            for name, n, k, ct, beta in shapes:
+                assert int(drv.cuStreamBeginCapture(s, relaxed)[0]) == 0
+                blas.gemm(int(s), pool_gemm(name, m, n, k, ct, beta, 1))
+                err, g = drv.cuStreamEndCapture(s)
+                drv.cuGraphDestroy(g)
+        t_cap = time.perf_counter() - t0
+        print(f"first GEMMs of 12 new m x 4 shapes, {label}: warm-up {t_warm:.3f} s, then their captures "
+              f"{t_cap:.3f} s ({t_cap / 48 * 1e6:.0f} µs each)")
 
     for workers in args.threads:
         recorders = [(Blas(), stream()) for _ in range(workers)]
