@@ -255,11 +255,10 @@ class Executable:
     def _edges(self, body_programmatic: bool = True) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
         """Plain predecessors per node, and the programmatic edges, as this executable builds them (each
         loop body is a graph of its own: its edges join its own nodes)."""
-        order = self.plan.topological()
         if not self.options.concurrent:  # one chain per graph in a topological order: the least driver memory
             preds: dict[str, list[str]] = {}
             last: dict[str | None, str] = {}
-            for n in order:
+            for n in self.plan.topological():
                 preds[n.id] = [last[n.scope]] if n.scope in last else []
                 last[n.scope] = n.id
             return preds, []
