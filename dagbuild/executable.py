@@ -187,10 +187,8 @@ class Executable:
 
     def _kernels(self) -> list[PlanKernel]:
         """The kernels this executable loads: its kernel nodes' (and its conditional loops')."""
-        names = {n.op.kernel for n in self.plan.nodes if isinstance(n.op, KernelOp)}
-        if self.loop_mode == "conditional":
-            names |= {LOOP_ENTER, LOOP_NEXT}
-        return [self.plan.kernels[name] for name in sorted(names)]
+        loops = [self.plan.kernels[k] for k in (LOOP_ENTER, LOOP_NEXT)] if self.loop_mode == "conditional" else []
+        return self.plan.kernels_run() + loops
 
     def _resident_problem(self, op: KernelOp) -> str | None:
         """Why a launch of ``op`` cannot have every block resident at once, if its kernel needs that

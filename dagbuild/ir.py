@@ -352,6 +352,10 @@ class Plan:
     def node_by_id(self) -> dict[str, PlanNode]:
         return {n.id: n for n in self.nodes}
 
+    def kernels_run(self) -> list[PlanKernel]:
+        """The kernels its kernel nodes run, by name (variants leave other declared kernels unused)."""
+        return [self.kernels[k] for k in sorted({n.op.kernel for n in self.nodes if isinstance(n.op, KernelOp)})]
+
     def preds(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {n.id: [] for n in self.nodes}
         for u, v in self.edges:

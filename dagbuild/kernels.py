@@ -384,7 +384,7 @@ def load_module(source: str, kernel: str, options: Sequence[str] = ()) -> Any:
         ) from e
     from cupy.cuda.compiler import CompileException
 
-    image = _device_image(cupy, source, kernel, tuple(options))
+    image = _device_image(source, kernel, tuple(options))
     if image is not None:
         module = cupy.RawModule(path=str(image))
         try:
@@ -403,36 +403,30 @@ def load_module(source: str, kernel: str, options: Sequence[str] = ()) -> Any:
     return module
 
 
-def _device_image(cupy: Any, source: str, kernel: str, options: tuple[str, ...]) -> Path | None:
+def _device_image(source: str, kernel: str, options: tuple[str, ...]) -> Path | None:
     """The cached cubin for the current device, or None where this NVRTC cannot make it (not installed, an
     arch it does not know) or nothing can be cached."""
-    arch = _device_arch(cupy)
-    if arch is None or cache_dir() is None:
+    arch = _device_arch() if cache_dir() is not None else None
+    if arch is None:
         return None
     return module_image(source, kernel, arch, options)  # a CompileError here is the kernel's
 
 
-def _device_arch(cupy: Any) -> str | None:
-    """``sm_XY`` of the current device where this NVRTC compiles for it, else None."""
+def _device_arch() -> str | None:
+    """``sm_XY`` of the current device where this NVRTC compiles for it, else None (no CuPy or no device)."""
     try:
+        import cupy
+
         arch = f"sm_{cupy.cuda.Device().compute_capability}"
         return arch if int(arch[3:]) in supported_archs() else None
     except Exception:
         return None
 
 
-def _current_arch() -> str | None:
-    try:
-        import cupy
-    except Exception:
-        return None
-    return _device_arch(cupy)
-
-
 def missing_images(kernels: Iterable[PlanKernel], arch: str | None = None) -> list[PlanKernel]:
     """Those of ``kernels`` whose module's cubin for ``arch`` (None: the current device's) is not in the cache
     (none where nothing can be cached or compiled)."""
-    arch, root = arch or _current_arch(), cache_dir()
+    arch, root = arch or _device_arch(), cache_dir()
     if arch is None or root is None:
         return []
     return [k for k in kernels if not (root / f"{_digest(k.source, arch, k.options)}.cubin").is_file()]
@@ -450,7 +444,7 @@ def prepare_images(kernels: Iterable[PlanKernel], arch: str | None = None) -> in
     CPU), and loading them one by one waits for the sum. NVRTC releases the GIL, so threads overlap (two
     compiles of llama_prefill.cu on 2 cores: 34.7 s one after the other, 17.2 s side by side). A module that
     fails here is left to :func:`load_module`, which raises its CompileError where the kernel is loaded."""
-    arch = arch or _current_arch()
+    arch = arch or _device_arch()
     if arch is None:
         return 0
     return _side_by_side(lambda src, name, opts: module_image(src, name, arch, opts), missing_images(kernels, arch))

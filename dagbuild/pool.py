@@ -23,7 +23,7 @@ from .buffers import Arena
 from .dag import data_flow
 from .errors import BuildError, Issue, SpecError
 from .executable import ExecOptions, Executable
-from .ir import ChildOp, KernelOp, Plan, PlanKernel
+from .ir import ChildOp, Plan
 from .kernels import ModuleCache
 from .plan import plan as make_plan
 from .spec import ChildNode, GraphSpec, KernelNode, LoopNode, MemcpyNode, MemsetNode, RepeatBlock
@@ -96,7 +96,7 @@ class GraphPool:
                 with paused_gc():
                     # every bucket's modules compiled side by side first (a fresh machine compiles each it loads)
                     plans = [self.plan_for(key) for key in keys]
-                    self.modules.prepare(k for p in plans for k in _kernels_used(p))
+                    self.modules.prepare(k for p in plans for k in p.kernels_run())
                     for key in keys:
                         self._build(key)
         except BaseException:
@@ -239,11 +239,6 @@ class GraphPool:
 def _kernel_choice(p: Plan) -> tuple:
     """Which kernel each kernel node runs (variants choose by dims): equal tuples can share a graph."""
     return tuple(getattr(n.op, "kernel", None) for n in p.nodes)
-
-
-def _kernels_used(p: Plan) -> list[PlanKernel]:
-    """The plan's kernels that its kernel nodes run (variants leave others unused at a bucket)."""
-    return [p.kernels[name] for name in {n.op.kernel for n in p.nodes if isinstance(n.op, KernelOp)}]
 
 
 def _has_child(nodes) -> bool:

@@ -210,7 +210,7 @@ def test_prepare_images_does_nothing_without_a_cache_a_device_or_a_second_module
     assert kernels.prepare_images(two, "sm_90") == 0 and kernels.missing_images(two, "sm_90") == []
     monkeypatch.setenv("DAGBUILD_CACHE_DIR", str(tmp_path))
     assert kernels.prepare_images(two[:1], "sm_90") == 0  # one module compiles as fast when it is loaded
-    if kernels._current_arch() is None:  # no GPU here: no device arch to compile for
+    if kernels._device_arch() is None:  # no GPU here: no device arch to compile for
         assert kernels.prepare_images(two) == 0
 
 

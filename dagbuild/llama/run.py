@@ -113,7 +113,7 @@ def _prepare_modules(p: Plan, prefill: bool) -> None:
     prefill graphs' compile side by side before either is built: one after the other they took the sum."""
     from ..kernels import missing_images, prepare_images
 
-    kernels = [p.kernels[name] for name in sorted({n.op.kernel for n in p.nodes if n.kind == "kernel"})]
+    kernels = p.kernels_run()
     if not missing_images(kernels):
         return  # compiled before: so, most likely, were the prefill graphs' modules
     if prefill:
@@ -122,8 +122,7 @@ def _prepare_modules(p: Plan, prefill: bool) -> None:
         try:
             dims = prefill_overrides(p)
             seq = max([b for b in DEFAULT_BUCKETS if b <= p.dims["max_seq"]] or [p.dims["max_seq"]])
-            pp = plan(prefill_spec(), {**dims, "seq": seq})
-            kernels += [pp.kernels[name] for name in sorted({n.op.kernel for n in pp.nodes if n.kind == "kernel"})]
+            kernels += plan(prefill_spec(), {**dims, "seq": seq}).kernels_run()
         except DagbuildError:
             pass  # no prefill graphs for this plan: the prefiller says why when it is asked for
     prepare_images(kernels)
