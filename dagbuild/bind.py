@@ -846,7 +846,8 @@ def _expand(nodes, base_path: tuple, env: dict, frames: tuple, issues: _Issues,
             continue
         if count == 0:  # switched off (a fused layer has a dozen such switches): nothing to expand or check
             continue
-        if count * _leaves(node.nodes, {**env, var: 0}) > budget[0]:
+        # a huge count fails before expanding; a switch (count 1) spends the budget node by node as it expands
+        if count > 1 and count * _leaves(node.nodes, {**env, var: 0}) > budget[0]:
             raise _SizeLimit
         for j, child in enumerate(node.nodes):  # a count of 0 or 1 is a switch: its ids may stay plain
             if count > 1 and not isinstance(child, RepeatBlock) and not _uses_var(child.id, var):

@@ -45,13 +45,8 @@ def _ceil_div(a: Number, b: Number) -> Number:
     return math.ceil(a / b)
 
 
-_BINOPS = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.FloorDiv: lambda a, b: a // b,
-    ast.Mod: lambda a, b: a % b,
-}
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+           ast.Mod: operator.mod}
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
             ast.Gt: operator.gt, ast.GtE: operator.ge}
 _FUNCS = {"ceil_div": _ceil_div, "min": lambda *a: min(a), "max": lambda *a: max(a)}  # min(x) is x
@@ -192,6 +187,31 @@ def _closure(node: ast.expr, text: str):
                 return op(left(env), b)
 
             return divide
+        # + - * of a name and a number, the most common shapes (`l + 1`, `2 * ffn`, `n - m`): one call, not three
+        lname, rname = (n.id if isinstance(n, ast.Name) else None for n in (node.left, node.right))
+        lconst, rconst = (n.value if isinstance(n, ast.Constant) else None for n in (node.left, node.right))
+        if lconst is not None and rconst is not None:
+            value = op(lconst, rconst)
+            return lambda env: value
+        if lname is not None and (rconst is not None or rname is not None):
+            def named(env):
+                try:
+                    a = env[lname]
+                    b = rconst if rname is None else env[rname]
+                except KeyError as e:
+                    raise UnknownNameError(f"unknown name {e.args[0]!r} in {text!r}") from None
+                return op(a, b)
+
+            return named
+        if lconst is not None and rname is not None:
+            def scaled(env):
+                try:
+                    b = env[rname]
+                except KeyError:
+                    raise UnknownNameError(f"unknown name {rname!r} in {text!r}") from None
+                return op(lconst, b)
+
+            return scaled
         return lambda env: op(left(env), right(env))
     if isinstance(node, ast.Call):
         fn, args = _FUNCS[node.func.id], [_closure(a, text) for a in node.args]  # type: ignore[union-attr]

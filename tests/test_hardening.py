@@ -169,6 +169,14 @@ def test_repeat_past_the_node_limit_fails_at_once(count):
     assert time.perf_counter() - t0 < 2
 
 
+def test_a_switch_around_a_huge_repeat_fails_at_once():
+    """A count of 1 (a switch) is not multiplied out ahead; the huge repeat inside it still is."""
+    inner = {"repeat": {"var": "b", "count": 10**12}, "nodes": [{"id": "e.{b}", "empty": {}}]}
+    t0 = time.perf_counter()
+    assert one(spec(nodes=[{"repeat": {"var": "a", "count": 1}, "nodes": [inner]}])).code == "size_limit"
+    assert time.perf_counter() - t0 < 2
+
+
 def test_nested_repeats_multiply_before_expanding():
     inner: dict = {"id": "e.{a}.{b}.{c}", "empty": {}}
     for var in "cba":
