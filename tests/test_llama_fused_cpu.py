@@ -184,7 +184,7 @@ def test_fused_spec_has_what_the_runner_needs():
     unfused = llama_plan({})
     launch_shape = {"attn_chunk", "attn_decode_chunk", "attn_decode_splits",  # the fused kernels' own tuning dims
                     "sms", "gemv_blocks_per_sm", "gemv_shared",
-                    "gemv_qkv_threads", "gemv_res_threads", "gemv_one_row",
+                    "gemv_qkv_threads", "gemv_res_threads", "gemv_qkv_grid", "gemv_one_row",
                     "mma_batch", "mma_cluster", "mma_shared", "attn_batch", "attn_min_keys",  # and the batched ones
                     "attn_wide_batch", "attn_wide_keys", "attn_mma", "attn_mma_keys",
                     "mv_batch", "mv_small_batch", "mv_shared", "mv_shared_max", "mv_fit", "mvc_batch", "mvc_cluster",
@@ -217,6 +217,18 @@ def test_gemv_block_threads_at_batch_one(threads):
     assert ops["o_proj.0"].kernel == "gemv_res_mv" and ops["o_proj.0"].block == (256, 1, 1)
     with pytest.raises(Exception, match="gemv_qkv_threads and gemv_res_threads"):
         llama_plan({"gemv_res_threads": 96 + threads % 64 + 8}, FUSED)
+
+
+@pytest.mark.parametrize("grid", [0, 132, 80])
+def test_gemv_qkv_grid_sets_the_batch_one_qkv_blocks(grid):
+    """gemv_qkv_grid: that many blocks for the batch-1 QKV GEMV (warps stride over the 1280 pairs), 0 the rule's
+    160; the other GEMVs and shared memory keep theirs; a negative grid is refused by name."""
+    ops = {n.id: n.op for n in llama_plan({"gemv_qkv_grid": grid}, FUSED).nodes}
+    base = {n.id: n.op for n in llama_plan({}, FUSED).nodes}
+    assert ops["qkv.3"].grid == (grid or 160, 1, 1) and ops["qkv.3"].kernel == "qkv_1"
+    assert ops["qkv.3"].shared == base["qkv.3"].shared and ops["o_proj.3"] == base["o_proj.3"]
+    with pytest.raises(Exception, match="gemv_qkv_grid"):
+        llama_plan({"gemv_qkv_grid": -grid - 1}, FUSED)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -239,6 +239,11 @@ PY
       timeout 240 python3 tools/bench_ab.py --variant shipped --variant "grouped=$V/g1.yaml" --variant "grouped2=$V/g2.yaml" \
         --batches 1 --contexts 64,160,2048 --rounds 3 --steps 30 --json "$OUT/attngroup.json" 2>&1 | grep -v -i warn | tail -12
       for s in specs/llama_decode_fused.yaml $V/g1.yaml $V/g2.yaml; do tokens_md5 $s; done ;;
+    qkvgrid)  # issue 8: the batch-1 QKV GEMV's grid: 160 blocks (the rule: 28 SMs take a second block only as the
+      # down GEMV's leave), one an SM (132: 224 warps take two pairs) or 80 (every warp two pairs); same tokens
+      timeout 200 python3 tools/bench_ab.py --variant shipped --variant g132=:gemv_qkv_grid=132 --variant g80=:gemv_qkv_grid=80 \
+        --batches 1 --contexts 128,2048 --rounds 3 --steps 30 --json "$OUT/qkvgrid.json" 2>&1 | grep -v -i warn | tail -10
+      for g in 0 132; do tokens_md5 specs/llama_decode_fused.yaml --set gemv_qkv_grid=$g; done ;;
     gemmpad)  # issue 15: cuBLAS over rows rounded up to 64 (gemm_pad): the fused spec's fresh 67-bucket build (12
       # distinct m instead of 60: cuBLAS plans each new shape for milliseconds), the steps at 40-520 rows, and the
       # every-bucket GPU test with padded rows
