@@ -418,16 +418,17 @@ def test_fused_graph_matches_unfused_graph_and_numpy(cp, modules, programmatic):
             assert rel_err(got["fused"][0][0], expect) < 1e-4, t
 
 
-@pytest.mark.parametrize("threads", [256, 128, 64])
-def test_fused_tinyllama_shape_random_weights_match_unfused(cp, modules, threads):
+@pytest.mark.parametrize("threads,qkv_grid", [(256, 0), (128, 0), (64, 0), (256, 132), (256, 80)])
+def test_fused_tinyllama_shape_random_weights_match_unfused(cp, modules, threads, qkv_grid):
     """TinyLlama shape, f16: random_weights(seed) gives the fused (packed) and unfused graphs the same model;
     greedy tokens and logits agree over 24 steps, with programmatic edges; also with GEMV blocks of 128 and 64
-    threads for the QKV, O and down projections (gemv_qkv_threads, gemv_res_threads: more, smaller blocks)."""
+    threads for the QKV, O and down projections (gemv_qkv_threads, gemv_res_threads: more, smaller blocks), and
+    with the QKV GEMV on 132 or 80 blocks (gemv_qkv_grid: warps with two row pairs)."""
     from dagbuild.executable import Executable
     from dagbuild.llama.decode import LlamaDecoder, llama_plan
 
     dims = {"wt": "f16", "batch": 1, "max_seq": 128}
-    blocks = {"gemv_qkv_threads": threads, "gemv_res_threads": threads}
+    blocks = {"gemv_qkv_threads": threads, "gemv_res_threads": threads, "gemv_qkv_grid": qkv_grid}
     with fused_executable(dims | blocks, modules) as fused, Executable(llama_plan(dims), modules=modules) as plain:
         logits = {}
         for name, exe in (("fused", fused), ("plain", plain)):
