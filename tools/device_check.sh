@@ -24,8 +24,10 @@ tokens_md5() {
 }
 for stage in $STAGES; do
   case $stage in
-    tests)
-      timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider -rf --durations=25 "$@" tests/gpu > "$OUT/pytest.log" 2>&1
+    tests)  # with pytest-xdist carried (../shared/device/wheels.sh pytest-xdist): TESTS_WORKERS processes share the
+      # GPU, a test file a worker (its module fixtures built once); every memory check in tests/gpu is per process
+      xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TESTS_WORKERS:-4} --dist loadfile")
+      timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider -rf --durations=25 $xdist "$@" tests/gpu > "$OUT/pytest.log" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" "$OUT/pytest.log" | tail -60 ;;
     hfnote)
       timeout 200 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/gpu/test_llama_hf.py -k "fp16 or fp32" 2>&1 \
