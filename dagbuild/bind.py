@@ -435,25 +435,20 @@ def _view_payload(text: str) -> tuple[str, tuple | None, str]:
     return name, None if index is None else tuple(_closure(i) for i in index), text.strip()
 
 
-def _view_in(payload: tuple[str, tuple | None, str], buffers, env, whole: dict) -> View:
-    """The byte range a compiled view names (the rules of :func:`resolve_view`); _Fallback where the validating
-    binder has something to say (a missing buffer, an index out of range or not an integer). ``whole`` keeps
-    the whole-buffer views made, by text, with their buffer: a repeat's copies of a node (22 layers) then share
-    one View while the buffer is the same object (:func:`bind` reuses an earlier bind's equal buffers)."""
-    try:
-        values = None if payload[1] is None else tuple(c(env) for c in payload[1])
-    except expr.ExprError:
-        raise _Fallback from None
-    return _view_with(payload, buffers, values, whole)
-
-
-def _view_with(payload: tuple[str, tuple | None, str], buffers, values: tuple | None, whole: dict) -> View:
-    """:func:`_view_in` with the index already evaluated (``values``; None for a whole buffer)."""
+def _view_with(payload: tuple[str, tuple | None, str], buffers, values: tuple | None,
+               whole: dict | None = None) -> View:
+    """The byte range a compiled view names, its index already evaluated (``values``; None for a whole buffer),
+    by the rules of :func:`resolve_view`; _Fallback where the validating binder has something to say (a missing
+    buffer, an index out of range or not an integer). ``whole`` keeps the whole-buffer views made, by text, with
+    their buffer: a repeat's copies of a node (22 layers) then share one View while the buffer is the same object
+    (:func:`bind` reuses an earlier bind's equal buffers)."""
     name, _, text = payload
     buf = buffers.get(name)
     if buf is None:
         raise _Fallback
     if values is None:
+        if whole is None:
+            return view_at(buf, text, None)
         made = whole.get(text)
         if made is None or made[0] is not buf:
             made = whole[text] = (buf, view_at(buf, text, None))
@@ -478,7 +473,6 @@ class _CompiledBinding:
     shared: Any
     args: tuple  # (Param, closure) for scalars; (Param, (buffer, index closures | None, text)) for views
     launch: str
-    whole: dict = field(default_factory=dict)  # whole-buffer views made (see _view_in)
     # the args made, by (place, buffer id, index) or (place, value's type, value): a weight's view and most
     # scalars are the same in every bucket of a pool (the entry holds the buffer, so its id stays its)
     made: dict = field(default_factory=dict)
@@ -516,7 +510,7 @@ class _CompiledBinding:
                     key: tuple = (i, id(buf), idx)
                     arg = made.get(key)
                     if arg is None:
-                        arg = made[key] = (KernelArg(p, view=_view_with(payload, buffers, idx, self.whole)), buf)
+                        arg = made[key] = (KernelArg(p, view=_view_with(payload, buffers, idx)), buf)
                 else:
                     v = payload(env)
                     key = (i, type(v), v)
@@ -651,7 +645,7 @@ class _CompiledChild:
     # its op depends on
     indices: dict  # view text → (start, end) of its index's values in `numbers`
     buffers: tuple[str, ...]  # the buffers it views
-    whole: dict = field(default_factory=dict)  # whole-buffer views made (see _view_in)
+    whole: dict = field(default_factory=dict)  # whole-buffer views made (see _view_with)
     params: dict = field(default_factory=dict)  # (Param, dtype) → the Param with the buffer's dtype
     made: dict = field(default_factory=dict)  # (numbers' values, their types, buffer ids) → (ChildOp, buffers): run()
 

@@ -187,31 +187,24 @@ def _closure(node: ast.expr, text: str):
                 return op(left(env), b)
 
             return divide
-        # + - * of a name and a number, the most common shapes (`l + 1`, `2 * ffn`, `n - m`): one call, not three
-        lname, rname = (n.id if isinstance(n, ast.Name) else None for n in (node.left, node.right))
-        lconst, rconst = (n.value if isinstance(n, ast.Constant) else None for n in (node.left, node.right))
-        if lconst is not None and rconst is not None:
-            value = op(lconst, rconst)
-            return lambda env: value
-        if lname is not None and (rconst is not None or rname is not None):
-            def named(env):
+        # + - * of names and numbers, the most common shapes (`l + 1`, `2 * ffn`, `n - m`): one call, not three
+        sides = [(n.id, None) if isinstance(n, ast.Name) else (None, n.value) if isinstance(n, ast.Constant) else None
+                 for n in (node.left, node.right)]
+        if None not in sides:
+            (lname, lconst), (rname, rconst) = sides
+            if lname is None and rname is None:
+                value = op(lconst, rconst)
+                return lambda env: value
+
+            def pair(env):
                 try:
-                    a = env[lname]
+                    a = lconst if lname is None else env[lname]
                     b = rconst if rname is None else env[rname]
                 except KeyError as e:
                     raise UnknownNameError(f"unknown name {e.args[0]!r} in {text!r}") from None
                 return op(a, b)
 
-            return named
-        if lconst is not None and rname is not None:
-            def scaled(env):
-                try:
-                    b = env[rname]
-                except KeyError:
-                    raise UnknownNameError(f"unknown name {rname!r} in {text!r}") from None
-                return op(lconst, b)
-
-            return scaled
+            return pair
         return lambda env: op(left(env), right(env))
     if isinstance(node, ast.Call):
         fn, args = _FUNCS[node.func.id], [_closure(a, text) for a in node.args]  # type: ignore[union-attr]
